@@ -69,6 +69,64 @@ class MetricSample:
     timestamp: float
 
 
+@dataclass(frozen=True)
+class Alarm:
+    id: int
+    device: str
+    type: str  # "offline" | "fault" | ... free text for scene-raised alarms
+    severity: str  # "critical" | "major" | "minor" | "warning" | "info"
+    message: str
+    state: str  # "active" | "acknowledged" | "cleared"
+    raised_at: float
+    acked_at: float | None = None
+    acked_by: str | None = None
+    cleared_at: float | None = None
+    cleared_by: str | None = None
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    password_hash: str
+    role: str  # "viewer" | "operator" | "admin"
+    sites: tuple[str, ...] = ()  # empty = all sites
+    created_at: float = 0.0
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
+class Session:
+    """A refresh-token session; the token itself is only stored hashed."""
+
+    id: str
+    user: str
+    token_hash: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    id: str
+    device: str
+    key_hash: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    timestamp: float
+    actor: str
+    action: str  # e.g. "PUT /api/v1/devices/fan_01"
+    target: str
+    result: str  # e.g. "200" or "403"
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Registry(Protocol):
     url: str
@@ -132,4 +190,67 @@ class Registry(Protocol):
         since: float | None = None,
         limit: int = 1000,
     ) -> list[MetricSample]:
+        """Newest first."""
+
+    # -- alarms ----------------------------------------------------------------------------
+    def raise_alarm(
+        self, device: str, type: str, severity: str, message: str, timestamp: float
+    ) -> tuple[Alarm, bool]:
+        """Raise an alarm unless one of the same (device, type) is active or acknowledged.
+
+        Returns (alarm, created): the existing one with created=False when not cleared yet.
+        """
+
+    def ack_alarm(self, alarm_id: int, by: str, timestamp: float) -> Alarm: ...
+
+    def clear_alarm(self, alarm_id: int, by: str, timestamp: float) -> Alarm: ...
+
+    def clear_alarms(self, device: str, type: str, by: str, timestamp: float) -> list[Alarm]:
+        """Clear every uncleared alarm of (device, type): automatic clearing on recovery."""
+
+    def alarms(
+        self,
+        *,
+        device: str | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        """Newest first."""
+
+    # -- users, sessions, device keys, audit ------------------------------------------------
+    def put_user(self, user: User) -> None:
+        """Create or replace."""
+
+    def get_user(self, name: str) -> User | None: ...
+
+    def users(self) -> list[User]: ...
+
+    def delete_user(self, name: str) -> None: ...
+
+    def create_session(self, session: Session) -> None: ...
+
+    def get_session(self, session_id: str) -> Session | None: ...
+
+    def revoke_session(self, session_id: str, timestamp: float) -> None: ...
+
+    def sessions(self, user: str | None = None) -> list[Session]: ...
+
+    def add_device_key(self, key: DeviceKey) -> None: ...
+
+    def device_keys(self, device: str) -> list[DeviceKey]:
+        """All keys of a device, revoked ones included."""
+
+    def revoke_device_key(self, key_id: str, timestamp: float) -> None: ...
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        result: str,
+        timestamp: float,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None: ...
+
+    def audit_log(self, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first."""
