@@ -1,0 +1,60 @@
+"""Apply and rollback: the plan computed against the registry head, applied atomically."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twin.registry.base import Registry, Revision
+from twin.spec.load import LoadedSpecs
+from twin.spec.plan import Plan, make_plan
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    plan: Plan
+    revision: Revision | None  # None when nothing changed
+    base: int
+
+
+def plan_against(registry: Registry, loaded: LoadedSpecs, *, prune: bool = False) -> tuple[Plan, int]:
+    head = registry.head()
+    base = head.number if head else 0
+    current = registry.specs(base) if base else {}
+    return make_plan(current, loaded.specs, prune=prune), base
+
+
+def apply_specs(
+    registry: Registry,
+    loaded: LoadedSpecs,
+    *,
+    prune: bool = False,
+    author: str,
+    message: str = "",
+    source: str = "cli",
+) -> ApplyResult:
+    """Plan against the head and apply it in one registry transaction (all or nothing).
+
+    Raises ConflictError if another apply lands between the plan and the write.
+    """
+    plan, base = plan_against(registry, loaded, prune=prune)
+    if plan.empty:
+        return ApplyResult(plan, None, base)
+    revision = registry.apply(plan.result, base=base, author=author, message=message, source=source)
+    return ApplyResult(plan, revision, base)
+
+
+def rollback(registry: Registry, number: int, *, author: str, message: str = "") -> ApplyResult:
+    """Make a new revision whose content equals revision ``number``'s."""
+    target = registry.revision(number)  # NotFoundError if absent
+    head = registry.head()
+    base = head.number if head else 0
+    current = registry.specs(base) if base else {}
+    wanted = registry.specs(target.number)
+    plan = make_plan(current, wanted, prune=True)
+    if plan.empty:
+        return ApplyResult(plan, None, base)
+    revision = registry.apply(
+        plan.result, base=base, author=author,
+        message=message or f"rollback to revision {number}", source="rollback",
+    )
+    return ApplyResult(plan, revision, base)

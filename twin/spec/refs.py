@@ -1,0 +1,234 @@
+"""Checks across documents: references, cycles, desired values against models."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import zoneinfo
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from twin.errors import Problem
+from twin.spec.load import Document, LoadedSpecs
+from twin.spec.units import parse_duration
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str | None:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    if not candidates:
+        return None
+    if len(candidates) <= 8:
+        return f"known: {', '.join(sorted(candidates))}"
+    return None
+
+
+def _ref(doc: Document, path: tuple[str | int, ...], target_kind: str, name: Any,
+         targets: dict[str, Document], problems: list[Problem]) -> Document | None:
+    if not isinstance(name, str):
+        return None
+    target = targets.get(name)
+    if target is None:
+        problems.append(doc.problem(path, f"unknown {target_kind} {name!r}",
+                                    _did_you_mean(name, list(targets))))
+    return target
+
+
+def value_problem(value: Any, decl: dict[str, Any]) -> str | None:
+    """Why ``value`` does not fit a property declaration (type, enum, range), or None."""
+    t = decl.get("type")
+    ok = {
+        "number": isinstance(value, int | float) and not isinstance(value, bool),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+    }.get(t, True)
+    if not ok:
+        return f"{value!r} is not of type {t}"
+    if "enum" in decl and value not in decl["enum"]:
+        return f"{value!r} is not one of {', '.join(map(repr, decl['enum']))}"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        lo, hi = decl.get("min"), decl.get("max")
+        if lo is not None and value < lo:
+            return f"{value!r} is below the minimum {lo}"
+        if hi is not None and value > hi:
+            return f"{value!r} is above the maximum {hi}"
+        if isinstance(value, float) and math.isnan(value):
+            return "NaN is not a value"
+    return None
+
+
+def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
+    problems: list[Problem] = []
+    sites = loaded.of_kind("Site")
+    groups = loaded.of_kind("DeviceGroup")
+    models = loaded.of_kind("DeviceModel")
+    devices = loaded.of_kind("Device")
+    invalid = loaded.invalid
+
+    for doc in loaded.documents.values():
+        site = doc.body.get("metadata", {}).get("site")
+        if site is not None and doc.kind != "Site":
+            _ref(doc, ("metadata", "site"), "Site", site, sites, problems)
+
+    for name, doc in sites.items():
+        if doc.key in invalid:
+            continue
+        tz = doc.body.get("spec", {}).get("timezone")
+        if isinstance(tz, str):
+            try:
+                zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                problems.append(doc.problem(("spec", "timezone"), f"unknown time zone {tz!r}",
+                                            "use an IANA name such as Europe/Berlin or UTC"))
+
+    for name, doc in groups.items():
+        if doc.key in invalid:
+            continue
+        spec = doc.body.get("spec") or {}
+        parent = _ref(doc, ("spec", "parent"), "DeviceGroup", spec.get("parent"), groups, problems)
+        if parent is not None:
+            s1 = doc.body["metadata"].get("site")
+            s2 = parent.body["metadata"].get("site")
+            if s1 and s2 and s1 != s2:
+                problems.append(doc.problem(("spec", "parent"),
+                                            f"parent group {parent.name!r} belongs to site {s2!r}, not {s1!r}"))
+        _heartbeat(doc, spec.get("heartbeat"), ("spec", "heartbeat"), problems)
+    problems.extend(_group_cycles(groups))
+
+    for name, doc in models.items():
+        if doc.key not in invalid:
+            _check_model(doc, problems)
+
+    for name, doc in devices.items():
+        if doc.key in invalid:
+            continue
+        meta = doc.body["metadata"]
+        spec = doc.body.get("spec") or {}
+        group = _ref(doc, ("metadata", "group"), "DeviceGroup", meta.get("group"), groups, problems)
+        if group is not None:
+            gs = group.body["metadata"].get("site")
+            if gs and meta.get("site") and gs != meta["site"]:
+                problems.append(doc.problem(("metadata", "group"),
+                                            f"group {group.name!r} belongs to site {gs!r}, not {meta['site']!r}"))
+        model = _ref(doc, ("spec", "model"), "DeviceModel", spec.get("model"), models, problems)
+        _heartbeat(doc, spec.get("heartbeat"), ("spec", "heartbeat"), problems)
+        model_ok = model is not None and model.key not in invalid
+        desired = spec.get("desired") or {}
+        if desired and spec.get("model") is None:
+            problems.append(doc.problem(("spec", "desired"), "desired properties need a model",
+                                        "add spec.model naming a DeviceModel that declares them"))
+        if model_ok and model is not None:
+            _check_desired(doc, model, desired, problems)
+            _check_points(doc, model, spec.get("binding") or {}, problems)
+    return problems
+
+
+def _heartbeat(doc: Document, hb: Any, path: tuple[str, ...], problems: list[Problem]) -> None:
+    if not isinstance(hb, dict) or "interval" not in hb or "timeout" not in hb:
+        return
+    try:
+        interval = parse_duration(hb["interval"])
+        timeout = parse_duration(hb["timeout"])
+    except ValueError:
+        return  # the schema reported it
+    if timeout < interval:
+        problems.append(doc.problem((*path, "timeout"),
+                                    f"timeout {hb['timeout']} is shorter than the interval {hb['interval']}",
+                                    "a device would be declared offline between two heartbeats"))
+
+
+def _group_cycles(groups: dict[str, Document]) -> list[Problem]:
+    problems = []
+    reported: set[str] = set()
+    for start in sorted(groups):
+        seen: list[str] = []
+        cur: str | None = start
+        while cur is not None and cur in groups and cur not in seen:
+            seen.append(cur)
+            cur = (groups[cur].body.get("spec") or {}).get("parent")
+        if cur is not None and cur in seen:
+            cycle = seen[seen.index(cur):]
+            if not reported.intersection(cycle):
+                reported.update(cycle)
+                first = min(cycle)
+                path = " → ".join([*cycle[cycle.index(first):], *cycle[:cycle.index(first)], first])
+                problems.append(groups[first].problem(("spec", "parent"), f"group cycle: {path}",
+                                                      "a group cannot be its own ancestor"))
+    return problems
+
+
+def _check_model(doc: Document, problems: list[Problem]) -> None:
+    spec = doc.body.get("spec") or {}
+    props = spec.get("properties") or {}
+    tele = spec.get("telemetry") or {}
+    for section, decls in (("properties", props), ("telemetry", tele)):
+        for pname, decl in decls.items():
+            path = ("spec", section, pname)
+            lo, hi = decl.get("min"), decl.get("max")
+            if lo is not None and hi is not None and lo > hi:
+                problems.append(doc.problem((*path, "min"), f"min {lo} is greater than max {hi}"))
+            if decl.get("type") in ("boolean", "string") and (lo is not None or hi is not None):
+                problems.append(doc.problem(path, f"min/max make no sense for a {decl['type']}"))
+            for i, v in enumerate(decl.get("enum") or []):
+                why = value_problem(v, {"type": decl.get("type")})
+                if why:
+                    problems.append(doc.problem((*path, "enum", i), why))
+            if "default" in decl:
+                why = value_problem(decl["default"], decl)
+                if why:
+                    problems.append(doc.problem((*path, "default"), why))
+    for pname in set(props) & set(tele):
+        problems.append(doc.problem(("spec", "telemetry", pname),
+                                    f"{pname!r} is declared both as a property and as telemetry"))
+    for cname, cmd in (spec.get("commands") or {}).items():
+        params = cmd.get("params")
+        if params is not None:
+            try:
+                Draft202012Validator.check_schema(params)
+            except SchemaError as exc:
+                problems.append(doc.problem(("spec", "commands", cname, "params", *exc.path),
+                                            f"not a valid JSON Schema: {exc.message}"))
+
+
+def _check_desired(doc: Document, model: Document, desired: dict[str, Any],
+                   problems: list[Problem]) -> None:
+    mspec = model.body.get("spec") or {}
+    props = mspec.get("properties") or {}
+    tele = mspec.get("telemetry") or {}
+    for pname, value in desired.items():
+        path = ("spec", "desired", pname)
+        decl = props.get(pname)
+        if decl is None:
+            if pname in tele:
+                problems.append(doc.problem(path, f"{pname!r} is telemetry of model {model.name!r} and cannot be set"))
+            else:
+                problems.append(doc.problem(path, f"model {model.name!r} has no property {pname!r}",
+                                            _did_you_mean(pname, list(props))))
+            continue
+        if decl.get("access", "read") == "read":
+            problems.append(doc.problem(path, f"property {pname!r} of model {model.name!r} is read-only",
+                                        "only properties with access: write or readwrite can be desired"))
+            continue
+        why = value_problem(value, decl)
+        if why:
+            problems.append(doc.problem(path, why))
+
+
+def _check_points(doc: Document, model: Document, binding: dict[str, Any],
+                  problems: list[Problem]) -> None:
+    mspec = model.body.get("spec") or {}
+    known = list(mspec.get("properties") or {}) + list(mspec.get("telemetry") or {})
+    for proto, opts in binding.items():
+        if not isinstance(opts, dict):
+            continue
+        for section in ("points", "fields"):
+            for point in opts.get(section) or {}:
+                if point not in known:
+                    problems.append(doc.problem(
+                        ("spec", "binding", proto, section, point),
+                        f"{point!r} is not a property or telemetry point of model {model.name!r}",
+                        _did_you_mean(point, known)))
