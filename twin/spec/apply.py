@@ -1,12 +1,18 @@
-"""Apply and rollback: the plan computed against the registry head, applied atomically."""
+"""Apply and rollback: the plan computed against the registry head, applied atomically.
+
+The registry is passed in (any ``twin.registry.base.Registry``); this module never imports it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from twin.registry.base import Registry, Revision
 from twin.spec.load import LoadedSpecs
 from twin.spec.plan import Plan, make_plan
+
+if TYPE_CHECKING:  # the spec layer only needs the registry's shape, never its code
+    from twin.registry.base import Registry, Revision
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,3 @@
+from twin.cli.main import main
+
+main()

@@ -1,0 +1,525 @@
+"""The ``twin`` command line: validate, plan, apply, history, diff, rollback, get, describe.
+
+Errors are one readable line plus a hint; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import sys
+import traceback
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from twin.errors import NotFoundError, SpecError, TwinError
+from twin.cli import output as out
+
+app = typer.Typer(
+    name="twin",
+    help="FLUX IoT: a declarative digital-twin engine driven by YAML.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Format(StrEnum):
+    text = "text"
+    json = "json"
+
+
+class TableFormat(StrEnum):
+    table = "table"
+    yaml = "yaml"
+    json = "json"
+
+
+class State:
+    registry_url: str | None = None
+    state_dir: Path = Path(".twin")
+    debug: bool = False
+    _registry: Any = None
+
+    def registry(self) -> Any:
+        if self._registry is None:
+            from twin.registry import open_registry
+
+            with spinner("opening registry"):
+                self._registry = open_registry(self.registry_url, self.state_dir)
+        return self._registry
+
+
+state = State()
+
+
+def author() -> str:
+    return os.environ.get("TWIN_AUTHOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+@contextmanager
+def spinner(what: str):  # type: ignore[no-untyped-def]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=out.err_console, transient=True,
+                  disable=not out.err_console.is_terminal) as progress:
+        progress.add_task(what, total=None)
+        yield
+
+
+def load(paths: list[Path]) -> Any:
+    from twin.spec import load_site
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
+                  console=out.err_console, transient=True,
+                  disable=not out.err_console.is_terminal) as progress:
+        task = progress.add_task("reading and validating specs", total=None)
+
+        def tick(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return load_site(paths, progress=tick)
+
+
+@app.callback()
+def _global(
+    registry: Annotated[str | None, typer.Option(
+        "--registry", envvar="TWIN_REGISTRY",
+        help="Registry URL: sqlite:///path.db (default: STATE_DIR/registry.db) or postgresql://...")] = None,
+    state_dir: Annotated[Path, typer.Option(
+        "--state-dir", envvar="TWIN_STATE_DIR", help="Where local state lives.")] = Path(".twin"),
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    state.registry_url = registry
+    state.state_dir = state_dir
+    state.debug = debug
+
+
+Paths = Annotated[list[Path], typer.Argument(help="YAML files or folders (read recursively).")]
+
+
+@app.command()
+def validate(
+    paths: Paths,
+    output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+) -> None:
+    """Validate specs: schema, references, values. Exit 2 when invalid."""
+    from twin.spec import load_site
+
+    try:
+        loaded = load(paths)
+    except SpecError as exc:
+        if output is Format.json:
+            out.console.print_json(json.dumps({"valid": False, "problems": [
+                {"file": p.location.file if p.location else None,
+                 "line": p.location.line if p.location else None,
+                 "col": p.location.col if p.location else None,
+                 "kind": p.kind, "name": p.name, "path": p.path, "message": p.message,
+                 "hint": p.hint} for p in exc.problems]}))
+            raise typer.Exit(2) from None
+        raise
+    del load_site
+    if output is Format.json:
+        out.console.print_json(json.dumps({"valid": True, "documents": len(loaded.documents),
+                                           "files": len(loaded.files)}))
+        return
+    counts: dict[str, int] = {}
+    for kind, _ in loaded.documents:
+        counts[kind] = counts.get(kind, 0) + 1
+    detail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    out.console.print(Text(f"✓ {len(loaded.documents)} documents in {len(loaded.files)} files "
+                           f"are valid ({detail})", style="green"))
+
+
+@app.command()
+def plan(
+    paths: Paths,
+    prune: Annotated[bool, typer.Option("--prune", help="Plan deletion of objects not in the files.")] = False,
+    output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+) -> None:
+    """Show what `apply` would change in the registry."""
+    from twin.spec.apply import plan_against
+
+    loaded = load(paths)
+    reg = state.registry()
+    with spinner("planning"):
+        p, base = plan_against(reg, loaded, prune=prune)
+    if output is Format.json:
+        out.console.print_json(json.dumps({"base_revision": base, **out.plan_json(p)}))
+        return
+    out.print_plan(p)
+
+
+@app.command()
+def apply(
+    paths: Paths,
+    prune: Annotated[bool, typer.Option("--prune", help="Delete objects that are not in the files.")] = False,
+    message: Annotated[str, typer.Option("-m", "--message", help="Revision message.")] = "",
+    server: Annotated[str | None, typer.Option(
+        "--server", envvar="TWIN_SERVER", help="Apply through a running engine's REST API.")] = None,
+    output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+) -> None:
+    """Apply specs atomically: all of the plan or none of it, as a new revision."""
+    loaded = load(paths)
+    if server:
+        result = _apply_remote(server, loaded, prune=prune, message=message)
+        if output is Format.json:
+            out.console.print_json(json.dumps(result))
+        else:
+            rev = result.get("revision")
+            out.console.print(Text(f"applied through {server}: "
+                                   + (f"revision {rev['revision']}" if rev else "no changes"),
+                                   style="green"))
+        return
+    from twin.spec.apply import apply_specs
+
+    reg = state.registry()
+    with spinner("applying"):
+        result_ = apply_specs(reg, loaded, prune=prune, author=author(), message=message)
+    if output is Format.json:
+        out.console.print_json(json.dumps({
+            "base_revision": result_.base,
+            "revision": out.revision_dict(result_.revision) if result_.revision else None,
+            **out.plan_json(result_.plan)}))
+        return
+    out.print_plan(result_.plan)
+    if result_.revision is not None:
+        r = result_.revision
+        out.console.print(Text(f"Applied: revision {r.number} ({r.hash[:12]}).", style="bold green"))
+
+
+def _apply_remote(server: str, loaded: Any, *, prune: bool, message: str) -> dict[str, Any]:
+    import httpx
+
+    token = os.environ.get("TWIN_TOKEN")
+    if not token:
+        raise TwinError("--server needs an access token",
+                        hint="set TWIN_TOKEN (create one with `twin token create USER`)")
+    docs = [doc for doc in loaded.specs.values()]
+    try:
+        resp = httpx.post(server.rstrip("/") + "/api/v1/apply",
+                          json={"documents": docs, "prune": prune, "message": message},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    except httpx.HTTPError as exc:
+        raise TwinError(f"cannot reach {server}: {exc}",
+                        hint="is `twin up` running there? check --server") from exc
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail")
+        except ValueError:
+            detail = resp.text[:200]
+        raise TwinError(f"{server} refused the apply: HTTP {resp.status_code}: {detail}")
+    return dict(resp.json())
+
+
+@app.command()
+def history(
+    limit: Annotated[int, typer.Option("-n", "--limit")] = 20,
+    output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+) -> None:
+    """List revisions, newest first."""
+    revs = state.registry().history(limit)
+    if output is Format.json:
+        out.console.print_json(json.dumps([out.revision_dict(r) for r in revs]))
+        return
+    if not revs:
+        out.console.print("No revisions yet: run `twin apply PATH`.")
+        return
+    out.console.print(out.history_table(revs))
+
+
+@app.command()
+def diff(
+    rev: Annotated[int, typer.Argument(help="Older revision.")],
+    rev2: Annotated[int | None, typer.Argument(help="Newer revision (default: head).")] = None,
+    output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+) -> None:
+    """Show what changed between two revisions."""
+    from twin.spec.plan import make_plan
+
+    reg = state.registry()
+    head = reg.head()
+    if head is None:
+        raise NotFoundError("the registry has no revisions yet", hint="run `twin apply PATH` first")
+    newer = rev2 if rev2 is not None else head.number
+    reg.revision(rev)
+    reg.revision(newer)
+    p = make_plan(reg.specs(rev), reg.specs(newer), prune=True)
+    if output is Format.json:
+        out.console.print_json(json.dumps({"from": rev, "to": newer, **out.plan_json(p)}))
+        return
+    out.console.print(Text(f"revision {rev} → {newer}", style="bold"))
+    if p.empty:
+        out.console.print("identical content")
+        return
+    for line in out.plan_lines(p):
+        out.console.print(line)
+
+
+@app.command()
+def rollback(
+    rev: Annotated[int, typer.Argument(help="Revision whose content to restore.")],
+    message: Annotated[str, typer.Option("-m", "--message")] = "",
+) -> None:
+    """Make a new revision equal to REV's content."""
+    from twin.spec.apply import rollback as do_rollback
+
+    reg = state.registry()
+    with spinner(f"rolling back to revision {rev}"):
+        result = do_rollback(reg, rev, author=author(), message=message)
+    out.print_plan(result.plan)
+    if result.revision is not None:
+        out.console.print(Text(f"Rolled back: revision {result.revision.number} has the content "
+                               f"of revision {rev}.", style="bold green"))
+
+
+KINDS = {
+    "devices": "Device", "device": "Device", "dev": "Device",
+    "groups": "DeviceGroup", "group": "DeviceGroup", "devicegroups": "DeviceGroup",
+    "models": "DeviceModel", "model": "DeviceModel", "devicemodels": "DeviceModel",
+    "sites": "Site", "site": "Site",
+}
+
+
+def _kind(word: str) -> str:
+    from twin.spec.schema import known_kinds
+
+    k = KINDS.get(word.lower())
+    if k:
+        return k
+    for kind in known_kinds():
+        if word.lower() in (kind.lower(), kind.lower() + "s"):
+            return kind
+    raise TwinError(f"unknown kind {word!r}",
+                    hint="use devices, groups, models or sites (or any kind: " + ", ".join(known_kinds()) + ")")
+
+
+@app.command()
+def get(
+    kind: Annotated[str, typer.Argument(help="devices | groups | models | sites | <Kind>")],
+    name: Annotated[str | None, typer.Argument()] = None,
+    selector: Annotated[str | None, typer.Option(
+        "-l", "--selector", help="e.g. tag=hvac,site=plant-a,floor=2 (group= includes subgroups)")] = None,
+    output: Annotated[TableFormat, typer.Option("-o", "--output")] = TableFormat.table,
+) -> None:
+    """List objects from the registry."""
+    from twin.spec.select import matches, parse_selector
+
+    k = _kind(kind)
+    try:
+        terms = parse_selector(selector)
+    except ValueError as exc:
+        raise TwinError(str(exc), hint="selectors look like tag=hvac,floor=2") from None
+    reg = state.registry()
+    specs = reg.specs()
+    groups = {n: d for (kk, n), d in specs.items() if kk == "DeviceGroup"}
+    rows = {r["id"]: r for r in reg.device_rows()} if k == "Device" else {}
+    docs = []
+    for (kk, n), d in sorted(specs.items()):
+        if kk != k or (name and n != name):
+            continue
+        status = rows.get(n, {}).get("status")
+        if matches(d, terms, groups=groups, status=status):
+            docs.append((d, rows.get(n)))
+    if name and not docs:
+        raise NotFoundError(f"{k} {name!r} not found", hint=f"`twin get {kind}` lists them")
+    if output is TableFormat.json:
+        out.console.print_json(json.dumps([_with_status(d, r) for d, r in docs]))
+        return
+    if output is TableFormat.yaml:
+        out.console.print(yaml.safe_dump_all([_with_status(d, r) for d, r in docs],
+                                             sort_keys=False, allow_unicode=True), end="")
+        return
+    out.console.print(out.rows_table(*_table(k, docs)))
+
+
+def _with_status(doc: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
+    if row is None:
+        return doc
+    return {**doc, "status": {"status": row.get("status"), "updated_at": row.get("updated_at")}}
+
+
+def _table(kind: str, docs: list[tuple[dict[str, Any], dict[str, Any] | None]]) -> tuple[list[str], list[list[Any]]]:
+    if kind == "Device":
+        cols = ["name", "type", "model", "site", "group", "protocol", "status", "tags"]
+        rows = []
+        for d, r in docs:
+            m, s = d["metadata"], d.get("spec") or {}
+            rows.append([m["name"], s.get("type"), s.get("model"), m.get("site"), m.get("group"),
+                         next(iter(s.get("binding") or {}), None), (r or {}).get("status"),
+                         ",".join(m.get("tags") or [])])
+        return cols, rows
+    if kind == "DeviceGroup":
+        return ["name", "site", "parent", "description"], [
+            [d["metadata"]["name"], d["metadata"].get("site"), (d.get("spec") or {}).get("parent"),
+             (d.get("spec") or {}).get("description")] for d, _ in docs]
+    if kind == "DeviceModel":
+        return ["name", "properties", "telemetry", "commands"], [
+            [d["metadata"]["name"], ",".join((d.get("spec") or {}).get("properties") or {}),
+             ",".join((d.get("spec") or {}).get("telemetry") or {}),
+             ",".join((d.get("spec") or {}).get("commands") or {})] for d, _ in docs]
+    if kind == "Site":
+        return ["name", "title", "timezone", "location"], [
+            [d["metadata"]["name"], (d.get("spec") or {}).get("title"),
+             (d.get("spec") or {}).get("timezone"),
+             _loc((d.get("spec") or {}).get("location"))] for d, _ in docs]
+    return ["name", "site", "tags"], [
+        [d["metadata"]["name"], d["metadata"].get("site"), ",".join(d["metadata"].get("tags") or [])]
+        for d, _ in docs]
+
+
+def _loc(loc: dict[str, Any] | None) -> str | None:
+    return f"{loc['lat']:.4f},{loc['lon']:.4f}" if loc else None
+
+
+@app.command()
+def describe(
+    kind: Annotated[str, typer.Argument(help="device | group | model | site | <Kind>")],
+    name: Annotated[str, typer.Argument()],
+    output: Annotated[TableFormat, typer.Option("-o", "--output")] = TableFormat.table,
+) -> None:
+    """Show one object: its spec, model, group path, status and the revision that last changed it."""
+    from twin.spec.select import group_ancestry
+
+    k = _kind(kind)
+    reg = state.registry()
+    specs = reg.specs()
+    doc = specs.get((k, name))
+    if doc is None:
+        from difflib import get_close_matches
+
+        names = [n for kk, n in specs if kk == k]
+        close = get_close_matches(name, names, n=1)
+        raise NotFoundError(f"{k} {name!r} not found",
+                            hint=f"did you mean {close[0]!r}?" if close else f"`twin get {kind}` lists them")
+    info: dict[str, Any] = {"kind": k, "name": name, "last_changed_revision": reg.last_changed(k, name)}
+    groups = {n: d for (kk, n), d in specs.items() if kk == "DeviceGroup"}
+    meta, spec = doc.get("metadata") or {}, doc.get("spec") or {}
+    if k in ("Device", "DeviceGroup"):
+        start = meta.get("group") if k == "Device" else name
+        info["group_path"] = list(reversed(group_ancestry(groups, start)))
+    if k == "Device":
+        rows = reg.device_rows([name])
+        if rows:
+            info["status"] = rows[0].get("status")
+            info["status_since"] = rows[0].get("updated_at")
+        model = specs.get(("DeviceModel", spec.get("model") or ""))
+        if model:
+            info["model"] = {"name": spec["model"], **(model.get("spec") or {})}
+        history = reg.status_history(name, limit=10)
+        info["status_history"] = [{"status": h.status, "at": h.timestamp, **dict(h.metadata)} for h in history]
+        alarms = reg.alarms(device=name, limit=10)
+        info["alarms"] = [{"id": a.id, "type": a.type, "severity": a.severity, "state": a.state,
+                           "raised_at": a.raised_at, "message": a.message} for a in alarms]
+    info["spec"] = doc
+    if output is TableFormat.json:
+        out.console.print_json(json.dumps(info, default=str))
+        return
+    if output is TableFormat.yaml:
+        out.console.print(yaml.safe_dump(info, sort_keys=False, allow_unicode=True), end="")
+        return
+    _print_description(info)
+
+
+def _print_description(info: dict[str, Any]) -> None:
+    c = out.console
+    c.print(Text(f"{info['kind']} {info['name']}", style="bold"))
+    if "group_path" in info:
+        c.print(f"  group path:   {' → '.join(info['group_path']) or '-'}")
+    if "status" in info:
+        c.print(f"  status:       {info['status']} (since {out.fmt_time(info.get('status_since'))})")
+    c.print(f"  last changed: revision {info['last_changed_revision']}")
+    model = info.get("model")
+    if model:
+        c.print(Text(f"  model {model['name']}:", style="bold"))
+        for section in ("properties", "telemetry"):
+            for p, d in (model.get(section) or {}).items():
+                unit = f" [{d['unit']}]" if d.get("unit") else ""
+                rng = ""
+                if d.get("min") is not None or d.get("max") is not None:
+                    rng = f" {d.get('min', '')}..{d.get('max', '')}"
+                access = f" {d.get('access', 'read')}" if section == "properties" else " telemetry"
+                c.print(f"    {p}: {d['type']}{unit}{rng}{access}")
+        cmds = ", ".join(model.get("commands") or {})
+        if cmds:
+            c.print(f"    commands: {cmds}")
+    if info.get("alarms"):
+        c.print(Text("  alarms:", style="bold"))
+        for a in info["alarms"]:
+            c.print(f"    #{a['id']} {a['severity']} {a['type']} {a['state']} {out.fmt_time(a['raised_at'])}: {a['message']}")
+    if info.get("status_history"):
+        c.print(Text("  status history:", style="bold"))
+        for h in info["status_history"]:
+            c.print(f"    {out.fmt_time(h['at'])}  {h['status']}")
+    c.print(Text("  spec:", style="bold"))
+    for line in yaml.safe_dump(info["spec"], sort_keys=False, allow_unicode=True).splitlines():
+        c.print("    " + line)
+
+
+def _register_extensions() -> None:
+    """Command groups that live in their own modules (runtime, control, time series ...)."""
+    import importlib
+
+    for mod in ("twin.cli.runtime_cmds",):
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue
+            raise
+        module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning errors into one line plus a hint."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _register_extensions()
+    try:
+        app(args=argv, standalone_mode=False)
+    except SpecError as exc:
+        if debug:
+            traceback.print_exc()
+        out.print_problems(exc.problems)
+        n = len(exc.problems)
+        out.err_console.print(Text(f"✗ {n} problem{'s' if n != 1 else ''} found", style="bold red"))
+        sys.exit(2)
+    except TwinError as exc:
+        if debug:
+            traceback.print_exc()
+        out.err_console.print(Text(f"error: {exc}", style="bold red"))
+        if exc.hint:
+            out.err_console.print(Text(f"hint: {exc.hint}", style="cyan"))
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        out.err_console.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        out.err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            traceback.print_exc()
+        out.err_console.print(Text(f"error: {type(exc).__name__}: {exc}", style="bold red"))
+        out.err_console.print(Text("hint: this is a bug or an unexpected condition; "
+                                   "run again with --debug for the traceback", style="cyan"))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

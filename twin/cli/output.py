@@ -1,0 +1,149 @@
+"""Human output: plans, problems, tables. Colour when the terminal supports it."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from twin.errors import Problem
+from twin.registry.base import Revision
+from twin.spec.paths import format_path
+from twin.spec.plan import MISSING, Action, Plan
+
+def _console(stderr: bool = False) -> Console:
+    probe = Console(stderr=stderr)
+    # piped output is not cut at 80 columns; user text is never read as rich markup
+    width = None if probe.is_terminal else 240
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False, width=width)
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+_SYMBOL = {Action.CREATE: ("+", "green"), Action.UPDATE: ("~", "yellow"),
+           Action.DELETE: ("-", "red"), Action.KEEP: ("=", "dim")}
+
+
+def short(value: Any, limit: int = 70) -> str:
+    if value is MISSING:
+        return "(absent)"
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def print_problems(problems: Sequence[Problem], con: Console = err_console) -> None:
+    for p in problems:
+        line = Text()
+        if p.location is not None:
+            line.append(str(p.location), style="bold")
+            line.append(": ")
+        rest = str(Problem(None, p.message, p.kind, p.name, p.path))
+        line.append(rest, style="red")
+        con.print(line)
+        if p.hint:
+            con.print(Text(f"    hint: {p.hint}", style="cyan"))
+
+
+def plan_lines(plan: Plan, *, show_kept: bool = True) -> Iterable[Text]:
+    for change in plan.changes:
+        if change.action is Action.KEEP and not show_kept:
+            continue
+        sym, style = _SYMBOL[change.action]
+        head = Text(f"{sym} {change.kind} {change.name}", style=f"bold {style}")
+        if change.action is Action.KEEP:
+            head.append("  (not in the files; left alone — use --prune to delete)", style="dim")
+        yield head
+        for f in change.fields:
+            path = format_path(f.path)
+            if f.old is MISSING:
+                yield Text(f"    + {path}: {short(f.new)}", style="green")
+            elif f.new is MISSING:
+                yield Text(f"    - {path}: {short(f.old)}", style="red")
+            else:
+                yield Text(f"    ~ {path}: {short(f.old)} → {short(f.new)}", style="yellow")
+
+
+def plan_summary(plan: Plan) -> Text:
+    c = plan.counts
+    t = Text("Plan: ")
+    t.append(f"{c['create']} to create", style="green")
+    t.append(", ")
+    t.append(f"{c['update']} to update", style="yellow")
+    t.append(", ")
+    t.append(f"{c['delete']} to delete", style="red")
+    if c["keep"]:
+        t.append(f", {c['keep']} left alone", style="dim")
+    t.append(".")
+    return t
+
+
+def print_plan(plan: Plan, con: Console = console) -> None:
+    if plan.empty:
+        con.print(Text("No changes: the registry already matches the files.", style="green"))
+        kept = plan.of(Action.KEEP)
+        if kept:
+            con.print(Text(f"({len(kept)} objects in the registry are not in the files; "
+                           "--prune would delete them)", style="dim"))
+        return
+    for line in plan_lines(plan):
+        con.print(line)
+    con.print()
+    con.print(plan_summary(plan))
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    return {
+        "counts": plan.counts,
+        "changes": [
+            {
+                "action": c.action.value,
+                "kind": c.kind,
+                "name": c.name,
+                "fields": [
+                    {"path": format_path(f.path),
+                     "old": None if f.old is MISSING else f.old,
+                     "new": None if f.new is MISSING else f.new,
+                     "op": "add" if f.old is MISSING else "remove" if f.new is MISSING else "replace"}
+                    for f in c.fields
+                ],
+            }
+            for c in plan.changes
+        ],
+    }
+
+
+def fmt_time(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def revision_dict(r: Revision) -> dict[str, Any]:
+    return {"revision": r.number, "hash": r.hash, "created_at": r.created_at, "author": r.author,
+            "message": r.message, "source": r.source, "created": r.created,
+            "updated": r.updated, "deleted": r.deleted}
+
+
+def history_table(revs: Sequence[Revision]) -> Table:
+    t = Table(box=None, header_style="bold")
+    for col in ("REV", "WHEN", "AUTHOR", "SOURCE", "CHANGES", "HASH", "MESSAGE"):
+        t.add_column(col)
+    for r in revs:
+        t.add_row(str(r.number), fmt_time(r.created_at), r.author, r.source,
+                  f"+{r.created} ~{r.updated} -{r.deleted}", r.hash[:12], r.message)
+    return t
+
+
+def rows_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    t = Table(box=None, header_style="bold")
+    for col in columns:
+        t.add_column(col.upper())
+    for row in rows:
+        t.add_row(*("-" if v is None or v == "" else str(v) for v in row))
+    return t
