@@ -1,0 +1,829 @@
+"""Shared implementation of the ``Registry`` protocol over a DB-API connection.
+
+``SQLiteRegistry`` and ``PostgresRegistry`` differ only in how they connect, open a write
+transaction, lock the head, and encode a few column types (tags, JSON, booleans). Everything
+else — the apply algorithm, the materialisation of devices and groups, alarms, users ... — lives
+here, so both backends behave identically and one test suite covers both.
+
+SQL is written with ``?`` placeholders; the PostgreSQL dialect rewrites them to ``%s``.
+
+Connections: one per thread (``threading.local``), created lazily. The registry is called from
+Trio worker threads (``trio.to_thread.run_sync``) and from the CLI; a connection is never shared
+between threads, and ``close()`` closes every connection the registry opened.
+
+Times are unix seconds (``DOUBLE PRECISION`` / ``REAL``) on both backends, so rows read back
+identically whatever the backend.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ConflictError, NotFoundError, RegistryError
+from .base import (
+    Alarm,
+    AuditEntry,
+    DeviceKey,
+    Key,
+    MetricSample,
+    Revision,
+    Session,
+    SpecSet,
+    StatusChange,
+    User,
+    canonical_json,
+    doc_hash,
+    spec_hash,
+)
+
+log = logging.getLogger(__name__)
+
+_REVISION_COLS = "number, hash, created_at, author, message, source, created, updated, deleted"
+_ALARM_COLS = (
+    "id, device, type, severity, message, state, raised_at, acked_at, acked_by, "
+    "cleared_at, cleared_by"
+)
+_USER_COLS = "name, password_hash, role, sites, created_at, disabled"
+_SESSION_COLS = "id, user_name, token_hash, created_at, expires_at, revoked_at, client"
+_KEY_COLS = "id, device, key_hash, created_at, revoked_at"
+_AUDIT_COLS = "id, timestamp, actor, action, target, result, detail"
+_DEVICE_COLS = (
+    "id, name, device_type, protocol, status, metadata, tags, group_id, created_at, "
+    "updated_at, site, model, revision"
+)
+_DEVICE_UPSERT_SET = (
+    "name = excluded.name, device_type = excluded.device_type, protocol = excluded.protocol, "
+    "metadata = excluded.metadata, tags = excluded.tags, group_id = excluded.group_id, "
+    "updated_at = excluded.updated_at, site = excluded.site, model = excluded.model, "
+    "revision = excluded.revision"
+)
+_GROUP_UPSERT_SET = (
+    "name = excluded.name, description = excluded.description, parent_id = excluded.parent_id, "
+    "site = excluded.site, revision = excluded.revision"
+)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _as_str_or_none(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+def device_row(name: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The materialised ``devices`` columns of a ``Device`` document (status excluded)."""
+    meta = _as_dict(doc.get("metadata"))
+    spec = _as_dict(doc.get("spec"))
+    binding = spec.get("binding")
+    if isinstance(binding, Mapping) and binding:
+        protocol = "+".join(sorted(str(k) for k in binding))
+    else:
+        protocol = "none"
+    tags = meta.get("tags") or []
+    return {
+        "id": name,
+        "name": str(meta.get("name", name)),
+        "device_type": str(spec.get("type", "custom")),
+        "protocol": protocol,
+        "metadata": _as_dict(meta.get("labels")),
+        "tags": [str(t) for t in tags] if isinstance(tags, list) else [],
+        "group_id": _as_str_or_none(meta.get("group")),
+        "site": _as_str_or_none(meta.get("site")),
+        "model": _as_str_or_none(spec.get("model")),
+    }
+
+
+def group_row(name: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The materialised ``device_groups`` columns of a ``DeviceGroup`` document."""
+    meta = _as_dict(doc.get("metadata"))
+    spec = _as_dict(doc.get("spec"))
+    desc = spec.get("description")
+    return {
+        "id": name,
+        "name": str(meta.get("name", name)),
+        "description": None if desc is None else str(desc),
+        "parent_id": _as_str_or_none(spec.get("parent")),
+        "site": _as_str_or_none(meta.get("site")),
+    }
+
+
+def pack_specs(specs: SpecSet) -> bytes:
+    """The compressed canonical JSON of a spec set, as stored in ``revisions.specs``."""
+    items = [[k, n, specs[(k, n)]] for k, n in sorted(specs)]
+    return zlib.compress(canonical_json(items).encode(), 6)
+
+
+def unpack_specs(blob: bytes) -> dict[Key, dict[str, Any]]:
+    items = json.loads(zlib.decompress(bytes(blob)))
+    return {(k, n): doc for k, n, doc in items}
+
+
+class SQLRegistry:
+    """Dialect-independent core. Subclasses implement the ``_`` hooks below."""
+
+    url: str
+    dialect: str = ""
+    # DB-API exception base of the driver, mapped to RegistryError
+    _db_error: type[Exception] = Exception
+    _integrity_error: type[Exception] = Exception
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        self._conns: list[Any] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self._sql_cache: dict[str, str] = {}
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _begin_write(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _begin_read(self, conn: Any) -> None:
+        raise NotImplementedError
+
+    def _lock_head(self, conn: Any) -> int:
+        """Inside a write transaction: lock the head row, return the head revision number."""
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def _tags_in(self, tags: list[str]) -> Any:
+        return canonical_json(tags)
+
+    def _tags_out(self, value: Any) -> list[str]:
+        return list(json.loads(value)) if value else []
+
+    def _json_in(self, value: Any) -> Any:
+        return canonical_json(value)
+
+    def _json_out(self, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str | bytes) else value
+
+    def _write_objects(self, conn: Any, rows: list[tuple[Any, ...]], upsert: bool) -> None:
+        """Insert (or upsert) ``objects`` rows: (kind, name, body, hash, created, updated)."""
+        sql = "INSERT INTO objects (kind, name, body, hash, created_rev, updated_rev) VALUES (?, ?, ?, ?, ?, ?)"
+        if upsert:
+            sql += (
+                " ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, "
+                "hash = excluded.hash, updated_rev = excluded.updated_rev"
+            )
+        self._many(conn, sql, rows)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _conn(self) -> Any:
+        if self._closed:
+            raise RegistryError(f"registry {self.url} is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception:  # closing from another thread may complain; nothing to do
+                log.debug("registry: error closing a connection", exc_info=True)
+
+    def __enter__(self) -> SQLRegistry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+    def _q(self, sql: str) -> str:
+        out = self._sql_cache.get(sql)
+        if out is None:
+            out = self._sql_cache[sql] = self._sql(sql)
+        return out
+
+    def _exec(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        return conn.execute(self._q(sql), tuple(params))
+
+    def _many(self, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            conn.cursor().executemany(self._q(sql), rows)
+
+    def _all(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(self._exec(conn, sql, params).fetchall())
+
+    def _one(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._exec(conn, sql, params).fetchone()
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[Any]:
+        """One transaction on this thread's connection; driver errors become RegistryError."""
+        conn = self._conn()
+        try:
+            if write:
+                self._begin_write(conn)
+            else:
+                self._begin_read(conn)
+            try:
+                yield conn
+                conn.commit()
+            except BaseException:
+                # also when COMMIT itself fails (a deferred FK): SQLite keeps the tx open then
+                _rollback_quietly(conn)
+                raise
+        except self._integrity_error as exc:
+            raise RegistryError(
+                f"registry {self.url}: integrity error: {_first_line(exc)}",
+                hint="a reference points at an object that does not exist (run `twin validate`)",
+            ) from exc
+        except self._db_error as exc:
+            raise RegistryError(f"registry {self.url}: {_first_line(exc)}") from exc
+
+    # -- desired state and revisions ---------------------------------------------------------
+    def head(self) -> Revision | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT 1"
+            )
+        return None if row is None else _revision(row)
+
+    def specs(self, revision: int | None = None) -> dict[Key, dict[str, Any]]:
+        with self._tx(write=False) as conn:
+            head = self._head_number(conn)
+            if revision is None or revision == head:
+                rows = self._all(conn, "SELECT kind, name, body FROM objects")
+                return {(k, n): self._json_out(b) for k, n, b in rows}
+            if revision == 0:
+                return {}
+            row = self._one(conn, "SELECT specs FROM revisions WHERE number = ?", (revision,))
+        if row is None:
+            raise NotFoundError(
+                f"no revision {revision}", hint="`twin history` lists the revisions"
+            )
+        return unpack_specs(row[0])
+
+    def _head_number(self, conn: Any) -> int:
+        row = self._one(conn, "SELECT revision FROM registry_head WHERE id = 1")
+        return int(row[0]) if row else 0
+
+    def apply(
+        self,
+        specs: SpecSet,
+        *,
+        base: int,
+        author: str,
+        message: str = "",
+        source: str = "cli",
+    ) -> Revision | None:
+        new_hash = spec_hash(specs)
+        hashes = {key: doc_hash(doc) for key, doc in specs.items()}
+        now = time.time()
+        with self._tx(write=True) as conn:
+            head = self._lock_head(conn)
+            if head != base:
+                raise ConflictError(
+                    f"registry moved: planned against revision {base}, head is now {head}"
+                )
+            if head:
+                row = self._one(conn, "SELECT hash FROM revisions WHERE number = ?", (head,))
+                if row is not None and row[0] == new_hash:
+                    return None
+            elif not specs:
+                return None
+            number = head + 1
+            current = {
+                (k, n): h for k, n, h in self._all(conn, "SELECT kind, name, hash FROM objects")
+            }
+            created = [key for key in specs if key not in current]
+            updated = [key for key in specs if key in current and current[key] != hashes[key]]
+            deleted = [key for key in current if key not in specs]
+            if not (created or updated or deleted):  # only possible if the head hash is stale
+                return None
+            self._write_changes(conn, specs, hashes, number, created, updated, deleted)
+            self._materialise(conn, specs, number, now, created, updated, deleted)
+            rev = Revision(
+                number=number,
+                hash=new_hash,
+                created_at=now,
+                author=author,
+                message=message,
+                source=source,
+                created=len(created),
+                updated=len(updated),
+                deleted=len(deleted),
+            )
+            self._exec(
+                conn,
+                f"INSERT INTO revisions ({_REVISION_COLS}, objects, specs) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rev.number,
+                    rev.hash,
+                    rev.created_at,
+                    rev.author,
+                    rev.message,
+                    rev.source,
+                    rev.created,
+                    rev.updated,
+                    rev.deleted,
+                    len(specs),
+                    pack_specs(specs),
+                ),
+            )
+            self._exec(conn, "UPDATE registry_head SET revision = ? WHERE id = 1", (number,))
+        log.info(
+            "registry: revision %d by %s (+%d ~%d -%d)",
+            number,
+            author,
+            len(created),
+            len(updated),
+            len(deleted),
+        )
+        return rev
+
+    def _write_changes(
+        self,
+        conn: Any,
+        specs: SpecSet,
+        hashes: Mapping[Key, str],
+        number: int,
+        created: list[Key],
+        updated: list[Key],
+        deleted: list[Key],
+    ) -> None:
+        if deleted:
+            self._many(conn, "DELETE FROM objects WHERE kind = ? AND name = ?", deleted)
+        if created:
+            self._write_objects(
+                conn,
+                [
+                    (k, n, self._json_in(specs[(k, n)]), hashes[(k, n)], number, number)
+                    for k, n in created
+                ],
+                upsert=False,
+            )
+        if updated:
+            self._many(
+                conn,
+                "UPDATE objects SET body = ?, hash = ?, updated_rev = ? WHERE kind = ? AND name = ?",
+                [(self._json_in(specs[(k, n)]), hashes[(k, n)], number, k, n) for k, n in updated],
+            )
+
+    def _materialise(
+        self,
+        conn: Any,
+        specs: SpecSet,
+        number: int,
+        now: float,
+        created: list[Key],
+        updated: list[Key],
+        deleted: list[Key],
+    ) -> None:
+        """Mirror Device / DeviceGroup objects into the seed's devices / device_groups."""
+        changed = created + updated
+        gone_devices = [(n,) for k, n in deleted if k == "Device"]
+        gone_groups = [(n,) for k, n in deleted if k == "DeviceGroup"]
+        if gone_devices:
+            self._many(conn, "DELETE FROM devices WHERE id = ?", gone_devices)
+        if gone_groups:
+            self._many(conn, "DELETE FROM device_groups WHERE id = ?", gone_groups)
+        groups = []
+        for k, n in changed:
+            if k != "DeviceGroup":
+                continue
+            g = group_row(n, specs[(k, n)])
+            groups.append(
+                (g["id"], g["name"], g["description"], g["parent_id"], now, g["site"], number)
+            )
+        if groups:
+            self._many(
+                conn,
+                "INSERT INTO device_groups (id, name, description, parent_id, created_at, site, "
+                f"revision) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                f"{_GROUP_UPSERT_SET}",
+                groups,
+            )
+        devices = []
+        for k, n in changed:
+            if k != "Device":
+                continue
+            d = device_row(n, specs[(k, n)])
+            devices.append(
+                (
+                    d["id"],
+                    d["name"],
+                    d["device_type"],
+                    d["protocol"],
+                    "offline",
+                    self._json_in(d["metadata"]),
+                    self._tags_in(d["tags"]),
+                    d["group_id"],
+                    now,
+                    now,
+                    d["site"],
+                    d["model"],
+                    number,
+                )
+            )
+        if devices:
+            self._write_devices(conn, devices)
+
+    def _write_devices(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        self._many(
+            conn,
+            f"INSERT INTO devices ({_DEVICE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (id) DO UPDATE SET {_DEVICE_UPSERT_SET}",
+            rows,
+        )
+
+    def history(self, limit: int = 50) -> list[Revision]:
+        with self._tx(write=False) as conn:
+            rows = self._all(
+                conn,
+                f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT ?",
+                (limit,),
+            )
+        return [_revision(r) for r in rows]
+
+    def revision(self, number: int) -> Revision:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_REVISION_COLS} FROM revisions WHERE number = ?", (number,)
+            )
+        if row is None:
+            raise NotFoundError(f"no revision {number}", hint="`twin history` lists the revisions")
+        return _revision(row)
+
+    def last_changed(self, kind: str, name: str) -> int | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, "SELECT updated_rev FROM objects WHERE kind = ? AND name = ?", (kind, name)
+            )
+        return None if row is None else int(row[0])
+
+    # -- runtime state -----------------------------------------------------------------------
+    def device_rows(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT {_DEVICE_COLS} FROM devices"
+        with self._tx(write=False) as conn:
+            if names is None:
+                rows = self._all(conn, sql + " ORDER BY id")
+            else:
+                rows = []
+                wanted = list(dict.fromkeys(names))
+                for i in range(0, len(wanted), 500):
+                    chunk = wanted[i : i + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    rows += self._all(conn, f"{sql} WHERE id IN ({marks})", chunk)
+                rows.sort(key=lambda r: r[0])
+        cols = [c.strip() for c in _DEVICE_COLS.split(",")]
+        out = []
+        for r in rows:
+            d = dict(zip(cols, r, strict=True))
+            d["metadata"] = self._json_out(d["metadata"]) or {}
+            d["tags"] = self._tags_out(d["tags"])
+            out.append(d)
+        return out
+
+    def set_device_status(
+        self, device: str, status: str, timestamp: float, metadata: Mapping[str, Any] | None = None
+    ) -> None:
+        with self._tx(write=True) as conn:
+            cur = self._exec(
+                conn,
+                "UPDATE devices SET status = ?, updated_at = ? WHERE id = ?",
+                (status, timestamp, device),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"no device {device!r} in the registry")
+            self._exec(
+                conn,
+                "INSERT INTO device_status_history (device_id, status, timestamp, metadata) "
+                "VALUES (?, ?, ?, ?)",
+                (device, status, timestamp, self._json_in(dict(metadata or {}))),
+            )
+
+    def status_history(
+        self, device: str, *, since: float | None = None, limit: int = 100
+    ) -> list[StatusChange]:
+        sql = "SELECT device_id, status, timestamp, metadata FROM device_status_history WHERE device_id = ?"
+        params: list[Any] = [device]
+        if since is not None:
+            sql += " AND timestamp >= ?"
+            params.append(since)
+        sql += " ORDER BY timestamp DESC, id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [StatusChange(d, s, float(t), self._json_out(m) or {}) for d, s, t, m in rows]
+
+    def record_metrics(self, samples: Sequence[MetricSample]) -> None:
+        if not samples:
+            return
+        with self._tx(write=True) as conn:
+            self._many(
+                conn,
+                "INSERT INTO device_metrics (device_id, metric_name, metric_value, timestamp) "
+                "VALUES (?, ?, ?, ?)",
+                [(s.device, s.name, float(s.value), s.timestamp) for s in samples],
+            )
+
+    def metrics(
+        self,
+        device: str,
+        *,
+        names: Sequence[str] | None = None,
+        since: float | None = None,
+        limit: int = 1000,
+    ) -> list[MetricSample]:
+        sql = (
+            "SELECT device_id, metric_name, metric_value, timestamp FROM device_metrics "
+            "WHERE device_id = ?"
+        )
+        params: list[Any] = [device]
+        if names is not None:
+            if not names:
+                return []
+            sql += f" AND metric_name IN ({', '.join('?' * len(names))})"
+            params += list(names)
+        if since is not None:
+            sql += " AND timestamp >= ?"
+            params.append(since)
+        sql += " ORDER BY timestamp DESC, id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [MetricSample(d, n, float(v), float(t)) for d, n, v, t in rows]
+
+    # -- alarms ----------------------------------------------------------------------------
+    def raise_alarm(
+        self, device: str, type: str, severity: str, message: str, timestamp: float
+    ) -> tuple[Alarm, bool]:
+        with self._tx(write=True) as conn:
+            row = self._one(
+                conn,
+                "INSERT INTO alarms (device, type, severity, message, state, raised_at) "
+                "VALUES (?, ?, ?, ?, 'active', ?) "
+                "ON CONFLICT (device, type) WHERE state <> 'cleared' DO NOTHING "
+                f"RETURNING {_ALARM_COLS}",
+                (device, type, severity, message, timestamp),
+            )
+            if row is not None:
+                return _alarm(row), True
+            row = self._one(
+                conn,
+                f"SELECT {_ALARM_COLS} FROM alarms WHERE device = ? AND type = ? "
+                "AND state <> 'cleared'",
+                (device, type),
+            )
+        if row is None:  # pragma: no cover - the unique index guarantees a row
+            raise RegistryError(f"alarm {device}/{type} vanished while raising it")
+        return _alarm(row), False
+
+    def _alarm_update(self, alarm_id: int, sql: str, params: Sequence[Any]) -> Alarm:
+        with self._tx(write=True) as conn:
+            self._exec(conn, sql, (*params, alarm_id))
+            row = self._one(conn, f"SELECT {_ALARM_COLS} FROM alarms WHERE id = ?", (alarm_id,))
+        if row is None:
+            raise NotFoundError(f"no alarm {alarm_id}")
+        return _alarm(row)
+
+    def ack_alarm(self, alarm_id: int, by: str, timestamp: float) -> Alarm:
+        return self._alarm_update(
+            alarm_id,
+            "UPDATE alarms SET state = 'acknowledged', acked_at = ?, acked_by = ? "
+            "WHERE state = 'active' AND id = ?",
+            (timestamp, by),
+        )
+
+    def clear_alarm(self, alarm_id: int, by: str, timestamp: float) -> Alarm:
+        return self._alarm_update(
+            alarm_id,
+            "UPDATE alarms SET state = 'cleared', cleared_at = ?, cleared_by = ? "
+            "WHERE state <> 'cleared' AND id = ?",
+            (timestamp, by),
+        )
+
+    def clear_alarms(self, device: str, type: str, by: str, timestamp: float) -> list[Alarm]:
+        with self._tx(write=True) as conn:
+            rows = self._all(
+                conn,
+                "UPDATE alarms SET state = 'cleared', cleared_at = ?, cleared_by = ? "
+                f"WHERE device = ? AND type = ? AND state <> 'cleared' RETURNING {_ALARM_COLS}",
+                (timestamp, by, device, type),
+            )
+        return sorted((_alarm(r) for r in rows), key=lambda a: a.id, reverse=True)
+
+    def alarms(
+        self,
+        *,
+        device: str | None = None,
+        states: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[Alarm]:
+        sql = f"SELECT {_ALARM_COLS} FROM alarms WHERE 1 = 1"
+        params: list[Any] = []
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        if states is not None:
+            if not states:
+                return []
+            sql += f" AND state IN ({', '.join('?' * len(states))})"
+            params += list(states)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [_alarm(r) for r in rows]
+
+    # -- users, sessions, device keys, audit ------------------------------------------------
+    def put_user(self, user: User) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash, "
+                "role = excluded.role, sites = excluded.sites, created_at = excluded.created_at, "
+                "disabled = excluded.disabled",
+                (
+                    user.name,
+                    user.password_hash,
+                    user.role,
+                    self._tags_in(list(user.sites)),
+                    user.created_at,
+                    bool(user.disabled),
+                ),
+            )
+
+    def _user(self, row: Any) -> User:
+        name, pw, role, sites, created, disabled = row
+        return User(name, pw, role, tuple(self._tags_out(sites)), float(created), bool(disabled))
+
+    def get_user(self, name: str) -> User | None:
+        with self._tx(write=False) as conn:
+            row = self._one(conn, f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
+        return None if row is None else self._user(row)
+
+    def users(self) -> list[User]:
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, f"SELECT {_USER_COLS} FROM users ORDER BY name")
+        return [self._user(r) for r in rows]
+
+    def delete_user(self, name: str) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(conn, "DELETE FROM users WHERE name = ?", (name,))
+
+    def create_session(self, session: Session) -> None:
+        s = session
+        with self._tx(write=True) as conn:
+            if self._one(conn, "SELECT 1 FROM users WHERE name = ?", (s.user,)) is None:
+                raise NotFoundError(f"no user {s.user!r}")
+            self._exec(
+                conn,
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.user, s.token_hash, s.created_at, s.expires_at, s.revoked_at, s.client),
+            )
+
+    def get_session(self, session_id: str) -> Session | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,)
+            )
+        return None if row is None else _session(row)
+
+    def revoke_session(self, session_id: str, timestamp: float) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                "UPDATE sessions SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (timestamp, session_id),
+            )
+
+    def sessions(self, user: str | None = None) -> list[Session]:
+        sql = f"SELECT {_SESSION_COLS} FROM sessions"
+        params: tuple[Any, ...] = ()
+        if user is not None:
+            sql += " WHERE user_name = ?"
+            params = (user,)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql + " ORDER BY created_at, id", params)
+        return [_session(r) for r in rows]
+
+    def add_device_key(self, key: DeviceKey) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                f"INSERT INTO device_keys ({_KEY_COLS}) VALUES (?, ?, ?, ?, ?)",
+                (key.id, key.device, key.key_hash, key.created_at, key.revoked_at),
+            )
+
+    def device_keys(self, device: str) -> list[DeviceKey]:
+        with self._tx(write=False) as conn:
+            rows = self._all(
+                conn,
+                f"SELECT {_KEY_COLS} FROM device_keys WHERE device = ? ORDER BY created_at, id",
+                (device,),
+            )
+        return [
+            DeviceKey(i, d, h, float(c), None if r is None else float(r)) for i, d, h, c, r in rows
+        ]
+
+    def revoke_device_key(self, key_id: str, timestamp: float) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                "UPDATE device_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (timestamp, key_id),
+            )
+
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        result: str,
+        timestamp: float,
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                "INSERT INTO audit_log (timestamp, actor, action, target, result, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (timestamp, actor, action, target, result, self._json_in(dict(detail or {}))),
+            )
+
+    def audit_log(self, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
+        sql = f"SELECT {_AUDIT_COLS} FROM audit_log"
+        params: list[Any] = []
+        if actor is not None:
+            sql += " WHERE actor = ?"
+            params.append(actor)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [
+            AuditEntry(int(i), float(t), a, ac, tg, r, self._json_out(d) or {})
+            for i, t, a, ac, tg, r, d in rows
+        ]
+
+
+def _rollback_quietly(conn: Any) -> None:
+    try:
+        conn.rollback()
+    except Exception:  # the connection may be broken; the original error matters more
+        log.debug("registry: rollback failed", exc_info=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _revision(row: Any) -> Revision:
+    n, h, c, a, m, s, cr, up, de = row
+    return Revision(int(n), h, float(c), a, m, s, int(cr), int(up), int(de))
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def _alarm(row: Any) -> Alarm:
+    i, d, t, sev, msg, st, raised, acked, acked_by, cleared, cleared_by = row
+    return Alarm(
+        int(i),
+        d,
+        t,
+        sev,
+        msg,
+        st,
+        float(raised),
+        _opt_float(acked),
+        acked_by,
+        _opt_float(cleared),
+        cleared_by,
+    )
+
+
+def _session(row: Any) -> Session:
+    i, u, h, c, e, r, cl = row
+    return Session(i, u, h, float(c), float(e), _opt_float(r), cl or "")

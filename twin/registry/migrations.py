@@ -1,0 +1,272 @@
+"""Numbered schema migrations, one list per dialect.
+
+Migration ``n`` is a list of statements; it is applied once, in order, inside the same
+transaction that records ``n`` in ``schema_version``. Opening a registry applies whatever is
+missing, under a lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: a transaction-level advisory
+lock), so two processes opening a fresh registry at once are safe and re-opening is a no-op.
+
+To change the schema, append a migration to *both* lists — never edit an applied one.
+
+Tables follow the seed's §1.4 (devices, device_groups, device_status_history, device_metrics)
+with ``site``, ``model`` and ``revision`` added to devices; desired state lives in ``objects``
+(one row per spec document, for fast reads of head) and ``revisions`` (each with the full
+normalised spec set, zlib-compressed canonical JSON). Times are unix seconds.
+"""
+
+from __future__ import annotations
+
+SQLITE: list[list[str]] = [
+    # 1: initial schema
+    [
+        """CREATE TABLE registry_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            revision INTEGER NOT NULL
+        )""",
+        "INSERT INTO registry_head (id, revision) VALUES (1, 0)",
+        """CREATE TABLE revisions (
+            number INTEGER PRIMARY KEY,
+            hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            author TEXT NOT NULL,
+            message TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'cli',
+            created INTEGER NOT NULL DEFAULT 0,
+            updated INTEGER NOT NULL DEFAULT 0,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            objects INTEGER NOT NULL DEFAULT 0,
+            specs BLOB NOT NULL
+        )""",
+        """CREATE TABLE objects (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            body TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            created_rev INTEGER NOT NULL,
+            updated_rev INTEGER NOT NULL,
+            PRIMARY KEY (kind, name)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE device_groups (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            description TEXT,
+            parent_id TEXT REFERENCES device_groups (id) DEFERRABLE INITIALLY DEFERRED,
+            created_at REAL NOT NULL,
+            site TEXT,
+            revision INTEGER
+        )""",
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            device_type TEXT NOT NULL,
+            protocol TEXT NOT NULL,
+            status TEXT NOT NULL,
+            metadata TEXT,
+            tags TEXT,
+            group_id TEXT REFERENCES device_groups (id) DEFERRABLE INITIALLY DEFERRED,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            site TEXT,
+            model TEXT,
+            revision INTEGER
+        )""",
+        "CREATE INDEX devices_group ON devices (group_id)",
+        "CREATE INDEX device_groups_parent ON device_groups (parent_id)",
+        """CREATE TABLE device_status_history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            status TEXT NOT NULL,
+            timestamp REAL NOT NULL,
+            metadata TEXT
+        )""",
+        "CREATE INDEX device_status_history_dev ON device_status_history (device_id, timestamp)",
+        """CREATE TABLE device_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            metric_name TEXT NOT NULL,
+            metric_value REAL NOT NULL,
+            timestamp REAL NOT NULL
+        )""",
+        "CREATE INDEX device_metrics_dev ON device_metrics (device_id, timestamp)",
+        """CREATE TABLE alarms (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device TEXT NOT NULL,
+            type TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            message TEXT NOT NULL,
+            state TEXT NOT NULL,
+            raised_at REAL NOT NULL,
+            acked_at REAL,
+            acked_by TEXT,
+            cleared_at REAL,
+            cleared_by TEXT
+        )""",
+        "CREATE UNIQUE INDEX alarms_open ON alarms (device, type) WHERE state <> 'cleared'",
+        "CREATE INDEX alarms_device ON alarms (device)",
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            sites TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+            token_hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL,
+            client TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX sessions_user ON sessions (user_name)",
+        """CREATE TABLE device_keys (
+            id TEXT PRIMARY KEY,
+            device TEXT NOT NULL,
+            key_hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        )""",
+        "CREATE INDEX device_keys_device ON device_keys (device)",
+        """CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp REAL NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            result TEXT NOT NULL,
+            detail TEXT
+        )""",
+        "CREATE INDEX audit_log_actor ON audit_log (actor)",
+    ],
+]
+
+POSTGRES: list[list[str]] = [
+    # 1: initial schema
+    [
+        """CREATE TABLE registry_head (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            revision INTEGER NOT NULL
+        )""",
+        "INSERT INTO registry_head (id, revision) VALUES (1, 0)",
+        """CREATE TABLE revisions (
+            number INTEGER PRIMARY KEY,
+            hash TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            author TEXT NOT NULL,
+            message TEXT NOT NULL DEFAULT '',
+            source TEXT NOT NULL DEFAULT 'cli',
+            created INTEGER NOT NULL DEFAULT 0,
+            updated INTEGER NOT NULL DEFAULT 0,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            objects INTEGER NOT NULL DEFAULT 0,
+            specs BYTEA NOT NULL
+        )""",
+        """CREATE TABLE objects (
+            kind TEXT NOT NULL,
+            name TEXT NOT NULL,
+            body JSONB NOT NULL,
+            hash TEXT NOT NULL,
+            created_rev INTEGER NOT NULL,
+            updated_rev INTEGER NOT NULL,
+            PRIMARY KEY (kind, name)
+        )""",
+        """CREATE TABLE device_groups (
+            id VARCHAR(255) PRIMARY KEY,
+            name VARCHAR(255) NOT NULL,
+            description TEXT,
+            parent_id VARCHAR(255) REFERENCES device_groups (id) DEFERRABLE INITIALLY DEFERRED,
+            created_at DOUBLE PRECISION NOT NULL,
+            site TEXT,
+            revision INTEGER
+        )""",
+        """CREATE TABLE devices (
+            id VARCHAR(255) PRIMARY KEY,
+            name VARCHAR(255) NOT NULL,
+            device_type VARCHAR(100) NOT NULL,
+            protocol VARCHAR(100) NOT NULL,
+            status VARCHAR(20) NOT NULL,
+            metadata JSONB,
+            tags TEXT[],
+            group_id VARCHAR(255) REFERENCES device_groups (id) DEFERRABLE INITIALLY DEFERRED,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            site TEXT,
+            model TEXT,
+            revision INTEGER
+        )""",
+        "CREATE INDEX devices_group ON devices (group_id)",
+        "CREATE INDEX devices_tags ON devices USING GIN (tags)",
+        "CREATE INDEX device_groups_parent ON device_groups (parent_id)",
+        """CREATE TABLE device_status_history (
+            id BIGSERIAL PRIMARY KEY,
+            device_id VARCHAR(255) NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            status VARCHAR(20) NOT NULL,
+            timestamp DOUBLE PRECISION NOT NULL,
+            metadata JSONB
+        )""",
+        "CREATE INDEX device_status_history_dev ON device_status_history (device_id, timestamp)",
+        """CREATE TABLE device_metrics (
+            id BIGSERIAL PRIMARY KEY,
+            device_id VARCHAR(255) NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+            metric_name VARCHAR(100) NOT NULL,
+            metric_value DOUBLE PRECISION NOT NULL,
+            timestamp DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX device_metrics_dev ON device_metrics (device_id, timestamp)",
+        """CREATE TABLE alarms (
+            id BIGSERIAL PRIMARY KEY,
+            device TEXT NOT NULL,
+            type TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            message TEXT NOT NULL,
+            state TEXT NOT NULL,
+            raised_at DOUBLE PRECISION NOT NULL,
+            acked_at DOUBLE PRECISION,
+            acked_by TEXT,
+            cleared_at DOUBLE PRECISION,
+            cleared_by TEXT
+        )""",
+        "CREATE UNIQUE INDEX alarms_open ON alarms (device, type) WHERE state <> 'cleared'",
+        "CREATE INDEX alarms_device ON alarms (device)",
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            role TEXT NOT NULL,
+            sites TEXT[] NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            disabled BOOLEAN NOT NULL DEFAULT FALSE
+        )""",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+            token_hash TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION,
+            client TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX sessions_user ON sessions (user_name)",
+        """CREATE TABLE device_keys (
+            id TEXT PRIMARY KEY,
+            device TEXT NOT NULL,
+            key_hash TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX device_keys_device ON device_keys (device)",
+        """CREATE TABLE audit_log (
+            id BIGSERIAL PRIMARY KEY,
+            timestamp DOUBLE PRECISION NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            result TEXT NOT NULL,
+            detail JSONB
+        )""",
+        "CREATE INDEX audit_log_actor ON audit_log (actor)",
+    ],
+]
+
+SCHEMA_VERSION = len(SQLITE)
+assert len(POSTGRES) == SCHEMA_VERSION, "every migration must exist for both dialects"

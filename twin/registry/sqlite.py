@@ -1,0 +1,100 @@
+"""The embedded registry: one SQLite file (``registry.db``) in the state directory.
+
+- WAL journal, ``busy_timeout`` (default 30 s), foreign keys on, ``synchronous=NORMAL``.
+- Thread-safety: one connection per thread (see ``_sql.SQLRegistry``); SQLite serialises
+  writers itself. Write transactions start with ``BEGIN IMMEDIATE``, which takes the database's
+  write lock up front, so the head check in ``apply`` and the write that follows cannot
+  interleave with another apply (in this process or another one).
+- Read transactions are plain ``BEGIN`` (a consistent WAL snapshot).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from ..errors import RegistryError
+from . import migrations
+from ._sql import SQLRegistry
+
+DEFAULT_FILENAME = "registry.db"
+
+
+class SQLiteRegistry(SQLRegistry):
+    dialect = "sqlite"
+    _db_error = sqlite3.Error
+    _integrity_error = sqlite3.IntegrityError
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
+        p = Path(path)
+        if p.is_dir():
+            p = p / DEFAULT_FILENAME
+        super().__init__(f"sqlite:///{p}")
+        self.path = p
+        self.busy_timeout = busy_timeout
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot create the state directory {p.parent}: {exc.strerror}",
+                hint="pick another state directory with --state-dir, or fix its permissions",
+            ) from exc
+        self._migrate()
+
+    def _connect(self) -> Any:
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # we issue BEGIN / COMMIT ourselves
+                check_same_thread=False,  # only so that close() may run on any thread
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except sqlite3.Error as exc:
+            raise RegistryError(
+                f"cannot open the registry {self.path}: {exc}",
+                hint="check the path and its permissions (is it a SQLite file?)",
+            ) from exc
+        return conn
+
+    def _begin_write(self, conn: Any) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _begin_read(self, conn: Any) -> None:
+        conn.execute("BEGIN")
+
+    def _lock_head(self, conn: Any) -> int:
+        # BEGIN IMMEDIATE already holds the write lock
+        return self._head_number(conn)
+
+    def _migrate(self) -> None:
+        with self._tx(write=True) as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+            )
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = int(row[0] or 0)
+            if current > migrations.SCHEMA_VERSION:
+                raise RegistryError(
+                    f"registry {self.path} has schema version {current}, newer than this "
+                    f"program's {migrations.SCHEMA_VERSION}",
+                    hint="upgrade flux-iot",
+                )
+            for number in range(current + 1, migrations.SCHEMA_VERSION + 1):
+                for stmt in migrations.SQLITE[number - 1]:
+                    conn.execute(stmt)
+                conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) "
+                    "VALUES (?, strftime('%s', 'now'))",
+                    (number,),
+                )
+
+    def schema_version(self) -> int:
+        with self._tx(write=False) as conn:
+            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
