@@ -32,6 +32,7 @@ the previous version intact (the data files it wrote are orphans that cleanup re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -78,10 +79,8 @@ def _dir_size(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -142,8 +141,7 @@ class LanceStore:
 
     def tiers(self) -> list[str]:
         with self._lock:
-            names = self._db.table_names() if hasattr(self._db, "table_names") else []
-            return sorted(str(n) for n in names)
+            return sorted(p.name[: -len(".lance")] for p in self.path.glob("*.lance"))
 
     # --- writes ---------------------------------------------------------------------
     def _check_space(self) -> None:
