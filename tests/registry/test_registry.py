@@ -523,3 +523,15 @@ def test_audit_log(registry: SQLRegistry) -> None:
     assert (log[2].target, log[2].result) == ("fan_01", "200")
     assert [e.timestamp for e in registry.audit_log(actor="alice")] == [3.0, 1.0]
     assert len(registry.audit_log(limit=1)) == 1
+
+
+def test_hash_specs_matches_base() -> None:
+    from twin.registry import doc_hash
+    from twin.registry._sql import hash_specs, pack_specs
+
+    specs = demo_specs(3)
+    specs[("Device", "ünïcode")] = device("ünïcode", labels={"x": 1.5, "y": None})
+    total, hashes, _ = hash_specs(specs)
+    assert total == spec_hash(specs)
+    assert hashes == {k: doc_hash(d) for k, d in specs.items()}
+    assert unpack_specs(pack_specs(specs)) == specs
