@@ -7,7 +7,7 @@
 
 * **Bounded.** The channel holds at most ``max_chunks`` chunks of at most ``batch_size``
   points; ``run`` holds at most one batch being built plus the one being written. So memory
-  is bounded by ``(max_chunks + 2) × batch_size`` points. When the store is slower than the
+  is bounded by ``(max_chunks + 2) * batch_size`` points. When the store is slower than the
   producers the channel fills and ``write`` blocks: backpressure, never an unbounded queue.
 * **Flush by size and by time.** A batch is written when it reaches ``batch_size`` points, or
   ``flush_interval`` seconds after its first point arrived, whichever comes first.
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -52,6 +52,7 @@ class BatchedWriter:
         max_chunks: int = 16,
         retry_max_delay: float = 30.0,
         on_flush: Callable[[int], Any] | None = None,
+        run_sync: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         if batch_size < 1 or flush_interval <= 0 or max_chunks < 1:
             raise ValueError("batch_size, flush_interval and max_chunks must be positive")
@@ -60,6 +61,8 @@ class BatchedWriter:
         self.flush_interval = flush_interval
         self.retry_max_delay = retry_max_delay
         self.on_flush = on_flush
+        # how store calls are made: a worker thread (tests may run them inline)
+        self._run_sync = run_sync or trio.to_thread.run_sync
         self._send, self._recv = trio.open_memory_channel[list[Record]](max_chunks)
         self._done = trio.Event()
         self.points_written = 0
@@ -142,21 +145,27 @@ class BatchedWriter:
 
     async def _flush(self, buf: Sequence[Record], final: bool = False) -> None:
         delay = 0.1
+        attempts = 0
         for start in range(0, len(buf), self.batch_size):
             part = buf[start : start + self.batch_size]
             while True:
                 try:
-                    await trio.to_thread.run_sync(self.store.write_records, part)
+                    await self._run_sync(self.store.write_records, part)
                     break
                 except StorageError as exc:
                     self.errors += 1
+                    attempts += 1
                     log.error(
                         "timeseries: write of %d points failed: %s; retrying in %.1fs",
                         len(part),
                         exc,
                         delay,
                     )
-                    if final and self.errors > 1000:
+                    if final and attempts >= 5:
+                        log.critical(
+                            "timeseries: giving up at shutdown: %d points not stored",
+                            len(buf) - start,
+                        )
                         raise
                     await trio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_delay)
