@@ -96,3 +96,16 @@ def open_reg(registry_url: str) -> Iterator[Opener]:
 @pytest.fixture
 def registry(open_reg: Opener) -> SQLRegistry:
     return open_reg()
+
+
+@pytest.fixture
+def pg_registry_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema URL (for PostgreSQL-only tests; mark them ``postgres``)."""
+    reason = pg_unavailable()
+    if reason:
+        pytest.skip(reason)
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield _with_schema(PG_URL, schema)
+    finally:
+        _drop_schema(schema)

@@ -57,9 +57,9 @@ __all__ = [
 def open_registry(url: str | None = None, state_dir: str | Path = ".twin") -> Registry:
     """Open (and migrate) the registry at ``url``; see the module docstring for URL forms."""
     if not url:
-        from .sqlite import SQLiteRegistry
+        from .sqlite import DEFAULT_FILENAME, SQLiteRegistry
 
-        return SQLiteRegistry(Path(state_dir))
+        return SQLiteRegistry(Path(state_dir) / DEFAULT_FILENAME)
     scheme, sep, rest = url.partition("://")
     if not sep:
         from .sqlite import SQLiteRegistry
@@ -67,11 +67,11 @@ def open_registry(url: str | None = None, state_dir: str | Path = ".twin") -> Re
         return SQLiteRegistry(Path(url))
     scheme = scheme.lower()
     if scheme == "sqlite":
-        from .sqlite import SQLiteRegistry
+        from .sqlite import DEFAULT_FILENAME, SQLiteRegistry
 
         # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"; sqlite:// -> state dir
         path = rest[1:] if rest.startswith("/") else rest
-        return SQLiteRegistry(Path(path) if path else Path(state_dir))
+        return SQLiteRegistry(Path(path) if path else Path(state_dir) / DEFAULT_FILENAME)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresRegistry
 

@@ -27,8 +27,10 @@ class SQLiteRegistry(SQLRegistry):
     _integrity_error = sqlite3.IntegrityError
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
+        """``path`` is the database file; an existing directory (or a path ending in ``/``)
+        means ``<dir>/registry.db``. Missing parent directories are created."""
         p = Path(path)
-        if p.is_dir():
+        if p.is_dir() or str(path).endswith(("/", "\\")):
             p = p / DEFAULT_FILENAME
         super().__init__(f"sqlite:///{p}")
         self.path = p
