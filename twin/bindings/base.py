@@ -1,0 +1,163 @@
+"""The one interface every protocol implements, and the data that flows out of it.
+
+Data flows one way: a binding produces :class:`Reading` s (and :class:`DeviceEvent` s for
+heartbeats, faults and free events) into a bounded channel owned by the device task; the device
+task updates twin state and fans out to subscribers. Commands flow back through
+:meth:`Binding.write` and :meth:`Binding.send_command`.
+
+Bindings are registered by protocol name in :data:`BINDINGS` (a dict, never found by
+``getattr``); :func:`create_binding` builds one from a Device document.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from twin.errors import BindingError
+
+if TYPE_CHECKING:
+    import trio
+
+
+class Quality(enum.StrEnum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One observed value of one point of one device."""
+
+    device: str
+    point: str
+    value: Any
+    ts: float  # unix seconds, UTC, as observed by the device (or on receipt)
+    quality: Quality = Quality.GOOD
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "point": self.point,
+            "value": self.value,
+            "ts": self.ts,
+            "quality": str(self.quality),
+        }
+
+
+class EventType(enum.StrEnum):
+    HEARTBEAT = "heartbeat"  # "I am alive", no data
+    FAULT = "fault"  # the device reports a fault (data: {"message": ...})
+    OK = "ok"  # the device reports its fault is gone
+    EVENT = "event"  # a free device event (data is passed through)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceEvent:
+    device: str
+    type: EventType
+    ts: float
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "type": str(self.type),
+            "ts": self.ts,
+            "data": dict(self.data),
+        }
+
+
+Message = Reading | DeviceEvent
+"""What a binding sends into its device task."""
+
+
+@runtime_checkable
+class Binding(Protocol):
+    """One device's connection to its peer.
+
+    Lifecycle: ``connect()`` once, then ``subscribe(send)`` runs until cancelled (pushing
+    readings and events; it may poll or wait for pushes), while ``write`` / ``send_command``
+    may be called concurrently; ``close()`` always runs last (also after failures).
+
+    Errors are mapped at this boundary to :class:`~twin.errors.BindingError` subclasses; those
+    with ``temporary = True`` are retried by the runtime with backoff.
+    """
+
+    protocol: str
+    device: str
+
+    async def connect(self) -> None: ...
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        """Read the current values of ``points`` (default: all) once."""
+        ...
+
+    async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
+        """Push readings and events into ``send`` until cancelled."""
+        ...
+
+    async def write(self, point: str, value: Any) -> None: ...
+
+    async def send_command(self, name: str, params: Mapping[str, Any]) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class BindingContext:
+    """What the engine hands to a binding factory: services a binding may need."""
+
+    ingest: Any = None  # twin.runtime.ingest.IngestHub for push bindings (http)
+    clock: Callable[[], float] | None = None  # wall clock (unix seconds); tests may fake it
+
+
+BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]
+"""``factory(device_name, options, device_doc, context) -> Binding``"""
+
+BINDINGS: dict[str, BindingFactory] = {}
+
+
+def register_binding(protocol: str, factory: BindingFactory) -> None:
+    BINDINGS[protocol] = factory
+
+
+def binding_protocol(device_doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """``(protocol, options)`` of a Device document's single ``spec.binding`` key."""
+    binding = (device_doc.get("spec") or {}).get("binding") or {}
+    if not isinstance(binding, Mapping) or len(binding) != 1:
+        raise BindingError(
+            f"device {device_doc.get('metadata', {}).get('name')!r}: spec.binding must have "
+            "exactly one protocol key"
+        )
+    ((protocol, options),) = binding.items()
+    return str(protocol), options or {}
+
+
+def create_binding(device_doc: Mapping[str, Any], context: BindingContext | None = None) -> Binding:
+    """Build the binding of a Device document. Raises BindingError for unknown protocols."""
+    _load_builtin()
+    name = str(device_doc["metadata"]["name"])
+    protocol, options = binding_protocol(device_doc)
+    factory = BINDINGS.get(protocol)
+    if factory is None:
+        raise BindingError(
+            f"device {name!r}: no runtime binding for protocol {protocol!r}",
+            hint=f"available: {', '.join(sorted(BINDINGS))}",
+        )
+    return factory(name, options, device_doc, context or BindingContext())
+
+
+_loaded = False
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    # Importing registers them (each module calls register_binding at import).
+    from twin.bindings import http, sim  # noqa: F401

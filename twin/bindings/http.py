@@ -1,0 +1,344 @@
+"""The ``http`` binding: devices that talk HTTP.
+
+Two modes:
+
+* ``push`` (default): the device POSTs readings, heartbeats and events to
+  ``/api/v1/ingest/{device}`` authenticated by its device key (``X-Device-Key`` header or
+  ``Authorization: Bearer dk_...``). Writes and commands for the device are queued and returned
+  in the response of its next ingest call (``{"writes": {...}, "commands": [...]}``).
+* ``poll``: the engine GETs ``url`` every ``interval`` and extracts points by dotted ``path``;
+  writes and commands are POSTed to ``write_url`` / ``command_url`` when given.
+
+```yaml
+binding:
+  http: {mode: push}
+binding:
+  http: {mode: poll, url: "http://10.0.0.9/status", interval: 5s,
+         points: {temperature: {path: sensors.t}}}
+```
+Ingest body (every field optional)::
+
+    {"readings": [{"point": "temperature", "value": 21.5, "ts": 1718000000.0, "quality": "good"}],
+     "values": {"humidity": 40},          # shorthand: point -> value, ts = now
+     "heartbeat": true,
+     "events": [{"type": "fault", "data": {"message": "fan stuck"}}]}
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from twin.bindings.base import (
+    BindingContext,
+    DeviceEvent,
+    EventType,
+    Message,
+    Quality,
+    Reading,
+    register_binding,
+)
+from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
+from twin.spec.units import DURATION_PATTERN, parse_duration
+
+_DURATION = {
+    "oneOf": [{"type": "string", "pattern": DURATION_PATTERN}, {"type": "number", "minimum": 0}]
+}
+
+HTTP_SCHEMA: dict[str, Any] = {
+    "$comment": "spec.binding.http of a Device (twin/bindings/http.py)",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "mode": {"enum": ["push", "poll"]},
+        "url": {"type": "string", "pattern": "^https?://"},
+        "interval": _DURATION,
+        "timeout": _DURATION,
+        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "write_url": {"type": "string", "pattern": "^https?://"},
+        "command_url": {"type": "string", "pattern": "^https?://"},
+        "points": {
+            "type": "object",
+            "additionalProperties": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"path": {"type": "string", "minLength": 1}},
+            },
+        },
+    },
+    "if": {"properties": {"mode": {"const": "poll"}}, "required": ["mode"]},
+    "then": {"required": ["url"]},
+}
+"""JSON Schema of ``spec.binding.http`` (referenced from specs/Device.schema.json)."""
+
+
+class IngestError(ValueError):
+    """An ingest body is malformed (mapped to HTTP 422)."""
+
+
+def _ts(value: Any, now: float) -> float:
+    if value is None:
+        return now
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise IngestError(f"ts must be a number (unix seconds), got {value!r}")
+    return float(value)
+
+
+def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
+    """Turn an ingest body into messages. Raises IngestError (one readable line)."""
+    if not isinstance(body, Mapping):
+        raise IngestError("body must be a JSON object")
+    unknown = set(body) - {"readings", "values", "heartbeat", "events", "ts"}
+    if unknown:
+        raise IngestError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    base_ts = _ts(body.get("ts"), now)
+    out: list[Message] = []
+    readings = body.get("readings") or []
+    if not isinstance(readings, list):
+        raise IngestError("readings must be a list")
+    for i, r in enumerate(readings):
+        if not isinstance(r, Mapping) or not isinstance(r.get("point"), str) or "value" not in r:
+            raise IngestError(f"readings[{i}] needs a string 'point' and a 'value'")
+        try:
+            quality = Quality(r.get("quality", "good"))
+        except ValueError:
+            raise IngestError(f"readings[{i}].quality must be good, uncertain or bad") from None
+        out.append(Reading(device, r["point"], r["value"], _ts(r.get("ts"), base_ts), quality))
+    values = body.get("values") or {}
+    if not isinstance(values, Mapping):
+        raise IngestError("values must be an object")
+    for point, value in values.items():
+        out.append(Reading(device, str(point), value, base_ts, Quality.GOOD))
+    events = body.get("events") or []
+    if not isinstance(events, list):
+        raise IngestError("events must be a list")
+    for i, e in enumerate(events):
+        if not isinstance(e, Mapping):
+            raise IngestError(f"events[{i}] must be an object")
+        try:
+            etype = EventType(e.get("type", "event"))
+        except ValueError:
+            raise IngestError(f"events[{i}].type must be heartbeat, fault, ok or event") from None
+        data = e.get("data") or {}
+        if not isinstance(data, Mapping):
+            raise IngestError(f"events[{i}].data must be an object")
+        out.append(DeviceEvent(device, etype, _ts(e.get("ts"), base_ts), data))
+    if body.get("heartbeat") or not out:
+        out.append(DeviceEvent(device, EventType.HEARTBEAT, base_ts))
+    return out
+
+
+@dataclass
+class _Slot:
+    send: trio.MemorySendChannel[Message]
+    writes: dict[str, Any] = field(default_factory=dict)
+    commands: list[dict[str, Any]] = field(default_factory=list)
+
+
+class DeviceNotRunning(LookupError):
+    pass
+
+
+class IngestBusy(RuntimeError):
+    pass
+
+
+class IngestHub:
+    """Routes ingest POSTs to the running device task of each push-mode http device."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, _Slot] = {}
+        self.accepted = 0
+        self.rejected = 0
+
+    def attach(self, device: str, send: trio.MemorySendChannel[Message]) -> None:
+        self._slots[device] = _Slot(send)
+
+    def detach(self, device: str, send: trio.MemorySendChannel[Message]) -> None:
+        slot = self._slots.get(device)
+        if slot is not None and slot.send is send:
+            del self._slots[device]
+
+    def running(self, device: str) -> bool:
+        return device in self._slots
+
+    def push(self, device: str, messages: list[Message]) -> dict[str, Any]:
+        """Deliver messages without blocking; return pending writes/commands for the device.
+
+        Raises DeviceNotRunning (no such push device running) or IngestBusy (its queue is full;
+        the caller answers 429 and the device retries).
+        """
+        slot = self._slots.get(device)
+        if slot is None:
+            raise DeviceNotRunning(device)
+        sent = 0
+        try:
+            for m in messages:
+                slot.send.send_nowait(m)
+                sent += 1
+        except trio.WouldBlock:
+            self.rejected += len(messages) - sent
+            self.accepted += sent
+            raise IngestBusy(device) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise DeviceNotRunning(device) from None
+        self.accepted += sent
+        reply: dict[str, Any] = {"accepted": sent}
+        if slot.writes:
+            reply["writes"], slot.writes = slot.writes, {}
+        if slot.commands:
+            reply["commands"], slot.commands = slot.commands, []
+        return reply
+
+    def queue_write(self, device: str, point: str, value: Any) -> None:
+        slot = self._slots.get(device)
+        if slot is None:
+            raise BindingError(f"http device {device!r} is not connected")
+        slot.writes[point] = value
+
+    def queue_command(self, device: str, name: str, params: Mapping[str, Any]) -> None:
+        slot = self._slots.get(device)
+        if slot is None:
+            raise BindingError(f"http device {device!r} is not connected")
+        slot.commands.append({"name": name, "params": dict(params)})
+
+
+def _extract(doc: Any, path: str) -> Any:
+    cur = doc
+    for part in path.split("."):
+        if isinstance(cur, Mapping) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            raise KeyError(path)
+    return cur
+
+
+class HttpBinding:
+    protocol = "http"
+
+    def __init__(self, device: str, options: Mapping[str, Any], context: BindingContext) -> None:
+        self.device = device
+        self.mode = str(options.get("mode", "push"))
+        self.url = options.get("url")
+        self.write_url = options.get("write_url")
+        self.command_url = options.get("command_url")
+        self.interval = parse_duration(options.get("interval", "10s")) or 1.0
+        self.timeout = parse_duration(options.get("timeout", "5s")) or 5.0
+        self.headers = dict(options.get("headers") or {})
+        self.points = {
+            k: (v or {}).get("path", k) for k, v in (options.get("points") or {}).items()
+        }
+        self.hub: IngestHub | None = context.ingest
+        self._clock = context.clock or time.time
+        self._client: httpx.AsyncClient | None = None
+        if self.mode == "push" and self.hub is None:
+            raise BindingError(f"http device {device!r}: push mode needs the engine's ingest hub")
+
+    async def connect(self) -> None:
+        if self.mode == "poll":
+            self._client = httpx.AsyncClient(timeout=self.timeout, headers=self.headers)
+        await trio.lowlevel.checkpoint()
+
+    async def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        if self._client is None:
+            raise BindingConnectError(f"http device {self.device!r}: not connected")
+        try:
+            resp = await self._client.request(method, url, **kw)
+            resp.raise_for_status()
+            return resp
+        except httpx.TimeoutException as exc:
+            raise BindingTimeout(f"http device {self.device!r}: {method} {url} timed out") from exc
+        except httpx.HTTPStatusError as exc:
+            raise BindingError(
+                f"http device {self.device!r}: {method} {url} -> {exc.response.status_code}"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise BindingConnectError(
+                f"http device {self.device!r}: {method} {url}: {exc}"
+            ) from exc
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        if self.mode != "poll":
+            await trio.lowlevel.checkpoint()
+            return []
+        assert self.url is not None
+        resp = await self._request("GET", self.url)
+        try:
+            doc = resp.json()
+        except ValueError as exc:
+            raise BindingError(f"http device {self.device!r}: response is not JSON") from exc
+        now = self._clock()
+        out = []
+        wanted = points if points is not None else list(self.points)
+        for p in wanted:
+            try:
+                out.append(Reading(self.device, p, _extract(doc, self.points.get(p, p)), now))
+            except KeyError:
+                out.append(Reading(self.device, p, None, now, Quality.BAD))
+        return out
+
+    async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
+        if self.mode == "push":
+            assert self.hub is not None
+            self.hub.attach(self.device, send)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.hub.detach(self.device, send)
+        while True:
+            readings = await self.read()
+            for r in readings:
+                await send.send(r)
+            if not readings:
+                await send.send(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
+            await trio.sleep(self.interval)
+
+    async def write(self, point: str, value: Any) -> None:
+        if self.mode == "push":
+            assert self.hub is not None
+            self.hub.queue_write(self.device, point, value)
+            await trio.lowlevel.checkpoint()
+            return
+        if not self.write_url:
+            raise BindingError(f"http device {self.device!r}: no write_url configured")
+        await self._request("POST", self.write_url, json={point: value})
+
+    async def send_command(self, name: str, params: Mapping[str, Any]) -> Any:
+        if self.mode == "push":
+            assert self.hub is not None
+            self.hub.queue_command(self.device, name, params)
+            await trio.lowlevel.checkpoint()
+            return {"queued": True}
+        if not self.command_url:
+            raise CommandError(f"http device {self.device!r}: no command_url configured")
+        resp = await self._request(
+            "POST", self.command_url, json={"name": name, "params": dict(params)}
+        )
+        try:
+            return resp.json()
+        except ValueError:
+            return {"status": resp.status_code}
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            with trio.move_on_after(2) as scope:
+                scope.shield = True
+                await client.aclose()
+
+
+def _factory(
+    device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext
+) -> HttpBinding:
+    return HttpBinding(device, options, context)
+
+
+register_binding("http", _factory)

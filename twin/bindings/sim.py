@@ -1,0 +1,213 @@
+"""The ``sim`` binding: a simulated device that drives the demo without hardware.
+
+```yaml
+binding:
+  sim:
+    interval: 2s                 # one reading per point per interval (default 5s)
+    seed: 42                     # optional: reproducible values
+    points:
+      temperature: {wave: sine, min: 18, max: 32, period: 10m, decimals: 1}
+      humidity:    {wave: random_walk, min: 30, max: 70, step: 0.5}
+      running:     {wave: step, values: [true, false], period: 1h}
+    faults:                      # optional
+      offline_every: 10m         # go silent for `offline_for` once per `offline_every`
+      offline_for: 30s
+      fault_every: 1h            # report a fault for `fault_for` once per `fault_every`
+      fault_for: 1m
+      connect_failures: 2        # the first N connects fail (exercises backoff)
+```
+Writes (``desired`` reconciliation and API writes) set a point to a constant value, so
+reported converges to desired like a real device would. Commands are acknowledged with
+``{"ok": true}``; a command named ``fail`` raises :class:`~twin.errors.CommandError`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import trio
+
+from twin.bindings.base import (
+    BindingContext,
+    DeviceEvent,
+    EventType,
+    Message,
+    Quality,
+    Reading,
+    register_binding,
+)
+from twin.errors import BindingConnectError, CommandError
+from twin.sim.generators import WAVES, PointGenerator, make_generator
+from twin.spec.units import DURATION_PATTERN, parse_duration
+
+_DURATION = {
+    "oneOf": [{"type": "string", "pattern": DURATION_PATTERN}, {"type": "number", "minimum": 0}]
+}
+_SCALAR = {"type": ["number", "integer", "boolean", "string"]}
+
+SIM_POINT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "wave": {"enum": list(WAVES)},
+        "type": {"enum": ["number", "integer", "boolean", "string"]},
+        "min": {"type": "number"},
+        "max": {"type": "number"},
+        "period": _DURATION,
+        "value": _SCALAR,
+        "start": {"type": "number"},
+        "values": {"type": "array", "items": _SCALAR, "minItems": 1},
+        "step": {"type": "number"},
+        "noise": {"type": "number", "minimum": 0},
+        "decimals": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+}
+
+SIM_SCHEMA: dict[str, Any] = {
+    "$comment": "spec.binding.sim of a Device (twin/bindings/sim.py)",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "interval": _DURATION,
+        "seed": {"type": "integer"},
+        "points": {
+            "type": "object",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+            "additionalProperties": SIM_POINT_SCHEMA,
+        },
+        "faults": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "offline_every": _DURATION,
+                "offline_for": _DURATION,
+                "fault_every": _DURATION,
+                "fault_for": _DURATION,
+                "connect_failures": {"type": "integer", "minimum": 0},
+            },
+            "dependentRequired": {
+                "offline_every": ["offline_for"],
+                "offline_for": ["offline_every"],
+                "fault_every": ["fault_for"],
+                "fault_for": ["fault_every"],
+            },
+        },
+    },
+}
+"""JSON Schema of ``spec.binding.sim`` (referenced from specs/Device.schema.json)."""
+
+
+def _in_window(t: float, every: float, length: float) -> bool:
+    """True during the last ``length`` seconds of each ``every`` period."""
+    if every <= 0 or length <= 0:
+        return False
+    return (t % every) >= every - length
+
+
+class SimBinding:
+    protocol = "sim"
+
+    def __init__(
+        self, device: str, options: Mapping[str, Any], context: BindingContext | None = None
+    ) -> None:
+        self.device = device
+        self.interval = parse_duration(options.get("interval", "5s")) or 1.0
+        seed = options.get("seed")
+        self._rng = random.Random(seed if seed is not None else zlib.crc32(device.encode()))
+        self.points: dict[str, PointGenerator] = {
+            name: make_generator(opts or {}, self._rng)
+            for name, opts in (options.get("points") or {}).items()
+        }
+        faults = options.get("faults") or {}
+        self.offline_every = parse_duration(faults.get("offline_every", 0))
+        self.offline_for = parse_duration(faults.get("offline_for", 0))
+        self.fault_every = parse_duration(faults.get("fault_every", 0))
+        self.fault_for = parse_duration(faults.get("fault_for", 0))
+        self._connect_failures = int(faults.get("connect_failures", 0))
+        self._clock = (context.clock if context else None) or time.time
+        self._t0: float | None = None
+        self.overrides: dict[str, Any] = {}
+        self.commands: list[tuple[str, dict[str, Any]]] = []
+        self.connected = False
+
+    def _t(self) -> float:
+        assert self._t0 is not None
+        return trio.current_time() - self._t0
+
+    async def connect(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._connect_failures > 0:
+            self._connect_failures -= 1
+            raise BindingConnectError(f"sim device {self.device!r}: simulated connect failure")
+        if self._t0 is None:
+            self._t0 = trio.current_time()
+        self.connected = True
+
+    def _value(self, point: str) -> Any:
+        if point in self.overrides:
+            return self.overrides[point]
+        return self.points[point].value(self._t())
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        await trio.lowlevel.checkpoint()
+        ts = self._clock()
+        names = (
+            points
+            if points is not None
+            else list(self.points) + [p for p in self.overrides if p not in self.points]
+        )
+        return [Reading(self.device, p, self._value(p), ts, Quality.GOOD) for p in names]
+
+    async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
+        faulted = False
+        while True:
+            t = self._t()
+            if not _in_window(t, self.offline_every, self.offline_for):
+                in_fault = _in_window(t, self.fault_every, self.fault_for)
+                if in_fault and not faulted:
+                    await send.send(
+                        DeviceEvent(
+                            self.device,
+                            EventType.FAULT,
+                            self._clock(),
+                            {"message": "simulated fault"},
+                        )
+                    )
+                elif faulted and not in_fault:
+                    await send.send(DeviceEvent(self.device, EventType.OK, self._clock()))
+                faulted = in_fault
+                readings = await self.read()
+                if readings:
+                    for r in readings:
+                        await send.send(r)
+                else:
+                    await send.send(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
+            await trio.sleep(self.interval)
+
+    async def write(self, point: str, value: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        self.overrides[point] = value
+
+    async def send_command(self, name: str, params: Mapping[str, Any]) -> Any:
+        await trio.lowlevel.checkpoint()
+        if name == "fail":
+            raise CommandError(f"sim device {self.device!r}: command {name!r} failed")
+        self.commands.append((name, dict(params)))
+        return {"ok": True}
+
+    async def close(self) -> None:
+        self.connected = False
+        await trio.lowlevel.checkpoint()
+
+
+def _factory(
+    device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext
+) -> SimBinding:
+    return SimBinding(device, options, context)
+
+
+register_binding("sim", _factory)

@@ -1,0 +1,312 @@
+"""One task per device: binding I/O, heartbeat watchdog, desired-state reconciliation.
+
+Each device is handled sequentially by its own task; devices run in parallel. Binding failures
+are retried with exponential backoff and jitter; nothing a device does can take another device
+or the engine down (errors are caught at the supervisor, cancellation is never swallowed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from twin.bindings.base import (
+    Binding,
+    BindingContext,
+    DeviceEvent,
+    EventType,
+    Message,
+    Reading,
+    create_binding,
+)
+from twin.errors import BindingError
+from twin.runtime.bus import Bus
+from twin.runtime.controllers import DeviceConfig, Heartbeat
+from twin.runtime.monitor import Monitor
+from twin.runtime.state import DeviceTwin, ReportedValue, Status, TwinStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Backoff:
+    initial: float = 0.5
+    maximum: float = 30.0
+    factor: float = 2.0
+    reset_after: float = 60.0  # a session that lasted this long resets the attempt count
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.maximum, self.initial * self.factor**attempt)
+        return base * rng.uniform(0.5, 1.0)
+
+
+@dataclass
+class DeviceRuntime:
+    """What every device task shares (handed over by the engine)."""
+
+    twins: TwinStore
+    bus: Bus
+    monitor: Monitor
+    binding_context: BindingContext = field(default_factory=BindingContext)
+    backoff: Backoff = field(default_factory=Backoff)
+    default_heartbeat: Heartbeat | None = None
+    channel_size: int = 256
+    reconcile_interval: float = 10.0
+    clock: Callable[[], float] = time.time
+    prom: Any = None  # twin.runtime.metrics.EngineMetrics or None
+    binding_factory: Callable[[DeviceConfig, BindingContext], Binding] | None = None
+    initial_status: dict[str, Status] = field(default_factory=dict)  # restored after a restart
+
+    def device_removed(self, name: str) -> None:
+        twin = self.twins.get(name)
+        if twin is not None:
+            self.monitor.removed(twin)
+        self.twins.remove(name)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class SubscriptionEnded(BindingError):
+    temporary = True
+
+
+class DeviceTask:
+    def __init__(self, config: DeviceConfig, runtime: DeviceRuntime) -> None:
+        self.config = config
+        self.rt = runtime
+        self.name = config.name
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.deadline = math.inf
+        self._rearm = trio.Event()
+        self._desired_changed = trio.Event()
+        self.binding: Binding | None = None
+        self.connected = False
+        self.attempts = 0
+        self._rng = random.Random(zlib.crc32(config.name.encode()))
+        self._readings_counter: Any = None
+        self.twin = self._init_twin()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _init_twin(self) -> DeviceTwin:
+        fresh = self.name not in self.rt.twins
+        twin = self.rt.twins.ensure(self.name)
+        if fresh and self.name in self.rt.initial_status:
+            twin.status = self.rt.initial_status[self.name]
+            twin.maintenance = twin.status == Status.MAINTENANCE
+        self._apply_config(twin, self.config)
+        twin.binding = self.config.protocol
+        twin.metrics.window_start = trio.current_time()
+        if twin.status == Status.ONLINE and twin.metrics.online_since is None:
+            twin.metrics.online_since = twin.metrics.window_start
+        return twin
+
+    def _apply_config(self, twin: DeviceTwin, cfg: DeviceConfig) -> None:
+        twin.site = cfg.site
+        twin.groups = cfg.groups
+        twin.desired = dict(cfg.desired)
+
+    def update(self, cfg: DeviceConfig) -> None:
+        """Apply a change that needs no restart (desired values, maintenance, metadata)."""
+        self.config = cfg
+        self._apply_config(self.twin, cfg)
+        self.rt.monitor.set_maintenance(self.twin, cfg.maintenance, alive=self.alive)
+        self._desired_changed.set()
+
+    @property
+    def alive(self) -> bool:
+        return trio.current_time() < self.deadline
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.done.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self.scope:
+                self.deadline = trio.current_time() + self.config.heartbeat.timeout
+                if self.config.maintenance:
+                    self.rt.monitor.set_maintenance(self.twin, True, alive=True)
+                if self.rt.prom is not None:
+                    self._readings_counter = self.rt.prom.readings.labels(
+                        self.config.protocol or "none"
+                    )
+                task_status.started()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watchdog)
+                    nursery.start_soon(self._supervise)
+        finally:
+            self.done.set()
+
+    # -- heartbeat ----------------------------------------------------------------------------
+    def _seen(self) -> None:
+        was_dead = math.isinf(self.deadline)
+        self.deadline = trio.current_time() + self.config.heartbeat.timeout
+        if was_dead:
+            self._rearm.set()
+        self.twin.last_seen = self.rt.clock()
+        self.rt.monitor.seen(self.twin)
+
+    async def _watchdog(self) -> None:
+        while True:
+            if math.isinf(self.deadline):
+                self._rearm = trio.Event()
+                await self._rearm.wait()
+                continue
+            await trio.sleep_until(self.deadline)
+            if trio.current_time() >= self.deadline:
+                self.deadline = math.inf
+                self.rt.monitor.timeout(self.twin, self.config.heartbeat.timeout)
+
+    # -- binding supervision -------------------------------------------------------------------
+    def _make_binding(self) -> Binding:
+        if self.rt.binding_factory is not None:
+            return self.rt.binding_factory(self.config, self.rt.binding_context)
+        return create_binding(self.config.doc, self.rt.binding_context)
+
+    async def _supervise(self) -> None:
+        try:
+            self.binding = self._make_binding()
+        except BindingError as exc:
+            log.error("device %s (site %s): %s", self.name, self.config.site, exc)
+            self.twin.metrics.errors += 1
+            self.rt.monitor.fault(self.twin, str(exc), source="config")
+            await trio.sleep_forever()
+        binding = self.binding
+        assert binding is not None
+        while True:
+            started = trio.current_time()
+            try:
+                await self._session(binding)
+            except Exception as group:
+                exc = _unwrap(group)
+                self.twin.metrics.errors += 1
+                if self.rt.prom is not None:
+                    self.rt.prom.binding_errors.labels(self.config.protocol or "none").inc()
+                log.warning(
+                    "device %s (site %s): binding %s failed (attempt %d): %s",
+                    self.name,
+                    self.config.site,
+                    self.config.protocol,
+                    self.attempts + 1,
+                    exc,
+                )
+                if (
+                    isinstance(exc, BindingError)
+                    and not exc.temporary
+                    and not isinstance(exc, SubscriptionEnded)
+                ):
+                    self.rt.monitor.fault(self.twin, str(exc), source="binding")
+            finally:
+                self.connected = False
+                with trio.move_on_after(5) as cleanup:
+                    cleanup.shield = True
+                    try:
+                        await binding.close()
+                    except Exception as exc:
+                        log.warning("device %s: closing binding failed: %s", self.name, exc)
+            if trio.current_time() - started >= self.rt.backoff.reset_after:
+                self.attempts = 0
+            delay = self.rt.backoff.delay(self.attempts, self._rng)
+            self.attempts += 1
+            await trio.sleep(delay)
+
+    async def _session(self, binding: Binding) -> None:
+        await binding.connect()
+        self.connected = True
+        send, receive = trio.open_memory_channel[Message](self.rt.channel_size)
+
+        async def pump() -> None:
+            async with send:
+                await binding.subscribe(send)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            nursery.start_soon(self._reconcile_desired, binding)
+            async with receive:
+                async for message in receive:
+                    self.handle(message)
+            raise SubscriptionEnded(f"device {self.name}: subscription ended")
+
+    # -- the hot path ------------------------------------------------------------------------
+    def handle(self, message: Message, size: int = 0) -> None:
+        twin = self.twin
+        m = twin.metrics
+        m.messages_in += 1
+        m.bytes_in += size
+        now = self.rt.clock()
+        if isinstance(message, Reading):
+            if message.device != self.name:
+                return
+            twin.reported[message.point] = ReportedValue(message.value, message.ts, message.quality)
+            m.last_latency = max(0.0, now - message.ts)
+            if self._readings_counter is not None:
+                self._readings_counter.inc()
+            self._seen()
+            self.rt.bus.publish(
+                {
+                    "kind": "reading",
+                    "device": self.name,
+                    "site": twin.site,
+                    "groups": twin.groups,
+                    "ts": message.ts,
+                    "point": message.point,
+                    "value": message.value,
+                    "quality": str(message.quality),
+                }
+            )
+            return
+        if isinstance(message, DeviceEvent):
+            if message.type is EventType.FAULT:
+                self._seen()
+                self.rt.monitor.fault(twin, str(message.data.get("message", "device fault")))
+            elif message.type is EventType.OK:
+                self._seen()
+                self.rt.monitor.fault_cleared(twin)
+            else:
+                self._seen()
+            if message.type is not EventType.HEARTBEAT:
+                self.rt.bus.publish(
+                    {
+                        "kind": "event",
+                        "device": self.name,
+                        "site": twin.site,
+                        "groups": twin.groups,
+                        "ts": message.ts,
+                        "type": str(message.type),
+                        "data": dict(message.data),
+                    }
+                )
+
+    # -- desired state -----------------------------------------------------------------------
+    def writable_delta(self) -> dict[str, Any]:
+        delta = self.twin.delta()
+        allowed = self.config.writable
+        if allowed is None:
+            return delta
+        return {k: v for k, v in delta.items() if k in allowed}
+
+    async def _reconcile_desired(self, binding: Binding) -> None:
+        while True:
+            for point, value in self.writable_delta().items():
+                try:
+                    await binding.write(point, value)
+                    self.twin.metrics.messages_out += 1
+                except BindingError as exc:
+                    self.twin.metrics.errors += 1
+                    log.warning("device %s: writing %s=%r failed: %s", self.name, point, value, exc)
+            with trio.move_on_after(self.rt.reconcile_interval):
+                await self._desired_changed.wait()
+            self._desired_changed = trio.Event()

@@ -1,0 +1,213 @@
+"""The engine: the composition root of the runtime, one Trio nursery tree.
+
+```
+engine
+├─ registry writer   batched status / alarm / metric / audit writes (worker threads)
+├─ controller        one task per device (binding I/O, heartbeat watchdog, desired writes)
+├─ reload watcher    polls registry.head() and reconciles a new revision within a second
+├─ metrics flusher   per-device metrics to device_metrics every ``metrics_interval``
+└─ services          handed in by the caller (the API server from twin.api), each
+                     ``async def service(engine, *, task_status)``
+```
+Services start with ``nursery.start`` and report readiness; ``Engine.run`` reports the engine
+itself once everything is up. Cancel the surrounding scope to stop; cleanup is shielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from twin.bindings.base import BindingContext
+from twin.bindings.http import IngestHub
+from twin.registry.base import Key, Registry, Revision
+from twin.runtime.bus import Bus
+from twin.runtime.controllers import Changes, DeviceController, Heartbeat
+from twin.runtime.device import Backoff, DeviceRuntime
+from twin.runtime.metrics import EngineMetrics
+from twin.runtime.monitor import Monitor
+from twin.runtime.regio import RegistryIO, RegistryWriter
+from twin.runtime.state import DeviceTwin, Status, TwinStore
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    def __call__(
+        self, engine: Engine, *, task_status: trio.TaskStatus[Any] = ...
+    ) -> Awaitable[None]: ...
+
+
+@dataclass
+class EngineConfig:
+    state_dir: Path = Path(".twin")
+    reload_interval: float = 0.25
+    metrics_interval: float = 60.0
+    reconcile_interval: float = 10.0
+    channel_size: int = 256
+    backoff: Backoff = field(default_factory=Backoff)
+    default_heartbeat: Heartbeat | None = None
+    clock: Callable[[], float] = time.time
+
+
+class Engine:
+    def __init__(
+        self,
+        registry: Registry,
+        config: EngineConfig | None = None,
+        services: Sequence[Service] = (),
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.registry = registry
+        self.rio = RegistryIO(registry)
+        self.writer = RegistryWriter(self.rio)
+        self.twins = TwinStore()
+        self.bus = Bus()
+        self.hub = IngestHub()
+        self.prom = EngineMetrics(self.twins)
+        self.monitor = Monitor(
+            self.twins,
+            self.bus,
+            self.writer,
+            clock=self.config.clock,
+            on_transition=self._on_transition,
+        )
+        self.runtime = DeviceRuntime(
+            twins=self.twins,
+            bus=self.bus,
+            monitor=self.monitor,
+            binding_context=BindingContext(ingest=self.hub, clock=self.config.clock),
+            backoff=self.config.backoff,
+            default_heartbeat=self.config.default_heartbeat,
+            channel_size=self.config.channel_size,
+            reconcile_interval=self.config.reconcile_interval,
+            clock=self.config.clock,
+            prom=self.prom,
+        )
+        self.controller = DeviceController(self.runtime)
+        self.services = list(services)
+        self.service_info: dict[str, Any] = {}
+        self.revision: Revision | None = None
+        self.specs: dict[Key, dict[str, Any]] = {}
+        self.last_changes = Changes()
+        self.started_at: float | None = None
+        self._poke = trio.Event()
+        self._revision_changed = trio.Event()
+        self._lock = trio.Lock()
+
+    # -- accessors used by services ------------------------------------------------------------
+    @property
+    def revision_number(self) -> int:
+        return self.revision.number if self.revision else 0
+
+    def device_doc(self, name: str) -> dict[str, Any] | None:
+        return self.specs.get(("Device", name))
+
+    def twin(self, name: str) -> DeviceTwin | None:
+        return self.twins.get(name)
+
+    def poke(self) -> None:
+        """Reload now (after an apply through the API)."""
+        self._poke.set()
+
+    async def wait_revision(self, number: int) -> None:
+        """Wait until the engine runs revision ``number`` or newer."""
+        while self.revision_number < number:
+            await self._revision_changed.wait()
+
+    def _on_transition(self, twin: DeviceTwin, old: Status, new: Status) -> None:
+        self.prom.status_transitions.labels(str(new)).inc()
+
+    # -- reload -------------------------------------------------------------------------------
+    async def reload(self) -> Changes | None:
+        """Reconcile the registry's head if it moved. Returns what changed (None: nothing new)."""
+        async with self._lock:
+            head = await self.rio.call(self.registry.head)
+            if head is None or (self.revision is not None and head.number == self.revision.number):
+                return None
+            specs = await self.rio.call(self.registry.specs, head.number)
+            changes = await self.controller.reconcile(specs)
+            self.specs, self.revision, self.last_changes = specs, head, changes
+            self.prom.revision.set(head.number)
+            self.prom.device_tasks.set(len(self.controller.tasks))
+            self.prom.reloads.inc()
+            log.info("engine: running revision %d (%s)", head.number, changes.summary())
+            self._revision_changed.set()
+            self._revision_changed = trio.Event()
+            return changes
+
+    async def _watch(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.reload_interval):
+                await self._poke.wait()
+            self._poke = trio.Event()
+            try:
+                await self.reload()
+            except Exception:
+                log.exception("engine: reload failed; the running devices are unchanged")
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await trio.sleep(self.config.metrics_interval)
+            self.flush_metrics()
+
+    def flush_metrics(self) -> None:
+        samples = self.monitor.metric_samples(self.twins.all())
+        if samples:
+            self.writer.put(lambda r: r.record_metrics(samples))
+        self.prom.alarms_active.set(len(self.monitor.active))
+        self.prom.registry_writes.set(len(self.writer))
+
+    # -- run ----------------------------------------------------------------------------------
+    def _restore_sync(self) -> tuple[dict[str, Status], list[Any]]:
+        """Statuses and uncleared alarms to resume from (runs in a worker thread).
+
+        A device the engine never reported on still carries the registry's initial
+        ``offline``: it has no status history, and is treated as unknown.
+        """
+        reg = self.registry
+        statuses: dict[str, Status] = {}
+        valid = {str(v) for v in Status}
+        for row in reg.device_rows():
+            name, status = str(row["name"]), str(row.get("status") or "")
+            if status not in valid:
+                continue
+            if status == Status.OFFLINE and not reg.status_history(name, limit=1):
+                continue
+            statuses[name] = Status(status)
+        alarms = reg.alarms(states=["active", "acknowledged"], limit=1_000_000)
+        return statuses, alarms
+
+    async def _restore(self) -> None:
+        statuses, alarms = await self.rio.call(self._restore_sync)
+        self.runtime.initial_status = statuses
+        self.monitor.restore([], alarms)
+
+    async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
+        self.started_at = self.config.clock()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.writer.run)
+                await nursery.start(self.controller.run)
+                await self._restore()
+                await self.reload()
+                nursery.start_soon(self._watch)
+                nursery.start_soon(self._flush_metrics)
+                for service in self.services:
+                    name = getattr(service, "__name__", type(service).__name__)
+                    self.service_info[name] = await nursery.start(service, self)
+                log.info(
+                    "engine: up (revision %d, %d devices)", self.revision_number, len(self.twins)
+                )
+                task_status.started(self)
+        finally:
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                self.flush_metrics()
+                await self.writer.flushed()

@@ -1,0 +1,70 @@
+"""Prometheus metrics of one engine (its own CollectorRegistry, so tests can run many)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from twin.runtime.state import Status, TwinStore
+
+
+class _TwinCollector(Collector):
+    def __init__(self, twins: TwinStore) -> None:
+        self.twins = twins
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        counts = {str(s): 0 for s in Status}
+        for twin in self.twins.all():
+            counts[str(twin.status)] += 1
+        g = GaugeMetricFamily("twin_devices", "Devices by status", labels=["status"])
+        for status, n in counts.items():
+            g.add_metric([status], n)
+        yield g
+
+
+class EngineMetrics:
+    def __init__(self, twins: TwinStore) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.readings = Counter("twin_readings", "Readings received", ["binding"], registry=r)
+        self.binding_errors = Counter(
+            "twin_binding_errors",
+            "Binding failures (each retried with backoff)",
+            ["binding"],
+            registry=r,
+        )
+        self.status_transitions = Counter(
+            "twin_status_transitions", "Device status transitions", ["status"], registry=r
+        )
+        self.reloads = Counter("twin_reloads", "Hot reloads of a new revision", registry=r)
+        self.revision = Gauge("twin_revision", "Revision the engine runs", registry=r)
+        self.device_tasks = Gauge("twin_device_tasks", "Running device tasks", registry=r)
+        self.alarms_active = Gauge(
+            "twin_alarms_active", "Uncleared alarms known to the engine", registry=r
+        )
+        self.ingest = Counter(
+            "twin_ingest_requests", "HTTP ingest requests", ["result"], registry=r
+        )
+        self.ws_clients = Gauge("twin_ws_clients", "Connected WebSocket clients", registry=r)
+        self.ws_dropped = Counter(
+            "twin_ws_dropped", "WebSocket clients dropped for being slow", registry=r
+        )
+        self.api_requests = Counter(
+            "twin_api_requests", "API requests", ["method", "route", "status"], registry=r
+        )
+        self.api_latency = Histogram(
+            "twin_api_request_seconds",
+            "API request latency",
+            ["method", "route"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.rate_limited = Counter("twin_api_rate_limited", "Requests answered 429", registry=r)
+        self.registry_writes = Gauge(
+            "twin_registry_pending_writes", "Queued registry writes", registry=r
+        )
+        r.register(_TwinCollector(twins))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
