@@ -91,9 +91,8 @@ def test_postgres_scheme_alias_and_schema(pg_registry_url: str) -> None:
         assert reg.head() is None
         schema = pg_registry_url.rsplit("schema=", 1)[1]
         assert reg.schema == schema
-        conn = reg._conn()
-        (where,) = conn.execute("SELECT current_schema()").fetchone()
-        conn.rollback()
+        with reg._tx(write=False) as conn:
+            (where,) = conn.execute("SELECT current_schema()").fetchone()
         assert where == schema
     finally:
         reg.close()
@@ -138,5 +137,25 @@ def test_concurrent_applies_processes(registry_url: str) -> None:
         specs = reg.specs()
         assert spec_hash(specs) == head.hash
         assert len(reg.device_rows()) == sum(1 for k in specs if k[0] == "Device")
+    finally:
+        reg.close()
+
+
+@pytest.mark.postgres
+def test_postgres_broken_connection_is_replaced(pg_registry_url: str) -> None:
+    reg = open_registry(pg_registry_url)
+    try:
+        assert isinstance(reg, PostgresRegistry)
+        with reg._tx(write=False) as conn:
+            pid = conn.info.backend_pid
+        import psycopg
+
+        from .conftest import PG_URL
+
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(RegistryError):
+            reg.head()  # the dead connection fails once, and is dropped from the pool
+        assert reg.head() is None
     finally:
         reg.close()

@@ -145,11 +145,10 @@ def test_materialised_devices_and_groups(registry: SQLRegistry) -> None:
     assert (c["group_id"], c["protocol"], c["device_type"]) == (None, "none", "camera")
     assert registry.device_rows(["cam_01", "missing"]) == [c]
     assert registry.device_rows([]) == []
-    conn = registry._conn()
-    groups = registry._all(
-        conn, "SELECT id, name, description, parent_id, site FROM device_groups ORDER BY id"
-    )
-    conn.rollback()
+    with registry._tx(write=False) as conn:
+        groups = registry._all(
+            conn, "SELECT id, name, description, parent_id, site FROM device_groups ORDER BY id"
+        )
     assert [tuple(g) for g in groups] == [
         ("line-1", "line-1", "group line-1", "plant", "plant-a"),
         ("plant", "plant", "the plant", None, "plant-a"),
@@ -285,9 +284,8 @@ def test_concurrent_applies_many_threads_one_registry(registry: SQLRegistry) -> 
 def test_revision_blob_roundtrip(registry: SQLRegistry) -> None:
     specs = demo_specs(3)
     registry.apply(specs, base=0, author="a")
-    conn = registry._conn()
-    (blob,) = registry._one(conn, "SELECT specs FROM revisions WHERE number = 1")
-    conn.rollback()
+    with registry._tx(write=False) as conn:
+        (blob,) = registry._one(conn, "SELECT specs FROM revisions WHERE number = 1")
     assert unpack_specs(blob) == specs
 
 
@@ -314,9 +312,8 @@ def test_migrations_idempotent_on_reopen(open_reg: Opener) -> None:
     a = open_reg()
     b = open_reg()  # re-open: nothing to do
     assert a.schema_version() == b.schema_version() == migrations.SCHEMA_VERSION  # type: ignore[attr-defined]
-    conn = b._conn()
-    (n,) = b._one(conn, "SELECT COUNT(*) FROM schema_version")
-    conn.rollback()
+    with b._tx(write=False) as conn:
+        (n,) = b._one(conn, "SELECT COUNT(*) FROM schema_version")
     assert n == migrations.SCHEMA_VERSION
 
 
@@ -535,3 +532,44 @@ def test_hash_specs_matches_base() -> None:
     assert total == spec_hash(specs)
     assert hashes == {k: doc_hash(d) for k, d in specs.items()}
     assert unpack_specs(pack_specs(specs)) == specs
+
+
+# -- connection pool -------------------------------------------------------------------------
+
+
+def test_threads_that_come_and_go_do_not_leak_connections(registry: SQLRegistry) -> None:
+    registry.apply(demo_specs(1), base=0, author="a")
+    barrier = threading.Barrier(8)
+
+    def worker() -> None:
+        barrier.wait()
+        for _ in range(5):
+            assert registry.head() is not None
+
+    for _ in range(3):
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert 1 <= len(registry._idle) <= registry.max_idle
+
+
+async def test_from_trio_worker_threads(registry: SQLRegistry) -> None:
+    import trio
+
+    registry.apply(demo_specs(3), base=0, author="a")
+    seen: list[int] = []
+
+    async def one(i: int) -> None:
+        await trio.to_thread.run_sync(
+            registry.set_device_status, "temp_sensor_01", f"s{i}", float(i)
+        )
+        rows = await trio.to_thread.run_sync(registry.device_rows)
+        seen.append(len(rows))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(20):
+            nursery.start_soon(one, i)
+    assert seen == [3] * 20
+    assert len(registry.status_history("temp_sensor_01", limit=100)) == 20

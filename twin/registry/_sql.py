@@ -162,15 +162,15 @@ class SQLRegistry:
 
     url: str
     dialect: str = ""
+    max_idle: int = 4  # connections kept open between calls
     # DB-API exception base of the driver, mapped to RegistryError
     _db_error: type[Exception] = Exception
     _integrity_error: type[Exception] = Exception
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._local = threading.local()
-        self._conns: list[Any] = []
-        self._conns_lock = threading.Lock()
+        self._idle: list[Any] = []
+        self._pool_lock = threading.Lock()
         self._closed = False
         self._sql_cache: dict[str, str] = {}
 
@@ -214,26 +214,40 @@ class SQLRegistry:
         self._many(conn, sql, rows)
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _conn(self) -> Any:
-        if self._closed:
-            raise RegistryError(f"registry {self.url} is closed")
-        conn = getattr(self._local, "conn", None)
+    def _usable(self, conn: Any) -> bool:
+        """False if ``conn`` should not go back to the pool (closed or broken)."""
+        return True
+
+    @contextmanager
+    def _borrow(self) -> Iterator[Any]:
+        """A connection for this thread's exclusive use, returned to the pool afterwards.
+
+        A small pool rather than a connection per thread: Trio's worker threads come and go,
+        and thread-local connections would leak with them.
+        """
+        with self._pool_lock:
+            if self._closed:
+                raise RegistryError(f"registry {self.url} is closed")
+            conn = self._idle.pop() if self._idle else None
         if conn is None:
             conn = self._connect()
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+        try:
+            yield conn
+        finally:
+            with self._pool_lock:
+                keep = not self._closed and len(self._idle) < self.max_idle and self._usable(conn)
+                if keep:
+                    self._idle.append(conn)
+            if not keep:
+                _close_quietly(conn)
 
     def close(self) -> None:
-        self._closed = True
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.close()
-            except Exception:  # closing from another thread may complain; nothing to do
-                log.debug("registry: error closing a connection", exc_info=True)
+        """Close the idle connections; borrowed ones close when they come back."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
 
     def __enter__(self) -> SQLRegistry:
         return self
@@ -265,20 +279,20 @@ class SQLRegistry:
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Any]:
-        """One transaction on this thread's connection; driver errors become RegistryError."""
-        conn = self._conn()
+        """One transaction on a pooled connection; driver errors become RegistryError."""
         try:
-            if write:
-                self._begin_write(conn)
-            else:
-                self._begin_read(conn)
-            try:
-                yield conn
-                conn.commit()
-            except BaseException:
-                # also when COMMIT itself fails (a deferred FK): SQLite keeps the tx open then
-                _rollback_quietly(conn)
-                raise
+            with self._borrow() as conn:
+                if write:
+                    self._begin_write(conn)
+                else:
+                    self._begin_read(conn)
+                try:
+                    yield conn
+                    conn.commit()
+                except BaseException:
+                    # also when COMMIT itself fails (a deferred FK): SQLite keeps the tx open
+                    _rollback_quietly(conn)
+                    raise
         except self._integrity_error as exc:
             raise RegistryError(
                 f"registry {self.url}: integrity error: {_first_line(exc)}",
@@ -809,6 +823,13 @@ class SQLRegistry:
             AuditEntry(int(i), float(t), a, ac, tg, r, self._json_out(d) or {})
             for i, t, a, ac, tg, r, d in rows
         ]
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # nothing useful to do about it
+        log.debug("registry: error closing a connection", exc_info=True)
 
 
 def _rollback_quietly(conn: Any) -> None:

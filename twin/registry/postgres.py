@@ -89,6 +89,9 @@ class PostgresRegistry(SQLRegistry):
             raise RegistryError(f"registry {self.url}: {_first_line(exc)}") from exc
         return conn
 
+    def _usable(self, conn: Any) -> bool:
+        return not (conn.closed or conn.broken)
+
     def _begin_write(self, conn: Any) -> None:
         pass  # psycopg opens a transaction on the first statement (autocommit off)
 
@@ -140,14 +143,13 @@ class PostgresRegistry(SQLRegistry):
 
     # -- schema -----------------------------------------------------------------------------
     def _migrate(self) -> None:
-        conn = self._conn()
         lock_key = int.from_bytes(
             hashlib.sha256(f"flux-iot-registry:{self.schema or ''}".encode()).digest()[:8],
             "big",
             signed=True,
         )
         try:
-            with conn.transaction():
+            with self._borrow() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key,))
                 if self.schema:
                     conn.execute(
