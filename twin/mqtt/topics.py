@@ -1,6 +1,6 @@
 """Topic names, topic filters and the subscription tree.
 
-Rules (MQTT 3.1.1 §4.7, 5.0 §4.7–4.8):
+Rules (MQTT 3.1.1 §4.7, 5.0 §4.7-4.8):
 
 * a topic name is non-empty, at most 65535 bytes and has no ``+`` or ``#``;
 * in a filter, ``#`` is only allowed as the whole last level, ``+`` only as a whole level;
