@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import time
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from twin.timeseries.base import (
     TS_TYPE,
     Agg,
     Fill,
+    Selector,
     TimeSeriesQuery,
     tag_value,
     tier_name,
@@ -48,33 +48,49 @@ def tier_catalog(store: TimeSeriesStore) -> dict[str, dict[str, Any]]:
     return json.loads(raw) if raw else {}
 
 
-def choose_tier(
-    store: TimeSeriesStore, start: float, bucket: float, now: float | None = None
-) -> tuple[str, float | None]:
-    """The coarsest tier whose resolution divides ``bucket`` and still holds ``start``.
+def covers(policy: Selector, query: Selector) -> bool:
+    """True when every series the query can select is also selected by the policy."""
+    for p, q in (
+        (policy.devices, query.devices),
+        (policy.sites, query.sites),
+        (policy.groups, query.groups),
+        (policy.metrics, query.metrics),
+    ):
+        if p and (not q or not set(q) <= set(p)):
+            return False
+    return set(policy.tags) <= set(query.tags)
 
-    Returns ``(tier, watermark)``: data after the watermark is not rolled up yet and is
-    read from raw. ``("raw", None)`` when no tier fits.
+
+def choose_tier(
+    store: TimeSeriesStore, selector: Selector, start: float, bucket: float
+) -> tuple[str, float | None]:
+    """The coarsest tier whose resolution divides ``bucket``, whose policies cover the
+    selector and that has rolled up anything.
+
+    Returns ``(tier, watermark)``: the tier is complete before the watermark; after it the
+    query reads raw data. ``("raw", None)`` when no tier fits.
     """
-    now = time.time() if now is None else now
-    best: tuple[float, str] | None = None
+    best: tuple[float, str, float] | None = None
     for name, info in tier_catalog(store).items():
         res = float(info["resolution"])
         if res > bucket or abs(bucket / res - round(bucket / res)) > 1e-9:
             continue
-        keep = info.get("keep")
-        if keep is not None and start < now - float(keep):
-            # the tier no longer holds the start; still better than raw if raw is gone too
-            pass
-        wm_raw = store.get_meta(watermark_key(name))
-        if wm_raw is None:
+        wms = [
+            p["wm"]
+            for p in info.get("policies", [])
+            if p.get("wm") is not None
+            and covers(Selector(**{k: tuple(v) for k, v in p["selector"].items()}), selector)
+        ]
+        if not wms:
             continue
+        wm = min(wms)
+        if wm <= start:
+            continue  # nothing of the range is rolled up yet
         if best is None or res > best[0]:
-            best = (res, name)
+            best = (res, name, wm)
     if best is None:
         return RAW, None
-    wm = store.get_meta(watermark_key(best[1]))
-    return best[1], float(wm) if wm is not None else None
+    return best[1], best[2]
 
 
 def run_query(store: TimeSeriesStore, q: TimeSeriesQuery) -> pa.Table:
@@ -87,7 +103,7 @@ def run_query(store: TimeSeriesStore, q: TimeSeriesQuery) -> pa.Table:
         tier = q.tier if q.tier == RAW or q.tier.startswith("agg_") else _tier_of(q.tier)
         parts = [store.aggregate(tier, q.selector, start, end, bucket)]
     else:
-        tier, wm = choose_tier(store, start, bucket)
+        tier, wm = choose_tier(store, q.selector, start, bucket)
         if tier == RAW or wm is None:
             parts = [store.aggregate(RAW, q.selector, start, end, bucket)]
         else:
