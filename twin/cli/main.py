@@ -484,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _register_extensions()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:  # click returns typer.Exit's code in this mode
+            sys.exit(rc)
     except SpecError as exc:
         if debug:
             traceback.print_exc()

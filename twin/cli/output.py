@@ -86,10 +86,8 @@ def plan_summary(plan: Plan) -> Text:
 def print_plan(plan: Plan, con: Console = console) -> None:
     if plan.empty:
         con.print(Text("No changes: the registry already matches the files.", style="green"))
-        kept = plan.of(Action.KEEP)
-        if kept:
-            con.print(Text(f"({len(kept)} objects in the registry are not in the files; "
-                           "--prune would delete them)", style="dim"))
+        for line in plan_lines(plan):  # only kept objects remain: name them
+            con.print(line)
         return
     for line in plan_lines(plan):
         con.print(line)

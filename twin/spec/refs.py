@@ -37,6 +37,10 @@ def _ref(doc: Document, path: tuple[str | int, ...], target_kind: str, name: Any
     return target
 
 
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def value_problem(value: Any, decl: dict[str, Any]) -> str | None:
     """Why ``value`` does not fit a property declaration (type, enum, range), or None."""
     t = decl.get("type")
@@ -70,7 +74,7 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     invalid = loaded.invalid
 
     for doc in loaded.documents.values():
-        site = doc.body.get("metadata", {}).get("site")
+        site = _mapping(doc.body.get("metadata")).get("site")
         if site is not None and doc.kind != "Site":
             _ref(doc, ("metadata", "site"), "Site", site, sites, problems)
 
@@ -85,14 +89,14 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
                 problems.append(doc.problem(("spec", "timezone"), f"unknown time zone {tz!r}",
                                             "use an IANA name such as Europe/Berlin or UTC"))
 
+    # Documents that failed their schema are still checked here (every problem in one run);
+    # each check looks at the types it needs and skips what the schema already reported.
     for name, doc in groups.items():
-        if doc.key in invalid:
-            continue
-        spec = doc.body.get("spec") or {}
+        spec = _mapping(doc.body.get("spec"))
         parent = _ref(doc, ("spec", "parent"), "DeviceGroup", spec.get("parent"), groups, problems)
         if parent is not None:
-            s1 = doc.body["metadata"].get("site")
-            s2 = parent.body["metadata"].get("site")
+            s1 = _mapping(doc.body.get("metadata")).get("site")
+            s2 = _mapping(parent.body.get("metadata")).get("site")
             if s1 and s2 and s1 != s2:
                 problems.append(doc.problem(("spec", "parent"),
                                             f"parent group {parent.name!r} belongs to site {s2!r}, not {s1!r}"))
@@ -100,30 +104,28 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     problems.extend(_group_cycles(groups))
 
     for name, doc in models.items():
-        if doc.key not in invalid:
+        if doc.key not in invalid:  # a model's own checks need its schema to hold
             _check_model(doc, problems)
 
     for name, doc in devices.items():
-        if doc.key in invalid:
-            continue
-        meta = doc.body["metadata"]
-        spec = doc.body.get("spec") or {}
+        meta = _mapping(doc.body.get("metadata"))
+        spec = _mapping(doc.body.get("spec"))
         group = _ref(doc, ("metadata", "group"), "DeviceGroup", meta.get("group"), groups, problems)
         if group is not None:
-            gs = group.body["metadata"].get("site")
+            gs = _mapping(group.body.get("metadata")).get("site")
             if gs and meta.get("site") and gs != meta["site"]:
                 problems.append(doc.problem(("metadata", "group"),
                                             f"group {group.name!r} belongs to site {gs!r}, not {meta['site']!r}"))
         model = _ref(doc, ("spec", "model"), "DeviceModel", spec.get("model"), models, problems)
         _heartbeat(doc, spec.get("heartbeat"), ("spec", "heartbeat"), problems)
         model_ok = model is not None and model.key not in invalid
-        desired = spec.get("desired") or {}
+        desired = _mapping(spec.get("desired"))
         if desired and spec.get("model") is None:
             problems.append(doc.problem(("spec", "desired"), "desired properties need a model",
                                         "add spec.model naming a DeviceModel that declares them"))
         if model_ok and model is not None:
             _check_desired(doc, model, desired, problems)
-            _check_points(doc, model, spec.get("binding") or {}, problems)
+            _check_points(doc, model, _mapping(spec.get("binding")), problems)
     return problems
 
 
@@ -147,9 +149,9 @@ def _group_cycles(groups: dict[str, Document]) -> list[Problem]:
     for start in sorted(groups):
         seen: list[str] = []
         cur: str | None = start
-        while cur is not None and cur in groups and cur not in seen:
+        while isinstance(cur, str) and cur in groups and cur not in seen:
             seen.append(cur)
-            cur = (groups[cur].body.get("spec") or {}).get("parent")
+            cur = _mapping(groups[cur].body.get("spec")).get("parent")
         if cur is not None and cur in seen:
             cycle = seen[seen.index(cur):]
             if not reported.intersection(cycle):
@@ -200,7 +202,7 @@ def _check_desired(doc: Document, model: Document, desired: dict[str, Any],
     props = mspec.get("properties") or {}
     tele = mspec.get("telemetry") or {}
     for pname, value in desired.items():
-        path = ("spec", "desired", pname)
+        path: tuple[str | int, ...] = ("spec", "desired", pname)
         decl = props.get(pname)
         if decl is None:
             if pname in tele:
@@ -226,7 +228,7 @@ def _check_points(doc: Document, model: Document, binding: dict[str, Any],
         if not isinstance(opts, dict):
             continue
         for section in ("points", "fields"):
-            for point in opts.get(section) or {}:
+            for point in _mapping(opts.get(section)):
                 if point not in known:
                     problems.append(doc.problem(
                         ("spec", "binding", proto, section, point),
