@@ -112,7 +112,10 @@ def validate(
     paths: Paths,
     output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
 ) -> None:
-    """Validate specs: schema, references, values. Exit 2 when invalid."""
+    """Validate specs: schema, references, values. Exit 2 when invalid.
+
+    Kinds: Site, DeviceGroup, DeviceModel, Device, and those whose schemas ship in specs/.
+    """
     from twin.spec import load_site
 
     try:

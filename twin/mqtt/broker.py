@@ -142,17 +142,20 @@ class Broker:
         """Serve until cancelled. ``task_status.started`` gets the bound (host, port)s."""
         if self.store is not None:
             self._load_state()
+        # bind before the nursery so a PortInUseError reaches the caller unwrapped
+        plain = await self._open(self.config.listen, "mqtt")
+        self.addresses = [_addr(ln) for ln in plain]
+        tls: list[trio.SocketListener] = []
+        if self.config.tls_listen:
+            if self.config.ssl_context is None:
+                raise ValueError("tls_listen needs ssl_context")
+            tls = await self._open(self.config.tls_listen, "mqtt+tls")
+            self.tls_addresses = [_addr(ln) for ln in tls]
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                plain = await self._open(self.config.listen, "mqtt")
-                self.addresses = [_addr(ln) for ln in plain]
                 nursery.start_soon(trio.serve_listeners, self._serve, plain)
-                if self.config.tls_listen:
-                    if self.config.ssl_context is None:
-                        raise ValueError("tls_listen needs ssl_context")
-                    tls = await self._open(self.config.tls_listen, "mqtt+tls")
-                    self.tls_addresses = [_addr(ln) for ln in tls]
+                if tls:
                     wrapped = [
                         trio.SSLListener(ln, self.config.ssl_context, https_compatible=False)
                         for ln in tls
@@ -202,6 +205,8 @@ class Broker:
         conn = Connection(self, stream, peer)
         try:
             await conn.run()
+        except Exception:  # one connection's bug must not take the broker down
+            log.exception("mqtt connection from %s failed", peer)
         finally:
             st.connections -= 1
             n = self._per_address[peer] - 1
@@ -376,7 +381,8 @@ class Broker:
                     s.will_scope = None
                     if pending_will is not None:
                         pending_will.cancel()
-                        will = getattr(pending_will, "will", None)
+                        will = s.pending_will
+                        s.pending_will = None
                         if will is not None:
                             self.publish(will)
                     self.end_session(s)
@@ -386,14 +392,15 @@ class Broker:
     def _schedule_will(self, s: Session, will: Message, delay: int) -> None:
         assert self._nursery is not None
         scope = trio.CancelScope()
-        scope.will = will  # type: ignore[attr-defined]
         s.will_scope = scope
+        s.pending_will = will
 
         async def later() -> None:
             with scope:
                 await trio.sleep(delay)
                 if s.will_scope is scope:
                     s.will_scope = None
+                    s.pending_will = None
                     self.publish(will)
 
         self._nursery.start_soon(later)
@@ -630,7 +637,8 @@ class Connection:
             old.will_scope = None
             scope.cancel()
             if p.clean_start:  # the old session ends now: its delayed will goes out
-                will = getattr(scope, "will", None)
+                will = old.pending_will
+                old.pending_will = None
                 if will is not None:
                     b.publish(will)
         if old is not None and old.expiry_scope is not None:

@@ -81,6 +81,7 @@ class Session:
     conn: Any = None  # the live Connection, if any
     expiry_scope: trio.CancelScope | None = None
     will_scope: trio.CancelScope | None = None
+    pending_will: Message | None = None  # delayed will (5.0 will delay interval)
     dropped: int = 0
 
     @property

@@ -157,7 +157,9 @@ def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: li
     name = name if isinstance(name, str) else None
     if not isinstance(kind, str):
         problems.append(Problem(doc.where(("kind",)) if "kind" in data else doc.where(()),
-                                "missing or invalid 'kind'", hint=f"one of: {', '.join(kinds)}"))
+                                "missing or invalid 'kind'",
+                                hint="every document names its kind, e.g. kind: Device "
+                                "(`twin validate --help` lists the kinds)"))
         return
     if kind not in kinds:
         close = difflib.get_close_matches(kind, kinds, n=1)
