@@ -140,8 +140,6 @@ class Broker:
         self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Serve until cancelled. ``task_status.started`` gets the bound (host, port)s."""
-        if self.store is not None:
-            self._load_state()
         # bind before the nursery so a PortInUseError reaches the caller unwrapped
         plain = await self._open(self.config.listen, "mqtt")
         self.addresses = [_addr(ln) for ln in plain]
@@ -151,6 +149,8 @@ class Broker:
                 raise ValueError("tls_listen needs ssl_context")
             tls = await self._open(self.config.tls_listen, "mqtt+tls")
             self.tls_addresses = [_addr(ln) for ln in tls]
+        if self.store is not None:
+            self._load_state()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
