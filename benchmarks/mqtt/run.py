@@ -1,0 +1,470 @@
+"""MQTT broker benchmark: our broker vs a private Mosquitto, same load generator, one run.
+
+    .venv/bin/python benchmarks/mqtt/run.py [--seconds 3] [--idle 10000]
+
+The load generator is deliberately cheap: raw sockets, packets pre-encoded once, fixed-size
+messages so receivers count bytes instead of parsing, one process per publisher.
+Scenarios (MQTT 3.1.1, 127.0.0.1 only):
+
+* qos0 fan-in   10 publishers -> 1 subscriber on ``bench/#``, delivered messages/s
+* qos1 fan-in   same with QoS 1 both ways (publishers pipeline 200 un-acked, subscriber acks)
+* fan-out       1 publisher -> 100 subscribers, delivered messages/s (sum over subscribers)
+* latency       publish -> receive p50/p99 at a fixed 5,000 msg/s
+* idle          broker RSS growth with N idle connections
+
+The broker's CPU (user+sys seconds per wall second, from /proc) is reported for each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import selectors
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from twin.mqtt import codec as c  # noqa: E402
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def connect(port: int, cid: str) -> socket.socket:
+    s = socket.create_connection((HOST, port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.sendall(c.encode(c.Connect(cid, keep_alive=0), 4))
+    _read_exact(s, 4)  # CONNACK
+    return s
+
+
+def _read_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        d = s.recv(n - len(buf))
+        if not d:
+            raise ConnectionError("closed")
+        buf += d
+    return buf
+
+
+def subscribe(s: socket.socket, flt: str, qos: int) -> None:
+    s.sendall(c.encode(c.Subscribe(1, (c.Subscription(flt, qos),)), 4))
+    _read_exact(s, 5)  # SUBACK with one code
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# ---------------------------------------------------------------------------- brokers
+
+
+class BrokerProc:
+    def __init__(self, name: str, argv: list[str], port: int) -> None:
+        self.name = name
+        self.port = port
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        for _ in range(200):  # bounded wait for the port to accept
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError(f"{name} did not start")
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_ours() -> BrokerProc:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "twin.mqtt",
+        "--listen",
+        f"{HOST}:{port}",
+        "--sys-interval",
+        "0",
+        "--max-queued",
+        "10000",
+    ]
+    return BrokerProc("flux", argv, port)
+
+
+def start_mosquitto(tmp: Path) -> BrokerProc:
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} {HOST}\nallow_anonymous true\nmax_queued_messages 10000\n"
+        "max_inflight_messages 100\npersistence false\nlog_dest none\n"
+    )
+    return BrokerProc("mosquitto", ["mosquitto", "-c", str(conf)], port)
+
+
+# ---------------------------------------------------------------------------- workers
+
+
+def publisher(
+    port: int, idx: int, qos: int, seconds: float, start: float, payload: int, out: Any
+) -> None:
+    s = connect(port, f"pub{idx}")
+    batch = 100
+    pkts = []
+    for pid in range(1, 65536):
+        if qos == 0 and pid > batch:
+            break
+        pkts.append(
+            c.encode(
+                c.Publish(f"bench/{idx}", b"x" * payload, qos, packet_id=pid if qos else None), 4
+            )
+        )
+    blob0 = b"".join(pkts[:batch]) if qos == 0 else b""
+    while time.time() < start:
+        time.sleep(0.001)
+    end = start + seconds
+    sent = 0
+    window = 200
+    acked = 0
+    pid = 0
+    s.setblocking(True)
+    while time.time() < end:
+        if qos == 0:
+            s.sendall(blob0)
+            sent += batch
+            continue
+        n = min(50, window - (sent - acked))
+        if n > 0:
+            chunk = b"".join(pkts[(pid + i) % 65535] for i in range(n))
+            pid = (pid + n) % 65535
+            s.sendall(chunk)
+            sent += n
+        data = s.recv(65536)
+        acked += len(data) // 4  # PUBACK is 4 bytes
+    s.close()
+    out.put(sent)
+
+
+def subscriber(
+    port: int, flt: str, qos: int, seconds: float, start: float, pkt_len: int, out: Any, ready: Any
+) -> None:
+    s = connect(port, f"sub-{flt}-{os.getpid()}")
+    subscribe(s, flt, qos)
+    ready.put(1)
+    s.settimeout(0.2)
+    end = start + seconds
+    total = 0
+    counted = 0
+    pending = b""
+    while True:
+        now = time.time()
+        if now > end + 0.5:
+            break
+        try:
+            data = s.recv(1 << 20)
+        except TimeoutError:
+            continue
+        if not data:
+            break
+        if now < start:
+            continue
+        total += len(data)
+        if qos and pkt_len:
+            pending += data
+            k = len(pending) // pkt_len
+            if k:
+                acks = bytearray()
+                for i in range(k):
+                    off = i * pkt_len + pkt_len - PAYLOAD - 2
+                    acks += b"\x40\x02" + pending[off : off + 2]
+                s.sendall(acks)
+                pending = pending[k * pkt_len :]
+        if now <= end:
+            counted = total
+    s.close()
+    out.put(counted // pkt_len)
+
+
+def fanout_subs(
+    port: int, n: int, base: int, seconds: float, start: float, pkt_len: int, out: Any, ready: Any
+) -> None:
+    socks = []
+    sel = selectors.DefaultSelector()
+    for i in range(n):
+        s = connect(port, f"fo{base + i}")
+        subscribe(s, "fan/out", 0)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    ready.put(1)
+    end = start + seconds
+    total = 0
+    while time.time() < end:
+        for key, _ in sel.select(0.1):
+            try:
+                data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
+            except BlockingIOError:
+                continue
+            if time.time() >= start:
+                total += len(data)
+    for s in socks:
+        s.close()
+    out.put(total // pkt_len)
+
+
+PAYLOAD = 16
+
+
+def run_fanin(b: BrokerProc, qos: int, seconds: float) -> dict[str, float]:
+    qp: Any = mp.Queue()
+    qs: Any = mp.Queue()
+    ready: Any = mp.Queue()
+    pkt_len = len(
+        c.encode(c.Publish("bench/0", b"x" * PAYLOAD, qos, packet_id=1 if qos else None), 4)
+    )
+    start = time.time() + 1.0
+    sub = mp.Process(
+        target=subscriber, args=(b.port, "bench/#", qos, seconds, start, pkt_len, qs, ready)
+    )
+    sub.start()
+    ready.get(timeout=10)
+    pubs = [
+        mp.Process(target=publisher, args=(b.port, i, qos, seconds, start, PAYLOAD, qp))
+        for i in range(10)
+    ]
+    for p in pubs:
+        p.start()
+    while time.time() < start:
+        time.sleep(0.005)
+    cpu0 = b.cpu()
+    time.sleep(seconds)
+    cpu = (b.cpu() - cpu0) / seconds
+    sent = sum(qp.get(timeout=30) for _ in pubs)
+    got = qs.get(timeout=30)
+    for p in [*pubs, sub]:
+        p.join(10)
+    return {"msgs": got / seconds, "sent": sent / seconds, "cpu": cpu}
+
+
+def run_fanout(b: BrokerProc, seconds: float, nsubs: int = 100) -> dict[str, float]:
+    q: Any = mp.Queue()
+    ready: Any = mp.Queue()
+    pkt_len = len(c.encode(c.Publish("fan/out", b"x" * PAYLOAD), 4))
+    start = time.time() + 2.0
+    procs = [
+        mp.Process(
+            target=fanout_subs,
+            args=(b.port, nsubs // 2, i * nsubs, seconds, start, pkt_len, q, ready),
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.get(timeout=30)
+    pub = connect(b.port, "fanpub")
+    blob = c.encode(c.Publish("fan/out", b"x" * PAYLOAD), 4) * 20
+    while time.time() < start:
+        time.sleep(0.005)
+    cpu0 = b.cpu()
+    end = start + seconds
+    sent = 0
+    # paced just enough to keep the broker busy without unbounded socket backlog
+    while time.time() < end:
+        pub.sendall(blob)
+        sent += 20
+        time.sleep(0.001)
+    cpu = (b.cpu() - cpu0) / seconds
+    got = sum(q.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(10)
+    pub.close()
+    return {"msgs": got / seconds, "sent": sent / seconds, "cpu": cpu}
+
+
+def run_latency(b: BrokerProc, rate: int = 5000, seconds: float = 3.0) -> dict[str, float]:
+    sub = connect(b.port, "lat-sub")
+    subscribe(sub, "lat/t", 0)
+    pub = connect(b.port, "lat-pub")
+    pkt_len = len(c.encode(c.Publish("lat/t", b"\0" * 8), 4))
+    sub.setblocking(False)
+    lat: list[float] = []
+    pending = b""
+    interval = 1.0 / rate
+    t0 = time.perf_counter()
+    n_total = int(rate * seconds)
+    sent = 0
+    cpu0 = b.cpu()
+    deadline = t0 + seconds + 2
+    while (sent < n_total or len(lat) < sent) and time.perf_counter() < deadline:
+        now = time.perf_counter()
+        due = min(n_total, int((now - t0) / interval) + 1)
+        if sent < due:
+            buf = b"".join(
+                c.encode(c.Publish("lat/t", struct.pack("!d", now)), 4) for _ in range(due - sent)
+            )
+            pub.sendall(buf)
+            sent = due
+        try:
+            data = sub.recv(1 << 16)
+            pending += data
+            k = len(pending) // pkt_len
+            t = time.perf_counter()
+            for i in range(k):
+                (ts,) = struct.unpack_from("!d", pending, i * pkt_len + pkt_len - 8)
+                lat.append(t - ts)
+            pending = pending[k * pkt_len :]
+        except BlockingIOError:
+            time.sleep(interval / 4)
+    cpu = (b.cpu() - cpu0) / (time.perf_counter() - t0)
+    sub.close()
+    pub.close()
+    lat.sort()
+    if not lat:
+        return {"p50": float("nan"), "p99": float("nan"), "cpu": cpu}
+    return {
+        "p50": lat[len(lat) // 2] * 1000,
+        "p99": lat[int(len(lat) * 0.99)] * 1000,
+        "lost": n_total - len(lat),
+        "cpu": cpu,
+    }
+
+
+def idle_worker(port: int, n: int, base: int, ready: Any, stop: Any) -> None:
+    raise_fd_limit()
+    socks = []
+    for i in range(n):
+        s = socket.create_connection((HOST, port))
+        s.sendall(c.encode(c.Connect(f"idle{base + i}", keep_alive=0), 4))
+        socks.append(s)
+    for s in socks:
+        _read_exact(s, 4)
+    ready.put(n)
+    stop.get()
+    for s in socks:
+        s.close()
+
+
+def run_idle(b: BrokerProc, n: int) -> dict[str, float]:
+    rss0 = b.rss_mb()
+    ready: Any = mp.Queue()
+    stop: Any = mp.Queue()
+    k = 4
+    procs = [
+        mp.Process(target=idle_worker, args=(b.port, n // k, i * n, ready, stop)) for i in range(k)
+    ]
+    for p in procs:
+        p.start()
+    total = sum(ready.get(timeout=120) for _ in procs)
+    time.sleep(0.5)
+    rss = b.rss_mb()
+    for _ in procs:
+        stop.put(1)
+    for p in procs:
+        p.join(30)
+    return {"conns": total, "rss": rss, "delta": rss - rss0}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--idle", type=int, default=10_000)
+    ap.add_argument("--only", choices=["flux", "mosquitto"], default=None)
+    args = ap.parse_args()
+    raise_fd_limit()
+    if shutil.which("mosquitto") is None and args.only != "flux":
+        print("mosquitto not found on PATH", file=sys.stderr)
+        return 1
+    scenarios: list[tuple[str, Callable[[BrokerProc], dict[str, float]]]] = [
+        ("qos0 fan-in 10->1", lambda b: run_fanin(b, 0, args.seconds)),
+        ("qos1 fan-in 10->1", lambda b: run_fanin(b, 1, args.seconds)),
+        ("fan-out 1->100", lambda b: run_fanout(b, args.seconds)),
+        ("latency @5k/s", lambda b: run_latency(b)),
+        (f"idle x{args.idle}", lambda b: run_idle(b, args.idle)),
+    ]
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, starter in [
+            ("flux", start_ours),
+            ("mosquitto", lambda: start_mosquitto(Path(tmp))),
+        ]:
+            if args.only and name != args.only:
+                continue
+            for sc, fn in scenarios:
+                b = starter()  # a fresh broker per scenario
+                try:
+                    results.setdefault(sc, {})[name] = fn(b)
+                finally:
+                    b.stop()
+                print(f"  {name:9} {sc:20} {results[sc][name]}", file=sys.stderr, flush=True)
+    print()
+    print(f"{'scenario':22} {'flux':>28} {'mosquitto':>28} {'ratio':>7}")
+    for sc, by in results.items():
+        f, m = by.get("flux", {}), by.get("mosquitto", {})
+
+        def fmt(r: dict[str, float]) -> str:
+            if not r:
+                return "-"
+            if "p50" in r:
+                return f"p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms cpu {r['cpu']:.2f}"
+            if "rss" in r:
+                return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
+            return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}"
+
+        if "msgs" in f and "msgs" in m and m["msgs"]:
+            ratio = f"{f['msgs'] / m['msgs']:.2f}x"
+        elif "p99" in f and "p99" in m and f["p99"]:
+            ratio = f"{m['p99'] / f['p99']:.2f}x"
+        elif "rss" in f and "rss" in m and f["rss"]:
+            ratio = f"{m['rss'] / f['rss']:.2f}x"
+        else:
+            ratio = "-"
+        print(f"{sc:22} {fmt(f):>28} {fmt(m):>28} {ratio:>7}")
+    print(
+        "\nratio = flux/mosquitto for msg/s; mosquitto/flux for latency and memory (higher is better)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
