@@ -200,7 +200,7 @@ class Engine:
                 nursery.start_soon(self._watch)
                 nursery.start_soon(self._flush_metrics)
                 for service in self.services:
-                    name = getattr(service, "__name__", type(service).__name__)
+                    name = getattr(service, "name", None) or getattr(service, "__name__", type(service).__name__)
                     self.service_info[name] = await nursery.start(service, self)
                 log.info(
                     "engine: up (revision %d, %d devices)", self.revision_number, len(self.twins)
@@ -210,4 +210,4 @@ class Engine:
             with trio.move_on_after(5) as scope:
                 scope.shield = True
                 self.flush_metrics()
-                await self.writer.flushed()
+                await self.writer.drain()

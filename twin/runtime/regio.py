@@ -74,7 +74,7 @@ class RegistryWriter:
                 log.exception("registry write failed")
         return out
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         while self._pending:
             batch, self._pending = self._pending[: self.batch], self._pending[self.batch :]
             results = await self.rio.call(self._run_batch, batch)
@@ -92,13 +92,13 @@ class RegistryWriter:
             while True:
                 await self._wake.wait()
                 self._wake = trio.Event()
-                await self._drain()
+                await self.drain()
         finally:
             with trio.move_on_after(10) as scope:
                 scope.shield = True
                 if self._pending:
                     log.info("registry writer: flushing %d pending writes", len(self._pending))
-                    await self._drain()
+                    await self.drain()
 
 
 def inf_safe(value: float) -> float | None:

@@ -1,0 +1,115 @@
+"""Serve the API with hypercorn's Trio worker, as an engine service.
+
+The listening socket is bound here (not by hypercorn) so that a taken port becomes one clear
+:class:`~twin.errors.PortInUseError`, and port 0 picks a free port whose URL is reported through
+``task_status`` (and in ``engine.service_info["api"]``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from twin.api.app import ApiSettings, create_app
+from twin.errors import PortInUseError, TwinError
+from twin.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(host, port, "api") from None
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(
+            exc, socket.gaierror
+        ):
+            raise TwinError(
+                f"api: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                hint="use an address of this machine, e.g. --listen 127.0.0.1:8080",
+            ) from None
+        raise
+    sock.setblocking(False)
+    sock.listen(1024)
+    return sock
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``:PORT`` or ``PORT`` (IPv6 as ``[::1]:8080``)."""
+    host, port = "127.0.0.1", text
+    if text.startswith("["):
+        h, _, rest = text[1:].partition("]")
+        host, port = h, rest.lstrip(":")
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        host = host or "0.0.0.0"
+    try:
+        p = int(port)
+        if not 0 <= p <= 65535:
+            raise ValueError
+    except ValueError:
+        raise TwinError(
+            f"--listen {text!r}: not HOST:PORT", hint="e.g. --listen 127.0.0.1:8080"
+        ) from None
+    return host, p
+
+
+@dataclass
+class ApiService:
+    """``Engine(..., services=[ApiService(host, port, settings)])``"""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    settings: ApiSettings | None = None
+    name: str = "api"
+
+    async def __call__(
+        self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = bind_socket(self.host, self.port)
+        actual = sock.getsockname()[1]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{actual}"
+        settings = self.settings or ApiSettings(state_dir=engine.config.state_dir)
+        app = create_app(engine, settings)
+        config = Config()
+        config.accesslog = None
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.graceful_timeout = 2.0
+        config.keep_alive_timeout = 30.0
+        config.websocket_ping_interval = 20.0
+
+        async def serve() -> None:
+            await worker_serve(
+                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                config,
+                sockets=Sockets([], [sock], []),
+            )
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            info = {
+                "url": url,
+                "openapi": f"{url}/openapi.json",
+                "ws": url.replace("http", "ws", 1) + "/api/v1/ws",
+                "metrics": f"{url}/metrics",
+                "host": self.host,
+                "port": actual,
+                "app": app,
+            }
+            log.info("api: listening on %s", url)
+            task_status.started(info)
