@@ -306,9 +306,8 @@ class LanceStore:
         for attempt in range(5):
             try:
                 ds = tbl.to_lance()
-                frags = len(ds.get_fragments())
-                if frags > 1:
-                    ds.optimize.compact_files(target_rows_per_fragment=1024 * 1024)
+                # merges small fragments and rewrites those with >10 % deleted rows
+                ds.optimize.compact_files(target_rows_per_fragment=1024 * 1024)
                 names = {idx.columns[0] for idx in tbl.list_indices()}
                 if ds.count_rows() > 0:
                     for col, kind in _INDEXES:

@@ -159,10 +159,13 @@ class PostgresStore:
         import psycopg
 
         try:
-            with self._conn.transaction(), self._conn.cursor() as cur:
-                with cur.copy(f"COPY {table_name} ({cols}) FROM STDIN") as cp:
-                    for row in rows:
-                        cp.write_row(row)
+            with (
+                self._conn.transaction(),
+                self._conn.cursor() as cur,
+                cur.copy(f"COPY {table_name} ({cols}) FROM STDIN") as cp,
+            ):
+                for row in rows:
+                    cp.write_row(row)
         except psycopg.Error as exc:
             raise StorageError(f"PostgreSQL write to {table_name} failed: {exc}") from exc
 

@@ -1,0 +1,431 @@
+"""Time-series benchmark: LanceDB and PostgreSQL stores vs InfluxDB 1.x, in one run.
+
+    .venv/bin/python benchmarks/timeseries/run.py                       # 100 x 10 x 1000 = 1 M
+    .venv/bin/python benchmarks/timeseries/run.py --devices 1000        # the issue's 10 M
+    .venv/bin/python benchmarks/timeseries/run.py --backends lance,influx
+
+Data: DEVICES x METRICS series, TIMESTAMPS points each, one every --step seconds (default
+90 s, so 1,000 timestamps span 25 h), values a random walk rounded to 0.01.
+
+Per backend:
+* ingest points/s through the public write path (ours: ``BatchedWriter`` fed with readings
+  one poll cycle at a time; InfluxDB: line protocol over HTTP, 5,000 lines per request);
+* bytes per point on disk after compaction;
+* p50/p99 latency of one device/metric over 1 h and over 1 day (raw points);
+* time to downsample one day of every series to 1-minute aggregates;
+* a retention pass dropping the oldest 30 %: time and bytes reclaimed.
+
+InfluxDB runs as a private ``influxd`` on free loopback ports with its data in a temp dir;
+if ``influxd`` is missing the benchmark prints "influxd not found" and goes on. PostgreSQL
+comes from --pg-url (default: TWIN_TEST_POSTGRES or postgresql://postgres@127.0.0.1:5432/test)
+and is skipped if unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from twin.timeseries.base import Record, Selector, TimeSeriesQuery
+from twin.timeseries.retention import RetentionManager, RetentionPolicy
+from twin.timeseries.writer import BatchedWriter
+
+T0 = 1_700_006_400.0  # a day boundary
+
+
+def dir_size(path: Path) -> int:
+    total = 0
+    for root, _d, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+class Data:
+    def __init__(self, devices: int, metrics: int, timestamps: int, step: float) -> None:
+        self.devices = [f"dev{i:05d}" for i in range(devices)]
+        self.metrics = [f"m{i:02d}" for i in range(metrics)]
+        self.timestamps = timestamps
+        self.step = step
+        rng = np.random.default_rng(42)
+        walk = np.cumsum(rng.normal(0, 0.1, size=(timestamps, devices * metrics)), axis=0) + 20
+        self.values = np.round(walk, 2)
+        self.points = devices * metrics * timestamps
+        self.end = T0 + timestamps * step
+
+    def cycles(self) -> Any:
+        """One poll cycle (every series at one timestamp) at a time, as reading records."""
+        for k in range(self.timestamps):
+            ts = T0 + k * self.step
+            row = self.values[k].tolist()
+            i = 0
+            cycle: list[Record] = []
+            for d in self.devices:
+                for m in self.metrics:
+                    cycle.append((d, m, row[i], ts, 0, "bench", "g1", ","))
+                    i += 1
+            yield cycle
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def time_queries(
+    fn: Callable[[str, str, float, float], int], data: Data, span: float, n: int
+) -> tuple[float, float, int]:
+    rng = random.Random(7)
+    lat = []
+    rows = 0
+    for _ in range(n):
+        d, m = rng.choice(data.devices), rng.choice(data.metrics)
+        start = T0 + rng.random() * max(0.0, data.end - T0 - span)
+        t0 = time.perf_counter()
+        rows += fn(d, m, start, start + span)
+        lat.append((time.perf_counter() - t0) * 1000)
+    return pct(lat, 50), pct(lat, 99), rows // n
+
+
+# --- our stores ---------------------------------------------------------------------------
+
+
+def bench_ours(
+    name: str, store: Any, size_fn: Callable[[], int], data: Data, args: argparse.Namespace
+) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+
+    async def ingest() -> float:
+        w = BatchedWriter(store, batch_size=args.batch, flush_interval=1.0, max_chunks=8)
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            await n.start(w.run)
+            for cycle in data.cycles():
+                await w.write_many(cycle)
+            await w.aclose()
+        return time.perf_counter() - t0
+
+    secs = trio.run(ingest)
+    res["ingest_pps"] = data.points / secs
+    store.reclaim()
+    res["bytes_per_point"] = size_fn() / data.points
+
+    def q(d: str, m: str, a: float, b: float) -> int:
+        return int(store.query(TimeSeriesQuery(a, b, Selector.of(devices=d, metrics=m))).num_rows)
+
+    q("dev00000", "m00", T0, T0 + 3600)  # warm up
+    res["q1h_p50"], res["q1h_p99"], res["q1h_rows"] = time_queries(q, data, 3600, args.queries)
+    res["q1d_p50"], res["q1d_p99"], res["q1d_rows"] = time_queries(q, data, 86400, args.queries)
+
+    # downsample one day of every series to 1-minute partials
+    pol = RetentionPolicy.from_doc(
+        {
+            "apiVersion": "flux.iot/v1",
+            "kind": "RetentionPolicy",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "tiers": [{"resolution": "raw", "keep": "inf"}, {"resolution": "1m", "keep": "inf"}]
+            },
+        }
+    )
+    mgr = RetentionManager(store, [pol])
+    t0 = time.perf_counter()
+    rolled = mgr.downsample(now=T0 + 86400)
+    res["downsample_s"] = time.perf_counter() - t0
+    res["downsample_rows"] = sum(rolled.values())
+
+    # retention: drop the oldest 30 % of raw
+    cutoff = T0 + 0.3 * (data.end - T0)
+    before = size_fn()
+    t0 = time.perf_counter()
+    dropped = store.delete_before("raw", Selector(), cutoff)
+    store.reclaim()
+    res["retention_s"] = time.perf_counter() - t0
+    res["retention_dropped"] = dropped
+    res["reclaimed_bytes"] = before - size_fn()
+    return res
+
+
+# --- InfluxDB -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Influx:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        conf = root / "influxdb.conf"
+        conf.write_text(
+            f"""reporting-disabled = true
+bind-address = "127.0.0.1:{free_port()}"
+[meta]
+  dir = "{root}/meta"
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+  cache-snapshot-write-cold-duration = "2s"
+  compact-full-write-cold-duration = "5s"
+[http]
+  bind-address = "127.0.0.1:{self.port}"
+  log-enabled = false
+[monitor]
+  store-enabled = false
+[continuous_queries]
+  enabled = false
+"""
+        )
+        self.proc = subprocess.Popen(
+            ["influxd", "run", "-config", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                self.get("/ping")
+                break
+            except OSError:
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("influxd did not start")
+        self.query("CREATE DATABASE bench")
+
+    def conn(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+
+    def get(self, path: str) -> bytes:
+        c = self.conn()
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        c.close()
+        return body
+
+    def query(self, q: str, db: str = "bench") -> Any:
+        c = self.conn()
+        body = urllib.parse.urlencode({"q": q, "db": db, "epoch": "s"})
+        c.request("POST", "/query", body, {"Content-Type": "application/x-www-form-urlencoded"})
+        r = c.getresponse()
+        out = json.loads(r.read() or b"{}")
+        c.close()
+        if r.status != 200:
+            raise RuntimeError(f"influx query failed: {out}")
+        return out
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def wait_compacted(self, limit: float = 60.0) -> int:
+        """Size of data+wal once it has stopped changing for 5 s (or after ``limit``)."""
+        deadline = time.time() + limit
+        last, stable_since = -1, time.time()
+        while time.time() < deadline:
+            size = dir_size(self.root / "data") + dir_size(self.root / "wal")
+            if size != last:
+                last, stable_since = size, time.time()
+            elif time.time() - stable_since >= 5:
+                break
+            time.sleep(0.5)
+        return last
+
+
+def bench_influx(data: Data, args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    inf = Influx(root)
+    res: dict[str, Any] = {}
+    try:
+        c = inf.conn()
+        lines: list[str] = []
+        t0 = time.perf_counter()
+
+        def send() -> None:
+            c.request("POST", "/write?db=bench&precision=s", "\n".join(lines).encode())
+            r = c.getresponse()
+            r.read()
+            if r.status != 204:
+                raise RuntimeError(f"influx write failed: {r.status}")
+            lines.clear()
+
+        for cycle in data.cycles():
+            for d, m, v, ts, _q, _s, _g, _t in cycle:
+                lines.append(f"{m},device={d} value={v} {int(ts)}")
+                if len(lines) >= 5000:
+                    send()
+        if lines:
+            send()
+        res["ingest_pps"] = data.points / (time.perf_counter() - t0)
+        c.close()
+        res["bytes_per_point"] = inf.wait_compacted() / data.points
+
+        def q(d: str, m: str, a: float, b: float) -> int:
+            out = inf.query(
+                f"SELECT value FROM {m} WHERE device = '{d}' AND time >= {int(a)}s AND time < {int(b)}s"
+            )
+            series = out["results"][0].get("series", [])
+            return len(series[0]["values"]) if series else 0
+
+        q("dev00000", "m00", T0, T0 + 3600)
+        res["q1h_p50"], res["q1h_p99"], res["q1h_rows"] = time_queries(q, data, 3600, args.queries)
+        res["q1d_p50"], res["q1d_p99"], res["q1d_rows"] = time_queries(q, data, 86400, args.queries)
+
+        t0 = time.perf_counter()
+        inf.query(
+            "SELECT mean(value), min(value), max(value), count(value) INTO bench.autogen.rollup_1m "
+            f"FROM /m.*/ WHERE time >= {int(T0)}s AND time < {int(T0 + 86400)}s GROUP BY time(1m), *"
+        )
+        res["downsample_s"] = time.perf_counter() - t0
+
+        cutoff = T0 + 0.3 * (data.end - T0)
+        before = inf.wait_compacted(limit=30)
+        t0 = time.perf_counter()
+        for m in data.metrics:
+            inf.query(f"DELETE FROM {m} WHERE time < {int(cutoff)}s")
+        res["retention_s"] = time.perf_counter() - t0
+        res["reclaimed_bytes"] = before - inf.wait_compacted(limit=30)
+    finally:
+        inf.close()
+    return res
+
+
+# --- main --------------------------------------------------------------------------------
+
+ROWS = [
+    ("ingest points/s", "ingest_pps", "{:,.0f}", "higher"),
+    ("bytes/point after compaction", "bytes_per_point", "{:.2f}", "lower"),
+    ("1 series 1 h  p50 ms", "q1h_p50", "{:.2f}", "lower"),
+    ("1 series 1 h  p99 ms", "q1h_p99", "{:.2f}", "lower"),
+    ("1 series 1 d  p50 ms", "q1d_p50", "{:.2f}", "lower"),
+    ("1 series 1 d  p99 ms", "q1d_p99", "{:.2f}", "lower"),
+    ("downsample 1 day to 1m, s", "downsample_s", "{:.2f}", "lower"),
+    ("retention drop 30 %, s", "retention_s", "{:.2f}", "lower"),
+    ("bytes reclaimed", "reclaimed_bytes", "{:,.0f}", "higher"),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--metrics", type=int, default=10)
+    ap.add_argument("--timestamps", type=int, default=1000)
+    ap.add_argument("--step", type=float, default=90.0, help="seconds between timestamps")
+    ap.add_argument("--batch", type=int, default=50_000, help="writer batch size (points)")
+    ap.add_argument("--queries", type=int, default=50, help="queries per latency figure")
+    ap.add_argument("--backends", default="lance,postgres,influx")
+    ap.add_argument(
+        "--pg-url",
+        default=os.environ.get("TWIN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    args = ap.parse_args()
+
+    data = Data(args.devices, args.metrics, args.timestamps, args.step)
+    span_h = (data.end - T0) / 3600
+    print(
+        f"size: {args.devices} devices x {args.metrics} metrics x {args.timestamps} timestamps "
+        f"= {data.points:,} points over {span_h:.1f} h (step {args.step:g} s); writer batch {args.batch:,}"
+    )
+    results: dict[str, dict[str, Any]] = {}
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp:
+        root = Path(tmp)
+        if "lance" in backends:
+            from twin.timeseries.lance import LanceStore
+
+            path = root / "lance"
+            store = LanceStore(path, compact_every=32, min_free_bytes=0)
+            print("lance: running ...", flush=True)
+            results["lance"] = bench_ours(
+                "lance", store, lambda: dir_size(path / "raw.lance"), data, args
+            )
+        if "postgres" in backends:
+            try:
+                from twin.timeseries.postgres import PostgresStore
+
+                pg = PostgresStore(args.pg_url, prefix=f"bench{os.getpid()}_")
+            except Exception as exc:
+                print(f"postgres: skipped ({exc})")
+            else:
+                print(f"postgres: running ... (timescaledb: {pg.timescale})", flush=True)
+                try:
+                    results["postgres"] = bench_ours(
+                        "postgres",
+                        pg,
+                        lambda: next((t.bytes for t in pg.stats().tiers if t.tier == "raw"), 0),
+                        data,
+                        args,
+                    )
+                finally:
+                    pg.drop_all()
+                    pg.close()
+        if "influx" in backends:
+            if shutil.which("influxd") is None:
+                print("influxd not found: skipping InfluxDB (apt-get install influxdb)")
+            else:
+                print("influx: running ...", flush=True)
+                (root / "influx").mkdir()
+                results["influx"] = bench_influx(data, args, root / "influx")
+
+    names = list(results)
+    ref = "influx" if "influx" in results else None
+    header = f"{'metric':32}" + "".join(f"{n:>16}" for n in names)
+    if ref:
+        header += "".join(f"{n + '/influx':>18}" for n in names if n != ref)
+    print()
+    print(header)
+    print("-" * len(header))
+    for label, key, fmt, _better in ROWS:
+        line = f"{label:32}"
+        for n in names:
+            v = results[n].get(key)
+            line += f"{fmt.format(v) if v is not None else '-':>16}"
+        if ref:
+            for n in names:
+                if n == ref:
+                    continue
+                a, b = results[n].get(key), results[ref].get(key)
+                ratio = (
+                    a / b if a is not None and b not in (None, 0) and not math.isnan(b) else None
+                )
+                line += f"{(f'{ratio:.2f}x') if ratio is not None else '-':>18}"
+        print(line)
+    extras = {
+        n: {k: v for k, v in r.items() if k.endswith("rows") or k == "retention_dropped"}
+        for n, r in results.items()
+    }
+    print("\nrows per query / rolled-up rows / dropped:", json.dumps(extras))
+
+
+if __name__ == "__main__":
+    main()
