@@ -45,6 +45,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import contextlib
+
 from twin.timeseries.base import Record, Selector, TimeSeriesQuery
 from twin.timeseries.retention import RetentionManager, RetentionPolicy
 from twin.timeseries.writer import BatchedWriter
@@ -56,10 +58,8 @@ def dir_size(path: Path) -> int:
     total = 0
     for root, _d, files in os.walk(path):
         for f in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.stat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
     return total
 
 
@@ -91,7 +91,7 @@ class Data:
 
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
 
 
 def time_queries(

@@ -115,7 +115,8 @@ class LanceStore:
         )
 
     # --- tables ---------------------------------------------------------------------
-    def _table(self, tier: str, create: bool = False) -> Any | None:
+    def _table(self, tier: str, create: bool = False) -> Any:
+        """The table handle, or None when it does not exist and ``create`` is false."""
         tbl = self._tables.get(tier)
         if tbl is not None:
             return tbl

@@ -81,7 +81,7 @@ class PostgresStore:
 
         try:
             with self._conn.cursor() as cur:
-                cur.execute(sql, params)  # type: ignore[arg-type]
+                cur.execute(sql, params)
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as exc:
             raise StorageError(f"PostgreSQL: {exc}") from exc
