@@ -88,10 +88,12 @@ async def start_api(
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
-    async with trio.open_nursery() as nursery:
-        a = await start_api(nursery, tmp_path / "state")
-        try:
+    a: Api | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            a = await start_api(nursery, tmp_path / "state")
             yield a
-        finally:
             nursery.cancel_scope.cancel()
+    finally:
+        if a is not None:
             a.registry.close()
