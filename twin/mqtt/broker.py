@@ -63,7 +63,6 @@ class BrokerConfig:
     listen: Sequence[tuple[str, int]] = (("127.0.0.1", 0),)
     tls_listen: Sequence[tuple[str, int]] = ()
     ssl_context: ssl.SSLContext | None = None
-    ws_listen: Sequence[tuple[str, int]] = ()
     max_packet_size: int = 1024 * 1024 * 16
     max_queued: int = 1000  # per session
     max_inflight: int = 100  # towards MQTT 3.1.1 clients (5.0 clients say their own)
@@ -124,7 +123,6 @@ class Broker:
         self.retained: dict[str, Message] = {}
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
-        self.ws_addresses: list[tuple[str, int]] = []
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._per_address: dict[str, int] = {}
@@ -156,17 +154,12 @@ class Broker:
                 self._nursery = nursery
                 nursery.start_soon(trio.serve_listeners, self._serve, plain)
                 if tls:
+                    assert self.config.ssl_context is not None
                     wrapped = [
                         trio.SSLListener(ln, self.config.ssl_context, https_compatible=False)
                         for ln in tls
                     ]
                     nursery.start_soon(trio.serve_listeners, self._serve, wrapped)
-                if self.config.ws_listen:
-                    from twin.mqtt.websocket import serve_websocket
-
-                    for host, port in self.config.ws_listen:
-                        addr = await nursery.start(serve_websocket, self, host, port)
-                        self.ws_addresses.append(addr)
                 if self.config.sys_interval > 0:
                     nursery.start_soon(self._sys_loop)
                 if self.store is not None:
@@ -272,6 +265,7 @@ class Broker:
                 continue
             if opts.no_local and key == msg.sender:
                 continue
+            key = str(key)
             prev = targets.get(key)
             ids = [opts.sub_id] if opts.sub_id else []
             if prev is None:
@@ -873,30 +867,30 @@ class Connection:
         return False  # cancelled: taken over or writer failed
 
     def _handle(self, p: c.Packet) -> bool:
-        t = type(p)
-        if t is c.Publish:
-            self._on_publish(p)  # type: ignore[arg-type]
-        elif t is c.Puback:
-            self._on_ack(p.packet_id, 1)  # type: ignore[union-attr]
-        elif t is c.Pubrec:
-            self._on_pubrec(p)  # type: ignore[arg-type]
-        elif t is c.Pubrel:
-            self._on_pubrel(p)  # type: ignore[arg-type]
-        elif t is c.Pubcomp:
-            self._on_ack(p.packet_id, 2)  # type: ignore[union-attr]
-        elif t is c.Subscribe:
-            self._on_subscribe(p)  # type: ignore[arg-type]
-        elif t is c.Unsubscribe:
-            self._on_unsubscribe(p)  # type: ignore[arg-type]
-        elif t is c.Pingreq:
+        if isinstance(p, c.Publish):
+            self._on_publish(p)
+        elif isinstance(p, c.Puback):
+            self._on_ack(p.packet_id, 1)
+        elif isinstance(p, c.Pubrec):
+            self._on_pubrec(p)
+        elif isinstance(p, c.Pubrel):
+            self._on_pubrel(p)
+        elif isinstance(p, c.Pubcomp):
+            self._on_ack(p.packet_id, 2)
+        elif isinstance(p, c.Subscribe):
+            self._on_subscribe(p)
+        elif isinstance(p, c.Unsubscribe):
+            self._on_unsubscribe(p)
+        elif isinstance(p, c.Pingreq):
             self.control += b"\xd0\x00"
             self.wake.set()
-        elif t is c.Disconnect:
-            return self._on_disconnect(p)  # type: ignore[arg-type]
-        elif t is c.Connect:
+        elif isinstance(p, c.Disconnect):
+            return self._on_disconnect(p)
+        elif isinstance(p, c.Connect):
             raise ProtocolError("second CONNECT", ReasonCode.PROTOCOL_ERROR)
         else:  # CONNACK, SUBACK, UNSUBACK, PINGRESP, AUTH from a client
-            raise ProtocolError(f"unexpected {t.__name__} from a client", ReasonCode.PROTOCOL_ERROR)
+            name = type(p).__name__
+            raise ProtocolError(f"unexpected {name} from a client", ReasonCode.PROTOCOL_ERROR)
         return False
 
     def _on_publish(self, p: c.Publish) -> None:

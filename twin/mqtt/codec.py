@@ -762,10 +762,10 @@ def encode(p: Packet, version: int = MQTT_311) -> bytes:
             return b"\xe0\x00"
         if p.reason_code == 0 and p.properties is NO_PROPS:
             return b"\xe0\x00"
-        body = bytes((p.reason_code,))
+        dbody = bytearray((p.reason_code,))
         if p.properties is not NO_PROPS:
-            body += encode_properties(p.properties)
-        return _fixed(0xE0, body)
+            dbody += encode_properties(p.properties)
+        return _fixed(0xE0, dbody)
     if isinstance(p, Auth):
         if p.reason_code == 0 and p.properties is NO_PROPS:
             return b"\xf0\x00"
@@ -775,7 +775,7 @@ def encode(p: Packet, version: int = MQTT_311) -> bytes:
 
 # --------------------------------------------------------------------------- decode
 
-_FIXED_FLAGS = {
+_FIXED_FLAGS: dict[int, int] = {
     PacketType.CONNECT: 0,
     PacketType.CONNACK: 0,
     PacketType.PUBACK: 0,
@@ -790,6 +790,14 @@ _FIXED_FLAGS = {
     PacketType.PINGRESP: 0,
     PacketType.DISCONNECT: 0,
     PacketType.AUTH: 0,
+}
+
+
+_ACKS: dict[int, type[Puback | Pubrec | Pubrel | Pubcomp]] = {
+    4: Puback,
+    5: Pubrec,
+    6: Pubrel,
+    7: Pubcomp,
 }
 
 
@@ -885,8 +893,10 @@ def decode_body(ptype: int, flags: int, r: _Reader, version: int) -> Packet:
         pid = _pid(r) if qos else None
         props = _read_properties(r, ptype) if version >= MQTT_5 else NO_PROPS
         if not topic and (version < MQTT_5 or props.topic_alias is None):
-            rc = ReasonCode.TOPIC_NAME_INVALID if version >= MQTT_5 else ReasonCode.MALFORMED_PACKET
-            raise ProtocolError("empty topic name", rc)
+            code = (
+                ReasonCode.TOPIC_NAME_INVALID if version >= MQTT_5 else ReasonCode.MALFORMED_PACKET
+            )
+            raise ProtocolError("empty topic name", code)
         return Publish(topic, r.rest(), qos, bool(flags & 0x01), dup, pid, props)
     expected = _FIXED_FLAGS.get(ptype)
     if expected is None:
@@ -895,7 +905,7 @@ def decode_body(ptype: int, flags: int, r: _Reader, version: int) -> Packet:
         raise _malformed(f"invalid fixed header flags for packet type {ptype}")
     if ptype in (PacketType.PUBACK, PacketType.PUBREC, PacketType.PUBREL, PacketType.PUBCOMP):
         pid, rc, props = _decode_ack(r, ptype, version)
-        cls = {4: Puback, 5: Pubrec, 6: Pubrel, 7: Pubcomp}[ptype]
+        cls: type[Puback | Pubrec | Pubrel | Pubcomp] = _ACKS[ptype]
         pkt: Packet = cls(pid, rc, props)
     elif ptype == PacketType.PINGREQ:
         pkt = Pingreq()
@@ -1006,7 +1016,7 @@ class Decoder:
     max_packet_size: int = MAX_REMAINING_LENGTH + 5
     _buf: bytearray = field(default_factory=bytearray)
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
 
     @property
