@@ -855,12 +855,16 @@ class Connection:
                 stats.bytes_received += len(data)
                 deadline = trio.current_time() + ka
                 decoder.feed(data)
+                n = 0
                 while True:
                     pkt = decoder.next_packet()
                     if pkt is None:
                         break
                     if self._handle(pkt):
                         return True
+                    n += 1
+                    if n % 32 == 0:  # let other connections (and their acks) run: fairness
+                        await trio.lowlevel.checkpoint()
                 if len(self.control) > _MAX_CONTROL_BACKLOG:
                     self.drained = trio.Event()
                     await self.drained.wait()
