@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import pyarrow as pa
 
 Value = float | int | str | bool
@@ -237,34 +238,45 @@ def records_to_table(records: Sequence[Record]) -> pa.Table:
     if not records:
         return RAW_SCHEMA.empty_table()
     device, metric, values, ts, quality, site, grp, tags = zip(*records, strict=True)
-    num: list[float | None] = []
-    strs: list[str | None] = []
-    kinds: list[int] = []
-    for v in values:
-        if isinstance(v, bool):
-            num.append(1.0 if v else 0.0)
-            strs.append(None)
-            kinds.append(1)
-        elif isinstance(v, int | float):
-            num.append(float(v))
-            strs.append(None)
-            kinds.append(0)
-        else:
-            num.append(None)
-            strs.append(str(v))
-            kinds.append(2)
-    micros = [round(t * 1_000_000) for t in ts]
+    n = len(values)
+    num_arr: pa.Array
+    str_arr: pa.Array
+    if all(type(v) is float for v in values):  # the common case: C-speed conversion
+        num_arr = pa.array(values, pa.float64())
+        str_arr = pa.nulls(n, pa.string())
+        kind_arr = pa.array(np.zeros(n, dtype=np.uint8))
+    else:
+        num: list[float | None] = []
+        strs: list[str | None] = []
+        kinds: list[int] = []
+        for v in values:
+            if isinstance(v, bool):
+                num.append(1.0 if v else 0.0)
+                strs.append(None)
+                kinds.append(1)
+            elif isinstance(v, int | float):
+                num.append(float(v))
+                strs.append(None)
+                kinds.append(0)
+            else:
+                num.append(None)
+                strs.append(str(v))
+                kinds.append(2)
+        num_arr = pa.array(num, pa.float64())
+        str_arr = pa.array(strs, pa.string())
+        kind_arr = pa.array(kinds, pa.uint8())
+    micros = np.round(np.asarray(ts, dtype=np.float64) * 1_000_000).astype(np.int64)
     table = pa.Table.from_arrays(
         [
-            pa.array(micros, pa.int64()).cast(TS_TYPE),
+            pa.array(micros).cast(TS_TYPE),
             pa.array(device, pa.string()),
             pa.array(site, pa.string()),
             pa.array(grp, pa.string()),
             pa.array(tags, pa.string()),
             pa.array(metric, pa.string()),
-            pa.array(num, pa.float64()),
-            pa.array(strs, pa.string()),
-            pa.array(kinds, pa.uint8()),
+            num_arr,
+            str_arr,
+            kind_arr,
             pa.array(quality, pa.uint8()),
         ],
         schema=RAW_SCHEMA,
