@@ -53,3 +53,28 @@ def test_all_problems_in_one_run() -> None:
     files = {p.location.file for p in info.value.problems if p.location}
     # cross-file duplicates (many cases name their device d1) add problems, never remove files
     assert files == {str(c) for c in CASES}
+
+
+def test_fast_validator_agrees_with_jsonschema() -> None:
+    """The compiled fast path and jsonschema must agree on every document we have."""
+    import fastjsonschema
+
+    from twin.spec.schema import _fast, known_kinds, validator
+    from twin.spec.yamlload import load_documents
+
+    checked = 0
+    for f in [*CASES, *sorted(BASE.glob("*.yaml")), *sorted((HERE.parents[1] / "sites").rglob("*.yaml"))]:
+        docs, _ = load_documents(f.read_text(encoding="utf-8"), str(f))
+        for doc in docs:
+            kind = doc.data.get("kind") if isinstance(doc.data, dict) else None
+            if kind not in known_kinds():
+                continue
+            reference = not any(True for _ in validator(kind).iter_errors(doc.data))
+            try:
+                _fast(kind)(doc.data)
+                fast = True
+            except fastjsonschema.JsonSchemaException:
+                fast = False
+            assert fast == reference, f"{f}: fast={fast} jsonschema={reference}"
+            checked += 1
+    assert checked > 60

@@ -66,3 +66,78 @@ def test_selectors() -> None:
         assert not matches(doc, parse_selector(sel), groups=groups, status="online"), sel
     with pytest.raises(ValueError):
         parse_selector("justakey")
+
+
+TRICKY = ["yes", "No", "on", "OFF", "~", "null", "0x1F", "0o17", "017", "1_000", "1:30", "1e3",
+          "1.5e-3", ".inf", "-.Inf", ".nan", "+12", "2024-01-02", "2024-01-02T10:00:00Z", "<<",
+          "'quoted'", '"dq"', "true", "False", "", "- x", "a: b", "#c", "&a", "*a", "!!str 5"]
+scalar_text = st.sampled_from(TRICKY) | st.text("abc019:.-_ ", max_size=6)
+
+
+def _render(value, indent: int = 0) -> str:
+    pad = " " * indent
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "\n" + "\n".join(f"{pad}k{i}:{' ' if not isinstance(v, dict | list) or not v else ''}"
+                                f"{_render(v, indent + 2)}" for i, v in enumerate(value.values()))
+    if isinstance(value, list):
+        if not value:
+            return "[]"
+        return "\n" + "\n".join(f"{pad}- {_render(v, indent + 2).lstrip()}" for v in value)
+    return value
+
+
+yaml_trees = st.recursive(scalar_text, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text("ab", min_size=1, max_size=2), inner, max_size=3),
+                          max_leaves=10)
+
+
+@given(st.dictionaries(st.text("xyz", min_size=1, max_size=3), yaml_trees, min_size=1, max_size=4))
+def test_event_builder_agrees_with_pyyaml(tree) -> None:
+    """Our event-driven builder must give exactly what yaml.safe_load gives (YAML 1.1 rules)."""
+    import datetime
+
+    import yaml
+
+    text = "".join(f"{k}:{' ' if not isinstance(v, dict | list) or not v else ''}{_render(v, 2)}\n"
+                   for k, v in tree.items())
+    try:
+        expected = yaml.load(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        docs, problems = load_documents(text, "f.yaml")
+        assert problems  # both reject
+        return
+
+    def norm(x):
+        if isinstance(x, dict):
+            return {(str(k).lower() if isinstance(k, bool) else str(k)): norm(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [norm(v) for v in x]
+        if isinstance(x, datetime.date):
+            return "<date>"
+        if isinstance(x, float) and x != x:
+            return "<nan>"
+        return x
+
+    docs, problems = load_documents(text, "f.yaml")
+    if expected is None:
+        assert docs == []
+        return
+    if problems:  # only duplicate keys may differ: PyYAML silently keeps the last one
+        assert all("duplicate key" in p.message for p in problems)
+        return
+    got = docs[0].data
+
+    def dates(x):  # we keep timestamps as their text
+        if isinstance(x, dict):
+            return {k: dates(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [dates(v) for v in x]
+        if isinstance(x, str) and x[:4].isdigit() and x[4:5] == "-":
+            return "<date>"
+        if isinstance(x, float) and x != x:
+            return "<nan>"
+        return x
+
+    assert dates(got) == norm(expected)

@@ -87,7 +87,7 @@ def load(paths: list[Path]) -> Any:
         def tick(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        return load_site(paths, progress=tick)
+        return load_site(paths, progress=tick, cache_dir=state.state_dir / "cache")
 
 
 @app.callback()
@@ -116,8 +116,6 @@ def validate(
 
     Kinds: Site, DeviceGroup, DeviceModel, Device, and those whose schemas ship in specs/.
     """
-    from twin.spec import load_site
-
     try:
         loaded = load(paths)
     except SpecError as exc:
@@ -130,7 +128,6 @@ def validate(
                  "hint": p.hint} for p in exc.problems]}))
             raise typer.Exit(2) from None
         raise
-    del load_site
     if output is Format.json:
         out.console.print_json(json.dumps({"valid": True, "documents": len(loaded.documents),
                                            "files": len(loaded.files)}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from twin.spec.gcpause import gc_paused
 from twin.spec.load import LoadedSpecs
 from twin.spec.plan import Plan, make_plan
 
@@ -25,8 +26,9 @@ class ApplyResult:
 def plan_against(registry: Registry, loaded: LoadedSpecs, *, prune: bool = False) -> tuple[Plan, int]:
     head = registry.head()
     base = head.number if head else 0
-    current = registry.specs(base) if base else {}
-    return make_plan(current, loaded.specs, prune=prune), base
+    with gc_paused():
+        current = registry.specs(base) if base else {}
+        return make_plan(current, loaded.specs, prune=prune), base
 
 
 def apply_specs(

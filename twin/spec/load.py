@@ -8,14 +8,18 @@ documents, and raises ``SpecError`` with **every** problem found, each located a
 
 from __future__ import annotations
 
-import copy
 import difflib
+import hashlib
+import marshal
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from twin.errors import Location, Problem, SpecError
+from twin.spec.gcpause import gc_paused
 from twin.spec.schema import known_kinds, schema_problems
 from twin.spec.yamlload import YamlDocument, load_documents
 
@@ -118,25 +122,95 @@ def load_site(
     *,
     progress: Callable[[int, int], None] | None = None,
     strict: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> LoadedSpecs:
-    """Load and validate. Raises SpecError with every problem (when ``strict``)."""
-    from twin.spec.refs import reference_problems
+    """Load and validate. Raises SpecError with every problem (when ``strict``).
 
+    With ``cache_dir``, files whose exact content was parsed and schema-checked before are
+    not parsed again (references are always checked anew); see ``ParseCache``.
+    """
     if isinstance(paths, str | Path):
         paths = [paths]
+    cache = ParseCache(Path(cache_dir)) if cache_dir is not None else None
+    with gc_paused():
+        return _load_site(paths, progress, strict, cache)
+
+
+class ParseCache:
+    """Parsed, schema-valid documents per file content, so an unchanged file is not re-parsed.
+
+    Keyed by sha256 of (cache format, every JSON Schema, the file's bytes); an entry holds
+    the documents' plain data (marshal). Only files without any problem are cached, and a
+    cached document that a reference check flags is parsed again for its locations. Entries
+    are written atomically; a corrupt or unreadable entry is a miss.
+    """
+
+    VERSION = b"twin-parse-cache-1"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @staticmethod
+    @cache
+    def _schemas_digest() -> bytes:
+        from twin.spec.schema import specs_dir
+
+        h = hashlib.sha256()
+        for p in sorted(specs_dir().glob("*.json")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+        return h.digest()
+
+    def key(self, raw: bytes) -> str:
+        return hashlib.sha256(self.VERSION + self._schemas_digest() + raw).hexdigest()
+
+    def get(self, key: str) -> list[tuple[int, Any]] | None:
+        try:
+            value = marshal.loads((self.root / key).read_bytes())
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        return value if isinstance(value, list) else None
+
+    def put(self, key: str, docs: list[tuple[int, Any]]) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / f".{key}.{os.getpid()}.tmp"
+            tmp.write_bytes(marshal.dumps(docs))
+            os.replace(tmp, self.root / key)
+        except (OSError, ValueError):
+            pass  # a cache that cannot be written is only slower
+
+
+def _load_site(
+    paths: Iterable[str | Path],
+    progress: Callable[[int, int], None] | None,
+    strict: bool,
+    cache: ParseCache | None,
+) -> LoadedSpecs:
+    from twin.spec.refs import reference_problems
+
     files, problems = find_files(paths)
     loaded = LoadedSpecs(files=[str(f) for f in files])
     kinds = known_kinds()
     for i, f in enumerate(files):
         try:
-            text = f.read_text(encoding="utf-8")
+            raw = f.read_bytes()
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(Location(str(f), 1, 1), f"cannot read file: {exc}"))
             continue
-        docs, yaml_problems = load_documents(text, str(f))
-        problems.extend(yaml_problems)
-        for doc in docs:
-            _take(doc, kinds, loaded, problems)
+        key = cache.key(raw) if cache is not None else ""
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            for index, data in cached:
+                _take(YamlDocument(data, str(f), index, lazy=True), kinds, loaded, problems)
+        else:
+            docs, yaml_problems = load_documents(text, str(f))
+            problems.extend(yaml_problems)
+            before = len(problems)
+            for doc in docs:
+                _take(doc, kinds, loaded, problems)
+            if cache is not None and not yaml_problems and len(problems) == before:
+                cache.put(key, [(d.index, d.data) for d in docs])
         if progress is not None:
             progress(i + 1, len(files))
     problems.extend(reference_problems(loaded))
@@ -169,8 +243,7 @@ def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: li
     if data.get("apiVersion") != API_VERSION:
         # reported by the schema too, but say it once, clearly, and keep going
         pass
-    body = normalise(copy.deepcopy(data))
-    doc.data = body
+    body = normalise(data)  # the data was built fresh for this document: normalised in place
     errs = schema_problems(doc, kind, name)
     if errs:
         problems.extend(errs)

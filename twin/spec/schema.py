@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
@@ -32,6 +33,29 @@ def specs_dir() -> Path:
         if (candidate / "common.schema.json").is_file():
             return candidate
     raise FileNotFoundError("cannot find the FLUX IoT JSON Schemas (specs/)")
+
+
+@cache
+def _raw() -> dict[str, dict[str, Any]]:
+    """Every schema file by its ``$id``."""
+    out = {}
+    for path in sorted(specs_dir().glob("*.schema.json")):
+        schema = json.loads(path.read_text(encoding="utf-8"))
+        out[schema.get("$id") or BASE_URI + path.name] = schema
+    return out
+
+
+@cache
+def _fast(kind: str) -> Any:
+    """A compiled validator (fastjsonschema, ~30x faster than jsonschema) for the common case.
+
+    It only answers "valid or not"; when a document is invalid, jsonschema (the reference
+    implementation) is run on it to report every error, located. A test checks that the two
+    agree on the malformed corpus.
+    """
+    schemas = _raw()
+    schema = schemas[BASE_URI + f"{kind}.schema.json"]
+    return fastjsonschema.compile(schema, handlers={"https": schemas.__getitem__})
 
 
 @cache
@@ -65,6 +89,11 @@ def schema_problems(doc: YamlDocument, kind: str, name: str | None) -> list[Prob
     v = validator(kind)
     if v is None:
         return []
+    try:
+        _fast(kind)(doc.data)
+        return []
+    except fastjsonschema.JsonSchemaException:
+        pass
     out: list[Problem] = []
     for err in _leaf_errors(v.iter_errors(doc.data)):
         out.extend(_render(err, doc, kind, name))

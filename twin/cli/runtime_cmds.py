@@ -1,0 +1,276 @@
+"""Runtime commands: ``twin up``, device keys, users, tokens, sessions.
+
+Wired into the main typer app by ``twin.cli.main`` through :func:`register`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from twin.errors import TwinError
+
+
+def _state() -> Any:
+    from twin.cli.main import state
+
+    return state
+
+
+def _registry(registry_url: str | None = None, state_dir: Path | None = None) -> Any:
+    st = _state()
+    if registry_url is not None:
+        st.registry_url = registry_url
+    if state_dir is not None:
+        st.state_dir = state_dir
+    return st.registry()
+
+
+def _console() -> Any:
+    from twin.cli import output
+
+    return output.console
+
+
+def _fmt_time(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def up(
+    path: Annotated[
+        Path | None, typer.Argument(help="Site folder to apply before starting.")
+    ] = None,
+    listen: Annotated[
+        str,
+        typer.Option(
+            "--listen",
+            envvar="TWIN_LISTEN",
+            help="API address HOST:PORT (port 0 picks a free one).",
+        ),
+    ] = "127.0.0.1:8080",
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="Where local state lives.")
+    ] = None,
+    registry: Annotated[str | None, typer.Option("--registry", help="Registry URL.")] = None,
+    message: Annotated[
+        str, typer.Option("-m", "--message", help="Revision message for the apply.")
+    ] = "",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning, error")
+    ] = "info",
+    no_api: Annotated[
+        bool, typer.Option("--no-api", help="Run the engine without the API.")
+    ] = False,
+) -> None:
+    """Apply PATH (if given), then run the engine and the API until Ctrl-C."""
+    import trio
+
+    from twin.api.app import ApiSettings
+    from twin.api.server import ApiService, bind_socket, parse_listen
+    from twin.runtime.engine import Engine, EngineConfig
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    for noisy in ("hypercorn.error", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console = _console()
+    reg = _registry(registry, state_dir)
+    st = _state()
+    if path is not None:
+        from twin.cli.main import author, load
+        from twin.spec.apply import apply_specs
+
+        loaded = load([path])
+        result = apply_specs(
+            reg, loaded, author=author(), message=message or f"twin up {path}", source="cli"
+        )
+        if result.revision is None:
+            console.print(f"{path}: no changes (revision {result.base})")
+        else:
+            console.print(f"{path}: applied as revision {result.revision.number}")
+    services = []
+    if not no_api:
+        host, port = parse_listen(listen)
+        sock = bind_socket(host, port)  # a taken port fails here: one line + hint
+        services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
+    engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            head = engine.revision
+            console.print(
+                f"[bold green]FLUX IoT engine up[/] — revision {engine.revision_number}"
+                f" ({head.hash[:12] if head else 'empty: run twin apply PATH'}),"
+                f" {len(engine.controller.tasks)} devices"
+            )
+            console.print(f"  registry   {reg.url}")
+            console.print(f"  state dir  {st.state_dir}")
+            info = engine.service_info.get("api")
+            if info:
+                console.print(f"  api        {info['url']}/api/v1   (docs {info['url']}/docs)")
+                console.print(f"  openapi    {info['openapi']}")
+                console.print(f"  websocket  {info['ws']}")
+                console.print(f"  metrics    {info['metrics']}")
+                users = await trio.to_thread.run_sync(reg.users)
+                if not users:
+                    console.print("  no users yet: twin user add admin --role admin")
+            console.print("Ctrl-C to stop.")
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        console.print("stopped.")
+    finally:
+        reg.close()
+
+
+# -- device keys ---------------------------------------------------------------------------------
+device_key = typer.Typer(help="HTTP ingest keys of devices (stored hashed).", no_args_is_help=True)
+
+
+@device_key.command("create")
+def key_create(device: Annotated[str, typer.Argument(help="Device name.")]) -> None:
+    """Create (or rotate: create a new one, then revoke the old) a key; it is shown once."""
+    from twin.api.auth import create_device_key
+
+    reg = _registry()
+    if ("Device", device) not in reg.specs():
+        raise TwinError(
+            f"no device {device!r} in the registry", hint="apply it first: twin apply PATH"
+        )
+    rec, key = create_device_key(reg, device)
+    c = _console()
+    c.print(f"key {rec.id} for {device} (shown once, store it on the device):")
+    typer.echo(key)
+
+
+@device_key.command("list")
+def key_list(device: str) -> None:
+    c = _console()
+    for k in _registry().device_keys(device):
+        state = f"revoked {_fmt_time(k.revoked_at)}" if k.revoked_at else "active"
+        c.print(f"{k.id}  created {_fmt_time(k.created_at)}  {state}")
+
+
+@device_key.command("revoke")
+def key_revoke(device: str, key_id: str) -> None:
+    reg = _registry()
+    if not any(k.id == key_id for k in reg.device_keys(device)):
+        raise TwinError(
+            f"no key {key_id!r} for device {device!r}", hint=f"twin device-key list {device}"
+        )
+    reg.revoke_device_key(key_id, time.time())
+    _console().print(f"revoked {key_id}")
+
+
+# -- users ------------------------------------------------------------------------------------------
+user_app = typer.Typer(
+    help="API users (roles viewer, operator, admin; optional site scopes).", no_args_is_help=True
+)
+
+
+@user_app.command("add")
+def user_add(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="viewer | operator | admin")] = "viewer",
+    site: Annotated[
+        list[str] | None, typer.Option("--site", help="Limit to a site (repeatable).")
+    ] = None,
+    password: Annotated[
+        str | None, typer.Option("--password", envvar="TWIN_PASSWORD", help="Default: prompt.")
+    ] = None,
+) -> None:
+    """Create or replace a user."""
+    from twin.api.auth import make_user
+
+    if password is None:
+        password = getpass.getpass(f"password for {name}: ")
+        if password != getpass.getpass("again: "):
+            raise TwinError("the passwords differ")
+    if len(password) < 8:
+        raise TwinError("password too short", hint="use at least 8 characters")
+    _registry().put_user(make_user(name, password, role, site or ()))
+    _console().print(f"user {name} ({role}{', sites ' + ', '.join(site) if site else ''})")
+
+
+@user_app.command("list")
+def user_list() -> None:
+    c = _console()
+    for u in _registry().users():
+        c.print(
+            f"{u.name:20} {u.role:9} {','.join(u.sites) or '*':20} created {_fmt_time(u.created_at)}"
+        )
+
+
+@user_app.command("delete")
+def user_delete(name: str) -> None:
+    reg = _registry()
+    if reg.get_user(name) is None:
+        raise TwinError(f"no user {name!r}", hint="twin user list")
+    reg.delete_user(name)
+    _console().print(f"deleted {name}")
+
+
+# -- tokens, sessions ---------------------------------------------------------------------------------
+token_app = typer.Typer(help="API access tokens.", no_args_is_help=True)
+
+
+@token_app.command("create")
+def token_create(
+    user: str,
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, e.g. 1h, 30d.")] = "30d",
+) -> None:
+    """Print an access token for USER (for scripts, TWIN_TOKEN, Prometheus)."""
+    from twin.api.auth import issue_access_token, load_secret
+    from twin.spec.units import parse_duration
+
+    reg = _registry()
+    u = reg.get_user(user)
+    if u is None:
+        raise TwinError(f"no user {user!r}", hint=f"twin user add {user} --role viewer")
+    typer.echo(issue_access_token(load_secret(_state().state_dir), u, ttl=parse_duration(ttl)))
+
+
+session_app = typer.Typer(help="Login sessions (refresh tokens).", no_args_is_help=True)
+
+
+@session_app.command("list")
+def session_list(user: Annotated[str | None, typer.Option("--user")] = None) -> None:
+    c = _console()
+    for s in _registry().sessions(user):
+        state = (
+            f"revoked {_fmt_time(s.revoked_at)}"
+            if s.revoked_at
+            else f"expires {_fmt_time(s.expires_at)}"
+        )
+        c.print(f"{s.id}  {s.user:16} {s.client:15} created {_fmt_time(s.created_at)}  {state}")
+
+
+@session_app.command("revoke")
+def session_revoke(session_id: str) -> None:
+    reg = _registry()
+    if reg.get_session(session_id) is None:
+        raise TwinError(f"no session {session_id!r}", hint="twin session list")
+    reg.revoke_session(session_id, time.time())
+    _console().print(f"revoked {session_id}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``up``, ``device-key``, ``user``, ``token`` and ``session`` to the main app."""
+    app.command("up")(up)
+    app.add_typer(device_key, name="device-key")
+    app.add_typer(user_app, name="user")
+    app.add_typer(token_app, name="token")
+    app.add_typer(session_app, name="session")
+
+
+__all__ = ["register"]
+
