@@ -143,7 +143,7 @@ def main() -> None:
         with psycopg.connect(args.pg, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     labels = list(next(iter(results.values())))
-    print(f"{"step":44}" + "".join(f"{b:>12}" for b in results))
+    print(f"{'step':44}" + "".join(f"{b:>12}" for b in results))
     for label in labels:
         print(f"{label:44}" + "".join(f"{results[b][label]:>11.3f}s" for b in results))
     for b, r in results.items():
