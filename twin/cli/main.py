@@ -469,7 +469,13 @@ def _register_extensions() -> None:
     """Command groups that live in their own modules (runtime, control, time series ...)."""
     import importlib
 
-    for mod in ("twin.cli.runtime_cmds",):
+    for mod in (
+        "twin.cli.runtime_cmds",  # up, user, token, session, device-key
+        "twin.cli.broker_cmds",  # broker
+        "twin.cli.control_cmds",  # command, scene, simulate
+        "twin.cli.timeseries_cmds",  # query, storage
+        "twin.cli.dashboard_cmds",  # dashboard
+    ):
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
