@@ -32,10 +32,12 @@ from ..errors import ConflictError, NotFoundError, RegistryError
 from .base import (
     Alarm,
     AuditEntry,
+    CommandRecord,
     DeviceKey,
     Key,
     MetricSample,
     Revision,
+    SceneTrace,
     Session,
     SpecSet,
     StatusChange,
@@ -54,6 +56,17 @@ _USER_COLS = "name, password_hash, role, sites, created_at, disabled"
 _SESSION_COLS = "id, user_name, token_hash, created_at, expires_at, revoked_at, client"
 _KEY_COLS = "id, device, key_hash, created_at, revoked_at"
 _AUDIT_COLS = "id, timestamp, actor, action, target, result, detail"
+_COMMAND_COLS = (
+    "id, seq, device, type, params, status, error, result, timeout, deadline, idempotency_key, "
+    "attempts, source, batch, cancel_requested, created_at, updated_at, transitions"
+)
+_COMMAND_UPSERT_SET = (
+    "status = excluded.status, error = excluded.error, result = excluded.result, "
+    "timeout = excluded.timeout, deadline = excluded.deadline, attempts = excluded.attempts, "
+    "cancel_requested = excluded.cancel_requested, updated_at = excluded.updated_at, "
+    "transitions = excluded.transitions"
+)
+_TRACE_COLS = "run_id, scene, started_at, finished_at, status, trace"
 _DEVICE_COLS = (
     "id, name, device_type, protocol, status, metadata, tags, group_id, created_at, "
     "updated_at, site, model, revision"
@@ -823,6 +836,172 @@ class SQLRegistry:
             AuditEntry(int(i), float(t), a, ac, tg, r, self._json_out(d) or {})
             for i, t, a, ac, tg, r, d in rows
         ]
+
+    # -- command ledger and scene traces ----------------------------------------------------
+    def _command_params(self, c: CommandRecord) -> tuple[Any, ...]:
+        return (
+            c.id,
+            c.seq,
+            c.device,
+            c.type,
+            self._json_in(dict(c.params)),
+            c.status,
+            c.error,
+            None if c.result is None else self._json_in(c.result),
+            c.timeout,
+            c.deadline,
+            c.idempotency_key,
+            c.attempts,
+            c.source,
+            c.batch,
+            bool(c.cancel_requested),
+            c.created_at,
+            c.updated_at,
+            self._json_in([list(t) for t in c.transitions]),
+        )
+
+    def _command(self, row: Any) -> CommandRecord:
+        (i, seq, dev, typ, params, status, error, result, timeout, deadline, key, attempts,
+         source, batch, cancel, created, updated, transitions) = row
+        return CommandRecord(
+            id=i,
+            seq=int(seq),
+            device=dev,
+            type=typ,
+            params=self._json_out(params) or {},
+            status=status,
+            error=error,
+            result=None if result is None else self._json_out(result),
+            timeout=float(timeout),
+            deadline=float(deadline),
+            idempotency_key=key,
+            attempts=int(attempts),
+            source=source or "",
+            batch=batch,
+            cancel_requested=bool(cancel),
+            created_at=float(created),
+            updated_at=float(updated),
+            transitions=tuple((str(s), float(t)) for s, t in self._json_out(transitions) or []),
+        )
+
+    def insert_command(self, command: CommandRecord) -> tuple[CommandRecord, bool]:
+        marks = ", ".join("?" * 18)
+        with self._tx(write=True) as conn:
+            if command.idempotency_key is not None:
+                row = self._one(
+                    conn,
+                    f"SELECT {_COMMAND_COLS} FROM commands WHERE device = ? "
+                    "AND idempotency_key = ?",
+                    (command.device, command.idempotency_key),
+                )
+                if row is not None:
+                    return self._command(row), False
+            self._exec(
+                conn,
+                f"INSERT INTO commands ({_COMMAND_COLS}) VALUES ({marks})",
+                self._command_params(command),
+            )
+        return command, True
+
+    def save_commands(self, commands: Sequence[CommandRecord]) -> None:
+        if not commands:
+            return
+        marks = ", ".join("?" * 18)
+        with self._tx(write=True) as conn:
+            self._many(
+                conn,
+                f"INSERT INTO commands ({_COMMAND_COLS}) VALUES ({marks}) "
+                f"ON CONFLICT (id) DO UPDATE SET {_COMMAND_UPSERT_SET}",
+                [self._command_params(c) for c in commands],
+            )
+
+    def get_command(self, command_id: str) -> CommandRecord | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_COMMAND_COLS} FROM commands WHERE id = ?", (command_id,)
+            )
+        return None if row is None else self._command(row)
+
+    def commands(
+        self,
+        *,
+        device: str | None = None,
+        statuses: Sequence[str] | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+    ) -> list[CommandRecord]:
+        sql = f"SELECT {_COMMAND_COLS} FROM commands WHERE 1 = 1"
+        params: list[Any] = []
+        if device is not None:
+            sql += " AND device = ?"
+            params.append(device)
+        if batch is not None:
+            sql += " AND batch = ?"
+            params.append(batch)
+        if statuses is not None:
+            if not statuses:
+                return []
+            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
+            params += list(statuses)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [self._command(r) for r in rows]
+
+    def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]:
+        sql = f"SELECT {_COMMAND_COLS} FROM commands"
+        if terminal:
+            sql += f" WHERE status NOT IN ({', '.join('?' * len(terminal))})"
+        sql += " ORDER BY seq"
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, list(terminal))
+        return [self._command(r) for r in rows]
+
+    def max_command_seq(self) -> int:
+        with self._tx(write=False) as conn:
+            row = self._one(conn, "SELECT MAX(seq) FROM commands")
+        return int(row[0] or 0) if row else 0
+
+    def save_scene_trace(self, trace: SceneTrace) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                f"INSERT INTO scene_traces ({_TRACE_COLS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run_id) DO UPDATE SET finished_at = excluded.finished_at, "
+                "status = excluded.status, trace = excluded.trace",
+                (
+                    trace.run_id,
+                    trace.scene,
+                    trace.started_at,
+                    trace.finished_at,
+                    trace.status,
+                    self._json_in(dict(trace.trace)),
+                ),
+            )
+
+    def _trace(self, row: Any) -> SceneTrace:
+        r, s, st, fin, status, body = row
+        return SceneTrace(r, s, float(st), _opt_float(fin), status, self._json_out(body) or {})
+
+    def scene_traces(self, scene: str | None = None, *, limit: int = 20) -> list[SceneTrace]:
+        sql = f"SELECT {_TRACE_COLS} FROM scene_traces"
+        params: list[Any] = []
+        if scene is not None:
+            sql += " WHERE scene = ?"
+            params.append(scene)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [self._trace(r) for r in rows]
+
+    def scene_trace(self, run_id: str) -> SceneTrace | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_TRACE_COLS} FROM scene_traces WHERE run_id = ?", (run_id,)
+            )
+        return None if row is None else self._trace(row)
 
 
 def _close_quietly(conn: Any) -> None:

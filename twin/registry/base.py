@@ -127,6 +127,40 @@ class AuditEntry:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CommandRecord:
+    """One row of the command ledger (twin/control/ledger.py owns the state machine)."""
+
+    id: str
+    seq: int
+    device: str
+    type: str
+    params: Mapping[str, Any]
+    status: str
+    timeout: float
+    deadline: float  # unix seconds: past it, a non-terminal command becomes ``timeout``
+    created_at: float
+    updated_at: float
+    transitions: tuple[tuple[str, float], ...] = ()  # (status, unix seconds), oldest first
+    error: str | None = None
+    result: Any = None
+    idempotency_key: str | None = None
+    attempts: int = 0
+    source: str = ""
+    batch: str | None = None
+    cancel_requested: bool = False
+
+
+@dataclass(frozen=True)
+class SceneTrace:
+    run_id: str
+    scene: str
+    started_at: float
+    finished_at: float | None
+    status: str
+    trace: Mapping[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class Registry(Protocol):
     url: str
@@ -254,3 +288,36 @@ class Registry(Protocol):
 
     def audit_log(self, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first."""
+
+    # -- command ledger and scene traces (twin/control) ----------------------------------------
+    def insert_command(self, command: CommandRecord) -> tuple[CommandRecord, bool]:
+        """Insert a new command. If (device, idempotency_key) exists, return that one, False."""
+
+    def save_commands(self, commands: Sequence[CommandRecord]) -> None:
+        """Insert or update (by id) every field of each command, in one transaction."""
+
+    def get_command(self, command_id: str) -> CommandRecord | None: ...
+
+    def commands(
+        self,
+        *,
+        device: str | None = None,
+        statuses: Sequence[str] | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+    ) -> list[CommandRecord]:
+        """Newest first (by seq)."""
+
+    def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]:
+        """Every command whose status is not in ``terminal``, oldest first (by seq)."""
+
+    def max_command_seq(self) -> int:
+        """The highest seq used so far (0 for none)."""
+
+    def save_scene_trace(self, trace: SceneTrace) -> None:
+        """Insert or replace (by run_id) a scene run's trace."""
+
+    def scene_traces(self, scene: str | None = None, *, limit: int = 20) -> list[SceneTrace]:
+        """Newest first."""
+
+    def scene_trace(self, run_id: str) -> SceneTrace | None: ...

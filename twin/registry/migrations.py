@@ -139,6 +139,44 @@ SQLITE: list[list[str]] = [
         )""",
         "CREATE INDEX audit_log_actor ON audit_log (actor)",
     ],
+    # 2: command ledger and scene traces (twin/control)
+    [
+        """CREATE TABLE commands (
+            id TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            device TEXT NOT NULL,
+            type TEXT NOT NULL,
+            params TEXT NOT NULL,
+            status TEXT NOT NULL,
+            error TEXT,
+            result TEXT,
+            timeout REAL NOT NULL,
+            deadline REAL NOT NULL,
+            idempotency_key TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL DEFAULT '',
+            batch TEXT,
+            cancel_requested INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            transitions TEXT NOT NULL
+        )""",
+        "CREATE INDEX commands_device ON commands (device, seq)",
+        "CREATE INDEX commands_status ON commands (status)",
+        "CREATE INDEX commands_batch ON commands (batch)",
+        "CREATE UNIQUE INDEX commands_idem ON commands (device, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL",
+        """CREATE TABLE scene_traces (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL UNIQUE,
+            scene TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            status TEXT NOT NULL,
+            trace TEXT NOT NULL
+        )""",
+        "CREATE INDEX scene_traces_scene ON scene_traces (scene, id)",
+    ],
 ]
 
 POSTGRES: list[list[str]] = [
@@ -265,6 +303,44 @@ POSTGRES: list[list[str]] = [
             detail JSONB
         )""",
         "CREATE INDEX audit_log_actor ON audit_log (actor)",
+    ],
+    # 2: command ledger and scene traces (twin/control)
+    [
+        """CREATE TABLE commands (
+            id TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL,
+            device TEXT NOT NULL,
+            type TEXT NOT NULL,
+            params JSONB NOT NULL,
+            status TEXT NOT NULL,
+            error TEXT,
+            result JSONB,
+            timeout DOUBLE PRECISION NOT NULL,
+            deadline DOUBLE PRECISION NOT NULL,
+            idempotency_key TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            source TEXT NOT NULL DEFAULT '',
+            batch TEXT,
+            cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
+            created_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            transitions JSONB NOT NULL
+        )""",
+        "CREATE INDEX commands_device ON commands (device, seq)",
+        "CREATE INDEX commands_status ON commands (status)",
+        "CREATE INDEX commands_batch ON commands (batch)",
+        "CREATE UNIQUE INDEX commands_idem ON commands (device, idempotency_key) "
+        "WHERE idempotency_key IS NOT NULL",
+        """CREATE TABLE scene_traces (
+            id BIGSERIAL PRIMARY KEY,
+            run_id TEXT NOT NULL UNIQUE,
+            scene TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION,
+            status TEXT NOT NULL,
+            trace JSONB NOT NULL
+        )""",
+        "CREATE INDEX scene_traces_scene ON scene_traces (scene, id)",
     ],
 ]
 
