@@ -57,7 +57,14 @@ def test_save_updates_and_queries(registry: SQLRegistry) -> None:
     registry.save_commands([done, _cmd(6)])
     got = registry.get_command("c2")
     assert got == done
-    assert [c.id for c in registry.commands(device="fan_01")] == ["c6", "c5", "c4", "c3", "c2", "c1"]
+    assert [c.id for c in registry.commands(device="fan_01")] == [
+        "c6",
+        "c5",
+        "c4",
+        "c3",
+        "c2",
+        "c1",
+    ]
     assert [c.id for c in registry.commands(statuses=["failed"])] == ["c2"]
     assert [c.id for c in registry.commands(batch="b1")] == ["c5", "c3", "c1"]
     assert registry.commands(statuses=[]) == []
@@ -68,7 +75,9 @@ def test_scene_traces(registry: SQLRegistry) -> None:
     registry.save_scene_trace(SceneTrace("r1", "fan", 10.0, None, "running", {"steps": []}))
     registry.save_scene_trace(SceneTrace("r1", "fan", 10.0, 11.5, "success", {"steps": [1]}))
     registry.save_scene_trace(SceneTrace("r2", "other", 12.0, 12.0, "failed", {}))
-    assert registry.scene_trace("r1") == SceneTrace("r1", "fan", 10.0, 11.5, "success", {"steps": [1]})
+    assert registry.scene_trace("r1") == SceneTrace(
+        "r1", "fan", 10.0, 11.5, "success", {"steps": [1]}
+    )
     assert [t.run_id for t in registry.scene_traces()] == ["r2", "r1"]
     assert [t.run_id for t in registry.scene_traces("fan")] == ["r1"]
     assert registry.scene_trace("zz") is None
