@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
@@ -21,8 +22,8 @@ import yaml
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from twin.errors import NotFoundError, SpecError, TwinError
 from twin.cli import output as out
+from twin.errors import NotFoundError, SpecError, TwinError
 
 app = typer.Typer(
     name="twin",
@@ -67,7 +68,7 @@ def author() -> str:
 
 
 @contextmanager
-def spinner(what: str):  # type: ignore[no-untyped-def]
+def spinner(what: str) -> Iterator[None]:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=out.err_console, transient=True,
                   disable=not out.err_console.is_terminal) as progress:

@@ -16,6 +16,7 @@ from twin.registry.base import Revision
 from twin.spec.paths import format_path
 from twin.spec.plan import MISSING, Action, Plan
 
+
 def _console(stderr: bool = False) -> Console:
     probe = Console(stderr=stderr)
     # piped output is not cut at 80 columns; user text is never read as rich markup

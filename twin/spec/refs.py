@@ -49,7 +49,7 @@ def value_problem(value: Any, decl: dict[str, Any]) -> str | None:
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "boolean": isinstance(value, bool),
         "string": isinstance(value, str),
-    }.get(t, True)
+    }.get(str(t), True)
     if not ok:
         return f"{value!r} is not of type {t}"
     if "enum" in decl and value not in decl["enum"]:
@@ -78,7 +78,7 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
         if site is not None and doc.kind != "Site":
             _ref(doc, ("metadata", "site"), "Site", site, sites, problems)
 
-    for name, doc in sites.items():
+    for doc in sites.values():
         if doc.key in invalid:
             continue
         tz = doc.body.get("spec", {}).get("timezone")
@@ -91,7 +91,7 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
 
     # Documents that failed their schema are still checked here (every problem in one run);
     # each check looks at the types it needs and skips what the schema already reported.
-    for name, doc in groups.items():
+    for doc in groups.values():
         spec = _mapping(doc.body.get("spec"))
         parent = _ref(doc, ("spec", "parent"), "DeviceGroup", spec.get("parent"), groups, problems)
         if parent is not None:
@@ -103,11 +103,11 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
         _heartbeat(doc, spec.get("heartbeat"), ("spec", "heartbeat"), problems)
     problems.extend(_group_cycles(groups))
 
-    for name, doc in models.items():
+    for doc in models.values():
         if doc.key not in invalid:  # a model's own checks need its schema to hold
             _check_model(doc, problems)
 
-    for name, doc in devices.items():
+    for doc in devices.values():
         meta = _mapping(doc.body.get("metadata"))
         spec = _mapping(doc.body.get("spec"))
         group = _ref(doc, ("metadata", "group"), "DeviceGroup", meta.get("group"), groups, problems)

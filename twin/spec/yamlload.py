@@ -109,7 +109,7 @@ class _Builder:
             return ev.value
         if tag in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"):
             return ev.value  # dates stay strings in specs
-        node = yaml.ScalarNode(tag, ev.value, ev.start_mark, ev.end_mark, ev.style)
+        node = yaml.ScalarNode(tag, ev.value, None, None, ev.style)
         return self.constructor.construct_object(node, deep=True)
 
     def document(self, events: Iterator[yaml.Event], first: yaml.Event) -> Any:
@@ -126,12 +126,10 @@ class _Builder:
             return self.anchors[ev.anchor]
         elif isinstance(ev, yaml.SequenceStartEvent):
             out = []
-            i = 0
             for item in events:
                 if isinstance(item, yaml.SequenceEndEvent):
                     break
-                out.append(self.value(events, item, (*path, i)))
-                i += 1
+                out.append(self.value(events, item, (*path, len(out))))
         elif isinstance(ev, yaml.MappingStartEvent):
             out = self.mapping(events, path)
         else:  # pragma: no cover - libyaml guarantees the grammar
@@ -143,7 +141,7 @@ class _Builder:
             self.anchors[anchor] = out
         return out
 
-    def mapping(self, events: Iterator[yaml.Event], path: Path) -> dict[str, Any]:
+    def mapping(self, events: Iterator[Any], path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
         merges: list[Any] = []
         for kev in events:
