@@ -76,11 +76,14 @@ class ApiService:
     port: int = 8080
     settings: ApiSettings | None = None
     name: str = "api"
+    sock: socket.socket | None = (
+        None  # already bound (see bind_socket): fail early, not in the tree
+    )
 
     async def __call__(
         self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        sock = bind_socket(self.host, self.port)
+        sock = self.sock if self.sock is not None else bind_socket(self.host, self.port)
         actual = sock.getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{actual}"

@@ -107,7 +107,7 @@ def up(
             await nursery.start(engine.run)
             head = engine.revision
             console.print(
-                f"[bold green]FLUX IoT engine up[/] — revision {engine.revision_number}"
+                f"FLUX IoT engine up — revision {engine.revision_number}"
                 f" ({head.hash[:12] if head else 'empty: run twin apply PATH'}),"
                 f" {len(engine.controller.tasks)} devices"
             )
@@ -128,8 +128,23 @@ def up(
         trio.run(main)
     except KeyboardInterrupt:
         console.print("stopped.")
+    except BaseExceptionGroup as group:
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is None:
+            console.print("stopped.")
+        else:
+            leaves = _leaves(rest)
+            if len(leaves) == 1 and isinstance(leaves[0], TwinError):
+                raise leaves[0] from None
+            raise
     finally:
         reg.close()
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
 
 
 # -- device keys ---------------------------------------------------------------------------------
