@@ -83,6 +83,7 @@ class Session:
     will_scope: trio.CancelScope | None = None
     pending_will: Message | None = None  # delayed will (5.0 will delay interval)
     dropped: int = 0
+    qos0: int = 0  # queued QoS 0 messages (see enqueue)
 
     @property
     def persistent(self) -> bool:
@@ -97,19 +98,45 @@ class Session:
         raise RuntimeError("no free packet identifier")
 
     def enqueue(self, out: Outgoing) -> Outgoing | None:
-        """Append; returns the message dropped to make room, if any."""
+        """Append; returns the message dropped to make room, if any.
+
+        O(1) unless the queue is full *and* holds a QoS 0 message: ``qos0`` counts the queued
+        QoS 0 messages (a hint kept by every path that removes from the queue; a full scan that
+        finds none resets it), so a full queue of QoS 1/2 messages sheds its oldest without
+        scanning. (Scanning 10,000 entries per publish was the QoS 1 fan-in bottleneck.)
+        """
         dropped = None
-        if len(self.queue) >= self.max_queued:
+        queue = self.queue
+        if len(queue) >= self.max_queued:
             victim = None
-            for item in self.queue:
-                if item.qos == 0:
-                    victim = item
-                    break
+            if self.qos0 > 0:
+                for item in queue:
+                    if item.qos == 0:
+                        victim = item
+                        break
             if victim is None:
-                victim = self.queue.popleft()
+                self.qos0 = 0
+                victim = queue.popleft()
             else:
-                self.queue.remove(victim)
+                queue.remove(victim)
+                self.qos0 -= 1
             dropped = victim
             self.dropped += 1
-        self.queue.append(out)
+        queue.append(out)
+        if out.qos == 0:
+            self.qos0 += 1
         return dropped
+
+    def popleft(self) -> Outgoing:
+        item = self.queue.popleft()
+        if item.qos == 0 and self.qos0 > 0:
+            self.qos0 -= 1
+        return item
+
+    def clear_queue(self, only_qos0: bool = False) -> None:
+        """Drop every queued message (only the QoS 0 ones with ``only_qos0=True``)."""
+        if not only_qos0:
+            self.queue.clear()
+        elif self.qos0:
+            self.queue = deque(o for o in self.queue if o.qos)
+        self.qos0 = 0
