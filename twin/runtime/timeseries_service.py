@@ -1,0 +1,433 @@
+"""The time-series engine service: readings → one ``BatchedWriter`` → the store; retention.
+
+``Engine(..., services=[TimeSeriesService()])`` (``twin up`` adds it unless ``--no-timeseries``)::
+
+    timeseries
+    ├─ pump        bus subscription (kind "reading") → records with the device's tags → writer
+    ├─ writer      BatchedWriter: flush by size / time, bounded, store calls in a worker thread
+    ├─ retention   RetentionManager over the ``kind: RetentionPolicy`` documents of the running
+    │              revision, rebuilt when they change (hot reload), a pass every ``interval``
+    └─ monitor     StorageMonitor → Prometheus gauges on /metrics, disk-nearly-full alarm
+
+Store: LanceDB in ``<state_dir>/timeseries`` by default; ``url`` (or ``$TWIN_TIMESERIES``)
+``postgresql://...`` selects PostgreSQL (see ``twin.timeseries.factory``).
+
+Tags: each row carries the device's ``site`` and ``group`` (``metadata.group``) and one
+canonical tag string from ``metadata.tags`` and ``metadata.labels`` (``",critical,floor=1,hvac,"``),
+read from the device spec of the running revision (cached per revision).
+
+Backpressure: the bus never blocks the engine and drops a subscriber whose buffer is full.
+The pump uses a large buffer and moves readings into the writer in chunks; if the store is so
+slow that the buffer still overflows, the pump logs it, counts the readings as lost
+(``twin_timeseries_lost_subscriptions_total``) and resubscribes: the engine stays up.
+
+Disk-nearly-full alarm: raised through ``registry.raise_alarm`` on the pseudo device
+``_storage`` with type ``disk_nearly_full`` (severity ``major``) when the store reports less
+than its free-space threshold (LanceDB: 5 % of the disk or twice ``min_free_bytes``), and
+cleared automatically when space returns. Writes are refused below ``min_free_bytes`` and the
+writer retries them (producers block) until space returns.
+
+``engine.service_info["timeseries"]`` is this object: the API and CLI use ``.store``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from twin.runtime.bus import Filter, Subscription
+from twin.timeseries.base import Quality, Record, TimeSeriesStore, canonical_tags
+from twin.timeseries.factory import describe, open_store
+from twin.timeseries.retention import RetentionManager, RetentionPolicy, StorageMonitor
+from twin.timeseries.writer import BatchedWriter
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from twin.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+STORAGE_DEVICE = "_storage"
+"""Pseudo device of storage alarms (``GET /api/v1/alarms?device=_storage``)."""
+DISK_ALARM = "disk_nearly_full"
+
+_QUALITY = {"good": 0, "uncertain": 1, "bad": 2}
+
+
+class _Prom:
+    """Time-series gauges on the engine's Prometheus registry (served on /metrics)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Gauge
+
+        r = registry
+        self.points = Gauge(
+            "twin_timeseries_points", "Stored points per tier", ["tier"], registry=r
+        )
+        self.bytes = Gauge("twin_timeseries_bytes", "Bytes on disk per tier", ["tier"], registry=r)
+        self.bytes_per_point = Gauge(
+            "twin_timeseries_bytes_per_point", "Bytes per stored point, all tiers", registry=r
+        )
+        self.free = Gauge(
+            "twin_timeseries_free_bytes", "Free bytes on the store's disk (-1 unknown)", registry=r
+        )
+        self.nearly_full = Gauge(
+            "twin_timeseries_disk_nearly_full", "1 when the store's disk is nearly full", registry=r
+        )
+        self.growth = Gauge(
+            "twin_timeseries_growth_bytes_per_second", "Store growth rate", registry=r
+        )
+        self.written = Counter(
+            "twin_timeseries_points_written", "Points written by the batched writer", registry=r
+        )
+        self.write_errors = Gauge(
+            "twin_timeseries_write_errors", "Failed store writes (retried)", registry=r
+        )
+        self.lost = Counter(
+            "twin_timeseries_lost_subscriptions",
+            "Times the writer fell behind the bus and was resubscribed",
+            registry=r,
+        )
+        self.passes = Counter(
+            "twin_timeseries_retention_passes", "Retention passes", ["result"], registry=r
+        )
+
+
+@dataclass
+class TimeSeriesService:
+    """Engine service; see the module docstring. ``store`` may be injected (tests)."""
+
+    url: str | None = None
+    store: TimeSeriesStore | None = None
+    batch_size: int = 10_000
+    flush_interval: float = 1.0
+    max_chunks: int = 16
+    bus_buffer: int = 20_000
+    retention_interval: float = 60.0
+    monitor_interval: float = 30.0
+    policy_check_interval: float = 0.5
+    store_options: dict[str, Any] = field(default_factory=dict)
+    name: str = "timeseries"
+
+    writer: BatchedWriter | None = field(default=None, init=False)
+    retention: RetentionManager | None = field(default=None, init=False)
+    policies: dict[str, Mapping[str, Any]] = field(default_factory=dict, init=False)
+    last_report: dict[str, Any] | None = field(default=None, init=False)
+    last_pass: dict[str, Any] | None = field(default=None, init=False)
+    description: str = field(default="", init=False)
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+    _prom: _Prom | None = field(default=None, init=False, repr=False)
+    _tags: dict[str, tuple[str, str, str]] = field(default_factory=dict, init=False, repr=False)
+    _tags_rev: int = field(default=-1, init=False, repr=False)
+    _alarm_raised: bool | None = field(default=None, init=False, repr=False)
+    _pass_lock: trio.Lock = field(default_factory=trio.Lock, init=False, repr=False)
+    _policies_changed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+
+    # --- service entry ------------------------------------------------------------------
+    async def __call__(
+        self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._engine = engine
+        state_dir = engine.config.state_dir
+        owned = self.store is None
+        if self.store is None:
+            self.store = await trio.to_thread.run_sync(
+                lambda: open_store(self.url, state_dir, **self.store_options)
+            )
+        store = self.store
+        self.description = describe(self.url, state_dir) if owned else type(store).__name__
+        self._prom = _Prom(engine.prom.registry)
+        prom = self._prom
+
+        def flushed(n: int) -> None:
+            prom.written.inc(n)
+
+        self.writer = BatchedWriter(
+            store,
+            batch_size=self.batch_size,
+            flush_interval=self.flush_interval,
+            max_chunks=self.max_chunks,
+            on_flush=flushed,
+        )
+        monitor = StorageMonitor(store)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.writer.run)
+                await self._load_policies()
+                sub = engine.bus.open(
+                    Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
+                )
+                nursery.start_soon(self._pump, sub)
+                nursery.start_soon(self._watch_policies)
+                nursery.start_soon(self._retention_loop)
+                nursery.start_soon(self._monitor_loop, monitor)
+                log.info("timeseries: storing readings in %s", self.description)
+                task_status.started(self)
+        finally:
+            # the writer's own finally has drained and flushed everything accepted
+            with trio.move_on_after(10) as scope:
+                scope.shield = True
+                if owned:
+                    await trio.to_thread.run_sync(store.close)
+
+    # --- readings -----------------------------------------------------------------------
+    def _device_tags(self, device: str) -> tuple[str, str, str]:
+        engine = self._engine
+        assert engine is not None
+        if self._tags_rev != engine.revision_number:
+            self._tags.clear()
+            self._tags_rev = engine.revision_number
+        hit = self._tags.get(device)
+        if hit is None:
+            doc = engine.device_doc(device) or {}
+            meta = doc.get("metadata") or {}
+            try:
+                tags = canonical_tags(meta.get("tags") or (), meta.get("labels") or {})
+            except ValueError:
+                log.warning("timeseries: device %s has a tag with a comma; tags dropped", device)
+                tags = ","
+            hit = (str(meta.get("site") or ""), str(meta.get("group") or ""), tags)
+            self._tags[device] = hit
+        return hit
+
+    def record(self, event: Mapping[str, Any]) -> Record:
+        """A bus ``reading`` event as a store record with the device's tags."""
+        device = str(event["device"])
+        site, group, tags = self._device_tags(device)
+        q = event.get("quality", "good")
+        quality = _QUALITY.get(q, 0) if isinstance(q, str) else int(Quality.parse(q))
+        value = event["value"]
+        if value is not None and not isinstance(value, bool | int | float | str):
+            value = str(value)
+        return (
+            device,
+            str(event["point"]),
+            value,
+            float(event["ts"]),
+            quality,
+            site or str(event.get("site") or ""),
+            group,
+            tags,
+        )
+
+    async def _pump(self, sub: Subscription) -> None:
+        engine = self._engine
+        writer = self.writer
+        assert engine is not None and writer is not None and self._prom is not None
+        try:
+            while True:
+                try:
+                    first = await sub.receive.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    # the bus dropped us: we fell behind (store too slow); resubscribe
+                    self._prom.lost.inc()
+                    log.error(
+                        "timeseries: writer fell behind the bus; readings were lost; resubscribing"
+                    )
+                    sub = engine.bus.open(
+                        Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
+                    )
+                    continue
+                chunk: list[Record] = []
+                event: dict[str, Any] | None = first
+                while event is not None:
+                    if event.get("value") is not None:
+                        try:
+                            chunk.append(self.record(event))
+                        except (KeyError, TypeError, ValueError) as exc:
+                            log.warning("timeseries: bad reading event %r: %s", event, exc)
+                    if len(chunk) >= self.batch_size:
+                        break
+                    try:
+                        event = sub.receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        event = None
+                if chunk:
+                    await writer.write_many(chunk)
+        finally:
+            engine.bus.close(sub)
+
+    # --- retention ----------------------------------------------------------------------
+    def _policy_docs(self) -> dict[str, Mapping[str, Any]]:
+        engine = self._engine
+        assert engine is not None
+        return {n: d for (k, n), d in engine.specs.items() if k == "RetentionPolicy"}
+
+    async def _load_policies(self) -> bool:
+        """Rebuild the manager when the revision's RetentionPolicy documents changed."""
+        docs = self._policy_docs()
+        if docs == self.policies and (self.retention is not None or not docs):
+            return False
+        policies = []
+        for name, doc in sorted(docs.items()):
+            try:
+                policies.append(RetentionPolicy.from_doc(doc))
+            except ValueError as exc:  # validated at apply; keep the others running
+                log.error("timeseries: RetentionPolicy %s ignored: %s", name, exc)
+        store = self.store
+        assert store is not None
+        async with self._pass_lock:
+            self.retention = (
+                await trio.to_thread.run_sync(lambda: RetentionManager(store, policies))
+                if policies
+                else None
+            )
+        self.policies = dict(docs)
+        log.info(
+            "timeseries: retention policies %s",
+            ", ".join(p.name for p in policies) if policies else "(none: raw kept forever)",
+        )
+        return True
+
+    async def _watch_policies(self) -> None:
+        rev = self._engine.revision_number if self._engine else 0
+        while True:
+            await trio.sleep(self.policy_check_interval)
+            assert self._engine is not None
+            if self._engine.revision_number == rev:
+                continue
+            rev = self._engine.revision_number
+            try:
+                if await self._load_policies():
+                    self._policies_changed.set()
+            except Exception:
+                log.exception("timeseries: reloading retention policies failed")
+
+    async def run_retention(self, now: float | None = None) -> dict[str, Any] | None:
+        """One retention pass now (API/CLI "run retention now"); None without policies."""
+        store = self.store
+        assert store is not None and self._prom is not None
+        async with self._pass_lock:
+            mgr = self.retention
+            if mgr is None:
+                return None
+            try:
+                report = await trio.to_thread.run_sync(mgr.run_once, now)
+            except Exception:
+                self._prom.passes.labels("error").inc()
+                raise
+        self._prom.passes.labels("ok").inc()
+        self.last_pass = {
+            "at": time.time(),
+            "rolled_up": report.rolled_up,
+            "expired": report.expired,
+            "reclaimed_bytes": report.reclaimed_bytes,
+            "seconds": report.seconds,
+        }
+        return self.last_pass
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self.run_retention()
+            except Exception:
+                log.exception("timeseries: retention pass failed; retrying next interval")
+            with trio.move_on_after(self.retention_interval):
+                await self._policies_changed.wait()
+            self._policies_changed = trio.Event()
+
+    # --- monitoring ---------------------------------------------------------------------
+    async def refresh_stats(self, monitor: StorageMonitor | None = None) -> dict[str, Any]:
+        store = self.store
+        assert store is not None and self._prom is not None
+        mon = monitor or StorageMonitor(store)
+        report = await trio.to_thread.run_sync(mon.report)
+        writer = self.writer
+        report["writer"] = (
+            {
+                "points_written": writer.points_written,
+                "flushes": writer.flushes,
+                "errors": writer.errors,
+            }
+            if writer
+            else None
+        )
+        report["store"] = self.description
+        report["policies"] = sorted(self.policies)
+        report["last_retention_pass"] = self.last_pass
+        self.last_report = report
+        self._export(report)
+        self._alarm(report)
+        return report
+
+    def _export(self, report: Mapping[str, Any]) -> None:
+        p = self._prom
+        assert p is not None
+        for t in report["tiers"]:
+            p.points.labels(t["tier"]).set(t["points"])
+            p.bytes.labels(t["tier"]).set(t["bytes"])
+        p.bytes_per_point.set(report["bytes_per_point"])
+        p.free.set(report["free_bytes"])
+        p.nearly_full.set(1 if report["disk_nearly_full"] else 0)
+        if report.get("growth_bytes_per_s") is not None:
+            p.growth.set(report["growth_bytes_per_s"])
+        if self.writer is not None:
+            p.write_errors.set(self.writer.errors)
+
+    def _alarm(self, report: Mapping[str, Any]) -> None:
+        engine = self._engine
+        assert engine is not None
+        full = bool(report["disk_nearly_full"])
+        if full == self._alarm_raised:
+            return
+        self._alarm_raised = full
+        now = time.time()
+        if full:
+            msg = (
+                f"time-series disk nearly full: {report['free_bytes']} bytes free "
+                f"({self.description})"
+            )
+            log.warning("timeseries: %s", msg)
+            engine.writer.put(
+                lambda r: r.raise_alarm(STORAGE_DEVICE, DISK_ALARM, "major", msg, now),
+                lambda res: self._publish_alarm("raised", res[0]) if res[1] else None,
+            )
+        else:
+            log.info("timeseries: disk space recovered; clearing %s", DISK_ALARM)
+
+            def cleared(alarms: list[Any]) -> None:
+                for a in alarms:
+                    self._publish_alarm("cleared", a)
+
+            engine.writer.put(
+                lambda r: r.clear_alarms(STORAGE_DEVICE, DISK_ALARM, "system", now), cleared
+            )
+
+    def _publish_alarm(self, event: str, alarm: Any) -> None:
+        from twin.runtime.monitor import alarm_json
+
+        assert self._engine is not None
+        self._engine.bus.publish(
+            {
+                "kind": "alarm",
+                "device": STORAGE_DEVICE,
+                "site": "",
+                "groups": (),
+                "ts": time.time(),
+                "event": event,
+                "alarm": alarm_json(alarm),
+            }
+        )
+
+    async def _monitor_loop(self, monitor: StorageMonitor) -> None:
+        while True:
+            try:
+                await self.refresh_stats(monitor)
+            except Exception:
+                log.exception("timeseries: storage stats failed")
+            await trio.sleep(self.monitor_interval)
+
+
+def timeseries_of(engine: Engine) -> TimeSeriesService | None:
+    """The engine's running time-series service, if any."""
+    svc = engine.service_info.get("timeseries")
+    return svc if isinstance(svc, TimeSeriesService) else None
+
+
+__all__ = ["DISK_ALARM", "STORAGE_DEVICE", "TimeSeriesService", "timeseries_of"]
