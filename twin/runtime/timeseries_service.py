@@ -135,6 +135,10 @@ class TimeSeriesService:
     ) -> None:
         self._engine = engine
         state_dir = engine.config.state_dir
+        # subscribe first: readings published while the store opens are buffered, not lost
+        sub = engine.bus.open(
+            Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
+        )
         owned = self.store is None
         if self.store is None:
             self.store = await trio.to_thread.run_sync(
@@ -160,9 +164,6 @@ class TimeSeriesService:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.writer.run)
                 await self._load_policies()
-                sub = engine.bus.open(
-                    Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
-                )
                 nursery.start_soon(self._pump, sub)
                 nursery.start_soon(self._watch_policies)
                 nursery.start_soon(self._retention_loop)
@@ -170,6 +171,7 @@ class TimeSeriesService:
                 log.info("timeseries: storing readings in %s", self.description)
                 task_status.started(self)
         finally:
+            engine.bus.close(sub)
             # the writer's own finally has drained and flushed everything accepted
             with trio.move_on_after(10) as scope:
                 scope.shield = True
