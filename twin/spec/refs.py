@@ -126,6 +126,9 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
         if model_ok and model is not None:
             _check_desired(doc, model, desired, problems)
             _check_points(doc, model, _mapping(spec.get("binding")), problems)
+    from twin.spec.scenes import scene_problems
+
+    problems.extend(scene_problems(loaded))
     return problems
 
 
