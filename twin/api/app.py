@@ -646,11 +646,15 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         rows = await st.call(reg.metrics, device, names=name, since=since, limit=limit)
         ratios = [r.value for r in rows if r.name == "uptime_ratio"]
         twin = engine.twin(device)
+        from twin.api.timeseries_routes import device_series
+
         return {
             "device": device,
             "live": twin.metrics.to_json() if twin else None,
             "uptime_ratio": sum(ratios) / len(ratios) if ratios else None,
             "samples": [{"name": r.name, "value": r.value, "timestamp": r.timestamp} for r in rows],
+            # per telemetry metric from the time-series store (None without one)
+            "series": await device_series(engine, device, since=since),
         }
 
     @app.get(f"{PREFIX}/devices/{{device}}/twin", tags=["twin"])
@@ -1065,6 +1069,9 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
             engine.bus.close(sub)
             engine.prom.ws_clients.dec()
 
+    from twin.api.timeseries_routes import timeseries_router
+
+    app.include_router(timeseries_router(engine))
     app.openapi_schema = None
     _add_security(app)
     return Gatekeeper(app, st)  # type: ignore[return-value]
