@@ -75,6 +75,7 @@ class BrokerConfig:
     sys_interval: float = 10.0  # $SYS publication period; 0 disables
     state_dir: str | None = None
     fsync_interval: float = 1.0
+    port_hint: str | None = None  # replaces PortInUseError's hint (e.g. name the CLI option)
 
 
 @dataclass
@@ -113,8 +114,12 @@ class Broker:
         *,
         authenticate: Authenticate = allow_all_authenticate,
         authorize: Authorize = allow_all_authorize,
+        sockets: Sequence[Any] = (),
     ) -> None:
+        """``sockets``: already bound and listening stdlib sockets to serve instead of
+        ``config.listen`` (so a caller can report a taken port before starting Trio)."""
         self.config = config or BrokerConfig()
+        self._sockets = list(sockets)
         self.authenticate = authenticate
         self.authorize = authorize
         self.stats = Stats()
@@ -139,7 +144,12 @@ class Broker:
     ) -> None:
         """Serve until cancelled. ``task_status.started`` gets the bound (host, port)s."""
         # bind before the nursery so a PortInUseError reaches the caller unwrapped
-        plain = await self._open(self.config.listen, "mqtt")
+        if self._sockets:
+            plain = [
+                trio.SocketListener(trio.socket.from_stdlib_socket(sk)) for sk in self._sockets
+            ]
+        else:
+            plain = await self._open(self.config.listen, "mqtt")
         self.addresses = [_addr(ln) for ln in plain]
         tls: list[trio.SocketListener] = []
         if self.config.tls_listen:
@@ -179,7 +189,10 @@ class Broker:
                 out.extend(await trio.open_tcp_listeners(port, host=host))
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    raise PortInUseError(host, port, what) from exc
+                    err = PortInUseError(host, port, what)
+                    if self.config.port_hint:
+                        err.hint = self.config.port_hint
+                    raise err from exc
                 raise
         return out
 

@@ -1,0 +1,484 @@
+"""The ``mqtt`` binding: devices that talk MQTT (to the embedded broker or an external one).
+
+```yaml
+binding:
+  mqtt: {}                       # everything by convention (below), JSON payloads
+binding:
+  mqtt:
+    broker: embedded             # default; or the name of an external broker connection
+    prefix: "plant/{site}/{device}"
+    topics: {telemetry: "sensors/{device}/+", command: "cmd/{device}"}
+    format: raw                  # json (default) | raw (a number) | string
+    fields: {temperature: data.t}  # json: point -> dotted path (default: every scalar field)
+    qos: 1                       # subscriptions and what the engine publishes (default 1)
+    retain: false                # retain flag of what the engine publishes (desired values)
+    command_timeout: 30s
+```
+
+Topic convention (each topic may be overridden in ``topics``; ``{site}`` and ``{device}`` are
+substituted, a device without a site uses ``_``)::
+
+    flux/{site}/{device}/telemetry          device → engine   readings (reported state)
+    flux/{site}/{device}/state              device → engine   reported state / heartbeat
+    flux/{site}/{device}/events             device → engine   {"type": "fault"|"ok"|"event", ...}
+    flux/{site}/{device}/status             device → engine   "online" | "offline" (retained;
+                                                              set it as the Last Will)
+    flux/{site}/{device}/command            engine → device   command requests
+    flux/{site}/{device}/command/response   device → engine   command responses
+    flux/{site}/{device}/desired            engine → device   {"point": value} writes
+
+Payloads: with ``format: json`` a telemetry/state object gives one reading per scalar field
+(nested objects flattened with dots; ``fields`` selects and renames), ``"ts"`` (unix seconds, or
+milliseconds) is the timestamp; a bare JSON scalar is one value. ``raw`` is a number (or
+true/false), ``string`` is text. Which point a bare value belongs to: the level matched by the
+last ``+`` of the telemetry topic (``sensors/{device}/+`` → ``sensors/d1/temperature``), else
+``point`` (default ``value``). Retained telemetry is ignored (it may be old) unless
+``retained: true``; a retained ``status`` is always used.
+
+Any message from the device counts as a heartbeat; ``status: offline`` (the device's Last Will)
+marks it offline at once through the engine's hub.
+
+Commands (``send_command``)::
+
+    request   {"id": "<command id>", "name": "reboot", "params": {...},
+               "response_topic": "<topic>"}         + MQTT 5: response topic, correlation data
+    response  {"id": "<command id>", "status": "executing" | "success" | "failure",
+               "result": ..., "error": "..."}       MQTT 5 devices may instead echo the
+                                                    correlation data and omit "id"
+
+``send_command`` returns on ``success`` (the ``result``), raises
+:class:`~twin.errors.CommandError` on ``failure`` or when no final answer comes within
+``command_timeout``; ``executing`` is reported through the optional ``progress`` callback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from twin.bindings.base import (
+    BindingContext,
+    DeviceEvent,
+    EventType,
+    Message,
+    Quality,
+    Reading,
+    register_binding,
+)
+from twin.errors import BindingConnectError, BindingError, CommandError
+
+if TYPE_CHECKING:
+    from twin.mqtt.hub import InMessage, MqttHub, Route
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "flux/{site}/{device}"
+TOPIC_SUFFIX = {
+    "telemetry": "telemetry",
+    "state": "state",
+    "events": "events",
+    "status": "status",
+    "command": "command",
+    "response": "command/response",
+    "desired": "desired",
+}
+DEVICE_PUBLISHES = ("telemetry", "state", "events", "status", "response")
+DEVICE_SUBSCRIBES = ("command", "desired")
+OFFLINE_WORDS = {"offline", "disconnected", "dead", "lost", "false", "0"}
+ONLINE_WORDS = {"online", "connected", "alive", "true", "1"}
+FINAL_OK = {"success", "succeeded", "ok", "done", "completed"}
+FINAL_FAIL = {"failure", "failed", "error", "rejected", "timeout"}
+
+
+# -- hubs: how a binding finds the engine's MQTT connection ---------------------------------------
+_HUBS: dict[int, tuple[Any, dict[str, MqttHub]]] = {}
+
+
+def attach_hub(context: Any, hub: MqttHub, name: str = "embedded", *, default: bool = True) -> None:
+    """Make ``hub`` reachable for bindings built with ``context`` (done by the engine service)."""
+    entry = _HUBS.setdefault(id(context), (context, {}))
+    entry[1][name] = hub
+    if default:
+        entry[1]["default"] = hub
+
+
+def detach_hubs(context: Any) -> None:
+    _HUBS.pop(id(context), None)
+
+
+def hub_for(context: Any, name: str | None) -> MqttHub | None:
+    entry = _HUBS.get(id(context))
+    if entry is None or entry[0] is not context:
+        return None
+    hubs = entry[1]
+    if not name or (name == "embedded" and "embedded" not in hubs):
+        return hubs.get("default")
+    return hubs.get(name)
+
+
+# -- topics -------------------------------------------------------------------------------------
+def device_topics(device: str, site: str | None, options: Mapping[str, Any]) -> dict[str, str]:
+    """Every topic of a device after substitution (used by the binding and by the ACLs)."""
+    subst = {"site": site or "_", "device": device}
+    prefix = str(options.get("prefix") or DEFAULT_PREFIX)
+    given = options.get("topics") or {}
+    out = {}
+    for key, suffix in TOPIC_SUFFIX.items():
+        tmpl = given.get(key) or f"{prefix}/{suffix}"
+        out[key] = _subst(str(tmpl), subst)
+    return out
+
+
+def _subst(tmpl: str, values: Mapping[str, str]) -> str:
+    for k, v in values.items():
+        tmpl = tmpl.replace("{" + k + "}", v)
+    return tmpl
+
+
+def doc_site(doc: Mapping[str, Any]) -> str:
+    return str((doc.get("metadata") or {}).get("site") or "")
+
+
+# -- payloads -----------------------------------------------------------------------------------
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _flatten(v, key + ".", out)
+        elif _scalar(v):
+            out[key] = v
+
+
+def _extract(doc: Any, path: str) -> Any:
+    cur = doc
+    for part in path.split("."):
+        if isinstance(cur, Mapping) and part in cur:
+            cur = cur[part]
+        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        else:
+            raise KeyError(path)
+    return cur
+
+
+def _ts(value: Any, now: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return now
+    return float(value) / 1000.0 if value > 1e11 else float(value)
+
+
+def parse_raw(payload: bytes) -> Any:
+    text = payload.decode("utf-8").strip()
+    low = text.lower()
+    if low in ("true", "on"):
+        return True
+    if low in ("false", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)  # ValueError for anything else
+
+
+class MqttBinding:
+    protocol = "mqtt"
+
+    def __init__(
+        self,
+        device: str,
+        options: Mapping[str, Any],
+        doc: Mapping[str, Any] | None = None,
+        context: BindingContext | None = None,
+        *,
+        hub: MqttHub | None = None,
+    ) -> None:
+        from twin.spec.units import parse_duration
+
+        self.device = device
+        self.options = options
+        self.site = doc_site(doc or {})
+        self.topics = device_topics(device, self.site, options)
+        self.format = str(options.get("format", "json"))
+        self.fields: dict[str, str] = dict(options.get("fields") or {})
+        self.point = str(options.get("point", "value"))
+        self.ts_field = str(options.get("ts_field", "ts"))
+        self.qos = int(options.get("qos", 1))
+        self.retain = bool(options.get("retain", False))
+        self.accept_retained = bool(options.get("retained", False))
+        self.command_timeout = parse_duration(options.get("command_timeout", "30s")) or 30.0
+        self.broker_name = options.get("broker")
+        self.context = context
+        self._hub = hub
+        self._clock: Callable[[], float] = (context.clock if context else None) or time.time
+        self._send: trio.MemorySendChannel[Message] | None = None
+        self._pending: dict[str, trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = {}
+        self.last: dict[str, Reading] = {}
+        self.dropped = 0
+        # the level of the telemetry topic that names the point (last '+'), if any
+        levels = self.topics["telemetry"].split("/")
+        self._point_level = max((i for i, x in enumerate(levels) if x == "+"), default=None)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def hub(self) -> MqttHub:
+        hub = self._hub or hub_for(self.context, self.broker_name)
+        if hub is None:
+            name = self.broker_name or "embedded"
+            raise BindingConnectError(
+                f"mqtt device {self.device!r}: no MQTT connection {name!r} in this engine",
+                hint="run the engine with its MQTT service (twin up starts the embedded broker; "
+                "--mqtt-broker HOST:PORT for an external one)",
+            )
+        return hub
+
+    async def connect(self) -> None:
+        # Device tasks start before the engine's services: give the MQTT service a moment,
+        # then fail (temporary: retried with backoff) until it is up.
+        for _ in range(50):
+            if self._hub or hub_for(self.context, self.broker_name) is not None:
+                break
+            await trio.sleep(0.1)
+        _ = self.hub
+        await trio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        for ch in list(self._pending.values()):
+            ch.close()
+        self._pending.clear()
+        self._send = None
+        await trio.lowlevel.checkpoint()
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        """The last value received for each point (MQTT is push: nothing to poll)."""
+        await trio.lowlevel.checkpoint()
+        if points is None:
+            return list(self.last.values())
+        return [self.last[p] for p in points if p in self.last]
+
+    async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
+        hub = self.hub
+        self._send = send
+        t = self.topics
+        routes: list[Route] = []
+        try:
+            routes.append(await hub.route(t["status"], self._on_status, self.qos))
+            routes.append(await hub.route(t["response"], self._on_response, self.qos))
+            routes.append(await hub.route(t["telemetry"], self._on_telemetry, self.qos))
+            if t["state"] != t["telemetry"]:
+                routes.append(await hub.route(t["state"], self._on_state, self.qos))
+            routes.append(await hub.route(t["events"], self._on_event, self.qos))
+            await trio.sleep_forever()
+        finally:
+            self._send = None
+            with trio.CancelScope(shield=True):
+                for r in routes:
+                    await hub.unroute(r)
+
+    # -- incoming ---------------------------------------------------------------------------
+    def _push(self, m: Message) -> None:
+        send = self._send
+        if send is None:
+            return
+        try:
+            send.send_nowait(m)
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _heartbeat(self) -> None:
+        self._push(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
+
+    def _readings(self, msg: InMessage) -> list[Reading]:
+        now = self._clock()
+        point = self.point
+        if self._point_level is not None:
+            levels = msg.topic.split("/")
+            if len(levels) > self._point_level:
+                point = levels[self._point_level]
+        if not msg.payload:
+            return []
+        if self.format == "string":
+            try:
+                return [Reading(self.device, point, msg.payload.decode("utf-8"), now)]
+            except UnicodeDecodeError:
+                return [Reading(self.device, point, None, now, Quality.BAD)]
+        if self.format == "raw":
+            try:
+                return [Reading(self.device, point, parse_raw(msg.payload), now)]
+            except (ValueError, UnicodeDecodeError):
+                return [Reading(self.device, point, None, now, Quality.BAD)]
+        try:
+            doc = json.loads(msg.payload)
+        except (ValueError, UnicodeDecodeError):
+            return [Reading(self.device, point, None, now, Quality.BAD)]
+        if not isinstance(doc, Mapping):
+            return [Reading(self.device, point, doc, now)] if _scalar(doc) else []
+        ts = _ts(doc.get(self.ts_field), now)
+        out = []
+        if self.fields:
+            for p, path in self.fields.items():
+                try:
+                    value = _extract(doc, path)
+                except KeyError:
+                    continue
+                out.append(Reading(self.device, p, value, ts))
+            return out
+        flat: dict[str, Any] = {}
+        _flatten(doc, "", flat)
+        flat.pop(self.ts_field, None)
+        if self._point_level is not None and set(flat) == {"value"}:
+            return [Reading(self.device, point, flat["value"], ts)]
+        return [Reading(self.device, p, v, ts) for p, v in flat.items()]
+
+    def _on_telemetry(self, msg: InMessage) -> None:
+        if msg.retain and not self.accept_retained:
+            return
+        readings = self._readings(msg)
+        for r in readings:
+            self.last[r.point] = r
+            self._push(r)
+        if not readings:
+            self._heartbeat()
+
+    def _on_state(self, msg: InMessage) -> None:
+        self._on_telemetry(msg)
+
+    def _on_event(self, msg: InMessage) -> None:
+        if msg.retain:
+            return
+        now = self._clock()
+        try:
+            doc = json.loads(msg.payload) if msg.payload else {}
+        except (ValueError, UnicodeDecodeError):
+            doc = {"message": msg.payload.decode("utf-8", "replace")}
+        if not isinstance(doc, Mapping):
+            doc = {"message": doc}
+        try:
+            etype = EventType(str(doc.get("type", "event")))
+        except ValueError:
+            etype = EventType.EVENT
+        data = doc.get("data")
+        if not isinstance(data, Mapping):
+            data = {k: v for k, v in doc.items() if k not in ("type", "ts")}
+        self._push(DeviceEvent(self.device, etype, _ts(doc.get("ts"), now), data))
+
+    def _on_status(self, msg: InMessage) -> None:
+        text = msg.payload.decode("utf-8", "replace").strip()
+        word = text.lower()
+        if text.startswith("{"):
+            try:
+                doc = json.loads(text)
+                word = str(doc.get("status", doc.get("state", ""))).lower()
+            except (ValueError, AttributeError):
+                word = ""
+        if word in OFFLINE_WORDS or not msg.payload:
+            self.hub.device_offline(self.device, f"mqtt status {text or 'empty'!r} on {msg.topic}")
+        else:
+            self._heartbeat()
+
+    def _on_response(self, msg: InMessage) -> None:
+        try:
+            doc = json.loads(msg.payload) if msg.payload else {}
+        except (ValueError, UnicodeDecodeError):
+            doc = {"status": "success", "result": msg.payload.decode("utf-8", "replace")}
+        if not isinstance(doc, Mapping):
+            doc = {"status": "success", "result": doc}
+        cid = doc.get("id")
+        if cid is None and msg.correlation_data is not None:
+            cid = msg.correlation_data.decode("utf-8", "replace")
+        self._heartbeat()
+        ch = self._pending.get(str(cid)) if cid is not None else None
+        if ch is None:
+            log.debug("mqtt device %s: response for unknown command %r", self.device, cid)
+            return
+        status = str(doc.get("status", "success")).lower()
+        with _suppress_channel_errors():
+            ch.send_nowait((status, dict(doc)))
+
+    # -- outgoing ---------------------------------------------------------------------------
+    async def write(self, point: str, value: Any) -> None:
+        payload = json.dumps({point: value}, separators=(",", ":")).encode()
+        try:
+            await self.hub.publish(self.topics["desired"], payload, self.qos, self.retain)
+        except BindingError:
+            raise
+        except Exception as exc:
+            raise BindingConnectError(f"mqtt device {self.device!r}: write failed: {exc}") from exc
+
+    async def send_command(
+        self,
+        name: str,
+        params: Mapping[str, Any],
+        *,
+        command_id: str | None = None,
+        progress: Callable[[str, Mapping[str, Any]], None] | None = None,
+    ) -> Any:
+        hub = self.hub
+        cid = command_id or uuid.uuid4().hex
+        request = {
+            "id": cid,
+            "name": name,
+            "params": dict(params),
+            "response_topic": self.topics["response"],
+        }
+        send, recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](16)
+        self._pending[cid] = send
+        try:
+            await hub.publish(
+                self.topics["command"],
+                json.dumps(request, separators=(",", ":"), default=str).encode(),
+                self.qos,
+                False,
+                response_topic=self.topics["response"],
+                correlation_data=cid.encode(),
+            )
+            with trio.move_on_after(self.command_timeout):
+                async for status, doc in recv:
+                    if status in FINAL_OK:
+                        return doc.get("result", {k: v for k, v in doc.items() if k != "id"})
+                    if status in FINAL_FAIL:
+                        err = doc.get("error") or doc.get("message") or status
+                        raise CommandError(
+                            f"mqtt device {self.device!r}: command {name!r} {status}: {err}"
+                        )
+                    if progress is not None:
+                        progress(status, doc)
+            raise CommandError(
+                f"mqtt device {self.device!r}: command {name!r} got no answer within "
+                f"{self.command_timeout:g}s",
+                hint=f"the device should answer on {self.topics['response']}",
+            )
+        finally:
+            self._pending.pop(cid, None)
+            send.close()
+
+
+class _suppress_channel_errors:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> bool:
+        return et is not None and issubclass(
+            et, trio.WouldBlock | trio.ClosedResourceError | trio.BrokenResourceError
+        )
+
+
+def _factory(
+    device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext
+) -> MqttBinding:
+    return MqttBinding(device, options, doc, context)
+
+
+register_binding("mqtt", _factory)

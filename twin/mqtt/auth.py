@@ -1,0 +1,247 @@
+"""Broker security for the engine: who may connect, and what each principal may do.
+
+Authentication (``Broker(authenticate=...)``), tried in this order:
+
+1. **Client certificate** (mutual TLS): the certificate's CN names a Device with an ``mqtt``
+   binding → that device (``cert_devices=True``; the TLS layer already verified the chain).
+2. **Device key**: user name = device name, password = a device key (``dk_...``, the same keys
+   as HTTP ingest, verified by the very same :class:`twin.api.auth.DeviceKeyVerifier`:
+   argon2 once, then a SHA-256 cache revalidated against the registry every 10 s, so a revoked
+   key stops working within 10 s).
+3. **User**: user name and password of an API user (argon2 ``verify_secret``).
+4. Anonymous clients only with ``allow_anonymous=True`` (then they may do nothing but what
+   ``anonymous_role`` allows; default: nothing).
+
+Authorisation (``Broker(authorize=...)``), derived from the running spec
+(:func:`twin.bindings.mqtt.device_topics`):
+
+=========  ===========================================  ===========================================
+principal  publish                                      subscribe
+=========  ===========================================  ===========================================
+device     its telemetry, state, events, status and     its command and desired topics only
+           command response topics only
+viewer     nothing                                      anything under its sites' prefixes (all
+                                                        when unscoped), never ``$SYS``
+operator   command / desired topics of devices in its    as viewer, plus ``$SYS``
+           sites (all when unscoped)
+admin      anything                                     anything
+engine     anything (the in-process client never passes through here)
+=========  ===========================================  ===========================================
+
+Failures are counted in ``stats`` (exported on /metrics by the engine's MQTT service).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from twin.mqtt.topics import matches
+
+log = logging.getLogger(__name__)
+
+Specs = Mapping[tuple[str, str], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class MqttPrincipal:
+    kind: str  # device | user | anonymous | engine
+    name: str
+    role: str = ""  # users: viewer | operator | admin
+    sites: tuple[str, ...] = ()
+    via: str = ""  # key | password | certificate | anonymous
+
+
+@dataclass(frozen=True)
+class DeviceAcl:
+    site: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def cert_common_name(cert: Any) -> str | None:
+    """The subject CN of a peer certificate as returned by ``SSLSocket.getpeercert()``."""
+    if not isinstance(cert, Mapping):
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+def _covered(allowed: str, flt: str) -> bool:
+    """Is every topic matched by ``flt`` also matched by ``allowed``? (exact, or no wildcard)"""
+    if flt == allowed:
+        return True
+    if "+" in flt or "#" in flt:
+        return False
+    return matches(allowed, flt)
+
+
+class RegistryAuth:
+    def __init__(
+        self,
+        registry: Any,
+        specs: Callable[[], Specs],
+        *,
+        allow_anonymous: bool = False,
+        anonymous_role: str | None = None,
+        cert_devices: bool = True,
+        users: bool = True,
+        verifier: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        from twin.api.auth import DeviceKeyVerifier
+
+        self.registry = registry
+        self.specs = specs
+        self.allow_anonymous = allow_anonymous
+        self.anonymous_role = anonymous_role
+        self.cert_devices = cert_devices
+        self.users = users
+        self.keys = verifier or DeviceKeyVerifier(registry)
+        self.clock = clock
+        self.stats: Counter[str] = Counter()  # auth_failed, denied_publish, denied_subscribe
+        self._acl_src: Any = None
+        self._acl: dict[str, DeviceAcl] = {}
+
+    # -- ACLs from the spec -----------------------------------------------------------------
+    def device_acl(self, device: str) -> DeviceAcl | None:
+        specs = self.specs()
+        if specs is not self._acl_src:
+            self._acl_src, self._acl = specs, {}
+        acl = self._acl.get(device)
+        if acl is None:
+            doc = specs.get(("Device", device))
+            binding = ((doc or {}).get("spec") or {}).get("binding") or {}
+            if not isinstance(binding, Mapping) or "mqtt" not in binding:
+                return None
+            from twin.bindings.mqtt import (
+                DEVICE_PUBLISHES,
+                DEVICE_SUBSCRIBES,
+                device_topics,
+                doc_site,
+            )
+
+            assert doc is not None
+            site = doc_site(doc)
+            topics = device_topics(device, site, binding.get("mqtt") or {})
+            acl = DeviceAcl(
+                site,
+                tuple(topics[k] for k in DEVICE_PUBLISHES),
+                tuple(topics[k] for k in DEVICE_SUBSCRIBES),
+            )
+            self._acl[device] = acl
+        return acl
+
+    def _device_topics_in(self, sites: tuple[str, ...]) -> list[DeviceAcl]:
+        out = []
+        for kind, name in list(self.specs()):
+            if kind != "Device":
+                continue
+            acl = self.device_acl(name)
+            if acl is not None and (not sites or acl.site in sites):
+                out.append(acl)
+        return out
+
+    # -- authentication ---------------------------------------------------------------------
+    async def authenticate(
+        self, client_id: str, username: str | None, password: bytes | None, peer_cert: Any
+    ) -> MqttPrincipal | None:
+        principal = await self._authenticate(username, password, peer_cert)
+        if principal is None:
+            self.stats["auth_failed"] += 1
+            log.info("mqtt: authentication failed for client %r (user %r)", client_id, username)
+        return principal
+
+    async def _authenticate(
+        self, username: str | None, password: bytes | None, peer_cert: Any
+    ) -> MqttPrincipal | None:
+        cn = cert_common_name(peer_cert)
+        if (
+            cn
+            and self.cert_devices
+            and self.device_acl(cn) is not None
+            and (username is None or username == cn)
+        ):
+            return MqttPrincipal("device", cn, via="certificate")
+        if username is None:
+            if self.allow_anonymous:
+                return MqttPrincipal("anonymous", "", self.anonymous_role or "", via="anonymous")
+            return None
+        if password is None:
+            return None
+        try:
+            secret = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        if self.device_acl(username) is not None and secret.startswith("dk_"):
+            now = self.clock()
+            ok = self.keys.cached(username, secret, now)
+            if ok is None:
+                ok = await trio.to_thread.run_sync(self.keys.verify, username, secret, now)
+            return MqttPrincipal("device", username, via="key") if ok else None
+        if self.users:
+            return await trio.to_thread.run_sync(self._check_user, username, secret)
+        return None
+
+    def _check_user(self, username: str, secret: str) -> MqttPrincipal | None:
+        from twin.api.auth import verify_secret
+
+        user = self.registry.get_user(username)
+        if user is None or getattr(user, "disabled", False):
+            return None
+        if not verify_secret(user.password_hash, secret):
+            return None
+        return MqttPrincipal("user", user.name, user.role, tuple(user.sites), via="password")
+
+    # -- authorisation ----------------------------------------------------------------------
+    def authorize(self, principal: Any, action: str, topic: str) -> bool:
+        ok = self._authorize(principal, action, topic)
+        if not ok:
+            self.stats[f"denied_{action}"] += 1
+        return ok
+
+    def _authorize(self, p: Any, action: str, topic: str) -> bool:
+        if not isinstance(p, MqttPrincipal):
+            return False
+        if p.kind == "engine":
+            return True
+        flt = topic
+        if action == "subscribe" and topic.startswith("$share/"):
+            parts = topic.split("/", 2)
+            flt = parts[2] if len(parts) == 3 else topic
+        if p.kind == "device":
+            acl = self.device_acl(p.name)
+            if acl is None:
+                return False
+            if action == "publish":
+                return any(matches(a, topic) for a in acl.publish)
+            return any(_covered(a, flt) for a in acl.subscribe)
+        role = p.role
+        if role == "admin":
+            return True
+        if action == "subscribe":
+            if role not in ("viewer", "operator"):
+                return False
+            if flt.startswith("$SYS"):
+                return role == "operator"
+            if not p.sites:
+                return True
+            return any(flt.startswith(f"flux/{site}/") for site in p.sites) or any(
+                _covered(t, flt)
+                for acl in self._device_topics_in(p.sites)
+                for t in (*acl.publish, *acl.subscribe)
+            )
+        if role == "operator":
+            return any(
+                matches(t, topic) for acl in self._device_topics_in(p.sites) for t in acl.subscribe
+            )
+        return False

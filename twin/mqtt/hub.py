@@ -1,0 +1,246 @@
+"""The engine's one MQTT connection, shared by every MQTT device binding.
+
+::
+
+    MqttBinding ──route(filter, handler)──▶ MqttHub ──▶ Transport ──▶ broker
+         ▲                                     │
+         └────── handler(InMessage) ◀── dispatch (own topic tree) ◀── messages
+
+* :class:`MqttHub` keeps its own :class:`~twin.mqtt.topics.SubscriptionTree` of
+  ``filter → handlers`` and subscribes each distinct filter once on its transport (with
+  ``$share/<group>/`` in front when the engine runs as one of several sharing device traffic).
+  Incoming messages are matched against that tree and handed to the handlers synchronously;
+  handlers must be quick and never block (bindings push into their bounded channel with
+  ``send_nowait`` and count what they had to drop).
+* Transports: :class:`EmbeddedTransport` (the in-process :class:`~twin.mqtt.local.LocalClient`
+  of the embedded broker: no TCP) and :class:`twin.mqtt.paho_trio.PahoTransport` (an external
+  broker through paho-mqtt driven from Trio).
+* ``on_offline(device, reason)`` is set by the engine service: bindings call
+  :meth:`MqttHub.device_offline` when a device's Last Will / status topic says it is gone, and the
+  engine marks it offline at once (instead of waiting for its heartbeat timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from twin.mqtt import codec as c
+from twin.mqtt.session import Message
+from twin.mqtt.topics import SubscriptionTree
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class InMessage:
+    """A message as a binding sees it (transport-independent)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[InMessage], None]
+
+
+class Transport(Protocol):
+    """What the hub needs from a connection to a broker."""
+
+    name: str
+
+    async def subscribe(self, flt: str, qos: int) -> None: ...
+
+    async def unsubscribe(self, flt: str) -> None: ...
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> None: ...
+
+
+@dataclass(eq=False)
+class Route:
+    flt: str
+    handler: Handler
+    qos: int = 1
+
+
+@dataclass
+class HubStats:
+    received: int = 0
+    unrouted: int = 0
+    published: int = 0
+    handler_errors: int = 0
+    offline_events: int = 0
+    routes: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class MqttHub:
+    def __init__(self, transport: Transport, *, share_group: str | None = None) -> None:
+        self.transport = transport
+        self.share_group = share_group
+        self.tree = SubscriptionTree()
+        self._refs: dict[str, int] = {}
+        self._lock = trio.Lock()
+        self.stats = HubStats()
+        self.on_offline: Callable[[str, str], None] | None = None
+
+    def wire(self, flt: str) -> str:
+        """The filter as subscribed on the broker."""
+        return f"$share/{self.share_group}/{flt}" if self.share_group else flt
+
+    async def route(self, flt: str, handler: Handler, qos: int = 1) -> Route:
+        r = Route(flt, handler, qos)
+        async with self._lock:
+            self.tree.add(flt, id(r), r)
+            self.stats.routes += 1
+            n = self._refs.get(flt, 0)
+            self._refs[flt] = n + 1
+            if n == 0:
+                try:
+                    await self.transport.subscribe(self.wire(flt), qos)
+                except BaseException:
+                    self.tree.remove(flt, id(r))
+                    self.stats.routes -= 1
+                    self._refs[flt] = n
+                    if n == 0:
+                        del self._refs[flt]
+                    raise
+        return r
+
+    async def unroute(self, r: Route) -> None:
+        async with self._lock:
+            if not self.tree.remove(r.flt, id(r)):
+                return
+            self.stats.routes -= 1
+            n = self._refs.get(r.flt, 1) - 1
+            if n > 0:
+                self._refs[r.flt] = n
+                return
+            self._refs.pop(r.flt, None)
+            try:
+                await self.transport.unsubscribe(self.wire(r.flt))
+            except Exception as exc:  # the connection may be gone: nothing left to undo
+                log.debug("mqtt hub: unsubscribe %s failed: %s", r.flt, exc)
+
+    def dispatch(self, msg: InMessage) -> None:
+        """Called by the transport for every incoming message (synchronously, never raises)."""
+        self.stats.received += 1
+        hits = self.tree.match(msg.topic)
+        if not hits:
+            self.stats.unrouted += 1
+            return
+        for _flt, _key, r in hits:
+            try:
+                r.handler(msg)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("mqtt hub: handler for %s failed", r.flt)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.stats.published += 1
+        await self.transport.publish(
+            topic,
+            payload,
+            qos,
+            retain,
+            response_topic=response_topic,
+            correlation_data=correlation_data,
+            user_properties=user_properties,
+        )
+
+    def device_offline(self, device: str, reason: str) -> None:
+        self.stats.offline_events += 1
+        if self.on_offline is not None:
+            try:
+                self.on_offline(device, reason)
+            except Exception:
+                log.exception("mqtt hub: marking %s offline failed", device)
+
+
+def in_message(msg: Message) -> InMessage:
+    p = msg.properties
+    return InMessage(
+        msg.topic,
+        msg.payload,
+        msg.qos,
+        msg.retain,
+        p.response_topic,
+        p.correlation_data,
+        p.user_property,
+    )
+
+
+class EmbeddedTransport:
+    """The hub's transport inside the engine: a :class:`~twin.mqtt.local.LocalClient`."""
+
+    name = "embedded"
+
+    def __init__(self, broker: Any, *, client_id: str | None = None) -> None:
+        from twin.mqtt.local import LocalClient
+
+        self.hub: MqttHub | None = None
+        self.client = LocalClient(broker, self._on_message, client_id=client_id)
+
+    def _on_message(self, msg: Message) -> None:
+        if self.hub is not None:
+            self.hub.dispatch(in_message(msg))
+
+    async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.client.run(task_status=task_status)
+
+    async def subscribe(self, flt: str, qos: int) -> None:
+        self.client.subscribe(flt, qos)
+        await trio.lowlevel.checkpoint()
+
+    async def unsubscribe(self, flt: str) -> None:
+        self.client.unsubscribe(flt)
+        await trio.lowlevel.checkpoint()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        user_properties: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        props = c.NO_PROPS
+        if response_topic or correlation_data or user_properties:
+            props = c.Properties(
+                response_topic=response_topic,
+                correlation_data=correlation_data,
+                user_property=tuple(user_properties),
+            )
+        self.client.publish(topic, payload, qos, retain, props)
+        await trio.lowlevel.checkpoint()

@@ -1,0 +1,107 @@
+"""An in-process client of the embedded :class:`~twin.mqtt.broker.Broker` (no TCP, no codec).
+
+The engine talks to its own broker through one ``LocalClient``: it owns a broker
+:class:`~twin.mqtt.session.Session` whose "connection" is this object, so routing, retained
+messages, shared subscriptions and the bounded queue with its drop policy all work exactly as
+for a network client. Delivery is immediate (no packet ids, no acks: nothing can be lost
+between two objects in one process); messages are handed to ``on_message`` by a pump task.
+Authentication and ACLs are not applied: the engine is trusted.
+
+It publishes with :meth:`Broker.publish`, so MQTT 5 properties (response topic, correlation
+data, user properties) reach 5.0 subscribers and are dropped for 3.1.1 ones as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+
+import trio
+
+from twin.mqtt import codec as c
+from twin.mqtt.broker import Broker
+from twin.mqtt.session import Message, Session, SubOptions
+
+log = logging.getLogger(__name__)
+
+OnMessage = Callable[[Message], None]
+
+
+class LocalClient:
+    """One in-process session. ``await nursery.start(client.run)``, then subscribe/publish."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        on_message: OnMessage,
+        *,
+        client_id: str | None = None,
+        max_queued: int = 100_000,
+    ) -> None:
+        self.broker = broker
+        self.on_message = on_message
+        self.client_id = client_id or f"$flux-engine-{secrets.token_hex(4)}"
+        self.session = Session(self.client_id, version=c.MQTT_5, max_queued=max_queued)
+        self.wake = trio.Event()  # the broker sets it when it queues a message for us
+        self.closing = False
+
+    # the broker calls these on a session's ``conn``
+    def take_over(self) -> None:
+        log.warning("mqtt: a network client took over the engine's session %s", self.client_id)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[LocalClient] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        b = self.broker
+        old = b.sessions.get(self.client_id)
+        if old is not None:
+            if old.conn is not None and old.conn is not self:
+                old.conn.take_over()
+            old.conn = None
+            b.end_session(old)
+        self.session.conn = self
+        b.sessions[self.client_id] = self.session
+        try:
+            task_status.started(self)
+            s = self.session
+            while True:
+                await self.wake.wait()
+                self.wake = trio.Event()
+                n = 0
+                while s.queue:
+                    out = s.popleft()
+                    if out.msg.expired():
+                        continue
+                    try:
+                        self.on_message(out.msg)
+                    except Exception:
+                        log.exception("mqtt: local subscriber failed on %s", out.msg.topic)
+                    n += 1
+                    if n % 256 == 0:
+                        await trio.lowlevel.checkpoint()
+                b.stats.messages_sent += n
+        finally:
+            self.session.conn = None
+            if b.sessions.get(self.client_id) is self.session:
+                b.end_session(self.session)
+
+    def subscribe(self, flt: str, qos: int = 1) -> None:
+        opts = SubOptions(qos=qos, no_local=False)
+        self.session.subs[flt] = opts
+        self.broker._tree_add(self.client_id, flt, opts)
+
+    def unsubscribe(self, flt: str) -> None:
+        if self.session.subs.pop(flt, None) is not None:
+            self.broker._tree_remove(self.client_id, flt)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        retain: bool = False,
+        properties: c.Properties = c.NO_PROPS,
+    ) -> int:
+        """Route a message now. Returns the number of sessions it went to."""
+        return self.broker.publish(Message(topic, payload, qos, retain, properties, self.client_id))

@@ -1,0 +1,293 @@
+"""The engine's MQTT service: the embedded broker, or a client of an external broker.
+
+``Engine(registry, config, services=[MqttService(MqttServiceConfig(...))])``
+
+* **embedded** (default): a :class:`~twin.mqtt.broker.Broker` on ``listen`` (default
+  127.0.0.1:1883; port 0 = any free port), with device/user authentication and per-device
+  ACLs from the running spec (:class:`~twin.mqtt.auth.RegistryAuth`), persistence in
+  ``<state dir>/mqtt``. The engine itself talks to it **in-process** through a
+  :class:`~twin.mqtt.local.LocalClient` (no TCP, no codec, no auth on that path).
+* **external**: a paho-mqtt client driven from Trio (:class:`~twin.mqtt.paho_trio.PahoTransport`)
+  to ``broker_host:broker_port`` with a persistent session, reconnecting with backoff.
+  ``share_group`` makes this engine subscribe through ``$share/<group>/...`` so several engines
+  behind one (clustered) broker split device traffic between them.
+
+Either way one :class:`~twin.mqtt.hub.MqttHub` serves every ``mqtt`` device binding: it is
+attached to the engine's binding context (:func:`twin.bindings.mqtt.attach_hub`) and exposed as
+``engine.mqtt``. A device whose status topic / Last Will says ``offline`` is marked offline at
+once (the device task's heartbeat deadline is disarmed until the next message).
+
+Broker and hub statistics, failed authentications and denied publishes/subscribes are exported
+on the engine's /metrics (``twin_mqtt_*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import math
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from twin.errors import PortInUseError, TwinError
+
+log = logging.getLogger(__name__)
+
+MQTT_PORT_HINT = (
+    "another MQTT broker (often Mosquitto) holds it: pick another with --mqtt-listen HOST:PORT "
+    "(port 0 picks a free one), or use that broker with --mqtt-broker HOST:PORT"
+)
+
+
+def parse_hostport(text: str, default_port: int = 1883) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text or "127.0.0.1", default_port
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        return host, int(port)
+    except ValueError:
+        raise TwinError(
+            f"bad address {text!r}", hint="use HOST:PORT, e.g. 127.0.0.1:1883 (port 0: any free)"
+        ) from None
+
+
+def bind_listener(host: str, port: int, what: str = "mqtt") -> socket.socket:
+    """Bind and listen now; a taken port is one :class:`PortInUseError` with an MQTT hint."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            err = PortInUseError(host, port, what)
+            err.hint = MQTT_PORT_HINT
+            raise err from None
+        raise TwinError(
+            f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="use an address of this machine, e.g. --mqtt-listen 127.0.0.1:0",
+        ) from None
+    sock.setblocking(False)
+    sock.listen(1024)
+    return sock
+
+
+@dataclass
+class MqttServiceConfig:
+    mode: str = "embedded"  # embedded | external
+    # embedded broker
+    listen: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
+    sockets: list[socket.socket] = field(default_factory=list)  # pre-bound (see bind_listener)
+    tls_listen: list[tuple[str, int]] = field(default_factory=list)
+    ssl_context: ssl.SSLContext | None = None
+    state_dir: Path | None = None  # default: <engine state dir>/mqtt; persistence off if False
+    persist: bool = True
+    allow_anonymous: bool = False
+    max_connections_per_address: int = 100_000
+    sys_interval: float = 10.0
+    # external broker
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    protocol: int = 5
+    broker_tls: ssl.SSLContext | None = None
+    share_group: str | None = None
+
+
+class _MqttCollector(Collector):
+    def __init__(self, service: MqttService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        svc = self.service
+        hub = svc.hub
+        if hub is not None:
+            hs = hub.stats
+            c = CounterMetricFamily(
+                "twin_mqtt_hub_messages", "Messages through the engine hub", labels=["direction"]
+            )
+            c.add_metric(["in"], hs.received)
+            c.add_metric(["out"], hs.published)
+            c.add_metric(["unrouted"], hs.unrouted)
+            yield c
+            yield GaugeMetricFamily(
+                "twin_mqtt_hub_routes", "Topic routes of device bindings", value=hs.routes
+            )
+            yield CounterMetricFamily(
+                "twin_mqtt_offline_events",
+                "Devices marked offline by status/Last Will",
+                value=hs.offline_events,
+            )
+        auth = svc.auth
+        if auth is not None:
+            yield CounterMetricFamily(
+                "twin_mqtt_auth_failures",
+                "Rejected MQTT connections (bad credentials)",
+                value=auth.stats["auth_failed"],
+            )
+            d = CounterMetricFamily(
+                "twin_mqtt_denied", "MQTT operations denied by ACL", labels=["action"]
+            )
+            d.add_metric(["publish"], auth.stats["denied_publish"])
+            d.add_metric(["subscribe"], auth.stats["denied_subscribe"])
+            yield d
+        b = svc.broker
+        if b is not None:
+            st = b.stats
+            yield GaugeMetricFamily(
+                "twin_mqtt_clients_connected", "Connected MQTT clients", value=st.clients_connected
+            )
+            m = CounterMetricFamily("twin_mqtt_broker_messages", "Broker messages", labels=["kind"])
+            m.add_metric(["received"], st.messages_received)
+            m.add_metric(["sent"], st.messages_sent)
+            m.add_metric(["dropped"], st.messages_dropped)
+            yield m
+            yield CounterMetricFamily(
+                "twin_mqtt_protocol_errors",
+                "Connections closed for protocol errors",
+                value=st.protocol_errors,
+            )
+            yield CounterMetricFamily(
+                "twin_mqtt_connections_refused",
+                "Connections refused by limits",
+                value=st.connections_refused,
+            )
+        t = svc.transport
+        if t is not None and hasattr(t, "connects"):
+            yield GaugeMetricFamily(
+                "twin_mqtt_external_connected",
+                "Connected to the external broker",
+                value=1 if t.connected else 0,
+            )
+            yield CounterMetricFamily(
+                "twin_mqtt_external_reconnects",
+                "Connections lost to the external broker",
+                value=t.disconnects,
+            )
+
+
+def mark_offline(engine: Any, device: str, reason: str) -> None:
+    """Mark a device offline now (its Last Will / status topic said so)."""
+    from twin.runtime.state import Status
+
+    task = engine.controller.tasks.get(device)
+    if task is None:
+        return
+    twin = task.twin
+    task.deadline = math.inf  # the watchdog re-arms on the next message (DeviceTask._seen)
+    if twin.maintenance:
+        return
+    mon = engine.monitor
+    setter = getattr(mon, "offline", None)  # a public hook, if the runtime grows one
+    if setter is not None:
+        setter(twin, reason)
+    else:
+        mon._set(twin, Status.OFFLINE, reason)
+
+
+class MqttService:
+    """An engine service (``async def service(engine, *, task_status)``)."""
+
+    name = "mqtt"
+
+    def __init__(self, config: MqttServiceConfig | None = None) -> None:
+        self.config = config or MqttServiceConfig()
+        self.broker: Any = None
+        self.hub: Any = None
+        self.auth: Any = None
+        self.transport: Any = None
+
+    async def __call__(
+        self,
+        engine: Any,
+        *,
+        task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        from twin.bindings.mqtt import attach_hub, detach_hubs
+        from twin.mqtt.hub import EmbeddedTransport, MqttHub
+
+        cfg = self.config
+        context = engine.runtime.binding_context
+        collector = _MqttCollector(self)
+        engine.prom.registry.register(collector)
+        try:
+            async with trio.open_nursery() as nursery:
+                info: dict[str, Any] = {"mode": cfg.mode}
+                if cfg.mode == "external":
+                    from twin.mqtt.paho_trio import PahoTransport
+
+                    transport: Any = PahoTransport(
+                        cfg.broker_host,
+                        cfg.broker_port,
+                        client_id=cfg.client_id,
+                        username=cfg.username,
+                        password=cfg.password,
+                        tls=cfg.broker_tls,
+                        protocol=cfg.protocol,
+                    )
+                    info["broker"] = f"{cfg.broker_host}:{cfg.broker_port}"
+                    info["share_group"] = cfg.share_group
+                else:
+                    self.broker = self._make_broker(engine)
+                    addrs = await nursery.start(self.broker.run)
+                    info["addresses"] = [f"{h}:{p}" for h, p in addrs]
+                    info["url"] = f"mqtt://{addrs[0][0]}:{addrs[0][1]}" if addrs else None
+                    info["tls"] = [f"{h}:{p}" for h, p in self.broker.tls_addresses]
+                    transport = EmbeddedTransport(self.broker)
+                self.transport = transport
+                self.hub = hub = MqttHub(transport, share_group=cfg.share_group)
+                transport.hub = hub
+                hub.on_offline = lambda device, reason: mark_offline(engine, device, reason)
+                await nursery.start(transport.run)
+                if cfg.mode == "external":
+                    info["connected"] = transport.connected
+                attach_hub(context, hub, "external" if cfg.mode == "external" else "embedded")
+                engine.mqtt = hub
+                log.info("mqtt: %s", info)
+                task_status.started(info)
+        finally:
+            detach_hubs(context)
+            with contextlib.suppress(KeyError):
+                engine.prom.registry.unregister(collector)
+
+    def _make_broker(self, engine: Any) -> Any:
+        from twin.mqtt.auth import RegistryAuth
+        from twin.mqtt.broker import Broker, BrokerConfig
+
+        cfg = self.config
+        state_dir = None
+        if cfg.persist:
+            state_dir = str(cfg.state_dir or Path(engine.config.state_dir) / "mqtt")
+            Path(state_dir).mkdir(parents=True, exist_ok=True)
+        self.auth = RegistryAuth(
+            engine.registry, lambda: engine.specs, allow_anonymous=cfg.allow_anonymous
+        )
+        bconf = BrokerConfig(
+            listen=cfg.listen,
+            tls_listen=cfg.tls_listen,
+            ssl_context=cfg.ssl_context,
+            state_dir=state_dir,
+            sys_interval=cfg.sys_interval,
+            max_connections_per_address=cfg.max_connections_per_address,
+            port_hint=MQTT_PORT_HINT,
+        )
+        broker = Broker(
+            bconf,
+            authenticate=self.auth.authenticate,
+            authorize=self.auth.authorize,
+            sockets=cfg.sockets,
+        )
+        return broker
