@@ -160,4 +160,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import http, sim  # noqa: F401
+    from twin.bindings import http, mqtt, sim  # noqa: F401
