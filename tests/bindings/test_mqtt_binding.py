@@ -116,8 +116,9 @@ def _responder(dev: Client, flavour: str, stop: threading.Event) -> None:
         if flavour == "v5":
             from tests.mqtt.conftest import props
 
-            rt = m.properties.ResponseTopic
-            cd = m.properties.CorrelationData
+            mp: Any = m.properties
+            rt = mp.ResponseTopic
+            cd = mp.CorrelationData
             p = props(CorrelationData=cd)
             dev.publish(rt, json.dumps({"status": "executing"}), 1, props=p)
             final = (

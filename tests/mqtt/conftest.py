@@ -122,7 +122,7 @@ class Client:
         marker = f"sync/{id(self)}/{threading.get_ident()}"
         self.subscribe(marker, 1)
         (other or self).publish(marker, b"m", 1)
-        got = []
+        got: list[paho.MQTTMessage] = []
         while True:
             m = self.get()
             if m.topic == marker:
@@ -137,7 +137,7 @@ class Client:
     def kill(self) -> None:
         """Drop the connection without DISCONNECT (so the will is published)."""
         self.c.loop_stop()
-        sock = self.c.socket()
+        sock: Any = self.c.socket()
         if sock is not None:
             sock.shutdown(socket.SHUT_RDWR)
             sock.close()
