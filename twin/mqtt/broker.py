@@ -76,6 +76,8 @@ class BrokerConfig:
     state_dir: str | None = None
     fsync_interval: float = 1.0
     port_hint: str | None = None  # replaces PortInUseError's hint (e.g. name the CLI option)
+    ws_listen: Sequence[tuple[str, int]] = ()  # MQTT over WebSocket (subprotocol "mqtt")
+    ws_tls: bool = False  # wss: the WebSocket listeners use ssl_context
 
 
 @dataclass
@@ -128,6 +130,7 @@ class Broker:
         self.retained: dict[str, Message] = {}
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
+        self.ws_addresses: list[tuple[str, int]] = []
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._per_address: dict[str, int] = {}
@@ -157,12 +160,19 @@ class Broker:
                 raise ValueError("tls_listen needs ssl_context")
             tls = await self._open(self.config.tls_listen, "mqtt+tls")
             self.tls_addresses = [_addr(ln) for ln in tls]
+        ws: list[trio.SocketListener] = []
+        if self.config.ws_listen:
+            if self.config.ws_tls and self.config.ssl_context is None:
+                raise ValueError("ws_tls needs ssl_context")
+            ws = await self._open(self.config.ws_listen, "mqtt+ws")
+            self.ws_addresses = [_addr(ln) for ln in ws]
         if self.store is not None:
             self._load_state()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(trio.serve_listeners, self._serve, plain)
+                if plain:
+                    nursery.start_soon(trio.serve_listeners, self._serve, plain)
                 if tls:
                     assert self.config.ssl_context is not None
                     wrapped = [
@@ -170,6 +180,17 @@ class Broker:
                         for ln in tls
                     ]
                     nursery.start_soon(trio.serve_listeners, self._serve, wrapped)
+                if ws:
+                    from twin.mqtt.ws import ws_server
+
+                    ws_listeners: list[Any] = ws
+                    if self.config.ws_tls:
+                        assert self.config.ssl_context is not None
+                        ws_listeners = [
+                            trio.SSLListener(ln, self.config.ssl_context, https_compatible=True)
+                            for ln in ws
+                        ]
+                    nursery.start_soon(ws_server(self._serve, ws_listeners, nursery).run)
                 if self.config.sys_interval > 0:
                     nursery.start_soon(self._sys_loop)
                 if self.store is not None:
@@ -196,8 +217,8 @@ class Broker:
                 raise
         return out
 
-    async def _serve(self, stream: trio.abc.Stream) -> None:
-        peer = _peer_host(stream)
+    async def _serve(self, stream: trio.abc.Stream, peer: str | None = None) -> None:
+        peer = peer or _peer_host(stream)
         st = self.stats
         if (
             st.connections >= self.config.max_connections

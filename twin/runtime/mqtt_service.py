@@ -61,7 +61,9 @@ def parse_hostport(text: str, default_port: int = 1883) -> tuple[str, int]:
         ) from None
 
 
-def bind_listener(host: str, port: int, what: str = "mqtt") -> socket.socket:
+def bind_listener(
+    host: str, port: int, what: str = "mqtt", hint: str = MQTT_PORT_HINT
+) -> socket.socket:
     """Bind and listen now; a taken port is one :class:`PortInUseError` with an MQTT hint."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -72,7 +74,7 @@ def bind_listener(host: str, port: int, what: str = "mqtt") -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             err = PortInUseError(host, port, what)
-            err.hint = MQTT_PORT_HINT
+            err.hint = hint
             raise err from None
         raise TwinError(
             f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}",

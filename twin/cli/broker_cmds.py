@@ -1,0 +1,151 @@
+"""``twin broker``: run the MQTT broker alone (no engine).
+
+Authentication is the engine's (device keys and users of the registry, per-device ACLs from the
+registry's head revision, refreshed every few seconds) unless ``--no-auth``. Listeners are bound
+before anything starts, so a taken port is one line with a hint; port 0 picks a free port and
+the real address is printed (``mqtt 127.0.0.1:PORT``, one line per listener).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from twin.errors import TwinError
+
+
+def broker(
+    listen: Annotated[
+        list[str] | None,
+        typer.Option("--listen", help="MQTT listener HOST:PORT (repeatable; port 0: any free)."),
+    ] = None,
+    tls_listen: Annotated[
+        list[str] | None, typer.Option("--tls-listen", help="MQTT over TLS HOST:PORT.")
+    ] = None,
+    ws_listen: Annotated[
+        list[str] | None, typer.Option("--ws-listen", help="MQTT over WebSocket HOST:PORT.")
+    ] = None,
+    certfile: Annotated[
+        Path | None, typer.Option("--certfile", help="Server certificate (PEM).")
+    ] = None,
+    keyfile: Annotated[Path | None, typer.Option("--keyfile", help="Server key (PEM).")] = None,
+    cafile: Annotated[
+        Path | None,
+        typer.Option("--cafile", help="Require client certificates from this CA (mutual TLS)."),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="Persistence (default: <twin state dir>/mqtt)."),
+    ] = None,
+    no_persist: Annotated[bool, typer.Option("--no-persist", help="Keep nothing on disk.")] = False,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Accept anyone, allow everything (testing only).")
+    ] = False,
+    allow_anonymous: Annotated[
+        bool, typer.Option("--allow-anonymous", help="Accept clients without credentials.")
+    ] = False,
+    fsync_interval: Annotated[float, typer.Option("--fsync-interval")] = 1.0,
+    max_queued: Annotated[
+        int, typer.Option("--max-queued", help="Per-session queue bound.")
+    ] = 1000,
+    sys_interval: Annotated[
+        float, typer.Option("--sys-interval", help="$SYS period, 0: off.")
+    ] = 10.0,
+    log_level: Annotated[str, typer.Option("--log-level")] = "warning",
+) -> None:
+    """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C."""
+    import trio
+
+    from twin.cli.main import state
+    from twin.mqtt.broker import Broker, BrokerConfig
+    from twin.runtime.mqtt_service import bind_listener, parse_hostport
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    plain = [parse_hostport(x) for x in (listen or ["127.0.0.1:1883"])]
+    hint = (
+        "another MQTT broker (often Mosquitto) holds it: pick another with --listen HOST:PORT "
+        "(port 0 picks a free one)"
+    )
+    sockets = [bind_listener(h, p, hint=hint) for h, p in plain]  # taken: one line + hint
+    tls = [parse_hostport(x, 8883) for x in (tls_listen or [])]
+    ws = [parse_hostport(x, 8083) for x in (ws_listen or [])]
+    ctx = None
+    if tls:
+        if certfile is None or keyfile is None:
+            raise TwinError("--tls-listen needs --certfile and --keyfile")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+        if cafile is not None:
+            ctx.load_verify_locations(str(cafile))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    persist_dir = None if no_persist else str(state_dir or state.state_dir / "mqtt")
+    if persist_dir:
+        Path(persist_dir).mkdir(parents=True, exist_ok=True)
+    config = BrokerConfig(
+        listen=plain,
+        tls_listen=tls,
+        ws_listen=ws,
+        ssl_context=ctx,
+        state_dir=persist_dir,
+        fsync_interval=fsync_interval,
+        max_queued=max_queued,
+        sys_interval=sys_interval,
+        port_hint=hint.replace("--listen", "--tls-listen / --ws-listen"),
+    )
+    kw: dict[str, Any] = {}
+    reg = None
+    holder: dict[str, Any] = {"specs": {}}
+    if not no_auth:
+        from twin.mqtt.auth import RegistryAuth
+
+        reg = state.registry()
+        auth = RegistryAuth(reg, lambda: holder["specs"], allow_anonymous=allow_anonymous)
+        kw = {"authenticate": auth.authenticate, "authorize": auth.authorize}
+    b = Broker(config, sockets=sockets, **kw)
+
+    async def refresh_specs() -> None:
+        last = None
+        while True:
+            head = await trio.to_thread.run_sync(reg.head)  # type: ignore[union-attr]
+            if head is not None and head.number != last:
+                holder["specs"] = await trio.to_thread.run_sync(reg.specs, head.number)  # type: ignore[union-attr]
+                last = head.number
+            await trio.sleep(5)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            if reg is not None:
+                holder["specs"] = await trio.to_thread.run_sync(reg.specs)
+                nursery.start_soon(refresh_specs)
+            addrs = await nursery.start(b.run)
+            for h, p in addrs:
+                typer.echo(f"mqtt {h}:{p}")
+            for h, p in b.tls_addresses:
+                typer.echo(f"mqtts {h}:{p}")
+            for h, p in b.ws_addresses:
+                typer.echo(f"{'wss' if config.ws_tls else 'ws'} {h}:{p}")
+            typer.echo(
+                "auth: " + ("none (--no-auth)" if no_auth else "registry device keys and users")
+            )
+
+    try:
+        trio.run(main)
+    except KeyboardInterrupt:
+        typer.echo("stopped.")
+    finally:
+        if reg is not None:
+            reg.close()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("broker")(broker)
+
+
+__all__ = ["register"]
