@@ -194,7 +194,19 @@ class RunContext:
     def conditions(self, conds: tuple[Condition, ...], prefix: str) -> bool:
         out: list[Evaluation] = []
         ok = check_all(conds, self, out, prefix)
-        self.trace["conditions"].extend(e.to_json() for e in out)
+        evaluated = [e.to_json() for e in out]
+        self.trace["conditions"].extend(evaluated)
+        if self.engine.listeners and evaluated:
+            self.engine.emit(
+                {
+                    "event": "conditions",
+                    "scene": self.scene,
+                    "run_id": self.run_id,
+                    "at": self.engine.wall(),
+                    "result": ok,
+                    "conditions": evaluated,
+                }
+            )
         return ok
 
     async def step(self, action: Action, path: str) -> None:

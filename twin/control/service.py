@@ -1,0 +1,398 @@
+"""The control service inside the engine: ledger, reconciler and scenes, wired to the runtime.
+
+``Engine(registry, config, services=[ControlService()])``; the running service is published as
+``engine.service_info["control"]`` (the API's control routes find it there).
+
+* :class:`EngineTransport` delivers ledger commands through each device task's binding
+  (``write`` for ``set``, ``send_command`` otherwise). HTTP push devices fetch theirs by
+  long-polling (``mode() == "poll"``).
+* :class:`Reconciler`: a writable desired value that differs from the reported one becomes a
+  ``set`` command in the ledger; failures and non-convergence retry with backoff; after
+  ``max_attempts`` the property is *drifted* (with the reason) until it converges or its
+  desired value changes.
+* :class:`EngineEffects`: what scene actions do (ledger commands, runtime desired values,
+  alarms in the registry, webhooks with httpx).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from twin.control.actions import StepError
+from twin.control.ledger import (
+    SENT,
+    SET,
+    Catalog,
+    CommandStatus,
+    DeviceCommand,
+    Ledger,
+    RetryPolicy,
+    record_json,
+)
+from twin.control.scenes import SceneEngine
+from twin.errors import BindingConnectError
+from twin.registry.base import Alarm, Registry, SceneTrace
+
+if TYPE_CHECKING:
+    from twin.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def command_history(registry: Registry, device: str, limit: int = 20) -> list[dict[str, Any]]:
+    """A device's commands, newest first, as JSON (for ``twin describe device``)."""
+    return [record_json(r) for r in registry.commands(device=device, limit=limit)]
+
+
+class EngineTransport:
+    def __init__(self, engine: Engine, catalog: Catalog) -> None:
+        self.engine = engine
+        self.catalog = catalog
+
+    def mode(self, device: str) -> str:
+        if self.catalog.protocol(device) == "http" and (
+            self.catalog.binding_options(device).get("mode", "push") == "push"
+        ):
+            return "poll"
+        return "push"
+
+    def _binding(self, device: str) -> Any:
+        task = self.engine.controller.tasks.get(device)
+        if task is None or task.binding is None or not task.connected:
+            raise BindingConnectError(f"device {device!r} is not connected")
+        return task.binding
+
+    async def send(self, command: DeviceCommand) -> Any:
+        binding = self._binding(command.device)
+        if command.type == SET:
+            await binding.write(command.params["property"], command.params["value"])
+            return {"written": True}
+        result = await binding.send_command(command.type, command.params)
+        if isinstance(result, Mapping) and (result.get("queued") or result.get("status") == "sent"):
+            return SENT
+        return result
+
+    async def cancel(self, command: DeviceCommand) -> bool:
+        binding = self._binding(command.device)
+        await binding.send_command("cancel", {"id": command.id})
+        return False
+
+
+@dataclass
+class _Prop:
+    value: Any
+    attempts: int = 0
+    next_at: float = 0.0
+    command: str | None = None
+    settle_until: float = 0.0
+    drifted: str | None = None
+    last_error: str | None = None
+
+
+@dataclass
+class Reconciler:
+    """Desired-state reconciliation through the ledger."""
+
+    engine: Any  # twin.runtime.engine.Engine (or a test double with twins/controller)
+    ledger: Ledger
+    interval: float = 2.0
+    settle: float = 10.0
+    max_attempts: int = 5
+    backoff: RetryPolicy = field(default_factory=lambda: RetryPolicy(2.0, 2.0, 300.0))
+    command_timeout: float = 30.0
+    state: dict[tuple[str, str], _Prop] = field(default_factory=dict)
+    _wake: trio.Event = field(default_factory=trio.Event)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def drift(self, device: str) -> dict[str, str]:
+        return {p: s.drifted for (d, p), s in self.state.items() if d == device and s.drifted}
+
+    def _writable(self, name: str) -> frozenset[str] | None:
+        task = self.engine.controller.tasks.get(name)
+        return None if task is None else task.config.writable
+
+    async def step(self) -> None:
+        now = self.ledger.clock()
+        seen: set[tuple[str, str]] = set()
+        for twin in self.engine.twins.all():
+            writable = self._writable(twin.name)
+            for prop, want in twin.delta().items():
+                if writable is not None and prop not in writable:
+                    continue
+                key = (twin.name, prop)
+                seen.add(key)
+                st = self.state.get(key)
+                if st is None or st.value != want or type(st.value) is not type(want):
+                    st = self.state[key] = _Prop(want)
+                await self._advance(twin, prop, st, now)
+        for key in [k for k in self.state if k not in seen]:
+            st = self.state.pop(key)
+            if st.drifted:
+                log.info("device %s: %s converged", key[0], key[1])
+
+    async def _advance(self, twin: Any, prop: str, st: _Prop, now: float) -> None:
+        if st.command is not None:
+            cmd = self.ledger.commands.get(st.command)
+            if cmd is not None and not cmd.terminal:
+                return
+            st.command = None
+            if cmd is not None and cmd.status is CommandStatus.SUCCESS:
+                st.settle_until = now + self.settle
+                return
+            st.last_error = (cmd.error if cmd is not None else None) or "command lost"
+            self._failed(twin, prop, st, now)
+            return
+        if st.settle_until:
+            if now < st.settle_until:
+                return
+            st.settle_until = 0.0
+            have = twin.reported.get(prop)
+            st.last_error = (
+                f"reported {have.value!r} still differs from desired {st.value!r}"
+                if have is not None
+                else "the device has not reported it"
+            )
+            self._failed(twin, prop, st, now)
+            return
+        if now < st.next_at:
+            return
+        try:
+            cmd = await self.ledger.submit(
+                twin.name,
+                SET,
+                {"property": prop, "value": st.value},
+                command_timeout=self.command_timeout,
+                source="reconciler",
+                durable=False,
+            )
+        except Exception as exc:
+            st.last_error = str(exc)
+            st.attempts = self.max_attempts
+            self._failed(twin, prop, st, now)
+            return
+        st.command = cmd.id
+
+    def _failed(self, twin: Any, prop: str, st: _Prop, now: float) -> None:
+        st.attempts += 1
+        st.next_at = now + self.backoff.delay(st.attempts)
+        if st.attempts >= self.max_attempts and st.drifted is None:
+            st.drifted = f"{prop}: not converged after {st.attempts} attempts: {st.last_error}"
+            log.warning("device %s (site %s): drifted: %s", twin.name, twin.site, st.drifted)
+            bus = getattr(self.engine, "bus", None)
+            if bus is not None:
+                bus.publish(
+                    {
+                        "kind": "event",
+                        "device": twin.name,
+                        "site": twin.site,
+                        "groups": twin.groups,
+                        "ts": time.time(),
+                        "type": "drifted",
+                        "data": {"property": prop, "desired": st.value, "reason": st.drifted},
+                    }
+                )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            try:
+                await self.step()
+            except Exception:
+                log.exception("reconciler: step failed")
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+
+class EngineEffects:
+    def __init__(self, service: ControlService) -> None:
+        self.svc = service
+
+    async def command(
+        self,
+        device: str,
+        command: str,
+        params: Mapping[str, Any],
+        *,
+        command_timeout: float | None,
+        wait: bool,
+        source: str,
+    ) -> dict[str, Any]:
+        ledger = self.svc.ledger
+        cmd = await ledger.submit(
+            device, command, params, command_timeout=command_timeout, source=source, durable=False
+        )
+        if wait:
+            cmd = await ledger.wait(cmd.id)
+            if cmd.status is not CommandStatus.SUCCESS:
+                raise StepError(f"command {cmd.id} {cmd.status}: {cmd.error or ''}".strip())
+        return {"command": cmd.id, "status": str(cmd.status)}
+
+    async def set_desired(
+        self, device: str, prop: str, value: Any, *, source: str
+    ) -> dict[str, Any]:
+        self.svc.ledger.catalog.validate(device, SET, {"property": prop, "value": value}, None)
+        twin = self.svc.engine.twin(device)
+        if twin is None:
+            raise StepError(f"device {device!r} is not running")
+        twin.desired[prop] = value
+        self.svc.reconciler.poke()
+        await trio.lowlevel.checkpoint()
+        return {"desired": {prop: value}}
+
+    async def alarm(
+        self, action: str, device: str, alarm: str, severity: str, message: str
+    ) -> dict[str, Any]:
+        engine = self.svc.engine
+        now = engine.config.clock()
+        twin = engine.twin(device)
+        site = twin.site if twin is not None else ""
+        groups = twin.groups if twin is not None else ()
+        from twin.runtime.monitor import alarm_json
+
+        def publish(event: str, a: Alarm) -> None:
+            engine.bus.publish(
+                {
+                    "kind": "alarm",
+                    "device": device,
+                    "site": site,
+                    "groups": groups,
+                    "ts": now,
+                    "event": event,
+                    "alarm": alarm_json(a),
+                }
+            )
+
+        if action == "raise":
+            a, created = await engine.rio.call(
+                engine.registry.raise_alarm, device, alarm, severity, message, now
+            )
+            if created:
+                publish("raised", a)
+            return {"alarm": a.id, "created": created}
+        cleared = await engine.rio.call(engine.registry.clear_alarms, device, alarm, "scene", now)
+        for a in cleared:
+            publish("cleared", a)
+        return {"cleared": [a.id for a in cleared]}
+
+    async def webhook(
+        self, method: str, url: str, body: Any, headers: Mapping[str, str], seconds: float
+    ) -> dict[str, Any]:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=seconds) as client:
+                resp = await client.request(method, url, json=body, headers=dict(headers))
+        except httpx.HTTPError as exc:
+            raise StepError(f"webhook {method} {url}: {exc or type(exc).__name__}") from exc
+        if resp.status_code >= 400:
+            raise StepError(f"webhook {method} {url} -> {resp.status_code}")
+        return {"status": resp.status_code}
+
+
+@dataclass(repr=False, eq=False)
+class ControlService:
+    """The engine service: ``Engine(..., services=[ControlService()])``."""
+
+    def __repr__(self) -> str:
+        return f"ControlService(name={self.name!r})"
+
+    name: str = "control"
+    reconcile_interval: float = 2.0
+    reload_interval: float = 0.25
+    scene_buffer: int = 10_000
+
+    engine: Any = None
+    catalog: Catalog = field(default_factory=Catalog)
+    ledger: Ledger = field(init=False)
+    scenes: SceneEngine = field(init=False)
+    reconciler: Reconciler = field(init=False)
+    _revision: int = -1
+
+    def _trace_sink(self, trace: dict[str, Any]) -> None:
+        record = SceneTrace(
+            trace["run_id"],
+            trace["scene"],
+            trace["started_at"],
+            trace.get("finished_at"),
+            trace["status"],
+            trace,
+        )
+        self.engine.writer.put(lambda r: r.save_scene_trace(record))
+
+    def _reload(self) -> None:
+        engine = self.engine
+        if engine.revision_number == self._revision:
+            return
+        self._revision = engine.revision_number
+        self.catalog.update(engine.specs)
+        changed = self.scenes.load(engine.specs)
+        if changed:
+            log.info("scenes: %d loaded (%s changed)", len(self.scenes.scenes), ", ".join(changed))
+        self.reconciler.poke()
+
+    async def _watch(self) -> None:
+        while True:
+            self._reload()
+            await trio.sleep(self.reload_interval)
+
+    async def _pump(self) -> None:
+        from twin.runtime.bus import Filter
+
+        flt = Filter.of(kinds=["reading", "status", "alarm"])
+        while True:
+            with self.engine.bus.subscribe(flt, buffer=self.scene_buffer, name="scenes") as sub:
+                async for event in sub.receive:
+                    self.scenes.feed(event)
+            log.warning("scenes: fell behind the bus and were dropped; resubscribing")
+
+    async def __call__(
+        self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.engine = engine
+        self.catalog = Catalog(engine.specs)
+        self.ledger = Ledger(
+            engine.registry,
+            EngineTransport(engine, self.catalog),
+            self.catalog,
+            clock=engine.config.clock,
+        )
+        self.reconciler = Reconciler(engine, self.ledger, interval=self.reconcile_interval)
+        self.scenes = SceneEngine(
+            EngineEffects(self),
+            timezone=lambda site: self.catalog.timezone(site=site),
+            wall=engine.config.clock,
+            trace_sink=self._trace_sink,
+        )
+        values = {(t.name, p): v.value for t in engine.twins.all() for p, v in t.reported.items()}
+        statuses = {t.name: str(t.status) for t in engine.twins.all()}
+        self.scenes.seed(values, statuses)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.ledger.run)
+            await nursery.start(self.scenes.run)
+            self._reload()
+            nursery.start_soon(self._pump)
+            nursery.start_soon(self._watch)
+            await nursery.start(self.reconciler.run)
+            engine.service_info[self.name] = self
+            task_status.started(self)
+
+
+def control_of(engine: Any) -> ControlService:
+    svc = engine.service_info.get("control")
+    if not isinstance(svc, ControlService):
+        from twin.errors import TwinError
+
+        raise TwinError(
+            "the control service is not running in this engine",
+            hint="start the engine with services=[ControlService(), ...]",
+        )
+    return svc
