@@ -129,6 +129,9 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     from twin.spec.scenes import scene_problems
 
     problems.extend(scene_problems(loaded))
+    from twin.spec.dashboards import dashboard_problems
+
+    problems.extend(dashboard_problems(loaded))
     return problems
 
 
