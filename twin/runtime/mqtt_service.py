@@ -293,3 +293,43 @@ class MqttService:
             sockets=cfg.sockets,
         )
         return broker
+
+
+def cli_service(
+    listen: str = "127.0.0.1:1883",
+    broker: str | None = None,
+    *,
+    share_group: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> MqttService:
+    """The MQTT service for ``twin up``: the embedded broker on ``listen`` (bound now, so a
+    taken port fails before anything starts), or a client of the external ``broker``."""
+    if broker:
+        host, port = parse_hostport(broker)
+        return MqttService(
+            MqttServiceConfig(
+                mode="external",
+                broker_host=host,
+                broker_port=port,
+                share_group=share_group,
+                username=username,
+                password=password,
+            )
+        )
+    host, port = parse_hostport(listen)
+    sock = bind_listener(host, port)
+    return MqttService(MqttServiceConfig(listen=[(host, port)], sockets=[sock]))
+
+
+def describe(info: dict[str, Any] | None) -> str | None:
+    """One line for the ``twin up`` banner."""
+    if not info:
+        return None
+    if info.get("mode") == "external":
+        state = "connected" if info.get("connected") else "connecting (retrying with backoff)"
+        share = f", shared group {info['share_group']}" if info.get("share_group") else ""
+        return f"external broker {info.get('broker')} ({state}{share})"
+    return (
+        f"{info.get('url')}   (embedded broker; devices: user = device name, password = device key)"
+    )
