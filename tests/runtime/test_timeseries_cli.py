@@ -1,0 +1,167 @@
+"""``twin query`` and ``twin storage`` as subprocesses, on a store filled by a real engine."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import trio
+
+from runtime.helpers import (
+    apply,
+    eventually,
+    fast_config,
+    group,
+    model,
+    running_engine,
+    sim_device,
+    site,
+)
+from twin.api import auth
+from twin.api.app import ApiSettings
+from twin.api.server import ApiService
+from twin.registry import open_registry
+from twin.runtime.timeseries_service import TimeSeriesService
+from twin.timeseries.base import Selector
+
+pytestmark = pytest.mark.slow  # subprocesses: ~15 s each
+
+TWIN = [sys.executable, "-m", "twin.cli"]
+
+
+def docs() -> list[dict[str, Any]]:
+    return [
+        site("plant-a"),
+        model(),
+        group("line-1", "plant-a"),
+        sim_device("t1", group_="line-1", interval="100ms", tags=["hvac"]),
+        sim_device("t2", interval="100ms"),
+        {
+            "apiVersion": "flux.iot/v1",
+            "kind": "RetentionPolicy",
+            "metadata": {"name": "fast", "site": "plant-a"},
+            "spec": {
+                "tiers": [{"resolution": "raw", "keep": "1h"}, {"resolution": "1s", "keep": "1d"}]
+            },
+        },
+    ]
+
+
+async def twin(state: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    proc = await trio.run_process(
+        [*TWIN, "--state-dir", str(state), *args],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, "TWIN_TIMESERIES": "", **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+@pytest.fixture
+async def state(tmp_path: Path) -> Path:
+    """A state dir whose store holds a few seconds of two simulated devices."""
+    state = tmp_path / "state"
+    reg = open_registry(None, state)
+    try:
+        apply(reg, *docs())
+        service = TimeSeriesService(flush_interval=0.1, retention_interval=3600)
+        async with running_engine(reg, fast_config(state_dir=state), [service]):
+            store = service.store
+            assert store is not None
+            await eventually(
+                lambda: store.read_raw(Selector.of(devices="t1"), 0, 2e9).num_rows >= 10
+            )
+    finally:
+        reg.close()
+    return state
+
+
+async def test_query_formats_from_the_state_dir(state: Path, tmp_path: Path) -> None:
+    text = await twin(state, "query", "temperature", "--device", "t1", "--from", "-1h", "-o", "csv")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) >= 10 and {r["device"] for r in rows} == {"t1"}
+    doc = json.loads(
+        await twin(
+            state,
+            "query",
+            "temperature",
+            "--from",
+            "-1h",
+            "--every",
+            "1m",
+            "--agg",
+            "avg",
+            "--agg",
+            "count",
+            "-o",
+            "json",
+        )
+    )
+    assert {"avg", "count", "device"} <= set(doc["columns"]) and doc["count"] >= 2
+    table = await twin(
+        state, "query", "temperature", "--tag", "hvac", "--from", "-1h", "--every", "1m"
+    )
+    assert "T1" not in table and "t1" in table and "t2" not in table
+    out = tmp_path / "x.parquet"
+    await twin(state, "query", "--from", "-1h", "-o", "parquet", "--out", str(out))
+    assert pq.read_table(out).num_rows >= 20
+    out = tmp_path / "x.xlsx"
+    await twin(
+        state, "query", "temperature", "--from", "-1h", "--trend", "-o", "xlsx", "--out", str(out)
+    )
+    import openpyxl
+
+    ws = openpyxl.load_workbook(out).active
+    assert ws is not None and ws.max_row == 3  # header + one row per device
+
+
+async def test_storage_stats_and_retention_now(state: Path) -> None:
+    stats = json.loads(await twin(state, "storage", "--json"))
+    assert stats["points"] >= 20 and stats["tiers"][0]["tier"] == "raw"
+    assert "raw" in await twin(state, "storage")
+    report = json.loads(await twin(state, "storage", "--json", "retention"))
+    assert report["rolled_up"].get("agg_1s", 0) > 0
+    stats = json.loads(await twin(state, "storage", "--json"))
+    assert "agg_1s" in {t["tier"] for t in stats["tiers"]}
+
+
+async def test_query_and_storage_through_the_server(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    reg = open_registry(None, state)
+    try:
+        apply(reg, *docs())
+        reg.put_user(auth.make_user("admin", "correct horse battery", "admin"))
+        user = reg.get_user("admin")
+        assert user is not None
+        service = TimeSeriesService(flush_interval=0.1, retention_interval=3600)
+        api = ApiService("127.0.0.1", 0, ApiSettings(state_dir=state))
+        async with running_engine(reg, fast_config(state_dir=state), [service, api]) as engine:
+            store = service.store
+            assert store is not None
+            await eventually(
+                lambda: store.read_raw(Selector.of(devices="t2"), 0, 2e9).num_rows >= 5
+            )
+            env = {
+                "TWIN_SERVER": engine.service_info["api"]["url"],
+                "TWIN_TOKEN": auth.issue_access_token(auth.load_secret(state), user),
+            }
+            other = tmp_path / "elsewhere"  # no local store: everything goes over HTTP
+            text = await twin(other, "query", "temperature", "--device", "t2", "-o", "csv", env=env)
+            assert len(list(csv.DictReader(io.StringIO(text)))) >= 5
+            out = tmp_path / "r.parquet"
+            await twin(other, "query", "--every", "1m", "-o", "parquet", "--out", str(out), env=env)
+            assert pq.read_table(out).num_rows >= 2
+            assert json.loads(await twin(other, "storage", "--json", env=env))["points"] >= 5
+            report = json.loads(await twin(other, "storage", "--json", "retention", env=env))
+            assert "agg_1s" in report["rolled_up"]
+    finally:
+        reg.close()
