@@ -66,6 +66,31 @@ def up(
     no_api: Annotated[
         bool, typer.Option("--no-api", help="Run the engine without the API.")
     ] = False,
+    mqtt_listen: Annotated[
+        str,
+        typer.Option(
+            "--mqtt-listen",
+            envvar="TWIN_MQTT_LISTEN",
+            help="Embedded MQTT broker HOST:PORT (port 0 picks a free one).",
+        ),
+    ] = "127.0.0.1:1883",
+    mqtt_broker: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt-broker",
+            envvar="TWIN_MQTT_BROKER",
+            help="Use an external MQTT broker HOST:PORT instead of the embedded one.",
+        ),
+    ] = None,
+    mqtt_share_group: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt-share-group",
+            help="External broker: share device traffic "
+            "with other engines through $share/GROUP/...",
+        ),
+    ] = None,
+    no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="Run without MQTT.")] = False,
 ) -> None:
     """Apply PATH (if given), then run the engine and the API until Ctrl-C."""
     import trio
@@ -100,6 +125,11 @@ def up(
         host, port = parse_listen(listen)
         sock = bind_socket(host, port)  # a taken port fails here: one line + hint
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
+    if not no_mqtt:
+        from twin.runtime.mqtt_service import cli_service
+
+        # binds the embedded broker's port now: a taken port is one line + hint
+        services.append(cli_service(mqtt_listen, mqtt_broker, share_group=mqtt_share_group))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
 
     async def main() -> None:
@@ -122,6 +152,9 @@ def up(
                 users = await trio.to_thread.run_sync(reg.users)
                 if not users:
                     console.print("  no users yet: twin user add admin --role admin")
+            mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
+            if mqtt_line:
+                console.print(f"  mqtt       {mqtt_line}")
             console.print("Ctrl-C to stop.")
 
     try:
@@ -145,6 +178,12 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for e in exc.exceptions for leaf in _leaves(e)]
     return [exc]
+
+
+def _describe_mqtt(info: Any) -> str | None:
+    from twin.runtime.mqtt_service import describe
+
+    return describe(info)
 
 
 # -- device keys ---------------------------------------------------------------------------------
@@ -288,4 +327,3 @@ def register(app: typer.Typer) -> None:
 
 
 __all__ = ["register"]
-
