@@ -191,3 +191,16 @@ def test_bad_listen_address(tmp_path: Path, bad: str) -> None:
     p = _twin(tmp_path, "broker", "--listen", bad, "--no-auth")
     _, err = p.communicate(timeout=60)
     assert p.returncode == 1 and err.startswith("error: bad address"), err
+
+
+def test_twin_up_reports_a_taken_mqtt_port(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        p = _twin(tmp_path, "up", "--listen", "127.0.0.1:0", "--mqtt-listen", f"127.0.0.1:{taken}")
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    lines = err.strip().splitlines()
+    assert lines[0] == f"error: mqtt: address 127.0.0.1:{taken} is already in use", err
+    assert "--mqtt-listen" in lines[1] and "port 0" in lines[1]
