@@ -899,9 +899,20 @@ class Ledger:
         if cmd.terminal:  # timed out or cancelled meanwhile
             return
         self.dispatched += 1
-        self._move(cmd, S.SENT)
+        if cmd.status is S.PENDING:
+            self._move(cmd, S.SENT)
         if result is not SENT:
             self._move(cmd, S.SUCCESS, result=result)
+
+    def progress(self, command_id: str, status: str) -> None:
+        """A transport saw the device's progress while delivering (e.g. MQTT ``executing``)."""
+        cmd = self.commands.get(command_id)
+        if cmd is None or cmd.terminal:
+            return
+        if cmd.status is S.PENDING:
+            self._move(cmd, S.SENT)
+        if status == S.EXECUTING and cmd.status is S.SENT:
+            self._move(cmd, S.EXECUTING)
 
     # -- timeouts --------------------------------------------------------------------------------
     async def _deadlines(self) -> None:

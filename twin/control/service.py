@@ -16,10 +16,12 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -50,10 +52,25 @@ def command_history(registry: Registry, device: str, limit: int = 20) -> list[di
     return [record_json(r) for r in registry.commands(device=device, limit=limit)]
 
 
+@lru_cache(maxsize=64)
+def _accepts_command_id(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls.send_command).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return "command_id" in params and "progress" in params
+
+
+def _takes_command_id(binding: Any) -> bool:
+    """MQTT-style bindings correlate by our command id and report progress."""
+    return _accepts_command_id(type(binding))
+
+
 class EngineTransport:
     def __init__(self, engine: Engine, catalog: Catalog) -> None:
         self.engine = engine
         self.catalog = catalog
+        self.ledger: Ledger | None = None  # set by the service (progress reports)
 
     def mode(self, device: str) -> str:
         if self.catalog.protocol(device) == "http" and (
@@ -73,7 +90,16 @@ class EngineTransport:
         if command.type == SET:
             await binding.write(command.params["property"], command.params["value"])
             return {"written": True}
-        result = await binding.send_command(command.type, command.params)
+        if _takes_command_id(binding) and self.ledger is not None:
+            ledger = self.ledger
+            result = await binding.send_command(
+                command.type,
+                command.params,
+                command_id=command.id,
+                progress=lambda status, doc: ledger.progress(command.id, status),
+            )
+        else:
+            result = await binding.send_command(command.type, command.params)
         if isinstance(result, Mapping) and (result.get("queued") or result.get("status") == "sent"):
             return SENT
         return result
@@ -359,12 +385,9 @@ class ControlService:
     ) -> None:
         self.engine = engine
         self.catalog = Catalog(engine.specs)
-        self.ledger = Ledger(
-            engine.registry,
-            EngineTransport(engine, self.catalog),
-            self.catalog,
-            clock=engine.config.clock,
-        )
+        transport = EngineTransport(engine, self.catalog)
+        self.ledger = Ledger(engine.registry, transport, self.catalog, clock=engine.config.clock)
+        transport.ledger = self.ledger
         self.reconciler = Reconciler(engine, self.ledger, interval=self.reconcile_interval)
         self.scenes = SceneEngine(
             EngineEffects(self),
