@@ -142,21 +142,40 @@ def start_mosquitto(tmp: Path) -> BrokerProc:
 # ---------------------------------------------------------------------------- workers
 
 
+def _await_start(start: Any) -> float:
+    """``start`` is a time, or a shared ``mp.Value`` the parent sets once every worker is ready."""
+    if isinstance(start, int | float):
+        return float(start)
+    while start.value == 0:
+        time.sleep(0.001)
+    return float(start.value)
+
+
 def publisher(
-    port: int, idx: int, qos: int, seconds: float, start: float, payload: int, out: Any
+    port: int,
+    idx: int,
+    qos: int,
+    seconds: float,
+    start: Any,
+    payload: int,
+    out: Any,
+    ready: Any = None,
 ) -> None:
     s = connect(port, f"pub{idx}")
     batch = 100
-    pkts = []
-    for pid in range(1, 65536):
-        if qos == 0 and pid > batch:
-            break
-        pkts.append(
-            c.encode(
-                c.Publish(f"bench/{idx}", b"x" * payload, qos, packet_id=pid if qos else None), 4
-            )
-        )
+    # one encode, then patch the packet id in: 65,535 codec calls per process took seconds on a
+    # busy 2-CPU machine and made publishers miss the whole measurement window
+    tmpl = c.encode(c.Publish(f"bench/{idx}", b"x" * payload, qos, packet_id=1 if qos else None), 4)
+    if qos:
+        at = len(tmpl) - payload - 2
+        head, tail = tmpl[:at], tmpl[at + 2 :]
+        pkts = [head + pid.to_bytes(2, "big") + tail for pid in range(1, 65536)]
+    else:
+        pkts = [tmpl] * batch
     blob0 = b"".join(pkts[:batch]) if qos == 0 else b""
+    if ready is not None:
+        ready.put(1)
+    start = _await_start(start)
     while time.time() < start:
         time.sleep(0.001)
     end = start + seconds
@@ -183,11 +202,12 @@ def publisher(
 
 
 def subscriber(
-    port: int, flt: str, qos: int, seconds: float, start: float, pkt_len: int, out: Any, ready: Any
+    port: int, flt: str, qos: int, seconds: float, start: Any, pkt_len: int, out: Any, ready: Any
 ) -> None:
     s = connect(port, f"sub-{flt}-{os.getpid()}")
     subscribe(s, flt, qos)
     ready.put(1)
+    start = _await_start(start)
     s.settimeout(0.2)
     end = start + seconds
     total = 0
@@ -259,19 +279,22 @@ def run_fanin(b: BrokerProc, qos: int, seconds: float) -> dict[str, float]:
     pkt_len = len(
         c.encode(c.Publish("bench/0", b"x" * PAYLOAD, qos, packet_id=1 if qos else None), 4)
     )
-    start = time.time() + 1.0
+    start: Any = mp.Value("d", 0.0)  # set once every worker is connected and ready
     sub = mp.Process(
         target=subscriber, args=(b.port, "bench/#", qos, seconds, start, pkt_len, qs, ready)
     )
     sub.start()
-    ready.get(timeout=10)
+    ready.get(timeout=60)
     pubs = [
-        mp.Process(target=publisher, args=(b.port, i, qos, seconds, start, PAYLOAD, qp))
+        mp.Process(target=publisher, args=(b.port, i, qos, seconds, start, PAYLOAD, qp, ready))
         for i in range(10)
     ]
     for p in pubs:
         p.start()
-    while time.time() < start:
+    for _ in pubs:
+        ready.get(timeout=60)
+    start.value = t0 = time.time() + 0.2
+    while time.time() < t0:
         time.sleep(0.005)
     cpu0 = b.cpu()
     time.sleep(seconds)

@@ -148,9 +148,7 @@ async def test_commands(engine: Engine, registry: Registry, flavour: str) -> Non
     th = threading.Thread(target=_responder, args=(dev, flavour, stop), daemon=True)
     th.start()
     try:
-        await eventually(lambda: engine.controller.tasks["d2"].connected)
-        binding = engine.controller.tasks["d2"].binding
-        assert isinstance(binding, MqttBinding)
+        binding = await subscribed(engine, "d2")
         seen: list[str] = []
         result = await binding.send_command(
             "set_mode", {"mode": "eco"}, progress=lambda s, d: seen.append(s)
@@ -170,14 +168,23 @@ async def test_commands(engine: Engine, registry: Registry, flavour: str) -> Non
     await run_sync(dev.close)
 
 
+async def subscribed(engine: Engine, name: str) -> MqttBinding:
+    def ready() -> bool:
+        b = engine.controller.tasks[name].binding
+        return isinstance(b, MqttBinding) and b.subscribed
+
+    await eventually(ready)
+    binding = engine.controller.tasks[name].binding
+    assert isinstance(binding, MqttBinding)
+    return binding
+
+
 def rcs(codes: list[Any]) -> list[int]:
     return [int(getattr(r, "value", r)) for r in codes]
 
 
 async def test_command_timeout(engine: Engine) -> None:
-    await eventually(lambda: engine.controller.tasks["d2"].connected)
-    binding = engine.controller.tasks["d2"].binding
-    assert isinstance(binding, MqttBinding)
+    binding = await subscribed(engine, "d2")
     binding.command_timeout = 0.2
     with pytest.raises(CommandError, match="no answer"):
         await binding.send_command("reboot", {})

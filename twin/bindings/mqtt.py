@@ -225,6 +225,7 @@ class MqttBinding:
         self._pending: dict[str, trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = {}
         self.last: dict[str, Reading] = {}
         self.dropped = 0
+        self.subscribed = False  # every topic routed (commands can be answered)
         # the level of the telemetry topic that names the point (last '+'), if any
         levels = self.topics["telemetry"].split("/")
         self._point_level = max((i for i, x in enumerate(levels) if x == "+"), default=None)
@@ -278,8 +279,10 @@ class MqttBinding:
             if t["state"] != t["telemetry"]:
                 routes.append(await hub.route(t["state"], self._on_state, self.qos))
             routes.append(await hub.route(t["events"], self._on_event, self.qos))
+            self.subscribed = True
             await trio.sleep_forever()
         finally:
+            self.subscribed = False
             self._send = None
             with trio.CancelScope(shield=True):
                 for r in routes:
@@ -375,6 +378,8 @@ class MqttBinding:
         self._push(DeviceEvent(self.device, etype, _ts(doc.get("ts"), now), data))
 
     def _on_status(self, msg: InMessage) -> None:
+        if not msg.payload:
+            return  # a retained status being cleared: says nothing about the device
         text = msg.payload.decode("utf-8", "replace").strip()
         word = text.lower()
         if text.startswith("{"):
@@ -383,8 +388,8 @@ class MqttBinding:
                 word = str(doc.get("status", doc.get("state", ""))).lower()
             except (ValueError, AttributeError):
                 word = ""
-        if word in OFFLINE_WORDS or not msg.payload:
-            self.hub.device_offline(self.device, f"mqtt status {text or 'empty'!r} on {msg.topic}")
+        if word in OFFLINE_WORDS:
+            self.hub.device_offline(self.device, f"mqtt status {text!r} on {msg.topic}")
         else:
             self._heartbeat()
 
@@ -426,6 +431,8 @@ class MqttBinding:
         progress: Callable[[str, Mapping[str, Any]], None] | None = None,
     ) -> Any:
         hub = self.hub
+        if not self.subscribed:  # responses are routed only while the binding is subscribed
+            raise BindingConnectError(f"mqtt device {self.device!r}: not connected")
         cid = command_id or uuid.uuid4().hex
         request = {
             "id": cid,
