@@ -13,7 +13,7 @@ their widths fit in 12) and/or ``rows`` (``{panels: [...]}``, side by side, each
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from twin.errors import Problem
@@ -128,7 +128,7 @@ def page_rows(page: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
     return rows
 
 
-def row_widths(row: list[Mapping[str, Any]]) -> list[int]:
+def row_widths(row: Sequence[Mapping[str, Any]]) -> list[int]:
     """Relative widths of a row's panels (missing widths share what is left of 12)."""
     given = sum(int(p["width"]) for p in row if p.get("width") is not None)
     missing = [p for p in row if p.get("width") is None]

@@ -1,0 +1,36 @@
+"""One module per panel type, each with ``render(ctx, panel)``; :data:`PANELS` maps types."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dashboards.core import Ctx
+from dashboards.panels import (
+    alarms,
+    commands,
+    devices,
+    history,
+    map,
+    markdown,
+    scenes,
+    stat,
+    timeseries,
+)
+
+Render = Callable[[Ctx, dict[str, Any]], None]
+
+PANELS: dict[str, Render] = {
+    "map": map.render,
+    "stat": stat.render,
+    "timeseries": timeseries.render,
+    "alarms": alarms.render,
+    "devices": devices.render,
+    "commands": commands.render,
+    "scenes": scenes.render,
+    "history": history.render,
+    "markdown": markdown.render,
+}
+
+LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes"}
+"""Panels that refresh on the dashboard's ``refresh`` interval (history waits for the user)."""

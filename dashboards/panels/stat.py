@@ -1,0 +1,74 @@
+"""A stat tile: one aggregate of one metric over the selected devices and the panel's range."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import streamlit as st
+
+from dashboards.client import ApiError, NotAvailable
+from dashboards.core import Ctx, fmt_seconds, select_params
+from twin.spec.units import parse_duration
+
+
+def value(ctx: Ctx, panel: dict[str, Any]) -> float | None:
+    metric = str(panel.get("metric"))
+    agg = str(panel.get("aggregate", "avg"))
+    span = int(parse_duration(panel.get("range", "5m")))
+    try:
+        table = ctx.client.query(
+            metric=[metric],
+            from_=f"-{fmt_seconds(span)}",
+            every=fmt_seconds(span),
+            agg=[agg],
+            group_by="none",
+            **select_params(panel, ctx),
+        )
+    except NotAvailable:
+        return _from_twins(ctx, panel, metric, agg)
+    rows = [r for r in table.records() if r.get(agg) is not None]
+    if not rows:
+        return None
+    rows.sort(key=lambda r: str(r.get("ts")))
+    return float(rows[-1][agg])
+
+
+def _from_twins(ctx: Ctx, panel: dict[str, Any], metric: str, agg: str) -> float | None:
+    """Without a time-series service: the devices' last reported values."""
+    vals = []
+    for d in ctx.selected(panel):
+        rep = (ctx.client.twin(d["name"]).get("reported") or {}).get(metric)
+        if rep and isinstance(rep.get("value"), int | float):
+            vals.append(float(rep["value"]))
+    if not vals:
+        return None
+    return {
+        "min": min(vals),
+        "max": max(vals),
+        "sum": sum(vals),
+        "count": float(len(vals)),
+    }.get(agg, sum(vals) / len(vals))
+
+
+def fmt_number(v: float) -> str:
+    a = abs(v)
+    return f"{v:,.0f}" if a >= 1000 else f"{v:,.1f}" if a >= 10 else f"{v:,.2f}"
+
+
+def render(ctx: Ctx, panel: dict[str, Any]) -> None:
+    metric = str(panel.get("metric"))
+    label = panel.get("title") or f"{metric} ({panel.get('aggregate', 'avg')})"
+    unit = panel.get("unit") or ctx.unit(metric)
+    key = f"stat:{label}:{metric}"
+    try:
+        v = value(ctx, panel)
+    except ApiError as exc:
+        st.metric(label, "—", help=str(exc))
+        return
+    prev = st.session_state.get(key)
+    st.session_state[key] = v
+    delta = None if v is None or prev is None else round(v - prev, 3)
+    if unit and unit not in str(label):
+        label = f"{label} [{unit}]"
+    shown = "—" if v is None else fmt_number(v)
+    st.metric(label, shown, delta=fmt_number(delta) if delta else None, border=True)

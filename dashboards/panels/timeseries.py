@@ -1,0 +1,68 @@
+"""Live time-series chart: the panel's metrics over its range, one line per device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from dashboards.client import ApiError, NotAvailable
+from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params
+from twin.spec.dashboards import panel_metrics
+from twin.spec.units import parse_duration
+
+
+def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
+    span = parse_duration(panel.get("range", "15m"))
+    every = panel.get("every") or fmt_seconds(bucket_for(span))
+    table = ctx.client.query(
+        metric=panel_metrics(panel),
+        from_=f"-{fmt_seconds(int(span))}",
+        every=every,
+        agg=["avg"],
+        group_by="device",
+        **select_params(panel, ctx),
+    )
+    return frame(table)
+
+
+def chart(df: pd.DataFrame, metric: str, unit: str, height: int, legend: bool = True) -> alt.Chart:
+    return (
+        alt.Chart(df)
+        .mark_line(point=alt.OverlayMarkDef(size=12))
+        .encode(
+            x=alt.X("ts:T", title=None, axis=alt.Axis(format="%H:%M", labelOverlap=True)),
+            y=alt.Y("avg:Q", title=f"{metric} {unit}".strip(), scale=alt.Scale(zero=False)),
+            color=alt.Color("device:N", legend=alt.Legend(orient="bottom", title=None, columns=3)),
+            tooltip=["device", alt.Tooltip("ts:T", format="%H:%M:%S"), "avg"],
+        )
+        .properties(height=height)
+    )
+
+
+def render(ctx: Ctx, panel: dict[str, Any]) -> None:
+    metrics = panel_metrics(panel)
+    st.subheader(panel.get("title") or ", ".join(metrics))
+    try:
+        df = data(ctx, panel)
+    except NotAvailable as exc:
+        st.info(f"No time-series service on the server ({exc.detail}).")
+        return
+    except ApiError as exc:
+        st.error(str(exc))
+        return
+    if df.empty:
+        st.info("No data in this range yet.")
+        return
+    height = max(220, int(panel.get("height", 300)) // max(1, len(metrics)))
+    for i, metric in enumerate(metrics):
+        part = df[df["metric"] == metric]
+        if part.empty:
+            st.caption(f"{metric}: no data")
+            continue
+        st.altair_chart(
+            chart(part, metric, ctx.unit(metric), height, legend=i == len(metrics) - 1),
+            width="stretch",
+        )

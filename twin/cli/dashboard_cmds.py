@@ -1,0 +1,124 @@
+"""``twin dashboard SITE``: the Streamlit dashboard (``dashboards/app.py``) as a subprocess.
+
+Nothing here imports streamlit: the app runs in its own process (``python -m streamlit run``)
+and reads the engine only through the REST API at ``--server``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from twin.errors import TwinError
+
+
+def app_path() -> Path:
+    """``dashboards/app.py`` next to the twin package (a source checkout)."""
+    path = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
+    if not path.is_file():
+        raise TwinError(
+            f"cannot find the dashboard app at {path}",
+            hint="run from a FLUX IoT source checkout with the dashboards extra installed",
+        )
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def dashboard_command(
+    site: Path | None,
+    server: str,
+    host: str,
+    port: int,
+    *,
+    token: str | None = None,
+    refresh: str | None = None,
+) -> tuple[list[str], dict[str, str], str]:
+    """The streamlit command line, its environment and the URL it will serve."""
+    try:
+        import streamlit  # noqa: F401
+    except ImportError as exc:
+        raise TwinError(
+            "streamlit is not installed", hint="pip install 'flux-iot[dashboards]'"
+        ) from exc
+    port = port or free_port(host)
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(app_path()),
+        "--server.address", host,
+        "--server.port", str(port),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--server.fileWatcherType", "none",
+        "--global.developmentMode", "false",
+        "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    env = dict(os.environ)
+    env["FLUX_SERVER"] = server.rstrip("/")
+    root = str(app_path().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if site is not None:
+        env["FLUX_SITE"] = str(site.resolve())
+    if token:
+        env["FLUX_TOKEN"] = token
+    if refresh is not None:
+        env["FLUX_REFRESH"] = refresh
+    return cmd, env, f"http://{host}:{port}"
+
+
+def start_dashboard(
+    site: Path | None, server: str, host: str = "127.0.0.1", port: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start the dashboard process (for ``twin up --dashboard``); the caller stops it."""
+    cmd, env, url = dashboard_command(site, server, host, port)
+    return subprocess.Popen(cmd, env=env), url
+
+
+def dashboard(
+    site: Annotated[
+        Path | None, typer.Argument(help="Site folder (Dashboard documents, models, locations).")
+    ] = None,
+    server: Annotated[
+        str, typer.Option("--server", envvar="TWIN_SERVER", help="API base URL of the engine.")
+    ] = "http://127.0.0.1:8080",
+    host: Annotated[str, typer.Option("--host", help="Address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 0,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="TWIN_TOKEN", help="Access token (skips the login form)."),
+    ] = None,
+    refresh: Annotated[
+        str | None, typer.Option("--refresh", help="Override the refresh interval (0 = off).")
+    ] = None,
+) -> None:
+    """Open the Streamlit dashboard of SITE against a running engine's API."""
+    from twin.cli import output
+
+    cmd, env, url = dashboard_command(site, server, host, port, token=token, refresh=refresh)
+    output.console.print(f"dashboard  {url}   (API {env['FLUX_SERVER']})", highlight=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        output.console.print("stopped.")
+        return
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("dashboard")(dashboard)
