@@ -255,9 +255,30 @@ def _validator(schema_json: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_json))
 
 
+_FAST: dict[int, tuple[Mapping[str, Any], Callable[[Any], Any]]] = {}
+
+
+def _fast_ok(schema: Mapping[str, Any], params: dict[str, Any]) -> bool:
+    """The compiled (fastjsonschema) check: the hot path; jsonschema explains failures."""
+    hit = _FAST.get(id(schema))
+    if hit is None or hit[0] is not schema:
+        import fastjsonschema
+
+        if len(_FAST) > 4096:
+            _FAST.clear()
+        hit = _FAST[id(schema)] = (schema, fastjsonschema.compile(dict(schema)))
+    try:
+        hit[1](params)
+    except Exception:
+        return False
+    return True
+
+
 def _schema_errors(schema: Mapping[str, Any], params: Mapping[str, Any]) -> list[str]:
     import json
 
+    if _fast_ok(schema, dict(params)):
+        return []
     v = _validator(json.dumps(schema, sort_keys=True))
     out = []
     for err in sorted(v.iter_errors(dict(params)), key=lambda e: list(e.path)):

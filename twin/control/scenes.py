@@ -220,8 +220,9 @@ class RunContext:
         self.trace["steps"].append(entry)
         t0 = trio.current_time()
         try:
-            for device, _ in action.writes():
-                self.engine.note_write(device, self.chain)
+            for device, target in action.writes():
+                point = None if target.startswith("command:") else target
+                self.engine.note_write(device, self.chain, point)
             result = await action.run(self, path)
             entry["outcome"] = "ok"
             if result:
@@ -391,9 +392,13 @@ class SceneEngine:
         if trig.op == "changed":
             if prev is not _MISSING and not _equal(prev, value):
                 info["previous"] = prev
-                self._fire(trig, info, self._chain_for(trig.device))
+                self._fire(trig, info, self._chain_for(trig.device, trig.point))
             return
-        self._edge(trig, trig.step(trig.test(value)), info, trig.device)
+        r = trig.step(trig.test(value))
+        if r == "fire":
+            self._fire(trig, info, self._chain_for(trig.device, trig.point))
+        else:
+            self._edge(trig, r, info, trig.device)
 
     def _edge(self, trig: Edge, r: str | None, info: dict[str, Any], device: str) -> None:
         if r == "fire":
@@ -414,18 +419,26 @@ class SceneEngine:
                 self._fire(trig, {**info, "for": trig.hold}, self._chain_for(device))
 
     # -- loops -------------------------------------------------------------------------------
-    def note_write(self, device: str, chain: tuple[str, ...]) -> None:
-        self._caused[device] = (chain, trio.current_time() + self.loop_window)
+    def note_write(self, device: str, chain: tuple[str, ...], point: str | None = None) -> None:
+        """A run wrote ``device`` (``point``: a property; None: a command, any point)."""
+        self._caused[(device, point)] = (chain, trio.current_time() + self.loop_window)
 
-    def _chain_for(self, device: str) -> tuple[str, ...]:
-        hit = self._caused.get(device)
-        if hit is None:
+    def _chain_for(self, device: str, point: str | None = None) -> tuple[str, ...]:
+        """The chain of scenes that caused this device's data (within ``loop_window``)."""
+        if not self._caused:
             return ()
-        chain, until = hit
-        if trio.current_time() > until:
-            del self._caused[device]
-            return ()
-        return chain
+        now = trio.current_time()
+        best: tuple[str, ...] = ()
+        for key in ((device, point), (device, None)) if point is not None else ((device, None),):
+            hit = self._caused.get(key)
+            if hit is None:
+                continue
+            chain, until = hit
+            if now > until:
+                del self._caused[key]
+            elif len(chain) > len(best):
+                best = chain
+        return best
 
     # -- runs ----------------------------------------------------------------------------------
     def _fire(self, trig: Trigger, info: dict[str, Any], chain: tuple[str, ...]) -> None:
@@ -448,7 +461,10 @@ class SceneEngine:
         if scene.name in chain or len(chain) >= self.max_chain:
             rt.loops += 1
             path = " → ".join((*chain, scene.name))
-            log.warning("scene %s: loop detected (%s); not run", scene.name, path)
+            if rt.loops == 1 or rt.loops % 100 == 0:
+                log.warning(
+                    "scene %s: loop detected (%s); not run (%d so far)", scene.name, path, rt.loops
+                )
             run_id = self._record_refusal(scene, trigger, chain, "loop", f"trigger loop: {path}")
             done.set()
             return run_id, done
