@@ -1072,6 +1072,9 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
     from twin.api.timeseries_routes import timeseries_router
 
     app.include_router(timeseries_router(engine))
+    from twin.api.control_routes import router as control_router
+
+    app.include_router(control_router)
     app.openapi_schema = None
     _add_security(app)
     return Gatekeeper(app, st)  # type: ignore[return-value]
