@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -56,7 +56,14 @@ def _ts(seconds: float) -> datetime:
 class PostgresStore:
     """``TimeSeriesStore`` on PostgreSQL (psycopg 3). Synchronous, thread-safe (one lock)."""
 
-    def __init__(self, url: str, *, prefix: str = "ts_", connect_timeout: float = 5) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "ts_",
+        connect_timeout: float = 5,
+        partition_hours: int = 6,
+    ) -> None:
         import psycopg
 
         if not _NAME.match(prefix):
@@ -68,6 +75,10 @@ class PostgresStore:
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
         self._partitions: set[str] = set()
+        if partition_hours < 1 or 24 % partition_hours:
+            raise ValueError("partition_hours must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24)")
+        self.partition_s = partition_hours * 3600
+        self._dirty: set[str] = set()  # tables with deleted rows to rewrite on reclaim()
         self._tier_tables: set[str] = set()
         self.timescale = False
         self._setup()
@@ -115,15 +126,28 @@ class PostgresStore:
                 "(key text PRIMARY KEY, value text NOT NULL)"
             )
 
-    def _ensure_partitions(self, days: Iterable[int]) -> None:
+    def _partition_name(self, lo: float) -> str:
+        fmt = "%Y%m%d" if self.partition_s == 86400 else "%Y%m%d%H"
+        return f"{self._t(RAW)}_p{_ts(lo):{fmt}}"
+
+    def _partition_range(self, name: str) -> tuple[float, float]:
+        stamp = name.rsplit("_p", 1)[1]
+        fmt, span = ("%Y%m%d", 86400) if len(stamp) == 8 else ("%Y%m%d%H", self.partition_s)
+        lo = datetime.strptime(stamp, fmt).replace(tzinfo=UTC).timestamp()
+        return lo, lo + span
+
+    def _ensure_partitions(self, slots: Iterable[int]) -> None:
+        """Partitions of ``partition_hours`` (fixed when the table is created: a store
+        keeps the size of its existing partitions, as ranges must not overlap)."""
         if self.timescale:
             return
         raw = self._t(RAW)
-        for day in days:
-            name = f"{raw}_p{_ts(day * 86400):%Y%m%d}"
+        size = self.partition_s
+        for slot in slots:
+            name = self._partition_name(slot * size)
             if name in self._partitions:
                 continue
-            lo, hi = _ts(day * 86400), _ts((day + 1) * 86400)
+            lo, hi = _ts(slot * size), _ts((slot + 1) * size)
             self._exec(
                 f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {raw} "
                 f"FOR VALUES FROM ('{lo.isoformat()}') TO ('{hi.isoformat()}')"
@@ -175,7 +199,7 @@ class PostgresStore:
         rows = []
         days = set()
         for device, metric, value, ts, quality, site, grp, tags in records:
-            days.add(int(ts // 86400))
+            days.add(int(ts // self.partition_s))
             if isinstance(value, bool):
                 num, s, kind = (1.0 if value else 0.0), None, 1
             elif isinstance(value, int | float):
@@ -307,20 +331,29 @@ class PostgresStore:
         t = self._t(tier)
         with self._lock:
             n = 0
-            if tier == RAW and selector == Selector() and not self.timescale:
-                # whole partitions first: instant and the space is returned at once
+            touched = [t]
+            if tier == RAW and not self.timescale:
+                touched = []
                 for name in self._list_partitions():
-                    day = datetime.strptime(name.rsplit("_p", 1)[1], "%Y%m%d").replace(tzinfo=UTC)
-                    if (day + timedelta(days=1)).timestamp() <= before:
+                    lo, hi = self._partition_range(name)
+                    if hi <= before and selector == Selector():
+                        # whole partitions first: instant and the space is returned at once
                         n += int(self._exec(f"SELECT count(*) FROM {name}")[0][0])
                         self._exec(f"DROP TABLE {name}")
                         self._partitions.discard(name)
+                    elif lo < before:
+                        touched.append(name)
             rows = self._exec(
                 f"WITH d AS (DELETE FROM {t} WHERE ts < %s AND {selector.sql(sql_quote)} "
                 "RETURNING 1) SELECT count(*) FROM d",
                 [_ts(before)],
             )
-            return n + int(rows[0][0])
+            deleted = int(rows[0][0])
+            if deleted:
+                # reclaim() rewrites these (VACUUM FULL on just the cut partitions: the
+                # oldest ones, which take no new writes), so the space really comes back
+                self._dirty.update(touched)
+            return n + deleted
 
     def _list_partitions(self) -> list[str]:
         rows = self._exec(
@@ -351,6 +384,21 @@ class PostgresStore:
                 self._exec(f"VACUUM (ANALYZE) {self._t(tier)}")
 
     def reclaim(self) -> None:
+        """Give the space of deleted rows back to the OS.
+
+        Plain VACUUM only makes dead space reusable inside the files; a retention cut that
+        falls inside a partition would return nothing (measured: 0 bytes). So the tables
+        and partitions a ``delete_before`` touched are rewritten with ``VACUUM FULL``: with
+        ``partition_hours`` partitions that is at most one partition per cut (plus tier
+        tables, which are small), and an exclusive lock on the oldest partition blocks no
+        writer. Everything else gets VACUUM (ANALYZE).
+        """
+        with self._lock:
+            dirty, self._dirty = sorted(self._dirty), set()
+            existing = set(self._list_partitions()) | {self._t(t) for t in self.tiers()}
+            for name in dirty:
+                if name in existing:
+                    self._exec(f"VACUUM (FULL, ANALYZE) {name}")
         self.maintain(force=True)
 
     def stats(self) -> StorageStats:
