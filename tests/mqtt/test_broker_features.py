@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 from twin.mqtt import codec as c
@@ -146,7 +148,7 @@ async def test_will_delay_v5_cancelled_by_reconnect(broker: Broker) -> None:
         assert s.sync() == []
         # disconnect with will (0x04) and will delay 0: immediate
         b = Client(p, "b", v5=True, will=("w/b", b"y", 1, False))
-        b.c.disconnect(reasoncode=paho_rc(4))
+        b.c.disconnect(reasoncode=paho_rc(4))  # type: ignore[arg-type]
         assert s.get().payload == b"y"
         a2.close()
         s.close()
@@ -311,7 +313,7 @@ async def test_v5_properties_end_to_end(broker: Broker) -> None:
         )
         pub.publish("req/a", "héllo".encode(), 1, props=pp)
         m = s.get()
-        mp = m.properties
+        mp: Any = m.properties
         assert mp.ResponseTopic == "resp/1"
         assert mp.CorrelationData == b"cid"
         assert mp.ContentType == "text/plain"

@@ -11,7 +11,7 @@ from twin.mqtt.codec import ProtocolError, ReasonCode
 
 # MQTT strings: any code point except U+0000 and surrogates
 text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"),
     max_size=20,
 )
 topic = text.filter(lambda t: t and "+" not in t and "#" not in t)
@@ -87,7 +87,7 @@ def props_for(kind: str) -> st.SearchStrategy[c.Properties]:
         "none": {},
     }
     fields = {**table[kind], **common}
-    return st.fixed_dictionaries({}, optional=fields).map(lambda d: c.Properties(**d))
+    return st.fixed_dictionaries({}, optional=fields).map(lambda d: c.Properties(**d))  # type: ignore[arg-type]
 
 
 def packets(version: int) -> st.SearchStrategy[c.Packet]:
@@ -248,7 +248,7 @@ def test_fuzz_mutated_packets(version: int, data: st.DataObject) -> None:
 
 def _err(data: bytes, version: int | None = 5, **kw: int) -> ReasonCode:
     with pytest.raises(ProtocolError) as ei:
-        d = c.Decoder(version, **kw)
+        d = c.Decoder(version, **kw)  # type: ignore[arg-type]
         d.feed(data)
         list(d.packets())
     return ei.value.reason_code

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _roundtrip(cl: paho.Client, port: int, topic: str) -> bytes:
     got: queue.Queue[bytes] = queue.Queue()
-    cl.on_message = lambda _c, _u, m: got.put(m.payload)
+    cl.on_message = lambda _c, _u, m: got.put(bytes(m.payload))
     cl.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic, 1)
     cl.on_subscribe = lambda c, *_: c.publish(topic, b"hello", 1)
     cl.connect("127.0.0.1", port)

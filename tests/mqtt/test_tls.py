@@ -59,7 +59,7 @@ async def test_tls_listener(nursery: trio.Nursery, tmp_path: Path) -> None:
         cl = paho.Client(CallbackAPIVersion.VERSION2, client_id="tls")
         cl.tls_set(ca_certs=str(cert))
         cl.tls_insecure_set(True)  # certificate is for "localhost", we dial 127.0.0.1
-        cl.on_message = lambda _c, _u, m: got.put(m.payload)
+        cl.on_message = lambda _c, _u, m: got.put(bytes(m.payload))
         cl.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe("tls/t", 1)
         cl.on_subscribe = lambda c, *_: c.publish("tls/t", b"secure", 1)
         cl.connect("127.0.0.1", port)
