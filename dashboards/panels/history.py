@@ -55,7 +55,8 @@ def add_trend(df: pd.DataFrame, value: str, by: str) -> tuple[pd.DataFrame, pd.D
     for name, part in df.dropna(subset=[value]).groupby(by):
         if len(part) < 2:
             continue
-        x = (part["ts"].astype("int64") / 1e9).to_numpy()
+        epoch = pd.Timestamp(0, tz="UTC")
+        x = (part["ts"] - epoch).dt.total_seconds().to_numpy()
         y = part[value].astype(float).to_numpy()
         slope, icpt = np.polyfit(x - x[0], y, 1)
         ends = np.array([0.0, x[-1] - x[0]])
@@ -109,7 +110,10 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         split = c4.selectbox("One line per", SPLIT, key=f"{key}-split")
         f = st.columns([2, 1, 1, 1, 1])
         default_metric = (
-            as_list(panel.get("metrics")) or as_list(panel.get("metric")) or opts["metric"][:1]
+            as_list(panel.get("metrics"))
+            or as_list(panel.get("metric"))
+            or [m for m in opts["metric"] if m == "temperature"]
+            or opts["metric"][:1]
         )
         metrics = f[0].multiselect(
             "Metric", opts["metric"], default=default_metric, key=f"{key}-metric"

@@ -1,0 +1,159 @@
+"""Panel logic through Streamlit's AppTest, against an in-memory API (no engine, no browser)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from dashboards.client import read_table
+from dashboards.core import bucket_for
+from dashboards.panels.commands import example_params
+from dashboards.panels.history import add_trend, export_bytes
+from tests.dashboards.fakeapi import FakeApi
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "sites" / "demo"
+APP = str(ROOT / "dashboards" / "app.py")
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
+    monkeypatch.setenv("FLUX_SERVER", "http://flux.test")
+    monkeypatch.setenv("FLUX_SITE", str(DEMO))
+    monkeypatch.setenv("FLUX_REFRESH", "0")
+    monkeypatch.delenv("FLUX_TOKEN", raising=False)
+    return FakeApi(str(DEMO))
+
+
+def app(api: FakeApi, user: str | None = "admin", page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=30)
+    at.session_state["flux_transport"] = api.transport()
+    at.run()
+    if user is not None:
+        at.text_input(key="login-user").input(user)
+        at.text_input(key="login-password").input("secret123")
+        at.button[0].click().run()
+    if page is not None:
+        at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    return "\n".join(
+        [m.value for m in at.markdown]
+        + [s.value for s in at.subheader]
+        + [c.value for c in at.caption]
+    )
+
+
+def test_login_form_rejects_a_wrong_password(api: FakeApi) -> None:
+    at = app(api, user=None)
+    at.text_input(key="login-user").input("admin")
+    at.text_input(key="login-password").input("nope")
+    at.button[0].click().run()
+    assert "Sign-in failed: wrong user name or password" in at.error[0].value
+    assert "flux_login" not in at.session_state
+
+
+def test_overview_shows_every_panel_and_device(api: FakeApi) -> None:
+    at = app(api)
+    heads = [s.value for s in at.subheader]
+    assert heads == ["Devices by status", "Alarms", "Climate", "Conveyor", "Devices"]
+    assert [m.label for m in at.metric] == [
+        "Temperature line 1 (avg) [°C]", "Humidity (avg) [%]", "Conveyor rpm", "Power [kW]",
+    ]  # fmt: skip
+    assert all(m.value not in ("", "—") for m in at.metric)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["name", "type", "group", "status", "last_seen"]
+    assert set(table["name"]) == {d["name"] for d in api.devices}
+    assert dict(zip(table["name"], table["status"], strict=True))["door_sensor_01"] == "offline"
+    # the stat tile of a nested group asks for the group and every group below it
+    q = next(q for q in api.queries if q.get("metric") == ["temperature"] and "group" in q)
+    assert set(q["group"]) == {"plant", "line-1", "line-2", "cell-1a", "cell-1b", "utilities"}
+
+
+def test_device_filters(api: FakeApi) -> None:
+    at = app(api)
+    at.multiselect(key="devices-Devices-status").set_value(["offline", "fault"]).run()
+    assert sorted(at.dataframe[0].value["name"]) == ["door_sensor_01", "plc_packer_01"]
+    at.multiselect(key="devices-Devices-status").set_value([]).run()
+    at.text_input(key="devices-Devices-text").input("video").run()
+    assert sorted(at.dataframe[0].value["name"]) == ["cam_gate_01", "cam_line_01"]
+
+
+def test_operator_acknowledges_an_alarm(api: FakeApi) -> None:
+    at = app(api, "operator")
+    assert "`active`" in texts(at)
+    at.button(key="ack-1").click().run()
+    assert api.alarms[0]["state"] == "acknowledged"
+    assert "`acknowledged`" in texts(at)
+    assert [b.label for b in at.button if b.key == "clear-1"] == ["Clear"]
+
+
+def test_viewer_is_not_offered_what_it_cannot_do(api: FakeApi) -> None:
+    at = app(api, "viewer")
+    keys = {b.key for b in at.button}
+    assert "ack-1" not in keys
+    at = app(api, "viewer", page="Control")
+    labels = {b.label for b in at.button}
+    assert "Send command" not in labels and "Run" not in labels
+    assert not at.toggle  # no enable/disable for scenes
+
+
+def test_operator_sends_a_command_and_follows_it(api: FakeApi) -> None:
+    at = app(api, "operator", page="Control")
+    at.selectbox(key="cmd-Commands-device").set_value("fan_01").run()
+    at.selectbox(key="cmd-Commands-type").set_value("set_state").run()
+    at.button(key="cmd-Commands-send").click().run()
+    assert not at.error
+    cmd = api.commands["c1"]
+    assert (cmd["device"], cmd["type"], cmd["params"]) == ("fan_01", "set_state", {"state": True})
+    assert "**success**" in texts(at)
+    assert not at.toggle  # operators run scenes but do not change them
+    at.button(key="scenes-Scenes-energy-peak-run").click().run()
+    assert api.executed == ["energy-peak"]
+
+
+def test_control_panels_without_the_control_api(api: FakeApi) -> None:
+    api.control = False
+    at = app(api, "admin", page="Control")
+    assert "the server has no commands API yet" in texts(at)
+    assert "no scenes API yet" in texts(at)
+
+
+def test_history_compare_trend_and_export(api: FakeApi) -> None:
+    at = app(api, page="History")
+    at.checkbox(key="hist-History-compare").check().run()
+    at.checkbox(key="hist-History-trend").check().run()
+    at.selectbox(key="hist-History-agg").set_value("max").run()
+    assert not at.exception
+    q = api.queries[-1]
+    assert q["agg"] == ["max"] and q["compare"] == ["1h"] and q["metric"] == ["temperature"]
+    slopes, shown = at.dataframe[0].value, at.dataframe[1].value
+    assert list(slopes["slope per hour"].round(3).unique()) == [30.0]  # 0.5 per minute
+    assert "max_previous" in shown.columns and len(shown) == 10 * 12  # every site device
+    for fmt in ("csv", "xlsx"):
+        rows = read_table(export_bytes(shown, fmt), fmt)
+        assert rows[0] == list(shown.columns) and len(rows) == len(shown) + 1
+
+
+def test_default_dashboard_when_the_site_declares_none(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLUX_SITE", "")
+    at = app(api)
+    assert [s.value for s in at.subheader] == ["Devices by status", "Active alarms", "Devices"]
+
+
+def test_helpers() -> None:
+    assert bucket_for(3600) == 30 and bucket_for(7 * 86400, 200) == 3600
+    assert example_params({"properties": {"rate": {"type": "integer", "minimum": 1}}}) == {
+        "rate": 1
+    }
+    ts = pd.to_datetime([0, 60, 120], unit="s", utc=True)
+    line, slopes = add_trend(pd.DataFrame({"ts": ts, "v": [1.0, 2.0, 3.0], "s": "a"}), "v", "s")
+    assert slopes["slope per hour"].iloc[0] == pytest.approx(60.0) and len(line) == 2
