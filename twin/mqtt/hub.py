@@ -185,13 +185,13 @@ class MqttHub:
                 log.exception("mqtt hub: marking %s offline failed", device)
 
 
-def in_message(msg: Message) -> InMessage:
+def in_message(msg: Message, retained: bool = False) -> InMessage:
     p = msg.properties
     return InMessage(
         msg.topic,
         msg.payload,
         msg.qos,
-        msg.retain,
+        retained,
         p.response_topic,
         p.correlation_data,
         p.user_property,
@@ -209,9 +209,9 @@ class EmbeddedTransport:
         self.hub: MqttHub | None = None
         self.client = LocalClient(broker, self._on_message, client_id=client_id)
 
-    def _on_message(self, msg: Message) -> None:
+    def _on_message(self, msg: Message, retained: bool) -> None:
         if self.hub is not None:
-            self.hub.dispatch(in_message(msg))
+            self.hub.dispatch(in_message(msg, retained))
 
     async def run(self, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
         await self.client.run(task_status=task_status)

@@ -21,11 +21,14 @@ import trio
 
 from twin.mqtt import codec as c
 from twin.mqtt.broker import Broker
-from twin.mqtt.session import Message, Session, SubOptions
+from twin.mqtt.session import Message, Outgoing, Session, SubOptions
+from twin.mqtt.topics import matches, parse_shared
 
 log = logging.getLogger(__name__)
 
-OnMessage = Callable[[Message], None]
+OnMessage = Callable[[Message, bool], None]
+"""``on_message(message, retained)``: ``retained`` is the RETAIN flag as a subscriber sees it
+(set for retained messages sent on subscribe, clear for live ones unless retain-as-published)."""
 
 
 class LocalClient:
@@ -74,7 +77,7 @@ class LocalClient:
                     if out.msg.expired():
                         continue
                     try:
-                        self.on_message(out.msg)
+                        self.on_message(out.msg, out.retain)
                     except Exception:
                         log.exception("mqtt: local subscriber failed on %s", out.msg.topic)
                     n += 1
@@ -87,9 +90,17 @@ class LocalClient:
                 b.end_session(self.session)
 
     def subscribe(self, flt: str, qos: int = 1) -> None:
+        """Subscribe; a new (non-shared) subscription gets the matching retained messages."""
+        b = self.broker
         opts = SubOptions(qos=qos, no_local=False)
+        existed = flt in self.session.subs
         self.session.subs[flt] = opts
-        self.broker._tree_add(self.client_id, flt, opts)
+        b._tree_add(self.client_id, flt, opts)
+        if existed or parse_shared(flt) is not None:
+            return
+        for topic, msg in list(b.retained.items()):
+            if matches(flt, topic) and not msg.expired():
+                b._deliver(self.session, Outgoing(msg, min(qos, msg.qos), True))
 
     def unsubscribe(self, flt: str) -> None:
         if self.session.subs.pop(flt, None) is not None:
