@@ -1,4 +1,8 @@
-"""The engine against a real SQLite registry, with trio's autojump clock for heartbeats."""
+"""The engine against a real SQLite registry, with trio's autojump clock for heartbeats.
+
+While a registry call runs in a worker thread the autojump clock keeps advancing, so time
+windows here are wide and assertions count events rather than time them (exact timing is
+tested without threads in test_device.py)."""
 
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ async def test_heartbeat_timeout_offline_alarm_once_then_recovery(
 
 
 async def test_device_fault_and_ok(registry: Registry, autojump_clock: Any) -> None:
-    dev = sim_device("f", faults={"fault_every": "30s", "fault_for": "10s"})
+    dev = sim_device("f", faults={"fault_every": "4h", "fault_for": "2h"})  # wide: see module doc
     apply(registry, site(), model(), dev)
     async with running_engine(registry) as engine:
         twin = engine.twin("f")
