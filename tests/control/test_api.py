@@ -14,7 +14,6 @@ import trio
 import trio.lowlevel
 from runtime.helpers import apply, fast_config, model, sim_device, site
 
-import twin.api.server as server_mod
 from twin.api import auth
 from twin.api.app import ApiSettings
 from twin.api.ratelimit import Rate
@@ -24,23 +23,6 @@ from twin.registry import open_registry
 from twin.runtime.engine import Engine
 
 USERS = {"admin": "admin", "oper": "operator", "viewer": "viewer"}
-
-
-def _with_control_routes(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Include the control router even if app.py does not (yet)."""
-    original = server_mod.create_app
-
-    def create_app(engine: Engine, settings: ApiSettings | None = None) -> Any:
-        gate = original(engine, settings)
-        app = gate.app
-        if not any(getattr(r, "path", "") == "/api/v1/scenes" for r in app.routes):
-            from twin.api.control_routes import router
-
-            app.include_router(router)
-            app.openapi_schema = None
-        return gate
-
-    monkeypatch.setattr(server_mod, "create_app", create_app)
 
 
 class Served:
@@ -98,8 +80,7 @@ def docs() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
-    _with_control_routes(monkeypatch)
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
     state = tmp_path / "state"
     reg = open_registry(None, state)
     apply(reg, *docs())

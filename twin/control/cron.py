@@ -70,7 +70,7 @@ def next_fire(expr: str, after: float, tz: str | dt.tzinfo) -> float:
 
 
 def fires_between(expr: str, start: float, end: float, tz: str) -> list[float]:
-    out = []
+    out: list[float] = []
     t = start
     while True:
         t = next_fire(expr, t, tz)

@@ -269,7 +269,7 @@ class SceneEngine:
         self._by_point: dict[tuple[str, str], list[DeviceData]] = {}
         self._by_status: dict[str | None, list[StatusChange]] = {}
         self._alarm: list[AlarmEvent] = []
-        self._caused: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._caused: dict[tuple[str, str | None], tuple[tuple[str, ...], float]] = {}
         self._state_event: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._active_runs = 0
@@ -429,7 +429,10 @@ class SceneEngine:
             return ()
         now = trio.current_time()
         best: tuple[str, ...] = ()
-        for key in ((device, point), (device, None)) if point is not None else ((device, None),):
+        keys: list[tuple[str, str | None]] = [(device, None)]
+        if point is not None:
+            keys.insert(0, (device, point))
+        for key in keys:
             hit = self._caused.get(key)
             if hit is None:
                 continue

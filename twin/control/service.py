@@ -53,7 +53,7 @@ def command_history(registry: Registry, device: str, limit: int = 20) -> list[di
 
 
 @lru_cache(maxsize=64)
-def _accepts_command_id(cls: type) -> bool:
+def _accepts_command_id(cls: Any) -> bool:
     try:
         params = inspect.signature(cls.send_command).parameters
     except (TypeError, ValueError, AttributeError):
@@ -63,7 +63,8 @@ def _accepts_command_id(cls: type) -> bool:
 
 def _takes_command_id(binding: Any) -> bool:
     """MQTT-style bindings correlate by our command id and report progress."""
-    return _accepts_command_id(type(binding))
+    cls: Any = type(binding)
+    return _accepts_command_id(cls)
 
 
 class EngineTransport:

@@ -91,7 +91,12 @@ class DeviceData(Edge):
         return compare(self.op, value, self.value)
 
     def describe(self) -> dict[str, Any]:
-        d = {"type": self.type, "device": self.device, "point": self.point, "operator": self.op}
+        d: dict[str, Any] = {
+            "type": self.type,
+            "device": self.device,
+            "point": self.point,
+            "operator": self.op,
+        }
         if self.op != "changed":
             d["value"] = self.value
         if self.hold:
