@@ -78,11 +78,11 @@ async def test_device_fault_and_ok(registry: Registry, autojump_clock: Any) -> N
     async with running_engine(registry) as engine:
         twin = engine.twin("f")
         assert twin is not None
-        await eventually(lambda: twin.status == Status.FAULT)
+        await eventually(lambda: twin.status == Status.FAULT, within=3 * 3600)
         await engine.writer.flushed()
         assert [a.type for a in registry.alarms(device="f", states=["active"])] == ["fault"]
         assert [a.severity for a in registry.alarms(device="f")] == ["critical"]
-        await eventually(lambda: twin.status == Status.ONLINE)
+        await eventually(lambda: twin.status == Status.ONLINE, within=3 * 3600)
         await engine.writer.flushed()
         assert registry.alarms(device="f", states=["active"]) == []
 
