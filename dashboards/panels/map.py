@@ -84,8 +84,6 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             get_position="[lon, lat]",
             get_text="name",
             get_size=12,
-            font_family='"Source Sans Pro", Arial, sans-serif',
-            character_set="auto",
             get_color=[30, 30, 30],
             get_pixel_offset=[0, -14],
         ),

@@ -28,14 +28,17 @@ def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
     return frame(table)
 
 
-def chart(df: pd.DataFrame, metric: str, unit: str, height: int, legend: bool = True) -> alt.Chart:
+def chart(
+    df: pd.DataFrame, metric: str, unit: str, height: int, legend: bool = True, fmt: str = "%H:%M"
+) -> alt.Chart:
+    keep = alt.Legend(orient="bottom", title=None, columns=2, labelLimit=200)
     return (
         alt.Chart(df)
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
-            x=alt.X("ts:T", title=None, axis=alt.Axis(format="%H:%M", labelOverlap=True)),
+            x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True, tickCount=5)),
             y=alt.Y("avg:Q", title=f"{metric} {unit}".strip(), scale=alt.Scale(zero=False)),
-            color=alt.Color("device:N", legend=alt.Legend(orient="bottom", title=None, columns=3)),
+            color=alt.Color("device:N", legend=keep if legend else None),
             tooltip=["device", alt.Tooltip("ts:T", format="%H:%M:%S"), "avg"],
         )
         .properties(height=height)
@@ -56,6 +59,8 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     if df.empty:
         st.info("No data in this range yet.")
         return
+    span = parse_duration(panel.get("range", "15m"))
+    fmt = "%H:%M:%S" if span <= 1800 else "%H:%M" if span <= 86400 else "%m-%d %H:%M"
     height = max(220, int(panel.get("height", 300)) // max(1, len(metrics)))
     for i, metric in enumerate(metrics):
         part = df[df["metric"] == metric]
@@ -63,6 +68,6 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             st.caption(f"{metric}: no data")
             continue
         st.altair_chart(
-            chart(part, metric, ctx.unit(metric), height, legend=i == len(metrics) - 1),
+            chart(part, metric, ctx.unit(metric), height, i == len(metrics) - 1, fmt),
             width="stretch",
         )

@@ -64,7 +64,7 @@ def test_overview_shows_every_panel_and_device(api: FakeApi) -> None:
     heads = [s.value for s in at.subheader]
     assert heads == ["Devices by status", "Alarms", "Climate", "Conveyor", "Devices"]
     assert [m.label for m in at.metric] == [
-        "Temperature line 1 (avg) [°C]", "Humidity (avg) [%]", "Conveyor rpm", "Power [kW]",
+        "Temperature (avg) [°C]", "Humidity (avg) [%]", "Conveyor rpm", "Power [kW]",
     ]  # fmt: skip
     assert all(m.value not in ("", "—") for m in at.metric)
     table = at.dataframe[0].value

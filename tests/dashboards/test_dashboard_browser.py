@@ -1,0 +1,220 @@
+"""End to end in headless Chromium: the demo site on a real engine + API, the dashboard through
+``twin dashboard``, a browser at 1280x800. Screenshots of every page go to artifacts/dashboards/.
+
+Needs Debian's chromium (``apt-get install -y chromium``) and the playwright Python package
+(the browser is /usr/bin/chromium; ``playwright install`` is never run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "artifacts" / "dashboards"
+TWIN = str(Path(sys.executable).with_name("twin"))
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin"),
+]
+playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+
+
+def _wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> str:
+    """The first group of ``pattern`` in the process output (the process prints its URL)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + limit
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no {pattern!r} in output:\n{''.join(seen)}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _timeseries_in_twin_up() -> bool:
+    out = subprocess.run([TWIN, "up", "--help"], capture_output=True, text=True).stdout
+    return "timeseries" in out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    tmp = tmp_path_factory.mktemp("dash")
+    site = tmp / "site"
+    shutil.copytree(ROOT / "sites" / "demo", site)
+    devices = site / "devices.yaml"
+    # the HTTP door sensor never reports here: a short heartbeat gives an alarm within seconds
+    devices.write_text(
+        devices.read_text().replace(
+            "heartbeat: {interval: 30s, timeout: 90s}", "heartbeat: {interval: 1s, timeout: 2s}"
+        )
+    )
+    state = tmp / "state"
+    env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
+    env.pop("FLUX_TOKEN", None)
+    for user, role in (("operator", "operator"), ("viewer", "viewer")):
+        subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
+    if _timeseries_in_twin_up():
+        cmd = [TWIN, "up", str(site), "--listen", "127.0.0.1:0"]
+    else:  # twin up does not start the time-series service yet
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("engine_main.py")),
+            str(site),
+            str(state),
+        ]
+    engine = subprocess.Popen(
+        cmd, env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        api = _wait_line(engine, r"api\s+(http://[0-9.:]+)")
+        dash = subprocess.Popen(
+            [TWIN, "dashboard", str(site), "--server", api, "--port", "0"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            url = _wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
+            _until(lambda: httpx.get(f"{url}/_stcore/health").status_code == 200)
+            token = httpx.post(
+                f"{api}/api/v1/auth/login", json={"username": "operator", "password": "secret123"}
+            ).json()["access_token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            alarms = f"{api}/api/v1/alarms"
+            _until(lambda: httpx.get(alarms, headers=headers).json()["items"], limit=60)
+            yield {"api": api, "url": url, "token": token}
+        finally:
+            _stop(dash)
+    finally:
+        _stop(engine)
+
+
+def _until(check: object, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _login(browser: object, url: str, user: str) -> object:
+    page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)  # type: ignore[attr-defined]
+    page.goto(url)
+    page.get_by_label("User name").fill(user)
+    page.get_by_label("Password", exact=True).fill("secret123")
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Devices by status").wait_for(timeout=30_000)
+    return page
+
+
+def _shot(page: object, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))  # type: ignore[attr-defined]
+    page.set_viewport_size({"width": 1280, "height": 2400})  # type: ignore[attr-defined]
+    page.wait_for_timeout(1500)  # type: ignore[attr-defined]
+    page.screenshot(path=str(ARTIFACTS / f"{name}-full.png"))  # type: ignore[attr-defined]
+    page.set_viewport_size({"width": 1280, "height": 800})  # type: ignore[attr-defined]
+
+
+def _colored_pixels(png: bytes) -> int:
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 60).sum())
+
+
+def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: object) -> None:
+    page = _login(browser, stack["url"], "operator")
+    api = httpx.Client(base_url=stack["api"], headers={"Authorization": f"Bearer {stack['token']}"})
+    devices = {d["name"]: d["status"] for d in api.get("/api/v1/devices").json()["items"]}
+    grid = page.locator("[data-testid=stDataFrame] [role=gridcell]")  # type: ignore[attr-defined]
+    _until(lambda: len(grid.all_inner_texts()) >= 5 * len(devices))
+    cells = grid.all_inner_texts()
+    shown = {cells[i]: cells[i + 3] for i in range(0, len(cells) - 4, 5) if cells[i] in devices}
+    assert set(shown) == set(devices)  # every demo device, with its status
+    assert set(shown.values()) <= {"online", "offline", "fault", "maintenance", "unknown"}
+    assert shown["door_sensor_01"] == "offline"
+    chart = page.locator("[data-testid=stVegaLiteChart]").first  # type: ignore[attr-defined]
+    chart.scroll_into_view_if_needed()
+    page.wait_for_timeout(1000)  # type: ignore[attr-defined]
+    assert _colored_pixels(chart.screenshot()) > 200  # lines and points were drawn
+    _shot(page, "overview")
+    alarm = api.get("/api/v1/alarms", params={"state": "active"}).json()["items"][0]
+    page.locator(f".st-key-ack-{alarm['id']} button").click()  # type: ignore[attr-defined]
+    _until(lambda: api.get("/api/v1/alarms").json()["items"][0]["state"] != "active")
+    state = next(a for a in api.get("/api/v1/alarms").json()["items"] if a["id"] == alarm["id"])
+    assert state["state"] == "acknowledged" and state["acked_by"] == "operator"
+    page.locator(f".st-key-clear-{alarm['id']}").wait_for(timeout=15_000)  # type: ignore[attr-defined]
+    _shot(page, "overview-acked")
+    page.get_by_text("Control", exact=True).click()  # type: ignore[attr-defined]
+    page.get_by_text("Commands", exact=True).wait_for()  # type: ignore[attr-defined]
+    page.wait_for_timeout(2000)  # type: ignore[attr-defined]
+    _shot(page, "control")
+    page.close()  # type: ignore[attr-defined]
+
+
+def test_history_export_downloads_the_shown_rows(stack: dict[str, str], browser: object) -> None:
+    page = _login(browser, stack["url"], "viewer")
+    assert page.locator("[class*=st-key-ack-]").count() == 0  # type: ignore[attr-defined]
+    page.get_by_text("History", exact=True).first.click()  # type: ignore[attr-defined]
+    caption = page.get_by_text(re.compile(r"· (\d+) rows"))  # type: ignore[attr-defined]
+    caption.wait_for(timeout=30_000)
+    page.get_by_text("Export CSV").wait_for()  # type: ignore[attr-defined]
+    page.wait_for_timeout(1500)  # type: ignore[attr-defined]
+    _shot(page, "history")
+    rows = int(re.search(r"· (\d+) rows", caption.inner_text()).group(1))  # type: ignore[union-attr]
+    assert rows > 0
+    with page.expect_download() as info:  # type: ignore[attr-defined]
+        page.get_by_role("button", name="Export CSV").click()  # type: ignore[attr-defined]
+    data = Path(info.value.path()).read_text(encoding="utf-8")
+    table = list(csv.reader(io.StringIO(data)))
+    assert table[0][:3] == ["ts", "device", "metric"] and len(table) - 1 == rows
+    grid = page.locator("[data-testid=stDataFrame] [role=gridcell]").all_inner_texts()  # type: ignore[attr-defined]
+    assert table[1][1] in grid  # the first exported row is a row on screen
+    page.close()  # type: ignore[attr-defined]
