@@ -181,6 +181,15 @@ class _MqttCollector(Collector):
             )
 
 
+def default_client_id(state_dir: Any) -> str:
+    """Stable across restarts (the broker keeps our persistent session), distinct for two
+    engines on one host (same id = they would keep taking each other's session over)."""
+    import zlib
+
+    path = str(Path(state_dir).resolve())
+    return f"flux-engine-{socket.gethostname()}-{zlib.crc32(path.encode()):08x}"
+
+
 def mark_offline(engine: Any, device: str, reason: str) -> None:
     """Mark a device offline now (its Last Will / status topic said so)."""
     from twin.runtime.state import Status
@@ -234,7 +243,7 @@ class MqttService:
                     transport: Any = PahoTransport(
                         cfg.broker_host,
                         cfg.broker_port,
-                        client_id=cfg.client_id,
+                        client_id=cfg.client_id or default_client_id(engine.config.state_dir),
                         username=cfg.username,
                         password=cfg.password,
                         tls=cfg.broker_tls,
