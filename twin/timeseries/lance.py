@@ -51,7 +51,7 @@ from twin.timeseries.base import (
     PARTIAL_SCHEMA,
     RAW,
     RAW_SCHEMA,
-    TS_TYPE,
+    SERIES_COLUMNS,
     DataPoint,
     Record,
     Selector,
@@ -256,38 +256,25 @@ class LanceStore:
     def aggregate(
         self, tier: str, selector: Selector, start: float, end: float, bucket: float
     ) -> pa.Table:
-        bucket_ms = max(1, round(bucket * 1000))
-        b = f"date_bin(INTERVAL '{bucket_ms} milliseconds', ts, TIMESTAMP '1970-01-01T00:00:00Z')"
+        """Partials per (bucket, series): the rows are read with the index-pruned scan and
+        bucketed in numpy (``partials.py``): one sort + ``reduceat`` was ~10x faster than
+        DataFusion's GROUP BY with ordered ``first_value`` on the same data."""
+        from twin.timeseries import partials
+
         where = f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}"
-        if tier == RAW:
-            aggs = (
-                'count(*) AS "count", sum(value) AS "sum", min(value) AS "min", '
-                'max(value) AS "max", first_value(value ORDER BY ts) AS "first", '
-                'last_value(value ORDER BY ts) AS "last", '
-                "first_value(value_str ORDER BY ts) AS first_str, "
-                "last_value(value_str ORDER BY ts) AS last_str, "
-                "min(ts) AS first_ts, max(ts) AS last_ts"
-            )
-            where += " AND quality < 2"
-        else:
-            aggs = (
-                'sum("count") AS "count", sum("sum") AS "sum", min("min") AS "min", '
-                'max("max") AS "max", first_value("first" ORDER BY first_ts) AS "first", '
-                'last_value("last" ORDER BY last_ts) AS "last", '
-                "first_value(first_str ORDER BY first_ts) AS first_str, "
-                "last_value(last_str ORDER BY last_ts) AS last_str, "
-                "min(first_ts) AS first_ts, max(last_ts) AS last_ts"
-            )
-        sql = (
-            f"SELECT {b} AS bucket, device, site, grp, tags, metric, {aggs} FROM dataset "
-            f"WHERE {where} GROUP BY 1, device, site, grp, tags, metric"
-        )
-        table = self._sql(tier, sql)
-        if table is None or table.num_rows == 0:
+        with self._lock:
+            ds = self._dataset(tier)
+        if ds is None:
             return PARTIAL_SCHEMA.empty_table()
-        table = table.rename_columns(["ts" if c == "bucket" else c for c in table.column_names])
-        table = table.set_column(0, "ts", table.column("ts").cast(TS_TYPE))
-        return table.select(PARTIAL_SCHEMA.names).cast(PARTIAL_SCHEMA)
+        try:
+            if tier == RAW:
+                cols = ["ts", *SERIES_COLUMNS, "value", "value_str"]
+                table = ds.to_table(filter=where + " AND quality < 2", columns=cols)
+                return partials.raw_partials(table, bucket)
+            table = ds.to_table(filter=where, columns=PARTIAL_SCHEMA.names)
+            return partials.combine(table, bucket)
+        except OSError as exc:
+            raise StorageError(f"time-series query on {tier} failed: {exc}") from exc
 
     def query(self, q: TimeSeriesQuery) -> pa.Table:
         from twin.timeseries.query import run_query
