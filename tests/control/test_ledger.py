@@ -273,3 +273,39 @@ def test_transition_table_is_a_dag_ending_in_terminal_states() -> None:
         assert not legal(s, CommandStatus.PENDING)
     assert legal(CommandStatus.SENT, CommandStatus.EXECUTING)
     assert not legal(CommandStatus.EXECUTING, CommandStatus.SENT)
+
+
+async def test_restart_recovery_on_the_sqlite_registry(
+    tmp_path: object, autojump_clock: trio.abc.Clock
+) -> None:
+    from pathlib import Path
+
+    from twin.registry import open_registry
+
+    reg = open_registry(None, Path(str(tmp_path)) / "state")
+    catalog = make_ledger()[0].catalog
+    ledger = Ledger(
+        reg, FakeTransport(reply=SENT), catalog, clock=trio.current_time, threaded=False
+    )
+    async with trio.open_nursery() as n:
+        await n.start(ledger.run)
+        sent = await ledger.submit("fan_01", "reboot", command_timeout=100)
+        waiting = await ledger.submit("fan_01", "reboot", command_timeout=100)
+        expiring = await ledger.submit("door", "reboot", command_timeout=5)
+        await trio.sleep(0.1)
+        n.cancel_scope.cancel()
+    await trio.sleep(20)
+    transport = FakeTransport()
+    again = Ledger(reg, transport, catalog, clock=trio.current_time, threaded=False)
+    async with trio.open_nursery() as n:
+        await n.start(again.run)
+        assert (await again.get(expiring.id)).status is CommandStatus.TIMEOUT
+        assert (await again.get(sent.id)).status is CommandStatus.SENT
+        await again.report(sent.id, "success")
+        assert (await again.wait(waiting.id)).status is CommandStatus.SUCCESS
+        await again.flushed()
+        n.cancel_scope.cancel()
+    rows = {r.id: r for r in reg.commands(limit=10)}
+    assert [s for s, _ in rows[expiring.id].transitions] == ["pending", "timeout"]
+    assert [s for s, _ in rows[waiting.id].transitions] == ["pending", "sent", "success"]
+    reg.close()
