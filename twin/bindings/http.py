@@ -45,37 +45,11 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
-from twin.spec.units import DURATION_PATTERN, parse_duration
+from twin.spec.bindings import binding_schema
+from twin.spec.units import parse_duration
 
-_DURATION = {
-    "oneOf": [{"type": "string", "pattern": DURATION_PATTERN}, {"type": "number", "minimum": 0}]
-}
-
-HTTP_SCHEMA: dict[str, Any] = {
-    "$comment": "spec.binding.http of a Device (twin/bindings/http.py)",
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "mode": {"enum": ["push", "poll"]},
-        "url": {"type": "string", "pattern": "^https?://"},
-        "interval": _DURATION,
-        "timeout": _DURATION,
-        "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-        "write_url": {"type": "string", "pattern": "^https?://"},
-        "command_url": {"type": "string", "pattern": "^https?://"},
-        "points": {
-            "type": "object",
-            "additionalProperties": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {"path": {"type": "string", "minLength": 1}},
-            },
-        },
-    },
-    "if": {"properties": {"mode": {"const": "poll"}}, "required": ["mode"]},
-    "then": {"required": ["url"]},
-}
-"""JSON Schema of ``spec.binding.http`` (referenced from specs/Device.schema.json)."""
+HTTP_SCHEMA: dict[str, Any] = binding_schema("http")
+"""JSON Schema of ``spec.binding.http``: specs/binding-http.schema.json, the one source."""
 
 
 class IngestError(ValueError):

@@ -41,64 +41,12 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.errors import BindingConnectError, CommandError
-from twin.sim.generators import WAVES, PointGenerator, make_generator
-from twin.spec.units import DURATION_PATTERN, parse_duration
+from twin.sim.generators import PointGenerator, make_generator
+from twin.spec.bindings import binding_schema
+from twin.spec.units import parse_duration
 
-_DURATION = {
-    "oneOf": [{"type": "string", "pattern": DURATION_PATTERN}, {"type": "number", "minimum": 0}]
-}
-_SCALAR = {"type": ["number", "integer", "boolean", "string"]}
-
-SIM_POINT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "wave": {"enum": list(WAVES)},
-        "type": {"enum": ["number", "integer", "boolean", "string"]},
-        "min": {"type": "number"},
-        "max": {"type": "number"},
-        "period": _DURATION,
-        "value": _SCALAR,
-        "start": {"type": "number"},
-        "values": {"type": "array", "items": _SCALAR, "minItems": 1},
-        "step": {"type": "number"},
-        "noise": {"type": "number", "minimum": 0},
-        "decimals": {"type": "integer", "minimum": 0, "maximum": 9},
-    },
-}
-
-SIM_SCHEMA: dict[str, Any] = {
-    "$comment": "spec.binding.sim of a Device (twin/bindings/sim.py)",
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "interval": _DURATION,
-        "seed": {"type": "integer"},
-        "points": {
-            "type": "object",
-            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
-            "additionalProperties": SIM_POINT_SCHEMA,
-        },
-        "faults": {
-            "type": "object",
-            "additionalProperties": False,
-            "properties": {
-                "offline_every": _DURATION,
-                "offline_for": _DURATION,
-                "fault_every": _DURATION,
-                "fault_for": _DURATION,
-                "connect_failures": {"type": "integer", "minimum": 0},
-            },
-            "dependentRequired": {
-                "offline_every": ["offline_for"],
-                "offline_for": ["offline_every"],
-                "fault_every": ["fault_for"],
-                "fault_for": ["fault_every"],
-            },
-        },
-    },
-}
-"""JSON Schema of ``spec.binding.sim`` (referenced from specs/Device.schema.json)."""
+SIM_SCHEMA: dict[str, Any] = binding_schema("sim")
+"""JSON Schema of ``spec.binding.sim``: specs/binding-sim.schema.json, the one source."""
 
 
 def _in_window(t: float, every: float, length: float) -> bool:
