@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, series_key
+from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params, series_key
 from twin.spec.dashboards import as_list
 
 PRESETS = {
@@ -107,7 +107,9 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             start, end = time_range(key)
         agg = c2.selectbox("Aggregation", AGGREGATES, key=f"{key}-agg")
         bucket = c3.selectbox("Bucket", BUCKETS, key=f"{key}-bucket")
-        split = c4.selectbox("One line per", SPLIT, key=f"{key}-split")
+        split = c4.selectbox(
+            "One line per", SPLIT, index=0 if len(opts["device"]) <= 20 else 1, key=f"{key}-split"
+        )
         f = st.columns([2, 1, 1, 1, 1])
         default_metric = (
             as_list(panel.get("metrics"))
@@ -150,9 +152,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         "compare": compare,
     }
     scope = {k: v for k, v in chosen.items() if v}
-    if not scope and panel.get("select"):
-        scope = {"device": opts["device"]}
-    params.update(scope)
+    params.update(scope or select_params(panel, ctx))
     try:
         df = frame(ctx.client.query(**params))
     except NotAvailable as exc:

@@ -135,7 +135,8 @@ def test_history_compare_trend_and_export(api: FakeApi) -> None:
     assert q["agg"] == ["max"] and q["compare"] == ["1h"] and q["metric"] == ["temperature"]
     slopes, shown = at.dataframe[0].value, at.dataframe[1].value
     assert list(slopes["slope per hour"].round(3).unique()) == [30.0]  # 0.5 per minute
-    assert "max_previous" in shown.columns and len(shown) == 10 * 12  # every site device
+    assert q["site"] == ["plant-a"]  # the panel selector, not a list of 12 names
+    assert "max_previous" in shown.columns and len(shown) == 10 * 3
     for fmt in ("csv", "xlsx"):
         rows = read_table(export_bytes(shown, fmt), fmt)
         assert rows[0] == list(shown.columns) and len(rows) == len(shown) + 1

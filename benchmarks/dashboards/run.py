@@ -1,0 +1,215 @@
+"""Dashboard benchmark: 1,000 devices, 24 h of data at 10 s, the generated default dashboard.
+
+    .venv/bin/python benchmarks/dashboards/run.py [--devices 1000] [--hours 24] [--cpu-seconds 60]
+
+1. A site of N th-sensor-v2 devices (sim binding, 10 s) and the demo's RetentionPolicy; no
+   Dashboard document, so the default dashboard is generated (stat tiles, map, alarms, table).
+2. The time-series store is filled with ``hours`` of temperature at 10 s for every device
+   (N x 8,640 points for 24 h) and downsampled into the policy's 1m / 1h / 1d tiers.
+3. The engine + API + time-series service run on it (tests/dashboards/engine_main.py), the
+   dashboard through ``twin dashboard`` with a token and a 2 s refresh.
+4. Headless Chromium (Playwright, /usr/bin/chromium) measures the time from navigation to the
+   overview rendered (stat tiles with values, map, device table with N rows) and, on the
+   History page, the time to a 7-day query rendered (chart + caption).
+5. CPU of the Streamlit process (and of the engine) over ``cpu-seconds`` while the overview
+   refreshes every 2 s with one browser open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+TWIN = str(Path(sys.executable).with_name("twin"))
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def make_site(root: Path, n: int) -> Path:
+    site = root / "site"
+    site.mkdir()
+    for f in ("site.yaml", "models.yaml", "groups.yaml", "retention.yaml"):
+        shutil.copy(ROOT / "sites" / "demo" / f, site / f)
+    groups = ["line-1", "line-2", "cell-1a", "cell-1b", "utilities"]
+    docs = []
+    for i in range(n):
+        docs.append({
+            "apiVersion": "flux.iot/v1", "kind": "Device",
+            "metadata": {"name": f"sensor_{i:04d}", "site": "plant-a",
+                         "group": groups[i % len(groups)], "tags": ["hvac"] if i % 2 else ["bulk"]},
+            "spec": {"type": "sensor", "model": "th-sensor-v2",
+                     "location": {"lat": 48.13 + (i // 40) * 0.0004, "lon": 11.57 + (i % 40) * 0.0006},
+                     "binding": {"sim": {"interval": "10s", "points": {
+                         "temperature": {"wave": "sine", "min": 18, "max": 30, "period": "1h"}}}}},
+        })  # fmt: skip
+    (site / "devices.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return site
+
+
+def fill_store(state: Path, site: Path, n: int, hours: float) -> dict[str, float]:
+    import numpy as np
+
+    from twin.timeseries.base import canonical_tags
+    from twin.timeseries.factory import open_store
+    from twin.timeseries.retention import RetentionManager, RetentionPolicy
+
+    store = open_store(None, state)
+    end = time.time() // 10 * 10 - 10
+    ts = end - np.arange(int(hours * 360))[::-1] * 10.0
+    groups = ["line-1", "line-2", "cell-1a", "cell-1b", "utilities"]
+    t0 = time.perf_counter()
+    points = 0
+    batch: list[tuple[str, str, float, float, int, str, str, str]] = []
+    for i in range(n):
+        name = f"sensor_{i:04d}"
+        tags = canonical_tags(["hvac"] if i % 2 else ["bulk"])
+        vals = 24 + 6 * np.sin(ts / 600 + i) + (i % 7) * 0.1
+        grp = groups[i % len(groups)]
+        batch.extend(
+            (name, "temperature", float(v), float(t), 0, "plant-a", grp, tags)
+            for t, v in zip(ts, vals, strict=True)
+        )
+        if len(batch) >= 500_000:
+            points += store.write_records(batch)
+            batch = []
+    if batch:
+        points += store.write_records(batch)
+    write_s = time.perf_counter() - t0
+    policy = yaml.safe_load((site / "retention.yaml").read_text())
+    t0 = time.perf_counter()
+    RetentionManager(store, [RetentionPolicy.from_doc(policy)]).downsample(end + 3600)
+    down_s = time.perf_counter() - t0
+    close = getattr(store, "close", None)
+    if close:
+        close()
+    return {"points": points, "write_s": write_s, "downsample_s": down_s}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / TICKS
+
+
+def wait_line(proc: subprocess.Popen[str], pattern: str) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise SystemExit(f"process ended without printing {pattern!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--hours", type=float, default=24)
+    ap.add_argument("--cpu-seconds", type=float, default=60)
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    tmp = Path(tempfile.mkdtemp(prefix="dash-bench-"))
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        site = make_site(tmp, args.devices)
+        state = tmp / "state"
+        state.mkdir()
+        fill = fill_store(state, site, args.devices, args.hours)
+        print(f"store: {fill['points']:,.0f} points written in {fill['write_s']:.1f} s, "
+              f"downsampled (1m/1h/1d) in {fill['downsample_s']:.1f} s")  # fmt: skip
+        env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "benchpass1"}
+        subprocess.run([TWIN, "user", "add", "bench", "--role", "operator"], env=env, check=True,
+                       capture_output=True)  # fmt: skip
+        engine = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "dashboards" / "engine_main.py"), str(site),
+             str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        procs.append(engine)
+        api = wait_line(engine, r"api (http://\S+)")
+        token = httpx.post(f"{api}/api/v1/auth/login",
+                           json={"username": "bench", "password": "benchpass1"}).json()  # fmt: skip
+        dash = subprocess.Popen(
+            [TWIN, "dashboard", str(site), "--server", api, "--port", "0", "--refresh", "2s",
+             "--token", token["access_token"]],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        procs.append(dash)
+        url = wait_line(dash, r"dashboard\s+(http://\S+)")
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/_stcore/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        streamlit_pid = int(subprocess.run(["pgrep", "-P", str(dash.pid)], capture_output=True,
+                                           text=True).stdout.split()[0])  # fmt: skip
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(url)  # warm-up: imports, caches (first visitor)
+            page.locator("[data-testid=stDataFrame]").first.wait_for(timeout=120_000)
+            page.close()
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            t0 = time.perf_counter()
+            page.goto(url)
+            marks = {}
+            for name, loc in (
+                ("shell", page.locator("[data-testid=stSidebar]").first),
+                ("first panel", page.locator("[data-testid=stMetricValue]").first),
+                ("table", page.locator("[data-testid=stDataFrame]").first),
+                ("map", page.locator("[data-testid=stDeckGlJsonChart]").first),
+                ("rows", page.get_by_text(f"{args.devices} of {args.devices} devices")),
+            ):
+                loc.wait_for(timeout=120_000)
+                marks[name] = time.perf_counter() - t0
+            overview_s = time.perf_counter() - t0
+            page.screenshot(path=str(ROOT / "artifacts" / "bench-overview.png"))
+            c0 = {pid: cpu_seconds(pid) for pid in (streamlit_pid, engine.pid)}
+            w0 = time.perf_counter()
+            page.wait_for_timeout(args.cpu_seconds * 1000)
+            wall = time.perf_counter() - w0
+            cpu = {pid: (cpu_seconds(pid) - c0[pid]) / wall * 100 for pid in c0}
+            page.get_by_text("History", exact=True).first.click()
+            page.get_by_text(re.compile(r"· \d+ rows")).wait_for(timeout=120_000)
+            page.locator("[data-testid=stSelectbox]").first.click()
+            t0 = time.perf_counter()
+            page.get_by_role("option", name="Last 7 days").click()
+            page.get_by_text(re.compile(r"bucket 1h · avg · \d+ rows")).wait_for(timeout=120_000)
+            page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=120_000)
+            history_s = time.perf_counter() - t0
+            caption = page.get_by_text(re.compile(r"bucket 1h · avg · \d+ rows")).inner_text()
+            page.screenshot(path=str(ROOT / "artifacts" / "bench-history.png"))
+            browser.close()
+        print(f"devices {args.devices}, {args.hours:g} h at 10 s")
+        print(f"overview first render (navigation → tiles, map, table): {overview_s:.2f} s  "
+              + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()))  # fmt: skip
+        print(f"history 7-day query rendered (Last 7 days → chart): {history_s:.2f} s  [{caption}]")
+        print(f"CPU while refreshing every 2 s ({wall:.0f} s, 1 browser): "
+              f"streamlit {cpu[streamlit_pid]:.1f} % of a core, engine {cpu[engine.pid]:.1f} %")  # fmt: skip
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
