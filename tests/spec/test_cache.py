@@ -60,3 +60,19 @@ def test_lazy_document_reparses_for_marks(tmp_path: Path) -> None:
     f.write_text("a: 1\n---\nb:\n  c: 2\n")
     doc = YamlDocument({"b": {"c": 2}}, str(f), 1, lazy=True)
     assert str(doc.where(("b", "c"))) == f"{f}:4:6"
+
+
+def test_validate_specs_in_memory_reports_paths_without_locations() -> None:
+    from twin.spec import validate_specs
+
+    good = load_site(DEMO).specs
+    assert validate_specs(good.values()).specs == good
+    docs = [dict(d) for d in good.values()]
+    bad = next(d for d in docs if d["metadata"]["name"] == "fan_01")
+    bad["spec"] = {**bad["spec"], "desired": {"speed": 500}, "modle": "x"}
+    with pytest.raises(SpecError) as info:
+        validate_specs(docs)
+    assert [str(p) for p in info.value.problems] == [
+        "Device fan_01: spec.desired.speed: 500 is above the maximum 100",
+        "Device fan_01: spec.modle: unknown field 'modle'",
+    ]

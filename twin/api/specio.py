@@ -1,18 +1,15 @@
 """Validate and apply spec documents that arrive through the API.
 
-Validation reuses the spec layer's public ``load_site`` (schema + references, every problem
-located) on a temporary file; problems are reported with ``request`` as the file name.
+Validation is the spec layer's ``validate_specs``: the same schema and reference checks as
+``twin validate``; problems name the kind, name and path inside the document.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
-from twin.errors import ConflictError, Problem, SpecError
+from twin.errors import ConflictError
 from twin.registry.base import Key, Registry, Revision
 
 Specs = dict[Key, dict[str, Any]]
@@ -20,29 +17,9 @@ Specs = dict[Key, dict[str, Any]]
 
 def validate(specs: Mapping[Key, Mapping[str, Any]]) -> Specs:
     """Validate a whole spec set; return its normalised form. Raises SpecError."""
-    from twin.spec import load_site
+    from twin.spec import validate_specs
 
-    with tempfile.TemporaryDirectory(prefix="twin-api-") as tmp:
-        path = Path(tmp) / "request.yaml"
-        path.write_text(
-            "\n---\n".join(json.dumps(doc, ensure_ascii=False) for _, doc in sorted(specs.items()))
-            or "{}",
-            encoding="utf-8",
-        )
-        try:
-            loaded = load_site(path)
-        except SpecError as exc:
-            raise SpecError(
-                [_relocate(p, str(path)) for p in exc.problems], hint=exc.hint
-            ) from None
-        return loaded.specs
-
-
-def _relocate(problem: Problem, tmpfile: str) -> Problem:
-    loc = problem.location
-    if loc is not None and loc.file == tmpfile:
-        loc = type(loc)("request", loc.line, loc.col)
-    return Problem(loc, problem.message, problem.kind, problem.name, problem.path, problem.hint)
+    return validate_specs(doc for _, doc in sorted(specs.items())).specs
 
 
 def apply_change(

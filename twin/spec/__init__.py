@@ -5,7 +5,7 @@ This layer is pure: no Trio, no I/O beyond reading the files it is given.
 
 from __future__ import annotations
 
-from twin.spec.load import Document, LoadedSpecs, load_site
+from twin.spec.load import Document, LoadedSpecs, load_site, validate_specs
 from twin.spec.plan import Action, Change, FieldChange, Plan, diff_fields, make_plan
 from twin.spec.units import format_duration, parse_duration
 
@@ -21,4 +21,5 @@ __all__ = [
     "load_site",
     "make_plan",
     "parse_duration",
+    "validate_specs",
 ]

@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import marshal
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -42,10 +42,10 @@ class Document:
         return (self.kind, self.name)
 
     @property
-    def location(self) -> Location:
+    def location(self) -> Location | None:
         return self.source.where(())
 
-    def where(self, *path: str | int) -> Location:
+    def where(self, *path: str | int) -> Location | None:
         return self.source.where(path)
 
     def problem(self, path: Sequence[str | int], message: str, hint: str | None = None) -> Problem:
@@ -219,6 +219,26 @@ def _load_site(
     return loaded
 
 
+def validate_specs(documents: Iterable[Mapping[str, Any]], *, strict: bool = True) -> LoadedSpecs:
+    """Validate documents that come from memory (an API write): the same schema and reference
+    checks as files; problems name the kind, name and path inside the document."""
+    import copy
+
+    kinds = known_kinds()
+    loaded = LoadedSpecs()
+    problems: list[Problem] = []
+    with gc_paused():
+        for i, body in enumerate(documents):
+            doc = YamlDocument(copy.deepcopy(dict(body)), "", i, in_memory=True)
+            _take(doc, kinds, loaded, problems)
+        from twin.spec.refs import reference_problems
+
+        problems.extend(reference_problems(loaded))
+    if problems and strict:
+        raise SpecError(problems)
+    return loaded
+
+
 def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: list[Problem]) -> None:
     data = doc.data
     if not isinstance(data, dict):
@@ -255,7 +275,8 @@ def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: li
     if key in loaded.documents:
         first = loaded.documents[key]
         problems.append(Problem(doc.where(("metadata", "name")), f"duplicate {kind} name {name!r}",
-                                kind, name, "metadata.name", hint=f"first defined at {first.location}"))
+                                kind, name, "metadata.name",
+                                hint=f"first defined at {first.location}" if first.location else None))
         return
     loaded.documents[key] = Document(kind, name, body, doc)
     if errs:

@@ -38,6 +38,8 @@ class YamlDocument:
 
     lazy: bool = False
     """Built from the parse cache without marks: the file is parsed again on the first ``where``."""
+    in_memory: bool = False
+    """Not from a file (an API write): problems carry the document path but no location."""
 
     def _loc(self, mark: Any) -> Location:
         return Location(self.file, mark.line + 1, mark.column + 1)
@@ -52,8 +54,10 @@ class YamlDocument:
             if doc.index == self.index:
                 self.nodes, self.key_nodes = doc.nodes, doc.key_nodes
 
-    def where(self, path: Path) -> Location:
+    def where(self, path: Path) -> Location | None:
         """The location of ``path``, or of its nearest existing ancestor."""
+        if self.in_memory:
+            return None
         self._ensure_marks()
         p = tuple(path)
         while p:
@@ -64,7 +68,7 @@ class YamlDocument:
         node = self.nodes.get(())
         return self._loc(node) if node is not None else Location(self.file, 1, 1)
 
-    def key_where(self, path: Path) -> Location:
+    def key_where(self, path: Path) -> Location | None:
         """The location of the *key* of ``path`` (for "unknown key" errors), else the value."""
         self._ensure_marks()
         node = self.key_nodes.get(tuple(path))
