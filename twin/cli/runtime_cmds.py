@@ -91,6 +91,9 @@ def up(
         ),
     ] = None,
     no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="Run without MQTT.")] = False,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Also serve the Streamlit dashboard of PATH.")
+    ] = False,
 ) -> None:
     """Apply PATH (if given), then run the engine and the API until Ctrl-C."""
     import trio
@@ -131,6 +134,13 @@ def up(
         # binds the embedded broker's port now: a taken port is one line + hint
         services.append(cli_service(mqtt_listen, mqtt_broker, share_group=mqtt_share_group))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
+    dash = None
+    if dashboard and not no_api:
+        from twin.cli.dashboard_cmds import start_dashboard
+
+        api_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+        dash, dash_url = start_dashboard(path, f"http://{api_host}:{sock.getsockname()[1]}")
+        console.print(f"  dashboard  {dash_url}")
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -171,6 +181,8 @@ def up(
                 raise leaves[0] from None
             raise
     finally:
+        if dash is not None:
+            dash.terminate()
         reg.close()
 
 
