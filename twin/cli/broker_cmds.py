@@ -49,6 +49,13 @@ def broker(
         bool, typer.Option("--allow-anonymous", help="Accept clients without credentials.")
     ] = False,
     fsync_interval: Annotated[float, typer.Option("--fsync-interval")] = 1.0,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Connections overall.")
+    ] = 100_000,
+    max_per_address: Annotated[
+        int,
+        typer.Option("--max-connections-per-address", help="Connections per client address."),
+    ] = 100_000,
     max_queued: Annotated[
         int, typer.Option("--max-queued", help="Per-session queue bound.")
     ] = 1000,
@@ -97,6 +104,8 @@ def broker(
         fsync_interval=fsync_interval,
         max_queued=max_queued,
         sys_interval=sys_interval,
+        max_connections=max_connections,
+        max_connections_per_address=max_per_address,
         port_hint=hint.replace("--listen", "--tls-listen / --ws-listen"),
     )
     kw: dict[str, Any] = {}
