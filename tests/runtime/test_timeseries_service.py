@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
+import pytest
 import trio
 
 from runtime.helpers import (
@@ -173,3 +175,31 @@ async def test_disk_nearly_full_alarm_and_metrics(registry: Registry, tmp_path: 
         await eventually(lambda: not alarms())
         await trio.sleep(0.3)
         assert "twin_timeseries_disk_nearly_full 0.0" in engine.prom.render().decode()
+
+
+@pytest.mark.postgres
+async def test_readings_reach_a_postgresql_store(registry: Registry, tmp_path: Path) -> None:
+    from timeseries.conftest import PG_URL, pg_reason
+
+    reason = pg_reason()
+    if reason:
+        pytest.skip(reason)
+    apply(registry, *docs(policy()))
+    prefix = f"rt{uuid.uuid4().hex[:10]}_"
+    service = svc(url=PG_URL, store_options={"prefix": prefix})
+    try:
+        async with running_engine(
+            registry, fast_config(state_dir=tmp_path / "state"), [service]
+        ) as engine:
+            assert service.description.startswith("postgresql://")
+            await eventually(lambda: raw_count(service, "t1") >= 5)
+            row = service.store.read_raw(Selector.of(devices="t1"), 0, 2e9).to_pylist()[0]  # type: ignore[union-attr]
+            assert row["tags"] == ",critical,floor=2,hvac," and row["grp"] == "line-1"
+            await eventually(lambda: "agg_1s" in service.store.tiers() if service.store else False)
+            assert engine.service_info["timeseries"] is service
+    finally:
+        from twin.timeseries.postgres import PostgresStore
+
+        cleanup = PostgresStore(PG_URL, prefix=prefix)
+        cleanup.drop_all()
+        cleanup.close()
