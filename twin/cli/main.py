@@ -387,6 +387,9 @@ def describe(
     kind: Annotated[str, typer.Argument(help="device | group | model | site | <Kind>")],
     name: Annotated[str, typer.Argument()],
     output: Annotated[TableFormat, typer.Option("-o", "--output")] = TableFormat.table,
+    server: Annotated[str | None, typer.Option(
+        "--server", envvar="TWIN_SERVER",
+        help="A running engine: adds live twin state (reported, desired, delta) and commands.")] = None,
 ) -> None:
     """Show one object: its spec, model, group path, status and the revision that last changed it."""
     from twin.spec.select import group_ancestry
@@ -421,6 +424,8 @@ def describe(
         alarms = reg.alarms(device=name, limit=10)
         info["alarms"] = [{"id": a.id, "type": a.type, "severity": a.severity, "state": a.state,
                            "raised_at": a.raised_at, "message": a.message} for a in alarms]
+        if server:
+            info.update(_live_device(server, name))
     info["spec"] = doc
     if output is TableFormat.json:
         out.console.print_json(json.dumps(info, default=str))
@@ -429,6 +434,39 @@ def describe(
         out.console.print(yaml.safe_dump(info, sort_keys=False, allow_unicode=True), end="")
         return
     _print_description(info)
+
+
+def _api_get(server: str, path: str, *, optional: bool = False) -> Any:
+    """GET a JSON document; None for 404 (and, when ``optional``, for a service not running)."""
+    import httpx
+
+    token = os.environ.get("TWIN_TOKEN")
+    if not token:
+        raise TwinError("--server needs an access token",
+                        hint="set TWIN_TOKEN (create one with `twin token create USER`)")
+    try:
+        resp = httpx.get(server.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"},
+                         timeout=10)
+    except httpx.HTTPError as exc:
+        raise TwinError(f"cannot reach {server}: {exc}",
+                        hint="is `twin up` running there? check --server") from exc
+    if resp.status_code == 404 or (optional and resp.status_code == 503):
+        return None
+    if resp.status_code >= 400:
+        raise TwinError(f"{server}{path}: HTTP {resp.status_code}: {resp.text[:200]}")
+    return resp.json()
+
+
+def _live_device(server: str, name: str) -> dict[str, Any]:
+    """Twin state and recent commands from a running engine (what the registry cannot know)."""
+    live: dict[str, Any] = {}
+    twin = _api_get(server, f"/api/v1/devices/{name}/twin")
+    if twin is not None:
+        live["twin"] = twin
+    commands = _api_get(server, f"/api/v1/devices/{name}/commands?limit=10", optional=True)
+    if commands is not None:
+        live["commands"] = commands.get("items", commands) if isinstance(commands, dict) else commands
+    return live
 
 
 def _print_description(info: dict[str, Any]) -> None:
@@ -453,6 +491,23 @@ def _print_description(info: dict[str, Any]) -> None:
         cmds = ", ".join(model.get("commands") or {})
         if cmds:
             c.print(f"    commands: {cmds}")
+    twin = info.get("twin")
+    if twin:
+        c.print(Text(f"  twin (live, last seen {out.fmt_time(twin.get('last_seen'))}):", style="bold"))
+        names = sorted(set(twin.get("reported") or {}) | set(twin.get("desired") or {}))
+        for p in names:
+            rep = (twin.get("reported") or {}).get(p)
+            des = (twin.get("desired") or {}).get(p)
+            line = f"    {p}: reported {out.short(rep['value']) if rep else '-'}"
+            if p in (twin.get("desired") or {}):
+                line += f", desired {out.short(des)}"
+            if p in (twin.get("delta") or {}):
+                line += "  (delta)"
+            c.print(line)
+    for cmd in info.get("commands") or []:
+        if cmd is info["commands"][0]:
+            c.print(Text("  commands:", style="bold"))
+        c.print(f"    {cmd.get('id', '')} {cmd.get('type', cmd.get('name', ''))} {cmd.get('status', '')}")
     if info.get("alarms"):
         c.print(Text("  alarms:", style="bold"))
         for a in info["alarms"]:

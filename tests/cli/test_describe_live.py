@@ -1,0 +1,58 @@
+"""`twin describe --server` against a real `twin up` process: live twin state from the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_describe_shows_live_twin(tmp_path: Path) -> None:
+    env = {**os.environ, "TWIN_STATE_DIR": str(tmp_path / "state"), "TWIN_AUTHOR": "tester"}
+    env.pop("TWIN_REGISTRY", None)
+    cli = [sys.executable, "-m", "twin.cli"]
+    up = subprocess.Popen([*cli, "up", str(ROOT / "sites" / "demo"), "--listen", "127.0.0.1:0",
+                           "--mqtt-listen", "127.0.0.1:0"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        lines = []
+        deadline = time.monotonic() + 120
+        assert up.stdout is not None
+        while url is None and time.monotonic() < deadline:
+            line = up.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"api\s+(http://127\.0\.0\.1:\d+)/api/v1", line)
+            if m:
+                url = m.group(1)
+        assert url, "".join(lines)
+        run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
+        assert run("user", "add", "ops", "--role", "viewer", "--password", "long enough pw").returncode == 0
+        token = run("token", "create", "ops").stdout.strip().splitlines()[-1]
+        env["TWIN_TOKEN"] = token
+        for _ in range(100):  # until the simulated fan has reported its current
+            proc = run("describe", "device", "fan_01", "--server", url, "-o", "json")
+            assert proc.returncode == 0, proc.stderr
+            info = json.loads(proc.stdout)
+            if "current" in info["twin"]["reported"]:
+                break
+            time.sleep(0.2)
+        assert info["twin"]["status"] == "online"
+        assert info["twin"]["desired"] == {"power": False, "speed": 40}
+        assert isinstance(info["twin"]["reported"]["current"]["value"], float)
+        assert info["group_path"] == ["plant", "line-1", "cell-1a"]
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            up.kill()
