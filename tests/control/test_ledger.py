@@ -307,5 +307,7 @@ async def test_restart_recovery_on_the_sqlite_registry(
         n.cancel_scope.cancel()
     rows = {r.id: r for r in reg.commands(limit=10)}
     assert [s for s, _ in rows[expiring.id].transitions] == ["pending", "timeout"]
-    assert [s for s, _ in rows[waiting.id].transitions] == ["pending", "sent", "success"]
+    assert [s for s, _ in rows[waiting.id].transitions] == ["pending", "sent", "success"], [
+        (r.seq, r.device, r.transitions) for r in rows.values()
+    ]
     reg.close()

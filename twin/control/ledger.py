@@ -549,6 +549,7 @@ class Ledger:
         self._dirty_wake = trio.Event()
         self._flushed = trio.Event()
         self._flushed.set()
+        self._inflight = 0
         self._seq = itertools.count(1)
         self._tie = itertools.count()
         self._nursery: trio.Nursery | None = None
@@ -610,6 +611,7 @@ class Ledger:
             records = [c.record() for c in batch]
             for c in batch:
                 del self._dirty[c.id]
+            self._inflight += 1
             try:
                 await self._call(self.store.save_commands, records)
             except Exception:
@@ -617,10 +619,17 @@ class Ledger:
                 for c in batch:
                     self._dirty.setdefault(c.id, c)
                 await trio.sleep(1.0)
-        self._flushed.set()
+            finally:
+                self._inflight -= 1
+        if not self._inflight:
+            self._flushed.set()
 
     async def flushed(self) -> None:
-        while self._dirty:
+        """Wait until every transition so far is in the store."""
+        while self._dirty or self._inflight:
+            if self._flushed.is_set():
+                self._flushed = trio.Event()
+            self._dirty_wake.set()
             await self._flushed.wait()
 
     async def _writer(self) -> None:
@@ -687,7 +696,10 @@ class Ledger:
         self.commands[cmd.id] = cmd
         heapq.heappush(self._heap, (cmd.deadline, next(self._tie), cmd.id))
         self._heap_wake.set()
-        if cmd.status is S.PENDING:
+        # a recovered sent/executing command keeps its place: the next waits for its outcome
+        if cmd.status is S.PENDING or (
+            not cmd.terminal and self.transport.mode(cmd.device) == "push"
+        ):
             self._queues.setdefault(cmd.device, deque()).append(cmd.id)
             self._start_worker(cmd.device)
             self._poll_wake_device(cmd.device)
