@@ -585,6 +585,29 @@ class SQLRegistry:
             rows = self._all(conn, sql, params)
         return [StatusChange(d, s, float(t), self._json_out(m) or {}) for d, s, t, m in rows]
 
+    def last_status_changes(self, names: Sequence[str] | None = None) -> dict[str, StatusChange]:
+        sql = (
+            "SELECT device_id, status, timestamp, metadata FROM ("
+            "SELECT device_id, status, timestamp, metadata, ROW_NUMBER() OVER ("
+            "PARTITION BY device_id ORDER BY timestamp DESC, id DESC) AS rn "
+            "FROM device_status_history{where}) AS h WHERE rn = 1"
+        )
+        with self._tx(write=False) as conn:
+            if names is None:
+                rows = self._all(conn, sql.format(where=""), ())
+            else:
+                rows = []
+                wanted = list(dict.fromkeys(names))
+                for i in range(0, len(wanted), 500):
+                    chunk = wanted[i : i + 500]
+                    marks = ", ".join("?" * len(chunk))
+                    rows += self._all(
+                        conn, sql.format(where=f" WHERE device_id IN ({marks})"), chunk
+                    )
+        return {
+            d: StatusChange(d, s, float(t), self._json_out(m) or {}) for d, s, t, m in rows
+        }
+
     def record_metrics(self, samples: Sequence[MetricSample]) -> None:
         if not samples:
             return

@@ -321,3 +321,7 @@ class Registry(Protocol):
         """Newest first."""
 
     def scene_trace(self, run_id: str) -> SceneTrace | None: ...
+
+    def last_status_changes(self, names: Sequence[str] | None = None) -> dict[str, StatusChange]:
+        """The newest device_status_history row of every device that has one (or of ``names``),
+        in one query: what the engine resumes from at start."""

@@ -174,11 +174,12 @@ class Engine:
         reg = self.registry
         statuses: dict[str, Status] = {}
         valid = {str(v) for v in Status}
+        reported = reg.last_status_changes()  # one query, not one per device
         for row in reg.device_rows():
             name, status = str(row["name"]), str(row.get("status") or "")
             if status not in valid:
                 continue
-            if status == Status.OFFLINE and not reg.status_history(name, limit=1):
+            if status == Status.OFFLINE and name not in reported:
                 continue
             statuses[name] = Status(status)
         alarms = reg.alarms(states=["active", "acknowledged"], limit=1_000_000)
