@@ -23,12 +23,36 @@ T = TypeVar("T")
 
 
 class RegistryIO:
-    def __init__(self, registry: Registry, *, threads: int = 8) -> None:
+    """Registry calls in worker threads, bounded by this registry's own capacity limiter (so
+    CPU-bound work elsewhere, e.g. argon2, never starves registry writes, and vice versa).
+
+    ``in_flight`` / ``idle()`` say whether a call is running in a thread: tests that drive a
+    mock clock by hand advance it only when the registry is idle (see tests/runtime/helpers)."""
+
+    def __init__(self, registry: Registry, *, threads: int = 4) -> None:
         self.registry = registry
         self.limiter = trio.CapacityLimiter(threads)
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.limiter)
+        if self.in_flight == 0:
+            self._idle = trio.Event()
+        self.in_flight += 1
+        try:
+            return await trio.to_thread.run_sync(
+                partial(fn, *args, **kwargs), limiter=self.limiter
+            )
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no registry call is running in a worker thread."""
+        while self.in_flight:
+            await self._idle.wait()
 
 
 Op = Callable[[Registry], Any]
