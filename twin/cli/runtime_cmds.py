@@ -91,6 +91,17 @@ def up(
         ),
     ] = None,
     no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="Run without MQTT.")] = False,
+    timeseries: Annotated[
+        str | None,
+        typer.Option(
+            "--timeseries",
+            envvar="TWIN_TIMESERIES",
+            help="Time-series store: postgresql://... (default: LanceDB in the state dir).",
+        ),
+    ] = None,
+    no_timeseries: Annotated[
+        bool, typer.Option("--no-timeseries", help="Do not store readings.")
+    ] = False,
     dashboard: Annotated[
         bool, typer.Option("--dashboard", help="Also serve the Streamlit dashboard of PATH.")
     ] = False,
@@ -123,7 +134,11 @@ def up(
             console.print(f"{path}: no changes (revision {result.base})")
         else:
             console.print(f"{path}: applied as revision {result.revision.number}")
-    services = []
+    services: list[Any] = []
+    if not no_timeseries:
+        from twin.runtime.timeseries_service import TimeSeriesService
+
+        services.append(TimeSeriesService(url=timeseries))
     if not no_api:
         host, port = parse_listen(listen)
         sock = bind_socket(host, port)  # a taken port fails here: one line + hint
@@ -162,6 +177,9 @@ def up(
                 users = await trio.to_thread.run_sync(reg.users)
                 if not users:
                     console.print("  no users yet: twin user add admin --role admin")
+            ts_info = engine.service_info.get("timeseries")
+            if ts_info is not None:
+                console.print(f"  timeseries {ts_info.description}")
             mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
             if mqtt_line:
                 console.print(f"  mqtt       {mqtt_line}")
