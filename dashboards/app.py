@@ -9,7 +9,9 @@ Everything live comes from the REST API; nothing here touches the engine directl
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,9 @@ from dashboards.core import Config, Ctx, load_docs
 from dashboards.panels import LIVE, PANELS
 from twin.spec.dashboards import dashboards_of, page_rows, row_widths
 from twin.spec.units import parse_duration
+
+PROFILE = bool(os.environ.get("FLUX_PROFILE"))
+"""Print each panel's server-side render time to stderr (the benchmark reads it)."""
 
 
 @st.cache_data(show_spinner=False)
@@ -88,6 +93,7 @@ def render_rows(ctx: Ctx, rows: list[list[dict[str, Any]]]) -> None:
                 if fn is None:
                     st.warning(f"unknown panel type {panel.get('type')!r}")
                     continue
+                started = time.perf_counter()
                 try:
                     fn(ctx, panel)
                 except ApiError as exc:
@@ -96,6 +102,11 @@ def render_rows(ctx: Ctx, rows: list[list[dict[str, Any]]]) -> None:
                         st.warning("Your session expired: sign in again.")
                         st.stop()
                     st.error(f"{panel.get('type')}: {exc}")
+                finally:
+                    if PROFILE:
+                        took = time.perf_counter() - started
+                        print(f"panel {panel.get('type')} {panel.get('title')!r}: {took:.3f} s",
+                              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def main() -> None:

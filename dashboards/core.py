@@ -76,16 +76,19 @@ class Ctx:
     login: Login
     docs: list[dict[str, Any]]
     devices: list[dict[str, Any]] = field(default_factory=list)
+    _index: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def groups(self) -> dict[str, dict[str, Any]]:
         return {str(d["metadata"]["name"]): d for d in self.docs if d.get("kind") == "DeviceGroup"}
 
     def doc(self, kind: str, name: str | None) -> dict[str, Any] | None:
-        for d in self.docs:
-            if d.get("kind") == kind and (d.get("metadata") or {}).get("name") == name:
-                return d
-        return None
+        if self._index is None:
+            self._index = {
+                (str(d.get("kind")), str((d.get("metadata") or {}).get("name"))): d
+                for d in self.docs
+            }
+        return self._index.get((kind, str(name)))
 
     def selected(self, panel: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Device summaries (from the API) that the panel's selector matches."""

@@ -115,11 +115,26 @@ def wait_line(proc: subprocess.Popen[str], pattern: str) -> str:
     raise SystemExit(f"process ended without printing {pattern!r}")
 
 
+def panel_times(path: Path) -> None:
+    """Median server-side time per panel (the app logs each panel's render time)."""
+    import statistics
+
+    times: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines():
+        m = re.search(r"panel (\w+ '[^']*'): ([0-9.]+) s", line)
+        if m:
+            times.setdefault(m.group(1), []).append(float(m.group(2)))
+    for name, vals in sorted(times.items()):
+        print(f"  server time per render, {name}: median {statistics.median(vals) * 1000:.0f} ms"
+              f", first {vals[0] * 1000:.0f} ms ({len(vals)} renders)")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--hours", type=float, default=24)
     ap.add_argument("--cpu-seconds", type=float, default=60)
+    ap.add_argument("--refresh", default="2s", help="dashboard refresh (0 = off)")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -144,9 +159,10 @@ def main() -> None:
         token = httpx.post(f"{api}/api/v1/auth/login",
                            json={"username": "bench", "password": "benchpass1"}).json()  # fmt: skip
         dash = subprocess.Popen(
-            [TWIN, "dashboard", str(site), "--server", api, "--port", "0", "--refresh", "2s",
+            [TWIN, "dashboard", str(site), "--server", api, "--port", "0", "--refresh", args.refresh,
              "--token", token["access_token"]],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**env, "FLUX_PROFILE": "1"}, stdout=subprocess.PIPE,
+            stderr=open(tmp / "dashboard.log", "w"), text=True,  # noqa: SIM115
         )  # fmt: skip
         procs.append(dash)
         url = wait_line(dash, r"dashboard\s+(http://\S+)")
@@ -199,8 +215,9 @@ def main() -> None:
         print(f"overview first render (navigation → tiles, map, table): {overview_s:.2f} s  "
               + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()))  # fmt: skip
         print(f"history 7-day query rendered (Last 7 days → chart): {history_s:.2f} s  [{caption}]")
-        print(f"CPU while refreshing every 2 s ({wall:.0f} s, 1 browser): "
+        print(f"CPU while refreshing every {args.refresh} ({wall:.0f} s, 1 browser): "
               f"streamlit {cpu[streamlit_pid]:.1f} % of a core, engine {cpu[engine.pid]:.1f} %")  # fmt: skip
+        panel_times(tmp / "dashboard.log")
     finally:
         for proc in reversed(procs):
             proc.terminate()

@@ -149,3 +149,14 @@ def test_select_nested_groups() -> None:
     assert select_devices(devices, {"tag": "video"}, groups) == ["cam_gate_01", "cam_line_01"]
     assert len(select_devices(devices, None, groups)) == len(devices)
     assert default_dashboard([])["spec"]["pages"][0]["title"] == "Overview"
+
+
+def test_dashboard_command_line() -> None:
+    from twin.cli.dashboard_cmds import app_path, dashboard_command
+
+    cmd, env, url = dashboard_command(DEMO, "http://127.0.0.1:9/", "127.0.0.1", 0, refresh="0")
+    port = int(url.rsplit(":", 1)[1])
+    assert port > 0 and cmd[cmd.index("--server.port") + 1] == str(port)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(app_path())
+    assert env["FLUX_SERVER"] == "http://127.0.0.1:9" and env["FLUX_SITE"] == str(DEMO)
+    assert env["FLUX_REFRESH"] == "0"

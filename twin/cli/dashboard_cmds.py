@@ -7,6 +7,7 @@ and reads the engine only through the REST API at ``--server``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -80,7 +81,19 @@ def start_dashboard(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start the dashboard process (for ``twin up --dashboard``); the caller stops it."""
     cmd, env, url = dashboard_command(site, server, host, port)
-    return subprocess.Popen(cmd, env=env), url
+    return _Dashboard(cmd, env=env, stdout=subprocess.DEVNULL), url
+
+
+class _Dashboard(subprocess.Popen[bytes]):
+    """``terminate()`` waits for streamlit and kills it if it lingers (open sessions)."""
+
+    def terminate(self) -> None:
+        super().terminate()
+        try:
+            self.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
 
 
 def dashboard(
@@ -106,18 +119,29 @@ def dashboard(
     cmd, env, url = dashboard_command(site, server, host, port, token=token, refresh=refresh)
     output.console.print(f"dashboard  {url}   (API {env['FLUX_SERVER']})", highlight=False)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # a terminated `twin dashboard` stops streamlit too
     try:
         code = proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_dashboard(proc)
         output.console.print("stopped.")
         return
     if code:
         raise typer.Exit(code)
+
+
+def stop_dashboard(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if streamlit has not exited after ``grace`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def register(app: typer.Typer) -> None:
