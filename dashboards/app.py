@@ -27,8 +27,8 @@ from dashboards.panels import LIVE, PANELS
 from twin.spec.dashboards import dashboards_of, page_rows, row_widths
 from twin.spec.units import parse_duration
 
+# FLUX_PROFILE=1: print each panel's server-side render time to stderr (the benchmark reads it)
 PROFILE = bool(os.environ.get("FLUX_PROFILE"))
-"""Print each panel's server-side render time to stderr (the benchmark reads it)."""
 
 
 @st.cache_data(show_spinner=False)

@@ -62,6 +62,7 @@ def dashboard_command(
         "--server.fileWatcherType", "none",
         "--global.developmentMode", "false",
         "--client.toolbarMode", "minimal",
+        "--runner.magicEnabled", "false",
     ]  # fmt: skip
     env = dict(os.environ)
     env["FLUX_SERVER"] = server.rstrip("/")
