@@ -165,3 +165,58 @@ async def test_query_and_storage_through_the_server(tmp_path: Path) -> None:
             assert "agg_1s" in report["rolled_up"]
     finally:
         reg.close()
+
+
+def test_twin_up_stores_the_demo_readings(tmp_path: Path) -> None:
+    """``twin up sites/demo`` → readings in the state dir's store → ``twin query`` reads them."""
+    import signal
+    import subprocess
+    import time
+
+    demo = Path(__file__).resolve().parents[2] / "sites" / "demo"
+    state = tmp_path / "state"
+    env = {**os.environ, "TWIN_TIMESERIES": ""}
+    args = [*TWIN, "--state-dir", str(state), "up", str(demo), "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*args, "--no-mqtt"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        rows: list[dict[str, str]] = []
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            if proc.poll() is not None:
+                break
+            if not (state / "timeseries" / "raw.lance").exists():
+                continue
+            q = subprocess.run(
+                [
+                    *TWIN,
+                    "--state-dir",
+                    str(state),
+                    "query",
+                    "temperature",
+                    "--device",
+                    "temp_sensor_01",
+                    "--from",
+                    "-1h",
+                    "-o",
+                    "csv",
+                ],
+                env=env,
+                capture_output=True,
+                check=False,
+            )
+            if q.returncode == 0:
+                rows = list(csv.DictReader(io.StringIO(q.stdout.decode())))
+                if len(rows) >= 2:
+                    break
+        assert len(rows) >= 2, proc.stdout.read().decode() if proc.poll() is not None else rows
+        assert rows[0]["site"] == "plant-a" and "hvac" in rows[0]["tags"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert b"timeseries" in out, out.decode()
