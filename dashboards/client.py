@@ -179,8 +179,9 @@ class FluxClient:
 
 
 def _items(body: Any) -> list[dict[str, Any]]:
+    """The list of a list answer: ``items``, ``commands``, ``scenes`` or ``traces``."""
     if isinstance(body, dict):
-        body = body.get("items", [])
+        body = next((body[k] for k in ("items", "commands", "scenes", "traces") if k in body), [])
     return [dict(x) for x in body]
 
 

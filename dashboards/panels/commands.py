@@ -72,8 +72,8 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
                     st.session_state[f"{key}-last"] = cmd.get("id")
                 except json.JSONDecodeError as exc:
                     st.error(f"parameters are not JSON: {exc}")
-                except NotAvailable:
-                    st.warning("This server has no commands API yet.")
+                except NotAvailable as exc:
+                    st.warning(f"Commands are not available on this server: {exc.detail}")
                 except ApiError as exc:
                     st.error(exc.detail)
     last = st.session_state.get(f"{key}-last")
@@ -96,8 +96,8 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             st.caption(f"command {last}: {exc.detail}")
     try:
         recent = ctx.client.device_commands(device, limit=10)
-    except NotAvailable:
-        st.caption("Command history: the server has no commands API yet.")
+    except NotAvailable as exc:
+        st.caption(f"Commands are not available on this server ({exc.detail}).")
         return
     except ApiError as exc:
         st.caption(exc.detail)

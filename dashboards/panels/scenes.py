@@ -25,9 +25,12 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     st.subheader(panel.get("title") or "Scenes")
     try:
         scenes = ctx.client.scenes()
-    except NotAvailable:
+    except NotAvailable as exc:
         scenes = [d for d in ctx.docs if d.get("kind") == "Scene"]
-        st.caption("The server has no scenes API yet: scenes from the site files, read-only.")
+        st.caption(
+            f"Scenes are not available on this server ({exc.detail}); "
+            "from the site files, read-only."
+        )
         for s in scenes:
             st.markdown(f"- **{scene_name(s)}** — {(s.get('spec') or {}).get('description', '')}")
         return

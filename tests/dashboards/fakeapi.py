@@ -36,9 +36,13 @@ class FakeApi:
         ]  # fmt: skip
         self.commands: dict[str, dict[str, Any]] = {}
         self.queries: list[dict[str, list[str]]] = []
-        self.scenes = [{"name": s, "spec": {"enabled": True}} for s in loaded.of_kind("Scene")]
+        self.scenes = [
+            {"name": s, "site": "plant-a", "enabled": True, "spec": {"enabled": True}}
+            for s in loaded.of_kind("Scene")
+        ]
         self.executed: list[str] = []
-        self.control = True
+        self.puts: list[dict[str, Any]] = []
+        self.control = True  # False: 503 like an engine without the control service
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -81,7 +85,8 @@ class FakeApi:
             self.queries.append(q)
             return httpx.Response(200, json=self.query(q))
         if not self.control:
-            return httpx.Response(404, json={"detail": "Not Found"})
+            detail = "the control service is not running in this engine"
+            return httpx.Response(503, json={"detail": detail})
         if path.endswith("/commands") and path.startswith("/devices/"):
             device = path.split("/")[2]
             if method == "POST":
@@ -100,16 +105,22 @@ class FakeApi:
                 }
                 return httpx.Response(201, json=self.commands[cid])
             items = [c for c in self.commands.values() if c["device"] == device]
-            return httpx.Response(200, json={"items": items})
+            return httpx.Response(200, json={"device": device, "commands": items})
         if path.startswith("/commands/"):
             return httpx.Response(200, json=self.commands[path.split("/")[2]])
         if path == "/scenes":
-            return httpx.Response(200, json={"items": self.scenes})
+            return httpx.Response(200, json={"scenes": self.scenes})
+        if path.startswith("/scenes/") and method == "PUT":
+            if role != "admin":
+                return httpx.Response(403, json={"detail": "needs role admin"})
+            self.puts.append(json.loads(request.content))
+            return httpx.Response(200, json={"scene": path.split("/")[2], "changed": True})
         if path.endswith("/execute"):
             self.executed.append(path.split("/")[2])
-            return httpx.Response(200, json={"run": 1})
+            return httpx.Response(202, json={"scene": path.split("/")[2], "run_id": "r1"})
         if path.endswith("/traces"):
-            return httpx.Response(200, json={"items": [{"scene": path.split("/")[2], "ok": True}]})
+            trace = {"scene": path.split("/")[2], "ok": True}
+            return httpx.Response(200, json={"scene": trace["scene"], "traces": [trace]})
         return httpx.Response(404, json={"detail": "Not Found"})
 
     def query(self, q: dict[str, list[str]]) -> dict[str, Any]:

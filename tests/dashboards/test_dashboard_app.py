@@ -121,8 +121,8 @@ def test_operator_sends_a_command_and_follows_it(api: FakeApi) -> None:
 def test_control_panels_without_the_control_api(api: FakeApi) -> None:
     api.control = False
     at = app(api, "admin", page="Control")
-    assert "the server has no commands API yet" in texts(at)
-    assert "no scenes API yet" in texts(at)
+    assert "Commands are not available on this server" in texts(at)
+    assert "Scenes are not available on this server" in texts(at)
 
 
 def test_history_compare_trend_and_export(api: FakeApi) -> None:
@@ -158,3 +158,11 @@ def test_helpers() -> None:
     ts = pd.to_datetime([0, 60, 120], unit="s", utc=True)
     line, slopes = add_trend(pd.DataFrame({"ts": ts, "v": [1.0, 2.0, 3.0], "s": "a"}), "v", "s")
     assert slopes["slope per hour"].iloc[0] == pytest.approx(60.0) and len(line) == 2
+
+
+def test_admin_disables_a_scene(api: FakeApi) -> None:
+    at = app(api, "admin", page="Control")
+    at.toggle(key="scenes-Scenes-energy-peak-on").set_value(False).run()
+    assert api.puts and api.puts[-1]["spec"]["enabled"] is False
+    assert api.puts[-1]["site"] == "plant-a"  # the scene stays in its site
+    assert at.json  # the last trace of the chosen scene
