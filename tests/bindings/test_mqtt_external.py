@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.mqtt.conftest import Client, run_sync
+from tests.mqtt.conftest import WAIT, Client, run_sync
 from tests.runtime.helpers import apply, eventually, fast_config, model, site
 from twin.bindings.mqtt import MqttBinding
 from twin.mqtt.hub import InMessage, MqttHub
@@ -23,6 +23,7 @@ from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.runtime.engine import Engine
 from twin.runtime.mqtt_service import MqttService, MqttServiceConfig
+from twin.runtime.state import Status
 
 MOSQUITTO = ("127.0.0.1", 1883)
 
@@ -86,7 +87,8 @@ async def test_engine_against_mosquitto(
     )  # every route subscribed on Mosquitto (SUBACKs awaited)
     binding = engine.controller.tasks["m1"].binding
     assert isinstance(binding, MqttBinding)
-    dev = await run_sync(lambda: _mosq_client(f"{prefix}-dev", v5=True))
+    will = (f"{prefix}/m1/status", b"offline", 1, False)  # not retained: leave no litter
+    dev = await run_sync(lambda: _mosq_client(f"{prefix}-dev", v5=True, will=will))
     twin = engine.twin("m1")
     assert twin is not None
     await run_sync(dev.publish, f"{prefix}/m1/telemetry", json.dumps({"temperature": 19.5}), 1)
@@ -111,7 +113,10 @@ async def test_engine_against_mosquitto(
     async with trio.open_nursery() as n:
         n.start_soon(run_sync, answer)
         assert await binding.send_command("reboot", {}) == "done"
-    await run_sync(dev.close)
+    # the Last Will, through Mosquitto, marks the device offline at once (timeout is 300 s)
+    await eventually(lambda: twin.status == Status.ONLINE)
+    await run_sync(dev.kill)
+    await eventually(lambda: twin.status == Status.OFFLINE, within=WAIT)
 
 
 async def test_shared_subscription_splits_traffic(nursery: trio.Nursery) -> None:
