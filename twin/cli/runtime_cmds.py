@@ -134,7 +134,9 @@ def up(
             console.print(f"{path}: no changes (revision {result.base})")
         else:
             console.print(f"{path}: applied as revision {result.revision.number}")
-    services: list[Any] = []
+    from twin.control.service import ControlService
+
+    services: list[Any] = [ControlService()]  # commands, reconciliation, scenes
     if not no_timeseries:
         from twin.runtime.timeseries_service import TimeSeriesService
 
