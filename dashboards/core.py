@@ -31,6 +31,8 @@ STATUS_ICONS = {
     "maintenance": ":orange[●]",
     "unknown": ":blue[●]",
 }
+MAX_NAMES = 200
+"""Above this many devices a type/model selector is not sent as a list of device names."""
 NICE_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 
 
@@ -169,7 +171,10 @@ def select_params(panel: Mapping[str, Any], ctx: Ctx) -> dict[str, Any]:
         return {}
     if select.get("type") or select.get("model"):
         names = [d["name"] for d in ctx.selected(panel)]
-        return {"device": names or ["__none__"]}
+        if len(names) <= MAX_NAMES:
+            return {"device": names or ["__none__"]}
+        # too many names for a URL: the other keys narrow the query and the panel's metrics,
+        # which belong to the model, do the rest
     out: dict[str, Any] = {}
     for key in ("site", "tag", "device"):
         if select.get(key):

@@ -13,6 +13,9 @@ from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params
 from twin.spec.dashboards import panel_metrics
 from twin.spec.units import parse_duration
 
+MAX_LINES = 20
+"""Above this many devices a chart shows their average (one line per metric)."""
+
 
 def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
     span = parse_duration(panel.get("range", "15m"))
@@ -22,10 +25,13 @@ def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
         from_=f"-{fmt_seconds(int(span))}",
         every=every,
         agg=["avg"],
-        group_by="device",
+        group_by="device" if len(ctx.selected(panel)) <= MAX_LINES else "none",
         **select_params(panel, ctx),
     )
-    return frame(table)
+    df = frame(table)
+    if "device" not in df.columns:
+        df["device"] = f"average of {len(ctx.selected(panel))} devices"
+    return df
 
 
 def chart(

@@ -166,3 +166,19 @@ def test_admin_disables_a_scene(api: FakeApi) -> None:
     assert api.puts and api.puts[-1]["spec"]["enabled"] is False
     assert api.puts[-1]["site"] == "plant-a"  # the scene stays in its site
     assert at.json  # the last trace of the chosen scene
+
+
+def test_large_selections_are_not_sent_as_name_lists() -> None:
+    from dashboards.client import FluxClient, Login
+    from dashboards.core import MAX_NAMES, Ctx, select_params
+
+    devices = [
+        {"name": f"s{i}", "site": "plant-a", "group": "line-1", "tags": [], "model": "m"}
+        for i in range(MAX_NAMES + 1)
+    ]
+    ctx = Ctx(FluxClient("http://x"), Login("u", "viewer", "t"), [], devices)
+    assert select_params({"select": {"site": "plant-a", "model": "m"}}, ctx) == {
+        "site": ["plant-a"]
+    }
+    ctx.devices = devices[:3]
+    assert select_params({"select": {"model": "m"}}, ctx) == {"device": ["s0", "s1", "s2"]}
