@@ -115,7 +115,7 @@ def _print_commands(rows: list[dict[str, Any]], as_json: bool) -> None:
                 r["status"],
                 output.fmt_time(r["created_at"]),
                 r.get("source") or "",
-                output.short(r.get("error") or "", 40),
+                output.short(r["error"], 40) if r.get("error") else "-",
             ]
             for r in rows
         ],
