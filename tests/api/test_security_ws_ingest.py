@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import trio
@@ -129,13 +130,25 @@ async def test_http_ingest_with_device_key(api: Api) -> None:
     async with api.client(None) as dev:
         r = await dev.post("/api/v1/ingest/push1", headers=h, json={"heartbeat": True})
         assert r.json().get("writes") == {"sampling_rate": 3}
-    # revoke: refused once the cache ttl has passed (verify() re-checks the registry)
+    # revoke through the API: the cached key is refused at once
     async with api.client("admin") as c:
         assert (await c.delete(f"/api/v1/devices/push1/keys/{kid}")).status_code == 200
-    st = api.engine.service_info["api"]["app"].state
-    st.keys.ttl = 0
     async with api.client(None) as dev:
         assert (await dev.post("/api/v1/ingest/push1", headers=h, json={})).status_code == 401
+    # revoked by another process (the CLI writes the registry): refused after the next sweep
+    async with api.client("admin") as c:
+        r = await c.post("/api/v1/devices/push1/keys")
+        kid2, key2 = r.json()["id"], r.json()["key"]
+    h2 = {"X-Device-Key": key2}
+    async with api.client(None) as dev:
+        assert (await dev.post("/api/v1/ingest/push1", headers=h2, json={})).status_code == 200
+        st = api.engine.service_info["api"]["app"].state
+        checks = st.keys.argon2_checks
+        assert (await dev.post("/api/v1/ingest/push1", headers=h2, json={})).status_code == 200
+        assert st.keys.argon2_checks == checks  # served from the cache
+        api.registry.revoke_device_key(kid2, time.time())
+        assert await st.call(st.keys.sweep) == 1
+        assert (await dev.post("/api/v1/ingest/push1", headers=h2, json={})).status_code == 401
 
 
 async def test_websocket_feed_filtered_and_authorised(api: Api) -> None:
@@ -164,6 +177,30 @@ async def test_websocket_feed_filtered_and_authorised(api: Api) -> None:
                 ev = json.loads(await ws.get_message())
                 if ev.get("device") == "t1":
                     break
+    # the token in the Sec-WebSocket-Protocol header (browsers) or in a first message
+    async with open_websocket_url(
+        f"{ws_url}?devices=t2&kinds=reading", subprotocols=["bearer", token]
+    ) as ws:
+        assert ws.subprotocol == "bearer"
+        assert json.loads(await ws.get_message())["kind"] == "hello"
+        with trio.fail_after(10):
+            assert json.loads(await ws.get_message())["device"] == "t2"
+    async with open_websocket_url(f"{ws_url}?devices=t2&kinds=reading") as ws:
+        await ws.send_message(json.dumps({"type": "auth", "token": token}))
+        assert json.loads(await ws.get_message())["kind"] == "hello"
+        with trio.fail_after(10):
+            assert json.loads(await ws.get_message())["device"] == "t2"
+    for bad in (["bearer", "nope"], None):
+        try:
+            async with open_websocket_url(ws_url, subprotocols=bad or []) as ws:
+                if bad is None:
+                    await ws.send_message(json.dumps({"type": "auth", "token": "nope"}))
+                await ws.get_message()
+            raise AssertionError("unauthorised websocket stayed open")
+        except ConnectionRejected as exc:
+            assert exc.status_code == 403
+        except ConnectionClosed as exc:
+            assert exc.reason.code == 1008
     # a scoped user never sees another site's events
     token_b = api.tokens["oper_b"]
     async with open_websocket_url(f"{ws_url}?token={token_b}&devices=t1,b1") as ws:

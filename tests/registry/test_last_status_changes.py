@@ -23,3 +23,16 @@ def test_last_status_changes(registry: SQLRegistry) -> None:
         "temp_sensor_02"
     }
     assert registry.last_status_changes([]) == {}
+
+
+def test_revoked_device_keys(registry: SQLRegistry) -> None:
+    from twin.registry.base import DeviceKey
+
+    registry.apply(demo_specs(2), base=0, author="a")
+    for kid in ("k1", "k2", "k3"):
+        registry.add_device_key(DeviceKey(kid, "temp_sensor_01", "h", 1.0))
+    registry.revoke_device_key("k1", 100.0)
+    registry.revoke_device_key("k3", 200.0)
+    assert registry.revoked_device_keys(0.0) == ["k1", "k3"]
+    assert registry.revoked_device_keys(150.0) == ["k3"]
+    assert registry.revoked_device_keys(300.0) == []

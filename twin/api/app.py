@@ -65,12 +65,51 @@ class ApiState:
         self.by_client = RateLimiter(settings.rate_per_client)
         self.by_device = RateLimiter(settings.rate_ingest_per_device)
         self.keys = auth.DeviceKeyVerifier(engine.registry)
+        # argon2 (logins, new device keys) gets its own threads: it never holds a registry slot
+        self.hash_limiter = trio.CapacityLimiter(2)
+        self._verifying: dict[tuple[str, str], trio.Event] = {}
         self._users: dict[str, tuple[User | None, float]] = {}
         self._sessions: dict[str, tuple[bool, float]] = {}
         self._list_cache: tuple[int, list[tuple[str, dict[str, Any]]]] = (-1, [])
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await self.engine.rio.call(fn, *args, **kw)
+
+    async def hash_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """CPU-bound hashing (argon2) in a worker thread of its own limiter."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.hash_limiter)
+
+    async def check_device_key(self, device: str, key: str) -> bool:
+        """Memory first (no I/O); else the device's key records (registry thread) and argon2
+        (hash thread), once for concurrent requests with the same key."""
+        ok = self.keys.cached(device, key)
+        if ok is not None:
+            return ok
+        if auth.split_device_key(key) is None:
+            return False
+        slot = (device, auth.sha256(key))
+        pending = self._verifying.get(slot)
+        if pending is not None:
+            await pending.wait()
+            return bool(self.keys.cached(device, key))
+        done = self._verifying[slot] = trio.Event()
+        try:
+            records = await self.call(self.engine.registry.device_keys, device)
+            return bool(await self.hash_call(self.keys.check, device, key, records))
+        finally:
+            del self._verifying[slot]
+            done.set()
+
+    async def sweep_keys(self) -> None:
+        """Forget device keys revoked by another process (the CLI), every ``keys.ttl``."""
+        while True:
+            await trio.sleep(self.keys.ttl)
+            try:
+                dropped = await self.call(self.keys.sweep)
+                if dropped:
+                    log.info("api: %d revoked device key(s) dropped from the cache", dropped)
+            except Exception:
+                log.exception("api: device key sweep failed")
 
     async def user(self, name: str) -> User | None:
         hit = self._users.get(name)
@@ -437,7 +476,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         ok = (
             user is not None
             and not user.disabled
-            and await trio.to_thread.run_sync(auth.verify_secret, user.password_hash, body.password)
+            and await st.hash_call(auth.verify_secret, user.password_hash, body.password)
         )
         if not ok or user is None:
             raise HTTPException(401, "wrong user name or password")
@@ -709,6 +748,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         if not any(k.id == key_id for k in keys):
             raise HTTPException(404, f"no key {key_id!r} for device {device!r}")
         await st.call(reg.revoke_device_key, key_id, time.time())
+        st.keys.invalidate(key_id)
         return {"revoked": key_id}
 
     # -- groups ---------------------------------------------------------------------------------
@@ -888,9 +928,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
 
     @app.post(f"{PREFIX}/users", tags=["admin"], status_code=201)
     async def post_user(p: Admin, body: UserRequest) -> dict[str, Any]:
-        user = await trio.to_thread.run_sync(
-            auth.make_user, body.name, body.password, body.role, body.sites
-        )
+        user = await st.hash_call(auth.make_user, body.name, body.password, body.role, body.sites)
         await st.call(reg.put_user, user)
         st.forget(user=user.name)
         return {"name": user.name, "role": user.role, "sites": list(user.sites)}
@@ -961,10 +999,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         if not key:
             raise HTTPException(401, "missing device key (X-Device-Key header)")
         now = time.time()
-        ok = st.keys.cached(device, key, now)
-        if ok is None:
-            ok = await st.call(st.keys.verify, device, key, now)
-        if not ok:
+        if not await st.check_device_key(device, key):
             engine.prom.ingest.labels("unauthorized").inc()
             raise HTTPException(401, "invalid device key")
         wait = st.by_device.hit(device)
@@ -1023,17 +1058,55 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
 
     @app.websocket(f"{PREFIX}/ws")
     async def ws(websocket: WebSocket) -> None:
-        token = websocket.query_params.get("token") or _bearer(websocket.headers)
+        """Live feed. The access token, in order of preference:
+
+        1. ``Sec-WebSocket-Protocol: bearer, <token>`` (browsers can set this one: the server
+           answers with the ``bearer`` subprotocol and the token stays out of URLs and logs);
+        2. ``Authorization: Bearer <token>`` (non-browser clients);
+        3. a first message ``{"type": "auth", "token": "<token>"}`` within 10 s of connecting
+           (when the connection carries no token at all);
+        4. ``?token=`` in the URL: kept for old clients and tools that can set neither headers
+           nor subprotocols; it ends up in proxy logs and history, so prefer 1-3.
+        """
+        protocols = [
+            v.strip()
+            for v in websocket.headers.get("sec-websocket-protocol", "").split(",")
+            if v.strip()
+        ]
+        subprotocol = None
+        token = None
+        if len(protocols) >= 2 and protocols[0].lower() == "bearer":
+            subprotocol, token = protocols[0], protocols[1]
+        token = token or _bearer(websocket.headers) or websocket.query_params.get("token")
         try:
-            p = await st.authenticate(token)
-            flt = parse_filter(p, dict(websocket.query_params))
+            flt: Filter | None = None
+            if token is not None:
+                p = await st.authenticate(token)
+                flt = parse_filter(p, dict(websocket.query_params))
         except AuthError as exc:
             await websocket.close(code=1008, reason=str(exc)[:100])
             return
         except ValueError as exc:
             await websocket.close(code=1003, reason=str(exc)[:100])
             return
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
+        if flt is None:  # authenticate with the first message
+            try:
+                with trio.fail_after(10):
+                    first = await websocket.receive_json()
+                if not (isinstance(first, dict) and first.get("type") == "auth"):
+                    raise AuthError("first message must be {\"type\": \"auth\", \"token\": ...}")
+                p = await st.authenticate(str(first.get("token") or ""))
+                flt = parse_filter(p, dict(websocket.query_params))
+            except (AuthError, trio.TooSlowError) as exc:
+                reason = str(exc) or "no auth message within 10 s"
+                await websocket.close(code=1008, reason=reason[:100])
+                return
+            except ValueError as exc:
+                await websocket.close(code=1003, reason=str(exc)[:100])
+                return
+            except WebSocketDisconnect:
+                return
         sub = engine.bus.open(flt, buffer=settings.ws_buffer, name=f"ws:{p.subject}")
         engine.prom.ws_clients.inc()
 

@@ -105,6 +105,9 @@ class ApiService:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
+            state = getattr(app, "state", None)
+            if state is not None and hasattr(state, "sweep_keys"):
+                nursery.start_soon(state.sweep_keys)
             info = {
                 "url": url,
                 "openapi": f"{url}/openapi.json",

@@ -820,6 +820,16 @@ class SQLRegistry:
             DeviceKey(i, d, h, float(c), None if r is None else float(r)) for i, d, h, c, r in rows
         ]
 
+    def revoked_device_keys(self, since: float) -> list[str]:
+        with self._tx(write=False) as conn:
+            rows = self._all(
+                conn,
+                "SELECT id FROM device_keys WHERE revoked_at IS NOT NULL AND revoked_at >= ? "
+                "ORDER BY id",
+                (since,),
+            )
+        return [str(r[0]) for r in rows]
+
     def revoke_device_key(self, key_id: str, timestamp: float) -> None:
         with self._tx(write=True) as conn:
             self._exec(

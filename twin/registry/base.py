@@ -325,3 +325,6 @@ class Registry(Protocol):
     def last_status_changes(self, names: Sequence[str] | None = None) -> dict[str, StatusChange]:
         """The newest device_status_history row of every device that has one (or of ``names``),
         in one query: what the engine resumes from at start."""
+
+    def revoked_device_keys(self, since: float) -> list[str]:
+        """Ids of device keys revoked at or after ``since`` (for in-memory key caches)."""
