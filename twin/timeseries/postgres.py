@@ -36,6 +36,7 @@ from twin.timeseries.base import (
     StorageStats,
     TierStats,
     TimeSeriesQuery,
+    records_to_table,
     sql_quote,
 )
 
@@ -180,60 +181,46 @@ class PostgresStore:
         return sorted(out)
 
     # --- writes ---------------------------------------------------------------------
-    def _copy(self, table_name: str, cols: str, rows: Iterable[Sequence[Any]]) -> None:
-        import psycopg
+    def _copy_table(self, cur: Any, table_name: str, table: pa.Table) -> None:
+        """COPY an Arrow table as CSV (vectorised; ~10x faster than ``write_row``). Empty
+        strings are quoted and NULLs are not, which is exactly PostgreSQL's CSV reading."""
+        import io
 
-        try:
-            with (
-                self._conn.transaction(),
-                self._conn.cursor() as cur,
-                cur.copy(f"COPY {table_name} ({cols}) FROM STDIN") as cp,
-            ):
-                for row in rows:
-                    cp.write_row(row)
-        except psycopg.Error as exc:
-            raise StorageError(f"PostgreSQL write to {table_name} failed: {exc}") from exc
+        import pyarrow.csv as pcsv
+
+        buf = io.BytesIO()
+        pcsv.write_csv(table, buf, pcsv.WriteOptions(include_header=False, quoting_style="needed"))
+        cols = ", ".join(table.column_names)
+        with cur.copy(f"COPY {table_name} ({cols}) FROM STDIN (FORMAT csv)") as cp:
+            view = buf.getbuffer()
+            for i in range(0, len(view), 1 << 20):
+                cp.write(view[i : i + (1 << 20)])
 
     def write_records(self, records: Sequence[Record]) -> int:
         if not records:
             return 0
-        rows = []
-        days = set()
-        for device, metric, value, ts, quality, site, grp, tags in records:
-            days.add(int(ts // self.partition_s))
-            if isinstance(value, bool):
-                num, s, kind = (1.0 if value else 0.0), None, 1
-            elif isinstance(value, int | float):
-                num, s, kind = float(value), None, 0
-            else:
-                num, s, kind = None, str(value), 2
-            rows.append((_ts(ts), device, site, grp, tags, metric, num, s, kind, quality))
+        return self._write_raw(records_to_table(records))
+
+    def _write_raw(self, table: pa.Table) -> int:
+        import numpy as np
+        import psycopg
+
+        if table.num_rows == 0:
+            return 0
+        us = table.column("ts").cast(pa.int64()).to_numpy()
+        slots = np.unique(us // (self.partition_s * 1_000_000))
         with self._lock:
-            self._ensure_partitions(sorted(days))
-            self._copy(self._t(RAW), _RAW_COLS, rows)
-        return len(rows)
+            self._ensure_partitions(int(x) for x in slots)
+            try:
+                with self._conn.transaction(), self._conn.cursor() as cur:
+                    self._copy_table(cur, self._t(RAW), table.select(RAW_SCHEMA.names))
+            except psycopg.Error as exc:
+                raise StorageError(f"PostgreSQL write to {self._t(RAW)} failed: {exc}") from exc
+        return table.num_rows
 
     def write_table(self, table: pa.Table) -> int:
-        recs: list[Record] = []
-        for r in table.cast(RAW_SCHEMA).to_pylist():
-            v = (
-                r["value_str"]
-                if r["kind"] == 2
-                else (bool(r["value"]) if r["kind"] == 1 else r["value"])
-            )
-            recs.append(
-                (
-                    r["device"],
-                    r["metric"],
-                    v,
-                    r["ts"].timestamp(),
-                    r["quality"],
-                    r["site"],
-                    r["grp"],
-                    r["tags"],
-                )
-            )
-        return self.write_records(recs)
+        """Append a RAW_SCHEMA table (all of it or nothing)."""
+        return self._write_raw(table.cast(RAW_SCHEMA))
 
     def write_point(self, point: DataPoint) -> None:
         self.write_records(point.records())
@@ -358,17 +345,13 @@ class PostgresStore:
         t = self._t(tier)
         with self._lock:
             self._ensure_tier(tier)
-            data = rows.select(PARTIAL_SCHEMA.names).to_pylist()
             try:
                 with self._conn.transaction(), self._conn.cursor() as cur:
                     cur.execute(
                         f"DELETE FROM {t} WHERE ts >= %s AND ts < %s AND {selector.sql(sql_quote)}",
                         [_ts(start), _ts(end)],
                     )
-                    cols = ", ".join(PARTIAL_SCHEMA.names)
-                    with cur.copy(f"COPY {t} ({cols}) FROM STDIN") as cp:
-                        for r in data:
-                            cp.write_row([r[c] for c in PARTIAL_SCHEMA.names])
+                    self._copy_table(cur, t, rows.select(PARTIAL_SCHEMA.names).cast(PARTIAL_SCHEMA))
             except psycopg.Error as exc:
                 raise StorageError(f"PostgreSQL write to {t} failed: {exc}") from exc
 
