@@ -369,6 +369,7 @@ def main() -> None:
             results["lance"] = bench_ours(
                 "lance", store, lambda: dir_size(path / "raw.lance"), data, args
             )
+            print(f"lance: {json.dumps(results['lance'])}", flush=True)
         if "postgres" in backends:
             try:
                 from twin.timeseries.postgres import PostgresStore
@@ -386,6 +387,7 @@ def main() -> None:
                         data,
                         args,
                     )
+                    print(f"postgres: {json.dumps(results['postgres'])}", flush=True)
                 finally:
                     pg.drop_all()
                     pg.close()
@@ -396,6 +398,7 @@ def main() -> None:
                 print("influx: running ...", flush=True)
                 (root / "influx").mkdir()
                 results["influx"] = bench_influx(data, args, root / "influx")
+                print(f"influx: {json.dumps(results['influx'])}", flush=True)
 
     names = list(results)
     ref = "influx" if "influx" in results else None
