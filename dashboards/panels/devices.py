@@ -13,20 +13,14 @@ DEFAULT_COLUMNS = ["name", "type", "group", "status", "last_seen"]
 
 
 def table(devices: list[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
-    rows = []
-    for d in devices:
-        row: dict[str, Any] = {}
-        for c in columns:
-            v = d.get(c)
-            if c == "last_seen":
-                v = pd.to_datetime(v, unit="s", utc=True) if v else pd.NaT
-            elif c == "tags":
-                v = ", ".join(v or [])
-            elif c == "labels":
-                v = ", ".join(f"{k}={x}" for k, x in (v or {}).items())
-            row[c] = v
-        rows.append(row)
-    return pd.DataFrame(rows, columns=columns)
+    df = pd.DataFrame([{c: d.get(c) for c in columns} for d in devices], columns=columns)
+    if "last_seen" in columns:
+        df["last_seen"] = pd.to_datetime(df["last_seen"], unit="s", utc=True)
+    if "tags" in columns:
+        df["tags"] = [", ".join(v or []) for v in df["tags"]]
+    if "labels" in columns:
+        df["labels"] = [", ".join(f"{k}={x}" for k, x in (v or {}).items()) for v in df["labels"]]
+    return df
 
 
 def filtered(

@@ -12,6 +12,8 @@ import streamlit as st
 
 from dashboards.core import STATUS_COLORS, STATUS_ICONS, Ctx
 
+MAX_LABELS = 60
+
 
 def positions(ctx: Ctx, devices: list[dict[str, Any]]) -> pd.DataFrame:
     rows = []
@@ -64,30 +66,33 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     span_lat = float(df["lat"].max() - df["lat"].min()) or 0.001
     span_lon = float(df["lon"].max() - df["lon"].min()) or 0.001
     zoom = max(2.0, min(18.0, math.log2(360 / max(span_lat, span_lon)) - 1.2))
-    layers = [
+    layers: list[pdk.Layer] = [
         pdk.Layer(
             "ScatterplotLayer",
             df,
             get_position="[lon, lat]",
             get_fill_color="color",
             get_radius=1,
-            radius_min_pixels=7,
+            radius_min_pixels=7 if len(df) <= MAX_LABELS else 3,
             radius_max_pixels=12,
             stroked=True,
             get_line_color=[255, 255, 255],
             line_width_min_pixels=1,
             pickable=True,
         ),
-        pdk.Layer(
-            "TextLayer",
-            df,
-            get_position="[lon, lat]",
-            get_text="name",
-            get_size=12,
-            get_color=[30, 30, 30],
-            get_pixel_offset=[0, -14],
-        ),
     ]
+    if len(df) <= MAX_LABELS:  # beyond that, labels are clutter (and slow): names on hover
+        layers.append(
+            pdk.Layer(
+                "TextLayer",
+                df,
+                get_position="[lon, lat]",
+                get_text="name",
+                get_size=12,
+                get_color=[30, 30, 30],
+                get_pixel_offset=[0, -14],
+            )
+        )
     view = pdk.ViewState(
         latitude=float(df["lat"].mean()), longitude=float(df["lon"].mean()), zoom=zoom
     )
