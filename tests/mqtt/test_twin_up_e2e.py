@@ -93,17 +93,19 @@ def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
         assert api and mqtt, "banner without api / mqtt lines"
         dev = Client(mqtt, "mq1", username="mq1", password=key)
         assert dev.connack is not None and not dev.connack[1].is_failure
-        dev.publish("flux/plant-a/mq1/telemetry", json.dumps({"temperature": 23.5}), 1)
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=api, headers=headers, timeout=WAIT) as http:
             deadline = time.monotonic() + WAIT
             reported: dict[str, object] = {}
             while time.monotonic() < deadline:
+                # periodic telemetry, as a device sends it: the engine's routes for the device
+                # may be set up a moment after the banner
+                dev.publish("flux/plant-a/mq1/telemetry", json.dumps({"temperature": 23.5}), 1)
                 doc = http.get("/api/v1/devices/mq1/twin").json()
                 reported = doc.get("reported") or {}
                 if "temperature" in reported:
                     break
-                time.sleep(0.1)
+                time.sleep(0.2)
             assert "temperature" in reported, reported
             metrics = http.get("/metrics").text
         assert "twin_mqtt_clients_connected 1.0" in metrics

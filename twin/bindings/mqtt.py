@@ -246,7 +246,7 @@ class MqttBinding:
     async def connect(self) -> None:
         # Device tasks start before the engine's services: give the MQTT service a moment,
         # then fail (temporary: retried with backoff) until it is up.
-        for _ in range(50):
+        for _ in range(150):  # 15 s: the API and other services may start first
             if self._hub or hub_for(self.context, self.broker_name) is not None:
                 break
             await trio.sleep(0.1)
