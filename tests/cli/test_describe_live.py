@@ -36,7 +36,7 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
                 url = m.group(1)
         assert url, "".join(lines)
         run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
-        assert run("user", "add", "ops", "--role", "viewer", "--password", "long enough pw").returncode == 0
+        assert run("user", "add", "ops", "--role", "operator", "--password", "long enough pw").returncode == 0
         token = run("token", "create", "ops").stdout.strip().splitlines()[-1]
         env["TWIN_TOKEN"] = token
         for _ in range(100):  # until the simulated fan has reported its current
@@ -50,6 +50,16 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
         assert info["twin"]["desired"] == {"power": False, "speed": 40}
         assert isinstance(info["twin"]["reported"]["current"]["value"], float)
         assert info["group_path"] == ["plant", "line-1", "cell-1a"]
+        # a command sent through the engine shows up in describe's command history
+        sent = run("command", "send", "fan_01", "set_state", "-p", "state=true", "--wait", "--server", url)
+        assert sent.returncode == 0, sent.stderr
+        info = json.loads(run("describe", "device", "fan_01", "--server", url, "-o", "json").stdout)
+        cmd = next(c for c in info["commands"] if c["type"] == "set_state")
+        assert cmd["params"] == {"state": True} and cmd["status"] == "success"
+        assert cmd["transitions"][0]["status"] == "pending"
+        env.pop("TWIN_TOKEN")  # the local registry holds the same ledger
+        local = json.loads(run("describe", "device", "fan_01", "-o", "json").stdout)
+        assert any(c["id"] == cmd["id"] and c["status"] == "success" for c in local["commands"])
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -424,6 +424,9 @@ def describe(
         alarms = reg.alarms(device=name, limit=10)
         info["alarms"] = [{"id": a.id, "type": a.type, "severity": a.severity, "state": a.state,
                            "raised_at": a.raised_at, "message": a.message} for a in alarms]
+        from twin.control.ledger import record_json
+
+        info["commands"] = [record_json(r) for r in reg.commands(device=name, limit=10)]
         if server:
             info.update(_live_device(server, name))
     info["spec"] = doc
@@ -465,7 +468,7 @@ def _live_device(server: str, name: str) -> dict[str, Any]:
         live["twin"] = twin
     commands = _api_get(server, f"/api/v1/devices/{name}/commands?limit=10", optional=True)
     if commands is not None:
-        live["commands"] = commands.get("items", commands) if isinstance(commands, dict) else commands
+        live["commands"] = commands["commands"]
     return live
 
 
@@ -504,10 +507,12 @@ def _print_description(info: dict[str, Any]) -> None:
             if p in (twin.get("delta") or {}):
                 line += "  (delta)"
             c.print(line)
+    if info.get("commands"):
+        c.print(Text("  commands (newest first):", style="bold"))
     for cmd in info.get("commands") or []:
-        if cmd is info["commands"][0]:
-            c.print(Text("  commands:", style="bold"))
-        c.print(f"    {cmd.get('id', '')} {cmd.get('type', cmd.get('name', ''))} {cmd.get('status', '')}")
+        err = f": {cmd['error']}" if cmd.get("error") else ""
+        c.print(f"    {out.fmt_time(cmd.get('created_at'))}  {cmd.get('type', '')} "
+                f"{out.short(cmd.get('params') or {}, 40)} → {cmd.get('status', '')}{err}  ({cmd.get('id', '')})")
     if info.get("alarms"):
         c.print(Text("  alarms:", style="bold"))
         for a in info["alarms"]:
