@@ -76,3 +76,16 @@ def test_validate_specs_in_memory_reports_paths_without_locations() -> None:
         "Device fan_01: spec.desired.speed: 500 is above the maximum 100",
         "Device fan_01: spec.modle: unknown field 'modle'",
     ]
+
+
+def test_twinignore_skips_non_spec_yaml(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(DEMO, site)
+    (site / "scenarios").mkdir(exist_ok=True)
+    (site / "scenarios" / "hot.yaml").write_text("- {t: 0, device: temp_sensor_01, temperature: 31}\n")
+    (site / "notes.yaml").write_text("just: notes\n")
+    with pytest.raises(SpecError):
+        load_site(site)
+    (site / ".twinignore").write_text("# not specs\nscenarios/\nnotes.yaml\n")
+    loaded = load_site(site)
+    assert not any("scenarios" in f or "notes" in f for f in loaded.files)

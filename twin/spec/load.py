@@ -9,6 +9,7 @@ documents, and raises ``SpecError`` with **every** problem found, each located a
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import hashlib
 import marshal
 import os
@@ -76,10 +77,12 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
     for p in paths:
         path = Path(p)
         if path.is_dir():
+            ignore = _ignore_patterns(path)
             found = sorted(
                 f for f in path.rglob("*")
                 if f.suffix in (".yaml", ".yml") and f.is_file()
                 and not any(part.startswith(".") for part in f.relative_to(path).parts)
+                and not _ignored(f.relative_to(path).as_posix(), ignore)
             )
             if not found:
                 problems.append(Problem(Location(str(path), 1, 1), "no *.yaml files in this folder"))
@@ -96,6 +99,27 @@ def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
             seen.add(r)
             unique.append(f)
     return unique, problems
+
+
+def _ignore_patterns(folder: Path) -> list[str]:
+    """``.twinignore`` in a site folder: one glob per line (``#`` comments), matched against
+    paths relative to the folder; a pattern ending in ``/`` ignores a whole subfolder. For YAML
+    that is not a spec, such as `twin simulate` scenarios."""
+    try:
+        lines = (folder / ".twinignore").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    for pat in patterns:
+        if pat.endswith("/"):
+            if rel.startswith(pat) or fnmatch.fnmatch(rel.split("/", 1)[0] + "/", pat):
+                return True
+        elif fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(rel.rsplit("/", 1)[-1], pat):
+            return True
+    return False
 
 
 def normalise(body: dict[str, Any]) -> dict[str, Any]:
