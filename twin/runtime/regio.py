@@ -41,9 +41,7 @@ class RegistryIO:
             self._idle = trio.Event()
         self.in_flight += 1
         try:
-            return await trio.to_thread.run_sync(
-                partial(fn, *args, **kwargs), limiter=self.limiter
-            )
+            return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=self.limiter)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
