@@ -73,7 +73,8 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
         raise IngestError(f"unknown field(s): {', '.join(sorted(unknown))}")
     base_ts = _ts(body.get("ts"), now)
     out: list[Message] = []
-    readings = body.get("readings") or []
+    readings = body.get("readings")
+    readings = [] if readings is None else readings
     if not isinstance(readings, list):
         raise IngestError("readings must be a list")
     for i, r in enumerate(readings):
@@ -84,12 +85,14 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
         except ValueError:
             raise IngestError(f"readings[{i}].quality must be good, uncertain or bad") from None
         out.append(Reading(device, r["point"], r["value"], _ts(r.get("ts"), base_ts), quality))
-    values = body.get("values") or {}
+    values = body.get("values")
+    values = {} if values is None else values
     if not isinstance(values, Mapping):
         raise IngestError("values must be an object")
     for point, value in values.items():
         out.append(Reading(device, str(point), value, base_ts, Quality.GOOD))
-    events = body.get("events") or []
+    events = body.get("events")
+    events = [] if events is None else events
     if not isinstance(events, list):
         raise IngestError("events must be a list")
     for i, e in enumerate(events):
@@ -99,7 +102,8 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
             etype = EventType(e.get("type", "event"))
         except ValueError:
             raise IngestError(f"events[{i}].type must be heartbeat, fault, ok or event") from None
-        data = e.get("data") or {}
+        data = e.get("data")
+        data = {} if data is None else data
         if not isinstance(data, Mapping):
             raise IngestError(f"events[{i}].data must be an object")
         out.append(DeviceEvent(device, etype, _ts(e.get("ts"), base_ts), data))
