@@ -101,11 +101,10 @@ async def test_sim_binding_reads_writes_commands_and_faults(autojump_clock: Any)
     send, receive = trio.open_memory_channel[Message](100)
     async with trio.open_nursery() as n:
         n.start_soon(sim.subscribe, send)
-        async with receive:
-            async for m in receive:
-                got.append(m)
-                if isinstance(m, DeviceEvent) and m.type is EventType.OK:
-                    break
+        async for m in receive:
+            got.append(m)
+            if isinstance(m, DeviceEvent) and m.type is EventType.OK:
+                break
         n.cancel_scope.cancel()
     readings = [m for m in got if isinstance(m, Reading)]
     assert readings and all(18 <= r.value <= 32 and r.quality is Quality.GOOD for r in readings)
