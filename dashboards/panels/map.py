@@ -65,7 +65,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     )
     span_lat = float(df["lat"].max() - df["lat"].min()) or 0.001
     span_lon = float(df["lon"].max() - df["lon"].min()) or 0.001
-    zoom = max(2.0, min(18.0, math.log2(360 / max(span_lat, span_lon)) - 1.2))
+    zoom = max(2.0, min(18.0, math.log2(360 / max(span_lat, span_lon)) - 0.8))
     layers: list[pdk.Layer] = [
         pdk.Layer(
             "ScatterplotLayer",

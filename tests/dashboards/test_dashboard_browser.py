@@ -2,12 +2,14 @@
 ``twin dashboard``, a browser at 1280x800. Screenshots of every page go to artifacts/dashboards/.
 
 Needs Debian's chromium (``apt-get install -y chromium``) and the playwright Python package
-(the browser is /usr/bin/chromium; ``playwright install`` is never run).
+(the browser is /usr/bin/chromium; ``playwright install`` is never run). Skipped without them,
+unless ``TWIN_REQUIRE_CHROMIUM=1`` (CI), which makes their absence an error.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import os
 import re
@@ -30,12 +32,23 @@ ARGS = [
     "--disable-component-update", "--disable-sync", "--no-first-run",
 ]  # fmt: skip
 
+_MISSING = [
+    what
+    for what, ok in (
+        ("Debian's chromium at /usr/bin/chromium", Path(CHROMIUM).exists()),
+        ("the playwright package", importlib.util.find_spec("playwright") is not None),
+    )
+    if not ok
+]
+if _MISSING and os.environ.get("TWIN_REQUIRE_CHROMIUM") == "1":  # CI: never skip silently
+    raise RuntimeError(f"TWIN_REQUIRE_CHROMIUM=1 but missing: {', '.join(_MISSING)}")
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin"),
+    pytest.mark.skipif(bool(_MISSING), reason=f"needs {' and '.join(_MISSING)}"),
 ]
-playwright = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+if not _MISSING:
+    import playwright.sync_api as playwright
 
 
 def _wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> str:

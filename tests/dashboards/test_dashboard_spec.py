@@ -91,7 +91,9 @@ def test_default_dashboard_when_none_declared(tmp_path: Path) -> None:
     assert board["metadata"]["labels"] == {"generated": "true"}
     titles = [p["title"] for p in board["spec"]["pages"]]
     assert titles == ["Overview", "Telemetry", "Control", "History"]
-    types = [p["type"] for page in board["spec"]["pages"] for p in page["panels"]]
+    types = [p["type"] for page in board["spec"]["pages"] for r in page_rows(page) for p in r]
+    overview = [[p["type"] for p in r] for r in page_rows(board["spec"]["pages"][0])]
+    assert overview == [["stat"] * 4, ["map", "alarms"], ["devices"]]
     for t in ("map", "alarms", "devices", "timeseries", "history", "commands", "scenes"):
         assert t in types
     charts = [p for p in board["spec"]["pages"][1]["panels"]]

@@ -364,8 +364,7 @@ def default_dashboard(docs: Iterable[Doc], site: str | None = None) -> dict[str,
                 "width": 3,
             }
         )
-    overview = [
-        *stats,
+    status_row = [
         {"type": "map", "title": "Devices by status", "select": sel, "width": 7},
         {
             "type": "alarms",
@@ -374,16 +373,16 @@ def default_dashboard(docs: Iterable[Doc], site: str | None = None) -> dict[str,
             "states": ["active", "acknowledged"],
             "width": 5,
         },
-        {
-            "type": "devices",
-            "title": "Devices",
-            "select": sel,
-            "columns": ["name", "type", "group", "status", "last_seen"],
-        },
     ]
-    pages: list[dict[str, Any]] = [
-        {"title": "Overview", "panels": overview},
-    ]
+    rows = [{"panels": stats}] if stats else []
+    rows.append({"panels": status_row})
+    table = {
+        "type": "devices",
+        "title": "Devices",
+        "select": sel,
+        "columns": ["name", "type", "group", "status", "last_seen"],
+    }
+    pages: list[dict[str, Any]] = [{"title": "Overview", "rows": rows, "panels": [table]}]
     if charts:
         pages.append({"title": "Telemetry", "panels": charts})
     pages.append(
