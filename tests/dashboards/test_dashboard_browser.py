@@ -101,7 +101,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     for user, role in (("operator", "operator"), ("viewer", "viewer")):
         subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
     if _timeseries_in_twin_up():
-        cmd = [TWIN, "up", str(site), "--listen", "127.0.0.1:0"]
+        cmd = [TWIN, "up", str(site), "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"]
     else:  # twin up does not start the time-series service yet
         cmd = [
             sys.executable,
