@@ -149,6 +149,8 @@ def series_key(df: pd.DataFrame, value_cols: list[str]) -> pd.Series:
     keys = [c for c in df.columns if c not in ("ts", *value_cols)]
     if not keys:
         return pd.Series(["value"] * len(df), index=df.index)
+    varying = [c for c in keys if df[c].nunique(dropna=False) > 1]
+    keys = varying or keys[:1]  # a column with one value (one metric) adds nothing to a label
     return df[keys].astype(str).agg(" / ".join, axis=1)
 
 

@@ -208,7 +208,9 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     if trend_on and not slopes.empty:
         st.dataframe(slopes, hide_index=True, width="stretch")
     shown = df.drop(columns=["series"])
-    st.dataframe(shown, hide_index=True, width="stretch", height=280)
+    st.dataframe(
+        shown, hide_index=True, width="stretch", height=min(35 * (len(shown) + 1) + 3, 400)
+    )
     e1, e2, _ = st.columns([1, 1, 4])
     stamp = f"{start:%Y%m%dT%H%M}-{end:%Y%m%dT%H%M}"
     e1.download_button(
