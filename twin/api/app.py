@@ -367,7 +367,7 @@ def _principal(request: Request) -> auth.Principal:
     p = request.scope.get("state", {}).get("principal")
     if p is None:  # pragma: no cover - the gatekeeper guarantees it
         raise HTTPException(401, "missing bearer token")
-    return p  # type: ignore[no-any-return]
+    return p
 
 
 def need(role: str) -> Callable[[Request], auth.Principal]:
