@@ -14,13 +14,13 @@ from dashboards.core import Ctx
 
 TERMINAL = {"success", "failed", "timeout", "cancelled"}
 ICONS = {
-    "pending": "⏳",
-    "sent": "📤",
-    "executing": "⚙️",
-    "success": "✅",
-    "failed": "❌",
-    "timeout": "⌛",
-    "cancelled": "🚫",
+    "pending": ":gray[●]",
+    "sent": ":blue[●]",
+    "executing": ":blue[●]",
+    "success": ":green[●]",
+    "failed": ":red[●]",
+    "timeout": ":orange[●]",
+    "cancelled": ":gray[●]",
 }
 
 
@@ -104,9 +104,10 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         return
     if recent:
         df = pd.DataFrame(recent)
-        cols = [c for c in ("id", "type", "status", "created_at", "error") if c in df.columns]
+        cols = [c for c in ("created_at", "type", "status", "error") if c in df.columns]
         if "created_at" in df.columns:
             df["created_at"] = pd.to_datetime(df["created_at"], unit="s", utc=True)
-        st.dataframe(df[cols], hide_index=True, width="stretch")
+        config = {"created_at": st.column_config.DatetimeColumn("sent", format="HH:mm:ss")}
+        st.dataframe(df[cols], hide_index=True, width="stretch", column_config=config)
     else:
         st.caption("No commands for this device yet.")
