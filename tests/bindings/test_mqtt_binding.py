@@ -82,6 +82,7 @@ async def device_client(engine: Engine, name: str, key: str, **kw: Any) -> Clien
 async def test_telemetry_heartbeat_will_and_metrics(engine: Engine, registry: Registry) -> None:
     _, key = create_device_key(registry, "d1")
     t = topics("d1")
+    await subscribed(engine, "d1")  # the engine listens: a single publish is enough
     dev = await device_client(engine, "d1", key, will=(t["status"], b"offline", 1, True))
     assert dev.connack is not None and not dev.connack[1].is_failure
     twin = engine.twin("d1")

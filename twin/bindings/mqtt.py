@@ -246,10 +246,9 @@ class MqttBinding:
     async def connect(self) -> None:
         # Device tasks start before the engine's services: give the MQTT service a moment,
         # then fail (temporary: retried with backoff) until it is up.
-        for _ in range(150):  # 15 s: the API and other services may start first
-            if self._hub or hub_for(self.context, self.broker_name) is not None:
-                break
-            await trio.sleep(0.1)
+        with trio.move_on_after(15):  # the API and other services may start first
+            while self._hub is None and hub_for(self.context, self.broker_name) is None:  # noqa: ASYNC110 - the hub appears in another module's registry
+                await trio.sleep(0.02)
         _ = self.hub
         await trio.lowlevel.checkpoint()
 
