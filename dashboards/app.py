@@ -86,7 +86,10 @@ def login_form(cfg: Config) -> Login | None:
 
 def render_rows(ctx: Ctx, rows: list[list[dict[str, Any]]]) -> None:
     for r, row in enumerate(rows):
-        cols = st.columns(row_widths(row), gap="medium") if len(row) > 1 else [st.container()]
+        widths = row_widths(row)
+        if sum(widths) < 12 and any(p.get("width") for p in row):
+            widths.append(12 - sum(widths))  # keep the declared sizes: pad the row
+        cols = st.columns(widths, gap="medium")[: len(row)] if len(widths) > 1 else [st.container()]
         for c, (col, panel) in enumerate(zip(cols, row, strict=True)):
             with col, st.container(border=panel.get("type") not in ("stat",), key=f"p-{r}-{c}"):
                 fn = PANELS.get(str(panel.get("type")))
