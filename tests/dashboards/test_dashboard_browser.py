@@ -204,6 +204,8 @@ def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: ob
     state = next(a for a in api.get("/api/v1/alarms").json()["items"] if a["id"] == alarm["id"])
     assert state["state"] == "acknowledged" and state["acked_by"] == "operator"
     page.locator(f".st-key-clear-{alarm['id']}").wait_for(timeout=15_000)  # type: ignore[attr-defined]
+    # the page converges: the acknowledged alarm offers Clear and no longer Acknowledge
+    page.locator(f".st-key-ack-{alarm['id']}").wait_for(state="detached", timeout=15_000)  # type: ignore[attr-defined]
     _shot(page, "overview-acked")
     page.get_by_text("Control", exact=True).click()  # type: ignore[attr-defined]
     page.get_by_text("Commands", exact=True).wait_for()  # type: ignore[attr-defined]
