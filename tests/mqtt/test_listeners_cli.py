@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 
-from twin.mqtt.auth import RegistryAuth
 from twin.mqtt.broker import Broker, BrokerConfig
+from twin.runtime.mqtt_auth import RegistryAuth
 
 from .conftest import WAIT, run_sync
 

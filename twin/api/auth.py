@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import secrets
@@ -28,37 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
 
 from twin.errors import AuthError
-from twin.registry.base import DeviceKey, Registry, Session, User
+from twin.registry.base import Registry, Session, User
+
+# Credentials live in the registry layer (the MQTT broker checks them too); the API keeps
+# its names for them as explicit re-exports.
+from twin.registry.credentials import DEVICE_KEY_HASHER as DEVICE_KEY_HASHER
+from twin.registry.credentials import KEY_CACHE_TTL as KEY_CACHE_TTL
+from twin.registry.credentials import KEY_PREFIX as KEY_PREFIX
+from twin.registry.credentials import DeviceKeyVerifier as DeviceKeyVerifier
+from twin.registry.credentials import create_device_key as create_device_key
+from twin.registry.credentials import hash_secret as hash_secret
+from twin.registry.credentials import sha256 as sha256
+from twin.registry.credentials import split_device_key as split_device_key
+from twin.registry.credentials import verify_secret as verify_secret
 
 ROLES = ("viewer", "operator", "admin")
 RANK = {r: i for i, r in enumerate(ROLES)}
 ALGORITHM = "HS256"
 ACCESS_TTL = 15 * 60.0
 REFRESH_TTL = 30 * 86400.0
-KEY_CACHE_TTL = 10.0
-
-_hasher = PasswordHasher()
-DEVICE_KEY_HASHER = PasswordHasher(time_cost=1, memory_cost=4096, parallelism=1)
-
-
-def hash_secret(secret: str) -> str:
-    return _hasher.hash(secret)
-
-
-def verify_secret(hashed: str, secret: str) -> bool:
-    try:
-        return _hasher.verify(hashed, secret)
-    except (VerificationError, InvalidHashError):
-        return False
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
 
 def load_secret(state_dir: str | Path) -> bytes:
     """The JWT signing secret, created on first use (0600)."""
@@ -182,87 +171,3 @@ def check_refresh(registry: Registry, refresh_token: str) -> tuple[Session, User
     return session, user
 
 
-# -- device keys ----------------------------------------------------------------------------
-KEY_PREFIX = "dk_"
-
-
-def create_device_key(registry: Registry, device: str) -> tuple[DeviceKey, str]:
-    """Create a key for ``device``; returns (record, the key itself: shown once)."""
-    kid = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(24)
-    record = DeviceKey(
-        id=kid, device=device, key_hash=DEVICE_KEY_HASHER.hash(secret), created_at=time.time()
-    )
-    registry.add_device_key(record)
-    return record, f"{KEY_PREFIX}{kid}_{secret}"
-
-
-def split_device_key(key: str) -> tuple[str, str] | None:
-    if not key.startswith(KEY_PREFIX):
-        return None
-    kid, sep, secret = key[len(KEY_PREFIX) :].partition("_")
-    return (kid, secret) if sep and kid and secret else None
-
-
-class DeviceKeyVerifier:
-    """Verifies device keys: argon2 once per key, then a dict lookup by SHA-256 of the key.
-
-    ``cached`` answers from memory (no I/O, no argon2); ``check`` runs argon2 against the key
-    records of the device (blocking: a worker thread); ``invalidate`` drops a revoked key at
-    once; ``sweep`` (blocking) drops keys revoked by another process since the last sweep."""
-
-    def __init__(self, registry: Registry, ttl: float = KEY_CACHE_TTL) -> None:
-        self.registry = registry
-        self.ttl = ttl
-        self._ok: dict[str, tuple[str, str]] = {}  # sha256(key) -> (device, key id)
-        self._swept = time.time()
-        self.argon2_checks = 0
-
-    def __len__(self) -> int:
-        return len(self._ok)
-
-    def cached(self, device: str, key: str, now: float | None = None) -> bool | None:
-        """True/False if memory can answer, None when the key must be checked."""
-        hit = self._ok.get(sha256(key))
-        if hit is None:
-            return None
-        return hit[0] == device
-
-    def check(self, device: str, key: str, records: Iterable[DeviceKey]) -> bool:
-        """Blocking (argon2): is ``key`` one of ``records`` (the device's keys), unrevoked?"""
-        parts = split_device_key(key)
-        if parts is None:
-            return False
-        kid, secret = parts
-        for rec in records:
-            if rec.id != kid or rec.device != device or rec.revoked_at is not None:
-                continue
-            self.argon2_checks += 1
-            if verify_secret(rec.key_hash, secret):
-                self._ok[sha256(key)] = (device, kid)
-                return True
-        return False
-
-    def verify(self, device: str, key: str, now: float | None = None) -> bool:
-        """Blocking (registry + argon2): run in a worker thread."""
-        if split_device_key(key) is None:
-            return False
-        ok = self.cached(device, key)
-        if ok is not None:
-            return ok
-        return self.check(device, key, self.registry.device_keys(device))
-
-    def invalidate(self, key_id: str) -> None:
-        for digest, (_, kid) in list(self._ok.items()):
-            if kid == key_id:
-                del self._ok[digest]
-
-    def sweep(self) -> int:
-        """Blocking (one registry query): forget keys revoked since the last sweep."""
-        since, self._swept = self._swept, time.time()
-        revoked = set(self.registry.revoked_device_keys(since - 60.0))  # overlap: clock skew
-        if not revoked or not self._ok:
-            return 0
-        before = len(self._ok)
-        self._ok = {d: v for d, v in self._ok.items() if v[1] not in revoked}
-        return before - len(self._ok)

@@ -112,7 +112,7 @@ def broker(
     reg = None
     holder: dict[str, Any] = {"specs": {}}
     if not no_auth:
-        from twin.mqtt.auth import RegistryAuth
+        from twin.runtime.mqtt_auth import RegistryAuth
 
         reg = state.registry()
         auth = RegistryAuth(reg, lambda: holder["specs"], allow_anonymous=allow_anonymous)

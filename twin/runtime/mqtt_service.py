@@ -4,7 +4,7 @@
 
 * **embedded** (default): a :class:`~twin.mqtt.broker.Broker` on ``listen`` (default
   127.0.0.1:1883; port 0 = any free port), with device/user authentication and per-device
-  ACLs from the running spec (:class:`~twin.mqtt.auth.RegistryAuth`), persistence in
+  ACLs from the running spec (:class:`~twin.runtime.mqtt_auth.RegistryAuth`), persistence in
   ``<state dir>/mqtt``. The engine itself talks to it **in-process** through a
   :class:`~twin.mqtt.local.LocalClient` (no TCP, no codec, no auth on that path).
 * **external**: a paho-mqtt client driven from Trio (:class:`~twin.mqtt.paho_trio.PahoTransport`)
@@ -275,8 +275,8 @@ class MqttService:
                 engine.prom.registry.unregister(collector)
 
     def _make_broker(self, engine: Any) -> Any:
-        from twin.mqtt.auth import RegistryAuth
         from twin.mqtt.broker import Broker, BrokerConfig
+        from twin.runtime.mqtt_auth import RegistryAuth
 
         cfg = self.config
         state_dir = None

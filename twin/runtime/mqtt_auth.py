@@ -5,7 +5,7 @@ Authentication (``Broker(authenticate=...)``), tried in this order:
 1. **Client certificate** (mutual TLS): the certificate's CN names a Device with an ``mqtt``
    binding → that device (``cert_devices=True``; the TLS layer already verified the chain).
 2. **Device key**: user name = device name, password = a device key (``dk_...``, the same keys
-   as HTTP ingest, verified by the very same :class:`twin.api.auth.DeviceKeyVerifier`:
+   as HTTP ingest, verified by the very same :class:`twin.registry.credentials.DeviceKeyVerifier`:
    argon2 once, then a SHA-256 cache revalidated against the registry every 10 s, so a revoked
    key stops working within 10 s).
 3. **User**: user name and password of an API user (argon2 ``verify_secret``).
@@ -98,7 +98,7 @@ class RegistryAuth:
         verifier: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        from twin.api.auth import DeviceKeyVerifier
+        from twin.registry.credentials import DeviceKeyVerifier
 
         self.registry = registry
         self.specs = specs
@@ -193,7 +193,7 @@ class RegistryAuth:
         return None
 
     def _check_user(self, username: str, secret: str) -> MqttPrincipal | None:
-        from twin.api.auth import verify_secret
+        from twin.registry.credentials import verify_secret
 
         user = self.registry.get_user(username)
         if user is None or getattr(user, "disabled", False):
