@@ -44,6 +44,7 @@ from twin.bindings.base import (
     Reading,
     register_binding,
 )
+from twin.bindings.payload import extract as _extract
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.bindings import binding_schema
 from twin.spec.units import parse_duration
@@ -185,18 +186,6 @@ class IngestHub:
         if slot is None:
             raise BindingError(f"http device {device!r} is not connected")
         slot.commands.append({"name": name, "params": dict(params)})
-
-
-def _extract(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in path.split("."):
-        if isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            raise KeyError(path)
-    return cur
 
 
 class HttpBinding:

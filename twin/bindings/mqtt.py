@@ -72,6 +72,7 @@ from twin.bindings.base import (
     Reading,
     register_binding,
 )
+from twin.bindings.payload import extract as _extract
 from twin.errors import BindingConnectError, BindingError, CommandError
 
 if TYPE_CHECKING:
@@ -158,18 +159,6 @@ def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
             _flatten(v, key + ".", out)
         elif _scalar(v):
             out[key] = v
-
-
-def _extract(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in path.split("."):
-        if isinstance(cur, Mapping) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            raise KeyError(path)
-    return cur
 
 
 def _ts(value: Any, now: float) -> float:
