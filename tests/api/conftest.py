@@ -14,6 +14,7 @@ from twin.api import auth
 from twin.api.app import ApiSettings
 from twin.api.ratelimit import Rate
 from twin.api.server import ApiService
+from twin.control.service import ControlService
 from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.runtime.engine import Engine
@@ -74,7 +75,12 @@ async def start_api(
         rate_per_client=Rate(10_000, 10_000),
         rate_ingest_per_device=Rate(10_000, 10_000),
     )
-    engine = Engine(reg, fast_config(state_dir=state_dir), [ApiService("127.0.0.1", 0, settings)])
+    engine = Engine(
+        reg,
+        fast_config(state_dir=state_dir),
+        # like `twin up`: the control service reconciles desired values through the ledger
+        [ControlService(reconcile_interval=0.5), ApiService("127.0.0.1", 0, settings)],
+    )
     await nursery.start(engine.run)
     info = engine.service_info["api"]
     api = Api(info["url"], engine, reg, state_dir)

@@ -124,12 +124,19 @@ async def test_http_ingest_with_device_key(api: Api) -> None:
         assert (await dev.post(url, headers=h, json={"readings": "nope"})).status_code == 422
         # another device's key is not this device's key
         assert (await dev.post("/api/v1/ingest/t1", headers=h, json={})).status_code == 401
-    # desired values go back in the reply
+    # desired values reach a push device as a `set` command of the ledger (the reconciler's),
+    # fetched by the device's long-poll
     async with api.client("oper") as c:
         await c.patch("/api/v1/devices/push1/twin/desired", json={"sampling_rate": 3})
     async with api.client(None) as dev:
-        r = await dev.post("/api/v1/ingest/push1", headers=h, json={"heartbeat": True})
-        assert r.json().get("writes") == {"sampling_rate": 3}
+        r = await dev.get("/api/v1/ingest/push1/commands?wait=30", headers=h)
+        assert r.status_code == 200, r.text
+        cmds = r.json()["commands"]
+        assert [(c["type"], c["params"]) for c in cmds] == [
+            ("set", {"property": "sampling_rate", "value": 3})
+        ]
+        r = await dev.get("/api/v1/ingest/push1/commands?wait=0", headers={"X-Device-Key": "x"})
+        assert r.status_code == 401
     # revoke through the API: the cached key is refused at once
     async with api.client("admin") as c:
         assert (await c.delete(f"/api/v1/devices/push1/keys/{kid}")).status_code == 200

@@ -88,6 +88,7 @@ async def test_offline_detected_exactly_at_the_deadline(autojump_clock: Any) -> 
     rt.monitor.on_transition = lambda twin, old, new: seen.append((trio.current_time(), str(new)))
     task = DeviceTask(config(), rt)
     async with trio.open_nursery() as nursery:
+        await nursery.start(rt.watchdog.run)
         await nursery.start(task.run)
         await trio.sleep(20)
         nursery.cancel_scope.cancel()
@@ -102,6 +103,7 @@ async def test_backoff_grows_then_connects(autojump_clock: Any) -> None:
     rt, _ = make_runtime(binding)
     task = DeviceTask(config(), rt)
     async with trio.open_nursery() as nursery:
+        await nursery.start(rt.watchdog.run)
         await nursery.start(task.run)
         while not task.connected:  # noqa: ASYNC110
             await trio.sleep(0.01)
@@ -113,15 +115,18 @@ async def test_backoff_grows_then_connects(autojump_clock: Any) -> None:
     assert task.twin.metrics.errors == 4
 
 
-async def test_fault_events_and_desired_writes(autojump_clock: Any) -> None:
+async def test_fault_events_and_no_direct_desired_writes(autojump_clock: Any) -> None:
     binding = ScriptedBinding("dev", [1.0])
     rt, _ = make_runtime(binding)
     task = DeviceTask(config(desired={"sampling_rate": 7}), rt)
     async with trio.open_nursery() as nursery:
+        await nursery.start(rt.watchdog.run)
         await nursery.start(task.run)
         await trio.sleep(1.5)
         assert task.twin.status == Status.ONLINE
-        assert binding.writes == [("sampling_rate", 7)]
+        # desired values reach the device only through the command ledger (ControlService)
+        assert binding.writes == []
+        assert task.twin.delta() == {"sampling_rate": 7}
         task.handle(DeviceEvent("dev", EventType.FAULT, 0.0, {"message": "fan stuck"}))
         assert task.twin.status == Status.FAULT and task.twin.fault == "fan stuck"
         task.handle(Reading("dev", "temperature", 1.0, 0.0))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from twin.control.service import ControlService
 from twin.registry.base import Registry
 from twin.runtime.state import Status
 
@@ -27,14 +28,20 @@ async def test_devices_come_online_and_report(registry: Registry, mock_clock: An
     apply(
         registry, site(), model(), sim_device("t1"), sim_device("t2", desired={"sampling_rate": 5})
     )
-    async with running_engine(registry, clock=mock_clock) as engine:
+    control = ControlService(reconcile_interval=0.5)
+    async with running_engine(registry, services=[control], clock=mock_clock) as engine:
         await eventually(lambda: all(t.status == Status.ONLINE for t in engine.twins.all()))
         t2 = engine.twin("t2")
         assert t2 is not None
         await eventually(lambda: "temperature" in t2.reported)
-        # desired is written to the device until reported matches, then the delta is empty
+        # desired is written to the device through the command ledger (the only write path)
+        # until reported matches, then the delta is empty
         await eventually(lambda: t2.delta() == {} and "sampling_rate" in t2.reported)
         assert t2.reported["sampling_rate"].value == 5
+        sets = [c for c in control.ledger.commands.values() if c.device == "t2"]
+        assert [(c.source, c.params, str(c.status)) for c in sets] == [
+            ("reconciler", {"property": "sampling_rate", "value": 5}, "success")
+        ]
         await engine.writer.flushed()
     assert statuses(registry, "t1") == ["online"]
     assert registry.device_rows(["t1"])[0]["status"] == "online"
@@ -127,9 +134,7 @@ async def test_maintenance_suppresses_alarms(registry: Registry, mock_clock: Any
     assert "maintenance" in statuses(registry, "m")
 
 
-async def test_hot_reload_touches_only_what_changed(
-    registry: Registry, mock_clock: Any
-) -> None:
+async def test_hot_reload_touches_only_what_changed(registry: Registry, mock_clock: Any) -> None:
     apply(registry, site(), model(), sim_device("a"), sim_device("b"), sim_device("c"))
     async with running_engine(registry, clock=mock_clock) as engine:
         await eventually(lambda: len(engine.twins) == 3)
@@ -212,3 +217,18 @@ async def test_many_devices_hot_reload_under_load(registry: Registry, mock_clock
         await engine.wait_revision(rev.number)
         assert engine.last_changes.restart == ("d0007",)
         assert engine.last_changes.summary().startswith("0 started, 1 restarted")
+
+
+async def test_without_control_service_desired_is_not_written(
+    registry: Registry, mock_clock: Any
+) -> None:
+    """The device task never writes desired values itself: without the ControlService (whose
+    reconciler goes through the command ledger) the delta stays."""
+    apply(registry, site(), model(), sim_device("t2", desired={"sampling_rate": 5}))
+    async with running_engine(registry, clock=mock_clock) as engine:
+        t2 = engine.twin("t2")
+        assert t2 is not None
+        await eventually(lambda: "temperature" in t2.reported)
+        await trio.sleep(30)
+        assert t2.delta() == {"sampling_rate": 5}
+        assert "sampling_rate" not in t2.reported

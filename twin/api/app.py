@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -175,11 +175,11 @@ async def ingest_core(
     if not key:
         return 401, {"detail": "missing device key (X-Device-Key header)"}, None
     if not await st.check_device_key(device, key):
-        engine.prom.ingest.labels("unauthorized").inc()
+        engine.prom.child(engine.prom.ingest, "unauthorized").inc()
         return 401, {"detail": "invalid device key"}, None
     wait = st.by_device.hit(device)
     if wait:
-        engine.prom.ingest.labels("rate_limited").inc()
+        engine.prom.child(engine.prom.ingest, "rate_limited").inc()
         engine.prom.rate_limited.inc()
         retry = {"Retry-After": str(max(1, math.ceil(wait)))}
         return 429, {"detail": "too many requests for this device"}, retry
@@ -187,20 +187,20 @@ async def ingest_core(
     try:
         messages = parse_ingest(device, json.loads(raw or b"{}"), now)
     except (ValueError, IngestError) as exc:
-        engine.prom.ingest.labels("invalid").inc()
+        engine.prom.child(engine.prom.ingest, "invalid").inc()
         return 422, {"detail": str(exc)}, None
     try:
         reply = engine.hub.push(device, messages)
     except DeviceNotRunning:
-        engine.prom.ingest.labels("not_running").inc()
+        engine.prom.child(engine.prom.ingest, "not_running").inc()
         return 409, {"detail": f"device {device!r} is not running with an http push binding"}, None
     except IngestBusy:
-        engine.prom.ingest.labels("busy").inc()
+        engine.prom.child(engine.prom.ingest, "busy").inc()
         return 429, {"detail": "device queue full"}, {"Retry-After": "1"}
     twin = engine.twin(device)
     if twin is not None:
         twin.metrics.bytes_in += len(raw)
-    engine.prom.ingest.labels("ok").inc()
+    engine.prom.child(engine.prom.ingest, "ok").inc()
     return 200, reply, None
 
 
@@ -235,7 +235,7 @@ class Gatekeeper:
         scope.setdefault("state", {})
         status_box = [500]
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
             await send(message)
@@ -278,8 +278,8 @@ class Gatekeeper:
         status = status_box[0]
         route = scope.get("route")
         route_path = getattr(route, "path", None) or ("unmatched" if response is None else path)
-        prom.api_requests.labels(method, route_path, str(status)).inc()
-        prom.api_latency.labels(method, route_path).observe(time.perf_counter() - started)
+        prom.child(prom.api_requests, method, route_path, str(status)).inc()
+        prom.child(prom.api_latency, method, route_path).observe(time.perf_counter() - started)
         if method in MUTATING and not ingest:
             actor = scope["state"].get("actor", "anonymous")
             action = f"{method} {path}"
@@ -332,8 +332,8 @@ class Gatekeeper:
         await send({"type": "http.response.body", "body": payload})
         prom = self.state.engine.prom
         route = f"{PREFIX}/ingest/{{device}}"
-        prom.api_requests.labels("POST", route, str(status)).inc()
-        prom.api_latency.labels("POST", route).observe(time.perf_counter() - started)
+        prom.child(prom.api_requests, "POST", route, str(status)).inc()
+        prom.child(prom.api_latency, "POST", route).observe(time.perf_counter() - started)
 
 
 # -- request bodies ---------------------------------------------------------------------------

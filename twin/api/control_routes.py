@@ -12,7 +12,6 @@ commands with ``GET /api/v1/ingest/{device}/commands?wait=30`` and report with
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -183,11 +182,8 @@ async def _device_auth(request: Request, device: str) -> None:
     key = request.headers.get("x-device-key") or _bearer(request.headers)
     if not key:
         raise HTTPException(401, "missing device key (X-Device-Key header)")
-    now = time.time()
-    ok = st.keys.cached(device, key, now)
-    if ok is None:
-        ok = await st.call(st.keys.verify, device, key, now)
-    if not ok:
+    # the cached key check, argon2 off-thread and once per concurrent key (like ingest)
+    if not await st.check_device_key(device, key):
         raise HTTPException(401, "invalid device key")
 
 

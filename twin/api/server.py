@@ -11,12 +11,15 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
 
 from twin.api.app import ApiSettings, create_app
 from twin.errors import PortInUseError, TwinError
@@ -98,7 +101,9 @@ class ApiService:
 
         async def serve() -> None:
             await worker_serve(
-                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                # FastAPI is typed with starlette's Scope/Receive/Send (MutableMappings), hypercorn
+                # with its TypedDict events: the same ASGI 3 protocol, a stub gap only
+                wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi"),
                 config,
                 sockets=Sockets([], [sock], []),
             )

@@ -81,6 +81,7 @@ class SimBinding:
         self.overrides: dict[str, Any] = {}
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self.connected = False
+        self.paused = False  # benchmarks/tests: stop sending (the device goes silent)
 
     def _t(self) -> float:
         assert self._t0 is not None
@@ -114,7 +115,7 @@ class SimBinding:
         faulted = False
         while True:
             t = self._t()
-            if not _in_window(t, self.offline_every, self.offline_for):
+            if not self.paused and not _in_window(t, self.offline_every, self.offline_for):
                 in_fault = _in_window(t, self.fault_every, self.fault_for)
                 if in_fault and not faulted:
                     await send.send(

@@ -371,15 +371,21 @@ class ControlService:
             self._reload()
             await trio.sleep(self.reload_interval)
 
-    async def _pump(self) -> None:
+    def _subscribe(self) -> Any:
         from twin.runtime.bus import Filter
 
         flt = Filter.of(kinds=["reading", "status", "alarm"])
+        return self.engine.bus.open(flt, buffer=self.scene_buffer, name="scenes")
+
+    async def _pump(self, sub: Any) -> None:
         while True:
-            with self.engine.bus.subscribe(flt, buffer=self.scene_buffer, name="scenes") as sub:
+            try:
                 async for event in sub.receive:
                     self.scenes.feed(event)
+            finally:
+                self.engine.bus.close(sub)
             log.warning("scenes: fell behind the bus and were dropped; resubscribing")
+            sub = self._subscribe()
 
     async def __call__(
         self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -396,6 +402,9 @@ class ControlService:
             wall=engine.config.clock,
             trace_sink=self._trace_sink,
         )
+        # subscribe before taking the snapshot: device tasks start without waiting for them,
+        # so a status change between the snapshot and a later subscription would be lost
+        sub = self._subscribe()
         values = {(t.name, p): v.value for t in engine.twins.all() for p, v in t.reported.items()}
         statuses = {t.name: str(t.status) for t in engine.twins.all()}
         self.scenes.seed(values, statuses)
@@ -403,7 +412,7 @@ class ControlService:
             await nursery.start(self.ledger.run)
             await nursery.start(self.scenes.run)
             self._reload()
-            nursery.start_soon(self._pump)
+            nursery.start_soon(self._pump, sub)
             nursery.start_soon(self._watch)
             await nursery.start(self.reconciler.run)
             engine.service_info[self.name] = self

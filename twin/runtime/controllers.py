@@ -185,6 +185,7 @@ class DeviceController:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.runtime.watchdog.run)
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
@@ -196,22 +197,32 @@ class DeviceController:
         desired = device_configs(specs, default=self.runtime.default_heartbeat)
         changes = diff_devices(self.configs, desired)
         self.reconciles += 1
+        # cancel every stopping task first, then wait for them (one round, not one per task)
+        stopping = [self.tasks.pop(name) for name in (*changes.stop, *changes.restart)]
+        await _stop_tasks(stopping)
         for name in changes.stop:
-            task = self.tasks.pop(name)
-            await task.stop()
             self.runtime.device_removed(name)
-        for name in changes.restart:
-            await self.tasks.pop(name).stop()
         for name in changes.update:
             self.tasks[name].update(desired[name])
+        # Start every new task at once: ``prepare()`` does what a task would do before
+        # ``task_status.started()``, so no per-task ``nursery.start`` round trip (which made
+        # 10k devices take minutes once the started ones kept the scheduler busy).
         for name in (*changes.restart, *changes.start):
             task = DeviceTask(desired[name], self.runtime)
-            await self._nursery.start(task.run)
+            task.prepare()
+            self._nursery.start_soon(task.run, name=f"device {name}")
             self.tasks[name] = task
         if changes:
             log.info("controller: %s", changes.summary())
         return changes
 
     async def stop_all(self) -> None:
-        for name in list(self.tasks):
-            await self.tasks.pop(name).stop()
+        tasks, self.tasks = list(self.tasks.values()), {}
+        await _stop_tasks(tasks)
+
+
+async def _stop_tasks(tasks: list[DeviceTask]) -> None:
+    for task in tasks:
+        task.scope.cancel()
+    for task in tasks:
+        await task.done.wait()

@@ -1,12 +1,17 @@
-"""One task per device: binding I/O, heartbeat watchdog, desired-state reconciliation.
+"""One task per device: binding I/O and the heartbeat watchdog.
 
 Each device is handled sequentially by its own task; devices run in parallel. Binding failures
 are retried with exponential backoff and jitter; nothing a device does can take another device
 or the engine down (errors are caught at the supervisor, cancellation is never swallowed).
+
+Desired values are not written here: the control layer's reconciler
+(:class:`twin.control.service.ControlService`) turns every writable delta into a command in
+the persisted ledger, which delivers it through the binding. That is the only write path.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import random
@@ -48,6 +53,64 @@ class Backoff:
         return base * rng.uniform(0.5, 1.0)
 
 
+class Watchdog:
+    """Every device's heartbeat deadline in one heap, watched by one task.
+
+    One sleeping task per device cost a timer, a cancellation and a task switch per device
+    and timeout period; with 10k devices timing out together (a network outage) that backlog
+    made the engine notice them seconds late. Here a reading only moves
+    ``DeviceTask.deadline`` forward (no heap operation); the entry is re-pushed when it comes
+    up early. Heap keys never exceed a task's real deadline (deadlines only move forward), so a
+    timeout is noticed at its deadline.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, DeviceTask]] = []
+        self._seq = 0
+        self._wake = trio.Event()
+        self.fired = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def arm(self, task: DeviceTask) -> None:
+        if task._armed or math.isinf(task.deadline):
+            return
+        task._armed = True
+        self._seq += 1
+        heapq.heappush(self._heap, (task.deadline, self._seq, task))
+        if self._heap[0][2] is task:
+            self._wake.set()
+
+    def expire(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, task = heapq.heappop(heap)
+            task._armed = False
+            if task.scope.cancel_called or task.done.is_set():
+                continue
+            if task.deadline <= now:
+                task.deadline = math.inf
+                self.fired += 1
+                try:
+                    task.rt.monitor.timeout(task.twin, task.config.heartbeat.timeout)
+                except Exception:
+                    log.exception("device %s: heartbeat timeout handling failed", task.name)
+            else:
+                self.arm(task)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            self._wake = trio.Event()
+            self.expire(trio.current_time())
+            if self._heap:
+                with trio.move_on_at(self._heap[0][0]):
+                    await self._wake.wait()
+            else:
+                await self._wake.wait()
+
+
 @dataclass
 class DeviceRuntime:
     """What every device task shares (handed over by the engine)."""
@@ -59,11 +122,11 @@ class DeviceRuntime:
     backoff: Backoff = field(default_factory=Backoff)
     default_heartbeat: Heartbeat | None = None
     channel_size: int = 256
-    reconcile_interval: float = 10.0
     clock: Callable[[], float] = time.time
     prom: Any = None  # twin.runtime.metrics.EngineMetrics or None
     binding_factory: Callable[[DeviceConfig, BindingContext], Binding] | None = None
     initial_status: dict[str, Status] = field(default_factory=dict)  # restored after a restart
+    watchdog: Watchdog = field(default_factory=Watchdog)  # run by the DeviceController
 
     def device_removed(self, name: str) -> None:
         twin = self.twins.get(name)
@@ -90,8 +153,8 @@ class DeviceTask:
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.deadline = math.inf
-        self._rearm = trio.Event()
-        self._desired_changed = trio.Event()
+        self._armed = False  # has an entry in the runtime's Watchdog heap
+        self._prepared = False
         self.binding: Binding | None = None
         self.connected = False
         self.attempts = 0
@@ -123,7 +186,6 @@ class DeviceTask:
         self.config = cfg
         self._apply_config(self.twin, cfg)
         self.rt.monitor.set_maintenance(self.twin, cfg.maintenance, alive=self.alive)
-        self._desired_changed.set()
 
     @property
     def alive(self) -> bool:
@@ -133,20 +195,26 @@ class DeviceTask:
         self.scope.cancel()
         await self.done.wait()
 
+    def prepare(self) -> None:
+        """The synchronous part of starting (arm the heartbeat deadline, maintenance, metric
+        children). Idempotent; the controller calls it before ``start_soon(task.run)`` so that
+        starting 10k tasks costs no scheduler round trip per task."""
+        if self._prepared:
+            return
+        self._prepared = True
+        self.deadline = trio.current_time() + self.config.heartbeat.timeout
+        self.rt.watchdog.arm(self)
+        if self.config.maintenance:
+            self.rt.monitor.set_maintenance(self.twin, True, alive=True)
+        if self.rt.prom is not None:
+            self._readings_counter = self.rt.prom.readings_child(self.config.protocol or "none")
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self.scope:
-                self.deadline = trio.current_time() + self.config.heartbeat.timeout
-                if self.config.maintenance:
-                    self.rt.monitor.set_maintenance(self.twin, True, alive=True)
-                if self.rt.prom is not None:
-                    self._readings_counter = self.rt.prom.readings.labels(
-                        self.config.protocol or "none"
-                    )
+                self.prepare()
                 task_status.started()
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watchdog)
-                    nursery.start_soon(self._supervise)
+                await self._supervise()
         finally:
             self.done.set()
 
@@ -155,20 +223,9 @@ class DeviceTask:
         was_dead = math.isinf(self.deadline)
         self.deadline = trio.current_time() + self.config.heartbeat.timeout
         if was_dead:
-            self._rearm.set()
+            self.rt.watchdog.arm(self)
         self.twin.last_seen = self.rt.clock()
         self.rt.monitor.seen(self.twin)
-
-    async def _watchdog(self) -> None:
-        while True:
-            if math.isinf(self.deadline):
-                self._rearm = trio.Event()
-                await self._rearm.wait()
-                continue
-            await trio.sleep_until(self.deadline)
-            if trio.current_time() >= self.deadline:
-                self.deadline = math.inf
-                self.rt.monitor.timeout(self.twin, self.config.heartbeat.timeout)
 
     # -- binding supervision -------------------------------------------------------------------
     def _make_binding(self) -> Binding:
@@ -179,10 +236,10 @@ class DeviceTask:
     async def _supervise(self) -> None:
         try:
             self.binding = self._make_binding()
-        except BindingError as exc:
-            log.error("device %s (site %s): %s", self.name, self.config.site, exc)
+        except BindingError as config_error:
+            log.error("device %s (site %s): %s", self.name, self.config.site, config_error)
             self.twin.metrics.errors += 1
-            self.rt.monitor.fault(self.twin, str(exc), source="config")
+            self.rt.monitor.fault(self.twin, str(config_error), source="config")
             await trio.sleep_forever()
         binding = self.binding
         assert binding is not None
@@ -194,7 +251,7 @@ class DeviceTask:
                 exc = _unwrap(group)
                 self.twin.metrics.errors += 1
                 if self.rt.prom is not None:
-                    self.rt.prom.binding_errors.labels(self.config.protocol or "none").inc()
+                    self.rt.prom.binding_errors_child(self.config.protocol or "none").inc()
                 log.warning(
                     "device %s (site %s): binding %s failed (attempt %d): %s",
                     self.name,
@@ -215,8 +272,8 @@ class DeviceTask:
                     cleanup.shield = True
                     try:
                         await binding.close()
-                    except Exception as exc:
-                        log.warning("device %s: closing binding failed: %s", self.name, exc)
+                    except Exception as close_error:
+                        log.warning("device %s: closing binding failed: %s", self.name, close_error)
             if trio.current_time() - started >= self.rt.backoff.reset_after:
                 self.attempts = 0
             delay = self.rt.backoff.delay(self.attempts, self._rng)
@@ -234,7 +291,6 @@ class DeviceTask:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
-            nursery.start_soon(self._reconcile_desired, binding)
             async with receive:
                 async for message in receive:
                     self.handle(message)
@@ -289,24 +345,3 @@ class DeviceTask:
                         "data": dict(message.data),
                     }
                 )
-
-    # -- desired state -----------------------------------------------------------------------
-    def writable_delta(self) -> dict[str, Any]:
-        delta = self.twin.delta()
-        allowed = self.config.writable
-        if allowed is None:
-            return delta
-        return {k: v for k, v in delta.items() if k in allowed}
-
-    async def _reconcile_desired(self, binding: Binding) -> None:
-        while True:
-            for point, value in self.writable_delta().items():
-                try:
-                    await binding.write(point, value)
-                    self.twin.metrics.messages_out += 1
-                except BindingError as exc:
-                    self.twin.metrics.errors += 1
-                    log.warning("device %s: writing %s=%r failed: %s", self.name, point, value, exc)
-            with trio.move_on_after(self.rt.reconcile_interval):
-                await self._desired_changed.wait()
-            self._desired_changed = trio.Event()

@@ -49,7 +49,7 @@ class EngineConfig:
     state_dir: Path = Path(".twin")
     reload_interval: float = 0.25
     metrics_interval: float = 60.0
-    reconcile_interval: float = 10.0
+    reconcile_interval: float = 10.0  # unused: desired values go through ControlService
     channel_size: int = 256
     backoff: Backoff = field(default_factory=Backoff)
     default_heartbeat: Heartbeat | None = None
@@ -86,7 +86,6 @@ class Engine:
             backoff=self.config.backoff,
             default_heartbeat=self.config.default_heartbeat,
             channel_size=self.config.channel_size,
-            reconcile_interval=self.config.reconcile_interval,
             clock=self.config.clock,
             prom=self.prom,
         )
@@ -122,7 +121,7 @@ class Engine:
             await self._revision_changed.wait()
 
     def _on_transition(self, twin: DeviceTwin, old: Status, new: Status) -> None:
-        self.prom.status_transitions.labels(str(new)).inc()
+        self.prom.child(self.prom.status_transitions, str(new)).inc()
 
     # -- reload -------------------------------------------------------------------------------
     async def reload(self) -> Changes | None:
@@ -201,7 +200,10 @@ class Engine:
                 nursery.start_soon(self._watch)
                 nursery.start_soon(self._flush_metrics)
                 for service in self.services:
-                    name = getattr(service, "name", None) or getattr(service, "__name__", type(service).__name__)
+                    name = str(
+                        getattr(service, "name", None)
+                        or getattr(service, "__name__", type(service).__name__)
+                    )
                     self.service_info[name] = await nursery.start(service, self)
                 log.info(
                     "engine: up (revision %d, %d devices)", self.revision_number, len(self.twins)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from twin.runtime.state import Status, TwinStore
@@ -13,7 +16,7 @@ class _TwinCollector(Collector):
     def __init__(self, twins: TwinStore) -> None:
         self.twins = twins
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         counts = {str(s): 0 for s in Status}
         for twin in self.twins.all():
             counts[str(twin.status)] += 1
@@ -65,6 +68,22 @@ class EngineMetrics:
             "twin_registry_pending_writes", "Queued registry writes", registry=r
         )
         r.register(_TwinCollector(twins))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: ``labels()`` takes a lock and builds a tuple key
+        on every call, too slow for the per-reading and per-request hot paths."""
+        key = (id(metric), labels)
+        out = self._children.get(key)
+        if out is None:
+            out = self._children[key] = metric.labels(*labels)
+        return out
+
+    def readings_child(self, binding: str) -> Any:
+        return self.child(self.readings, binding)
+
+    def binding_errors_child(self, binding: str) -> Any:
+        return self.child(self.binding_errors, binding)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

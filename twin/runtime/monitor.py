@@ -71,7 +71,7 @@ class Monitor:
             twin = self.twins.get(str(row.get("name")))
             status = row.get("status")
             if twin is not None and status in Status.__members__.values():
-                twin.status = Status(status)
+                twin.status = Status(str(status))
         for alarm in alarms:
             if alarm.state != "cleared":
                 self.active.add((alarm.device, alarm.type))
