@@ -1,0 +1,142 @@
+"""`twin up` as a real process: Ctrl-C stops it cleanly, a restart picks up exactly where it
+was (device statuses, alarms, users and tokens live in the state dir)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "twin.cli"]
+
+
+def _start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    up = subprocess.Popen(
+        [*CLI, "up", *args, "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    url = None
+    deadline = time.monotonic() + 120
+    assert up.stdout is not None
+    while url is None and time.monotonic() < deadline:
+        line = up.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"api\s+(http://127\.0\.0\.1:\d+)/api/v1", line)
+        if m:
+            url = m.group(1)
+    if url is None:
+        up.kill()
+        raise AssertionError("twin up printed no API URL:\n" + "".join(lines))
+    return up, url, lines
+
+
+def _stop(up: subprocess.Popen[str]) -> int:
+    up.send_signal(signal.SIGINT)
+    try:
+        return up.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        up.kill()
+        up.wait()
+        raise AssertionError("twin up did not stop within 60 s of SIGINT") from None
+
+
+def _until(fn: Any, what: str, within: float = 60.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
+    env = {**os.environ, "TWIN_STATE_DIR": str(tmp_path / "state"), "TWIN_AUTHOR": "tester"}
+    env.pop("TWIN_REGISTRY", None)
+    env.pop("TWIN_TOKEN", None)
+
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, *a], env=env, capture_output=True, text=True, timeout=60)
+
+    up, url, _ = _start(env, str(ROOT / "sites" / "demo"))
+    try:
+        added = run("user", "add", "ops", "--role", "operator", "--password", "long enough pw")
+        assert added.returncode == 0, added.stderr
+        made = run("token", "create", "ops")
+        assert made.returncode == 0, made.stderr
+        token = made.stdout.strip().splitlines()[-1]
+        keyed = run("device-key", "create", "door_sensor_01")
+        assert keyed.returncode == 0, keyed.stderr
+        device_key = keyed.stdout.strip().splitlines()[-1]
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url + "/api/v1", headers=auth, timeout=30) as c:
+
+            def status(device: str) -> str:
+                r = c.get(f"/devices/{device}/status")
+                assert r.status_code == 200, r.text
+                return str(r.json()["status"])
+
+            _until(lambda: status("fan_01") == "online", "fan_01 online")
+            # the HTTP device reports a fault through its own key: status fault + an alarm
+            r = c.post(
+                "/ingest/door_sensor_01",
+                headers={"X-Device-Key": device_key},
+                json={"events": [{"type": "fault", "data": {"message": "door jammed"}}]},
+            )
+            assert r.status_code == 200, r.text
+            _until(lambda: status("door_sensor_01") == "fault", "door_sensor_01 fault")
+
+            def door_alarms() -> list[dict[str, Any]]:
+                r = c.get("/alarms", params={"device": "door_sensor_01", "state": "active"})
+                assert r.status_code == 200, r.text
+                return list(r.json()["items"])
+
+            alarms = _until(door_alarms, "the fault alarm")
+            assert [(a["type"], a["severity"]) for a in alarms] == [("fault", "critical")]
+            before = {d: status(d) for d in ("fan_01", "door_sensor_01")}
+    finally:
+        code = _stop(up)
+    assert code == 0
+
+    # restart without a path: the registry in the state dir is the site
+    up, url, _ = _start(env)
+    try:
+        with httpx.Client(
+            base_url=url + "/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as c:
+            # the token issued before the restart still works
+            r = c.get("/devices/door_sensor_01/status")
+            assert r.status_code == 200, r.text
+            # a device that has not talked since the restart keeps its persisted status
+            assert r.json()["status"] == before["door_sensor_01"] == "fault"
+            _until(
+                lambda: c.get("/devices/fan_01/status").json()["status"] == "online",
+                "fan_01 online again",
+            )
+            r = c.get("/alarms", params={"device": "door_sensor_01", "state": "active"})
+            assert [(a["id"], a["type"]) for a in r.json()["items"]] == [
+                (alarms[0]["id"], "fault")
+            ]  # the same alarm, not a duplicate
+            # the status history written before the restart is there
+            r = c.get("/devices/door_sensor_01/status/history")
+            assert r.status_code == 200, r.text
+            assert "fault" in [h["status"] for h in r.json()["items"]]
+        assert "ops" in run("user", "list").stdout
+    finally:
+        code = _stop(up)
+    assert code == 0
