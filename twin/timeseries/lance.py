@@ -6,11 +6,11 @@ Layout (``<state>/timeseries/``): a LanceDB database with one table per tier —
 
 Why this shape (measured, see issue 6): one row per point ingests at ~2 M points/s from
 Arrow batches of ≥10k rows, and with a ZONEMAP index on ``ts`` plus BITMAP indexes on
-``device`` and ``metric`` the index lookup for one series over a day takes ~1–3 ms. What
+``device`` and ``metric`` the index lookup for one series over a day takes ~1-3 ms. What
 dominated after that was *taking* the non-filter columns row by row: plain uint8 and
 low-cardinality string pages cost ~10x more per taken row than float64 ones. So ``site``,
 ``grp``, ``tags``, ``kind`` and ``quality`` are stored dictionary-encoded
-(``LANCE_RAW_SCHEMA``): one-series/one-day p50 went from ~17–20 ms to ~4–5 ms at 1 M
+(``LANCE_RAW_SCHEMA``): one-series/one-day p50 went from ~17-20 ms to ~4-5 ms at 1 M
 points (clustering the table by series after the fact gained only ~1.5x more and needs a
 non-atomic rewrite, so it was not adopted). Each batch is sorted by (device, metric, ts)
 so a series' rows sit together inside a fragment. Value columns are zstd-compressed.
@@ -76,15 +76,23 @@ log = logging.getLogger(__name__)
 _INDEXES = (("ts", "ZONEMAP"), ("device", "BITMAP"), ("metric", "BITMAP"))
 
 _DICT_COLUMNS = ("site", "grp", "tags", "kind", "quality")
-LANCE_RAW_SCHEMA = pa.schema(
-    [
-        pa.field(
+_ZSTD_COLUMNS = ("ts", "first_ts", "last_ts", "count")
+_ZSTD = {b"lance-encoding:compression": b"zstd"}
+
+
+def _lance_field(f: pa.Field) -> pa.Field:
+    if f.name in _DICT_COLUMNS:
+        return pa.field(
             f.name, pa.dictionary(pa.int32(), f.type), nullable=f.nullable, metadata=f.metadata
         )
-        if f.name in _DICT_COLUMNS
-        else f
-        for f in RAW_SCHEMA
-    ]
+    if f.name in _ZSTD_COLUMNS:
+        return f.with_metadata({**(f.metadata or {}), **_ZSTD})
+    return f
+
+
+LANCE_RAW_SCHEMA = pa.schema([_lance_field(f) for f in RAW_SCHEMA])
+LANCE_PARTIAL_SCHEMA = pa.schema(
+    [f if f.name in _DICT_COLUMNS else _lance_field(f) for f in PARTIAL_SCHEMA]
 )
 """The raw table on disk: ``site``, ``grp``, ``tags``, ``kind`` and ``quality``
 dictionary-encoded. They are not filter columns of the common query, so Lance *takes* them
@@ -165,7 +173,7 @@ class LanceStore:
         except (ValueError, FileNotFoundError, RuntimeError):
             if not create:
                 return None
-            schema = LANCE_RAW_SCHEMA if tier == RAW else PARTIAL_SCHEMA
+            schema = LANCE_RAW_SCHEMA if tier == RAW else LANCE_PARTIAL_SCHEMA
             tbl = self._db.create_table(tier, schema=schema, exist_ok=True)
         self._tables[tier] = tbl
         self._schemas[tier] = tbl.schema
@@ -338,6 +346,9 @@ class LanceStore:
         for attempt in range(5):
             try:
                 ds = tbl.to_lance()
+                # first drop what old versions alone hold (e.g. fragments a delete emptied):
+                # on a full disk that is the space the compaction below needs
+                ds.cleanup_old_versions(older_than=self.keep_versions_for)
                 # merges small fragments and rewrites those with >10 % deleted rows
                 ds.optimize.compact_files(target_rows_per_fragment=1024 * 1024)
                 names = {idx.columns[0] for idx in tbl.list_indices()}
