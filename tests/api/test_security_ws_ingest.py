@@ -192,6 +192,15 @@ async def test_websocket_feed_filtered_and_authorised(api: Api) -> None:
         assert json.loads(await ws.get_message())["kind"] == "hello"
         with trio.fail_after(10):
             assert json.loads(await ws.get_message())["device"] == "t2"
+    # ?batch=N: every frame is a JSON array of the events waiting (at least one)
+    async with open_websocket_url(
+        f"{ws_url}?devices=t2&kinds=reading&batch=50", subprotocols=["bearer", token]
+    ) as ws:
+        assert json.loads(await ws.get_message())["kind"] == "hello"
+        with trio.fail_after(10):
+            frame = json.loads(await ws.get_message())
+        assert isinstance(frame, list) and 1 <= len(frame) <= 50
+        assert all(ev["kind"] == "reading" and ev["device"] == "t2" for ev in frame)
     async with open_websocket_url(f"{ws_url}?devices=t2&kinds=reading") as ws:
         await ws.send_message(json.dumps({"type": "auth", "token": token}))
         assert json.loads(await ws.get_message())["kind"] == "hello"
