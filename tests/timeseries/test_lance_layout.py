@@ -83,3 +83,31 @@ def test_store_created_in_the_old_plain_layout_still_works(tmp_path: Path) -> No
         )
     )
     assert out.column("count").to_pylist() == [60, 60, 60, 60]
+
+
+def test_decimal_value_layout_is_exact(tmp_path: Path) -> None:
+    import math
+
+    from twin.timeseries.lance import _decode_values, _encode_values
+
+    values = [21.53, 0.1, -0.0, 0.0, 1e300, math.pi, 1 / 3, 123456.789012, -7.25, 2.0**60]
+    values += [float("inf"), float("-inf"), 1e-7, 99.999999, 0.30000000000000004]
+    recs: list[Record] = [("d", "m", v, T0 + i, 0, "s", "g", ",") for i, v in enumerate(values)] + [
+        ("d", "s", "text", T0 + 100, 0, "s", "g", ",")
+    ]
+    table = records_to_table(recs)
+    enc = _encode_values(table)
+    assert enc.column("value_dec").null_count < len(values)  # some rows use the integers
+    back = _decode_values(enc).column("value").to_pylist()
+    for a, b in zip(back, table.column("value").to_pylist(), strict=True):
+        assert (a is None and b is None) or (
+            a is not None and b is not None and math.copysign(1, a) == math.copysign(1, b)
+        )
+        assert a == b
+    store = LanceStore(tmp_path / "ts", min_free_bytes=0)
+    store.write_records(recs)
+    got = store.read_raw(Selector(), T0, T0 + 1000)
+    assert (
+        got.sort_by("ts").column("value").to_pylist()
+        == table.sort_by("ts").column("value").to_pylist()
+    )
