@@ -381,6 +381,20 @@ class LanceStore:
         except OSError as exc:
             raise StorageError(f"time-series query on {tier} failed: {exc}") from exc
 
+    def earliest(self, tier: str, selector: Selector, end: float) -> float | None:
+        """The first timestamp before ``end`` in ``tier`` (reads the ``ts`` column only)."""
+        import pyarrow.compute as pc
+
+        with self._lock:
+            ds = self._dataset(tier)
+        if ds is None:
+            return None
+        where = f"ts < {_ts_lit(end)} AND {selector.sql(sql_quote)}"
+        if tier == RAW:
+            where += " AND quality < 2"
+        first = pc.min(ds.to_table(filter=where, columns=["ts"]).column("ts")).as_py()
+        return first.timestamp() if first is not None else None
+
     def query(self, q: TimeSeriesQuery) -> pa.Table:
         from twin.timeseries.query import run_query
 

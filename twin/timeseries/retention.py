@@ -202,6 +202,10 @@ class RetentionManager:
 
     # --- downsampling ---------------------------------------------------------------
     def _earliest(self, source: str, sel: Selector, end: float) -> float | None:
+        fast = getattr(self.store, "earliest", None)
+        if fast is not None:  # one column instead of a whole aggregate over everything
+            result: float | None = fast(source, sel, end)
+            return result
         part = self.store.aggregate(source, sel, 0.0, end, max(end, 1.0))
         if part.num_rows == 0:
             return None
