@@ -263,3 +263,17 @@ async def test_port_in_use_is_one_clear_error(api: Api) -> None:
 
 def _unused(x: Any) -> httpx.Response:  # keep httpx import for typing
     raise NotImplementedError
+
+
+async def test_device_list_unfiltered_pages_by_name(api: Api) -> None:
+    names = sorted(n for (k, n) in api.engine.specs if k == "Device")
+    async with api.client("viewer") as c:
+        for sort, expect in (("name", names), ("-name", names[::-1])):
+            for offset, limit in ((0, 2), (1, 3), (len(names) - 1, 5), (len(names) + 3, 2)):
+                r = await c.get(
+                    "/api/v1/devices", params={"sort": sort, "offset": offset, "limit": limit}
+                )
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert [d["name"] for d in body["items"]] == expect[offset : offset + limit]
+                assert body["total"] == len(names)
