@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ class SQLiteRegistry(SQLRegistry):
                 check_same_thread=False,  # only so that close() may run on any thread
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal(conn)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.Error as exc:
@@ -62,6 +63,22 @@ class SQLiteRegistry(SQLRegistry):
                 hint="check the path and its permissions (is it a SQLite file?)",
             ) from exc
         return conn
+
+    def _enable_wal(self, conn: Any) -> None:
+        """Switch to WAL. On a fresh file, several processes opening at once race for the
+        exclusive lock this needs, and SQLite answers "database is locked" at once, without
+        its busy handler: retry with a short backoff, up to ``busy_timeout``."""
+        deadline = time.monotonic() + self.busy_timeout
+        delay = 0.005
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def _begin_write(self, conn: Any) -> None:
         conn.execute("BEGIN IMMEDIATE")
