@@ -170,6 +170,31 @@ def unpack_specs(blob: bytes) -> dict[Key, dict[str, Any]]:
             gc.enable()
 
 
+
+def _filtered(
+    select: str,
+    equal: Mapping[str, Any],
+    any_of: tuple[str, Sequence[str] | None],
+    order: str,
+    limit: int,
+) -> tuple[str, list[Any]] | None:
+    """``select`` with ``col = ?`` for each non-None value of ``equal``, ``col IN (...)`` for
+    ``any_of`` (None: no filter; empty: matches nothing, so None is returned), order and limit."""
+    clauses: list[str] = []
+    params: list[Any] = []
+    for col, value in equal.items():
+        if value is not None:
+            clauses.append(f"{col} = ?")
+            params.append(value)
+    col, values = any_of
+    if values is not None:
+        if not values:
+            return None
+        clauses.append(f"{col} IN ({', '.join('?' * len(values))})")
+        params += list(values)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    return f"{select}{where} ORDER BY {order} LIMIT ?", [*params, limit]
+
 class SQLRegistry:
     """Dialect-independent core. Subclasses implement the ``_`` hooks below."""
 
@@ -712,18 +737,11 @@ class SQLRegistry:
         states: Sequence[str] | None = None,
         limit: int = 100,
     ) -> list[Alarm]:
-        sql = f"SELECT {_ALARM_COLS} FROM alarms WHERE 1 = 1"
-        params: list[Any] = []
-        if device is not None:
-            sql += " AND device = ?"
-            params.append(device)
-        if states is not None:
-            if not states:
-                return []
-            sql += f" AND state IN ({', '.join('?' * len(states))})"
-            params += list(states)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
+        query = _filtered(f"SELECT {_ALARM_COLS} FROM alarms", {"device": device},
+                          ("state", states), "id DESC", limit)
+        if query is None:
+            return []
+        sql, params = query
         with self._tx(write=False) as conn:
             rows = self._all(conn, sql, params)
         return [_alarm(r) for r in rows]
@@ -963,21 +981,11 @@ class SQLRegistry:
         batch: str | None = None,
         limit: int = 100,
     ) -> list[CommandRecord]:
-        sql = f"SELECT {_COMMAND_COLS} FROM commands WHERE 1 = 1"
-        params: list[Any] = []
-        if device is not None:
-            sql += " AND device = ?"
-            params.append(device)
-        if batch is not None:
-            sql += " AND batch = ?"
-            params.append(batch)
-        if statuses is not None:
-            if not statuses:
-                return []
-            sql += f" AND status IN ({', '.join('?' * len(statuses))})"
-            params += list(statuses)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        params.append(limit)
+        query = _filtered(f"SELECT {_COMMAND_COLS} FROM commands",
+                          {"device": device, "batch": batch}, ("status", statuses), "seq DESC", limit)
+        if query is None:
+            return []
+        sql, params = query
         with self._tx(write=False) as conn:
             rows = self._all(conn, sql, params)
         return [self._command(r) for r in rows]
