@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,43 @@ async def test_auth_and_acls(engine: Engine, registry: Registry) -> None:
     assert "twin_mqtt_auth_failures_total 5.0" in text
     assert 'twin_mqtt_denied_total{action="publish"} 2.0' in text
     assert 'twin_mqtt_denied_total{action="subscribe"} 2.0' in text
+
+
+async def test_revoked_credentials_close_open_connections(
+    engine: Engine, registry: Registry
+) -> None:
+    """A key revoked (or a user disabled / demoted) after the client connected: the next
+    revalidation closes that connection with 0x87 and leaves the others alone."""
+    rec1, key1 = create_device_key(registry, "d1")
+    _, key2 = create_device_key(registry, "d2")
+    registry.put_user(make_user("ops", "password123", "operator"))
+    registry.put_user(make_user("viewer", "password123", "viewer"))
+    p = port(engine)
+    svc = next(s for s in engine.services if isinstance(s, MqttService))
+    d1 = await device_client(engine, "d1", key1, v5=True)
+    d2 = await device_client(engine, "d2", key2, v5=True)
+    ops = await run_sync(lambda: Client(p, "ops", username="ops", password="password123", v5=True))
+    viewer = await run_sync(
+        lambda: Client(p, "v", username="viewer", password="password123", v5=True)
+    )
+    assert await svc.auth.revalidate_once(svc.broker) == 0  # nothing revoked yet
+    registry.revoke_device_key(rec1.id, time.time())  # as the CLI would: no event to us
+    registry.put_user(make_user("ops", "password123", "viewer"))  # demoted
+    assert await svc.auth.revalidate_once(svc.broker) == 2
+    for cl in (d1, ops):
+        rc, _props = await run_sync(lambda c=cl: c.disconnects.get(timeout=WAIT))
+        assert int(getattr(rc, "value", rc)) == 0x87
+    # the others still work
+    assert rcs(await run_sync(viewer.subscribe, "flux/plant-a/#", 1)) == [1]
+    await run_sync(d2.publish, topics("d2")["telemetry"], b'{"temperature": 3}', 1)
+    assert (await run_sync(viewer.get)).topic == topics("d2")["telemetry"]
+    assert d2.disconnects.empty() and viewer.disconnects.empty()
+    # the revoked key cannot come back
+    again = await run_sync(lambda: Client(p, "", username="d1", password=key1))
+    assert again.connack is not None and again.connack[1].is_failure
+    for cl in (d1, d2, ops, viewer, again):
+        await run_sync(cl.close)
+    assert "twin_mqtt_revoked_disconnects_total 2.0" in engine.prom.render().decode()
 
 
 async def test_taken_port_is_one_line_with_a_hint() -> None:

@@ -716,9 +716,15 @@ class Connection:
 
     def take_over(self) -> None:
         """Another connection claimed this session."""
-        self._disconnect(ReasonCode.SESSION_TAKEN_OVER, "session taken over")
-        self.closing = True
         self.taken_over = True
+        self.kick(ReasonCode.SESSION_TAKEN_OVER, "session taken over")
+
+    def kick(self, rc: int, reason: str) -> None:
+        """End this connection from the server side: a DISCONNECT with ``rc`` (MQTT 5; a
+        3.1.1 client just sees the socket close), then close. The session itself follows its
+        expiry rules and the will is published, as for any connection the server ends."""
+        self._disconnect(rc, reason)
+        self.closing = True
         self.wake.set()
         if self._reader_scope is not None:
             self._reader_scope.cancel()

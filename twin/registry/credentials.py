@@ -85,6 +85,13 @@ class DeviceKeyVerifier:
             return None
         return hit[0] == device
 
+    def cached_digest(self, device: str, digest: str) -> bool | None:
+        """As ``cached``, given the key's SHA-256 (what a long-lived connection keeps)."""
+        hit = self._ok.get(digest)
+        if hit is None:
+            return None
+        return hit[0] == device
+
     def check(self, device: str, key: str, records: Iterable[DeviceKey]) -> bool:
         """Blocking (argon2): is ``key`` one of ``records`` (the device's keys), unrevoked?"""
         parts = split_device_key(key)

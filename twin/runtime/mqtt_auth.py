@@ -28,6 +28,14 @@ admin      anything                                     anything
 engine     anything (the in-process client never passes through here)
 =========  ===========================================  ===========================================
 
+Revocation (:meth:`RegistryAuth.revalidate`, run by the engine's MQTT service every
+``interval`` = 10 s): revoked device keys are swept from the key cache (whoever revoked them:
+the API, the CLI, another process), and every **open** connection whose credentials no longer
+hold is closed with reason 0x87 (not authorised): a revoked key, a device removed from the spec
+or no longer bound to MQTT, a deleted or disabled user, a user whose role or sites changed
+(they reconnect and get the new rights). Without this a revoked device could keep publishing
+on a connection opened before the revocation for as long as it stayed up.
+
 Failures are counted in ``stats`` (exported on /metrics by the engine's MQTT service).
 """
 
@@ -37,7 +45,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -56,6 +64,7 @@ class MqttPrincipal:
     role: str = ""  # users: viewer | operator | admin
     sites: tuple[str, ...] = ()
     via: str = ""  # key | password | certificate | anonymous
+    key_digest: str = field(default="", repr=False, compare=False)  # sha256 of a device key
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,11 @@ class RegistryAuth:
             ok = self.keys.cached(username, secret, now)
             if ok is None:
                 ok = await trio.to_thread.run_sync(self.keys.verify, username, secret, now)
-            return MqttPrincipal("device", username, via="key") if ok else None
+            if not ok:
+                return None
+            from twin.registry.credentials import sha256
+
+            return MqttPrincipal("device", username, via="key", key_digest=sha256(secret))
         if self.users:
             return await trio.to_thread.run_sync(self._check_user, username, secret)
         return None
@@ -201,6 +214,67 @@ class RegistryAuth:
         if not verify_secret(user.password_hash, secret):
             return None
         return MqttPrincipal("user", user.name, user.role, tuple(user.sites), via="password")
+
+    # -- revocation -------------------------------------------------------------------------
+    def _still_valid(self, p: MqttPrincipal, users: Mapping[str, Any]) -> bool:
+        if p.kind == "device":
+            if self.device_acl(p.name) is None:
+                return False
+            if p.via == "key":
+                return self.keys.cached_digest(p.name, p.key_digest) is True
+            return True
+        if p.kind == "user":
+            user = users.get(p.name)
+            return (
+                user is not None
+                and not getattr(user, "disabled", False)
+                and user.role == p.role
+                and tuple(user.sites) == p.sites
+            )
+        if p.kind == "anonymous":
+            return self.allow_anonymous
+        return True
+
+    def _revoked_sync(self, principals: list[MqttPrincipal]) -> list[MqttPrincipal]:
+        """Blocking (registry queries): the principals whose credentials no longer hold."""
+        self.keys.sweep()
+        names = {p.name for p in principals if p.kind == "user"}
+        users = {n: self.registry.get_user(n) for n in names}
+        return [p for p in principals if not self._still_valid(p, users)]
+
+    async def revalidate_once(self, broker: Any) -> int:
+        """Close every open connection of ``broker`` whose credentials were revoked."""
+        from twin.mqtt.codec import ReasonCode
+
+        # network connections only: the engine's in-process client has no principal
+        conns = [
+            s.conn
+            for s in list(broker.sessions.values())
+            if isinstance(getattr(s.conn, "principal", None), MqttPrincipal)
+        ]
+        principals = [c.principal for c in conns]
+        if not principals:
+            await trio.to_thread.run_sync(self.keys.sweep)
+            return 0
+        revoked = {id(p) for p in await trio.to_thread.run_sync(self._revoked_sync, principals)}
+        n = 0
+        for conn in conns:
+            if id(conn.principal) in revoked and not conn.closing:
+                p = conn.principal
+                log.info("mqtt: closing %s %r: credentials revoked", p.kind, p.name)
+                conn.kick(ReasonCode.NOT_AUTHORIZED, "credentials revoked")
+                self.stats["revoked"] += 1
+                n += 1
+        return n
+
+    async def revalidate(self, broker: Any, interval: float = 10.0) -> None:
+        """Forever: every ``interval``, :meth:`revalidate_once`."""
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.revalidate_once(broker)
+            except Exception:
+                log.exception("mqtt: credential revalidation failed; retrying next interval")
 
     # -- authorisation ----------------------------------------------------------------------
     def authorize(self, principal: Any, action: str, topic: str) -> bool:

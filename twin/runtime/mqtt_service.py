@@ -98,6 +98,7 @@ class MqttServiceConfig:
     allow_anonymous: bool = False
     max_connections_per_address: int = 100_000
     sys_interval: float = 10.0
+    revalidate_interval: float = 10.0  # revoked credentials close open connections this fast
     # external broker
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
@@ -146,6 +147,11 @@ class _MqttCollector(Collector):
             d.add_metric(["publish"], auth.stats["denied_publish"])
             d.add_metric(["subscribe"], auth.stats["denied_subscribe"])
             yield d
+            yield CounterMetricFamily(
+                "twin_mqtt_revoked_disconnects",
+                "Open MQTT connections closed because their credentials were revoked",
+                value=auth.stats["revoked"],
+            )
         b = svc.broker
         if b is not None:
             st = b.stats
@@ -254,6 +260,7 @@ class MqttService:
                 else:
                     self.broker = self._make_broker(engine)
                     addrs = await nursery.start(self.broker.run)
+                    nursery.start_soon(self.auth.revalidate, self.broker, cfg.revalidate_interval)
                     info["addresses"] = [f"{h}:{p}" for h, p in addrs]
                     info["url"] = f"mqtt://{addrs[0][0]}:{addrs[0][1]}" if addrs else None
                     info["tls"] = [f"{h}:{p}" for h, p in self.broker.tls_addresses]
