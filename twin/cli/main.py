@@ -146,6 +146,13 @@ def plan(
     paths: Paths,
     prune: Annotated[bool, typer.Option("--prune", help="Plan deletion of objects not in the files.")] = False,
     output: Annotated[Format, typer.Option("-o", "--output")] = Format.text,
+    replay: Annotated[str | None, typer.Option(
+        "--replay", metavar="DURATION",
+        help="Also replay every created/changed scene over this much stored telemetry "
+             "(e.g. 24h) and show what it would have done.")] = None,
+    timeseries: Annotated[str | None, typer.Option(
+        "--timeseries", envvar="TWIN_TIMESERIES",
+        help="Time-series store for --replay (default: the state directory's).")] = None,
 ) -> None:
     """Show what `apply` would change in the registry."""
     from twin.spec.apply import plan_against
@@ -154,10 +161,51 @@ def plan(
     reg = state.registry()
     with spinner("planning"):
         p, base = plan_against(reg, loaded, prune=prune)
+    report = _replay(p, reg, replay, timeseries) if replay else None
     if output is Format.json:
-        out.console.print_json(json.dumps({"base_revision": base, **out.plan_json(p)}))
+        doc = {"base_revision": base, **out.plan_json(p)}
+        if report is not None:
+            from twin.control.replay import replay_json
+
+            doc["replay"] = replay_json(report)
+        out.console.print_json(json.dumps(doc, default=str))
         return
     out.print_plan(p)
+    if report is not None:
+        from twin.control.ledger import Catalog
+        from twin.control.replay import format_replay
+
+        out.console.print()
+        for line in format_replay(report, tz=Catalog(p.result).timezone()):
+            out.console.print(Text(line))
+
+
+def _replay(p: Any, reg: Any, window: str, timeseries: str | None) -> Any:
+    """Replay the plan's created/changed scenes over the last ``window`` of stored data."""
+    import time
+
+    from twin.cli.timeseries_cmds import _open_store
+    from twin.control.replay import replay
+    from twin.spec.plan import Action
+    from twin.spec.units import parse_duration
+
+    try:
+        seconds = parse_duration(window)
+    except ValueError as exc:
+        raise TwinError(f"--replay: {exc}") from exc
+    changes = [
+        (c.action.value, c.name)
+        for c in p.changes
+        if c.kind == "Scene" and c.action in (Action.CREATE, Action.UPDATE)
+    ]
+    current = reg.specs()
+    store = _open_store(timeseries)
+    try:
+        end = time.time()
+        with spinner(f"replaying {len(changes)} scene(s) over {window} of stored data"):
+            return replay(current, p.result, changes, store, end - seconds, end)
+    finally:
+        store.close()
 
 
 @app.command()
