@@ -121,6 +121,16 @@ async def test_fan_scene_end_to_end(tmp_path: Path) -> None:
         assert traces and traces[-1].status == "success"
         # the single-mode scene fired once: the temperature stays above 30 (an edge, not a level)
         assert control.scenes.stats("fan-on-when-hot")["runs"] == 1
+        # the scene's desired value is a revision (audit: who, when), so it survives a restart
+        # and an unrelated change to the device
+        head = await trio.to_thread.run_sync(reg.head)
+        assert head is not None and head.author == "scene:fan-on-when-hot"
+        assert trace["steps"][1]["result"]["revision"] == head.number
+        fan_doc = (await trio.to_thread.run_sync(reg.specs))[("Device", "fan_01")]
+        assert fan_doc["spec"]["desired"] == {"power": False, "speed": 80}
+        await engine.wait_revision(head.number)
+        twin = engine.twin("fan_01")
+        assert twin is not None and twin.desired == {"power": False, "speed": 80}
     reg.close()
 
 

@@ -38,7 +38,7 @@ from twin.control.ledger import (
     record_json,
 )
 from twin.control.scenes import SceneEngine
-from twin.errors import BindingConnectError
+from twin.errors import BindingConnectError, TwinError
 from twin.registry.base import Alarm, Registry, SceneTrace
 
 if TYPE_CHECKING:
@@ -270,10 +270,46 @@ class EngineEffects:
         twin = self.svc.engine.twin(device)
         if twin is None:
             raise StepError(f"device {device!r} is not running")
-        twin.desired[prop] = value
+        twin.desired[prop] = value  # at once: the reconciler acts without waiting for the revision
         self.svc.reconciler.poke()
-        await trio.lowlevel.checkpoint()
-        return {"desired": {prop: value}}
+        rev = await self._persist_desired(device, prop, value, source)
+        return {"desired": {prop: value}, "revision": rev}
+
+    async def _persist_desired(self, device: str, prop: str, value: Any, source: str) -> int | None:
+        """Record the new desired value as a registry revision (author = the scene), like a
+        PATCH through the API: it survives restarts and unrelated applies, shows in `twin
+        history`, and `twin plan` from git shows the drift. No revision when unchanged."""
+        from twin.errors import NotFoundError
+        from twin.spec.apply import Specs, apply_change
+
+        engine = self.svc.engine
+
+        def change(specs: Specs) -> Specs:
+            doc = specs.get(("Device", device))
+            if doc is None:
+                raise NotFoundError(f"no device {device!r}")
+            spec = dict(doc.get("spec") or {})
+            desired = dict(spec.get("desired") or {})
+            desired[prop] = value
+            spec["desired"] = desired
+            specs[("Device", device)] = {**doc, "spec": spec}
+            return specs
+
+        try:
+            rev, _ = await engine.rio.call(
+                apply_change,
+                engine.registry,
+                change,
+                author=source,
+                message=f"desired {prop} of {device} = {value!r}",
+                source="scene",
+            )
+        except TwinError as exc:
+            raise StepError(f"desired {prop} of {device} not recorded: {exc}") from exc
+        if rev is None:
+            return None
+        engine.poke()
+        return int(rev.number)
 
     async def alarm(
         self, action: str, device: str, alarm: str, severity: str, message: str

@@ -5,15 +5,19 @@ The registry is passed in (any ``twin.registry.base.Registry``); this module nev
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from twin.errors import ConflictError
 from twin.spec.gcpause import gc_paused
 from twin.spec.load import LoadedSpecs
 from twin.spec.plan import Plan, make_plan
 
 if TYPE_CHECKING:  # the spec layer only needs the registry's shape, never its code
-    from twin.registry.base import Registry, Revision
+    from twin.registry.base import Key, Registry, Revision
+
+Specs = dict["Key", dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,36 @@ def rollback(registry: Registry, number: int, *, author: str, message: str = "")
         message=message or f"rollback to revision {number}", source="rollback",
     )
     return ApplyResult(plan, revision, base)
+
+
+def validate_set(specs: Mapping[Key, Mapping[str, Any]]) -> Specs:
+    """Validate a whole spec set; return its normalised form. Raises SpecError."""
+    from twin.spec import validate_specs
+
+    return validate_specs(doc for _, doc in sorted(specs.items())).specs
+
+
+def apply_change(
+    registry: Registry,
+    change: Callable[[Specs], Specs],
+    *,
+    author: str,
+    message: str,
+    source: str = "api",
+    attempts: int = 3,
+) -> tuple[Revision | None, Specs]:
+    """Read the head, ``change`` it, validate, apply against that head (retry on conflict).
+    Returns (None, specs) when the change leaves the content as it is."""
+    for attempt in range(attempts):
+        head = registry.head()
+        base = head.number if head else 0
+        current: Specs = registry.specs(base) if base else {}
+        wanted = validate_set(change({k: dict(v) for k, v in current.items()}))
+        try:
+            return registry.apply(
+                wanted, base=base, author=author, message=message, source=source
+            ), wanted
+        except ConflictError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
