@@ -111,3 +111,102 @@ def test_decimal_value_layout_is_exact(tmp_path: Path) -> None:
         got.sort_by("ts").column("value").to_pylist()
         == table.sort_by("ts").column("value").to_pylist()
     )
+
+
+def _index_types(path: Path, tier: str = "raw") -> dict[str, str]:
+    import lance
+
+    ds = lance.dataset(str(path / f"{tier}.lance"))
+    return {d.field_names[0]: d.index_type.upper() for d in ds.describe_indices()}
+
+
+def test_maintenance_clusters_small_fragments_by_series(tmp_path: Path) -> None:
+    import lance
+    import numpy as np
+
+    from twin.timeseries.lance import cluster_order
+
+    store = LanceStore(tmp_path / "ts", min_free_bytes=0, compact_every=1000, cluster_run=4)
+    written = []
+    for k in range(8):  # 8 appends, each one minute of 5 devices x 2 metrics
+        recs: list[Record] = [
+            (f"d{d}", m, 20.0 + k + d * 0.5, T0 + k * 60 + s, 0, "s", "g", ",")
+            for d in range(5)
+            for m in ("a", "b")
+            for s in range(0, 60, 10)
+        ]
+        store.write_records(recs)
+        written += recs
+    ds = lance.dataset(str(tmp_path / "ts" / "raw.lance"))
+    assert len(ds.get_fragments()) == 8
+    store.maintain(force=True)
+    ds = lance.dataset(str(tmp_path / "ts" / "raw.lance"))
+    assert len(ds.get_fragments()) == 1
+    table = ds.to_table(columns=["ts", "device", "metric"])
+    # the fragment is exactly in cluster order: time chunks of 4 rows per series, each
+    # sorted by (device, metric, ts)
+    assert np.array_equal(cluster_order(table, 4), np.arange(table.num_rows))
+    devices = table.column("device").to_pylist()
+    assert devices[:4] == ["d0"] * 4 and devices[4] == "d0" and devices[8] == "d1"
+    assert _index_types(tmp_path / "ts") == {
+        "ts": "ZONEMAP",
+        "device": "ZONEMAP",
+        "metric": "BITMAP",
+    }
+    # every point is still there, with its value
+    got = store.read_raw(Selector(), T0, T0 + 3600)
+    assert got.num_rows == len(written)
+    want = sorted((d, m, ts, v) for d, m, v, ts, *_ in written)
+    rows = zip(
+        got.column("device").to_pylist(),
+        got.column("metric").to_pylist(),
+        [t.timestamp() for t in got.column("ts").to_pylist()],
+        got.column("value").to_pylist(),
+        strict=True,
+    )
+    assert sorted(rows) == want
+    one = store.read_raw(Selector.of(devices="d3", metrics="b"), T0 + 120, T0 + 240)
+    assert one.column("value").to_pylist() == [23.5] * 6 + [24.5] * 6
+
+
+def test_old_device_bitmap_is_replaced_and_old_store_reads(tmp_path: Path) -> None:
+    path = tmp_path / "ts"
+    path.mkdir()
+    db = lancedb.connect(str(path))
+    # the previous layout: LANCE_RAW_SCHEMA with BITMAP indexes on device and metric
+    tbl = db.create_table("raw", schema=LANCE_RAW_SCHEMA)
+    from twin.timeseries.lance import _conform, _encode_values
+
+    tbl.add(_conform(_encode_values(records_to_table(_records(0, 60))), LANCE_RAW_SCHEMA))
+    ds = tbl.to_lance()
+    for col, kind in (("ts", "ZONEMAP"), ("device", "BITMAP"), ("metric", "BITMAP")):
+        ds.create_scalar_index(col, kind)
+    store = LanceStore(path, min_free_bytes=0, compact_every=1000)
+    before = store.read_raw(Selector.of(devices="d2"), T0, T0 + 3600)
+    assert before.num_rows == 60 and before.column("value").to_pylist()[0] == 22.0
+    store.write_records(_records(60, 60))
+    store.maintain(force=True)
+    assert _index_types(path)["device"] == "ZONEMAP"
+    after = store.read_raw(Selector.of(devices="d2"), T0, T0 + 3 * 3600)
+    assert after.num_rows == 120
+    assert after.column("value").to_pylist()[:2] == [22.0, 22.01]
+    assert after.column("value").to_pylist()[-1] == 22.0 + 119 * 0.01
+
+
+def test_one_exponent_per_series_run(tmp_path: Path) -> None:
+    from twin.timeseries.lance import _decode_values, _encode_values
+
+    values = [20.13, 20.1, 20.0, 19.5, 2.0**60, 0.1 + 0.2]
+    recs: list[Record] = [("d", "m", v, T0 + i, 0, "s", "g", ",") for i, v in enumerate(values)]
+    recs += [("e", "m", v, T0 + i, 0, "s", "g", ",") for i, v in enumerate([1.0, 3.0, 4.5])]
+    enc = _encode_values(records_to_table(recs))  # sorted: d's rows, then e's
+    exp = enc.column("value_exp").to_pylist()
+    dec = enc.column("value_dec").to_pylist()
+    # d's decimals share exponent 2 (2010 for 20.1); the two odd values stay floats
+    assert dec[:6] == [2013, 2010, 2000, 1950, None, None]
+    assert exp[:4] == [2, 2, 2, 2]
+    assert enc.column("value").to_pylist()[4:6] == [2.0**60, 0.1 + 0.2]
+    # e's share exponent 1
+    assert dec[6:] == [10, 30, 45] and exp[6:] == [1, 1, 1]
+    back = _decode_values(enc).column("value").to_pylist()
+    assert back == records_to_table(recs).column("value").to_pylist()
