@@ -4,7 +4,8 @@ Run by ``twin dashboard SITE --server URL`` (``streamlit run dashboards/app.py``
 ``FLUX_SERVER`` (API base URL), ``FLUX_SITE`` (site folder: Dashboard documents, models,
 locations; without one, or with no Dashboard in it, a default dashboard is generated),
 optionally ``FLUX_TOKEN`` (skip the login form) and ``FLUX_REFRESH`` (override the refresh).
-Everything live comes from the REST API; nothing here touches the engine directly.
+Live panels read the engine's WebSocket (``dashboards/live.py``) after a REST backfill; nothing
+here touches the engine directly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import streamlit as st
 
 from dashboards.client import ApiError, FluxClient, Login
 from dashboards.core import Config, Ctx, load_docs
+from dashboards.live import LiveFeed, cached, feed_for
 from dashboards.panels import LIVE, PANELS
 from twin.spec.dashboards import dashboards_of, page_rows, row_widths
 from twin.spec.units import parse_duration
@@ -31,14 +33,32 @@ from twin.spec.units import parse_duration
 PROFILE = bool(os.environ.get("FLUX_PROFILE"))
 
 
-@st.cache_data(show_spinner=False)
-def _docs(site: str | None) -> list[dict[str, Any]]:
-    return load_docs(site)
+@st.cache_resource(show_spinner=False)
+def _site(site: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The site's documents and dashboards, loaded once per process and shared, not copied
+    (``cache_data`` pickles its value on every read: ~1,000 Device documents per rerun).
+    Nothing may modify them (the scenes panel deep-copies before it edits)."""
+    docs = load_docs(site)
+    return docs, dashboards_of(docs)
+
+
+def _mark(what: str, since: float) -> None:
+    if PROFILE:
+        print(f"stage {what}: {time.perf_counter() - since:.3f} s", file=sys.stderr, flush=True)
 
 
 def _client(cfg: Config, token: str | None) -> FluxClient:
     transport = st.session_state.get("flux_transport")  # tests inject an httpx.MockTransport
-    return FluxClient(cfg.server, token, transport=transport)
+    if transport is not None or token is None:
+        return FluxClient(cfg.server, token, transport=transport)
+    return _shared_client(cfg.server, token)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _shared_client(server: str, token: str) -> FluxClient:
+    """One client (connection pool) per user token: a new httpx.Client costs ~30 ms (its SSL
+    context), paid by every rerun before; httpx clients are thread-safe."""
+    return FluxClient(server, token)
 
 
 def token_claims(token: str) -> dict[str, Any]:
@@ -84,6 +104,33 @@ def login_form(cfg: Config) -> Login | None:
     return None
 
 
+def live_feed(cfg: Config, login: Login) -> LiveFeed | None:
+    """The WebSocket feed of this user (shared by the user's sessions), or None: under
+    AppTest (an injected transport) and with ``FLUX_LIVE=0`` the panels poll REST."""
+    if "flux_transport" in st.session_state or os.environ.get("FLUX_LIVE") == "0":
+        return None
+    return feed_for(cfg.server, login.token)
+
+
+DEVICES_TTL = 30.0
+"""With a live feed the device list (membership, names, models) is fetched again this often;
+status and last_seen come from the feed in between."""
+
+
+def device_list(client: FluxClient, feed: LiveFeed | None) -> list[dict[str, Any]]:
+    if feed is None or not feed.connected.is_set():
+        return client.devices()
+
+    def fetch() -> tuple[float, list[dict[str, Any]]]:
+        started = time.time()
+        return started, client.devices()
+
+    started, devices = cached(
+        st.session_state, feed, "devices", feed.generation, DEVICES_TTL, fetch
+    )
+    return feed.overlay(devices, started)
+
+
 def render_rows(ctx: Ctx, rows: list[list[dict[str, Any]]]) -> None:
     for r, row in enumerate(rows):
         widths = row_widths(row)
@@ -119,9 +166,10 @@ def main() -> None:
     if login is None:
         st.stop()
         return
+    started = time.perf_counter()
     client = _client(cfg, login.token)
-    docs = _docs(cfg.site)
-    boards = dashboards_of(docs)
+    docs, boards = _site(cfg.site)
+    _mark("site", started)
     names = [str(b["metadata"]["name"]) for b in boards]
     with st.sidebar:
         st.markdown(f"**{login.user}** · {login.role}")
@@ -141,9 +189,14 @@ def main() -> None:
     rows = page_rows(page)
     live = any(p.get("type") in LIVE for row in rows for p in row)
 
+    feed = live_feed(cfg, login)
+    _mark("sidebar", started)
+
     def body() -> None:
+        t0 = time.perf_counter()
         try:
-            devices = client.devices()
+            devices = device_list(client, feed)
+            _mark("devices", t0)
         except ApiError as exc:
             if exc.status == 401:
                 st.session_state.pop("flux_login", None)
@@ -153,7 +206,7 @@ def main() -> None:
         except httpx.HTTPError as exc:
             st.error(f"Cannot reach {cfg.server}: {exc}")
             return
-        render_rows(Ctx(client, login, docs, devices), rows)
+        render_rows(Ctx(client, login, docs, devices, live=feed), rows)
 
     if live and refresh and refresh > 0:
         st.fragment(run_every=refresh)(body)()

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from dashboards.client import FluxClient, Login, Table
+from dashboards.live import LiveFeed
 from twin.spec.dashboards import as_list, device_matches
 from twin.spec.units import parse_duration
 
@@ -78,7 +79,10 @@ class Ctx:
     login: Login
     docs: list[dict[str, Any]]
     devices: list[dict[str, Any]] = field(default_factory=list)
+    live: LiveFeed | None = None
+    """The WebSocket feed (None: REST polling only, e.g. under AppTest)."""
     _index: dict[tuple[str, str], dict[str, Any]] | None = field(default=None, repr=False)
+    _selected: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
 
     @property
     def groups(self) -> dict[str, dict[str, Any]]:
@@ -95,8 +99,16 @@ class Ctx:
     def selected(self, panel: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Device summaries (from the API) that the panel's selector matches."""
         select = panel.get("select")
-        groups = self.groups
-        return [d for d in self.devices if device_matches(as_doc(d), select, groups)]
+        memo = repr(select)
+        hit = self._selected.get(memo)
+        if hit is None:
+            if not select:
+                hit = list(self.devices)
+            else:
+                groups = self.groups
+                hit = [d for d in self.devices if device_matches(as_doc(d), select, groups)]
+            self._selected[memo] = hit
+        return hit
 
     def model_commands(self, model: str | None) -> dict[str, Any]:
         doc = self.doc("DeviceModel", model)

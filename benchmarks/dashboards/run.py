@@ -1,6 +1,7 @@
 """Dashboard benchmark: 1,000 devices, 24 h of data at 10 s, the generated default dashboard.
 
     .venv/bin/python benchmarks/dashboards/run.py [--devices 1000] [--hours 24] [--cpu-seconds 60]
+        [--variants live+chart,rest+deck] [--workdir DIR]
 
 1. A site of N th-sensor-v2 devices (sim binding, 10 s) and the demo's RetentionPolicy; no
    Dashboard document, so the default dashboard is generated (stat tiles, map, alarms, table).
@@ -9,10 +10,14 @@
 3. The engine + API + time-series service run on it (tests/dashboards/engine_main.py), the
    dashboard through ``twin dashboard`` with a token and a 2 s refresh.
 4. Headless Chromium (Playwright, /usr/bin/chromium) measures the time from navigation to the
-   overview rendered (stat tiles with values, map, device table with N rows) and, on the
-   History page, the time to a 7-day query rendered (chart + caption).
+   overview rendered (stat tiles with values, map, device table with N rows), cold (a new
+   browser profile) and warm (a second tab: Streamlit's static files cached) and, on the
+   History page (first variant only), the time to a 7-day query rendered (chart + caption).
 5. CPU of the Streamlit process (and of the engine) over ``cpu-seconds`` while the overview
    refreshes every 2 s with one browser open.
+
+Each variant (``--variants``) is a dashboard process of its own against the same engine, one
+after the other: compare variants within one run (the machine is shared; see the load average).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import yaml
@@ -115,56 +121,67 @@ def wait_line(proc: subprocess.Popen[str], pattern: str) -> str:
     raise SystemExit(f"process ended without printing {pattern!r}")
 
 
-def panel_times(path: Path) -> None:
+def panel_times(path: Path, name: str) -> None:
     """Median server-side time per panel (the app logs each panel's render time)."""
     import statistics
 
     times: dict[str, list[float]] = {}
     for line in path.read_text().splitlines():
-        m = re.search(r"panel (\w+ '[^']*'): ([0-9.]+) s", line)
+        m = re.search(r"(?:panel|stage) (\w+(?: '[^']*')?): ([0-9.]+) s", line)
         if m:
             times.setdefault(m.group(1), []).append(float(m.group(2)))
-    for name, vals in sorted(times.items()):
-        print(f"  server time per render, {name}: median {statistics.median(vals) * 1000:.0f} ms"
-              f", first {vals[0] * 1000:.0f} ms ({len(vals)} renders)")  # fmt: skip
+    for panel, vals in sorted(times.items()):
+        print(f"[{name}]  server time per render, {panel}: median "
+              f"{statistics.median(vals) * 1000:.0f} ms, first {vals[0] * 1000:.0f} ms "
+              f"({len(vals)} renders)")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--devices", type=int, default=1000)
-    ap.add_argument("--hours", type=float, default=24)
-    ap.add_argument("--cpu-seconds", type=float, default=60)
-    ap.add_argument("--refresh", default="2s", help="dashboard refresh (0 = off)")
-    args = ap.parse_args()
-    from playwright.sync_api import sync_playwright
+VARIANTS = {
+    "live+chart": {},
+    "live+deck": {"FLUX_MAP_RENDERER": "deck"},
+    "rest+chart": {"FLUX_LIVE": "0"},
+    "rest+deck": {"FLUX_LIVE": "0", "FLUX_MAP_RENDERER": "deck"},
+}
+"""Dashboard variants (environment): live = WebSocket feed after a REST backfill, rest = REST
+polling on every refresh; chart = the Vega-Lite map, deck = the pydeck (WebGL) map."""
 
-    tmp = Path(tempfile.mkdtemp(prefix="dash-bench-"))
-    procs: list[subprocess.Popen[str]] = []
+MARKS = (
+    ("shell", "[data-testid=stSidebar]"),
+    ("first panel", "[data-testid=stMetricValue]"),
+    ("table", "[data-testid=stDataFrame]"),
+    ("map", "[class*=st-key-map-] .marks, [data-testid=stDeckGlJsonChart] canvas"),
+)
+
+
+def load_avg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def overview(page: Any, url: str, n: int) -> tuple[float, dict[str, float]]:
+    """Seconds from navigation to the overview rendered, and when each part appeared."""
+    t0 = time.perf_counter()
+    page.goto(url)
+    marks = {}
+    for name, css in MARKS:
+        page.locator(css).first.wait_for(timeout=120_000)
+        marks[name] = time.perf_counter() - t0
+    page.get_by_text(f"{n} of {n} devices").wait_for(timeout=120_000)
+    marks["rows"] = time.perf_counter() - t0
+    return time.perf_counter() - t0, marks
+
+
+def run_variant(
+    name: str, p: Any, site: Path, api: str, token: str, env: dict[str, str], tmp: Path,
+    args: argparse.Namespace, engine_pid: int, history: bool,
+) -> None:  # fmt: skip
+    log = tmp / f"dashboard-{name}.log"
+    dash = subprocess.Popen(
+        [TWIN, "dashboard", str(site), "--server", api, "--port", "0", "--refresh", args.refresh,
+         "--token", token],
+        env={**env, "FLUX_PROFILE": "1", **VARIANTS[name]}, stdout=subprocess.PIPE,
+        stderr=open(log, "w"), text=True,  # noqa: SIM115
+    )  # fmt: skip
     try:
-        site = make_site(tmp, args.devices)
-        state = tmp / "state"
-        state.mkdir()
-        fill = fill_store(state, site, args.devices, args.hours)
-        print(f"store: {fill['points']:,.0f} points written in {fill['write_s']:.1f} s, "
-              f"downsampled (1m/1h/1d) in {fill['downsample_s']:.1f} s")  # fmt: skip
-        env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "benchpass1"}
-        subprocess.run([TWIN, "user", "add", "bench", "--role", "operator"], env=env, check=True,
-                       capture_output=True)  # fmt: skip
-        engine = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "dashboards" / "engine_main.py"), str(site),
-             str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
-        procs.append(engine)
-        api = wait_line(engine, r"api (http://\S+)")
-        token = httpx.post(f"{api}/api/v1/auth/login",
-                           json={"username": "bench", "password": "benchpass1"}).json()  # fmt: skip
-        dash = subprocess.Popen(
-            [TWIN, "dashboard", str(site), "--server", api, "--port", "0", "--refresh", args.refresh,
-             "--token", token["access_token"]],
-            env={**env, "FLUX_PROFILE": "1"}, stdout=subprocess.PIPE,
-            stderr=open(tmp / "dashboard.log", "w"), text=True,  # noqa: SIM115
-        )  # fmt: skip
-        procs.append(dash)
         url = wait_line(dash, r"dashboard\s+(http://\S+)")
         for _ in range(100):
             try:
@@ -174,50 +191,122 @@ def main() -> None:
                 time.sleep(0.2)
         streamlit_pid = int(subprocess.run(["pgrep", "-P", str(dash.pid)], capture_output=True,
                                            text=True).stdout.split()[0])  # fmt: skip
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(url)  # warm-up: imports, caches (first visitor)
-            page.locator("[data-testid=stDataFrame]").first.wait_for(timeout=120_000)
+            # warm-up: the first visitor after the dashboard started (imports, caches, the
+            # WebSocket feed and its backfills)
+            first_s, first = overview(page, url, args.devices)
             page.close()
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            t0 = time.perf_counter()
-            page.goto(url)
-            marks = {}
-            for name, loc in (
-                ("shell", page.locator("[data-testid=stSidebar]").first),
-                ("first panel", page.locator("[data-testid=stMetricValue]").first),
-                ("table", page.locator("[data-testid=stDataFrame]").first),
-                ("map", page.locator("[data-testid=stDeckGlJsonChart]").first),
-                ("rows", page.get_by_text(f"{args.devices} of {args.devices} devices")),
-            ):
-                loc.wait_for(timeout=120_000)
-                marks[name] = time.perf_counter() - t0
-            overview_s = time.perf_counter() - t0
-            page.screenshot(path=str(ROOT / "artifacts" / "bench-overview.png"))
-            c0 = {pid: cpu_seconds(pid) for pid in (streamlit_pid, engine.pid)}
+            # cold: a new browser profile (nothing cached); warm: a second tab of the same
+            # profile (Streamlit's static bundle cached, as for anyone who opened it before)
+            ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+            page = ctx.new_page()
+            cold_s, cold = overview(page, url, args.devices)
+            page.screenshot(path=str(ROOT / "artifacts" / f"bench-overview-{name}.png"))
+            page2 = ctx.new_page()
+            warm_s, warm = overview(page2, url, args.devices)
+            page2.close()
+            c0 = {pid: cpu_seconds(pid) for pid in (streamlit_pid, engine_pid)}
             w0 = time.perf_counter()
             page.wait_for_timeout(args.cpu_seconds * 1000)
             wall = time.perf_counter() - w0
             cpu = {pid: (cpu_seconds(pid) - c0[pid]) / wall * 100 for pid in c0}
-            page.get_by_text("History", exact=True).first.click()
-            page.get_by_text(re.compile(r"· \d+ rows")).wait_for(timeout=120_000)
-            page.locator("[data-testid=stSelectbox]").first.click()
-            t0 = time.perf_counter()
-            page.get_by_role("option", name="Last 7 days").click()
-            page.get_by_text(re.compile(r"bucket 1h · avg · \d+ rows")).wait_for(timeout=120_000)
-            page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=120_000)
-            history_s = time.perf_counter() - t0
-            caption = page.get_by_text(re.compile(r"bucket 1h · avg · \d+ rows")).inner_text()
-            page.screenshot(path=str(ROOT / "artifacts" / "bench-history.png"))
+            print(f"[{name}] load average {load_avg()}")
+            for label, total, marks in (
+                ("first visitor", first_s, first),
+                ("cold", cold_s, cold),
+                ("warm", warm_s, warm),
+            ):
+                print(f"[{name}] overview first render, {label} (navigation → tiles, map, table"
+                      f" with {args.devices} rows): {total:.2f} s  "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()))  # fmt: skip
+            print(f"[{name}] CPU while refreshing every {args.refresh} ({wall:.0f} s, 1 browser): "
+                  f"streamlit {cpu[streamlit_pid]:.1f} % of a core, "
+                  f"engine {cpu[engine_pid]:.1f} %")  # fmt: skip
+            if history:
+                page.get_by_text("History", exact=True).first.click()
+                page.get_by_text(re.compile(r"· \d+ rows")).wait_for(timeout=120_000)
+                page.locator("[data-testid=stSelectbox]").first.click()
+                t0 = time.perf_counter()
+                page.get_by_role("option", name="Last 7 days").click()
+                pat = re.compile(r"bucket 1h · avg · [^·]*· \d+ rows")
+                page.get_by_text(pat).wait_for(timeout=120_000)
+                page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=120_000)
+                history_s = time.perf_counter() - t0
+                caption = page.get_by_text(pat).inner_text()
+                page.screenshot(path=str(ROOT / "artifacts" / "bench-history.png"))
+                print(f"[{name}] history 7-day query rendered (Last 7 days → chart): "
+                      f"{history_s:.2f} s  [{caption}]")  # fmt: skip
+        finally:
             browser.close()
-        print(f"devices {args.devices}, {args.hours:g} h at 10 s")
-        print(f"overview first render (navigation → tiles, map, table): {overview_s:.2f} s  "
-              + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()))  # fmt: skip
-        print(f"history 7-day query rendered (Last 7 days → chart): {history_s:.2f} s  [{caption}]")
-        print(f"CPU while refreshing every {args.refresh} ({wall:.0f} s, 1 browser): "
-              f"streamlit {cpu[streamlit_pid]:.1f} % of a core, engine {cpu[engine.pid]:.1f} %")  # fmt: skip
-        panel_times(tmp / "dashboard.log")
+        panel_times(log, name)
+    finally:
+        dash.terminate()
+        try:
+            dash.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            dash.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--hours", type=float, default=24)
+    ap.add_argument("--cpu-seconds", type=float, default=60)
+    ap.add_argument("--refresh", default="2s", help="dashboard refresh (0 = off)")
+    ap.add_argument(
+        "--variants",
+        default="live+chart,rest+deck",
+        help=f"comma-separated, measured one after the other: {', '.join(VARIANTS)}",
+    )
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the site and the filled store here and reuse them next time",
+    )
+    args = ap.parse_args()  # fmt: skip
+    from playwright.sync_api import sync_playwright
+
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}: {', '.join(VARIANTS)}")
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="dash-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    (ROOT / "artifacts").mkdir(exist_ok=True)
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        site, state = tmp / "site", tmp / "state"
+        filled = tmp / f"filled-{args.devices}-{args.hours:g}"
+        env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "benchpass1"}
+        if not filled.exists():
+            shutil.rmtree(site, ignore_errors=True)
+            shutil.rmtree(state, ignore_errors=True)
+            make_site(tmp, args.devices)
+            state.mkdir()
+            fill = fill_store(state, site, args.devices, args.hours)
+            print(f"store: {fill['points']:,.0f} points written in {fill['write_s']:.1f} s, "
+                  f"downsampled (1m/1h/1d) in {fill['downsample_s']:.1f} s")  # fmt: skip
+            subprocess.run([TWIN, "user", "add", "bench", "--role", "operator"], env=env,
+                           check=True, capture_output=True)  # fmt: skip
+            filled.touch()
+        else:
+            print(f"store: reused from {tmp} (its data ends when it was filled)")
+        engine = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "dashboards" / "engine_main.py"), str(site),
+             str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        procs.append(engine)
+        api = wait_line(engine, r"api (http://\S+)")
+        token = httpx.post(f"{api}/api/v1/auth/login",
+                           json={"username": "bench", "password": "benchpass1"}).json()  # fmt: skip
+        print(f"devices {args.devices}, {args.hours:g} h at 10 s; load average {load_avg()}")
+        with sync_playwright() as p:
+            for i, name in enumerate(variants):
+                run_variant(name, p, site, api, token["access_token"], env, tmp, args,
+                            engine.pid, history=i == 0)  # fmt: skip
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -225,7 +314,8 @@ def main() -> None:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.workdir is None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

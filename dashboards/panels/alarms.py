@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,6 +10,7 @@ import streamlit as st
 
 from dashboards.client import ApiError
 from dashboards.core import Ctx, ago
+from dashboards.live import cached
 
 SEVERITY = {
     "critical": ":red[■]",
@@ -22,9 +24,30 @@ SEVERITY = {
 def visible(ctx: Ctx, panel: dict[str, Any]) -> list[dict[str, Any]]:
     states = list(panel.get("states") or ["active", "acknowledged"])
     names = {d["name"] for d in ctx.selected(panel)}
-    rows = ctx.client.alarms(states=states)
+    rows = _alarms(ctx, states)
     shown = [a for a in rows if a["device"] in names or not panel.get("select")]
     return sorted(shown, key=lambda a: (a["state"] != "active", -float(a["raised_at"] or 0)))
+
+
+ALARMS_TTL = 30.0
+"""With a live feed the alarm list is fetched again when an alarm event arrives, or after this."""
+
+
+def _alarms(ctx: Ctx, states: list[str]) -> list[dict[str, Any]]:
+    feed = ctx.live
+    if feed is None or not feed.connected.is_set():
+        return ctx.client.alarms(states=states)
+    version = (feed.generation, feed.alarm_version, st.session_state.get("flux_alarms_acted"))
+    return list(
+        cached(
+            st.session_state,
+            feed,
+            f"alarms:{','.join(states)}",
+            version,
+            ALARMS_TTL,
+            lambda: ctx.client.alarms(states=states),
+        )
+    )
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
@@ -71,4 +94,6 @@ def _act(ctx: Ctx, action: str, alarm_id: int) -> None:
     except ApiError as exc:
         st.error(str(exc))
         return
+    # the list changed: do not wait for the feed's alarm event
+    st.session_state["flux_alarms_acted"] = time.time()
     st.rerun()

@@ -1,10 +1,12 @@
-"""History (seed §6.2): time range, filters by site/group/tag/device/metric, aggregation and
-bucket, comparison of two periods on one chart, trend line with slope, and export of exactly
-the table shown to CSV or XLSX."""
+"""History (seed §6.2): time range, filters by site/group/tag/device/metric, aggregation,
+bucket and resolution (auto = the engine picks the downsampled tier, or one tier of the
+site's RetentionPolicy), comparison of two periods on one chart, trend line with slope, and
+export of exactly the table shown to CSV or XLSX."""
 
 from __future__ import annotations
 
 import io
+import math
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
@@ -16,6 +18,7 @@ import streamlit as st
 from dashboards.client import ApiError, NotAvailable
 from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params, series_key
 from twin.spec.dashboards import as_list
+from twin.spec.units import parse_duration
 
 PRESETS = {
     "Last hour": 3600,
@@ -86,6 +89,22 @@ def export_bytes(df: pd.DataFrame, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+def tiers(ctx: Ctx) -> list[str]:
+    """The resolutions of the site's RetentionPolicy tiers (raw first), finest first."""
+    found = {"raw": 0.0}
+    for d in ctx.docs:
+        if d.get("kind") != "RetentionPolicy":
+            continue
+        for t in (d.get("spec") or {}).get("tiers") or []:
+            res = str((t or {}).get("resolution", ""))
+            if res and res != "raw":
+                try:
+                    found[res] = parse_duration(res)
+                except ValueError:
+                    continue
+    return sorted(found, key=lambda r: found[r])
+
+
 def options(ctx: Ctx, panel: dict[str, Any]) -> dict[str, list[str]]:
     devices = ctx.selected(panel)
     return {
@@ -102,12 +121,19 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     key = f"hist-{panel.get('title', '')}"
     opts = options(ctx, panel)
     with st.container(border=True):
-        c1, c2, c3, c4 = st.columns([2, 1, 1, 1])
+        c1, c2, c3, c4, c5 = st.columns([2, 1, 1, 1, 1])
         with c1:
             start, end = time_range(key)
         agg = c2.selectbox("Aggregation", AGGREGATES, key=f"{key}-agg")
         bucket = c3.selectbox("Bucket", BUCKETS, key=f"{key}-bucket")
-        split = c4.selectbox(
+        tier = c4.selectbox(
+            "Resolution",
+            ["auto", *tiers(ctx)],
+            key=f"{key}-tier",
+            help="auto: the engine reads the coarsest downsampled tier that fits the bucket "
+            "(raw data after the tier's last roll-up); or read one tier only",
+        )
+        split = c5.selectbox(
             "One line per", SPLIT, index=0 if len(opts["device"]) <= 20 else 1, key=f"{key}-split"
         )
         f = st.columns([2, 1, 1, 1, 1])
@@ -121,7 +147,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             "Metric", opts["metric"], default=default_metric, key=f"{key}-metric"
         )
         chosen = {
-            k: f[i].multiselect(k.capitalize(), opts[k], key=f"{key}-{k}")
+            k: f[i].multiselect(k.capitalize(), opts[k], key=f"{key}-{k}", placeholder="all")
             for i, k in enumerate(("site", "group", "tag", "device"), start=1)
         }
         g1, g2, g3 = st.columns([1, 2, 1])
@@ -138,7 +164,14 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         st.info("Choose at least one metric.")
         return
     span = (end - start).total_seconds()
-    every = fmt_seconds(bucket_for(span, 200)) if bucket == "auto" else bucket
+    every_s = bucket_for(span, 200) if bucket == "auto" else parse_duration(bucket)
+    if tier not in ("auto", "raw"):
+        res = parse_duration(tier)
+        if every_s < res or every_s % res:
+            if bucket != "auto":
+                st.caption(f"Bucket {bucket} is finer than the {tier} tier: using whole {tier}s.")
+            every_s = max(res, math.ceil(every_s / res) * res)
+    every = fmt_seconds(every_s)
     compare = None
     if compare_on:
         compare = COMPARE[compare_to] or fmt_seconds(int(span))
@@ -150,6 +183,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         "agg": [agg],
         "group_by": split,
         "compare": compare,
+        "tier": None if tier == "auto" else tier,
     }
     scope = {k: v for k, v in chosen.items() if v}
     params.update(scope or select_params(panel, ctx))
@@ -164,7 +198,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     st.caption(
         f"{start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · bucket {every} · {agg}"
         + (f" · compared with {compare} earlier" if compare else "")
-        + f" · {len(df)} rows"
+        + f" · tier {tier} · {len(df)} rows"
     )
     if df.empty:
         st.info("No data for this selection.")
@@ -176,11 +210,13 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         prev = df[["ts", "series", f"{agg}_previous"]].rename(columns={f"{agg}_previous": "value"})
         prev["series"] = prev["series"] + f" ({compare} earlier)"
         long = pd.concat([long, prev])
+    shown_span = (df["ts"].max() - df["ts"].min()).total_seconds()
+    fmt = "%H:%M:%S" if shown_span <= 1800 else "%H:%M" if shown_span <= 86400 else "%m-%d %H:%M"
     layers = [
         alt.Chart(long)
         .mark_line(point=alt.OverlayMarkDef(size=10))
         .encode(
-            x=alt.X("ts:T", title=None, axis=alt.Axis(format="%m-%d %H:%M", labelOverlap=True)),
+            x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True)),
             y=alt.Y("value:Q", title=agg, scale=alt.Scale(zero=False)),
             color=alt.Color("series:N", legend=alt.Legend(orient="bottom", title=None)),
             strokeDash=alt.condition(

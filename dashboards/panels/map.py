@@ -1,9 +1,12 @@
-"""Devices on a map, coloured by status (pydeck). Devices without ``spec.location`` are placed
-on a small ring around their site's location and marked as approximate."""
+"""Devices on a map, coloured by status: a Vega-Lite scatter on lon/lat by default, deck.gl
+(pydeck, WebGL) with ``renderer: deck`` (or ``FLUX_MAP_RENDERER=deck``). Devices without
+``spec.location`` are placed on a small ring around their site's location, marked approximate."""
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from typing import Any
 
 import pandas as pd
@@ -63,6 +66,78 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         "  ".join(f"{STATUS_ICONS.get(s, '')} {s}: **{n}**" for s, n in sorted(counts.items()))
         + ("  ·  ring: no location declared" if df["approx"].any() else "")
     )
+    height = int(panel.get("height", 360))
+    renderer = str(panel.get("renderer") or os.environ.get("FLUX_MAP_RENDERER") or "chart")
+    with st.container(key="map-" + re.sub(r"[^A-Za-z0-9_-]+", "-", str(panel.get("title", "")))):
+        if renderer == "deck":
+            deck(df, height)
+        else:
+            chart(df, height)
+
+
+def chart(df: pd.DataFrame, height: int) -> None:
+    """A Vega-Lite scatter on lon/lat (pan and zoom with the mouse): no WebGL, no deck.gl
+    bundle, so it draws as fast as any chart; the sites we map are a few hundred metres wide,
+    where an equirectangular view is exact enough. Without a base map, like the deck view.
+
+    The spec is written as a dict (Altair's validation cost ~60 ms per refresh at 1,000
+    devices)."""
+    statuses = sorted(set(df["status"]) | {"online", "offline", "fault"})
+    colors = ["#{:02x}{:02x}{:02x}".format(*STATUS_COLORS.get(s, (0, 0, 0))) for s in statuses]
+    span_lat = float(df["lat"].max() - df["lat"].min()) or 0.001
+    span_lon = float(df["lon"].max() - df["lon"].min()) or 0.001
+    pad_lat, pad_lon = span_lat * 0.08 + 0.0002, span_lon * 0.08 + 0.0002
+    x = {
+        "field": "lon",
+        "type": "quantitative",
+        "axis": None,
+        "scale": {"domain": [float(df["lon"].min()) - pad_lon, float(df["lon"].max()) + pad_lon]},
+    }
+    y = {
+        "field": "lat",
+        "type": "quantitative",
+        "axis": None,
+        "scale": {"domain": [float(df["lat"].min()) - pad_lat, float(df["lat"].max()) + pad_lat]},
+    }
+    layers: list[dict[str, Any]] = [
+        {
+            "mark": {
+                "type": "circle",
+                "size": 60 if len(df) <= MAX_LABELS else 18,
+                "opacity": 0.9,
+                "stroke": "white",
+                "strokeWidth": 0.5,
+            },
+            "params": [{"name": "view", "select": "interval", "bind": "scales"}],
+            "encoding": {
+                "x": x,
+                "y": y,
+                "color": {
+                    "field": "status",
+                    "type": "nominal",
+                    "scale": {"domain": statuses, "range": colors},
+                    "legend": {"orient": "bottom", "title": None},
+                },
+                "tooltip": [{"field": c, "type": "nominal"} for c in ("name", "type", "status")],
+            },
+        }
+    ]
+    if len(df) <= MAX_LABELS:  # beyond that, labels are clutter: names on hover
+        layers.append(
+            {
+                "mark": {"type": "text", "dy": -10, "fontSize": 11, "color": "#333"},
+                "encoding": {"x": x, "y": y, "text": {"field": "name", "type": "nominal"}},
+            }
+        )
+    st.vega_lite_chart(
+        df[["name", "status", "type", "lat", "lon"]],
+        {"height": height, "layer": layers},
+        width="stretch",
+    )
+
+
+def deck(df: pd.DataFrame, height: int) -> None:
+    """deck.gl (WebGL): for large or spread-out sites; costs a WebGL context and its bundle."""
     span_lat = float(df["lat"].max() - df["lat"].min()) or 0.001
     span_lon = float(df["lon"].max() - df["lon"].min()) or 0.001
     zoom = max(2.0, min(18.0, math.log2(360 / max(span_lat, span_lon)) - 0.8))
@@ -103,5 +178,5 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             map_style=None,
             tooltip={"text": "{name}\n{type}\n{status}"},
         ),
-        height=int(panel.get("height", 360)),
+        height=height,
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, fmt_seconds, select_params
+from dashboards.core import Ctx, bucket_for, fmt_seconds, select_params
+from dashboards.live import AGGS, LiveSeries, refresh_series
 from twin.spec.units import parse_duration
 
 
@@ -16,6 +19,8 @@ def value(ctx: Ctx, panel: dict[str, Any]) -> float | None:
     agg = str(panel.get("aggregate", "avg"))
     span = int(parse_duration(panel.get("range", "5m")))
     try:
+        if agg in AGGS:
+            return _live_value(ctx, panel, metric, agg, span)
         table = ctx.client.query(
             metric=[metric],
             from_=f"-{fmt_seconds(span)}",
@@ -31,6 +36,39 @@ def value(ctx: Ctx, panel: dict[str, Any]) -> float | None:
         return None
     rows.sort(key=lambda r: str(r.get("ts")))
     return float(rows[-1][agg])
+
+
+def _live_value(ctx: Ctx, panel: dict[str, Any], metric: str, agg: str, span: int) -> float | None:
+    """The aggregate over the panel's range from fine buckets: a REST backfill, then the
+    WebSocket feed's readings (the window moves by whole buckets)."""
+    every = bucket_for(span, 30)
+    fresh = LiveSeries(
+        (metric,), frozenset(d["name"] for d in ctx.selected(panel)), every, span, False
+    )
+    params = select_params(panel, ctx)
+
+    def backfill(to: float) -> list[dict[str, Any]]:
+        table = ctx.client.query(
+            metric=[metric],
+            from_=f"{to - span:.3f}",
+            to=f"{to:.3f}",
+            every=fmt_seconds(every),
+            agg=["avg", "count", "min", "max"],
+            group_by="none",
+            **params,
+        )
+        return table.records()
+
+    key = f"live-stat:{panel.get('title')}:{metric}:{panel.get('select')!r}"
+    since = math.floor((time.time() - span) / every) * every
+    return refresh_series(
+        st.session_state,
+        key,
+        fresh,
+        ctx.live,
+        backfill,
+        read=lambda s: s.value(agg, metric, since=since),
+    )
 
 
 def _from_twins(ctx: Ctx, panel: dict[str, Any], metric: str, agg: str) -> float | None:

@@ -9,7 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params
+from dashboards.core import Ctx, bucket_for, fmt_seconds, select_params
+from dashboards.live import LiveSeries, refresh_series
 from twin.spec.dashboards import panel_metrics
 from twin.spec.units import parse_duration
 
@@ -18,20 +19,38 @@ MAX_LINES = 20
 
 
 def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
+    """The panel's buckets: one REST backfill, then the live feed's readings (WebSocket)."""
     span = parse_duration(panel.get("range", "15m"))
     every = panel.get("every") or fmt_seconds(bucket_for(span))
-    table = ctx.client.query(
-        metric=panel_metrics(panel),
-        from_=f"-{fmt_seconds(int(span))}",
-        every=every,
-        agg=["avg"],
-        group_by="device" if len(ctx.selected(panel)) <= MAX_LINES else "none",
-        **select_params(panel, ctx),
+    metrics = tuple(panel_metrics(panel))
+    selected = ctx.selected(panel)
+    by_device = len(selected) <= MAX_LINES
+    fresh = LiveSeries(
+        metrics,
+        frozenset(d["name"] for d in selected),
+        parse_duration(every),
+        span,
+        by_device,
+        label=f"average of {len(selected)} devices",
     )
-    df = frame(table)
-    if "device" not in df.columns:
-        df["device"] = f"average of {len(ctx.selected(panel))} devices"
-    return df
+    params = select_params(panel, ctx)
+
+    def backfill(to: float) -> list[dict[str, Any]]:
+        table = ctx.client.query(
+            metric=list(metrics),
+            from_=f"{to - span:.3f}",
+            to=f"{to:.3f}",
+            every=every,
+            agg=["avg", "count", "min", "max"],
+            group_by="device" if by_device else "none",
+            **params,
+        )
+        return table.records()
+
+    key = f"live-ts:{panel.get('title')}:{metrics}"
+    return refresh_series(
+        st.session_state, key, fresh, ctx.live, backfill, read=lambda s: s.frame()
+    )
 
 
 def chart(

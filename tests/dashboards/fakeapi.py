@@ -125,11 +125,15 @@ class FakeApi:
 
     def query(self, q: dict[str, list[str]]) -> dict[str, Any]:
         metrics = q.get("metric", ["temperature"])
-        agg = q.get("agg", ["avg"])[0]
+        aggs = [a for v in q.get("agg", ["avg"]) for a in v.split(",")]
+        agg = aggs[0]
+        extra = aggs[1:]
         group_by = q.get("group_by", ["device"])[0]
         devices = q.get("device") or [d["name"] for d in self.devices[:3]]
         t0 = int(time.time()) // 60 * 60 - 600
-        cols = ["ts", "device", "metric", agg] if group_by == "device" else ["ts", "metric", agg]
+        cols = (
+            ["ts", "device", "metric", *aggs] if group_by == "device" else ["ts", "metric", *aggs]
+        )
         compare = bool(q.get("compare"))
         if compare:
             cols += [f"{agg}_previous", f"{agg}_delta", f"{agg}_pct"]
@@ -140,6 +144,7 @@ class FakeApi:
                     ts = datetime.fromtimestamp(t0 + 60 * i, UTC).isoformat().replace("+00:00", "Z")
                     v = 20.0 + k + 0.5 * i
                     row: list[Any] = [ts, dev, m, v] if group_by == "device" else [ts, m, v]
+                    row += [{"count": 6, "min": v - 1, "max": v + 1}.get(a, v) for a in extra]
                     if compare:
                         row += [v - 1, 1.0, 5.0]
                     rows.append(row)

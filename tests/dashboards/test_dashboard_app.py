@@ -142,6 +142,21 @@ def test_history_compare_trend_and_export(api: FakeApi) -> None:
         assert rows[0] == list(shown.columns) and len(rows) == len(shown) + 1
 
 
+def test_history_resolution_picker(api: FakeApi) -> None:
+    at = app(api, page="History")
+    assert at.selectbox(key="hist-History-tier").options == ["auto", "raw", "1m", "1h", "1d"]
+    assert "tier" not in api.queries[-1]  # auto: the engine chooses from the bucket
+    at.selectbox(key="hist-History-tier").set_value("1h").run()
+    q = api.queries[-1]
+    assert q["tier"] == ["1h"] and q["every"] == ["1h"]  # the last hour's 30s bucket, widened
+    assert "tier 1h" in texts(at)
+    at.selectbox(key="hist-History-bucket").set_value("1m").run()
+    assert api.queries[-1]["every"] == ["1h"]
+    assert "finer than the 1h tier" in texts(at)
+    at.selectbox(key="hist-History-tier").set_value("raw").run()
+    assert api.queries[-1]["tier"] == ["raw"] and api.queries[-1]["every"] == ["1m"]
+
+
 def test_default_dashboard_when_the_site_declares_none(
     api: FakeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -174,6 +174,12 @@ def _shot(page: object, name: str) -> None:
     page.set_viewport_size({"width": 1280, "height": 800})  # type: ignore[attr-defined]
 
 
+def _ws_clients(api: httpx.Client) -> float:
+    text = api.get("/metrics").text
+    m = re.search(r"^twin_ws_clients (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
 def _colored_pixels(png: bytes) -> int:
     import numpy as np
     from PIL import Image
@@ -198,6 +204,8 @@ def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: ob
     # lines and points were drawn: the live chart fills in as readings arrive and the fragment
     # refreshes, so wait for it (bounded) rather than judging the first frame
     _until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=60)
+    # live panels read the engine's WebSocket (the dashboard's feed is a client of /ws)
+    _until(lambda: _ws_clients(api) >= 1)
     _shot(page, "overview")
     alarm = api.get("/api/v1/alarms", params={"state": "active"}).json()["items"][0]
     page.locator(f".st-key-ack-{alarm['id']} button").click()  # type: ignore[attr-defined]
@@ -233,6 +241,15 @@ def test_history_export_downloads_the_shown_rows(stack: dict[str, str], browser:
     assert table[0][:3] == ["ts", "device", "metric"] and len(table) - 1 == rows
     grid = page.locator("[data-testid=stDataFrame] [role=gridcell]").all_inner_texts()  # type: ignore[attr-defined]
     assert table[1][1] in grid  # the first exported row is a row on screen
+    # two periods on one chart with a trend line
+    page.get_by_text("Compare", exact=True).click()  # type: ignore[attr-defined]
+    page.get_by_text(re.compile(r"compared with \S+ earlier")).wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    page.get_by_text("Trend line", exact=True).click()  # type: ignore[attr-defined]
+    frames = page.locator("[data-testid=stDataFrame]")  # type: ignore[attr-defined]
+    _until(lambda: frames.count() >= 2)  # the slopes, then the rows
+    chart = page.locator("[data-testid=stVegaLiteChart]").first  # type: ignore[attr-defined]
+    _until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=30)
+    _shot(page, "history-compare-trend")
     page.close()  # type: ignore[attr-defined]
 
 
