@@ -104,7 +104,6 @@ def fast_config(**kw: Any) -> EngineConfig:
     kw.setdefault("backoff", Backoff(initial=0.1, maximum=1.0, reset_after=5.0))
     kw.setdefault("reload_interval", 0.1)
     kw.setdefault("metrics_interval", 5.0)
-    kw.setdefault("reconcile_interval", 1.0)
     return EngineConfig(**kw)
 
 

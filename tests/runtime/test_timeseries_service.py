@@ -119,7 +119,7 @@ async def test_retention_policies_hot_reload_and_roll_up(
         assert service.store is not None
         await eventually(lambda: "agg_1s" in service.store.tiers() if service.store else False)
         await eventually(
-            lambda: service.last_pass is not None and bool(service.last_pass["rolled_up"])
+            lambda: service.last_rollup is not None and bool(service.last_rollup["rolled_up"])
         )
         tier = service.store.aggregate("agg_1s", Selector.of(devices="t1"), 0, 2e9, 1.0)
         assert tier.num_rows > 0 and all(c > 0 for c in tier.column("count").to_pylist())

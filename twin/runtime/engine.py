@@ -9,8 +9,14 @@ engine
 └─ services          handed in by the caller (the API server from twin.api), each
                      ``async def service(engine, *, task_status)``
 ```
-Services start with ``nursery.start`` and report readiness; ``Engine.run`` reports the engine
-itself once everything is up. Cancel the surrounding scope to stop; cleanup is shielded.
+Start order (``Engine.run``): registry writer and controller, restored statuses, then the
+head revision is *read* (``engine.specs`` and ``engine.revision`` are set, so services see the
+documents they will serve), then every service is started and reports readiness, and only
+then are the device tasks started (``reload``). Consumers therefore subscribe to the bus
+before the first producer runs: no reading produced after startup is lost (the time-series
+pump, the scenes and the MQTT hub the mqtt binding needs are all up before any device).
+Later revisions are reconciled by the reload watcher. ``Engine.run`` reports the engine itself
+once everything is up. Cancel the surrounding scope to stop; cleanup is shielded.
 """
 
 from __future__ import annotations
@@ -49,7 +55,6 @@ class EngineConfig:
     state_dir: Path = Path(".twin")
     reload_interval: float = 0.25
     metrics_interval: float = 60.0
-    reconcile_interval: float = 10.0  # unused: desired values go through ControlService
     channel_size: int = 256
     backoff: Backoff = field(default_factory=Backoff)
     default_heartbeat: Heartbeat | None = None
@@ -96,6 +101,7 @@ class Engine:
         self.specs: dict[Key, dict[str, Any]] = {}
         self.last_changes = Changes()
         self.started_at: float | None = None
+        self._reconciled: int | None = None  # revision number the device tasks run
         self._poke = trio.Event()
         self._revision_changed = trio.Event()
         self._lock = trio.Lock()
@@ -124,14 +130,28 @@ class Engine:
         self.prom.child(self.prom.status_transitions, str(new)).inc()
 
     # -- reload -------------------------------------------------------------------------------
+    async def _read_head(self) -> None:
+        """Load the head revision's documents without starting devices (start-up, before the
+        services): services configure themselves from ``engine.specs`` before any reading."""
+        async with self._lock:
+            head = await self.rio.call(self.registry.head)
+            if head is None:
+                return
+            self.specs = await self.rio.call(self.registry.specs, head.number)
+            self.revision = head
+
     async def reload(self) -> Changes | None:
         """Reconcile the registry's head if it moved. Returns what changed (None: nothing new)."""
         async with self._lock:
             head = await self.rio.call(self.registry.head)
-            if head is None or (self.revision is not None and head.number == self.revision.number):
+            if head is None or head.number == self._reconciled:
                 return None
-            specs = await self.rio.call(self.registry.specs, head.number)
+            if self.revision is not None and head.number == self.revision.number:
+                specs = self.specs  # read at start-up by _read_head
+            else:
+                specs = await self.rio.call(self.registry.specs, head.number)
             changes = await self.controller.reconcile(specs)
+            self._reconciled = head.number
             self.specs, self.revision, self.last_changes = specs, head, changes
             self.prom.revision.set(head.number)
             self.prom.device_tasks.set(len(self.controller.tasks))
@@ -196,15 +216,17 @@ class Engine:
                 await nursery.start(self.writer.run)
                 await nursery.start(self.controller.run)
                 await self._restore()
-                await self.reload()
-                nursery.start_soon(self._watch)
-                nursery.start_soon(self._flush_metrics)
+                await self._read_head()
+                # services first (they subscribe to the bus), devices after: see the docstring
                 for service in self.services:
                     name = str(
                         getattr(service, "name", None)
                         or getattr(service, "__name__", type(service).__name__)
                     )
                     self.service_info[name] = await nursery.start(service, self)
+                await self.reload()
+                nursery.start_soon(self._watch)
+                nursery.start_soon(self._flush_metrics)
                 log.info(
                     "engine: up (revision %d, %d devices)", self.revision_number, len(self.twins)
                 )

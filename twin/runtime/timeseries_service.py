@@ -5,8 +5,12 @@
     timeseries
     ├─ pump        bus subscription (kind "reading") → records with the device's tags → writer
     ├─ writer      BatchedWriter: flush by size / time, bounded, store calls in a worker thread
-    ├─ retention   RetentionManager over the ``kind: RetentionPolicy`` documents of the running
-    │              revision, rebuilt when they change (hot reload), a pass every ``interval``
+    ├─ rollup      RetentionManager.downsample as soon as a window of any tier closes
+    │              (+ ``rollup_lateness``), after the writer has flushed every reading
+    │              accepted until then
+    ├─ retention   expiry + compaction every ``retention_interval`` (slow cadence); the
+    │              manager is built from the running revision's ``kind: RetentionPolicy``
+    │              documents and rebuilt when they change (hot reload)
     └─ monitor     StorageMonitor → Prometheus gauges on /metrics, disk-nearly-full alarm
 
 Store: LanceDB in ``<state_dir>/timeseries`` by default; ``url`` (or ``$TWIN_TIMESERIES``)
@@ -27,12 +31,25 @@ than its free-space threshold (LanceDB: 5 % of the disk or twice ``min_free_byte
 cleared automatically when space returns. Writes are refused below ``min_free_bytes`` and the
 writer retries them (producers block) until space returns.
 
+Rollup lag: a window ``[t, t+res)`` closes at ``t+res``; the rollup loop sleeps until
+``t+res+rollup_lateness`` (``RetentionManager.next_due``) so that readings stamped inside the
+window have reached the pump, then waits until the writer has stored every reading the pump
+had accepted at that moment (a flush barrier on ``points_written``; it waits as long as the
+store refuses writes, e.g. on a full disk, rather than rolling up a window with holes), then
+rolls up. Readings that arrive later than that (a device clock far behind, store-and-forward
+replays) are in raw but not in the tier. Per (policy, tier) the storage stats
+(``GET /api/v1/timeseries/storage`` → ``rollup``) and /metrics report the watermark, its age
+(``now - watermark``: ``twin_timeseries_rollup_watermark_age_seconds``) and the lag proper,
+how long the oldest closed window has waited (``twin_timeseries_rollup_lag_seconds``), computed
+at scrape time. ``benchmarks/timeseries/rollup_lag.py`` measures it.
+
 ``engine.service_info["timeseries"]`` is this object: the API and CLI use ``.store``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -97,6 +114,39 @@ class _Prom:
         self.passes = Counter(
             "twin_timeseries_retention_passes", "Retention passes", ["result"], registry=r
         )
+        self.rollups = Counter(
+            "twin_timeseries_rollups", "Rollup (downsampling) runs", ["result"], registry=r
+        )
+
+
+class _LagCollector:
+    """Rollup lag per (policy, tier), computed when /metrics is scraped."""
+
+    def __init__(self, service: TimeSeriesService) -> None:
+        self.service = service
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        lag = GaugeMetricFamily(
+            "twin_timeseries_rollup_lag_seconds",
+            "How long the oldest closed window not rolled up yet has been closed (0: current)",
+            labels=["policy", "tier"],
+        )
+        age = GaugeMetricFamily(
+            "twin_timeseries_rollup_watermark_age_seconds",
+            "now minus the tier's watermark (includes the open window)",
+            labels=["policy", "tier"],
+        )
+        for t in self.service.rollup_lags():
+            if t["lag_s"] is not None:
+                lag.add_metric([t["policy"], t["tier"]], t["lag_s"])
+                age.add_metric([t["policy"], t["tier"]], t["watermark_age_s"])
+        yield lag
+        yield age
 
 
 @dataclass
@@ -110,6 +160,11 @@ class TimeSeriesService:
     max_chunks: int = 16
     bus_buffer: int = 20_000
     retention_interval: float = 60.0
+    """Expiry and compaction cadence (rollup has its own prompt loop)."""
+    rollup_lateness: float = 5.0
+    """Seconds after a window closes before it is rolled up (readings in flight)."""
+    rollup_retry: float = 5.0
+    """Delay before retrying a failed rollup."""
     monitor_interval: float = 30.0
     policy_check_interval: float = 0.5
     store_options: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +175,9 @@ class TimeSeriesService:
     policies: dict[str, Mapping[str, Any]] = field(default_factory=dict, init=False)
     last_report: dict[str, Any] | None = field(default=None, init=False)
     last_pass: dict[str, Any] | None = field(default=None, init=False)
+    last_rollup: dict[str, Any] | None = field(default=None, init=False)
+    accepted: int = field(default=0, init=False)
+    """Readings the pump handed to the writer (the rollup's flush barrier)."""
     description: str = field(default="", init=False)
     _engine: Engine | None = field(default=None, init=False, repr=False)
     _prom: _Prom | None = field(default=None, init=False, repr=False)
@@ -128,6 +186,8 @@ class TimeSeriesService:
     _alarm_raised: bool | None = field(default=None, init=False, repr=False)
     _pass_lock: trio.Lock = field(default_factory=trio.Lock, init=False, repr=False)
     _policies_changed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _rollup_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _flushed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
 
     # --- service entry ------------------------------------------------------------------
     async def __call__(
@@ -148,9 +208,11 @@ class TimeSeriesService:
         self.description = describe(self.url, state_dir) if owned else type(store).__name__
         self._prom = _Prom(engine.prom.registry)
         prom = self._prom
+        engine.prom.registry.register(_LagCollector(self))
 
         def flushed(n: int) -> None:
             prom.written.inc(n)
+            self._flushed.set()
 
         self.writer = BatchedWriter(
             store,
@@ -166,6 +228,7 @@ class TimeSeriesService:
                 await self._load_policies()
                 nursery.start_soon(self._pump, sub)
                 nursery.start_soon(self._watch_policies)
+                nursery.start_soon(self._rollup_loop)
                 nursery.start_soon(self._retention_loop)
                 nursery.start_soon(self._monitor_loop, monitor)
                 log.info("timeseries: storing readings in %s", self.description)
@@ -252,6 +315,7 @@ class TimeSeriesService:
                         event = None
                 if chunk:
                     await writer.write_many(chunk)
+                    self.accepted += len(chunk)
         finally:
             engine.bus.close(sub)
 
@@ -276,7 +340,9 @@ class TimeSeriesService:
         assert store is not None
         async with self._pass_lock:
             self.retention = (
-                await trio.to_thread.run_sync(lambda: RetentionManager(store, policies))
+                await trio.to_thread.run_sync(
+                    lambda: RetentionManager(store, policies, lateness=self.rollup_lateness)
+                )
                 if policies
                 else None
             )
@@ -298,11 +364,15 @@ class TimeSeriesService:
             try:
                 if await self._load_policies():
                     self._policies_changed.set()
+                    self._rollup_wake.set()
             except Exception:
                 log.exception("timeseries: reloading retention policies failed")
 
-    async def run_retention(self, now: float | None = None) -> dict[str, Any] | None:
-        """One retention pass now (API/CLI "run retention now"); None without policies."""
+    async def run_retention(
+        self, now: float | None = None, *, rollup: bool = True
+    ) -> dict[str, Any] | None:
+        """One retention pass now (API/CLI "run retention now": rollup, expiry, compaction;
+        ``rollup=False``: the slow loop's expiry and compaction only). None without policies."""
         store = self.store
         assert store is not None and self._prom is not None
         async with self._pass_lock:
@@ -310,7 +380,10 @@ class TimeSeriesService:
             if mgr is None:
                 return None
             try:
-                report = await trio.to_thread.run_sync(mgr.run_once, now)
+                if rollup:
+                    report = await trio.to_thread.run_sync(mgr.run_once, now)
+                else:
+                    report = await trio.to_thread.run_sync(mgr.expire_and_reclaim, now)
             except Exception:
                 self._prom.passes.labels("error").inc()
                 raise
@@ -327,12 +400,78 @@ class TimeSeriesService:
     async def _retention_loop(self) -> None:
         while True:
             try:
-                await self.run_retention()
+                await self.run_retention(rollup=False)
             except Exception:
                 log.exception("timeseries: retention pass failed; retrying next interval")
             with trio.move_on_after(self.retention_interval):
                 await self._policies_changed.wait()
             self._policies_changed = trio.Event()
+
+    # --- rollup -------------------------------------------------------------------------
+    async def flush_barrier(self) -> None:
+        """Wait until every reading the pump has accepted so far is in the store."""
+        writer = self.writer
+        assert writer is not None
+        target = self.accepted
+        waited = 0
+        while writer.points_written < target:
+            self._flushed = trio.Event()
+            with trio.move_on_after(30) as scope:
+                await self._flushed.wait()
+            if scope.cancelled_caught:
+                waited += 30
+                log.warning(
+                    "timeseries: rollup waits for the writer (%d of %d readings stored, %ds)",
+                    writer.points_written,
+                    target,
+                    waited,
+                )
+
+    async def run_rollup(self, now: float | None = None) -> dict[str, int] | None:
+        """Roll up every closed window now (what the rollup loop runs); None without
+        policies. Callers that need every accepted reading included run ``flush_barrier``
+        first."""
+        assert self._prom is not None
+        t0 = time.perf_counter()
+        async with self._pass_lock:
+            mgr = self.retention
+            if mgr is None:
+                return None
+            try:
+                written = await trio.to_thread.run_sync(mgr.downsample, now)
+            except Exception:
+                self._prom.rollups.labels("error").inc()
+                raise
+        self._prom.rollups.labels("ok").inc()
+        self.last_rollup = {
+            "at": time.time(),
+            "rolled_up": written,
+            "seconds": time.perf_counter() - t0,
+        }
+        return written
+
+    def rollup_lags(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Watermark, watermark age and rollup lag per (policy, tier) of the running
+        manager (see the module docstring); empty without policies."""
+        mgr = self.retention
+        return [t.as_dict() for t in mgr.lags(now)] if mgr is not None else []
+
+    async def _rollup_loop(self) -> None:
+        while True:
+            mgr = self.retention
+            delay = math.inf if mgr is None else mgr.next_due() - time.time()
+            if delay > 0:
+                with trio.move_on_after(min(delay, 3600.0)):
+                    await self._rollup_wake.wait()
+                self._rollup_wake = trio.Event()
+            if self.retention is None:
+                continue
+            await self.flush_barrier()
+            try:
+                await self.run_rollup()
+            except Exception:
+                log.exception("timeseries: rollup failed; retrying in %.0fs", self.rollup_retry)
+                await trio.sleep(self.rollup_retry)
 
     # --- monitoring ---------------------------------------------------------------------
     async def refresh_stats(self, monitor: StorageMonitor | None = None) -> dict[str, Any]:
@@ -352,7 +491,13 @@ class TimeSeriesService:
         )
         report["store"] = self.description
         report["policies"] = sorted(self.policies)
+        report["skipped_policies"] = dict(self.retention.skipped) if self.retention else {}
         report["last_retention_pass"] = self.last_pass
+        report["rollup"] = {
+            "lateness_s": self.rollup_lateness,
+            "tiers": self.rollup_lags(),
+            "last": self.last_rollup,
+        }
         self.last_report = report
         self._export(report)
         self._alarm(report)

@@ -13,20 +13,52 @@
         - {resolution: 1h, keep: 365d}
         - {resolution: 1d, keep: inf}
 
+One series, one policy
+    A series must be governed by at most one policy: two policies rolling up the same
+    series would write its partials twice into a shared tier (counts and sums doubled) and
+    fight over its raw data with different ``keep`` values. ``twin validate`` rejects
+    policies whose selectors can overlap (rules in ``twin.spec.retention_check``); a
+    ``RetentionManager`` handed overlapping policies anyway (an old revision, a library
+    caller) runs only the first of each overlapping pair by name and lists the others in
+    ``skipped`` with the reason, so no series is ever processed twice.
+
 Downsampling
     Tier *n* is computed from tier *n-1* (the first from raw) over **closed windows only**:
     up to ``now - lateness`` floored to the tier's resolution, and never past the source
     tier's own watermark. A per-(policy, tier) watermark in the store's metadata records how
     far a tier is complete; each step replaces the tier's rows for its window
-    (delete + add), so re-running changes nothing, a crash between the two is repaired by
-    the next run, and after downtime the loop simply catches up window by window. Tiers
-    store partials (count, sum, min, max, first, last), so every aggregate can be answered
-    from them whatever ``aggregates`` lists (the list documents intent and is validated).
+    (delete + add), so re-running changes nothing, and after downtime the loop simply
+    catches up window by window. Tiers store partials (count, sum, min, max, first, last),
+    so every aggregate can be answered from them whatever ``aggregates`` lists (the list
+    documents intent and is validated).
+
+    Rollup is incremental and prompt: ``downsample`` is cheap when nothing closed, and
+    ``next_due`` says when the next window of any tier closes (plus ``lateness``), so the
+    engine's rollup loop (``TimeSeriesService``) runs it right then, independently of the
+    slow expiry/compaction cadence. ``lags`` reports, per (policy, tier), the watermark, its
+    age (``now - watermark``, which includes the open window) and the rollup lag proper:
+    how long the oldest *closed* window that is not rolled up yet has been closed
+    (``max(0, now - (watermark + resolution))``), 0 when the tier is up to date.
+
+Killed mid-rollup
+    The watermark moves only after a window's replace has completed, and queries read
+    raw data after the watermark. A process killed between the delete and the add (or
+    before the watermark write) leaves the window's tier rows missing or complete but
+    behind the watermark; either way queries still answer that window from raw, and the
+    next run replaces the window again. Nothing is counted twice, nothing is lost
+    (``tests/timeseries/test_retention_rollup.py`` kills a rollup at each of these points).
+
+Full disk
+    A rollup write on a full disk fails with ``StorageError`` (LanceDB refuses writes below
+    ``min_free_bytes`` before touching the table); the watermark stays where it was, the
+    source data is kept (expiry never deletes past the next tier's watermark), the failure
+    is logged and counted, and the loop retries: the tier catches up when space returns.
 
 Expiry
     Each tier's rows older than ``keep`` are deleted, but never data that the next tier has
     not rolled up yet (the cut-off is capped at that tier's watermark). After deleting, the
-    store compacts and drops old versions, which is what returns the space.
+    store compacts and drops old versions, which is what returns the space. Expiry and
+    compaction run on the slow cadence (``expire_and_reclaim``); ``run_once`` does both.
 
 Query tier choice
     The catalogue (``tiers`` meta) lists, per tier, its resolution and the policies feeding
@@ -46,7 +78,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twin.spec.units import format_duration, parse_duration
+from twin.spec.retention_check import SelectorSets, disjoint_reason, tier_problems
+from twin.spec.units import parse_duration
 from twin.timeseries.base import RAW, Agg, Selector, StorageStats, tier_name
 from twin.timeseries.query import TIERS_META
 
@@ -80,6 +113,11 @@ class RetentionPolicy:
     tiers: tuple[Tier, ...]
     site: str | None = None
 
+    def disjoint_from(self, other: RetentionPolicy) -> str | None:
+        """Why no series can match both policies (see ``twin.spec.retention_check``), or
+        None when they may overlap."""
+        return disjoint_reason(_sets(self.selector), _sets(other.selector))
+
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any]) -> RetentionPolicy:
         """Validate a ``kind: RetentionPolicy`` document (schema + meaning); ValueError."""
@@ -104,6 +142,19 @@ class RetentionPolicy:
         return cls(meta["name"], selector, tuple(tiers), site)
 
 
+def _sets(sel: Selector) -> SelectorSets:
+    def f(values: tuple[str, ...]) -> frozenset[str] | None:
+        return frozenset(values) if values else None
+
+    return SelectorSets(
+        site=f(sel.sites),
+        group=f(sel.groups),
+        device=f(sel.devices),
+        metric=f(sel.metrics),
+        tag=frozenset(sel.tags),
+    )
+
+
 def validate_doc(doc: Mapping[str, Any]) -> list[str]:
     """Every problem with a RetentionPolicy document, as ``path: message`` strings."""
     errors: list[str] = []
@@ -119,31 +170,10 @@ def validate_doc(doc: Mapping[str, Any]) -> list[str]:
         pass
     if errors:
         return errors
-    tiers = doc["spec"]["tiers"]
-    prev: float | None = None
-    for i, t in enumerate(tiers):
-        path = f"spec.tiers.{i}"
-        if t["resolution"] == "raw":
-            if i != 0:
-                errors.append(f"{path}.resolution: raw must be the first tier")
-            continue
-        try:
-            res = parse_duration(t["resolution"])
-        except ValueError as exc:
-            errors.append(f"{path}.resolution: {exc}")
-            continue
-        if res <= 0 or res != round(res):
-            errors.append(f"{path}.resolution: must be a whole number of seconds > 0")
-        elif prev is not None and (res <= prev or res % prev):
-            errors.append(
-                f"{path}.resolution: {t['resolution']} must be a multiple of the previous "
-                f"tier's {format_duration(prev)}"
-            )
-        prev = res
-        try:
-            parse_duration(t["keep"], allow_inf=True)
-        except ValueError as exc:
-            errors.append(f"{path}.keep: {exc}")
+    from twin.spec.paths import format_path
+
+    for tier_path, message in tier_problems(doc["spec"]["tiers"]):
+        errors.append(f"{format_path(tier_path)}: {message}")
     return errors
 
 
@@ -159,8 +189,33 @@ class PassReport:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class TierLag:
+    """How far one (policy, tier) is behind ``now`` (see the module docstring)."""
+
+    policy: str
+    tier: str
+    resolution: float
+    watermark: float | None  # None: never run
+    age: float | None  # now - watermark (includes the open window)
+    lag: float | None  # how long the oldest closed, not rolled-up window has been closed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "tier": self.tier,
+            "resolution_s": self.resolution,
+            "watermark": self.watermark,
+            "watermark_age_s": self.age,
+            "lag_s": self.lag,
+        }
+
+
 class RetentionManager:
-    """Runs downsampling and expiry for a set of policies against one store."""
+    """Runs downsampling and expiry for a set of policies against one store.
+
+    Policies are taken in name order; a policy that may overlap an earlier one is not run
+    (``skipped`` maps its name to the reason) so no series is processed twice."""
 
     def __init__(
         self,
@@ -170,11 +225,26 @@ class RetentionManager:
         lateness: float = 0.0,
     ) -> None:
         self.store = store
-        self.policies = list(policies)
+        given = sorted(policies, key=lambda p: p.name)
         self.lateness = lateness
-        names = [p.name for p in self.policies]
+        names = [p.name for p in given]
         if len(set(names)) != len(names):
             raise ValueError("RetentionPolicy names must be unique")
+        self.policies: list[RetentionPolicy] = []
+        self.skipped: dict[str, str] = {}
+        for p in given:
+            clash = next((q for q in self.policies if p.disjoint_from(q) is None), None)
+            if clash is not None:
+                self.skipped[p.name] = f"its selector overlaps RetentionPolicy {clash.name!r}"
+                log.error(
+                    "timeseries: RetentionPolicy %s not run: its selector overlaps %s "
+                    "(a series would be rolled up twice)",
+                    p.name,
+                    clash.name,
+                )
+                continue
+            self.policies.append(p)
+        self.watermarks: dict[tuple[str, str], float | None] = {}
         self._publish_catalogue()
 
     # --- catalogue for query tier choice --------------------------------------------
@@ -191,12 +261,10 @@ class RetentionManager:
                 if entry["keep"] is None or (keep is not None and keep < entry["keep"]):
                     entry["keep"] = keep
                 wm = self.store.get_meta(_wm_key(p.name, t.name))
+                wm_f = float(wm) if wm is not None else None
+                self.watermarks[(p.name, t.name)] = wm_f
                 entry["policies"].append(
-                    {
-                        "name": p.name,
-                        "selector": asdict(p.selector),
-                        "wm": float(wm) if wm is not None else None,
-                    }
+                    {"name": p.name, "selector": asdict(p.selector), "wm": wm_f}
                 )
         self.store.set_meta(TIERS_META, json.dumps(cat))
 
@@ -216,7 +284,11 @@ class RetentionManager:
 
     def downsample(self, now: float | None = None) -> dict[str, int]:
         now = time.time() if now is None else now
-        written: dict[str, int] = {}
+        written: dict[str, int] = {}  # tier -> partial rows written (tiers with rows only)
+        moved = False  # a watermark moved: republish the catalogue for query tier choice
+        # ``store.rollup(source, tier, selector, start, end, bucket)`` (PostgreSQL) does
+        # aggregate + replace_partials in one go without the Arrow round trip
+        fast_rollup = getattr(self.store, "rollup", None)
         for p in self.policies:
             source = RAW
             source_wm: float | None = None
@@ -238,16 +310,54 @@ class RetentionManager:
                 a = start
                 while a < closed:
                     b = min(a + step, closed)
-                    rows = self.store.aggregate(source, p.selector, a, b, res)
-                    self.store.replace_partials(t.name, p.selector, a, b, rows)
+                    if fast_rollup is not None:  # the same replace, computed in the store
+                        n = int(fast_rollup(source, t.name, p.selector, a, b, res))
+                    else:
+                        rows = self.store.aggregate(source, p.selector, a, b, res)
+                        self.store.replace_partials(t.name, p.selector, a, b, rows)
+                        n = rows.num_rows
                     self.store.set_meta(key, repr(b))
-                    written[t.name] = written.get(t.name, 0) + rows.num_rows
+                    self.watermarks[(p.name, t.name)] = b
+                    if n:
+                        written[t.name] = written.get(t.name, 0) + n
+                    moved = True
                     a = b
                 if wm_raw is None and a == start:
                     self.store.set_meta(key, repr(start))
+                    self.watermarks[(p.name, t.name)] = start
+                    moved = True
                 source, source_wm = t.name, max(a, start)
-        self._publish_catalogue()
+        if moved:
+            self._publish_catalogue()
         return written
+
+    def next_due(self, now: float | None = None) -> float:
+        """When (epoch seconds) the next window of any tier closes, lateness included: the
+        time at which ``downsample`` next has something to do. ``inf`` without tiers."""
+        now = time.time() if now is None else now
+        due = math.inf
+        for p in self.policies:
+            for t in p.tiers:
+                if t.resolution is None:
+                    continue
+                res = t.resolution
+                k = math.floor((now - self.lateness) / res)
+                due = min(due, (k + 1) * res + self.lateness)
+        return due
+
+    def lags(self, now: float | None = None) -> list[TierLag]:
+        """Per (policy, tier) watermark, watermark age and rollup lag (module docstring)."""
+        now = time.time() if now is None else now
+        out = []
+        for p in self.policies:
+            for t in p.tiers:
+                if t.resolution is None:
+                    continue
+                wm = self.watermarks.get((p.name, t.name))
+                age = None if wm is None else now - wm
+                lag = None if wm is None else max(0.0, now - (wm + t.resolution))
+                out.append(TierLag(p.name, t.name, t.resolution, wm, age, lag))
+        return out
 
     # --- expiry ---------------------------------------------------------------------
     def expire(self, now: float | None = None) -> dict[str, int]:
@@ -271,8 +381,17 @@ class RetentionManager:
     def run_once(self, now: float | None = None) -> PassReport:
         """One pass: roll up closed windows, expire, reclaim space when rows were deleted."""
         t0 = time.perf_counter()
+        rolled_up = self.downsample(now)
+        report = self.expire_and_reclaim(now)
+        report.rolled_up = rolled_up
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def expire_and_reclaim(self, now: float | None = None) -> PassReport:
+        """The slow part of a pass: expire, then compact and drop old versions (reclaiming
+        the space when rows were deleted, routine maintenance otherwise)."""
+        t0 = time.perf_counter()
         report = PassReport()
-        report.rolled_up = self.downsample(now)
         report.expired = self.expire(now)
         if report.expired:
             before = self.store.stats().bytes
@@ -282,8 +401,7 @@ class RetentionManager:
             self.store.maintain()
         report.seconds = time.perf_counter() - t0
         log.info(
-            "timeseries: retention pass rolled up %s, expired %s, reclaimed %d bytes in %.2fs",
-            report.rolled_up,
+            "timeseries: retention pass expired %s, reclaimed %d bytes in %.2fs",
             report.expired,
             report.reclaimed_bytes,
             report.seconds,
@@ -296,20 +414,26 @@ class RetentionManager:
         *,
         task_status: trio.TaskStatus[None] | None = None,
     ) -> None:
-        """Scheduled service: a pass every ``interval`` seconds (rollup lag ≤ interval +
-        the tier's resolution). Errors are logged and the next pass tries again."""
+        """Standalone scheduler (the engine uses ``TimeSeriesService``'s loops instead):
+        rollup as soon as a window closes (``next_due``), expiry and compaction every
+        ``interval`` seconds. Errors are logged and retried."""
         import trio
 
         from twin.errors import StorageError
 
         if task_status is not None:
             task_status.started()
+        next_expiry = 0.0
         while True:
             try:
-                await trio.to_thread.run_sync(self.run_once)
+                await trio.to_thread.run_sync(self.downsample)
+                if time.time() >= next_expiry:
+                    await trio.to_thread.run_sync(self.expire_and_reclaim)
+                    next_expiry = time.time() + interval
             except StorageError as exc:
                 log.error("timeseries: retention pass failed: %s", exc)
-            await trio.sleep(interval)
+            wake = min(self.next_due(), next_expiry)
+            await trio.sleep(max(0.05, min(wake - time.time(), interval)))
 
 
 # --- monitoring --------------------------------------------------------------------------
