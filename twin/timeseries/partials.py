@@ -18,13 +18,35 @@ from twin.timeseries.base import PARTIAL_SCHEMA, SERIES_COLUMNS, TS_TYPE
 _DENSE_LIMIT = 1 << 40
 
 
-def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, pa.Array]:
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    enc = pc.dictionary_encode(col)
-    if isinstance(enc, pa.ChunkedArray):
-        enc = enc.unify_dictionaries().combine_chunks() if enc.num_chunks else enc.combine_chunks()
-    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary
+def _codes(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray | None, pa.Array]:
+    """Integer codes per row and the dictionary they index (one code per distinct value).
+
+    Dictionary columns (how Lance returns ``site``, ``grp``, ``tags``) are unified and
+    their dictionary de-duplicated instead of being decoded to strings and re-encoded:
+    ~10x less work per row (profiled: ``_codes`` was a quarter of a downsampling pass).
+    ``None`` codes: the column holds one value (at most) in every row."""
+    if isinstance(col, pa.ChunkedArray) and pa.types.is_dictionary(col.type):
+        arr = col.unify_dictionaries().combine_chunks() if col.num_chunks else col.combine_chunks()
+    elif isinstance(col, pa.Array) and pa.types.is_dictionary(col.type):
+        arr = col
+    else:
+        enc = pc.dictionary_encode(col)
+        if isinstance(enc, pa.ChunkedArray):
+            enc = (
+                enc.unify_dictionaries().combine_chunks()
+                if enc.num_chunks
+                else enc.combine_chunks()
+            )
+        return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64), enc.dictionary
+    values = arr.dictionary
+    uniq = pc.dictionary_encode(values)  # a dictionary may repeat values: map them together
+    if len(uniq.dictionary) <= 1:  # one site / group / tag set: no per-row codes needed
+        return None, uniq.dictionary
+    indices = np.asarray(arr.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    if len(uniq.dictionary) == len(values):
+        return indices, values
+    remap = np.asarray(uniq.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+    return remap[indices], uniq.dictionary
 
 
 def _dense(key: np.ndarray) -> np.ndarray:
@@ -32,16 +54,31 @@ def _dense(key: np.ndarray) -> np.ndarray:
     return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _series_key(table: pa.Table) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, pa.Array]]]:
+def _series_key(
+    table: pa.Table,
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray | None, pa.Array]]]:
     key = np.zeros(table.num_rows, dtype=np.int64)
-    parts: dict[str, tuple[np.ndarray, pa.Array]] = {}
+    parts: dict[str, tuple[np.ndarray | None, pa.Array]] = {}
     for name in SERIES_COLUMNS:
         codes, dictionary = _codes(table.column(name))
         parts[name] = (codes, dictionary)
-        key = key * max(1, len(dictionary)) + codes
+        if codes is None or len(dictionary) <= 1:
+            continue  # one value (a site, a group): it does not split series
+        key = key * len(dictionary) + codes
         if key.size and int(key.max()) > _DENSE_LIMIT:
             key = _dense(key)
     return key, parts
+
+
+def _group_order(key: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Row order by (key, t). A stable sort of ``key`` alone is enough when ``t`` already
+    ascends within every key, which is how Lance returns clustered fragments (timsort also
+    exploits their runs); otherwise a full lexsort."""
+    order = np.argsort(key, kind="stable")
+    ks, ts = key[order], t[order]
+    if ks.size < 2 or bool(np.all((ks[1:] != ks[:-1]) | (ts[1:] >= ts[:-1]))):
+        return order
+    return np.lexsort((t, key))
 
 
 def _f64(col: pa.ChunkedArray) -> np.ndarray:
@@ -57,7 +94,7 @@ def _build(
     bucket_s: float,
     *,
     bucket_t: np.ndarray,
-    count: np.ndarray,
+    count: np.ndarray | None,
     s: np.ndarray,
     lo: np.ndarray,
     hi: np.ndarray,
@@ -80,37 +117,67 @@ def _build(
     if series.size and int(series.max()) * nb > _DENSE_LIMIT:
         series = _dense(series)
     key = series * nb + (bidx - bmin)
-    order = np.lexsort((first_t, key))
+    order = _group_order(key, first_t)
     ks = key[order]
     starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
     ends = np.r_[starts[1:], n]
-    last_order = np.lexsort((last_t, key))  # same grouping, ordered by last time
-    last_rows = last_order[ends - 1]
     first_rows = order[starts]
+    # raw rows have one time per row: the same order serves first and last
+    last_order = order if last_t is first_t else _group_order(key, last_t)
+    last_rows = last_order[ends - 1]
 
-    def red(fn: np.ufunc, values: np.ndarray) -> np.ndarray:
-        return np.asarray(fn.reduceat(values[order], starts))
+    if s is lo and s is hi and s is first_v and s is last_v:
+        # raw rows: one value per row, gathered once (~2x less work than the general case)
+        v = s[order]
+        ok = valid[order]
+        counts = (
+            np.diff(np.r_[starts, n]) if count is None else np.add.reduceat(count[order], starts)
+        )
+        if ok.all():  # the common case: no NaN / string rows
+            nvalid = counts
+            sums = np.add.reduceat(v, starts)
+        else:
+            nvalid = np.add.reduceat(ok.astype(np.int64), starts)
+            sums = np.add.reduceat(np.where(ok, v, 0.0), starts)
+        mins = np.fmin.reduceat(v, starts)
+        maxs = np.fmax.reduceat(v, starts)
+        fv, lv = v[starts], v[ends - 1]
+    else:
 
-    nvalid = red(np.add, valid.astype(np.int64))
+        def red(fn: np.ufunc, values: np.ndarray) -> np.ndarray:
+            return np.asarray(fn.reduceat(values[order], starts))
+
+        nvalid = red(np.add, valid.astype(np.int64))
+        sums = red(np.add, np.where(valid, s, 0.0))
+        mins = red(np.fmin, lo)
+        maxs = red(np.fmax, hi)
+        fv, lv = first_v[first_rows], last_v[last_rows]
+        counts = red(np.add, count) if count is not None else np.diff(np.r_[starts, n])
     none = nvalid == 0
-    sums = red(np.add, np.where(valid, s, 0.0))
-    mins = red(np.fmin, lo)
-    maxs = red(np.fmax, hi)
+
+    def strings(col: pa.ChunkedArray, rows: np.ndarray) -> pa.Array:
+        if col.null_count == len(col):  # numeric series: no strings to pick
+            return pa.nulls(len(rows), pa.string())
+        return col.take(pa.array(rows)).cast(pa.string())
+
     cols: dict[str, pa.Array] = {
         "ts": pa.array((bidx[first_rows]) * bucket_us, pa.int64()).cast(TS_TYPE),
     }
     for name in SERIES_COLUMNS:
         codes, dictionary = parts[name]
-        cols[name] = dictionary.take(pa.array(codes[first_rows])).cast(pa.string())
-    cols["count"] = pa.array(red(np.add, count), pa.int64())
+        if codes is None:
+            value = dictionary[0].as_py() if len(dictionary) else None
+            cols[name] = pa.repeat(pa.scalar(value, pa.string()), len(first_rows))
+        else:
+            cols[name] = dictionary.take(pa.array(codes[first_rows])).cast(pa.string())
+    cols["count"] = pa.array(counts, pa.int64())
     cols["sum"] = pa.array(sums, pa.float64(), mask=none)
     cols["min"] = pa.array(mins, pa.float64(), mask=none)
     cols["max"] = pa.array(maxs, pa.float64(), mask=none)
-    fv, lv = first_v[first_rows], last_v[last_rows]
     cols["first"] = pa.array(fv, pa.float64(), mask=np.isnan(fv))
     cols["last"] = pa.array(lv, pa.float64(), mask=np.isnan(lv))
-    cols["first_str"] = first_str.take(pa.array(first_rows)).cast(pa.string())
-    cols["last_str"] = last_str.take(pa.array(last_rows)).cast(pa.string())
+    cols["first_str"] = strings(first_str, first_rows)
+    cols["last_str"] = strings(last_str, last_rows)
     cols["first_ts"] = pa.array(first_t[first_rows], pa.int64()).cast(TS_TYPE)
     cols["last_ts"] = pa.array(last_t[last_rows], pa.int64()).cast(TS_TYPE)
     return pa.Table.from_arrays([cols[n] for n in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)
@@ -126,7 +193,7 @@ def raw_partials(table: pa.Table, bucket_s: float) -> pa.Table:
         table,
         bucket_s,
         bucket_t=t,
-        count=np.ones(table.num_rows, dtype=np.int64),
+        count=None,
         s=v,
         lo=v,
         hi=v,
