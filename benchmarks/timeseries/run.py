@@ -358,6 +358,15 @@ def main() -> None:
     )
     results: dict[str, dict[str, Any]] = {}
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    loads: list[str] = []
+
+    def load(label: str) -> None:
+        # the machine is shared: every figure is noted with the load it was taken under
+        one, five, fifteen = os.getloadavg()
+        loads.append(f"{label} {one:.2f}/{five:.2f}/{fifteen:.2f}")
+        print(f"load average {loads[-1]}", flush=True)
+
+    load("start")
     with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp:
         root = Path(tmp)
         if "lance" in backends:
@@ -370,6 +379,7 @@ def main() -> None:
                 "lance", store, lambda: dir_size(path / "raw.lance"), data, args
             )
             print(f"lance: {json.dumps(results['lance'])}", flush=True)
+            load("after lance")
         if "postgres" in backends:
             try:
                 from twin.timeseries.postgres import PostgresStore
@@ -388,6 +398,7 @@ def main() -> None:
                         args,
                     )
                     print(f"postgres: {json.dumps(results['postgres'])}", flush=True)
+                    load("after postgres")
                 finally:
                     pg.drop_all()
                     pg.close()
@@ -399,6 +410,7 @@ def main() -> None:
                 (root / "influx").mkdir()
                 results["influx"] = bench_influx(data, args, root / "influx")
                 print(f"influx: {json.dumps(results['influx'])}", flush=True)
+                load("after influx")
 
     names = list(results)
     ref = "influx" if "influx" in results else None
@@ -428,6 +440,7 @@ def main() -> None:
         for n, r in results.items()
     }
     print("\nrows per query / rolled-up rows / dropped:", json.dumps(extras))
+    print("load average (1/5/15 min):", "; ".join(loads))
 
 
 if __name__ == "__main__":
