@@ -145,6 +145,11 @@ def test_rollup_in_the_server_equals_aggregate_then_replace(prefix: str) -> None
         rows = s.aggregate("raw", sel, w0, w0 + 7200, 60)
         s.replace_partials("agg_60s", sel, w0, w0 + 7200, rows)
         via_python = _canon(s.aggregate("agg_60s", Selector(), 0, 4e9, 60))
+        # a table that is not the one aggregate() returned (rows reversed, a new object)
+        # takes the other path: series looked up from the text columns, rows re-sorted
+        copy = pa.Table.from_pylist(rows.to_pylist()[::-1], schema=PARTIAL_SCHEMA)
+        s.replace_partials("agg_60s", sel, w0, w0 + 7200, copy)
+        assert _canon(s.aggregate("agg_60s", Selector(), 0, 4e9, 60)) == via_python
         assert s.rollup("raw", "agg_60s", sel, w0, w0 + 7200, 60) == len(via_python)
         assert _canon(s.aggregate("agg_60s", Selector(), 0, 4e9, 60)) == via_python
         # idempotent, and a second tier from the first
