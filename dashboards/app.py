@@ -112,6 +112,15 @@ def live_feed(cfg: Config, login: Login) -> LiveFeed | None:
     return feed_for(cfg.server, login.token)
 
 
+def feed_state(feed: LiveFeed | None) -> str:
+    if feed is None:
+        return "Live updates: REST polling"
+    if feed.connected.is_set():
+        return "Live updates: WebSocket"
+    why = f" ({feed.error})" if feed.error else ""
+    return f"Live updates: REST polling until the WebSocket connects{why}"
+
+
 DEVICES_TTL = 30.0
 """With a live feed the device list (membership, names, models) is fetched again this often;
 status and last_seen come from the feed in between."""
@@ -189,11 +198,13 @@ def main() -> None:
     rows = page_rows(page)
     live = any(p.get("type") in LIVE for row in rows for p in row)
 
-    feed = live_feed(cfg, login)
     _mark("sidebar", started)
 
     def body() -> None:
         t0 = time.perf_counter()
+        # every run, fragment reruns too: keeps the feed from closing as idle, and replaces
+        # a feed that has stopped
+        feed = live_feed(cfg, login) if live else None
         try:
             devices = device_list(client, feed)
             _mark("devices", t0)
@@ -207,6 +218,8 @@ def main() -> None:
             st.error(f"Cannot reach {cfg.server}: {exc}")
             return
         render_rows(Ctx(client, login, docs, devices, live=feed), rows)
+        if live:
+            st.caption(feed_state(feed))
 
     if live and refresh and refresh > 0:
         st.fragment(run_every=refresh)(body)()

@@ -26,6 +26,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,8 +124,6 @@ def wait_line(proc: subprocess.Popen[str], pattern: str) -> str:
 
 def panel_times(path: Path, name: str) -> None:
     """Median server-side time per panel (the app logs each panel's render time)."""
-    import statistics
-
     times: dict[str, list[float]] = {}
     for line in path.read_text().splitlines():
         m = re.search(r"(?:panel|stage) (\w+(?: '[^']*')?): ([0-9.]+) s", line)
@@ -200,26 +199,39 @@ def run_variant(
             page.close()
             # cold: a new browser profile (nothing cached); warm: a second tab of the same
             # profile (Streamlit's static bundle cached, as for anyone who opened it before)
+            # cold: a new browser profile each time (nothing cached); warm: new tabs of one
+            # profile (Streamlit's static files cached, as for anyone who opened it before).
+            # The machine is shared: medians of --repeat page loads, with the range.
+            colds = []
+            for _ in range(args.repeat):
+                ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+                cpage = ctx.new_page()
+                colds.append(overview(cpage, url, args.devices))
+                ctx.close()
             ctx = browser.new_context(viewport={"width": 1280, "height": 800})
             page = ctx.new_page()
-            cold_s, cold = overview(page, url, args.devices)
+            overview(page, url, args.devices)
             page.screenshot(path=str(ROOT / "artifacts" / f"bench-overview-{name}.png"))
-            page2 = ctx.new_page()
-            warm_s, warm = overview(page2, url, args.devices)
-            page2.close()
+            warms = []
+            for _ in range(args.repeat):
+                wpage = ctx.new_page()
+                warms.append(overview(wpage, url, args.devices))
+                wpage.close()
             c0 = {pid: cpu_seconds(pid) for pid in (streamlit_pid, engine_pid)}
             w0 = time.perf_counter()
             page.wait_for_timeout(args.cpu_seconds * 1000)
             wall = time.perf_counter() - w0
             cpu = {pid: (cpu_seconds(pid) - c0[pid]) / wall * 100 for pid in c0}
             print(f"[{name}] load average {load_avg()}")
-            for label, total, marks in (
-                ("first visitor", first_s, first),
-                ("cold", cold_s, cold),
-                ("warm", warm_s, warm),
-            ):
-                print(f"[{name}] overview first render, {label} (navigation → tiles, map, table"
-                      f" with {args.devices} rows): {total:.2f} s  "
+            print(f"[{name}] overview first render, first visitor after start (navigation → "
+                  f"tiles, map, table with {args.devices} rows): {first_s:.2f} s  "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in first.items()))  # fmt: skip
+            for label, runs in (("cold", colds), ("warm", warms)):
+                totals = [r[0] for r in runs]
+                marks = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
+                print(f"[{name}] overview first render, {label}, median of {len(runs)}: "
+                      f"{statistics.median(totals):.2f} s (range {min(totals):.2f}-"
+                      f"{max(totals):.2f})  "
                       + ", ".join(f"{k} {v:.2f}" for k, v in marks.items()))  # fmt: skip
             print(f"[{name}] CPU while refreshing every {args.refresh} ({wall:.0f} s, 1 browser): "
                   f"streamlit {cpu[streamlit_pid]:.1f} % of a core, "
@@ -260,6 +272,7 @@ def main() -> None:
         default="live+chart,rest+deck",
         help=f"comma-separated, measured one after the other: {', '.join(VARIANTS)}",
     )
+    ap.add_argument("--repeat", type=int, default=5, help="page loads per measurement")
     ap.add_argument(
         "--workdir",
         type=Path,

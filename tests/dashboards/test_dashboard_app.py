@@ -67,6 +67,7 @@ def test_overview_shows_every_panel_and_device(api: FakeApi) -> None:
         "Temperature (avg) [°C]", "Humidity (avg) [%]", "Conveyor rpm", "Power [kW]",
     ]  # fmt: skip
     assert all(m.value not in ("", "—") for m in at.metric)
+    assert "Live updates: REST polling" in texts(at)  # no WebSocket under AppTest
     table = at.dataframe[0].value
     assert list(table.columns) == ["name", "type", "group", "status", "last_seen"]
     assert set(table["name"]) == {d["name"] for d in api.devices}

@@ -83,6 +83,39 @@ def _timeseries_in_twin_up() -> bool:
     return "timeseries" in out
 
 
+def _seed_history(site: Path, state: Path, hours: int = 6) -> None:
+    """``hours`` of temperature and humidity at 1 min for the demo's TH sensors, written before
+    the engine starts (it starts with an empty store): the History page then has a last hour
+    and a previous period to compare, and a trend to draw."""
+    import math
+
+    from twin.spec import load_site
+    from twin.timeseries.base import canonical_tags
+    from twin.timeseries.factory import open_store
+
+    store = open_store(None, state)
+    end = time.time() // 60 * 60 - 60
+    records = []
+    for name, doc in sorted(load_site(site).of_kind("Device").items()):
+        meta, spec = doc.body["metadata"], doc.body["spec"]
+        if spec.get("model") != "th-sensor-v2":
+            continue
+        tags = canonical_tags(meta.get("tags"), meta.get("labels"))
+        k = len(records) / (hours * 120)
+        for i in range(hours * 60):
+            ts = end - i * 60
+            for metric, v in (
+                ("temperature", 22 + k + 3 * math.sin(ts / 1800) + i / 240),
+                ("humidity", 45 + 2 * k + 5 * math.cos(ts / 2400)),
+            ):
+                records.append((name, metric, float(v), float(ts), 0, str(meta.get("site")),
+                                str(meta.get("group") or ""), tags))  # fmt: skip
+    store.write_records(records)
+    close = getattr(store, "close", None)
+    if close:
+        close()
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("dash")
@@ -96,6 +129,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         )
     )
     state = tmp / "state"
+    state.mkdir()
+    _seed_history(site, state)
     env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
     env.pop("FLUX_TOKEN", None)
     for user, role in (("operator", "operator"), ("viewer", "viewer")):
@@ -206,6 +241,7 @@ def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: ob
     _until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=60)
     # live panels read the engine's WebSocket (the dashboard's feed is a client of /ws)
     _until(lambda: _ws_clients(api) >= 1)
+    page.get_by_text("Live updates: WebSocket").wait_for(timeout=30_000)  # type: ignore[attr-defined]
     _shot(page, "overview")
     alarm = api.get("/api/v1/alarms", params={"state": "active"}).json()["items"][0]
     page.locator(f".st-key-ack-{alarm['id']} button").click()  # type: ignore[attr-defined]

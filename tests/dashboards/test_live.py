@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from dashboards.client import FluxClient
-from dashboards.live import Cursor, LiveFeed, LiveSeries, refresh_series, ws_url
+from dashboards.live import Cursor, LiveFeed, LiveSeries, cached, refresh_series, ws_url
 
 ROOT = Path(__file__).resolve().parents[2]
 TWIN = str(Path(sys.executable).with_name("twin"))
@@ -106,6 +106,28 @@ def test_series_without_a_feed_polls_rest() -> None:
     for now in (1.0, 2.0):
         refresh_series({}, "k", series, None, lambda to: calls.append(to) or [], now=now)
     assert calls == [1.0, 2.0]
+
+
+def test_cached_follows_version_and_ttl() -> None:
+    feed = connected_feed()
+    calls: list[int] = []
+
+    def fetch() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert cached({}, feed, "k", 1, 60.0, fetch) == 1
+    assert cached({}, feed, "k", 1, 60.0, fetch) == 1  # shared by the feed's sessions
+    assert cached({}, feed, "k", 2, 60.0, fetch) == 2  # an alarm event, a reconnect
+    assert cached({}, feed, "k", 2, -1.0, fetch) == 3  # too old
+    state: dict[str, Any] = {}
+    assert cached(state, None, "k", 1, 60.0, fetch) == 4 and "k" in state  # per session
+
+
+def test_an_unread_feed_stops_itself() -> None:
+    feed = LiveFeed("http://127.0.0.1:9", "t", idle=0.3).start()  # nothing listens there
+    feed.join(10)
+    assert not feed.alive and feed.error  # it tried, then closed as idle
 
 
 # -- against a real engine ----------------------------------------------------------------------------
