@@ -126,7 +126,7 @@ async def test_query_formats_from_the_state_dir(state: Path, tmp_path: Path) -> 
 
 async def test_storage_stats_and_retention_now(state: Path) -> None:
     stats = json.loads(await twin(state, "storage", "--json"))
-    assert stats["points"] >= 20 and stats["tiers"][0]["tier"] == "raw"
+    assert stats["points"] >= 20 and "raw" in {t["tier"] for t in stats["tiers"]}
     assert "raw" in await twin(state, "storage")
     report = json.loads(await twin(state, "storage", "--json", "retention"))
     assert report["rolled_up"].get("agg_1s", 0) > 0

@@ -78,8 +78,9 @@ def test_next_due_and_lag_per_tier(store: TimeSeriesStore) -> None:
     before = lag_of(mgr, H0 + 10, "agg_60s")
     assert before.watermark is None and before.lag is None  # never run
     now = H0 + 302  # minute 4 closed at 300 but lateness keeps it open until 305
-    assert mgr.next_due(now) == H0 + 305
+    assert mgr.next_due(now) == now  # never run: closed windows wait, catch up at once
     mgr.downsample(now)
+    assert mgr.next_due(now) == H0 + 305
     m = lag_of(mgr, now, "agg_60s")
     assert (m.watermark, m.age, m.lag) == (H0 + 240, 62, 2)
     h = lag_of(mgr, now, "agg_3600s")
@@ -91,6 +92,12 @@ def test_next_due_and_lag_per_tier(store: TimeSeriesStore) -> None:
     # the lag grows while nobody runs the rollup, and the catalogue follows the watermark
     assert lag_of(mgr, H0 + 500, "agg_60s").lag == 500 - 360
     assert store.get_meta("wm:p:agg_60s") == repr(H0 + 300)
+    # after downtime: due at once, and one run catches every tier up
+    later = H0 + 3 * 3600
+    assert mgr.next_due(later) == later
+    mgr.downsample(later)
+    assert [t.lag for t in mgr.lags(later)] == [0, 0]
+    assert mgr.next_due(later) == later + 5
 
 
 def test_overlapping_policies_never_process_a_series_twice(store: TimeSeriesStore) -> None:

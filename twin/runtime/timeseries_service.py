@@ -31,7 +31,8 @@ than its free-space threshold (LanceDB: 5 % of the disk or twice ``min_free_byte
 cleared automatically when space returns. Writes are refused below ``min_free_bytes`` and the
 writer retries them (producers block) until space returns.
 
-Rollup lag: a window ``[t, t+res)`` closes at ``t+res``; the rollup loop sleeps until
+Rollup lag: at start-up (catching up after downtime) and after a policy change the rollup
+loop runs at once; then a window ``[t, t+res)`` closes at ``t+res`` and the loop sleeps until
 ``t+res+rollup_lateness`` (``RetentionManager.next_due``) so that readings stamped inside the
 window have reached the pump, then waits until the writer has stored every reading the pump
 had accepted at that moment (a flush barrier on ``points_written``; it waits as long as the
@@ -369,12 +370,26 @@ class TimeSeriesService:
                 log.exception("timeseries: reloading retention policies failed")
 
     async def run_retention(
-        self, now: float | None = None, *, rollup: bool = True
+        self, now: float | None = None, *, rollup: bool = True, barrier_timeout: float = 10.0
     ) -> dict[str, Any] | None:
         """One retention pass now (API/CLI "run retention now": rollup, expiry, compaction;
-        ``rollup=False``: the slow loop's expiry and compaction only). None without policies."""
+        ``rollup=False``: the slow loop's expiry and compaction only). None without policies.
+
+        The rollup first waits (up to ``barrier_timeout`` s) until every reading accepted so
+        far is stored; if the writer cannot get there (the store refuses writes) the pass
+        skips the rollup rather than roll up windows with readings missing, and says so
+        (``rollup_skipped``)."""
         store = self.store
         assert store is not None and self._prom is not None
+        skipped = None
+        if rollup and self.writer is not None:
+            with trio.move_on_after(barrier_timeout):
+                await self.flush_barrier()
+            if self.writer.points_written < self.accepted:
+                rollup = False
+                skipped = (
+                    "the writer has not stored every accepted reading (store refusing writes?)"
+                )
         async with self._pass_lock:
             mgr = self.retention
             if mgr is None:
@@ -395,6 +410,8 @@ class TimeSeriesService:
             "reclaimed_bytes": report.reclaimed_bytes,
             "seconds": report.seconds,
         }
+        if skipped:
+            self.last_pass["rollup_skipped"] = skipped
         return self.last_pass
 
     async def _retention_loop(self) -> None:
@@ -457,9 +474,15 @@ class TimeSeriesService:
         return [t.as_dict() for t in mgr.lags(now)] if mgr is not None else []
 
     async def _rollup_loop(self) -> None:
+        failed = ran = False
         while True:
             mgr = self.retention
-            delay = math.inf if mgr is None else mgr.next_due() - time.time()
+            if mgr is None:
+                delay = math.inf
+            elif failed:  # the closed windows are still waiting: retry soon, not next window
+                delay = self.rollup_retry
+            else:  # due at once at start-up / after downtime, else when a window closes
+                delay = max(mgr.next_due() - time.time(), 0.1 if ran else 0.0)
             if delay > 0:
                 with trio.move_on_after(min(delay, 3600.0)):
                     await self._rollup_wake.wait()
@@ -467,11 +490,13 @@ class TimeSeriesService:
             if self.retention is None:
                 continue
             await self.flush_barrier()
+            ran = True
             try:
                 await self.run_rollup()
+                failed = False
             except Exception:
                 log.exception("timeseries: rollup failed; retrying in %.0fs", self.rollup_retry)
-                await trio.sleep(self.rollup_retry)
+                failed = True
 
     # --- monitoring ---------------------------------------------------------------------
     async def refresh_stats(self, monitor: StorageMonitor | None = None) -> dict[str, Any]:

@@ -33,9 +33,10 @@ Downsampling
     documents intent and is validated).
 
     Rollup is incremental and prompt: ``downsample`` is cheap when nothing closed, and
-    ``next_due`` says when the next window of any tier closes (plus ``lateness``), so the
-    engine's rollup loop (``TimeSeriesService``) runs it right then, independently of the
-    slow expiry/compaction cadence. ``lags`` reports, per (policy, tier), the watermark, its
+    ``next_due`` says when it next has work: at once when closed windows wait (first run,
+    after downtime, after a failure), else when the next window of any tier closes (plus
+    ``lateness``). The engine's rollup loop (``TimeSeriesService``) runs it right then,
+    independently of the slow expiry/compaction cadence. ``lags`` reports, per (policy, tier), the watermark, its
     age (``now - watermark``, which includes the open window) and the rollup lag proper:
     how long the oldest *closed* window that is not rolled up yet has been closed
     (``max(0, now - (watermark + resolution))``), 0 when the tier is up to date.
@@ -314,7 +315,9 @@ class RetentionManager:
                         n = int(fast_rollup(source, t.name, p.selector, a, b, res))
                     else:
                         rows = self.store.aggregate(source, p.selector, a, b, res)
-                        self.store.replace_partials(t.name, p.selector, a, b, rows)
+                        if rows.num_rows or t.name in self.store.tiers():
+                            self.store.replace_partials(t.name, p.selector, a, b, rows)
+                        # (no rows and no table yet: nothing to replace, no empty tier)
                         n = rows.num_rows
                     self.store.set_meta(key, repr(b))
                     self.watermarks[(p.name, t.name)] = b
@@ -332,8 +335,10 @@ class RetentionManager:
         return written
 
     def next_due(self, now: float | None = None) -> float:
-        """When (epoch seconds) the next window of any tier closes, lateness included: the
-        time at which ``downsample`` next has something to do. ``inf`` without tiers."""
+        """When (epoch seconds) ``downsample`` next has something to do: ``now`` if a tier
+        has closed windows waiting (never run yet, catching up after downtime, a failed
+        run), else when the next window of any tier closes, lateness included. ``inf``
+        without tiers."""
         now = time.time() if now is None else now
         due = math.inf
         for p in self.policies:
@@ -341,8 +346,11 @@ class RetentionManager:
                 if t.resolution is None:
                     continue
                 res = t.resolution
-                k = math.floor((now - self.lateness) / res)
-                due = min(due, (k + 1) * res + self.lateness)
+                closed = math.floor((now - self.lateness) / res) * res
+                wm = self.watermarks.get((p.name, t.name))
+                if wm is None or wm < closed:
+                    return now
+                due = min(due, closed + res + self.lateness)
         return due
 
     def lags(self, now: float | None = None) -> list[TierLag]:
