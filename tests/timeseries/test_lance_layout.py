@@ -210,3 +210,80 @@ def test_one_exponent_per_series_run(tmp_path: Path) -> None:
     assert dec[6:] == [10, 30, 45] and exp[6:] == [1, 1, 1]
     back = _decode_values(enc).column("value").to_pylist()
     assert back == records_to_table(recs).column("value").to_pylist()
+
+
+def test_clustering_does_not_bring_deleted_rows_back(tmp_path: Path) -> None:
+    import lance
+
+    store = LanceStore(tmp_path / "ts", min_free_bytes=0, compact_every=1000)
+    for k in range(3):  # three small fragments
+        store.write_records(
+            [(f"d{i % 5}", "m", float(i), T0 + k * 1000 + i, 0, "s", "g", ",") for i in range(100)]
+        )
+    assert store.delete_before("raw", Selector(), T0 + 1050) == 150  # 1 1/2 fragments
+    store.maintain(force=True)
+    ds = lance.dataset(str(tmp_path / "ts" / "raw.lance"))
+    assert [f.metadata.physical_rows for f in ds.get_fragments()] == [150]
+    rest = store.read_raw(Selector(), 0, 2e9)
+    assert rest.num_rows == 150
+    assert min(t.timestamp() for t in rest.column("ts").to_pylist()) == T0 + 1050
+
+
+def _partial_rows(sums: list[float | None]) -> pa.Table:
+    n = len(sums)
+    cols: dict[str, list[object]] = {
+        "ts": [int((T0 + 600 * i) * 1_000_000) for i in range(n)],
+        "device": ["d"] * n,
+        "site": ["s"] * n,
+        "grp": ["g"] * n,
+        "tags": [","] * n,
+        "metric": ["m"] * n,
+        "count": [3] * n,
+        "sum": sums,
+        "min": [None if v is None else v - 1 for v in sums],
+        "max": [None if v is None else v * 3 for v in sums],
+        "first": sums,
+        "last": [0.1 + 0.2] * n,
+        "first_str": [None] * n,
+        "last_str": [None] * n,
+        "first_ts": [int((T0 + 600 * i) * 1_000_000) for i in range(n)],
+        "last_ts": [int((T0 + 600 * i + 1) * 1_000_000) for i in range(n)],
+    }
+    return pa.table(
+        {k: pa.array(v, PARTIAL_SCHEMA.field(k).type) for k, v in cols.items()},
+        schema=PARTIAL_SCHEMA,
+    )
+
+
+def test_tier_partials_use_the_decimal_layout_exactly(tmp_path: Path) -> None:
+    import math
+
+    sums = [60.39, 20.1, -0.0, 1 / 3, 1e300, None, 0.30000000000000004, 7.0, math.inf]
+    rows = _partial_rows(sums)
+    store = LanceStore(tmp_path / "ts", min_free_bytes=0)
+    store.replace_partials("agg_600s", Selector(), T0, T0 + 600 * len(sums), rows)
+    disk = lancedb.connect(str(tmp_path / "ts")).open_table("agg_600s").to_lance()
+    assert {f"{c}_dec" for c in ("sum", "min", "max", "first", "last")} <= set(disk.schema.names)
+    assert disk.to_table(columns=["sum_dec"]).column("sum_dec").null_count < len(sums)
+    back = store.aggregate("agg_600s", Selector(), T0, T0 + 600 * len(sums), 600.0).sort_by("ts")
+    for name in ("sum", "min", "max", "first", "last"):
+        got, want = back.column(name).to_pylist(), rows.column(name).to_pylist()
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or (
+                a == b and math.copysign(1, a) == math.copysign(1, b)
+            )
+
+
+def test_tier_table_of_the_previous_layout_still_works(tmp_path: Path) -> None:
+    path = tmp_path / "ts"
+    path.mkdir()
+    previous = pa.schema([f for f in LANCE_PARTIAL_SCHEMA if not f.name.endswith(("_dec", "_exp"))])
+    db = lancedb.connect(str(path))
+    db.create_table("agg_600s", schema=previous)
+    store = LanceStore(path, min_free_bytes=0)
+    rows = _partial_rows([1.5, 2.25, None])
+    store.replace_partials("agg_600s", Selector(), T0, T0 + 1800, rows)
+    assert "sum_dec" not in db.open_table("agg_600s").schema.names
+    back = store.aggregate("agg_600s", Selector(), T0, T0 + 1800, 600.0).sort_by("ts")
+    assert back.column("sum").to_pylist() == [1.5, 2.25, None]
+    assert back.column("count").to_pylist() == [3, 3, 3]

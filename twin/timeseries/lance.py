@@ -117,7 +117,17 @@ LANCE_RAW_SCHEMA = pa.schema(
     ]
 )
 LANCE_PARTIAL_SCHEMA = pa.schema(
-    [f if f.name in _DICT_COLUMNS else _lance_field(f) for f in PARTIAL_SCHEMA]
+    [
+        *(f if f.name in _DICT_COLUMNS else _lance_field(f) for f in PARTIAL_SCHEMA),
+        *(
+            field
+            for name in ("sum", "min", "max", "first", "last")
+            for field in (
+                pa.field(f"{name}_dec", pa.int64(), metadata=_ZSTD),
+                pa.field(f"{name}_exp", pa.dictionary(pa.int32(), pa.uint8()), nullable=False),
+            )
+        ),
+    ]
 )
 """The raw table on disk: ``site``, ``grp``, ``tags``, ``kind`` and ``quality``
 dictionary-encoded. They are not filter columns of the common query, so Lance *takes* them
@@ -132,17 +142,45 @@ VALUE_SQL = "COALESCE(value, CAST(value_dec AS DOUBLE) / power(10.0, CAST(value_
 """The numeric value as a SQL expression over the decimal layout (see ``_encode_values``)."""
 
 
-def _encode_values(table: pa.Table) -> pa.Table:
+def _encode_values(
+    table: pa.Table,
+    name: str = "value",
+    reuse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None = None,
+) -> pa.Table:
     """Decimal layout of the ``value`` column: a number with at most ``_MAX_EXP`` decimals
     (what sensors report: ``21.53``) is stored as ``value_dec / 10**value_exp``
     (``2153``, ``2``) and ``value`` is null; any other number (and NaN, inf, -0.0) stays in
     ``value`` as it is. Exact: a row is encoded only when ``dec / 10**exp`` gives back the
     very same float64, which is how it is decoded. Integers bit-pack where float64 does
-    not compress: 4.9 -> 1.4 bytes/point on the benchmark's data (measured, issue 6)."""
-    col = table.column("value")
-    n = table.num_rows
+    not compress: 4.9 -> 1.4 bytes/point on the benchmark's data (measured, issue 6).
+    ``name``: the same for another float64 column (``<name>_dec``, ``<name>_exp``);
+    ``reuse`` carries the work between columns that hold the same values."""
+    col = table.column(name)
     valid = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
     v = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
+    exp, dec = _decimals(table, v, valid, reuse)
+    enc = exp >= 0
+    i = table.schema.get_field_index(name)
+    table = table.set_column(
+        i, table.schema.field(i), pa.array(v, pa.float64(), mask=~(valid & ~enc))
+    )
+    table = table.append_column(f"{name}_dec", pa.array(dec, pa.int64(), mask=~enc))
+    return table.append_column(f"{name}_exp", pa.array(np.maximum(exp, 0).astype(np.uint8)))
+
+
+def _decimals(
+    table: pa.Table,
+    v: np.ndarray,
+    valid: np.ndarray,
+    reuse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(exponent or -1, integer) per row for ``_encode_values``."""
+    if reuse:
+        pv, pvalid, pexp, pdec = reuse[-1]
+        # a 1-minute tier over 90 s data: sum = min = max = first = last in every row
+        if np.array_equal(pvalid, valid) and np.array_equal(pv, v, equal_nan=True):
+            return pexp, pdec
+    n = len(v)
     exp = np.full(n, -1, dtype=np.int8)
     dec = np.zeros(n, dtype=np.int64)
     todo = valid & ~((v == 0) & np.signbit(v))
@@ -156,13 +194,9 @@ def _encode_values(table: pa.Table) -> pa.Table:
             dec[ok] = d[ok].astype(np.int64)
             todo &= ~ok
     exp, dec = _series_exponent(table, v, exp, dec)
-    enc = exp >= 0
-    i = table.schema.get_field_index("value")
-    table = table.set_column(
-        i, table.schema.field(i), pa.array(v, pa.float64(), mask=~(valid & ~enc))
-    )
-    table = table.append_column("value_dec", pa.array(dec, pa.int64(), mask=~enc))
-    return table.append_column("value_exp", pa.array(np.maximum(exp, 0).astype(np.uint8)))
+    if reuse is not None:
+        reuse.append((v, valid, exp, dec))
+    return exp, dec
 
 
 def _series_exponent(
@@ -207,25 +241,45 @@ def _series_exponent(
     return exp, dec
 
 
-def _decode_values(table: pa.Table) -> pa.Table:
+def _decode_values(table: pa.Table, name: str = "value") -> pa.Table:
     """Inverse of ``_encode_values`` (a no-op for tables read from the old layout)."""
-    if "value_dec" not in table.column_names:
+    if f"{name}_dec" not in table.column_names:
         return table
     import pyarrow.compute as pc
 
-    dec = table.column("value_dec")
+    dec = table.column(f"{name}_dec")
     if dec.null_count < len(dec):
         exp = np.asarray(
-            table.column("value_exp").cast(pa.uint8()).to_numpy(zero_copy_only=False),
+            table.column(f"{name}_exp").cast(pa.uint8()).to_numpy(zero_copy_only=False),
             dtype=np.int64,
         )
         d = np.asarray(dec.to_numpy(zero_copy_only=False), dtype=np.float64)
         value = pc.if_else(
-            dec.is_valid(), pa.array(d / _POW10[exp], pa.float64()), table.column("value")
+            dec.is_valid(), pa.array(d / _POW10[exp], pa.float64()), table.column(name)
         )
-        i = table.schema.get_field_index("value")
+        i = table.schema.get_field_index(name)
         table = table.set_column(i, table.schema.field(i), value)
-    return table.drop_columns(["value_dec", "value_exp"])
+    return table.drop_columns([f"{name}_dec", f"{name}_exp"])
+
+
+_PARTIAL_DECIMALS = ("sum", "min", "max", "first", "last")
+"""Partial columns stored in the decimal layout in tier tables created since issue 6's
+second round: float64 with zstd cost ~4.5 bytes each per row and made a 1-minute tier
+~25-32 bytes/row (6-20x the raw points it summarises); a rollup pass was bound by
+writing them."""
+
+
+def _encode_partials(table: pa.Table) -> pa.Table:
+    reuse: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for name in _PARTIAL_DECIMALS:
+        table = _encode_values(table, name, reuse)
+    return table
+
+
+def _decode_partials(table: pa.Table) -> pa.Table:
+    for name in _PARTIAL_DECIMALS:
+        table = _decode_values(table, name)
+    return table
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -444,6 +498,8 @@ class LanceStore:
         schema = self._schemas[tier]
         if "value_dec" in schema.names and "value_dec" not in table.column_names:
             table = _encode_values(table)
+        if "sum_dec" in schema.names and "sum_dec" not in table.column_names:
+            table = _encode_partials(table)
         if table.schema != schema:
             table = _conform(table, schema)
         try:
@@ -569,7 +625,10 @@ class LanceStore:
                 cols += ["value_dec", "value_exp"]
             table = ds.to_table(filter=where + " AND quality < 2", columns=cols)
             return partials.raw_partials(_decode_values(table), bucket)
-        table = ds.to_table(filter=where, columns=PARTIAL_SCHEMA.names)
+        cols = list(PARTIAL_SCHEMA.names)
+        if "sum_dec" in ds.schema.names:
+            cols += [f"{n}_{x}" for n in _PARTIAL_DECIMALS for x in ("dec", "exp")]
+        table = _decode_partials(ds.to_table(filter=where, columns=cols))
         return partials.combine(table, bucket)
 
     def earliest(self, tier: str, selector: Selector, end: float) -> float | None:
@@ -599,6 +658,8 @@ class LanceStore:
             tbl = self._table(tier, create=True)
             tbl.delete(f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}")
             self._datasets.pop(tier, None)
+            # not reordered here: sorting + taking 2.9 M partial rows cost more CPU than the
+            # whole write (measured); maintenance clusters the fragments later
             self._append(tier, rows.select(PARTIAL_SCHEMA.names).cast(PARTIAL_SCHEMA))
 
     def delete_before(self, tier: str, selector: Selector, before: float) -> int:
