@@ -71,6 +71,11 @@ async def test_aggregates_group_by_fill_compare_trend(tsapi: Api) -> None:
         assert {"avg", "min", "max", "count"} <= set(body["columns"])
         devices = {row[body["columns"].index("device")] for row in body["rows"]}
         assert {"t1", "t2"} <= devices
+        assert r.headers["x-twin-tier"] == "raw"  # no tier rolled up here
+        r = await c.get("/api/v1/timeseries/query", params={**q, "tier": "1m"})
+        assert r.status_code == 200 and r.headers["x-twin-tier"] == "1m"
+        r = await c.get("/api/v1/timeseries/query", params={"metric": "temperature"})
+        assert "x-twin-tier" not in r.headers  # raw points
         r = await c.get("/api/v1/timeseries/query", params={**q, "group_by": "site"})
         assert {row[r.json()["columns"].index("site")] for row in r.json()["rows"]} == {
             "plant-a",
@@ -156,3 +161,27 @@ async def test_without_the_service_the_routes_answer_503(tmp_path: Path) -> None
         finally:
             nursery.cancel_scope.cancel()
             a.registry.close()
+
+
+def test_tier_used_names_the_tier_the_engine_chose() -> None:
+    import json
+
+    from twin.api.timeseries_routes import tier_used
+    from twin.timeseries.query import TIERS_META
+    from twin.timeseries.request import QueryRequest
+
+    class Catalog:  # choose_tier reads only the tier catalogue
+        def get_meta(self, key: str) -> str | None:
+            assert key == TIERS_META
+            info = {"resolution": 3600, "policies": [{"selector": {}, "wm": 10_000.0}]}
+            return json.dumps({"agg_3600s": info})
+
+    def used(**kw: object) -> str | None:
+        return tier_used(Catalog(), QueryRequest.build(now=20_000.0, **kw))  # type: ignore[arg-type]
+
+    assert used(start=0, end=9_000, every="1h") == "agg_3600s"
+    assert used(start=0, end=20_000, every="2h") == "agg_3600s+raw"  # raw after the roll-up
+    assert used(start=0, end=20_000, every="1m") == "raw"  # finer than the tier
+    assert used(start=12_000, end=20_000, every="1h") == "raw"  # nothing rolled up yet
+    assert used(start=0, end=9_000, every="1h", tier="raw") == "raw"
+    assert used(start=0, end=9_000) is None

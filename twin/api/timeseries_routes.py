@@ -9,7 +9,8 @@ engine's :class:`~twin.runtime.timeseries_service.TimeSeriesService` and answer 
   (avg, min, max, sum, count, first, last), ``fill`` (none, null, zero, previous, linear),
   ``group_by`` (device, site, group, metric, none, tag:KEY), ``tier``, ``limit``,
   ``compare`` (e.g. ``7d``: this range vs the same range a week earlier), ``trend`` (slope per
-  series), ``format`` (json, csv, parquet, xlsx; the latter three as a download).
+  series), ``format`` (json, csv, parquet, xlsx; the latter three as a download). A bucketed
+  answer says what it read in ``X-Twin-Tier`` (``raw``, ``agg_3600s``, ``agg_3600s+raw``).
   Site-scoped users only see their sites.
 * ``GET /api/v1/timeseries/storage`` — points, bytes, bytes/point per tier and in total,
   growth rate, free disk, ``disk_nearly_full``, writer counters, policies, last retention pass.
@@ -29,7 +30,8 @@ from fastapi.responses import Response
 
 from twin.api.app import PREFIX, Admin, Viewer
 from twin.runtime.timeseries_service import TimeSeriesService, timeseries_of
-from twin.timeseries.base import Selector, TimeSeriesStore
+from twin.timeseries.base import RAW, Selector, TimeSeriesStore
+from twin.timeseries.query import choose_tier
 from twin.timeseries.request import FORMATS, MEDIA_TYPES, QueryRequest, render
 
 if TYPE_CHECKING:
@@ -92,6 +94,22 @@ async def device_series(
     return await trio.to_thread.run_sync(run)
 
 
+def tier_used(store: TimeSeriesStore, req: QueryRequest) -> str | None:
+    """What a bucketed query reads (the ``X-Twin-Tier`` header): the tier asked for, ``raw``,
+    the tier the engine chose (``agg_3600s``), or ``agg_3600s+raw`` when the range goes past
+    the tier's last roll-up. None for raw points (no bucket)."""
+    q = req.query()
+    bucket = q.bucket_s
+    if bucket is None:
+        return None
+    if q.tier is not None:
+        return q.tier
+    tier, wm = choose_tier(store, q.selector, q.start_s, bucket)
+    if tier == RAW or wm is None:
+        return RAW
+    return tier if wm >= q.end_s else f"{tier}+{RAW}"
+
+
 def timeseries_router(engine: Engine) -> APIRouter:
     router = APIRouter(prefix=f"{PREFIX}/timeseries", tags=["timeseries"])
 
@@ -141,14 +159,16 @@ def timeseries_router(engine: Engine) -> APIRouter:
         store = svc.store
         assert store is not None
 
-        def run() -> bytes:
-            return render(req.run(store), format)
+        def run() -> tuple[bytes, str | None]:
+            return render(req.run(store), format), tier_used(store, req)
 
         try:
-            body = await trio.to_thread.run_sync(run)
+            body, used = await trio.to_thread.run_sync(run)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         headers = {}
+        if used is not None:
+            headers["X-Twin-Tier"] = used
         if format != "json":
             name = "-".join(req.metrics) or "timeseries"
             headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
@@ -167,4 +187,4 @@ def timeseries_router(engine: Engine) -> APIRouter:
     return router
 
 
-__all__ = ["device_series", "timeseries_router"]
+__all__ = ["device_series", "tier_used", "timeseries_router"]
