@@ -45,6 +45,8 @@ class Table:
 
     columns: list[str]
     rows: list[list[Any]]
+    tier: str | None = None
+    """What the engine read (``X-Twin-Tier``: ``raw``, ``agg_3600s``, ``agg_3600s+raw``)."""
 
     def records(self) -> list[dict[str, Any]]:
         return [dict(zip(self.columns, r, strict=False)) for r in self.rows]
@@ -135,8 +137,10 @@ class FluxClient:
     # -- time series -------------------------------------------------------------------------------
     def query(self, **params: Any) -> Table:
         """``GET /timeseries/query`` (``from_`` stands for ``from``)."""
-        body = self._json("GET", "/timeseries/query", params=_query_params(params))
-        return Table(list(body["columns"]), [list(r) for r in body["rows"]])
+        resp = self._request("GET", "/timeseries/query", params=_query_params(params))
+        body = resp.json()
+        tier = resp.headers.get("x-twin-tier")
+        return Table(list(body["columns"]), [list(r) for r in body["rows"]], tier)
 
     def export(self, fmt: str, **params: Any) -> bytes:
         """The same query as a CSV, XLSX or Parquet download from the server."""

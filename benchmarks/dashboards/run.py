@@ -242,7 +242,7 @@ def run_variant(
                 page.locator("[data-testid=stSelectbox]").first.click()
                 t0 = time.perf_counter()
                 page.get_by_role("option", name="Last 7 days").click()
-                pat = re.compile(r"bucket 1h · avg · [^·]*· \d+ rows")
+                pat = re.compile(r"bucket 1h · avg · tier [^·]*· \d+ rows")
                 page.get_by_text(pat).wait_for(timeout=120_000)
                 page.locator("[data-testid=stVegaLiteChart]").first.wait_for(timeout=120_000)
                 history_s = time.perf_counter() - t0

@@ -105,6 +105,18 @@ def tiers(ctx: Ctx) -> list[str]:
     return sorted(found, key=lambda r: found[r])
 
 
+def tier_label(chosen: str, used: str | None) -> str:
+    """``auto → 1h`` from the picker and the engine's ``X-Twin-Tier`` (``agg_3600s``)."""
+    if chosen != "auto" or not used:
+        return chosen
+    parts = []
+    for t in used.split("+"):
+        if t.startswith("agg_") and t.endswith("s") and t[4:-1].isdigit():
+            t = fmt_seconds(int(t[4:-1]))
+        parts.append(t)
+    return f"auto → {' + '.join(parts)}"
+
+
 def options(ctx: Ctx, panel: dict[str, Any]) -> dict[str, list[str]]:
     devices = ctx.selected(panel)
     return {
@@ -188,7 +200,8 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     scope = {k: v for k, v in chosen.items() if v}
     params.update(scope or select_params(panel, ctx))
     try:
-        df = frame(ctx.client.query(**params))
+        table = ctx.client.query(**params)
+        df = frame(table)
     except NotAvailable as exc:
         st.info(f"No time-series service on the server ({exc.detail}).")
         return
@@ -198,7 +211,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     st.caption(
         f"{start:%Y-%m-%d %H:%M} → {end:%Y-%m-%d %H:%M} UTC · bucket {every} · {agg}"
         + (f" · compared with {compare} earlier" if compare else "")
-        + f" · tier {tier} · {len(df)} rows"
+        + f" · tier {tier_label(tier, table.tier)} · {len(df)} rows"
     )
     if df.empty:
         st.info("No data for this selection.")

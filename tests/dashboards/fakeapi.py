@@ -83,7 +83,9 @@ class FakeApi:
             return httpx.Response(200, json=alarm)
         if path == "/timeseries/query":
             self.queries.append(q)
-            return httpx.Response(200, json=self.query(q))
+            tier = q.get("tier", ["raw" if "every" in q else ""])[0]
+            headers = {"X-Twin-Tier": tier} if tier else {}
+            return httpx.Response(200, json=self.query(q), headers=headers)
         if not self.control:
             detail = "the control service is not running in this engine"
             return httpx.Response(503, json={"detail": detail})

@@ -147,6 +147,7 @@ def test_history_resolution_picker(api: FakeApi) -> None:
     at = app(api, page="History")
     assert at.selectbox(key="hist-History-tier").options == ["auto", "raw", "1m", "1h", "1d"]
     assert "tier" not in api.queries[-1]  # auto: the engine chooses from the bucket
+    assert "tier auto → raw" in texts(at)  # and says which (X-Twin-Tier)
     at.selectbox(key="hist-History-tier").set_value("1h").run()
     q = api.queries[-1]
     assert q["tier"] == ["1h"] and q["every"] == ["1h"]  # the last hour's 30s bucket, widened
@@ -156,6 +157,14 @@ def test_history_resolution_picker(api: FakeApi) -> None:
     assert "finer than the 1h tier" in texts(at)
     at.selectbox(key="hist-History-tier").set_value("raw").run()
     assert api.queries[-1]["tier"] == ["raw"] and api.queries[-1]["every"] == ["1m"]
+
+
+def test_tier_label() -> None:
+    from dashboards.panels.history import tier_label
+
+    assert tier_label("auto", "agg_3600s") == "auto → 1h"
+    assert tier_label("auto", "agg_60s+raw") == "auto → 1m + raw"
+    assert tier_label("auto", None) == "auto" and tier_label("1h", "1h") == "1h"
 
 
 def test_default_dashboard_when_the_site_declares_none(
