@@ -120,6 +120,12 @@ def test_partials_match_the_numpy_reference(prefix: str, bucket: float) -> None:
         got = s.aggregate("raw", Selector(), start, end, bucket)
         assert got.schema == PARTIAL_SCHEMA
         assert _canon(got) == _canon(expected)
+        # compacted (CLUSTERed by series: rows come out in series order, not time order)
+        assert s._unclustered_closed(4e9)
+        s.reclaim()
+        assert not s._unclustered_closed(4e9)
+        assert _canon(s.aggregate("raw", Selector(), start, end, bucket)) == _canon(expected)
+        assert s.read_raw(Selector(), 0, 4e9).num_rows == len(_mixed())
         # a tier rolled up again matches partials.combine of the finer tier
         s.replace_partials(
             "agg_60s",

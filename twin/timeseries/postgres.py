@@ -10,23 +10,35 @@ Layout (every name starts with ``prefix``, default ``ts_``; layout version 2):
   ``(ts int8 µs since the epoch, value float8, series_id int4, kind int2, quality int2,
   value_str text)`` - 24 bytes of data plus PostgreSQL's 24-byte tuple header and 4-byte
   line pointer. Range-partitioned by ``ts`` (``<prefix>points_pYYYYMMDDHH``, created on
-  demand, ``partition_hours`` each). Indexes: BRIN on ``ts`` (a few pages) and a BTree on
-  ``series_id`` alone: its keys repeat, so PostgreSQL's BTree deduplication stores each
-  series once per page with a posting list of 6-byte row pointers (~7 bytes/point instead
-  of ~30 for ``(series_id, ts)``); one series over a time range is a BitmapAnd of the two
-  (or the BTree with partition pruning). When the ``timescaledb`` extension is available
-  the table is a hypertable (1-day chunks) instead (untested here: no TimescaleDB in CI).
+  demand, ``partition_hours`` each). Indexes: BRIN on ``ts`` (a few pages), a BTree on
+  ``series_id`` alone (its keys repeat, so BTree deduplication stores each series once per
+  page with a posting list of 6-byte row pointers: a few bytes/point, where
+  ``(series_id, ts)`` costs ~30) and a partial index on ``ts`` of string points only
+  (empty for numeric data; it lets aggregates skip their string query for free).
+  When the ``timescaledb`` extension is available the table is a hypertable (1-day
+  chunks) instead (untested here: no TimescaleDB where the tests run).
 * ``<prefix>agg_<seconds>s``: PARTIAL_SCHEMA rows per tier, normalised the same way
-  (``series_id`` instead of the text columns), BRIN on ``ts`` + BTree on ``series_id``.
+  (``series_id`` instead of the text columns; ``ts``/``first_ts``/``last_ts`` int8 µs).
+  Each window is written sorted by (series, bucket), and a two-column BRIN on
+  ``(series_id, ts)`` (4-page ranges, summarised right after each write) finds one
+  series' rows: writing a BTree as well doubled the cost of a 1-minute rollup. The BRIN
+  is scanned whole (~0.5 ms per million tier rows): partitioning tiers by time is the
+  next step for very large tiers.
 * ``<prefix>meta``: key/value (tier catalogue, watermarks, ``layout``).
 
 Writes are one binary COPY per batch in one transaction (all of a batch or none of it),
-the COPY buffer built with numpy. Aggregates and downsampling run in SQL (GROUP BY series
-and bucket; first/last through ``min/max(ARRAY[ts, value])``); :meth:`PostgresStore.rollup`
-downsamples a window entirely inside the server (DELETE + INSERT ... SELECT).
+the COPY buffer built with numpy (no per-row Python). Aggregates read the source rows as a
+fixed-width binary COPY (``np.frombuffer``, no parsing) and bucket them with numpy, the
+same semantics as ``partials.py`` but on integer series ids (string points come through a
+second, indexed query only when there are any). :meth:`PostgresStore.rollup` is
+``replace_partials(aggregate(...))`` without the Arrow round trip; ``replace_partials``
+given the very table ``aggregate`` returned reuses its series ids.
 
-Retention drops whole partitions when it can (instant, space returned at once) and
-deletes + rewrites (``VACUUM FULL``) only the partition a cut falls into.
+Compaction (``reclaim``, and one partition per ``maintain``) CLUSTERs closed raw
+partitions by series: points arrive in time order, one series' points one per page, so a
+day of one series read ~1,000 pages; clustered, a handful. Retention drops whole
+partitions when it can (instant, space returned at once) and deletes + rewrites
+(``VACUUM FULL``) only the partition a cut falls into.
 
 Stores created by earlier versions (layout 1: one ``<prefix>raw`` row per point with the
 text columns) are detected at start-up and refused with the command to run::
@@ -317,18 +329,21 @@ class _Partials:
         nb = int(bidx.max()) - bmin + 1
         sid = self.sid.astype(np.int64)
         key = (sid - int(sid.min())) * nb + (bidx - bmin)
-        if np.all(self.first_ts[1:] >= self.first_ts[:-1]):  # the usual: rows in time order
+        raw = self.last_ts is self.first_ts and self.first_ts is self.ts
+        if np.all(self.first_ts[1:] >= self.first_ts[:-1]):  # rows in time order
             order = np.argsort(key, kind="stable")
+        elif raw and (int(key.max()) + 1) * bucket_us < 1 << 62:
+            # (series, bucket, time in bucket) in one int64: one sort instead of two
+            # (clustered partitions arrive in series order, not time order)
+            order = np.argsort(key * bucket_us + (self.ts - bidx * bucket_us))
         else:
             order = np.lexsort((self.first_ts, key))
         ks = key[order]
         starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
         ends = np.r_[starts[1:], n]
         first_rows = order[starts]
-        if self.last_ts is self.first_ts:  # raw points: one sort serves both
-            last_rows = order[ends - 1]
-        else:
-            last_rows = np.lexsort((self.last_ts, key))[ends - 1]
+        # raw points: one sort serves both
+        last_rows = order[ends - 1] if raw else np.lexsort((self.last_ts, key))[ends - 1]
 
         def red(fn: np.ufunc, values: np.ndarray) -> np.ndarray:
             return np.asarray(fn.reduceat(values[order], starts))
@@ -418,6 +433,7 @@ class PostgresStore:
         self._lock = threading.RLock()
         try:
             self._conn = psycopg.connect(url, autocommit=True, connect_timeout=int(connect_timeout))
+            self._url, self._connect_timeout = url, int(connect_timeout)
         except psycopg.Error as exc:
             raise StorageError(f"cannot connect to PostgreSQL: {exc}") from exc
         self._partitions: set[str] = set()
@@ -1118,15 +1134,25 @@ class PostgresStore:
         """
         import time
 
-        done = 0
+        import psycopg
+
         with self._lock:
-            for part, index in self._unclustered_closed(time.time() if now is None else now):
-                if limit is not None and done >= limit:
-                    break
-                self._exec(f"CLUSTER {part} USING {index}")
-                self._exec(f"ANALYZE {part}")
-                done += 1
-        return done
+            todo = self._unclustered_closed(time.time() if now is None else now)
+        todo = todo[:limit] if limit is not None else todo
+        if not todo:
+            return 0
+        # on a connection of its own, without the store's lock: writers (into the open
+        # partitions) and readers of other partitions go on meanwhile
+        try:
+            with psycopg.connect(
+                self._url, autocommit=True, connect_timeout=self._connect_timeout
+            ) as conn:
+                for part, index in todo:
+                    conn.execute(f"CLUSTER {part} USING {index}")
+                    conn.execute(f"ANALYZE {part}")
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL: compacting {todo[0][0]}...: {exc}") from exc
+        return len(todo)
 
     def maintain(self, *, force: bool = False) -> None:
         """Every retention pass: CLUSTER at most one closed partition (bounded work).
