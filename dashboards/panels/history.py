@@ -105,6 +105,14 @@ def tiers(ctx: Ctx) -> list[str]:
     return sorted(found, key=lambda r: found[r])
 
 
+def axis_format(ts: pd.Series) -> str:
+    """Time labels for the shown points: with the date once they cross midnight (a 7-day
+    range with one day of data is labelled 01:00 … 01:00 otherwise), seconds under 30 min."""
+    if ts.dt.date.nunique() > 1:
+        return "%m-%d %H:%M"
+    return "%H:%M:%S" if (ts.max() - ts.min()).total_seconds() <= 1800 else "%H:%M"
+
+
 def tier_label(chosen: str, used: str | None) -> str:
     """``auto → 1h`` from the picker and the engine's ``X-Twin-Tier`` (``agg_3600s``)."""
     if chosen != "auto" or not used:
@@ -223,8 +231,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         prev = df[["ts", "series", f"{agg}_previous"]].rename(columns={f"{agg}_previous": "value"})
         prev["series"] = prev["series"] + f" ({compare} earlier)"
         long = pd.concat([long, prev])
-    shown_span = (df["ts"].max() - df["ts"].min()).total_seconds()
-    fmt = "%H:%M:%S" if shown_span <= 1800 else "%H:%M" if shown_span <= 86400 else "%m-%d %H:%M"
+    fmt = axis_format(df["ts"])
     layers = [
         alt.Chart(long)
         .mark_line(point=alt.OverlayMarkDef(size=10))

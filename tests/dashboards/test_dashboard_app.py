@@ -159,6 +159,17 @@ def test_history_resolution_picker(api: FakeApi) -> None:
     assert api.queries[-1]["tier"] == ["raw"] and api.queries[-1]["every"] == ["1m"]
 
 
+def test_history_axis_format() -> None:
+    from dashboards.panels.history import axis_format
+
+    def at(*iso: str) -> pd.Series:
+        return pd.Series(pd.to_datetime(list(iso), utc=True))
+
+    assert axis_format(at("2026-01-01T23:00Z", "2026-01-02T01:00Z")) == "%m-%d %H:%M"
+    assert axis_format(at("2026-01-01T10:00Z", "2026-01-01T12:00Z")) == "%H:%M"
+    assert axis_format(at("2026-01-01T10:00Z", "2026-01-01T10:01Z")) == "%H:%M:%S"
+
+
 def test_tier_label() -> None:
     from dashboards.panels.history import tier_label
 
