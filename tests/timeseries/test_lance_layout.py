@@ -193,23 +193,27 @@ def test_old_device_bitmap_is_replaced_and_old_store_reads(tmp_path: Path) -> No
     assert after.column("value").to_pylist()[-1] == 22.0 + 119 * 0.01
 
 
-def test_one_exponent_per_series_run(tmp_path: Path) -> None:
-    from twin.timeseries.lance import _decode_values, _encode_values
+def test_one_exponent_per_block_of_rows() -> None:
+    from twin.timeseries.lance import _EXP_BLOCK, _decode_values, _encode_values
 
     values = [20.13, 20.1, 20.0, 19.5, 2.0**60, 0.1 + 0.2]
     recs: list[Record] = [("d", "m", v, T0 + i, 0, "s", "g", ",") for i, v in enumerate(values)]
-    recs += [("e", "m", v, T0 + i, 0, "s", "g", ",") for i, v in enumerate([1.0, 3.0, 4.5])]
-    enc = _encode_values(records_to_table(recs))  # sorted: d's rows, then e's
+    # a second block (rows are sorted by device) holding only one-decimal values
+    recs += [("e", "m", 1.5 + i, T0 + i, 0, "s", "g", ",") for i in range(2 * _EXP_BLOCK)]
+    table = records_to_table(recs)
+    enc = _encode_values(table)
     exp = enc.column("value_exp").to_pylist()
     dec = enc.column("value_dec").to_pylist()
-    # d's decimals share exponent 2 (2010 for 20.1); the two odd values stay floats
+    # the first block shares exponent 2 (2010 for 20.1, 250 for e's 2.5); the two odd
+    # values stay floats
     assert dec[:6] == [2013, 2010, 2000, 1950, None, None]
-    assert exp[:4] == [2, 2, 2, 2]
     assert enc.column("value").to_pylist()[4:6] == [2.0**60, 0.1 + 0.2]
-    # e's share exponent 1
-    assert dec[6:] == [10, 30, 45] and exp[6:] == [1, 1, 1]
+    assert set(exp[:4] + exp[6:_EXP_BLOCK]) == {2} and dec[6:8] == [150, 250]
+    # the next block only needs exponent 1
+    assert set(exp[_EXP_BLOCK : 2 * _EXP_BLOCK]) == {1}
+    assert dec[_EXP_BLOCK] == round((1.5 + _EXP_BLOCK - 6) * 10)
     back = _decode_values(enc).column("value").to_pylist()
-    assert back == records_to_table(recs).column("value").to_pylist()
+    assert back == table.column("value").to_pylist()
 
 
 def test_clustering_does_not_bring_deleted_rows_back(tmp_path: Path) -> None:
