@@ -274,6 +274,7 @@ class LiveSeries:
     cursor: Cursor | None = None
     after: float = 0.0  # readings up to this time came with the backfill
     buckets: dict[tuple[str, str, float], list[float]] = field(default_factory=dict)
+    used: float = 0.0  # monotonic time of the last read (shared series are dropped when idle)
 
     def key(self) -> tuple[Any, ...]:
         return (self.metrics, self.devices, self.every, self.span, self.by_device, self.label)
@@ -349,6 +350,9 @@ class LiveSeries:
         return total / count
 
 
+SHARED_IDLE = 600.0
+"""A shared series no session has read for this long is dropped."""
+
 WRITER_LAG = 3.0
 """Seconds the engine's batched time-series writer may hold a reading before it is queryable:
 the REST backfill ends this long ago and the feed supplies what came after."""
@@ -372,7 +376,15 @@ def refresh_series(
     if feed is None:
         return read(_refresh(state, key, fresh, None, backfill, now))
     with feed.shared_lock:
-        return read(_refresh(feed.shared, key, fresh, feed, backfill, now))
+        # sessions may show the same panel over different selections (another dashboard, a
+        # changed device list): one series per selection, and the unused ones dropped
+        key = f"{key}#{hash(fresh.key())}"
+        series = _refresh(feed.shared, key, fresh, feed, backfill, now)
+        series.used = time.monotonic()
+        for k, v in list(feed.shared.items()):
+            if isinstance(v, LiveSeries) and k != key and series.used - v.used > SHARED_IDLE:
+                del feed.shared[k]
+        return read(series)
 
 
 def _refresh(

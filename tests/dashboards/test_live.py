@@ -100,6 +100,29 @@ def test_series_backfill_then_live_readings() -> None:
     assert s.frame().empty  # older than the range
 
 
+def test_shared_series_per_selection_and_dropped_when_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dashboards.live as live
+
+    feed = connected_feed()
+    a = LiveSeries(("t",), frozenset({"a"}), 10.0, 60.0, by_device=True)
+    b = LiveSeries(("t",), frozenset({"b"}), 10.0, 60.0, by_device=True)
+    calls: list[float] = []
+
+    def backfill(to: float) -> list[dict[str, Any]]:
+        calls.append(to)
+        return []
+
+    for _ in range(2):  # two sessions, two selections, same panel: no backfill ping-pong
+        refresh_series({}, "k", a, feed, backfill, now=100.0)
+        refresh_series({}, "k", b, feed, backfill, now=100.0)
+    assert len(calls) == 2 and len(feed.shared) == 2
+    monkeypatch.setattr(live, "SHARED_IDLE", -1.0)
+    refresh_series({}, "k", a, feed, backfill, now=100.0)
+    assert len(feed.shared) == 1  # b's series was not read: dropped
+
+
 def test_series_without_a_feed_polls_rest() -> None:
     calls: list[float] = []
     series = LiveSeries(("t",), frozenset({"a"}), 10.0, 60.0, by_device=False, label="all")
