@@ -163,7 +163,11 @@ async def test_query_and_storage_through_the_server(tmp_path: Path) -> None:
             assert json.loads(await twin(other, "storage", "--json", env=env))["points"] >= 5
             report = json.loads(await twin(other, "storage", "--json", "retention", env=env))
             assert {"rolled_up", "expired", "reclaimed_bytes"} <= set(report)
-            # the rollup loop rolls windows up as they close, before any manual pass
+            # the rollup loop rolls windows up as they close (after the default 5 s of
+            # lateness), with or without a manual pass; the stats show the tier and its lag
+            await eventually(
+                lambda: store.aggregate("agg_1s", Selector(), 0, 2e9, 1.0).num_rows > 0
+            )
             stats = json.loads(await twin(other, "storage", "--json", env=env))
             assert {t["tier"]: t["points"] for t in stats["tiers"]}.get("agg_1s", 0) > 0
             (lag,) = stats["rollup"]["tiers"]

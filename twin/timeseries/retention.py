@@ -36,24 +36,30 @@ Downsampling
     ``next_due`` says when it next has work: at once when closed windows wait (first run,
     after downtime, after a failure), else when the next window of any tier closes (plus
     ``lateness``). The engine's rollup loop (``TimeSeriesService``) runs it right then,
-    independently of the slow expiry/compaction cadence. ``lags`` reports, per (policy, tier), the watermark, its
-    age (``now - watermark``, which includes the open window) and the rollup lag proper:
-    how long the oldest *closed* window that is not rolled up yet has been closed
-    (``max(0, now - (watermark + resolution))``), 0 when the tier is up to date.
+    independently of the slow expiry/compaction cadence. ``lags`` reports, per (policy,
+    tier), the watermark, its age (``now - watermark``, which includes the open window)
+    and the rollup lag proper: how long the oldest *closed* window that is not rolled up
+    yet has been closed (``max(0, now - (watermark + resolution))``), 0 when current.
 
 Killed mid-rollup
     The watermark moves only after a window's replace has completed, and queries read
-    raw data after the watermark. A process killed between the delete and the add (or
-    before the watermark write) leaves the window's tier rows missing or complete but
-    behind the watermark; either way queries still answer that window from raw, and the
-    next run replaces the window again. Nothing is counted twice, nothing is lost
-    (``tests/timeseries/test_retention_rollup.py`` kills a rollup at each of these points).
+    raw data after the watermark. A process killed between the delete and the add of a
+    replace (LanceDB: two commits; PostgreSQL: one transaction) or before the watermark
+    write leaves the window's tier rows missing or complete, but behind the watermark;
+    either way queries still answer that window from raw, and the next run replaces the
+    window again. Nothing is counted twice, nothing is lost
+    (``tests/timeseries/test_retention_rollup.py``: a crash at each point on every store,
+    and a real SIGKILL of a LanceDB rollup between its delete and its add).
 
 Full disk
-    A rollup write on a full disk fails with ``StorageError`` (LanceDB refuses writes below
-    ``min_free_bytes`` before touching the table); the watermark stays where it was, the
-    source data is kept (expiry never deletes past the next tier's watermark), the failure
-    is logged and counted, and the loop retries: the tier catches up when space returns.
+    A rollup on a full disk fails with ``StorageError`` (LanceDB refuses the add below
+    ``min_free_bytes``; the window's old tier rows may already be deleted, which is the
+    killed-mid-rollup case above); the watermark stays where it was, the source data is
+    kept (expiry never deletes past the next tier's watermark), the failure is logged and
+    counted (``twin_timeseries_rollups_total{result="error"}``) and retried every
+    ``rollup_retry`` s: the tier catches up when space returns. In the engine the rollup
+    also waits for the writer (a flush barrier), so while raw writes are refused no window
+    is rolled up with readings missing.
 
 Expiry
     Each tier's rows older than ``keep`` are deleted, but never data that the next tier has
