@@ -166,6 +166,17 @@ def series_key(df: pd.DataFrame, value_cols: list[str]) -> pd.Series:
     return df[keys].astype(str).agg(" / ".join, axis=1)
 
 
+def segments(df: pd.DataFrame, by: str, every_s: float) -> pd.Series:
+    """A number per row that grows at every gap longer than 1.5 buckets within a series
+    (``by``): encoded as a chart's ``detail``, a line breaks there instead of bridging an
+    outage with a straight line."""
+    if df.empty:
+        return pd.Series([], dtype=int, index=df.index)
+    d = df.sort_values([by, "ts"])
+    gap = d.groupby(by, sort=False)["ts"].diff().dt.total_seconds() > 1.5 * every_s
+    return gap.groupby(d[by], sort=False).cumsum().astype(int).reindex(df.index)
+
+
 def ago(ts: float | None) -> str:
     if ts is None:
         return "never"
@@ -215,6 +226,7 @@ __all__ = [
     "fmt_seconds",
     "frame",
     "load_docs",
+    "segments",
     "select_params",
     "series_key",
 ]

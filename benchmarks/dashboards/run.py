@@ -250,6 +250,11 @@ def run_variant(
                 page.screenshot(path=str(ROOT / "artifacts" / "bench-history.png"))
                 print(f"[{name}] history 7-day query rendered (Last 7 days → chart): "
                       f"{history_s:.2f} s  [{caption}]")  # fmt: skip
+                for title in ("Telemetry", "Control"):  # the other pages, to look at
+                    page.get_by_text(title, exact=True).first.click()
+                    page.get_by_text(f"· {title}").first.wait_for(timeout=120_000)
+                    page.wait_for_timeout(3000)
+                    page.screenshot(path=str(ROOT / "artifacts" / f"bench-{title.lower()}.png"))
         finally:
             browser.close()
         panel_times(log, name)

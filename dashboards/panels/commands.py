@@ -56,7 +56,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         if not commands:
             st.caption(f"Model {summary.get('model')} declares no commands.")
         else:
-            c1, c2 = st.columns([1, 2])
+            c1, c2 = st.columns([2, 3])
             ctype = c1.selectbox("Command", sorted(commands), key=f"{key}-type")
             decl = commands.get(ctype) or {}
             text = c2.text_area(

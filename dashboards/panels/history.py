@@ -16,7 +16,15 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, bucket_for, fmt_seconds, frame, select_params, series_key
+from dashboards.core import (
+    Ctx,
+    bucket_for,
+    fmt_seconds,
+    frame,
+    segments,
+    select_params,
+    series_key,
+)
 from twin.spec.dashboards import as_list
 from twin.spec.units import parse_duration
 
@@ -232,6 +240,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         prev["series"] = prev["series"] + f" ({compare} earlier)"
         long = pd.concat([long, prev])
     fmt = axis_format(df["ts"])
+    long["seg"] = segments(long.reset_index(drop=True), "series", every_s).to_numpy()
     layers = [
         alt.Chart(long)
         .mark_line(point=alt.OverlayMarkDef(size=10))
@@ -239,6 +248,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True)),
             y=alt.Y("value:Q", title=agg, scale=alt.Scale(zero=False)),
             color=alt.Color("series:N", legend=alt.Legend(orient="bottom", title=None)),
+            detail="seg:N",  # no line across a gap
             strokeDash=alt.condition(
                 alt.FieldOneOfPredicate(
                     "series", list(long["series"][long["series"].str.endswith("earlier)")].unique())

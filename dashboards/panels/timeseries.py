@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, bucket_for, fmt_seconds, select_params
+from dashboards.core import Ctx, bucket_for, fmt_seconds, segments, select_params
 from dashboards.live import LiveSeries, refresh_series
 from twin.spec.dashboards import panel_metrics
 from twin.spec.units import parse_duration
@@ -54,9 +54,16 @@ def data(ctx: Ctx, panel: dict[str, Any]) -> pd.DataFrame:
 
 
 def chart(
-    df: pd.DataFrame, metric: str, unit: str, height: int, legend: bool = True, fmt: str = "%H:%M"
+    df: pd.DataFrame,
+    metric: str,
+    unit: str,
+    height: int,
+    legend: bool = True,
+    fmt: str = "%H:%M",
+    every_s: float = 0.0,
 ) -> alt.Chart:
     keep = alt.Legend(orient="bottom", title=None, columns=2, labelLimit=200)
+    df = df.assign(seg=segments(df, "device", every_s) if every_s else 0)
     return (
         alt.Chart(df)
         .mark_line(point=alt.OverlayMarkDef(size=12))
@@ -64,6 +71,7 @@ def chart(
             x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True, tickCount=5)),
             y=alt.Y("avg:Q", title=f"{metric} {unit}".strip(), scale=alt.Scale(zero=False)),
             color=alt.Color("device:N", legend=keep if legend else None),
+            detail="seg:N",  # no line across a gap
             tooltip=["device", alt.Tooltip("ts:T", format="%H:%M:%S"), "avg"],
         )
         .properties(height=height)
@@ -85,6 +93,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         st.info("No data in this range yet.")
         return
     span = parse_duration(panel.get("range", "15m"))
+    every_s = parse_duration(panel.get("every") or fmt_seconds(bucket_for(span)))
     fmt = "%H:%M:%S" if span <= 1800 else "%H:%M" if span <= 86400 else "%m-%d %H:%M"
     height = max(220, int(panel.get("height", 300)) // max(1, len(metrics)))
     for i, metric in enumerate(metrics):
@@ -93,6 +102,6 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
             st.caption(f"{metric}: no data")
             continue
         st.altair_chart(
-            chart(part, metric, ctx.unit(metric), height, i == len(metrics) - 1, fmt),
+            chart(part, metric, ctx.unit(metric), height, i == len(metrics) - 1, fmt, every_s),
             width="stretch",
         )

@@ -170,6 +170,14 @@ def test_history_axis_format() -> None:
     assert axis_format(at("2026-01-01T10:00Z", "2026-01-01T10:01Z")) == "%H:%M:%S"
 
 
+def test_lines_break_at_gaps() -> None:
+    from dashboards.core import segments
+
+    ts = pd.to_datetime([0, 10, 20, 100, 110, 0, 10], unit="s", utc=True)
+    df = pd.DataFrame({"ts": ts, "device": ["a"] * 5 + ["b"] * 2})
+    assert segments(df, "device", 10.0).tolist() == [0, 0, 0, 1, 1, 0, 0]
+
+
 def test_tier_label() -> None:
     from dashboards.panels.history import tier_label
 
