@@ -1100,29 +1100,35 @@ class PostgresStore:
         t = self._t(tier)
         with self._lock:
             n = 0
-            touched = [t]
+            expired: list[str] = []  # partitions entirely before the cut
             if tier == RAW and not self.timescale:
-                touched = []
                 for name in self._list_partitions():
-                    lo, hi = self._partition_range(name)
+                    hi = self._partition_range(name)[1]
                     if hi <= before and selector == Selector():
                         # whole partitions first: instant and the space is returned at once
                         n += int(self._exec(f"SELECT count(*) FROM {name}")[0][0])
                         self._exec(f"DROP TABLE {name}")
                         self._partitions.discard(name)
-                    elif lo < before:
-                        touched.append(name)
+                    elif hi <= before:
+                        expired.append(name)
+            # per table (partition) that lost rows: only those are rewritten by reclaim()
             rows = self._exec(
                 f"WITH d AS (DELETE FROM {t} WHERE ts < %s AND {self._series_filter(selector)} "
-                "RETURNING 1) SELECT count(*) FROM d",
+                "RETURNING tableoid) SELECT c.relname, count(*) FROM d "
+                "JOIN pg_class c ON c.oid = d.tableoid GROUP BY 1",
                 [_us(before)],
             )
-            deleted = int(rows[0][0])
-            if deleted:
-                # reclaim() rewrites these (VACUUM FULL on just the cut partitions: the
-                # oldest ones, which take no new writes), so the space really comes back
-                self._dirty.update(touched)
-            return n + deleted
+            for name, count in rows:
+                n += int(count)
+                self._dirty.add(name)
+            # an expired partition that a selector's delete emptied (every policy has cut
+            # it by now) is dropped too, rather than rewritten
+            for name in expired:
+                if not self._exec(f"SELECT 1 FROM {name} LIMIT 1"):
+                    self._exec(f"DROP TABLE {name}")
+                    self._partitions.discard(name)
+                    self._dirty.discard(name)
+            return n
 
     def _list_partitions(self) -> list[str]:
         """Partitions of the points table, oldest first."""
