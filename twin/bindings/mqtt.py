@@ -233,9 +233,10 @@ class MqttBinding:
         return hub
 
     async def connect(self) -> None:
-        # Device tasks start before the engine's services: give the MQTT service a moment,
-        # then fail (temporary: retried with backoff) until it is up.
-        with trio.move_on_after(15):  # the API and other services may start first
+        # The engine starts its services before device tasks, so the hub is normally there;
+        # when it is not (no MQTT service yet, or it is restarting) give it a moment, then
+        # fail (temporary: retried with backoff) until it is up.
+        with trio.move_on_after(15):
             while self._hub is None and hub_for(self.context, self.broker_name) is None:  # noqa: ASYNC110 - the hub appears in another module's registry
                 await trio.sleep(0.02)
         _ = self.hub
