@@ -177,20 +177,34 @@ def test_old_device_bitmap_is_replaced_and_old_store_reads(tmp_path: Path) -> No
     tbl = db.create_table("raw", schema=LANCE_RAW_SCHEMA)
     from twin.timeseries.lance import _conform, _encode_values
 
-    tbl.add(_conform(_encode_values(records_to_table(_records(0, 60))), LANCE_RAW_SCHEMA))
-    ds = tbl.to_lance()
+    for start in (0, 60):  # two appends compacted into one big, unclustered fragment
+        tbl.add(_conform(_encode_values(records_to_table(_records(start, 60))), LANCE_RAW_SCHEMA))
+    import lance
+
+    tbl.to_lance().optimize.compact_files(target_rows_per_fragment=1 << 20)
+    ds = lance.dataset(str(path / "raw.lance"))
     for col, kind in (("ts", "ZONEMAP"), ("device", "BITMAP"), ("metric", "BITMAP")):
         ds.create_scalar_index(col, kind)
-    store = LanceStore(path, min_free_bytes=0, compact_every=1000)
-    before = store.read_raw(Selector.of(devices="d2"), T0, T0 + 3600)
-    assert before.num_rows == 60 and before.column("value").to_pylist()[0] == 22.0
-    store.write_records(_records(60, 60))
+    store = LanceStore(path, min_free_bytes=0, compact_every=1000, cluster_rows=256, cluster_run=4)
+    assert len(ds.get_fragments()) == 1
+    assert ds.get_fragments()[0].metadata.physical_rows >= 256 // 2
+    before = store.read_raw(Selector.of(devices="d2"), T0, T0 + 3 * 3600)
+    assert before.num_rows == 120 and before.column("value").to_pylist()[0] == 22.0
+    store.write_records(_records(120, 60))
     store.maintain(force=True)
     assert _index_types(path)["device"] == "ZONEMAP"
+    # the big fragment of the old layout was clustered too (once, with the index switch)
+    import numpy as np
+
+    from twin.timeseries.lance import cluster_order
+
+    for frag in lance.dataset(str(path / "raw.lance")).get_fragments():
+        rows = frag.to_table(columns=["ts", "device", "metric"])
+        assert np.array_equal(cluster_order(rows, 4), np.arange(rows.num_rows))
     after = store.read_raw(Selector.of(devices="d2"), T0, T0 + 3 * 3600)
-    assert after.num_rows == 120
+    assert after.num_rows == 180
     assert after.column("value").to_pylist()[:2] == [22.0, 22.01]
-    assert after.column("value").to_pylist()[-1] == 22.0 + 119 * 0.01
+    assert after.column("value").to_pylist()[-1] == 22.0 + 179 * 0.01
 
 
 def test_one_exponent_per_block_of_rows() -> None:

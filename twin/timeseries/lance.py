@@ -705,7 +705,7 @@ class LanceStore:
                 raise StorageError(f"cannot save time-series metadata: {exc}") from exc
 
     # --- maintenance ----------------------------------------------------------------
-    def _cluster(self, tier: str, ds: Any) -> Any:
+    def _cluster(self, tier: str, ds: Any, *, everything: bool = False) -> Any:
         """Rewrite the small fragments (appends, earlier small rewrites) into fragments of up
         to ``cluster_rows`` rows in ``cluster_order``, atomically: one ``Rewrite`` commit
         replaces the old fragments by the new ones, so a reader sees either (a crash before
@@ -714,12 +714,16 @@ class LanceStore:
         Lance scans them unindexed, still correctly. Returns the new dataset version.
 
         Fragments of ``cluster_rows // 2`` rows or more are left alone, and so is a group
-        that is one fragment already: a single append is sorted by (device, metric, ts)."""
+        that is one fragment already: a single append is sorted by (device, metric, ts).
+        ``everything``: every fragment (once, when a table of the old layout loses its
+        device BITMAP: its big fragments were never clustered, and a ZONEMAP over them would
+        read ~100x the rows a one-series query needs)."""
         import lance
         from lance import LanceOperation
         from lance.fragment import write_fragments
 
-        small = [f for f in ds.get_fragments() if f.metadata.physical_rows < self.cluster_rows // 2]
+        limit = self.cluster_rows // 2
+        small = [f for f in ds.get_fragments() if everything or f.metadata.physical_rows < limit]
         groups: list[list[Any]] = []
         rows = 0
         for f in small:
@@ -731,7 +735,7 @@ class LanceStore:
         schema = ds.schema
         rewrites = []
         for group in groups:
-            if len(group) < 2:
+            if len(group) < 2 and not everything:
                 continue
             table = pa.concat_tables([f.to_table() for f in group])
             if table.num_rows:
@@ -752,6 +756,13 @@ class LanceStore:
             return ds
         op = LanceOperation.Rewrite(groups=rewrites, rewritten_indices=[])
         return lance.LanceDataset.commit(ds, op, read_version=ds.version)
+
+    @staticmethod
+    def _has_device_bitmap(ds: Any) -> bool:
+        return any(
+            d.field_names[:1] == ["device"] and d.index_type.upper() == "BITMAP"
+            for d in ds.describe_indices()
+        )
 
     @staticmethod
     def _ensure_indexes(ds: Any) -> None:
@@ -776,7 +787,7 @@ class LanceStore:
                 # first drop what old versions alone hold (e.g. fragments a delete emptied):
                 # on a full disk that is the space the compaction below needs
                 ds.cleanup_old_versions(older_than=self.keep_versions_for)
-                ds = self._cluster(tier, ds)
+                ds = self._cluster(tier, ds, everything=self._has_device_bitmap(ds))
                 # rewrites fragments with >10 % deleted rows (and merges what is left small)
                 ds.optimize.compact_files(target_rows_per_fragment=self.cluster_rows // 2)
                 if ds.count_rows() > 0:
