@@ -132,6 +132,11 @@ async def test_storage_stats_and_retention_now(state: Path) -> None:
     assert report["rolled_up"].get("agg_1s", 0) > 0
     stats = json.loads(await twin(state, "storage", "--json"))
     assert "agg_1s" in {t["tier"] for t in stats["tiers"]}
+    # the rollup watermark and lag per (policy, tier), read from the store's metadata
+    (lag,) = [t for t in stats["rollup"]["tiers"] if t["tier"] == "agg_1s"]
+    assert lag["watermark"] is not None and lag["lag_s"] >= 0
+    text = await twin(state, "storage")
+    assert "ROLLUP LAG" in text and "agg_1s" in text
 
 
 async def test_query_and_storage_through_the_server(tmp_path: Path) -> None:

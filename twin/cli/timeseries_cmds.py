@@ -303,12 +303,19 @@ def storage(
         report = _remote("GET", server, "/api/v1/timeseries/storage").json()
     else:
         from twin.timeseries.factory import describe
-        from twin.timeseries.retention import StorageMonitor
+        from twin.timeseries.retention import RetentionPolicy, StorageMonitor, stored_lags
 
         store = _open_store(timeseries)
         try:
             report = StorageMonitor(store).report()
             report["store"] = describe(timeseries, _state().state_dir)
+            docs = [
+                d
+                for (k, _n), d in sorted(_state().registry().specs().items())
+                if k == "RetentionPolicy"
+            ]
+            policies = [RetentionPolicy.from_doc(d) for d in docs]
+            report["rollup"] = {"tiers": [t.as_dict() for t in stored_lags(store, policies)]}
         finally:
             store.close()
     if as_json:
@@ -337,6 +344,26 @@ def storage(
     o.console.print(f"free disk  {'unknown' if free < 0 else _fmt_bytes(free)}")
     if report.get("disk_nearly_full"):
         o.console.print("[bold red]disk nearly full[/]: writes stop below the safety margin")
+    lags = (report.get("rollup") or {}).get("tiers") or []
+    if lags:
+        o.console.print(
+            o.rows_table(
+                ["policy", "tier", "rolled up to", "rollup lag"],
+                [
+                    [
+                        t["policy"],
+                        t["tier"],
+                        "never" if t["watermark"] is None else _when(t["watermark"]),
+                        "-" if t["lag_s"] is None else f"{t['lag_s']:.0f}s",
+                    ]
+                    for t in lags
+                ],
+            )
+        )
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 @storage_app.command("retention")

@@ -80,7 +80,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,6 +216,37 @@ class TierLag:
             "watermark_age_s": self.age,
             "lag_s": self.lag,
         }
+
+
+def tier_lags(
+    policies: Iterable[RetentionPolicy],
+    watermark: Callable[[str, str], float | None],
+    now: float | None = None,
+) -> list[TierLag]:
+    """Per (policy, tier): the watermark (``watermark(policy, tier)``), its age and the
+    rollup lag (module docstring)."""
+    now = time.time() if now is None else now
+    out = []
+    for p in policies:
+        for t in p.tiers:
+            if t.resolution is None:
+                continue
+            wm = watermark(p.name, t.name)
+            age = None if wm is None else now - wm
+            lag = None if wm is None else max(0.0, now - (wm + t.resolution))
+            out.append(TierLag(p.name, t.name, t.resolution, wm, age, lag))
+    return out
+
+
+def stored_lags(store: TimeSeriesStore, policies: Iterable[RetentionPolicy]) -> list[TierLag]:
+    """``tier_lags`` from the watermarks saved in ``store`` (read-only: for `twin storage`
+    beside a running engine)."""
+
+    def wm(policy: str, tier: str) -> float | None:
+        v = store.get_meta(_wm_key(policy, tier))
+        return float(v) if v is not None else None
+
+    return tier_lags(policies, wm)
 
 
 class RetentionManager:
@@ -361,17 +392,7 @@ class RetentionManager:
 
     def lags(self, now: float | None = None) -> list[TierLag]:
         """Per (policy, tier) watermark, watermark age and rollup lag (module docstring)."""
-        now = time.time() if now is None else now
-        out = []
-        for p in self.policies:
-            for t in p.tiers:
-                if t.resolution is None:
-                    continue
-                wm = self.watermarks.get((p.name, t.name))
-                age = None if wm is None else now - wm
-                lag = None if wm is None else max(0.0, now - (wm + t.resolution))
-                out.append(TierLag(p.name, t.name, t.resolution, wm, age, lag))
-        return out
+        return tier_lags(self.policies, lambda p, t: self.watermarks.get((p, t)), now)
 
     # --- expiry ---------------------------------------------------------------------
     def expire(self, now: float | None = None) -> dict[str, int]:
