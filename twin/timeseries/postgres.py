@@ -234,21 +234,32 @@ class _Partials:
     last_str: np.ndarray | None = None
 
     @classmethod
+    def of_points(
+        cls, ts: np.ndarray, sid: np.ndarray, v: np.ndarray, strs: np.ndarray | None = None
+    ) -> _Partials:
+        """One partial per raw point (count 1, every statistic the value itself)."""
+        return cls(
+            ts=ts,
+            sid=sid,
+            count=np.ones(len(ts), dtype=np.int64),
+            sum=v,
+            min=v,
+            max=v,
+            first=v,
+            last=v,
+            first_ts=ts,
+            last_ts=ts,
+            first_str=strs,
+            last_str=strs,
+        )
+
+    @classmethod
     def from_rows(cls, rows: np.ndarray, raw: bool) -> _Partials:
         if raw:
-            ts = rows["ts"].astype(np.int64)
-            v = rows["v"].astype(np.float64)
-            return cls(
-                ts=ts,
-                sid=rows["sid"].astype(np.int32),
-                count=np.ones(len(ts), dtype=np.int64),
-                sum=v,
-                min=v,
-                max=v,
-                first=v,
-                last=v,
-                first_ts=ts,
-                last_ts=ts,
+            return cls.of_points(
+                rows["ts"].astype(np.int64),
+                rows["sid"].astype(np.int32),
+                rows["v"].astype(np.float64),
             )
         cols: dict[str, Any] = {
             "ts": rows["ts"].astype(np.int64),
@@ -268,21 +279,9 @@ class _Partials:
 
         c = list(zip(*rows, strict=True))
         if raw:  # ts, series_id, value, value_str
-            ts = np.array(c[0], dtype=np.int64)
-            v = f64(c[2])
-            return cls(
-                ts=ts,
-                sid=np.array(c[1], dtype=np.int32),
-                count=np.ones(len(ts), dtype=np.int64),
-                sum=v,
-                min=v,
-                max=v,
-                first=v,
-                last=v,
-                first_ts=ts,
-                last_ts=ts,
-                first_str=np.array(c[3], dtype=object),
-                last_str=np.array(c[3], dtype=object),
+            strs = np.array(c[3], dtype=object)
+            return cls.of_points(
+                np.array(c[0], dtype=np.int64), np.array(c[1], dtype=np.int32), f64(c[2]), strs
             )
         ts = np.array(c[0], dtype=np.int64)
         out: dict[str, Any] = {
