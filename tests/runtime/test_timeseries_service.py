@@ -177,6 +177,34 @@ async def test_disk_nearly_full_alarm_and_metrics(registry: Registry, tmp_path: 
         assert "twin_timeseries_disk_nearly_full 0.0" in engine.prom.render().decode()
 
 
+async def test_store_maintenance_runs_in_the_background(registry: Registry, tmp_path: Path) -> None:
+    from twin.timeseries.lance import LanceStore
+
+    apply(registry, *docs())
+    # the store's inline safety net out of reach: only the service's task maintains
+    store = LanceStore(
+        tmp_path / "ts", min_free_bytes=0, compact_every=3, inline_compact_every=10**9
+    )
+    service = svc(store=store, flush_interval=0.05, monitor_interval=0.1)
+    try:
+        async with running_engine(registry, fast_config(state_dir=tmp_path / "state"), [service]):
+            maintainer = service.maintainer
+            writer = service.writer
+            assert maintainer is not None and writer is not None
+            await eventually(lambda: maintainer.runs >= 3 and writer.flushes >= 30)
+            # every append made a fragment; the background task merged them while writing
+            fragments = await trio.to_thread.run_sync(store.fragment_count)
+            assert fragments < writer.flushes // 2
+            await eventually(
+                lambda: bool(
+                    service.last_report and (service.last_report["maintenance"] or {}).get("runs")
+                )
+            )
+            assert maintainer.errors == 0
+    finally:
+        store.close()
+
+
 @pytest.mark.postgres
 async def test_readings_reach_a_postgresql_store(registry: Registry, tmp_path: Path) -> None:
     from timeseries.conftest import PG_URL, pg_reason

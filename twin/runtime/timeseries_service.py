@@ -8,6 +8,10 @@
     ├─ rollup      RetentionManager.downsample as soon as a window of any tier closes
     │              (+ ``rollup_lateness``), after the writer has flushed every reading
     │              accepted until then
+    ├─ maintenance Maintainer: store maintenance (LanceDB clustering, compaction, index
+    │              refresh, version cleanup) in a worker thread beside the writer, when
+    │              the store says it is due (checked after every flush) or every
+    │              ``maintenance_interval``; flushes never wait for a rewrite
     ├─ retention   expiry + compaction every ``retention_interval`` (slow cadence); the
     │              manager is built from the running revision's ``kind: RetentionPolicy``
     │              documents and rebuilt when they change (hot reload)
@@ -62,7 +66,7 @@ from twin.runtime.bus import Filter, Subscription
 from twin.timeseries.base import Quality, Record, TimeSeriesStore, canonical_tags
 from twin.timeseries.factory import describe, open_store
 from twin.timeseries.retention import RetentionManager, RetentionPolicy, StorageMonitor
-from twin.timeseries.writer import BatchedWriter
+from twin.timeseries.writer import BatchedWriter, Maintainer
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -167,11 +171,14 @@ class TimeSeriesService:
     rollup_retry: float = 5.0
     """Delay before retrying a failed rollup."""
     monitor_interval: float = 30.0
+    maintenance_interval: float = 60.0
+    """Background maintenance at least this often (tables with a few appends only)."""
     policy_check_interval: float = 0.5
     store_options: dict[str, Any] = field(default_factory=dict)
     name: str = "timeseries"
 
     writer: BatchedWriter | None = field(default=None, init=False)
+    maintainer: Maintainer | None = field(default=None, init=False)
     retention: RetentionManager | None = field(default=None, init=False)
     policies: dict[str, Mapping[str, Any]] = field(default_factory=dict, init=False)
     last_report: dict[str, Any] | None = field(default=None, init=False)
@@ -211,9 +218,12 @@ class TimeSeriesService:
         prom = self._prom
         engine.prom.registry.register(_LagCollector(self))
 
+        self.maintainer = maintainer = Maintainer(store, interval=self.maintenance_interval)
+
         def flushed(n: int) -> None:
             prom.written.inc(n)
             self._flushed.set()
+            maintainer.poke()
 
         self.writer = BatchedWriter(
             store,
@@ -232,6 +242,7 @@ class TimeSeriesService:
                 nursery.start_soon(self._rollup_loop)
                 nursery.start_soon(self._retention_loop)
                 nursery.start_soon(self._monitor_loop, monitor)
+                nursery.start_soon(maintainer.run)
                 log.info("timeseries: storing readings in %s", self.description)
                 task_status.started(self)
         finally:
@@ -512,6 +523,12 @@ class TimeSeriesService:
                 "errors": writer.errors,
             }
             if writer
+            else None
+        )
+        m = self.maintainer
+        report["maintenance"] = (
+            {"runs": m.runs, "errors": m.errors, "seconds": round(m.seconds, 3)}
+            if m is not None and m.supported
             else None
         )
         report["store"] = self.description

@@ -45,17 +45,30 @@ rows on the shared machine), so the pruned read stays (it wins for anything narr
 Small appends are what kills Lance (every append is a fragment and a manifest), so:
 
 * the Trio writer (``writer.py``) batches points (default 10k points or 1 s);
-* every ``compact_every`` appends to a table (default 32) the store clusters the small
-  fragments (``_cluster``), compacts what has many deleted rows, refreshes the indexes
-  and removes versions older than ``keep_versions_for``
-  (default 1 minute; old versions are only useful to concurrent readers);
+* maintenance (``maintain``) clusters the small fragments (``_cluster``), compacts what
+  has many deleted rows, refreshes the indexes and removes versions older than
+  ``keep_versions_for`` (default 1 minute; old versions are only useful to concurrent
+  readers). It is due (``maintenance_due``) once a table has ``compact_every`` appends
+  (default 32) not maintained yet; the engine runs it off the write path, from the
+  time-series service's ``Maintainer`` task in a worker thread (``writer.py``);
+* safety net: ``_append`` itself runs it inline, in the writer's call, once a table has
+  ``inline_compact_every`` appends (default 256) not maintained yet and no maintenance is
+  running, so a bare store (the CLI, scripts) never piles up fragments;
 * ``maintain(force=True)`` does the same for every table (the retention pass calls it
   after deleting, which is what actually gives the space back).
 
-Maintenance can conflict with a concurrent commit; it is retried a few times, and a
-failure is logged, never raised into the write path. Every public method takes one lock,
-and the store keeps one handle per table, refreshed (``checkout_latest``) after
-maintenance, so readers always see the latest commit.
+Maintenance runs beside the writes, not under the store's lock (issue 6, third round:
+inline, every flush that crossed ``compact_every`` stalled for the whole rewrite). Only
+one maintenance runs at a time (``_maint_lock``); it works on its own dataset handle and
+takes the store's lock only to refresh the table handle at the end. Lance resolves the
+commits: a ``Rewrite`` (clustering, compaction) or index commit whose read version
+predates appends is rebased over them (appends only add fragments), and an append or
+delete made through the stale table handle after a rewrite is rebased too (checked with
+pylance 14: rewrite over a concurrent append, stale add, stale delete of rewritten rows).
+What does conflict (a delete of rows the rewrite read) fails the maintenance commit; it is
+retried a few times, and a failure is logged, never raised into the write path. The store
+keeps one handle per table, refreshed (``checkout_latest``) after maintenance, so readers
+always see the latest commit.
 
 Disk full: a write first checks free space (``min_free_bytes``) and raises
 ``StorageError`` without touching the table; an ``OSError`` during the append is mapped to
@@ -386,6 +399,10 @@ class LanceStore:
     ``cluster_rows`` / ``cluster_run``: maintenance rewrites fragments smaller than
     ``cluster_rows // 2`` into fragments of up to ``cluster_rows`` rows ordered by
     ``cluster_order(run=cluster_run)`` (see ``_cluster``).
+
+    ``compact_every``: appends to a table after which maintenance is due
+    (``maintenance_due``; the engine's ``Maintainer`` runs it in the background);
+    ``inline_compact_every``: appends after which ``_append`` runs it inline (safety net).
     """
 
     def __init__(
@@ -394,6 +411,7 @@ class LanceStore:
         *,
         cold_path: str | Path | None = None,
         compact_every: int = 32,
+        inline_compact_every: int = 256,
         keep_versions_for: timedelta = timedelta(minutes=1),
         min_free_bytes: int = 64 * 1024 * 1024,
         nearly_full_fraction: float = 0.05,
@@ -408,6 +426,7 @@ class LanceStore:
         if self.cold_path is not None:
             self.cold_path.mkdir(parents=True, exist_ok=True)
         self.compact_every = compact_every
+        self.inline_compact_every = max(inline_compact_every, compact_every)
         self.keep_versions_for = keep_versions_for
         self.min_free_bytes = min_free_bytes
         self.nearly_full_fraction = nearly_full_fraction
@@ -416,6 +435,8 @@ class LanceStore:
         self._db = lancedb.connect(str(self.path))
         self._cold_db = lancedb.connect(str(self.cold_path)) if self.cold_path else None
         self._lock = threading.RLock()
+        # one maintenance at a time; never waited for while holding ``_lock`` (see _append)
+        self._maint_lock = threading.Lock()
         self._tables: dict[str, Any] = {}
         self._where: dict[str, Path] = {}
         self._datasets: dict[str, Any] = {}
@@ -527,17 +548,49 @@ class LanceStore:
             raise
         self._datasets.pop(tier, None)
         self._appends[tier] = self._appends.get(tier, 0) + 1
-        if self._appends[tier] >= self.compact_every:
-            self._maintain_table(tier)
+        # safety net only (see the module docstring); skipped while a maintenance runs:
+        # it is merging these fragments already (and waiting for it here would deadlock)
+        if self._appends[tier] >= self.inline_compact_every and self._maint_lock.acquire(
+            blocking=False
+        ):
+            try:
+                self._maintain_table(tier, self.keep_versions_for)
+            finally:
+                self._maint_lock.release()
+
+    def pending_appends(self) -> int:
+        """The most appends any table has had since its last maintenance."""
+        with self._lock:
+            return max(self._appends.values(), default=0)
+
+    def maintenance_due(self) -> bool:
+        """True when a table has ``compact_every`` appends not maintained yet."""
+        return self.pending_appends() >= self.compact_every
+
+    def fragment_count(self, tier: str = RAW) -> int:
+        """Fragments of ``tier``'s latest version (0 when the table does not exist)."""
+        import lance
+
+        with self._lock:
+            if self._table(tier) is None:
+                return 0
+            uri = self._where[tier] / f"{tier}.lance"
+        return len(lance.dataset(str(uri)).get_fragments())
 
     def _drop_orphans(self, tier: str) -> None:
         """After a failed append (disk full): delete the data files it wrote and every old
         version's manifest (an emergency: concurrent readers of old versions lose them), so
-        the space is there for the deletes that free the disk."""
-        with contextlib.suppress(Exception):
-            self._table(tier).to_lance().cleanup_old_versions(
-                older_than=timedelta(0), delete_unverified=True
-            )
+        the space is there for the deletes that free the disk. Not while a maintenance
+        runs: ``delete_unverified`` would delete the fragments it is writing."""
+        if not self._maint_lock.acquire(blocking=False):
+            return
+        try:
+            with contextlib.suppress(Exception):
+                self._table(tier).to_lance().cleanup_old_versions(
+                    older_than=timedelta(0), delete_unverified=True
+                )
+        finally:
+            self._maint_lock.release()
 
     def write_records(self, records: Sequence[Record]) -> int:
         table = records_to_table(records)
@@ -776,26 +829,37 @@ class LanceStore:
             if have is None:
                 ds.create_scalar_index(col, kind)
 
-    def _maintain_table(self, tier: str) -> None:
-        tbl = self._table(tier)
-        if tbl is None:
-            return
-        self._appends[tier] = 0
+    def _maintain_table(self, tier: str, keep: timedelta) -> None:
+        """Maintain one table; the caller holds ``_maint_lock`` (not necessarily ``_lock``).
+        Works on its own dataset handle, so appends go on meanwhile (see the module
+        docstring); ``_lock`` is taken only briefly, at the start and the end."""
+        import lance
+
+        with self._lock:
+            tbl = self._table(tier)
+            if tbl is None:
+                return
+            self._appends[tier] = 0
+            uri = str(self._where[tier] / f"{tier}.lance")
         for attempt in range(5):
             try:
-                ds = tbl.to_lance()
+                ds = lance.dataset(uri)
                 # first drop what old versions alone hold (e.g. fragments a delete emptied):
                 # on a full disk that is the space the compaction below needs
-                ds.cleanup_old_versions(older_than=self.keep_versions_for)
+                ds.cleanup_old_versions(older_than=keep)
                 ds = self._cluster(tier, ds, everything=self._has_device_bitmap(ds))
                 # rewrites fragments with >10 % deleted rows (and merges what is left small)
                 ds.optimize.compact_files(target_rows_per_fragment=self.cluster_rows // 2)
                 if ds.count_rows() > 0:
                     self._ensure_indexes(ds)
                     ds.optimize.optimize_indices()
-                ds.cleanup_old_versions(older_than=self.keep_versions_for)
-                tbl.checkout_latest()
-                self._datasets.pop(tier, None)
+                # the table handle (and the cached dataset readers get) may be on a version
+                # older than ``keep`` that the rewrite replaced: move it to the latest
+                # before the cleanup below can delete that version's files
+                with self._lock:
+                    tbl.checkout_latest()
+                    self._datasets.pop(tier, None)
+                ds.cleanup_old_versions(older_than=keep)
                 return
             except Exception as exc:  # maintenance never breaks the write path
                 if attempt == 4:
@@ -803,23 +867,20 @@ class LanceStore:
                     return
                 log.info("timeseries: maintenance of %s conflicted (%s); retrying", tier, exc)
                 time.sleep(0.05 * (attempt + 1))
-                tbl.checkout_latest()
 
-    def maintain(self, *, force: bool = False) -> None:
-        with self._lock:
-            for tier in self.tiers():
-                if force or self._appends.get(tier, 0) > 0:
-                    self._maintain_table(tier)
+    def maintain(self, *, force: bool = False, keep: timedelta | None = None) -> None:
+        """Maintain every table with appends not maintained yet (``force``: every table).
+        Safe to run from another thread while writes go on; ``keep``: override
+        ``keep_versions_for``."""
+        with self._maint_lock:
+            with self._lock:
+                tiers = [t for t in self.tiers() if force or self._appends.get(t, 0) > 0]
+            for tier in tiers:
+                self._maintain_table(tier, self.keep_versions_for if keep is None else keep)
 
     def reclaim(self) -> None:
         """Compact and drop every old version now (after a retention pass)."""
-        with self._lock:
-            saved = self.keep_versions_for
-            self.keep_versions_for = timedelta(0)
-            try:
-                self.maintain(force=True)
-            finally:
-                self.keep_versions_for = saved
+        self.maintain(force=True, keep=timedelta(0))
 
     def stats(self) -> StorageStats:
         with self._lock:

@@ -173,3 +173,65 @@ class BatchedWriter:
         self.flushes += 1
         if self.on_flush is not None:
             self.on_flush(len(buf))
+
+
+class Maintainer:
+    """Store maintenance off the write path (LanceDB: clustering, compaction, index refresh,
+    old-version cleanup; see ``lance.py``): ``store.maintain()`` in a worker thread, when
+    the store says it is due (``maintenance_due()``, checked after every flush through
+    ``poke``) and at least every ``interval`` seconds for tables with a few appends only.
+
+    ``BatchedWriter(on_flush=...)`` calls ``poke``; the time-series service and the
+    benchmark run ``run`` beside the writer, so flushes never wait for a rewrite. Stores
+    without ``maintenance_due`` (PostgreSQL) need nothing here: ``run`` returns at once.
+    Errors are logged and counted; the next trigger tries again. Cancelling ``run`` waits
+    for a maintenance in progress to finish (its commit is atomic either way)."""
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        interval: float = 60.0,
+        run_sync: Callable[..., Awaitable[Any]] | None = None,
+    ) -> None:
+        self.store = store
+        self.interval = interval
+        self._due = getattr(store, "maintenance_due", None)
+        self._run_sync = run_sync or trio.to_thread.run_sync
+        self._wake = trio.Event()
+        self.runs = 0
+        self.errors = 0
+        self.seconds = 0.0
+        self.running = False
+
+    @property
+    def supported(self) -> bool:
+        return self._due is not None
+
+    def poke(self) -> None:
+        """After a flush: wake ``run`` if the store has enough appends pending."""
+        if self._due is not None and not self.running and self._due():
+            self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        if self._due is None:
+            return
+        while True:
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.run_once()
+
+    async def run_once(self) -> None:
+        t0 = trio.current_time()
+        self.running = True
+        try:
+            await self._run_sync(self.store.maintain)
+            self.runs += 1
+        except Exception:
+            self.errors += 1
+            log.exception("timeseries: background maintenance failed")
+        finally:
+            self.running = False
+            self.seconds += trio.current_time() - t0
