@@ -167,13 +167,17 @@ def series_key(df: pd.DataFrame, value_cols: list[str]) -> pd.Series:
 
 
 def segments(df: pd.DataFrame, by: str, every_s: float) -> pd.Series:
-    """A number per row that grows at every gap longer than 1.5 buckets within a series
-    (``by``): encoded as a chart's ``detail``, a line breaks there instead of bridging an
-    outage with a straight line."""
+    """A number per row that grows at every gap within a series (``by``): encoded as a
+    chart's ``detail``, a line breaks there instead of bridging an outage with a straight
+    line. A gap is longer than 1.5 buckets *and* than 2.5 times the series' usual spacing, so
+    a device that reports less often than the bucket (one reading a minute in 30 s buckets)
+    still draws a line, not a row of dots."""
     if df.empty:
         return pd.Series([], dtype=int, index=df.index)
     d = df.sort_values([by, "ts"])
-    gap = d.groupby(by, sort=False)["ts"].diff().dt.total_seconds() > 1.5 * every_s
+    diff = d.groupby(by, sort=False)["ts"].diff().dt.total_seconds()
+    usual = diff.groupby(d[by], sort=False).transform("median").fillna(0.0)
+    gap = diff > (2.5 * usual).clip(lower=1.5 * every_s)
     return gap.groupby(d[by], sort=False).cumsum().astype(int).reindex(df.index)
 
 

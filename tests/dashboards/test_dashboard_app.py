@@ -176,6 +176,10 @@ def test_lines_break_at_gaps() -> None:
     ts = pd.to_datetime([0, 10, 20, 100, 110, 0, 10], unit="s", utc=True)
     df = pd.DataFrame({"ts": ts, "device": ["a"] * 5 + ["b"] * 2})
     assert segments(df, "device", 10.0).tolist() == [0, 0, 0, 1, 1, 0, 0]
+    # one reading a minute in 30 s buckets is a line; the 10-minute outage still breaks it
+    minutes = [0, 60, 120, 180, 240, 840, 900, 960]
+    df = pd.DataFrame({"ts": pd.to_datetime(minutes, unit="s", utc=True), "device": "a"})
+    assert segments(df, "device", 30.0).tolist() == [0, 0, 0, 0, 0, 1, 1, 1]
 
 
 def test_tier_label() -> None:
