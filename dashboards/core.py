@@ -55,10 +55,21 @@ class Config:
         )
 
 
+_PRELOADED: dict[str, list[dict[str, Any]]] = {}
+
+
+def preload_docs(site: str | None) -> None:
+    """Read the site's documents now (``dashboards.serve``, before the server starts)."""
+    if site:
+        _PRELOADED[site] = load_docs(site)
+
+
 def load_docs(site: str | None) -> list[dict[str, Any]]:
     """The site's documents (for the Dashboard, device models and locations), or []."""
     if not site or not Path(site).exists():
         return []
+    if site in _PRELOADED:
+        return _PRELOADED.pop(site)
     from twin.spec import load_site
 
     return [dict(d.body) for d in load_site(site).documents.values()]

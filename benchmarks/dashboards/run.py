@@ -140,9 +140,12 @@ VARIANTS = {
     "live+deck": {"FLUX_MAP_RENDERER": "deck"},
     "rest+chart": {"FLUX_LIVE": "0"},
     "rest+deck": {"FLUX_LIVE": "0", "FLUX_MAP_RENDERER": "deck"},
+    "live+chart-nopreload": {"FLUX_PRELOAD": "0"},
 }
 """Dashboard variants (environment): live = WebSocket feed after a REST backfill, rest = REST
-polling on every refresh; chart = the Vega-Lite map, deck = the pydeck (WebGL) map."""
+polling on every refresh; chart = the Vega-Lite map, deck = the pydeck (WebGL) map;
+nopreload = the Streamlit process does not import the app and read the site before serving
+(``dashboards/serve.py``), so the first visitor pays for it."""
 
 MARKS = (
     ("shell", "[data-testid=stSidebar]"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -159,6 +160,30 @@ def test_dashboard_command_line() -> None:
     cmd, env, url = dashboard_command(DEMO, "http://127.0.0.1:9/", "127.0.0.1", 0, refresh="0")
     port = int(url.rsplit(":", 1)[1])
     assert port > 0 and cmd[cmd.index("--server.port") + 1] == str(port)
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(app_path())
+    assert cmd[1:4] == ["-m", "dashboards.serve", "run"] and cmd[4] == str(app_path())
     assert env["FLUX_SERVER"] == "http://127.0.0.1:9" and env["FLUX_SITE"] == str(DEMO)
     assert env["FLUX_REFRESH"] == "0"
+
+
+def test_serve_preloads_then_hands_over_to_streamlit() -> None:
+    """`python -m dashboards.serve` is Streamlit's command line after the preload (here
+    `--version`, so no server starts); the preloaded site is served once, then read again."""
+    import subprocess
+    import sys
+
+    from dashboards import core
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dashboards.serve", "--version"],
+        env={**os.environ, "FLUX_SITE": str(DEMO), "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "Streamlit, version" in proc.stdout, proc.stderr
+    core.preload_docs(str(DEMO))
+    first = core.load_docs(str(DEMO))
+    assert any(d["kind"] == "Dashboard" for d in first)
+    assert str(DEMO) not in core._PRELOADED  # handed over once
+    assert core.load_docs(str(DEMO)) == first

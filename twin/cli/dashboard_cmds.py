@@ -1,6 +1,7 @@
 """``twin dashboard SITE``: the Streamlit dashboard (``dashboards/app.py``) as a subprocess.
 
-Nothing here imports streamlit: the app runs in its own process (``python -m streamlit run``)
+Nothing here imports streamlit: the app runs in its own process (``python -m dashboards.serve
+run``: Streamlit's command line, with the app's imports and site preloaded)
 and reads the engine only through the REST API at ``--server``.
 """
 
@@ -51,7 +52,7 @@ def dashboard_command(
         raise TwinError("streamlit is not installed", hint="pip install 'flux-iot[dashboards]'")
     port = port or free_port(host)
     cmd = [
-        sys.executable, "-m", "streamlit", "run", str(app_path()),
+        sys.executable, "-m", "dashboards.serve", "run", str(app_path()),
         "--server.address", host,
         "--server.port", str(port),
         "--server.headless", "true",
