@@ -192,9 +192,10 @@ async def test_store_maintenance_runs_in_the_background(registry: Registry, tmp_
             writer = service.writer
             assert maintainer is not None and writer is not None
             await eventually(lambda: maintainer.runs >= 3 and writer.flushes >= 30)
-            # every append made a fragment; the background task merged them while writing
+            # every append made a fragment; each run merged >= 3 of them into one while the
+            # writer went on (without it: one fragment per flush)
             fragments = await trio.to_thread.run_sync(store.fragment_count)
-            assert fragments < writer.flushes // 2
+            assert fragments < writer.flushes
             await eventually(
                 lambda: bool(
                     service.last_report and (service.last_report["maintenance"] or {}).get("runs")

@@ -758,7 +758,9 @@ class LanceStore:
                 raise StorageError(f"cannot save time-series metadata: {exc}") from exc
 
     # --- maintenance ----------------------------------------------------------------
-    def _cluster(self, tier: str, ds: Any, *, everything: bool = False) -> Any:
+    def _cluster(
+        self, tier: str, ds: Any, *, everything: bool = False, written: set[str] | None = None
+    ) -> Any:
         """Rewrite the small fragments (appends, earlier small rewrites) into fragments of up
         to ``cluster_rows`` rows in ``cluster_order``, atomically: one ``Rewrite`` commit
         replaces the old fragments by the new ones, so a reader sees either (a crash before
@@ -770,7 +772,8 @@ class LanceStore:
         that is one fragment already: a single append is sorted by (device, metric, ts).
         ``everything``: every fragment (once, when a table of the old layout loses its
         device BITMAP: its big fragments were never clustered, and a ZONEMAP over them would
-        read ~100x the rows a one-series query needs)."""
+        read ~100x the rows a one-series query needs). ``written`` collects the data files
+        of the new fragments (see ``_compact_deleted``)."""
         import lance
         from lance import LanceOperation
         from lance.fragment import write_fragments
@@ -800,6 +803,8 @@ class LanceStore:
                 max_rows_per_file=max(self.cluster_rows, table.num_rows),
                 data_storage_version=ds.data_storage_version,
             )
+            if written is not None:
+                written.update(d.path for frag in new for d in frag.files)
             rewrites.append(
                 LanceOperation.RewriteGroup(
                     old_fragments=[f.metadata for f in group], new_fragments=new
@@ -809,6 +814,29 @@ class LanceStore:
             return ds
         op = LanceOperation.Rewrite(groups=rewrites, rewritten_indices=[])
         return lance.LanceDataset.commit(ds, op, read_version=ds.version)
+
+    def _compact_deleted(self, ds: Any, known: set[int], written: set[str]) -> None:
+        """Rewrite the fragments with >10 % deleted rows (retention, rollup re-runs), merged
+        with what is left small around them, but never a fragment appended while this
+        maintenance ran (neither in ``known``, the fragment ids it started from, nor written
+        by its ``_cluster``): compaction concatenates without clustering, and a fragment of
+        ``cluster_rows // 2`` rows or more is never clustered later. (With maintenance
+        beside the writer, ``compact_files`` over the whole table merged the appends made
+        during a rewrite into unclustered fragments: 10 M points went from 1.59 to 1.79
+        bytes/point and one-series/one-day p50 from ~10 to ~40 ms, measured.)"""
+        from lance.optimize import Compaction
+
+        fragments = ds.get_fragments()
+        if not any(f.metadata.deletion_file is not None for f in fragments):
+            return  # nothing to materialise; small fragments are ``_cluster``'s
+        plan = Compaction.plan(ds, {"target_rows_per_fragment": self.cluster_rows // 2})
+
+        def ours(f: Any) -> bool:
+            return f.id in known or any(d.path in written for d in f.files)
+
+        tasks = [t for t in plan.tasks if all(ours(f) for f in t.fragments)]
+        if tasks:
+            Compaction.commit(ds, [t.execute(ds) for t in tasks])
 
     @staticmethod
     def _has_device_bitmap(ds: Any) -> bool:
@@ -847,9 +875,12 @@ class LanceStore:
                 # first drop what old versions alone hold (e.g. fragments a delete emptied):
                 # on a full disk that is the space the compaction below needs
                 ds.cleanup_old_versions(older_than=keep)
-                ds = self._cluster(tier, ds, everything=self._has_device_bitmap(ds))
-                # rewrites fragments with >10 % deleted rows (and merges what is left small)
-                ds.optimize.compact_files(target_rows_per_fragment=self.cluster_rows // 2)
+                known = {f.fragment_id for f in ds.get_fragments()}
+                written: set[str] = set()
+                ds = self._cluster(
+                    tier, ds, everything=self._has_device_bitmap(ds), written=written
+                )
+                self._compact_deleted(ds, known, written)
                 if ds.count_rows() > 0:
                     self._ensure_indexes(ds)
                     ds.optimize.optimize_indices()
