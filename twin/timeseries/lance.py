@@ -559,9 +559,11 @@ class LanceStore:
                 self._maint_lock.release()
 
     def pending_appends(self) -> int:
-        """The most appends any table has had since its last maintenance."""
-        with self._lock:
-            return max(self._appends.values(), default=0)
+        """The most appends any table has had since its last maintenance. Without the lock:
+        the service calls this from the Trio thread after each flush, and the lock can be
+        held for seconds (a rollup's ``replace_partials``); ``list()`` of a dict's values
+        is one step under the GIL, and a count one append behind does no harm."""
+        return max(list(self._appends.values()), default=0)
 
     def maintenance_due(self) -> bool:
         """True when a table has ``compact_every`` appends not maintained yet."""
