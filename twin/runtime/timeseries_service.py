@@ -565,7 +565,7 @@ class TimeSeriesService:
         full = bool(report["disk_nearly_full"])
         if full == self._alarm_raised:
             return
-        self._alarm_raised = full
+        first, self._alarm_raised = self._alarm_raised is None, full
         now = time.time()
         if full:
             msg = (
@@ -578,7 +578,10 @@ class TimeSeriesService:
                 lambda res: self._publish_alarm("raised", res[0]) if res[1] else None,
             )
         else:
-            log.info("timeseries: disk space recovered; clearing %s", DISK_ALARM)
+            if first:  # start-up: clear an alarm a previous run may have left active
+                log.debug("timeseries: disk space ok; clearing any %s left active", DISK_ALARM)
+            else:
+                log.info("timeseries: disk space recovered; clearing %s", DISK_ALARM)
 
             def cleared(alarms: list[Any]) -> None:
                 for a in alarms:
