@@ -7,7 +7,7 @@
    Dashboard document, so the default dashboard is generated (stat tiles, map, alarms, table).
 2. The time-series store is filled with ``hours`` of temperature at 10 s for every device
    (N x 8,640 points for 24 h) and downsampled into the policy's 1m / 1h / 1d tiers.
-3. The engine + API + time-series service run on it (tests/dashboards/engine_main.py), the
+3. The engine runs on it (``twin up`` with the API and MQTT on free ports), the
    dashboard through ``twin dashboard`` with a token and a 2 s refresh.
 4. Headless Chromium (Playwright, /usr/bin/chromium) measures the time from navigation to the
    overview rendered (stat tiles with values, map, device table with N rows), cold (a new
@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -316,11 +317,14 @@ def main() -> None:
         else:
             print(f"store: reused from {tmp} (its data ends when it was filled)")
         engine = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "dashboards" / "engine_main.py"), str(site),
-             str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [TWIN, "up", str(site), "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"],
+            env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True,
         )  # fmt: skip
         procs.append(engine)
-        api = wait_line(engine, r"api (http://\S+)")
+        api = wait_line(engine, r"api\s+(http://[0-9.:]+)")
+        # keep reading its log: a full pipe would block the engine on its next log line
+        threading.Thread(target=engine.stdout.read, daemon=True).start()  # type: ignore[union-attr]
         token = httpx.post(f"{api}/api/v1/auth/login",
                            json={"username": "bench", "password": "benchpass1"}).json()  # fmt: skip
         # the engine's first retention pass, ~60 s after it starts, takes ~6 s of a core on

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.dashboards.procs import ROOT, TWIN, stop, twin_up, wait_line
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts" / "dashboards"
-TWIN = str(Path(sys.executable).with_name("twin"))
 ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -49,38 +48,6 @@ pytestmark = [
 ]
 if not _MISSING:
     import playwright.sync_api as playwright
-
-
-def _wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> str:
-    """The first group of ``pattern`` in the process output (the process prints its URL)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + limit
-    seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {pattern!r} in output:\n{''.join(seen)}")
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _timeseries_in_twin_up() -> bool:
-    out = subprocess.run([TWIN, "up", "--help"], capture_output=True, text=True).stdout
-    return "timeseries" in out
 
 
 def _seed_history(site: Path, state: Path, hours: int = 6) -> None:
@@ -135,27 +102,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env.pop("FLUX_TOKEN", None)
     for user, role in (("operator", "operator"), ("viewer", "viewer")):
         subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
-    if _timeseries_in_twin_up():
-        cmd = [TWIN, "up", str(site), "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"]
-    else:  # twin up does not start the time-series service yet
-        cmd = [
-            sys.executable,
-            str(Path(__file__).with_name("engine_main.py")),
-            str(site),
-            str(state),
-        ]
-    engine = subprocess.Popen(
-        cmd, env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, cwd=ROOT,
-    )  # fmt: skip
+    engine, api = twin_up(site, env)
     try:
-        api = _wait_line(engine, r"api\s+(http://[0-9.:]+)")
         dash = subprocess.Popen(
             [TWIN, "dashboard", str(site), "--server", api, "--port", "0"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )  # fmt: skip
         try:
-            url = _wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
+            url = wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
             _until(lambda: httpx.get(f"{url}/_stcore/health").status_code == 200)
             token = httpx.post(
                 f"{api}/api/v1/auth/login", json={"username": "operator", "password": "secret123"}
@@ -165,9 +119,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             _until(lambda: httpx.get(alarms, headers=headers).json()["items"], limit=60)
             yield {"api": api, "url": url, "token": token}
         finally:
-            _stop(dash)
+            stop(dash)
     finally:
-        _stop(engine)
+        stop(engine)
 
 
 def _until(check: object, limit: float = 30) -> None:

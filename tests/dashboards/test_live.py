@@ -1,15 +1,13 @@
 """The dashboard's live feed: unit tests of the bookkeeping, and one WebSocket subscription
-against a real engine (tests/dashboards/engine_main.py on the demo site)."""
+against a real engine (`twin up` on the demo site)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,9 +15,7 @@ import pytest
 
 from dashboards.client import FluxClient
 from dashboards.live import Cursor, LiveFeed, LiveSeries, cached, refresh_series, ws_url
-
-ROOT = Path(__file__).resolve().parents[2]
-TWIN = str(Path(sys.executable).with_name("twin"))
+from tests.dashboards.procs import ROOT, TWIN, stop, twin_up
 
 
 def reading(device: str, point: str, ts: float, value: Any, quality: str = "good") -> dict:
@@ -154,21 +150,6 @@ def test_an_unread_feed_stops_itself() -> None:
 
 
 # -- against a real engine ----------------------------------------------------------------------------
-def _wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> str:
-    import re
-
-    assert proc.stdout is not None
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        m = re.search(pattern, line)
-        if m:
-            return m.group(1)
-    raise AssertionError(f"no {pattern!r} in the engine's output")
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     tmp = tmp_path_factory.mktemp("live")
@@ -177,21 +158,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     state = tmp / "state"
     env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
     subprocess.run([TWIN, "user", "add", "viewer", "--role", "viewer"], env=env, check=True)
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "dashboards" / "engine_main.py"), str(site),
-         str(state)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    proc, api = twin_up(site, env)
     try:
-        api = _wait_line(proc, r"api (http://\S+)")
         token = FluxClient(api).login("viewer", "secret123").token
         yield {"api": api, "token": token}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @pytest.mark.integration

@@ -1,0 +1,59 @@
+"""The real engine for the dashboard tests: ``twin up SITE`` on free ports, read back from its
+output, and stopped (terminate, then kill)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TWIN = str(Path(sys.executable).with_name("twin"))
+
+
+def wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> str:
+    """The first group of ``pattern`` in the process output (the process prints its URL)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + limit
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m.group(1)
+    raise AssertionError(f"no {pattern!r} in output:\n{''.join(seen)}")
+
+
+def twin_up(site: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """``twin up SITE`` with the API and MQTT on free ports; returns it and the API's URL."""
+    proc = subprocess.Popen(
+        [TWIN, "up", str(site), "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"],
+        env={**env, "COLUMNS": "200"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        api = wait_line(proc, r"api\s+(http://[0-9.:]+)")
+    except BaseException:
+        stop(proc)
+        raise
+    # keep reading its log: a full pipe would block the engine on its next log line
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+    return proc, api
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
