@@ -63,6 +63,9 @@ class Problem:
     name: str | None = None
     path: str | None = None
     hint: str | None = None
+    syntax: bool = False
+    """The file could not be read as YAML: documents in it are missing, so problems elsewhere
+    may only be echoes of this one. Such problems are reported first."""
 
     def __str__(self) -> str:
         parts = []
@@ -75,18 +78,22 @@ class Problem:
         parts.append(self.message)
         return ": ".join(parts)
 
-    def sort_key(self) -> tuple[str, int, int, str]:
+    def sort_key(self) -> tuple[bool, str, int, int, str]:
         loc = self.location
         if loc is None:
-            return ("", 0, 0, self.message)
-        return (loc.file, loc.line, loc.col, self.message)
+            return (not self.syntax, "", 0, 0, self.message)
+        return (not self.syntax, loc.file, loc.line, loc.col, self.message)
 
 
 class SpecError(TwinError):
-    """A spec set is invalid. ``problems`` holds every problem found, sorted by location."""
+    """A spec set is invalid. ``problems`` holds every problem found, syntax errors first, then
+    by location. ``suppressed`` counts follow-on problems left out because they are most likely
+    echoes of a file that could not be parsed (a reference to a document that file defines)."""
 
-    def __init__(self, problems: Sequence[Problem], *, hint: str | None = None) -> None:
+    def __init__(self, problems: Sequence[Problem], *, hint: str | None = None,
+                 suppressed: int = 0) -> None:
         self.problems = sorted(problems, key=Problem.sort_key)
+        self.suppressed = suppressed
         n = len(self.problems)
         first = str(self.problems[0]) if self.problems else "invalid spec"
         msg = first if n == 1 else f"{n} problems; first: {first}"

@@ -139,6 +139,20 @@ def test_invalid_specs_exit_2_and_apply_nothing(env, tmp_path: Path) -> None:
     assert {(p["line"], p["name"]) for p in problems} == {(20, "temp_sensor_01"), (40, "temp_sensor_02")}
 
 
+def test_validate_reports_a_syntax_error_first_and_counts_its_echoes(tmp_path: Path) -> None:
+    site = copy_demo(tmp_path)
+    models = site / "models.yaml"
+    models.write_text(models.read_text().replace("access: readwrite, default: 5}", "access: readwrite", 1))
+    e = {**os.environ, "TWIN_STATE_DIR": str(tmp_path / "state"), "COLUMNS": "200"}
+    lines = twin(e, "validate", str(site), code=2).stderr.splitlines()
+    assert "models.yaml:13:" in lines[0] and "YAML syntax error" in lines[0], lines
+    assert not any("unknown DeviceModel" in line for line in lines), lines
+    assert lines[1] == "✗ 1 problem found (12 follow-on problems suppressed)", lines
+    assert "fix the syntax errors first" in lines[2]
+    out = json.loads(twin(e, "validate", str(site), "-o", "json", code=2).stdout)
+    assert out["suppressed"] == 12 and len(out["problems"]) == 1
+
+
 def test_errors_are_one_line_with_hint(env) -> None:
     proc = twin(env, "rollback", "9", code=1)
     assert proc.stderr.splitlines() == ["error: no revision 9", "hint: `twin history` lists the revisions"]

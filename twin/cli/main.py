@@ -126,7 +126,7 @@ def validate(
                  "line": p.location.line if p.location else None,
                  "col": p.location.col if p.location else None,
                  "kind": p.kind, "name": p.name, "path": p.path, "message": p.message,
-                 "hint": p.hint} for p in exc.problems]}))
+                 "hint": p.hint} for p in exc.problems], "suppressed": exc.suppressed}))
             raise typer.Exit(2) from None
         raise
     if output is Format.json:
@@ -606,8 +606,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         out.print_problems(exc.problems)
-        n = len(exc.problems)
-        out.err_console.print(Text(f"✗ {n} problem{'s' if n != 1 else ''} found", style="bold red"))
+        out.err_console.print(out.problems_summary(exc))
         sys.exit(2)
     except TwinError as exc:
         if debug:

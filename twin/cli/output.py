@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from twin.errors import Problem
+from twin.errors import Problem, SpecError
 from twin.registry.base import Revision
 from twin.spec.paths import format_path
 from twin.spec.plan import MISSING, Action, Plan
@@ -49,6 +49,18 @@ def print_problems(problems: Sequence[Problem], con: Console = err_console) -> N
         con.print(line)
         if p.hint:
             con.print(Text(f"    hint: {p.hint}", style="cyan"))
+
+
+def problems_summary(exc: SpecError) -> Text:
+    """``✗ 1 problem found (12 follow-on problems suppressed)``, with the hint when suppressed."""
+    n = len(exc.problems)
+    line = Text(f"✗ {n} problem{'s' if n != 1 else ''} found", style="bold red")
+    if exc.suppressed:
+        s = exc.suppressed
+        line.append(f" ({s} follow-on problem{'s' if s != 1 else ''} suppressed)", style="red")
+        if exc.hint:
+            line.append(f"\n    hint: {exc.hint}", style="cyan")
+    return line
 
 
 def plan_lines(plan: Plan, *, show_kept: bool = True) -> Iterable[Text]:

@@ -210,17 +210,20 @@ def _load_site(
     strict: bool,
     cache: ParseCache | None,
 ) -> LoadedSpecs:
-    from twin.spec.refs import reference_problems
+    from twin.spec.refs import reference_problems, split_follow_ons
 
     files, problems = find_files(paths)
     loaded = LoadedSpecs(files=[str(f) for f in files])
     kinds = known_kinds()
+    broken: list[str] = []  # the text of each file that could not be parsed
     for i, f in enumerate(files):
         try:
             raw = f.read_bytes()
             text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            problems.append(Problem(Location(str(f), 1, 1), f"cannot read file: {exc}"))
+            problems.append(Problem(Location(str(f), 1, 1), f"cannot read file: {exc}", syntax=True))
+            if isinstance(exc, UnicodeDecodeError):
+                broken.append(raw.decode("utf-8", errors="replace"))
             continue
         key = cache.key(raw) if cache is not None else ""
         cached = cache.get(key) if cache is not None else None
@@ -230,6 +233,8 @@ def _load_site(
         else:
             docs, yaml_problems = load_documents(text, str(f))
             problems.extend(yaml_problems)
+            if any(p.syntax for p in yaml_problems):
+                broken.append(text)
             before = len(problems)
             for doc in docs:
                 _take(doc, kinds, loaded, problems)
@@ -237,9 +242,15 @@ def _load_site(
                 cache.put(key, [(d.index, d.data) for d in docs])
         if progress is not None:
             progress(i + 1, len(files))
-    problems.extend(reference_problems(loaded))
+    follow_ons, suppressed = split_follow_ons(reference_problems(loaded), broken)
+    problems.extend(follow_ons)
     if problems and strict:
-        raise SpecError(problems, hint="fix the problems above and run `twin validate` again")
+        hint = "fix the problems above and run `twin validate` again"
+        if suppressed:
+            hint = ("fix the syntax errors first and run `twin validate` again: the suppressed "
+                    "problems are most likely references to documents in the files that could "
+                    "not be parsed")
+        raise SpecError(problems, hint=hint, suppressed=suppressed)
     return loaded
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 import zoneinfo
 from typing import Any
 
@@ -63,6 +64,28 @@ def value_problem(value: Any, decl: dict[str, Any]) -> str | None:
         if isinstance(value, float) and math.isnan(value):
             return "NaN is not a value"
     return None
+
+
+_QUOTED = re.compile(r"'([^']+)'")
+_WORD = re.compile(r"[\w.-]+")
+
+
+def split_follow_ons(problems: list[Problem], broken: list[str]) -> tuple[list[Problem], int]:
+    """Keep the cross-document problems that are not echoes of a file that could not be parsed.
+
+    ``broken`` holds the text of each such file. Its documents are missing, so every
+    reference to a model, device, property ... that it defines reports as unknown. A problem
+    naming (in quotes) a word that appears in a broken file is taken for such an echo and
+    left out; returns the problems kept and how many were left out. With no broken file,
+    every problem is kept.
+    """
+    if not broken:
+        return problems, 0
+    words: set[str] = set()
+    for text in broken:
+        words.update(_WORD.findall(text))
+    kept = [p for p in problems if not any(q in words for q in _QUOTED.findall(p.message))]
+    return kept, len(problems) - len(kept)
 
 
 def reference_problems(loaded: LoadedSpecs) -> list[Problem]:

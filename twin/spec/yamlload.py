@@ -213,12 +213,13 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
             try:
                 data = builder.document(events, first)
             except _BuildError as exc:
-                problems.append(Problem(builder.loc(exc.mark), f"YAML error: {exc.message}"))
+                problems.append(Problem(builder.loc(exc.mark), f"YAML error: {exc.message}",
+                                        syntax=True))
                 return docs, problems
             except yaml.constructor.ConstructorError as exc:
                 mark = exc.problem_mark
                 loc = builder.loc(mark) if mark else builder.loc(first.start_mark)
-                problems.append(Problem(loc, f"YAML error: {exc.problem}"))
+                problems.append(Problem(loc, f"YAML error: {exc.problem}", syntax=True))
                 data = None
             next(events)  # DocumentEnd
             if data is not None:
@@ -228,9 +229,9 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
         mark = exc.problem_mark or exc.context_mark
         loc = Location(file, mark.line + 1, mark.column + 1) if mark else Location(file, 1, 1)
         what = exc.problem or exc.context or "invalid YAML"
-        problems.append(Problem(loc, f"YAML syntax error: {what}"))
+        problems.append(Problem(loc, f"YAML syntax error: {what}", syntax=True))
         return [], problems
     except yaml.YAMLError as exc:
-        problems.append(Problem(Location(file, 1, 1), f"YAML error: {exc}"))
+        problems.append(Problem(Location(file, 1, 1), f"YAML error: {exc}", syntax=True))
         return [], problems
     return docs, problems
