@@ -17,6 +17,8 @@ TWIN = Path(__file__).resolve().parents[1] / "twin"
 
 # package -> packages it must never import (at run time)
 FORBIDDEN: dict[str, set[str]] = {
+    "files": {"errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime",
+              "control", "api", "edge", "cli"},
     "errors": {"spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
                "api", "edge", "cli"},
     "spec": {"registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api",

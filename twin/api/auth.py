@@ -8,9 +8,19 @@
   and process; a revocation through the API drops the entry at once, one made elsewhere (the
   CLI) within ``KEY_CACHE_TTL`` seconds (``DeviceKeyVerifier.sweep``: one query).
 - Access tokens are HS256 JWTs signed with a secret kept in the state directory
-  (``<state_dir>/jwt.secret``, mode 0600), so tokens survive a restart.
+  (``<state_dir>/jwt.secret``, mode 0600), so tokens survive a restart. Every token names the
+  user's name (``sub``), id (``uid``) and generation (``gen``) and is refused unless all three
+  still match the stored user: a user deleted and created again under the same name is another
+  id, and ``revoke_user_credentials`` (``twin token revoke --user``) bumps the generation, which
+  kills every token of the user at once. A token from a login also names its session (``sid``,
+  revoked by logout); a long-lived token from ``twin token create`` names its record (``tid``,
+  listed by ``twin token list``, revoked by ``twin token revoke ID`` or a logout with it).
+  Tokens without ``uid`` (made before these checks existed) are refused.
 - Refresh tokens are ``<session id>.<secret>``: random, stored as SHA-256 (high entropy, so a
-  fast hash is the right tool), listed and revoked by an admin.
+  fast hash is the right tool), listed and revoked by an admin; a session is bound to the user
+  id it was opened for.
+- Logins verify argon2 in a worker thread, against a dummy hash when the user does not exist
+  (same cost: no user enumeration by timing); failures are throttled (``twin.api.throttle``).
 - Roles: ``viewer`` < ``operator`` < ``admin``; a user may be scoped to sites (empty = all).
 """
 
@@ -21,7 +31,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,8 @@ from typing import Any
 import jwt
 
 from twin.errors import AuthError
-from twin.registry.base import Registry, Session, User
+from twin.files import private_dir, private_file
+from twin.registry.base import ApiToken, Registry, Session, User
 
 # Credentials live in the registry layer (the MQTT broker checks them too); the API keeps
 # its names for them as explicit re-exports.
@@ -50,13 +61,16 @@ ACCESS_TTL = 15 * 60.0
 REFRESH_TTL = 30 * 86400.0
 
 def load_secret(state_dir: str | Path) -> bytes:
-    """The JWT signing secret, created on first use (0600)."""
+    """The JWT signing secret, created on first use (0600, in a 0700 state directory)."""
     path = Path(state_dir) / "jwt.secret"
     try:
-        return bytes.fromhex(path.read_text().strip())
+        key = bytes.fromhex(path.read_text().strip())
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        private_file(path)  # one written before the file modes were enforced
+        return key
+    private_dir(path.parent)
     key = secrets.token_bytes(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -106,10 +120,13 @@ def issue_access_token(
     ttl: float = ACCESS_TTL,
     session: str | None = None,
     now: float | None = None,
+    token_id: str | None = None,
 ) -> str:
     now = time.time() if now is None else now
     claims: dict[str, Any] = {
         "sub": user.name,
+        "uid": user.id,
+        "gen": user.generation,
         "role": user.role,
         "sites": list(user.sites),
         "typ": "access",
@@ -119,7 +136,41 @@ def issue_access_token(
     }
     if session:
         claims["sid"] = session
+    if token_id:
+        claims["tid"] = token_id
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def check_claims(claims: Mapping[str, Any], user: User | None) -> User:
+    """The stored user a decoded access token still speaks for, or AuthError."""
+    if "uid" not in claims or "gen" not in claims:
+        raise AuthError(
+            "token predates user ids and generations", hint="log in again or create a new token"
+        )
+    if user is None or user.id != claims["uid"]:
+        raise AuthError("unknown user")
+    if user.disabled:
+        raise AuthError("user disabled")
+    if user.generation != claims["gen"]:
+        raise AuthError("token revoked", hint="log in again")
+    return user
+
+
+def create_api_token(
+    registry: Registry, secret: bytes, user: User, *, ttl: float, note: str = ""
+) -> tuple[ApiToken, str]:
+    """A long-lived access token with a record (listed, revocable); returns (record, token)."""
+    now = time.time()
+    record = ApiToken(
+        id=secrets.token_hex(8),
+        user=user.name,
+        user_id=user.id,
+        created_at=now,
+        expires_at=now + ttl,
+        note=note,
+    )
+    registry.add_api_token(record)
+    return record, issue_access_token(secret, user, ttl=ttl, now=now, token_id=record.id)
 
 
 def decode_access_token(secret: bytes, token: str) -> dict[str, Any]:
@@ -151,6 +202,7 @@ def create_session(
             created_at=now,
             expires_at=now + ttl,
             client=client,
+            user_id=user.id,
         )
     )
     return f"{sid}.{secret}"
@@ -166,8 +218,30 @@ def check_refresh(registry: Registry, refresh_token: str) -> tuple[Session, User
     if session.expires_at < time.time():
         raise AuthError("session expired", hint="log in again")
     user = registry.get_user(session.user)
-    if user is None or user.disabled:
-        raise AuthError("user no longer exists")
+    if user is None or user.id != session.user_id:
+        raise AuthError("user no longer exists", hint="log in again")
+    if user.disabled:
+        raise AuthError("user disabled")
     return session, user
+
+
+# A hash to verify against when the user does not exist (or is disabled), so that a login
+# costs the same argon2 time whether the name is known or not. Made once, on first use.
+_dummy_hash: str | None = None
+
+
+def dummy_hash() -> str:
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = hash_secret(secrets.token_urlsafe(16))
+    return _dummy_hash
+
+
+def verify_login(user: User | None, password: str) -> bool:
+    """Blocking (argon2, ~0.1 s): run in a worker thread. Constant work for unknown users."""
+    if user is None or user.disabled:
+        verify_secret(dummy_hash(), password)
+        return False
+    return verify_secret(user.password_hash, password)
 
 

@@ -94,7 +94,9 @@ def broker(
             ctx.verify_mode = ssl.CERT_REQUIRED
     persist_dir = None if no_persist else str(state_dir or state.state_dir / "mqtt")
     if persist_dir:
-        Path(persist_dir).mkdir(parents=True, exist_ok=True)
+        from twin.files import private_dir
+
+        private_dir(persist_dir)
     config = BrokerConfig(
         listen=plain,
         tls_listen=tls,

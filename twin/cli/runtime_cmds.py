@@ -122,6 +122,9 @@ def up(
     console = _console()
     reg = _registry(registry, state_dir)
     st = _state()
+    from twin.files import private_dir
+
+    private_dir(st.state_dir)  # 0700 whatever the registry (PostgreSQL: jwt.secret, mqtt/ ...)
     if path is not None:
         from twin.cli.main import author, load
         from twin.spec.apply import apply_specs

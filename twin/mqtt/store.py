@@ -31,11 +31,11 @@ import os
 import pickle
 import struct
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import trio
 
+from twin.files import private_dir
 from twin.mqtt.codec import Properties
 from twin.mqtt.session import Message, Outgoing, Session, SubOptions
 
@@ -63,8 +63,7 @@ class Store:
         fsync_interval: float = 1.0,
         compact_bytes: int = 64 * 1024 * 1024,
     ) -> None:
-        self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = private_dir(state_dir)  # sessions and messages: 0700, files 0600
         self.journal_path = self.dir / "mqtt.journal"
         self.snapshot_path = self.dir / "mqtt.snapshot"
         self.fsync_interval = fsync_interval
@@ -210,7 +209,7 @@ class Store:
         snap["retained"] = {t: _msg_to(m) for t, m in retained.items()}
         snap["seq"] = self._seq
         tmp = self.snapshot_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
             f.write(pickle.dumps(snap, protocol=pickle.HIGHEST_PROTOCOL))
             f.flush()
             os.fsync(f.fileno())
@@ -219,7 +218,9 @@ class Store:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        with open(self.journal_path, "wb") as f:
+        with os.fdopen(
+            os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb"
+        ) as f:
             os.fsync(f.fileno())
         self._size = 0
 

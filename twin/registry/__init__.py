@@ -18,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import RegistryError
+from ..files import private_dir
 from .base import (
     Alarm,
+    ApiToken,
     AuditEntry,
     DeviceKey,
     Key,
@@ -37,6 +39,7 @@ from .base import (
 
 __all__ = [
     "Alarm",
+    "ApiToken",
     "AuditEntry",
     "DeviceKey",
     "Key",
@@ -59,6 +62,7 @@ def open_registry(url: str | None = None, state_dir: str | Path = ".twin") -> Re
     if not url:
         from .sqlite import DEFAULT_FILENAME, SQLiteRegistry
 
+        private_dir(state_dir)  # the state directory: 0700 (tightened if an old one is not)
         return SQLiteRegistry(Path(state_dir) / DEFAULT_FILENAME)
     scheme, sep, rest = url.partition("://")
     if not sep:
@@ -71,6 +75,8 @@ def open_registry(url: str | None = None, state_dir: str | Path = ".twin") -> Re
 
         # sqlite:///rel.db -> "rel.db"; sqlite:////abs.db -> "/abs.db"; sqlite:// -> state dir
         path = rest[1:] if rest.startswith("/") else rest
+        if not path:
+            private_dir(state_dir)
         return SQLiteRegistry(Path(path) if path else Path(state_dir) / DEFAULT_FILENAME)
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresRegistry

@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import ConflictError, NotFoundError, RegistryError
 from .base import (
     Alarm,
+    ApiToken,
     AuditEntry,
     CommandRecord,
     DeviceKey,
@@ -52,8 +53,9 @@ _ALARM_COLS = (
     "id, device, type, severity, message, state, raised_at, acked_at, acked_by, "
     "cleared_at, cleared_by"
 )
-_USER_COLS = "name, password_hash, role, sites, created_at, disabled"
-_SESSION_COLS = "id, user_name, token_hash, created_at, expires_at, revoked_at, client"
+_USER_COLS = "name, password_hash, role, sites, created_at, disabled, id, generation"
+_SESSION_COLS = "id, user_name, token_hash, created_at, expires_at, revoked_at, client, user_id"
+_TOKEN_COLS = "id, user_name, user_id, created_at, expires_at, revoked_at, note"
 _KEY_COLS = "id, device, key_hash, created_at, revoked_at"
 _AUDIT_COLS = "id, timestamp, actor, action, target, result, detail"
 _COMMAND_COLS = (
@@ -479,6 +481,12 @@ class SQLRegistry:
         gone_groups = [(n,) for k, n in deleted if k == "DeviceGroup"]
         if gone_devices:
             self._many(conn, "DELETE FROM devices WHERE id = ?", gone_devices)
+            # a device's keys die with it: one re-created under the same name never takes them
+            self._many(
+                conn,
+                "UPDATE device_keys SET revoked_at = ? WHERE device = ? AND revoked_at IS NULL",
+                [(now, n) for (n,) in gone_devices],
+            )
         if gone_groups:
             self._many(conn, "DELETE FROM device_groups WHERE id = ?", gone_groups)
         groups = []
@@ -748,13 +756,17 @@ class SQLRegistry:
 
     # -- users, sessions, device keys, audit ------------------------------------------------
     def put_user(self, user: User) -> None:
+        """Create or replace. A replaced user takes the new record's id and generation: a
+        user created again (``twin user add`` over an existing name) does not inherit the
+        old one's tokens."""
         with self._tx(write=True) as conn:
             self._exec(
                 conn,
-                f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO users ({_USER_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash, "
                 "role = excluded.role, sites = excluded.sites, created_at = excluded.created_at, "
-                "disabled = excluded.disabled",
+                "disabled = excluded.disabled, id = excluded.id, "
+                "generation = excluded.generation",
                 (
                     user.name,
                     user.password_hash,
@@ -762,12 +774,23 @@ class SQLRegistry:
                     self._tags_in(list(user.sites)),
                     user.created_at,
                     bool(user.disabled),
+                    user.id,
+                    int(user.generation),
                 ),
             )
 
     def _user(self, row: Any) -> User:
-        name, pw, role, sites, created, disabled = row
-        return User(name, pw, role, tuple(self._tags_out(sites)), float(created), bool(disabled))
+        name, pw, role, sites, created, disabled, uid, gen = row
+        return User(
+            name,
+            pw,
+            role,
+            tuple(self._tags_out(sites)),
+            float(created),
+            bool(disabled),
+            str(uid),
+            int(gen),
+        )
 
     def get_user(self, name: str) -> User | None:
         with self._tx(write=False) as conn:
@@ -781,7 +804,38 @@ class SQLRegistry:
 
     def delete_user(self, name: str) -> None:
         with self._tx(write=True) as conn:
+            # explicit, not only ON DELETE CASCADE: a SQLite connection opened without
+            # foreign keys must not leave a re-created user's name with the old rows
+            self._exec(conn, "DELETE FROM api_tokens WHERE user_name = ?", (name,))
+            self._exec(conn, "DELETE FROM sessions WHERE user_name = ?", (name,))
             self._exec(conn, "DELETE FROM users WHERE name = ?", (name,))
+
+    def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        with self._tx(write=True) as conn:
+            cur = self._exec(
+                conn, "UPDATE users SET disabled = ? WHERE name = ?", (bool(disabled), name)
+            )
+            return bool(cur.rowcount)
+
+    def revoke_user_credentials(self, name: str, timestamp: float) -> int | None:
+        with self._tx(write=True) as conn:
+            cur = self._exec(
+                conn, "UPDATE users SET generation = generation + 1 WHERE name = ?", (name,)
+            )
+            if not cur.rowcount:
+                return None
+            self._exec(
+                conn,
+                "UPDATE sessions SET revoked_at = ? WHERE user_name = ? AND revoked_at IS NULL",
+                (timestamp, name),
+            )
+            self._exec(
+                conn,
+                "UPDATE api_tokens SET revoked_at = ? WHERE user_name = ? AND revoked_at IS NULL",
+                (timestamp, name),
+            )
+            row = self._one(conn, "SELECT generation FROM users WHERE name = ?", (name,))
+        return int(row[0])
 
     def create_session(self, session: Session) -> None:
         s = session
@@ -790,8 +844,17 @@ class SQLRegistry:
                 raise NotFoundError(f"no user {s.user!r}")
             self._exec(
                 conn,
-                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (s.id, s.user, s.token_hash, s.created_at, s.expires_at, s.revoked_at, s.client),
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    s.id,
+                    s.user,
+                    s.token_hash,
+                    s.created_at,
+                    s.expires_at,
+                    s.revoked_at,
+                    s.client,
+                    s.user_id,
+                ),
             )
 
     def get_session(self, session_id: str) -> Session | None:
@@ -818,6 +881,44 @@ class SQLRegistry:
         with self._tx(write=False) as conn:
             rows = self._all(conn, sql + " ORDER BY created_at, id", params)
         return [_session(r) for r in rows]
+
+    def add_api_token(self, token: ApiToken) -> None:
+        t = token
+        with self._tx(write=True) as conn:
+            if self._one(conn, "SELECT 1 FROM users WHERE name = ?", (t.user,)) is None:
+                raise NotFoundError(f"no user {t.user!r}")
+            self._exec(
+                conn,
+                f"INSERT INTO api_tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (t.id, t.user, t.user_id, t.created_at, t.expires_at, t.revoked_at, t.note),
+            )
+
+    def get_api_token(self, token_id: str) -> ApiToken | None:
+        with self._tx(write=False) as conn:
+            row = self._one(
+                conn, f"SELECT {_TOKEN_COLS} FROM api_tokens WHERE id = ?", (token_id,)
+            )
+        return None if row is None else _api_token(row)
+
+    def api_tokens(self, user: str | None = None) -> list[ApiToken]:
+        sql = f"SELECT {_TOKEN_COLS} FROM api_tokens"
+        params: tuple[Any, ...] = ()
+        if user is not None:
+            sql += " WHERE user_name = ?"
+            params = (user,)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql + " ORDER BY created_at, id", params)
+        return [_api_token(r) for r in rows]
+
+    def revoke_api_token(self, token_id: str, timestamp: float) -> bool:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (timestamp, token_id),
+            )
+            row = self._one(conn, "SELECT 1 FROM api_tokens WHERE id = ?", (token_id,))
+        return row is not None
 
     def add_device_key(self, key: DeviceKey) -> None:
         with self._tx(write=True) as conn:
@@ -1091,5 +1192,10 @@ def _alarm(row: Any) -> Alarm:
 
 
 def _session(row: Any) -> Session:
-    i, u, h, c, e, r, cl = row
-    return Session(i, u, h, float(c), float(e), _opt_float(r), cl or "")
+    i, u, h, c, e, r, cl, uid = row
+    return Session(i, u, h, float(c), float(e), _opt_float(r), cl or "", uid or "")
+
+
+def _api_token(row: Any) -> ApiToken:
+    i, u, uid, c, e, r, note = row
+    return ApiToken(i, u, uid, float(c), float(e), _opt_float(r), note or "")

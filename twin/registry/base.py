@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -92,6 +93,10 @@ class User:
     sites: tuple[str, ...] = ()  # empty = all sites
     created_at: float = 0.0
     disabled: bool = False
+    # A user's identity: a name deleted and created again is another user (a new ``id``), so
+    # tokens of the old one stay dead. Bumping ``generation`` revokes every token of the user.
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    generation: int = 1
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,20 @@ class Session:
     expires_at: float
     revoked_at: float | None = None
     client: str = ""
+    user_id: str = ""  # the User.id it was opened for ("" : before schema 3, never valid)
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """A long-lived access token (``twin token create``): listed and revoked by its id."""
+
+    id: str
+    user: str
+    user_id: str
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -259,7 +278,25 @@ class Registry(Protocol):
 
     def users(self) -> list[User]: ...
 
-    def delete_user(self, name: str) -> None: ...
+    def delete_user(self, name: str) -> None:
+        """Delete the user, its sessions and its API tokens."""
+
+    def set_user_disabled(self, name: str, disabled: bool) -> bool:
+        """Disable (or enable again) a user; False if there is no such user."""
+
+    def revoke_user_credentials(self, name: str, timestamp: float) -> int | None:
+        """Revoke every token of a user at once: bump its generation (access tokens carry
+        the generation they were issued for), revoke its sessions and API tokens. Returns
+        the new generation, None if there is no such user."""
+
+    def add_api_token(self, token: ApiToken) -> None: ...
+
+    def get_api_token(self, token_id: str) -> ApiToken | None: ...
+
+    def api_tokens(self, user: str | None = None) -> list[ApiToken]: ...
+
+    def revoke_api_token(self, token_id: str, timestamp: float) -> bool:
+        """False if there is no such token (revoking twice keeps the first time)."""
 
     def create_session(self, session: Session) -> None: ...
 
@@ -275,6 +312,9 @@ class Registry(Protocol):
         """All keys of a device, revoked ones included."""
 
     def revoke_device_key(self, key_id: str, timestamp: float) -> None: ...
+
+    # Deleting a Device through ``apply`` (prune, the API, a rollback) revokes its keys in the
+    # same transaction: a device created later under the same name never accepts them.
 
     def audit(
         self,

@@ -177,6 +177,26 @@ SQLITE: list[list[str]] = [
         )""",
         "CREATE INDEX scene_traces_scene ON scene_traces (scene, id)",
     ],
+    # 3: credential lifecycles — a user has a stable id (a name deleted and re-created is
+    # another user) and a generation (bumped to revoke every token of the user); sessions
+    # name the user id they were opened for; long-lived API tokens are listed and revoked.
+    [
+        "ALTER TABLE users ADD COLUMN id TEXT NOT NULL DEFAULT ''",
+        "UPDATE users SET id = lower(hex(randomblob(16)))",
+        "CREATE UNIQUE INDEX users_id ON users (id)",
+        "ALTER TABLE users ADD COLUMN generation INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE sessions ADD COLUMN user_id TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+            user_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL,
+            note TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX api_tokens_user ON api_tokens (user_name)",
+    ],
 ]
 
 POSTGRES: list[list[str]] = [
@@ -341,6 +361,24 @@ POSTGRES: list[list[str]] = [
             trace JSONB NOT NULL
         )""",
         "CREATE INDEX scene_traces_scene ON scene_traces (scene, id)",
+    ],
+    # 3: credential lifecycles (see the SQLite list)
+    [
+        "ALTER TABLE users ADD COLUMN id TEXT NOT NULL DEFAULT ''",
+        "UPDATE users SET id = md5(random()::text || clock_timestamp()::text || name)",
+        "CREATE UNIQUE INDEX users_id ON users (id)",
+        "ALTER TABLE users ADD COLUMN generation INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE sessions ADD COLUMN user_id TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE api_tokens (
+            id TEXT PRIMARY KEY,
+            user_name TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+            user_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION,
+            note TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX api_tokens_user ON api_tokens (user_name)",
     ],
 ]
 

@@ -1,5 +1,7 @@
 """The embedded registry: one SQLite file (``registry.db``) in the state directory.
 
+- The file (and its ``-wal``/``-shm``) is 0600, a directory created for it 0700
+  (``twin.files``).
 - WAL journal, ``busy_timeout`` (default 30 s), foreign keys on, ``synchronous=NORMAL``.
 - Thread-safety: one connection per thread (see ``_sql.SQLRegistry``); SQLite serialises
   writers itself. Write transactions start with ``BEGIN IMMEDIATE``, which takes the database's
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RegistryError
+from ..files import private_dir, private_file, tighten_file
 from . import migrations
 from ._sql import SQLRegistry
 
@@ -37,7 +40,12 @@ class SQLiteRegistry(SQLRegistry):
         self.path = p
         self.busy_timeout = busy_timeout
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
+            # a new directory is private (0700); the file and its -wal/-shm are 0600 (SQLite
+            # gives the -wal and -shm it creates the database file's mode)
+            private_dir(p.parent, tighten=False)
+            private_file(p)
+            for suffix in ("-wal", "-shm"):
+                tighten_file(f"{p}{suffix}")
         except OSError as exc:
             raise RegistryError(
                 f"cannot create the state directory {p.parent}: {exc.strerror}",

@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from twin.errors import PortInUseError, TwinError
+from twin.files import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class MqttService:
         state_dir = None
         if cfg.persist:
             state_dir = str(cfg.state_dir or Path(engine.config.state_dir) / "mqtt")
-            Path(state_dir).mkdir(parents=True, exist_ok=True)
+            private_dir(state_dir)
         self.auth = RegistryAuth(
             engine.registry, lambda: engine.specs, allow_anonymous=cfg.allow_anonymous
         )

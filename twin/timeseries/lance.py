@@ -94,6 +94,7 @@ import numpy as np
 import pyarrow as pa
 
 from twin.errors import StorageError
+from twin.files import private_dir
 from twin.timeseries.base import (
     PARTIAL_SCHEMA,
     RAW,
@@ -420,8 +421,7 @@ class LanceStore:
     ) -> None:
         import lancedb
 
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.path = private_dir(path)  # 0700: readings are nobody else's business
         self.cold_path = Path(cold_path) if cold_path else None
         if self.cold_path is not None:
             self.cold_path.mkdir(parents=True, exist_ok=True)
