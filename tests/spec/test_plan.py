@@ -53,7 +53,7 @@ def test_field_diff_is_nested_and_typed() -> None:
     new = {"a": {"b": 1.0, "c": [1, 3], "e": True}}
     assert diff_fields(old, new) == [
         FieldChange(("a", "b"), 1, 1.0),  # int → float is a change
-        FieldChange(("a", "c"), [1, 2], [1, 3]),
+        FieldChange(("a", "c", 1), 2, 3),  # lists element by element
         FieldChange(("a", "e"), MISSING, True),
         FieldChange(("d",), 1, MISSING),
     ]
@@ -68,22 +68,42 @@ specsets = st.dictionaries(keys, st.dictionaries(st.sampled_from(["metadata", "s
 
 
 def apply_fields(old: Any, changes: list[FieldChange]) -> Any:
-    """Replay field changes on ``old``: must yield ``new`` (the diff is complete and exact)."""
+    """Replay field changes on ``old``: must yield ``new`` (the diff is complete and exact).
+
+    At each list: removals (old indices) first, then additions (new indices), then the changes
+    inside the elements (new indices), as ``diff_fields`` documents."""
     import copy
 
-    out = copy.deepcopy(old)
+    if not changes:
+        return copy.deepcopy(old)
     for ch in changes:
         if not ch.path:
-            out = copy.deepcopy(ch.new)
-            continue
-        target = out
-        for part in ch.path[:-1]:
-            target = target[part]
-        if ch.new is MISSING:
-            del target[ch.path[-1]]
-        else:
-            target[ch.path[-1]] = copy.deepcopy(ch.new)
-    return out
+            return copy.deepcopy(ch.new)
+    by_head: dict[Any, list[FieldChange]] = {}
+    for ch in changes:
+        by_head.setdefault(ch.path[0], []).append(ch)
+    out = copy.deepcopy(old)
+    if isinstance(out, dict):
+        for k, chs in by_head.items():
+            if len(chs) == 1 and len(chs[0].path) == 1 and chs[0].new is MISSING:
+                del out[k]
+            elif len(chs) == 1 and len(chs[0].path) == 1 and chs[0].old is MISSING:
+                out[k] = copy.deepcopy(chs[0].new)
+            else:
+                out[k] = apply_fields(out[k], [FieldChange(c.path[1:], c.old, c.new) for c in chs])
+        return out
+    assert isinstance(out, list), (old, changes)
+    removed = {c.path[0] for c in changes if len(c.path) == 1 and c.new is MISSING}
+    added = {c.path[0]: c.new for c in changes if len(c.path) == 1 and c.old is MISSING}
+    items = [x for i, x in enumerate(out) if i not in removed]
+    for j in sorted(added):
+        items.insert(j, copy.deepcopy(added[j]))
+    for j, chs in by_head.items():
+        inner = [FieldChange(c.path[1:], c.old, c.new) for c in chs
+                 if not (len(c.path) == 1 and (c.old is MISSING or c.new is MISSING))]
+        if inner:
+            items[j] = apply_fields(items[j], inner)
+    return items
 
 
 @settings(max_examples=300)
@@ -99,6 +119,8 @@ def _same_types(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, dict):
         return all(_same_types(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return all(_same_types(x, y) for x, y in zip(a, b, strict=True))
     return True
 
 
@@ -124,3 +146,72 @@ def test_plan_properties(cur: dict, new: dict, prune: bool) -> None:
     # planning the result against itself is a no-op; planning is deterministic
     assert make_plan(p.result, p.result, prune=True).changes == ()
     assert make_plan(cur, new, prune=prune) == p
+
+
+def scene(triggers: list[Any], actions: list[Any] | None = None) -> dict[str, Any]:
+    return {"kind": "Scene", "metadata": {"name": "fan-on-when-hot"},
+            "spec": {"triggers": triggers, "actions": actions or []}}
+
+
+def test_a_changed_list_is_diffed_element_by_element() -> None:
+    """The issue's plan: `~ spec.triggers: [{"device": ... → [...` hid a 30 → 28."""
+    t = {"type": "device_data", "device": "temp_sensor_01", "point": "temperature", "operator": ">"}
+    old = scene([{**t, "value": 30}], [{"type": "command", "device": "fan_01"}])
+    new = scene([{**t, "value": 28}], [{"type": "command", "device": "fan_01"}])
+    p = make_plan({("Scene", "x"): old}, {("Scene", "x"): new})
+    assert p.changes[0].fields == (FieldChange(("spec", "triggers", 0, "value"), 30, 28),)
+
+
+def test_list_insert_and_remove_are_shown_as_such() -> None:
+    a, b, c, d = ({"device": n, "value": 1} for n in "abcd")
+    assert diff_fields([a, b, c], [a, d, b, c]) == [FieldChange((1,), MISSING, d)]
+    assert diff_fields([a, b, c], [a, c]) == [FieldChange((1,), b, MISSING)]
+    assert diff_fields([1, 2, 3], [1, 3, 4]) == [FieldChange((1,), 2, MISSING), FieldChange((2,), MISSING, 4)]
+
+
+def test_list_items_with_a_name_are_matched_by_name() -> None:
+    old = [{"name": "temps", "metric": "avg"}, {"name": "power", "metric": "max"}]
+    # power changed, temps moved after a new item: matched by name, not by position
+    new = [{"name": "alarms"}, {"name": "temps", "metric": "avg"}, {"name": "power", "metric": "min"}]
+    assert diff_fields(old, new, ("spec", "panels")) == [
+        FieldChange(("spec", "panels", 0), MISSING, {"name": "alarms"}),
+        FieldChange(("spec", "panels", 2, "metric"), "max", "min"),
+    ]
+    # a renamed item is another item: removed and added, not a change of its fields
+    assert diff_fields([{"id": 1, "v": 1}], [{"id": 2, "v": 1}]) == [
+        FieldChange((0,), {"id": 1, "v": 1}, MISSING), FieldChange((0,), MISSING, {"id": 2, "v": 1})]
+    # types count: 1 → 1.0 inside a list is a change
+    assert diff_fields([[1]], [[1.0]]) == [FieldChange((0, 0), 1, 1.0)]
+
+
+def test_plan_output_shows_the_element_that_changed() -> None:
+    from twin.cli.output import plan_lines
+
+    t = {"type": "device_data", "device": "temp_sensor_01", "point": "temperature", "operator": ">"}
+    p = make_plan({("Scene", "x"): scene([{**t, "value": 30}])},
+                  {("Scene", "x"): scene([{**t, "value": 28}, {**t, "operator": "<", "value": 5}])})
+    lines = [line.plain for line in plan_lines(p)]
+    assert lines[1] == "    ~ spec.triggers[0].value: 30 → 28"
+    assert lines[2].startswith('    + spec.triggers[1]: {"device": "temp_sensor_01", "operator": "<"')
+    assert len(lines) == 3
+
+
+named = st.lists(st.fixed_dictionaries({"name": st.sampled_from("abcdef")},
+                                       optional={"v": json_value}), max_size=5,
+                 unique_by=lambda x: x["name"])
+
+
+@settings(max_examples=300)
+@given(named, named)
+def test_named_list_diff_replays_to_new(old: list[Any], new: list[Any]) -> None:
+    changes = diff_fields(old, new)
+    assert apply_fields(old, changes) == new
+    assert (changes == []) == (old == new and _same_types(old, new))
+    # an item present on both sides is never reported removed or added unless it moved
+    moved_or_kept = {x["name"] for x in old} & {x["name"] for x in new}
+    touched = {(c.old if c.new is MISSING else c.new)["name"] for c in changes
+               if len(c.path) == 1 and MISSING in (c.old, c.new)}
+    order_old = [x["name"] for x in old if x["name"] in moved_or_kept]
+    order_new = [x["name"] for x in new if x["name"] in moved_or_kept]
+    if order_old == order_new:
+        assert not touched & moved_or_kept
