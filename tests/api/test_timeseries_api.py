@@ -166,7 +166,7 @@ async def test_without_the_service_the_routes_answer_503(tmp_path: Path) -> None
 def test_tier_used_names_the_tier_the_engine_chose() -> None:
     import json
 
-    from twin.api.timeseries_routes import tier_used
+    from twin.api.routes.timeseries import tier_used
     from twin.timeseries.query import TIERS_META
     from twin.timeseries.request import QueryRequest
 

@@ -1,7 +1,7 @@
 """Control: the command ledger, desired-state reconciliation, scenes, ``twin simulate``.
 
 Engine integration: ``Engine(registry, config, services=[ControlService(), ...])``; the API's
-control routes (``twin.api.control_routes``) find the running service in
+control routes (``twin.api.routes.commands``) find the running service in
 ``engine.service_info["control"]``.
 """
 

@@ -1,6 +1,6 @@
 """Time-series routes: queries with export, storage stats, a retention pass on demand.
 
-Included by ``create_app`` (``app.include_router(timeseries_router(engine))``); they need the
+Included by ``create_app`` (:data:`twin.api.routes.ROUTERS`); they need the
 engine's :class:`~twin.runtime.timeseries_service.TimeSeriesService` and answer 503 without it.
 
 * ``GET /api/v1/timeseries/query`` — ``metric``, ``device``, ``site``, ``group``, ``tag``
@@ -28,7 +28,7 @@ import trio
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
-from twin.api.app import PREFIX, Admin, Viewer
+from twin.api.deps import PREFIX, Admin, State, Viewer
 from twin.runtime.timeseries_service import TimeSeriesService, timeseries_of
 from twin.timeseries.base import RAW, Selector, TimeSeriesStore
 from twin.timeseries.query import choose_tier
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from twin.runtime.engine import Engine
 
 Many = Annotated[list[str] | None, Query()]
+
+router = APIRouter(prefix=f"{PREFIX}/timeseries", tags=["timeseries"])
 
 
 def _service(engine: Engine) -> TimeSeriesService:
@@ -110,81 +112,79 @@ def tier_used(store: TimeSeriesStore, req: QueryRequest) -> str | None:
     return tier if wm >= q.end_s else f"{tier}+{RAW}"
 
 
-def timeseries_router(engine: Engine) -> APIRouter:
-    router = APIRouter(prefix=f"{PREFIX}/timeseries", tags=["timeseries"])
+@router.get("/query")
+async def query(
+    st: State,
+    p: Viewer,
+    metric: Many = None,
+    device: Many = None,
+    site: Many = None,
+    group: Many = None,
+    tag: Many = None,
+    from_: Annotated[str | None, Query(alias="from")] = "-1h",
+    to: str | None = None,
+    every: str | None = None,
+    agg: Many = None,
+    fill: str = "none",
+    group_by: str = "device",
+    tier: str | None = None,
+    limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
+    compare: str | None = None,
+    trend: bool = False,
+    format: str = "json",
+) -> Response:
+    svc = _service(st.engine)
+    if format not in FORMATS:
+        raise HTTPException(422, f"format {format!r}: use one of {', '.join(FORMATS)}")
+    try:
+        req = QueryRequest.build(
+            metrics=metric,
+            devices=device,
+            sites=_scoped_sites(p, site),
+            groups=group,
+            tags=tag,
+            start=from_,
+            end=to,
+            every=every,
+            aggregates=agg,
+            fill=fill,
+            group_by=group_by,
+            tier=tier,
+            limit=limit,
+            compare=compare,
+            trend=trend,
+        )
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    store = svc.store
+    assert store is not None
 
-    @router.get("/query")
-    async def query(
-        p: Viewer,
-        metric: Many = None,
-        device: Many = None,
-        site: Many = None,
-        group: Many = None,
-        tag: Many = None,
-        from_: Annotated[str | None, Query(alias="from")] = "-1h",
-        to: str | None = None,
-        every: str | None = None,
-        agg: Many = None,
-        fill: str = "none",
-        group_by: str = "device",
-        tier: str | None = None,
-        limit: Annotated[int | None, Query(ge=1, le=10_000_000)] = None,
-        compare: str | None = None,
-        trend: bool = False,
-        format: str = "json",
-    ) -> Response:
-        svc = _service(engine)
-        if format not in FORMATS:
-            raise HTTPException(422, f"format {format!r}: use one of {', '.join(FORMATS)}")
-        try:
-            req = QueryRequest.build(
-                metrics=metric,
-                devices=device,
-                sites=_scoped_sites(p, site),
-                groups=group,
-                tags=tag,
-                start=from_,
-                end=to,
-                every=every,
-                aggregates=agg,
-                fill=fill,
-                group_by=group_by,
-                tier=tier,
-                limit=limit,
-                compare=compare,
-                trend=trend,
-            )
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        store = svc.store
-        assert store is not None
+    def run() -> tuple[bytes, str | None]:
+        return render(req.run(store), format), tier_used(store, req)
 
-        def run() -> tuple[bytes, str | None]:
-            return render(req.run(store), format), tier_used(store, req)
-
-        try:
-            body, used = await trio.to_thread.run_sync(run)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        headers = {}
-        if used is not None:
-            headers["X-Twin-Tier"] = used
-        if format != "json":
-            name = "-".join(req.metrics) or "timeseries"
-            headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
-        return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
-
-    @router.get("/storage")
-    async def storage(p: Viewer) -> dict[str, Any]:
-        return await _service(engine).refresh_stats()
-
-    @router.post("/retention/run")
-    async def retention_run(p: Admin) -> dict[str, Any]:
-        svc = _service(engine)
-        report = await svc.run_retention()
-        return {"ran": report is not None, "report": report, "policies": sorted(svc.policies)}
-
-    return router
+    try:
+        body, used = await trio.to_thread.run_sync(run)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    headers = {}
+    if used is not None:
+        headers["X-Twin-Tier"] = used
+    if format != "json":
+        name = "-".join(req.metrics) or "timeseries"
+        headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
+    return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
 
 
-__all__ = ["device_series", "tier_used", "timeseries_router"]
+@router.get("/storage")
+async def storage(st: State, p: Viewer) -> dict[str, Any]:
+    return await _service(st.engine).refresh_stats()
+
+
+@router.post("/retention/run")
+async def retention_run(st: State, p: Admin) -> dict[str, Any]:
+    svc = _service(st.engine)
+    report = await svc.run_retention()
+    return {"ran": report is not None, "report": report, "policies": sorted(svc.policies)}
+
+
+__all__ = ["device_series", "router", "tier_used"]

@@ -1,0 +1,94 @@
+"""What routes share: the URL prefix, the principal the gatekeeper authenticated, role
+dependencies (``Viewer``, ``Operator``, ``Admin``), the API state, common query types, and
+``change`` (a spec change through the API: a registry revision the engine reloads).
+
+Authentication happens once, in :class:`twin.api.gatekeeper.Gatekeeper`; a route only declares
+the least role it needs (``p: Operator``) and leaves site checks to the policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+import trio
+from fastapi import Depends, HTTPException, Query, Request
+from starlette.requests import HTTPConnection
+
+from twin.api import auth
+from twin.api.specio import Specs, apply_change
+from twin.api.state import ApiState
+
+PREFIX = "/api/v1"
+PUBLIC = {f"{PREFIX}/health", f"{PREFIX}/auth/login", f"{PREFIX}/auth/refresh"}
+MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, if any."""
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def api_state(conn: HTTPConnection) -> ApiState:
+    st: ApiState = conn.app.state.api
+    return st
+
+
+def principal(request: Request) -> auth.Principal:
+    p = request.scope.get("state", {}).get("principal")
+    if p is None:  # pragma: no cover - the gatekeeper guarantees it
+        raise HTTPException(401, "missing bearer token")
+    return p
+
+
+def need(role: str) -> Callable[[Request], auth.Principal]:
+    def dep(request: Request) -> auth.Principal:
+        p = principal(request)
+        if not p.at_least(role):
+            raise HTTPException(403, f"needs role {role} (you are {p.role})")
+        return p
+
+    dep.__name__ = f"need_{role}"
+    return dep
+
+
+State = Annotated[ApiState, Depends(api_state)]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+Offset = Annotated[int, Query(ge=0)]
+Viewer = Annotated[auth.Principal, Depends(need("viewer"))]
+Operator = Annotated[auth.Principal, Depends(need("operator"))]
+Admin = Annotated[auth.Principal, Depends(need("admin"))]
+
+
+def site_of(doc: Mapping[str, Any]) -> str | None:
+    meta = doc.get("metadata") or {}
+    if doc.get("kind") == "Site":
+        return str(meta.get("name"))
+    site = meta.get("site")
+    return str(site) if site is not None else None
+
+
+def check_site(p: auth.Principal, doc: Mapping[str, Any] | None) -> None:
+    if doc is not None and not p.can_site(site_of(doc)):
+        raise HTTPException(
+            403, f"not allowed for site {site_of(doc)!r} (your sites: {', '.join(p.sites)})"
+        )
+
+
+async def change(
+    request: Request, p: auth.Principal, fn: Callable[[Specs], Specs], message: str
+) -> dict[str, Any]:
+    """Apply ``fn`` to the stored specs as one revision (validated, atomic), record its number
+    in the audit entry, and wait (up to ``reload_wait``) until the engine runs it."""
+    st = api_state(request)
+    engine = st.engine
+    rev, _ = await st.call(apply_change, engine.registry, fn, author=p.subject, message=message)
+    if rev is None:
+        return {"revision": engine.revision_number, "changed": False}
+    request.scope["state"]["audit_detail"] = {"revision": rev.number}
+    engine.poke()
+    with trio.move_on_after(st.settings.reload_wait):
+        await engine.wait_revision(rev.number)
+    return {"revision": rev.number, "changed": True}

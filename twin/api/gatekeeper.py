@@ -1,0 +1,196 @@
+"""The ASGI middleware in front of every route, and the HTTP ingest hot path.
+
+:class:`Gatekeeper` does, in order: per-client rate limiting, authentication (401), per-token
+rate limiting (429 + Retry-After), Prometheus accounting, and the audit log of every mutating
+call. ``POST /api/v1/ingest/{device}`` never reaches FastAPI: :meth:`Gatekeeper._ingest`
+serves it in plain ASGI (device key, per-device rate limit, parse, hand to the device task).
+Authorization (403) is the policy's, asked by each route.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response
+
+from twin.api.deps import MUTATING, PREFIX, PUBLIC, bearer
+from twin.api.state import ApiState
+from twin.bindings.http import DeviceNotRunning, IngestBusy, IngestError, parse_ingest
+from twin.errors import AuthError
+
+INGEST_PREFIX = f"{PREFIX}/ingest/"
+MAX_INGEST_BODY = 1 << 20
+
+
+def _json_response(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def ingest_core(
+    st: ApiState, device: str, key: str | None, raw: bytes
+) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """One ingest call: device key, per-device rate limit, parse, hand to the device task.
+    Returns (HTTP status, JSON body, extra headers); no I/O once the key is cached."""
+    engine = st.engine
+    if not key:
+        return 401, {"detail": "missing device key (X-Device-Key header)"}, None
+    if not await st.check_device_key(device, key):
+        engine.prom.child(engine.prom.ingest, "unauthorized").inc()
+        return 401, {"detail": "invalid device key"}, None
+    wait = st.by_device.hit(device)
+    if wait:
+        engine.prom.child(engine.prom.ingest, "rate_limited").inc()
+        engine.prom.rate_limited.inc()
+        retry = {"Retry-After": str(max(1, math.ceil(wait)))}
+        return 429, {"detail": "too many requests for this device"}, retry
+    now = time.time()
+    try:
+        messages = parse_ingest(device, json.loads(raw or b"{}"), now)
+    except (ValueError, IngestError) as exc:
+        engine.prom.child(engine.prom.ingest, "invalid").inc()
+        return 422, {"detail": str(exc)}, None
+    try:
+        reply = engine.hub.push(device, messages)
+    except DeviceNotRunning:
+        engine.prom.child(engine.prom.ingest, "not_running").inc()
+        return 409, {"detail": f"device {device!r} is not running with an http push binding"}, None
+    except IngestBusy:
+        engine.prom.child(engine.prom.ingest, "busy").inc()
+        return 429, {"detail": "device queue full"}, {"Retry-After": "1"}
+    twin = engine.twin(device)
+    if twin is not None:
+        twin.metrics.bytes_in += len(raw)
+    engine.prom.child(engine.prom.ingest, "ok").inc()
+    return 200, reply, None
+
+
+class Gatekeeper:
+    """Pure ASGI middleware: rate limits, authentication, metrics, audit."""
+
+    def __init__(self, app: Any, state: ApiState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path0: str = scope["path"]
+        if (
+            scope["method"] == "POST"
+            and path0.startswith(INGEST_PREFIX)
+            and "/" not in path0[len(INGEST_PREFIX) :]
+        ):
+            await self._ingest(scope, receive, send)
+            return
+        st = self.state
+        prom = st.engine.prom
+        path: str = scope["path"]
+        method: str = scope["method"]
+        started = time.perf_counter()
+        scope.setdefault("state", {})
+        status_box = [500]
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        ingest = path.startswith(f"{PREFIX}/ingest/")
+        client = (scope.get("client") or ("?", 0))[0]
+        response: Response | None = None
+        if not ingest and path != f"{PREFIX}/health":
+            wait = st.by_client.hit(client)
+            if wait:
+                response = _json_response(
+                    429,
+                    "too many requests from this address",
+                    {"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        public = (
+            path in PUBLIC or ingest or path in ("/openapi.json", "/docs", "/docs/oauth2-redirect")
+        )
+        if response is None and not public:
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            try:
+                principal = await st.authenticate(bearer(headers))
+                scope["state"]["principal"] = principal
+                scope["state"]["actor"] = principal.subject
+                wait = st.by_token.hit(principal.subject)
+                if wait:
+                    response = _json_response(
+                        429,
+                        "rate limit exceeded for this token",
+                        {"Retry-After": str(max(1, math.ceil(wait)))},
+                    )
+            except AuthError as exc:
+                response = _json_response(401, str(exc), {"WWW-Authenticate": "Bearer"})
+        if response is not None:
+            if response.status_code == 429:
+                prom.rate_limited.inc()
+            await response(scope, receive, send_wrapper)
+        else:
+            await self.app(scope, receive, send_wrapper)
+        status = status_box[0]
+        route = scope.get("route")
+        route_path = getattr(route, "path", None) or ("unmatched" if response is None else path)
+        prom.child(prom.api_requests, method, route_path, str(status)).inc()
+        prom.child(prom.api_latency, method, route_path).observe(time.perf_counter() - started)
+        if method in MUTATING and not ingest:
+            actor = scope["state"].get("actor", "anonymous")
+            action = f"{method} {path}"
+            target = str(
+                (scope.get("path_params") or {}).get("device")
+                or (scope.get("path_params") or {}).get("name")
+                or path
+            )
+            detail = scope["state"].get("audit_detail") or {}
+            now = time.time()
+            st.engine.writer.put(lambda r: r.audit(actor, action, target, str(status), now, detail))
+
+    async def _ingest(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The hot path, in plain ASGI (no routing, dependencies or response classes)."""
+        started = time.perf_counter()
+        device = scope["path"][len(INGEST_PREFIX) :]
+        key = None
+        for name, value in scope["headers"]:
+            if name == b"x-device-key":
+                key = value.decode("latin-1")
+                break
+            if name == b"authorization" and key is None:
+                key = bearer({"authorization": value.decode("latin-1")})
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_INGEST_BODY:
+                status, body, headers = 413, {"detail": "body too large"}, None
+                break
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        else:
+            status, body, headers = await ingest_core(self.state, device, key, b"".join(chunks))
+        payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+        raw_headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+        ]
+        if status == 401:
+            raw_headers.append((b"www-authenticate", b"DeviceKey"))
+        for k, v in (headers or {}).items():
+            raw_headers.append((k.lower().encode(), v.encode()))
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": payload})
+        prom = self.state.engine.prom
+        route = f"{PREFIX}/ingest/{{device}}"
+        prom.child(prom.api_requests, "POST", route, str(status)).inc()
+        prom.child(prom.api_latency, "POST", route).observe(time.perf_counter() - started)

@@ -1,0 +1,52 @@
+"""The API's routes, one module per resource; :func:`twin.api.app.create_app` includes
+:data:`ROUTERS` in this order.
+
+========== ===================================================================
+auth       login, refresh, logout
+devices    devices, their status, metrics, twin and desired state, device keys
+groups     device groups
+alarms     alarms: list, acknowledge, clear
+specs      ``/apply`` and revisions
+admin      users, sessions, audit log
+system     health, ``/metrics``, the documented ingest route
+ws         the live WebSocket feed
+timeseries queries, storage, retention
+commands   commands to devices, batches, the devices' HTTP long-poll
+scenes     scenes, running them, their traces
+========== ===================================================================
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from twin.api.routes import (
+    admin,
+    alarms,
+    auth,
+    commands,
+    devices,
+    groups,
+    scenes,
+    specs,
+    system,
+    timeseries,
+    ws,
+)
+
+ROUTERS: tuple[APIRouter, ...] = (
+    system.health_router,
+    auth.router,
+    devices.router,
+    groups.router,
+    alarms.router,
+    specs.router,
+    admin.router,
+    system.router,
+    ws.router,
+    timeseries.router,
+    commands.router,
+    scenes.router,
+)
+
+__all__ = ["ROUTERS"]
