@@ -3,7 +3,8 @@
 :class:`Gatekeeper` does, in order: per-client rate limiting, authentication (401), per-token
 rate limiting (429 + Retry-After), Prometheus accounting, and the audit log of every mutating
 call. ``POST /api/v1/ingest/{device}`` never reaches FastAPI: :meth:`Gatekeeper._ingest`
-serves it in plain ASGI (device key, per-device rate limit, parse, hand to the device task).
+serves it in plain ASGI (device key, per-device rate limit, parse, write-ahead log, hand to the
+device task: ``durable_ingest.hand_in``; 2xx only once the readings are on disk).
 Authorization (403) is the policy's, asked by each route.
 """
 
@@ -18,9 +19,11 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from twin.api.deps import MUTATING, PREFIX, PUBLIC, bearer
+from twin.api.durable_ingest import hand_in
 from twin.api.state import ApiState
 from twin.bindings.http import DeviceNotRunning, IngestBusy, IngestError, parse_ingest
 from twin.errors import AuthError
+from twin.timeseries.wal import WalError, WalFull
 
 INGEST_PREFIX = f"{PREFIX}/ingest/"
 MAX_INGEST_BODY = 1 << 20
@@ -33,8 +36,8 @@ def _json_response(status: int, detail: Any, headers: dict[str, str] | None = No
 async def ingest_core(
     st: ApiState, device: str, key: str | None, raw: bytes
 ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-    """One ingest call: device key, per-device rate limit, parse, hand to the device task.
-    Returns (HTTP status, JSON body, extra headers); no I/O once the key is cached."""
+    """One ingest call: device key, per-device rate limit, parse, write-ahead log (507 disk
+    full / 503 + Retry-After), hand to the device task. Returns (HTTP status, JSON body, extra headers); no I/O once the key is cached."""
     engine = st.engine
     if not key:
         return 401, {"detail": "missing device key (X-Device-Key header)"}, None
@@ -54,7 +57,12 @@ async def ingest_core(
         engine.prom.child(engine.prom.ingest, "invalid").inc()
         return 422, {"detail": str(exc)}, None
     try:
-        reply = engine.hub.push(device, messages)
+        reply = await hand_in(engine, device, messages)  # write-ahead log before the 2xx
+    except WalError as exc:
+        engine.prom.child(engine.prom.ingest, "not_logged").inc()
+        status = 507 if isinstance(exc, WalFull) else 503
+        detail = f"readings not accepted, retry later: {exc}"
+        return status, {"detail": detail}, {"Retry-After": str(exc.retry_after)}
     except DeviceNotRunning:
         engine.prom.child(engine.prom.ingest, "not_running").inc()
         return 409, {"detail": f"device {device!r} is not running with an http push binding"}, None

@@ -37,6 +37,9 @@ class Reading:
     value: Any
     ts: float  # unix seconds, UTC, as observed by the device (or on receipt)
     quality: Quality = Quality.GOOD
+    logged: bool = False
+    """In the write-ahead log already (``twin/timeseries/wal.py``): the time-series service
+    stores it from there, not from the bus (the bus event carries ``"logged": true``)."""
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -175,6 +175,35 @@ class IngestHub:
             reply["commands"], slot.commands = slot.commands, []
         return reply
 
+    def check(self, device: str, count: int) -> None:
+        """Raise what ``push`` would raise for ``count`` messages now (DeviceNotRunning,
+        IngestBusy), without sending: the ingest edge checks before it logs readings."""
+        slot = self._slots.get(device)
+        if slot is None:
+            raise DeviceNotRunning(device)
+        stats = slot.send.statistics()
+        if stats.current_buffer_used + count > stats.max_buffer_size:
+            raise IngestBusy(device)
+
+    async def deliver(self, device: str, messages: list[Message]) -> dict[str, Any]:
+        """Like ``push`` but waits for room in the device's queue (``check`` said there was
+        some): for messages already logged and about to be acknowledged."""
+        slot = self._slots.get(device)
+        if slot is None:
+            raise DeviceNotRunning(device)
+        try:
+            for m in messages:
+                await slot.send.send(m)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise DeviceNotRunning(device) from None
+        self.accepted += len(messages)
+        reply: dict[str, Any] = {"accepted": len(messages)}
+        if slot.writes:
+            reply["writes"], slot.writes = slot.writes, {}
+        if slot.commands:
+            reply["commands"], slot.commands = slot.commands, []
+        return reply
+
     def queue_write(self, device: str, point: str, value: Any) -> None:
         slot = self._slots.get(device)
         if slot is None:

@@ -311,18 +311,19 @@ class DeviceTask:
             if self._readings_counter is not None:
                 self._readings_counter.inc()
             self._seen()
-            self.rt.bus.publish(
-                {
-                    "kind": "reading",
-                    "device": self.name,
-                    "site": twin.site,
-                    "groups": twin.groups,
-                    "ts": message.ts,
-                    "point": message.point,
-                    "value": message.value,
-                    "quality": str(message.quality),
-                }
-            )
+            event = {
+                "kind": "reading",
+                "device": self.name,
+                "site": twin.site,
+                "groups": twin.groups,
+                "ts": message.ts,
+                "point": message.point,
+                "value": message.value,
+                "quality": str(message.quality),
+            }
+            if message.logged:  # in the write-ahead log: the time-series service has it
+                event["logged"] = True
+            self.rt.bus.publish(event)
             return
         if isinstance(message, DeviceEvent):
             if message.type is EventType.FAULT:

@@ -48,6 +48,31 @@ replays) are in raw but not in the tier. Per (policy, tier) the storage stats
 how long the oldest closed window has waited (``twin_timeseries_rollup_lag_seconds``), computed
 at scrape time. ``benchmarks/timeseries/rollup_lag.py`` measures it.
 
+Write-ahead log (``twin/timeseries/wal.py``, files in ``<state_dir>/wal/``): the ingest edges
+call :meth:`TimeSeriesService.log_readings` before they acknowledge (HTTP 2xx; the embedded
+broker's PUBACK/PUBREC through the hook ``twin/runtime/mqtt_service.py`` installs), so an
+acknowledged reading survives ``kill -9``. This service owns the log:
+
+* **Replay** at start, before the service reports ready (so before any device runs): every
+  record above the checkpoint goes to the writer, then the service waits (up to
+  ``replay_wait`` s) until it is flushed and checkpointed.
+* **Feed**: each committed batch goes to the writer in LSN order (``wal_pos``); those readings
+  reach the bus marked ``"logged": true`` and the pump skips them (stored once, not twice).
+* **Truncate**: after each flush the writer reports the highest WAL position it stored; the
+  checkpointer records it durably and the log drops the segments below it.
+* **Duplicates**: a crash between a store write and its checkpoint replays readings the store
+  already has. Replay first reads the store over the replayed time range and skips readings
+  whose (device, point, timestamp to the microsecond) is already there: a reading is stored
+  once. (A device sending two readings with the same point and timestamp keeps both, except
+  when one of them is replayed after a crash.)
+* **Refusals**: disk full → ``WalFull`` (HTTP 507, MQTT 0x97), other write errors →
+  ``WalError`` (503); either raises the alarm ``wal_write_failed`` (critical) on
+  ``_storage``, cleared by the next successful commit. More than ``wal_max_backlog`` readings
+  logged but not yet stored (the store is down or slow) → ``WalBusy`` (503 + Retry-After):
+  the log and the memory behind it stay bounded, the devices retry.
+* Without this service (``twin up --no-timeseries``) nothing is stored, and ingest is
+  acknowledged without a log.
+
 ``engine.service_info["timeseries"]`` is this object: the API and CLI use ``.store``.
 """
 
@@ -56,16 +81,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from twin.errors import StorageError
 from twin.runtime.bus import Filter, Subscription
-from twin.timeseries.base import Quality, Record, TimeSeriesStore, canonical_tags
+from twin.timeseries.base import Quality, Record, Selector, TimeSeriesStore, canonical_tags
 from twin.timeseries.factory import describe, open_store
 from twin.timeseries.retention import RetentionManager, RetentionPolicy, StorageMonitor
+from twin.timeseries.wal import Entry, WalReading, WriteAheadLog
 from twin.timeseries.writer import BatchedWriter, Maintainer
 
 if TYPE_CHECKING:
@@ -78,6 +106,7 @@ log = logging.getLogger(__name__)
 STORAGE_DEVICE = "_storage"
 """Pseudo device of storage alarms (``GET /api/v1/alarms?device=_storage``)."""
 DISK_ALARM = "disk_nearly_full"
+WAL_ALARM = "wal_write_failed"
 
 _QUALITY = {"good": 0, "uncertain": 1, "bad": 2}
 
@@ -175,6 +204,12 @@ class TimeSeriesService:
     """Background maintenance at least this often (tables with a few appends only)."""
     policy_check_interval: float = 0.5
     store_options: dict[str, Any] = field(default_factory=dict)
+    wal_enabled: bool = True
+    """Write-ahead log for acknowledged readings (False: ingest acks are not durable)."""
+    wal_max_backlog: int = 500_000
+    """Readings logged but not yet in the store before ingest is refused (503)."""
+    wal_segment_bytes: int = 4 << 20
+    replay_wait: float = 30.0
     name: str = "timeseries"
 
     writer: BatchedWriter | None = field(default=None, init=False)
@@ -186,6 +221,12 @@ class TimeSeriesService:
     last_rollup: dict[str, Any] | None = field(default=None, init=False)
     accepted: int = field(default=0, init=False)
     """Readings the pump handed to the writer (the rollup's flush barrier)."""
+    wal: WriteAheadLog | None = field(default=None, init=False)
+    replayed: int = field(default=0, init=False)
+    """Readings replayed from the write-ahead log at start (duplicates skipped)."""
+    _wal_queue: deque[Entry] = field(default_factory=deque, init=False, repr=False)
+    _wal_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _cp_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
     description: str = field(default="", init=False)
     _engine: Engine | None = field(default=None, init=False, repr=False)
     _prom: _Prom | None = field(default=None, init=False, repr=False)
@@ -223,6 +264,7 @@ class TimeSeriesService:
         def flushed(n: int) -> None:
             prom.written.inc(n)
             self._flushed.set()
+            self._cp_wake.set()
             maintainer.poke()
 
         self.writer = BatchedWriter(
@@ -233,9 +275,24 @@ class TimeSeriesService:
             on_flush=flushed,
         )
         monitor = StorageMonitor(store)
+        replay: list[Entry] = []
+        if self.wal_enabled:
+            self.wal = WriteAheadLog(
+                state_dir / "wal",
+                segment_bytes=self.wal_segment_bytes,
+                max_backlog=self.wal_max_backlog,
+                on_commit=self._wal_committed,
+                on_state=self._wal_state,
+            )
+            replay = await trio.to_thread.run_sync(self.wal.open)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.writer.run)
+                if self.wal is not None:
+                    await self._replay(replay)
+                    nursery.start_soon(self._checkpointer)
+                    await nursery.start(self.wal.run)
+                    nursery.start_soon(self._feed)
                 await self._load_policies()
                 nursery.start_soon(self._pump, sub)
                 nursery.start_soon(self._watch_policies)
@@ -250,6 +307,11 @@ class TimeSeriesService:
             # the writer's own finally has drained and flushed everything accepted
             with trio.move_on_after(10) as scope:
                 scope.shield = True
+                if self.wal is not None and self.writer.wal_flushed:
+                    try:
+                        await self.wal.checkpoint(self.writer.wal_flushed)
+                    except OSError as exc:  # replay (deduplicated) covers it next start
+                        log.warning("timeseries: final WAL checkpoint failed: %s", exc)
                 if owned:
                     await trio.to_thread.run_sync(store.close)
 
@@ -293,6 +355,125 @@ class TimeSeriesService:
             tags,
         )
 
+    def record_of(self, r: Sequence[Any]) -> Record:
+        """A write-ahead log reading ``(device, point, value, ts, quality)`` as a record."""
+        return self.record(
+            {"device": r[0], "point": r[1], "value": r[2], "ts": r[3], "quality": r[4]}
+        )
+
+    # --- write-ahead log ----------------------------------------------------------------
+    async def log_readings(self, readings: Sequence[Any]) -> bool:
+        """Log ``Reading``s durably (group commit) before an edge acknowledges them.
+
+        Returns False when there is no log (nothing to do); raises ``WalError`` (``WalFull``,
+        ``WalBusy``) when they cannot be logged: the edge must refuse them. Readings without
+        a value are not stored and not logged."""
+        wal = self.wal
+        if wal is None:
+            return False
+        rows: list[WalReading] = [
+            (r.device, r.point, r.value, float(r.ts), str(r.quality))
+            for r in readings
+            if r.value is not None
+        ]
+        if rows:
+            await wal.log(rows)
+        return True
+
+    def _wal_committed(self, entries: list[Entry]) -> None:
+        self._wal_queue.extend(entries)
+        self._wal_wake.set()
+
+    async def _feed(self) -> None:
+        """Committed records → writer, in LSN order (one task: the order is the truncation's)."""
+        writer = self.writer
+        assert writer is not None
+        while True:
+            await self._wal_wake.wait()
+            self._wal_wake = trio.Event()
+            queue = self._wal_queue
+            while queue:
+                chunk: list[Record] = []
+                last = 0
+                while queue and len(chunk) < self.batch_size:
+                    lsn, readings = queue.popleft()
+                    last = lsn
+                    for r in readings:
+                        try:
+                            chunk.append(self.record_of(r))
+                        except (KeyError, TypeError, ValueError, IndexError) as exc:
+                            log.warning("timeseries: bad WAL reading %r: %s", r, exc)
+                await writer.write_many(chunk, wal_pos=last)
+                self.accepted += len(chunk)
+
+    async def _replay(self, entries: list[Entry]) -> None:
+        """Write-ahead log records above the checkpoint → the store (duplicates skipped)."""
+        wal, writer, store = self.wal, self.writer, self.store
+        assert wal is not None and writer is not None and store is not None
+        if not entries:
+            return
+        records: list[Record] = []
+        for _lsn, readings in entries:
+            for r in readings:
+                try:
+                    records.append(self.record_of(r))
+                except (KeyError, TypeError, ValueError, IndexError) as exc:
+                    log.warning("timeseries: bad WAL reading %r: %s", r, exc)
+        try:
+            fresh = await trio.to_thread.run_sync(_not_stored, store, records)
+        except StorageError as exc:
+            log.warning("timeseries: WAL replay cannot check for duplicates (%s)", exc)
+            fresh = records
+        last = entries[-1][0]
+        await writer.write_many(fresh, wal_pos=last)
+        self.accepted += len(fresh)
+        self.replayed = len(fresh)
+        log.info(
+            "timeseries: replayed %d readings from the write-ahead log (%d already stored)",
+            len(fresh),
+            len(records) - len(fresh),
+        )
+        with trio.move_on_after(self.replay_wait):
+            while wal.checkpointed < last:
+                if writer.wal_flushed >= last:
+                    await wal.checkpoint(writer.wal_flushed)
+                    break
+                self._flushed = trio.Event()
+                await self._flushed.wait()
+
+    async def _checkpointer(self) -> None:
+        wal, writer = self.wal, self.writer
+        assert wal is not None and writer is not None
+        while True:
+            await self._cp_wake.wait()
+            self._cp_wake = trio.Event()
+            if writer.wal_flushed > wal.checkpointed:
+                try:
+                    await wal.checkpoint(writer.wal_flushed)
+                except OSError as exc:
+                    log.error("timeseries: WAL checkpoint failed: %s; retrying", exc)
+                    await trio.sleep(1.0)
+                    self._cp_wake.set()
+
+    def _wal_state(self, ok: bool, message: str) -> None:
+        engine = self._engine
+        assert engine is not None
+        now = time.time()
+        if not ok:
+            engine.writer.put(
+                lambda r: r.raise_alarm(STORAGE_DEVICE, WAL_ALARM, "critical", message, now),
+                lambda res: self._publish_alarm("raised", res[0]) if res[1] else None,
+            )
+            return
+
+        def cleared(alarms: list[Any]) -> None:
+            for a in alarms:
+                self._publish_alarm("cleared", a)
+
+        engine.writer.put(
+            lambda r: r.clear_alarms(STORAGE_DEVICE, WAL_ALARM, "system", now), cleared
+        )
+
     async def _pump(self, sub: Subscription) -> None:
         engine = self._engine
         writer = self.writer
@@ -314,7 +495,7 @@ class TimeSeriesService:
                 chunk: list[Record] = []
                 event: dict[str, Any] | None = first
                 while event is not None:
-                    if event.get("value") is not None:
+                    if event.get("value") is not None and not event.get("logged"):
                         try:
                             chunk.append(self.record(event))
                         except (KeyError, TypeError, ValueError) as exc:
@@ -531,6 +712,7 @@ class TimeSeriesService:
             if m is not None and m.supported
             else None
         )
+        report["wal"] = self.wal.stats() if self.wal is not None else None
         report["store"] = self.description
         report["policies"] = sorted(self.policies)
         report["skipped_policies"] = dict(self.retention.skipped) if self.retention else {}
@@ -616,10 +798,32 @@ class TimeSeriesService:
             await trio.sleep(self.monitor_interval)
 
 
+def _not_stored(store: TimeSeriesStore, records: list[Record]) -> list[Record]:
+    """``records`` minus those whose (device, metric, ts in µs) the store already has."""
+    if not records:
+        return records
+    devices = sorted({r[0] for r in records})
+    lo = min(r[3] for r in records)
+    hi = max(r[3] for r in records)
+    table = store.read_raw(Selector.of(devices=devices), lo, hi + 0.001)
+    if table.num_rows == 0:
+        return records
+    micros = table.column("ts").cast("int64").to_pylist()
+    have = set(
+        zip(
+            table.column("device").to_pylist(),
+            table.column("metric").to_pylist(),
+            micros,
+            strict=True,
+        )
+    )
+    return [r for r in records if (r[0], r[1], round(r[3] * 1_000_000)) not in have]
+
+
 def timeseries_of(engine: Engine) -> TimeSeriesService | None:
     """The engine's running time-series service, if any."""
     svc = engine.service_info.get("timeseries")
     return svc if isinstance(svc, TimeSeriesService) else None
 
 
-__all__ = ["DISK_ALARM", "STORAGE_DEVICE", "TimeSeriesService", "timeseries_of"]
+__all__ = ["DISK_ALARM", "STORAGE_DEVICE", "WAL_ALARM", "TimeSeriesService", "timeseries_of"]

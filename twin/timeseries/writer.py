@@ -19,6 +19,10 @@
   completed flush: at most ``flush_interval`` seconds of data plus the time of the flush in
   progress (and whatever producers were blocked on). ``on_flush`` is called after each
   completed flush with the number of points written; tests use it to prove the bound.
+* **Write-ahead log positions.** ``write_many(..., wal_pos=lsn)`` marks a chunk as the WAL's
+  records up to ``lsn`` (the time-series service feeds them in LSN order); after a flush,
+  ``wal_flushed`` is the highest such position written (every earlier one is in the same or
+  an earlier flush: the channel is FIFO), read by ``on_flush`` to checkpoint the log.
 * **Store errors** (e.g. ``StorageError`` on a full disk) are logged loudly and the batch is
   retried with backoff; meanwhile the channel fills and producers block, so nothing is
   dropped silently, and writing resumes when space returns.
@@ -63,19 +67,21 @@ class BatchedWriter:
         self.on_flush = on_flush
         # how store calls are made: a worker thread (tests may run them inline)
         self._run_sync = run_sync or trio.to_thread.run_sync
-        self._send, self._recv = trio.open_memory_channel[list[Record]](max_chunks)
+        self._send, self._recv = trio.open_memory_channel[tuple[list[Record], int]](max_chunks)
         self._done = trio.Event()
         self.points_written = 0
         self.flushes = 0
         self.errors = 0
+        self.wal_flushed = 0
 
     # --- producer side --------------------------------------------------------------
     async def write(self, item: Record | DataPoint) -> None:
         """Accept one reading record or DataPoint; blocks while the writer is full."""
         recs = item.records() if isinstance(item, DataPoint) else [item]
-        await self._send.send(recs)
+        await self._send.send((recs, 0))
 
-    async def write_many(self, items: Iterable[Record | DataPoint]) -> None:
+    async def write_many(self, items: Iterable[Record | DataPoint], *, wal_pos: int = 0) -> None:
+        """Accept many; ``wal_pos``: these are the write-ahead log's records up to that LSN."""
         chunk: list[Record] = []
         for item in items:
             if isinstance(item, DataPoint):
@@ -83,10 +89,10 @@ class BatchedWriter:
             else:
                 chunk.append(item)
             if len(chunk) >= self.batch_size:
-                await self._send.send(chunk)
+                await self._send.send((chunk, 0))
                 chunk = []
-        if chunk:
-            await self._send.send(chunk)
+        if chunk or wal_pos:
+            await self._send.send((chunk, wal_pos))
 
     async def write_reading(
         self,
@@ -102,7 +108,7 @@ class BatchedWriter:
     ) -> None:
         """The runtime's shape: ``Reading(device, point, value, ts, quality)`` + device tags
         (``tags`` canonical, see ``base.canonical_tags``)."""
-        await self._send.send([(device, point, value, ts, quality, site, group, tags)])
+        await self._send.send(([(device, point, value, ts, quality, site, group, tags)], 0))
 
     async def aclose(self) -> None:
         """Stop accepting, then wait until everything accepted is on disk."""
@@ -113,37 +119,41 @@ class BatchedWriter:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         buf: list[Record] = []
+        pos = 0  # highest WAL position in buf
         deadline = math.inf
         try:
             async with self._recv:
                 while True:
                     with trio.move_on_at(deadline):
                         try:
-                            chunk = await self._recv.receive()
+                            chunk, chunk_pos = await self._recv.receive()
                         except trio.EndOfChannel:
                             break
-                        if not buf:
+                        if not buf and not pos:
                             deadline = trio.current_time() + self.flush_interval
                         buf.extend(chunk)
+                        pos = max(pos, chunk_pos)
                         if len(buf) < self.batch_size:
                             continue
                     # size reached or deadline passed
-                    await self._flush(buf)
-                    buf = []
+                    await self._flush(buf, pos=pos)
+                    buf, pos = [], 0
                     deadline = math.inf
         finally:
             # clean shutdown or cancellation: drain what was accepted and write it
             with trio.CancelScope(shield=True):
                 while True:
                     try:
-                        buf.extend(self._recv.receive_nowait())
+                        chunk, chunk_pos = self._recv.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                         break
-                if buf:
-                    await self._flush(buf, final=True)
+                    buf.extend(chunk)
+                    pos = max(pos, chunk_pos)
+                if buf or pos:
+                    await self._flush(buf, final=True, pos=pos)
                 self._done.set()
 
-    async def _flush(self, buf: Sequence[Record], final: bool = False) -> None:
+    async def _flush(self, buf: Sequence[Record], final: bool = False, pos: int = 0) -> None:
         delay = 0.1
         attempts = 0
         for start in range(0, len(buf), self.batch_size):
@@ -171,6 +181,7 @@ class BatchedWriter:
                     delay = min(delay * 2, self.retry_max_delay)
             self.points_written += len(part)
         self.flushes += 1
+        self.wal_flushed = max(self.wal_flushed, pos)
         if self.on_flush is not None:
             self.on_flush(len(buf))
 
