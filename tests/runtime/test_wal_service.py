@@ -36,7 +36,9 @@ def push_device(name: str = "p1") -> dict[str, Any]:
 
 def device_key(registry: Registry, device: str) -> str:
     kid, secret = secrets.token_hex(6), secrets.token_urlsafe(24)
-    registry.add_device_key(DeviceKey(kid, device, auth.DEVICE_KEY_HASHER.hash(secret), time.time()))
+    registry.add_device_key(
+        DeviceKey(kid, device, auth.DEVICE_KEY_HASHER.hash(secret), time.time())
+    )
     return f"{auth.KEY_PREFIX}{kid}_{secret}"
 
 
@@ -145,9 +147,7 @@ async def test_disk_full_answers_507_with_an_alarm_then_recovers(
             r = await dev.post("/api/v1/ingest/p1", json={"values": {"temperature": 3}})
             assert r.status_code == 200
             await eventually(
-                lambda: all(
-                    a.state == "cleared" for a in registry.alarms(device=STORAGE_DEVICE)
-                )
+                lambda: all(a.state == "cleared" for a in registry.alarms(device=STORAGE_DEVICE))
             )
         await eventually(lambda: len(stored(service)) == 2)
         assert [v for v in _values(service)] == [1.0, 3.0]
@@ -164,13 +164,15 @@ async def test_backlog_limit_answers_503_retry_after(registry: Registry, tmp_pat
     key = device_key(registry, "p1")
     # the store "falls behind": nothing is flushed for a minute, so nothing is checkpointed
     service = TimeSeriesService(flush_interval=60, wal_max_backlog=4)
-    async with engine_with_api(registry, tmp_path / "state", service) as (_engine, url):
-        async with httpx.AsyncClient(base_url=url, headers={"X-Device-Key": key}) as dev:
-            two = {"values": {"a": 1, "b": 2}}
-            for _ in range(2):
-                assert (await dev.post("/api/v1/ingest/p1", json=two)).status_code == 200
-            r = await dev.post("/api/v1/ingest/p1", json=two)
-            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
-            # heartbeats and events carry no readings: still accepted
-            r = await dev.post("/api/v1/ingest/p1", json={"heartbeat": True})
-            assert r.status_code == 200
+    async with (
+        engine_with_api(registry, tmp_path / "state", service) as (_engine, url),
+        httpx.AsyncClient(base_url=url, headers={"X-Device-Key": key}) as dev,
+    ):
+        two = {"values": {"a": 1, "b": 2}}
+        for _ in range(2):
+            assert (await dev.post("/api/v1/ingest/p1", json=two)).status_code == 200
+        r = await dev.post("/api/v1/ingest/p1", json=two)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+        # heartbeats and events carry no readings: still accepted
+        r = await dev.post("/api/v1/ingest/p1", json={"heartbeat": True})
+        assert r.status_code == 200
