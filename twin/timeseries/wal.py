@@ -70,6 +70,7 @@ from typing import Any
 import trio
 
 from twin.errors import StorageError
+from twin.files import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,7 @@ class WriteAheadLog:
     # --- open and replay ----------------------------------------------------------------
     def open(self) -> list[Entry]:
         """Create or open the log; return every record above the checkpoint (to replay)."""
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.directory, 0o700)
+        private_dir(self.directory)
         cp = self.directory / CHECKPOINT
         try:
             self.checkpointed = int(cp.read_text().strip() or 0)
