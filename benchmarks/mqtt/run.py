@@ -1,6 +1,6 @@
 """MQTT broker benchmark: our broker vs a private Mosquitto, same load generator, one run.
 
-    .venv/bin/python benchmarks/mqtt/run.py [--seconds 3] [--idle 10000]
+    .venv/bin/python benchmarks/mqtt/run.py [--seconds 3] [--idle 10000] [--scenario drain]
 
 The load generator is deliberately cheap: raw sockets, packets pre-encoded once, fixed-size
 messages so receivers count bytes instead of parsing, one process per publisher.
@@ -11,6 +11,8 @@ Scenarios (MQTT 3.1.1, 127.0.0.1 only):
 * fan-out       1 publisher -> 100 subscribers, delivered messages/s (sum over subscribers)
 * latency       publish -> receive p50/p99 at a fixed 5,000 msg/s
 * idle          broker RSS growth with N idle connections
+* drain         1,000 QoS 1 messages queued for an offline persistent ``mosquitto_sub``
+                (3.1.1 and 5.0), the time the reconnecting client takes to receive them all
 
 The broker's CPU (user+sys seconds per wall second, from /proc) is reported for each run.
 """
@@ -427,6 +429,46 @@ def run_idle(b: BrokerProc, n: int) -> dict[str, float]:
     return {"conns": total, "rss": rss, "delta": rss - rss0}
 
 
+def _mosquitto_sub(port: int, cid: str, version: str, *extra: str) -> list[str]:
+    argv = ["mosquitto_sub", "-h", HOST, "-p", str(port), "-i", cid, "-c", "-q", "1",
+            "-t", "drain/t", "-V", version, *extra]
+    if version == "mqttv5":
+        argv += ["-x", "3600"]  # a v5 session outlives the connection only with an expiry
+    return argv
+
+
+def run_drain(b: BrokerProc, version: str, n: int = 1000, reps: int = 3) -> dict[str, float]:
+    """A persistent ``mosquitto_sub`` subscribes and leaves; ``n`` QoS 1 messages are queued
+    for it; then the time a reconnecting ``mosquitto_sub -C n`` takes to receive them all
+    (process start to exit, so a few ms of start-up are in both brokers' figures). The median
+    of ``reps`` runs, each with a session of its own."""
+    if shutil.which("mosquitto_sub") is None:
+        return {}
+    times: list[float] = []
+    cpus: list[float] = []
+    got = n
+    pkts = b"".join(c.encode(c.Publish("drain/t", b"x" * PAYLOAD, 1, packet_id=1 + i % 65535), 4)
+                    for i in range(n))
+    for rep in range(reps):
+        cid = f"drain-{version}-{os.getpid()}-{rep}"
+        subprocess.run(_mosquitto_sub(b.port, cid, version, "-E"), check=True, timeout=30,
+                       stdout=subprocess.DEVNULL)
+        pub = connect(b.port, f"drain-pub-{rep}")
+        pub.sendall(pkts)
+        _read_exact(pub, 4 * n)  # every PUBACK: all n are queued for the offline session
+        pub.close()
+        cpu0 = b.cpu()
+        t0 = time.perf_counter()
+        proc = subprocess.run(_mosquitto_sub(b.port, cid, version, "-C", str(n)), timeout=120,
+                              stdout=subprocess.PIPE)
+        elapsed = time.perf_counter() - t0
+        times.append(elapsed)
+        cpus.append((b.cpu() - cpu0) / elapsed)
+        got = min(got, proc.stdout.count(b"\n"))
+    mid = sorted(range(reps), key=lambda i: times[i])[reps // 2]
+    return {"seconds": times[mid], "got": got, "cpu": cpus[mid]}
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -435,6 +477,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--idle", type=int, default=10_000)
     ap.add_argument("--only", choices=["flux", "mosquitto"], default=None)
+    ap.add_argument("--scenario", help="run only the scenarios whose name contains this text")
     args = ap.parse_args()
     raise_fd_limit()
     if shutil.which("mosquitto") is None and args.only != "flux":
@@ -446,7 +489,11 @@ def main() -> int:
         ("fan-out 1->100", lambda b: run_fanout(b, args.seconds)),
         ("latency @5k/s", lambda b: run_latency(b)),
         (f"idle x{args.idle}", lambda b: run_idle(b, args.idle)),
+        ("drain 1000 q1 v3.1.1", lambda b: run_drain(b, "mqttv311")),
+        ("drain 1000 q1 v5", lambda b: run_drain(b, "mqttv5")),
     ]
+    if args.scenario:
+        scenarios = [(sc, fn) for sc, fn in scenarios if args.scenario in sc]
     results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, starter in [
@@ -474,6 +521,8 @@ def main() -> int:
                 return f"p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms cpu {r['cpu']:.2f}"
             if "rss" in r:
                 return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
+            if "seconds" in r:
+                return f"{r['seconds']:.3f} s ({int(r['got'])} got) cpu {r['cpu']:.2f}"
             return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}"
 
         if "msgs" in f and "msgs" in m and m["msgs"]:
@@ -482,11 +531,14 @@ def main() -> int:
             ratio = f"{m['p99'] / f['p99']:.2f}x"
         elif "rss" in f and "rss" in m and f["rss"]:
             ratio = f"{m['rss'] / f['rss']:.2f}x"
+        elif "seconds" in f and "seconds" in m and f["seconds"]:
+            ratio = f"{m['seconds'] / f['seconds']:.2f}x"
         else:
             ratio = "-"
         print(f"{sc:22} {fmt(f):>28} {fmt(m):>28} {ratio:>7}")
     print(
-        "\nratio = flux/mosquitto for msg/s; mosquitto/flux for latency and memory (higher is better)"
+        "\nratio = flux/mosquitto for msg/s; mosquitto/flux for latency, memory and drain time"
+        " (higher is better)"
     )
     return 0
 
