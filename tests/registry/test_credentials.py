@@ -126,3 +126,24 @@ def test_a_schema_2_registry_migrates(open_reg: Opener, monkeypatch: pytest.Monk
     s1 = new.get_session("s1")
     assert s1 is not None and s1.user_id == ""  # opened before user ids: never valid again
     assert new.api_tokens() == []
+
+
+def test_key_cache_entries_expire_without_a_sweep(registry: SQLRegistry) -> None:
+    """Nobody sweeps (as on `twin broker` before): a key revoked elsewhere is still refused once
+    its cache entry is ``ttl`` old, and a valid one is re-confirmed without argon2."""
+    from twin.registry.credentials import DeviceKeyVerifier, create_device_key
+
+    now = [1000.0]
+    v = DeviceKeyVerifier(registry, ttl=10.0, clock=lambda: now[0])
+    rec, key = create_device_key(registry, "d1")
+    _, other = create_device_key(registry, "d1")
+    assert v.verify("d1", key) and v.verify("d1", other)
+    assert v.argon2_checks == 2
+    registry.revoke_device_key(rec.id, 1.0)  # by another process: no invalidate() here
+    now[0] += 5.0
+    assert v.cached("d1", key) is True  # within the TTL memory answers
+    now[0] += 5.0
+    assert v.cached("d1", key) is None  # stale: must be checked again
+    assert not v.verify("d1", key)
+    assert v.verify("d1", other) and v.argon2_checks == 2  # re-confirmed by its record
+    assert v.cached("d1", key) is None and v.cached("d1", other) is True

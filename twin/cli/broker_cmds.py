@@ -1,7 +1,9 @@
 """``twin broker``: run the MQTT broker alone (no engine).
 
 Authentication is the engine's (device keys and users of the registry, per-device ACLs from the
-registry's head revision, refreshed every few seconds) unless ``--no-auth``. Listeners are bound
+registry's head revision, refreshed every 2 s) unless ``--no-auth``; as in ``twin up``, open
+connections are re-checked every 5 s, so a revoked key, a deleted device, a deleted or disabled
+user is refused and disconnected within 10 s. Listeners are bound
 before anything starts, so a taken port is one line with a hint; port 0 picks a free port and
 the real address is printed (``mqtt 127.0.0.1:PORT``, one line per listener).
 """
@@ -112,6 +114,7 @@ def broker(
     )
     kw: dict[str, Any] = {}
     reg = None
+    auth = None
     holder: dict[str, Any] = {"specs": {}}
     if not no_auth:
         from twin.runtime.mqtt_auth import RegistryAuth
@@ -128,7 +131,7 @@ def broker(
             if head is not None and head.number != last:
                 holder["specs"] = await trio.to_thread.run_sync(reg.specs, head.number)  # type: ignore[union-attr]
                 last = head.number
-            await trio.sleep(5)
+            await trio.sleep(2)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -136,6 +139,8 @@ def broker(
                 holder["specs"] = await trio.to_thread.run_sync(reg.specs)
                 nursery.start_soon(refresh_specs)
             addrs = await nursery.start(b.run)
+            if auth is not None:
+                nursery.start_soon(auth.revalidate, b)
             for h, p in addrs:
                 typer.echo(f"mqtt {h}:{p}")
             for h, p in b.tls_addresses:

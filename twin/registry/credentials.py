@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -64,67 +64,90 @@ def split_device_key(key: str) -> tuple[str, str] | None:
 class DeviceKeyVerifier:
     """Verifies device keys: argon2 once per key, then a dict lookup by SHA-256 of the key.
 
-    ``cached`` answers from memory (no I/O, no argon2); ``check`` runs argon2 against the key
-    records of the device (blocking: a worker thread); ``invalidate`` drops a revoked key at
-    once; ``sweep`` (blocking) drops keys revoked by another process since the last sweep."""
+    ``cached`` answers from memory (no I/O, no argon2) while the entry is fresh: verified, or
+    confirmed by a ``sweep``, less than ``ttl`` seconds ago. A stale entry answers None, and
+    ``verify`` then re-reads the key's record (one query, no argon2). So a key revoked by any
+    process (the CLI, another engine, a device deleted through ``apply``) is refused within
+    ``ttl`` whether or not anyone sweeps; ``sweep`` (blocking: one query for the keys revoked
+    since the last one) keeps every entry fresh at once, and the services that hold a
+    verifier run it every ``ttl / 2`` so the hot path never goes to the registry.
+    ``invalidate`` drops a key revoked in this process at once."""
 
-    def __init__(self, registry: Registry, ttl: float = KEY_CACHE_TTL) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        ttl: float = KEY_CACHE_TTL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.registry = registry
         self.ttl = ttl
-        self._ok: dict[str, tuple[str, str]] = {}  # sha256(key) -> (device, key id)
-        self._swept = time.time()
+        self.clock = clock
+        # sha256(key) -> (device, key id, when it was last known to be valid)
+        self._ok: dict[str, tuple[str, str, float]] = {}
+        self._swept = clock()
         self.argon2_checks = 0
 
     def __len__(self) -> int:
         return len(self._ok)
 
+    def _fresh(self, checked: float, now: float | None) -> bool:
+        now = self.clock() if now is None else now
+        return now - max(checked, self._swept) < self.ttl
+
     def cached(self, device: str, key: str, now: float | None = None) -> bool | None:
         """True/False if memory can answer, None when the key must be checked."""
-        hit = self._ok.get(sha256(key))
-        if hit is None:
-            return None
-        return hit[0] == device
+        return self.cached_digest(device, sha256(key), now)
 
-    def cached_digest(self, device: str, digest: str) -> bool | None:
+    def cached_digest(self, device: str, digest: str, now: float | None = None) -> bool | None:
         """As ``cached``, given the key's SHA-256 (what a long-lived connection keeps)."""
         hit = self._ok.get(digest)
-        if hit is None:
+        if hit is None or not self._fresh(hit[2], now):
             return None
         return hit[0] == device
 
     def check(self, device: str, key: str, records: Iterable[DeviceKey]) -> bool:
-        """Blocking (argon2): is ``key`` one of ``records`` (the device's keys), unrevoked?"""
+        """Blocking (argon2 unless the key was verified before): is ``key`` one of
+        ``records`` (the device's keys), unrevoked?"""
         parts = split_device_key(key)
         if parts is None:
             return False
         kid, secret = parts
+        digest = sha256(key)
+        known = self._ok.get(digest)
         for rec in records:
             if rec.id != kid or rec.device != device or rec.revoked_at is not None:
                 continue
+            if known is not None and known[:2] == (device, kid):
+                self._ok[digest] = (device, kid, self.clock())  # still valid: no argon2
+                return True
             self.argon2_checks += 1
             if verify_secret(rec.key_hash, secret):
-                self._ok[sha256(key)] = (device, kid)
+                self._ok[digest] = (device, kid, self.clock())
                 return True
+        self._ok.pop(digest, None)
         return False
 
     def verify(self, device: str, key: str, now: float | None = None) -> bool:
         """Blocking (registry + argon2): run in a worker thread."""
         if split_device_key(key) is None:
             return False
-        ok = self.cached(device, key)
+        ok = self.cached(device, key, now)
         if ok is not None:
             return ok
         return self.check(device, key, self.registry.device_keys(device))
 
     def invalidate(self, key_id: str) -> None:
-        for digest, (_, kid) in list(self._ok.items()):
+        for digest, (_, kid, _t) in list(self._ok.items()):
             if kid == key_id:
                 del self._ok[digest]
 
     def sweep(self) -> int:
-        """Blocking (one registry query): forget keys revoked since the last sweep."""
-        since, self._swept = self._swept, time.time()
+        """Blocking (one registry query): forget keys revoked since the last sweep; the
+        others are confirmed valid as of the query."""
+        started = self.clock()
+        since = self._swept
         revoked = set(self.registry.revoked_device_keys(since - 60.0))  # overlap: clock skew
+        self._swept = started
         if not revoked or not self._ok:
             return 0
         before = len(self._ok)
