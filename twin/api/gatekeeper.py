@@ -55,7 +55,12 @@ async def ingest_core(
         messages = parse_ingest(device, json.loads(raw or b"{}"), now)
     except (ValueError, IngestError) as exc:
         engine.prom.child(engine.prom.ingest, "invalid").inc()
+        engine.prom.refused(device, "http")
         return 422, {"detail": str(exc)}, None
+    except RecursionError:  # json: nesting deeper than the interpreter's recursion limit
+        engine.prom.child(engine.prom.ingest, "invalid").inc()
+        engine.prom.refused(device, "http")
+        return 422, {"detail": "JSON nested too deeply"}, None
     try:
         reply = await hand_in(engine, device, messages)  # write-ahead log before the 2xx
     except WalError as exc:

@@ -26,7 +26,7 @@ Ingest body (every field optional)::
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,9 +45,18 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.bindings.payload import extract as _extract
+from twin.bindings.values import (
+    ValueRefused,
+    check_data,
+    check_reading,
+    check_ts,
+    check_value,
+)
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.bindings import binding_schema
 from twin.spec.units import parse_duration
+
+log = logging.getLogger(__name__)
 
 HTTP_SCHEMA: dict[str, Any] = binding_schema("http")
 """JSON Schema of ``spec.binding.http``: specs/binding-http.schema.json, the one source."""
@@ -57,22 +66,26 @@ class IngestError(ValueError):
     """An ingest body is malformed (mapped to HTTP 422)."""
 
 
-def _ts(value: Any, now: float) -> float:
+def _ts(value: Any, now: float, where: str, point: str | None = None) -> float:
     if value is None:
         return now
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise IngestError(f"ts must be a number (unix seconds), got {value!r}")
-    return float(value)
+    try:
+        return check_ts(value, point or where)
+    except ValueRefused as exc:
+        of = f" (point {point!r})" if point else ""
+        raise IngestError(f"{where} {exc.reason}{of}") from None
 
 
 def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
-    """Turn an ingest body into messages. Raises IngestError (one readable line)."""
+    """Turn an ingest body into messages. Raises IngestError (one readable line naming the
+    point) for a malformed body or any value :mod:`twin.bindings.values` refuses: nothing of a
+    refused body is passed on."""
     if not isinstance(body, Mapping):
         raise IngestError("body must be a JSON object")
     unknown = set(body) - {"readings", "values", "heartbeat", "events", "ts"}
     if unknown:
-        raise IngestError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    base_ts = _ts(body.get("ts"), now)
+        raise IngestError(f"unknown field(s): {', '.join(sorted(map(repr, unknown)))[:200]}")
+    base_ts = _ts(body.get("ts"), now, "ts")
     out: list[Message] = []
     readings = body.get("readings")
     readings = [] if readings is None else readings
@@ -83,15 +96,23 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
             raise IngestError(f"readings[{i}] needs a string 'point' and a 'value'")
         try:
             quality = Quality(r.get("quality", "good"))
-        except ValueError:
+        except (ValueError, TypeError):
             raise IngestError(f"readings[{i}].quality must be good, uncertain or bad") from None
-        out.append(Reading(device, r["point"], r["value"], _ts(r.get("ts"), base_ts), quality))
+        try:
+            point, value, _ = check_reading(r["point"], r["value"])
+        except ValueRefused as exc:
+            raise IngestError(f"readings[{i}]: {exc}") from None
+        out.append(Reading(device, point, value, _ts(r.get("ts"), base_ts, f"readings[{i}].ts", point), quality))
     values = body.get("values")
     values = {} if values is None else values
     if not isinstance(values, Mapping):
         raise IngestError("values must be an object")
     for point, value in values.items():
-        out.append(Reading(device, str(point), value, base_ts, Quality.GOOD))
+        try:
+            point, value, _ = check_reading(point, value)
+        except ValueRefused as exc:
+            raise IngestError(f"values: {exc}") from None
+        out.append(Reading(device, point, value, base_ts, Quality.GOOD))
     events = body.get("events")
     events = [] if events is None else events
     if not isinstance(events, list):
@@ -101,13 +122,17 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
             raise IngestError(f"events[{i}] must be an object")
         try:
             etype = EventType(e.get("type", "event"))
-        except ValueError:
+        except (ValueError, TypeError):
             raise IngestError(f"events[{i}].type must be heartbeat, fault, ok or event") from None
         data = e.get("data")
         data = {} if data is None else data
         if not isinstance(data, Mapping):
             raise IngestError(f"events[{i}].data must be an object")
-        out.append(DeviceEvent(device, etype, _ts(e.get("ts"), base_ts), data))
+        try:
+            check_data(data, f"events[{i}].data")
+        except ValueRefused as exc:
+            raise IngestError(str(exc)) from None
+        out.append(DeviceEvent(device, etype, _ts(e.get("ts"), base_ts, f"events[{i}].ts"), data))
     if body.get("heartbeat") or not out:
         out.append(DeviceEvent(device, EventType.HEARTBEAT, base_ts))
     return out
@@ -235,6 +260,7 @@ class HttpBinding:
         self.hub: IngestHub | None = context.ingest
         self._clock = context.clock or time.time
         self._client: httpx.AsyncClient | None = None
+        self.refused = 0  # poll mode: values refused by twin.bindings.values
         if self.mode == "push" and self.hub is None:
             raise BindingError(f"http device {device!r}: push mode needs the engine's ingest hub")
 
@@ -269,16 +295,23 @@ class HttpBinding:
         resp = await self._request("GET", self.url)
         try:
             doc = resp.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise BindingError(f"http device {self.device!r}: response is not JSON") from exc
         now = self._clock()
         out = []
         wanted = points if points is not None else list(self.points)
         for p in wanted:
             try:
-                out.append(Reading(self.device, p, _extract(doc, self.points.get(p, p)), now))
+                value = check_value(_extract(doc, self.points.get(p, p)), p)
             except KeyError:
                 out.append(Reading(self.device, p, None, now, Quality.BAD))
+                continue
+            except ValueRefused as exc:  # refused at the edge: a bad-quality reading, no value
+                self.refused += 1
+                log.warning("http device %s: %s", self.device, exc)
+                out.append(Reading(self.device, p, None, now, Quality.BAD))
+                continue
+            out.append(Reading(self.device, p, value, now))
         return out
 
     async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:

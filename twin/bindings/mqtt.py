@@ -73,6 +73,14 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.bindings.payload import extract as _extract
+from twin.bindings.values import (
+    INT64_MAX,
+    INT64_MIN,
+    ValueRefused,
+    check_data,
+    check_reading,
+    check_ts,
+)
 from twin.errors import BindingConnectError, BindingError, CommandError
 
 if TYPE_CHECKING:
@@ -161,10 +169,16 @@ def _flatten(obj: Mapping[str, Any], prefix: str, out: dict[str, Any]) -> None:
             out[key] = v
 
 
-def _ts(value: Any, now: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+def _ts(value: Any, now: float, field: str = "ts") -> float:
+    """The message's timestamp (seconds, or milliseconds above 1e11); ``now`` when absent or
+    not a number; ValueRefused when it is a number out of range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return now
-    return float(value) / 1000.0 if value > 1e11 else float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueRefused(field, f"timestamp {value!r} is not finite")
+    if isinstance(value, int) and not INT64_MIN <= value <= INT64_MAX:
+        raise ValueRefused(field, "timestamp out of range")
+    return check_ts(float(value) / 1000.0 if value > 1e11 else float(value), field)
 
 
 def parse_raw(payload: bytes) -> Any:
@@ -214,6 +228,7 @@ class MqttBinding:
         self._pending: dict[str, trio.MemorySendChannel[tuple[str, dict[str, Any]]]] = {}
         self.last: dict[str, Reading] = {}
         self.dropped = 0
+        self.refused = 0  # messages refused by twin.bindings.values
         self.subscribed = False  # every topic routed (commands can be answered)
         # the level of the telemetry topic that names the point (last '+'), if any
         levels = self.topics["telemetry"].split("/")
@@ -264,10 +279,20 @@ class MqttBinding:
         try:
             routes.append(await hub.route(t["status"], self._on_status, self.qos))
             routes.append(await hub.route(t["response"], self._on_response, self.qos))
-            routes.append(await hub.route(t["telemetry"], self._on_telemetry, self.qos))
+            routes.append(
+                await hub.route(
+                    t["telemetry"], self._on_telemetry, self.qos, check=self._check_readings
+                )
+            )
             if t["state"] != t["telemetry"]:
-                routes.append(await hub.route(t["state"], self._on_state, self.qos))
-            routes.append(await hub.route(t["events"], self._on_event, self.qos))
+                routes.append(
+                    await hub.route(
+                        t["state"], self._on_state, self.qos, check=self._check_readings
+                    )
+                )
+            routes.append(
+                await hub.route(t["events"], self._on_event, self.qos, check=self._check_event)
+            )
             self.subscribed = True
             await trio.sleep_forever()
         finally:
@@ -293,6 +318,9 @@ class MqttBinding:
         self._push(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
 
     def _readings(self, msg: InMessage) -> list[Reading]:
+        """The readings of one telemetry/state message, every value checked by
+        :mod:`twin.bindings.values`: raises ValueRefused (the whole message is refused) when
+        one is not acceptable. An undecodable payload is one ``bad``-quality reading."""
         now = self._clock()
         point = self.point
         if self._point_level is not None:
@@ -303,21 +331,26 @@ class MqttBinding:
             return []
         if self.format == "string":
             try:
-                return [Reading(self.device, point, msg.payload.decode("utf-8"), now)]
+                text = msg.payload.decode("utf-8")
             except UnicodeDecodeError:
                 return [Reading(self.device, point, None, now, Quality.BAD)]
+            return [self._reading(point, text, now)]
         if self.format == "raw":
             try:
-                return [Reading(self.device, point, parse_raw(msg.payload), now)]
+                value = parse_raw(msg.payload)
             except (ValueError, UnicodeDecodeError):
                 return [Reading(self.device, point, None, now, Quality.BAD)]
+            return [self._reading(point, value, now)]
         try:
             doc = json.loads(msg.payload)
+        except RecursionError:
+            raise ValueRefused(point, "JSON nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             return [Reading(self.device, point, None, now, Quality.BAD)]
         if not isinstance(doc, Mapping):
-            return [Reading(self.device, point, doc, now)] if _scalar(doc) else []
-        ts = _ts(doc.get(self.ts_field), now)
+            return [self._reading(point, doc, now)] if _scalar(doc) else []
+        check_data(doc, point)  # bounded nesting and sizes before walking it
+        ts = _ts(doc.get(self.ts_field), now, self.ts_field)
         out = []
         if self.fields:
             for p, path in self.fields.items():
@@ -325,19 +358,49 @@ class MqttBinding:
                     value = _extract(doc, path)
                 except KeyError:
                     continue
-                out.append(Reading(self.device, p, value, ts))
+                out.append(self._reading(p, value, ts))
             return out
         flat: dict[str, Any] = {}
         _flatten(doc, "", flat)
         flat.pop(self.ts_field, None)
         if self._point_level is not None and set(flat) == {"value"}:
-            return [Reading(self.device, point, flat["value"], ts)]
-        return [Reading(self.device, p, v, ts) for p, v in flat.items()]
+            return [self._reading(point, flat["value"], ts)]
+        return [self._reading(p, v, ts) for p, v in flat.items()]
+
+    def _reading(self, point: str, value: Any, ts: float) -> Reading:
+        point, value, _ = check_reading(point, value)
+        return Reading(self.device, point, value, ts)
+
+    # the embedded broker asks these (through the hub) before it acknowledges a publish, so an
+    # MQTT 5 device gets PUBACK 0x99 (payload format invalid) for what would be refused here
+    def _check_readings(self, msg: InMessage) -> str | None:
+        try:
+            self._readings(msg)
+        except ValueRefused as exc:
+            return str(exc)
+        return None
+
+    def _check_event(self, msg: InMessage) -> str | None:
+        try:
+            self._event(msg)
+        except ValueRefused as exc:
+            return str(exc)
+        return None
+
+    def _refused(self, msg: InMessage, exc: ValueRefused) -> None:
+        self.refused += 1
+        hub = self._hub or hub_for(self.context, self.broker_name)
+        if hub is not None:
+            hub.refused(self.device, f"{msg.topic}: {exc}")
 
     def _on_telemetry(self, msg: InMessage) -> None:
         if msg.retain and not self.accept_retained:
             return
-        readings = self._readings(msg)
+        try:
+            readings = self._readings(msg)
+        except ValueRefused as exc:
+            self._refused(msg, exc)
+            return
         for r in readings:
             self.last[r.point] = r
             self._push(r)
@@ -347,16 +410,17 @@ class MqttBinding:
     def _on_state(self, msg: InMessage) -> None:
         self._on_telemetry(msg)
 
-    def _on_event(self, msg: InMessage) -> None:
-        if msg.retain:
-            return
+    def _event(self, msg: InMessage) -> DeviceEvent:
         now = self._clock()
         try:
             doc = json.loads(msg.payload) if msg.payload else {}
+        except RecursionError:
+            raise ValueRefused("events", "JSON nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             doc = {"message": msg.payload.decode("utf-8", "replace")}
         if not isinstance(doc, Mapping):
             doc = {"message": doc}
+        check_data(doc, "events")
         try:
             etype = EventType(str(doc.get("type", "event")))
         except ValueError:
@@ -364,7 +428,17 @@ class MqttBinding:
         data = doc.get("data")
         if not isinstance(data, Mapping):
             data = {k: v for k, v in doc.items() if k not in ("type", "ts")}
-        self._push(DeviceEvent(self.device, etype, _ts(doc.get("ts"), now), data))
+        return DeviceEvent(self.device, etype, _ts(doc.get("ts"), now), data)
+
+    def _on_event(self, msg: InMessage) -> None:
+        if msg.retain:
+            return
+        try:
+            event = self._event(msg)
+        except ValueRefused as exc:
+            self._refused(msg, exc)
+            return
+        self._push(event)
 
     def _on_status(self, msg: InMessage) -> None:
         if not msg.payload:
@@ -387,8 +461,15 @@ class MqttBinding:
             doc = json.loads(msg.payload) if msg.payload else {}
         except (ValueError, UnicodeDecodeError):
             doc = {"status": "success", "result": msg.payload.decode("utf-8", "replace")}
+        except RecursionError:
+            doc = {"status": "failure", "error": "response JSON nested too deeply"}
         if not isinstance(doc, Mapping):
             doc = {"status": "success", "result": doc}
+        try:
+            check_data(doc, "command response")
+        except ValueRefused as exc:
+            self._refused(msg, exc)
+            doc = {"id": doc.get("id"), "status": "failure", "error": f"refused: {exc}"}
         cid = doc.get("id")
         if cid is None and msg.correlation_data is not None:
             cid = msg.correlation_data.decode("utf-8", "replace")

@@ -47,6 +47,11 @@ VERSION = "flux-mqtt/0.1"
 
 Authenticate = Callable[[str, str | None, bytes | None, Any], Any]
 Authorize = Callable[[Any, str, str], Any]
+PayloadCheck = Callable[[Any, Message], "str | None"]
+"""``payload_check(principal, message)``: why a publish must be refused (None: deliver it). Asked for
+MQTT 5 publishes with QoS >= 1 before they are acknowledged (refused: reason code 0x99, with
+the reason string when the client accepts problem information); the engine sets it to ask its
+device bindings whether they would accept the payload."""
 
 
 def allow_all_authenticate(
@@ -96,6 +101,7 @@ class Stats:
     authz_denied_subscribe: int = 0
     protocol_errors: int = 0
     connections_refused: int = 0
+    payload_refused: int = 0  # publishes refused by ``Broker.payload_check`` (MQTT 5 QoS >= 1)
 
 
 @dataclass
@@ -125,6 +131,7 @@ class Broker:
         self._sockets = list(sockets)
         self.authenticate = authenticate
         self.authorize = authorize
+        self.payload_check: PayloadCheck | None = None
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
@@ -999,6 +1006,7 @@ class Connection:
             self._send(c.Pubrec(p.packet_id))  # duplicate: acknowledge, do not deliver again
             return
         n = 1
+        problem: str | None = None
         if allowed:
             if v5 and (props.topic_alias is not None or props.subscription_identifier):
                 props = replace(props, topic_alias=None)
@@ -1006,7 +1014,15 @@ class Connection:
             if v5 and props.message_expiry_interval is not None:
                 expires = time.time() + props.message_expiry_interval
             msg = Message(topic, p.payload, qos, p.retain, props, s.client_id, expires)
-            n = b.publish(msg)
+            problem = b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
+            if problem is not None:
+                # the engine would refuse the payload (e.g. a value that is not finite): tell
+                # an MQTT 5 publisher (PUBACK/PUBREC 0x99) instead of acknowledging it
+                b.stats.payload_refused += 1
+                rc = ReasonCode.PAYLOAD_FORMAT_INVALID
+                allowed = False
+            else:
+                n = b.publish(msg)
         if qos == 0:
             return
         if v5 and rc == 0 and n == 0:
@@ -1014,12 +1030,15 @@ class Connection:
         pid = p.packet_id or 0
         if not v5:
             rc = ReasonCode.SUCCESS
+        ack_props = NO_PROPS
+        if problem is not None and self.problem_info:
+            ack_props = c.Properties(reason_string=problem[:200])
         if qos == 1:
             if rc == 0:
                 self.control += b"\x40\x02" + pid.to_bytes(2, "big")
                 self.wake.set()
             else:
-                self._send(c.Puback(pid, rc))
+                self._send(c.Puback(pid, rc, ack_props))
         else:
             if rc < 0x80:
                 if len(s.in_qos2) >= b.config.receive_maximum:
@@ -1029,7 +1048,7 @@ class Connection:
                 s.in_qos2.add(pid)
                 if s.persistent and b.store is not None:
                     b.store.in_qos2(s.client_id, pid, True)
-            self._send(c.Pubrec(pid, rc))
+            self._send(c.Pubrec(pid, rc, ack_props))
 
     def _on_ack(self, pid: int, qos: int) -> None:
         s = self.session

@@ -50,6 +50,8 @@ class InMessage:
 
 
 Handler = Callable[[InMessage], None]
+Check = Callable[[InMessage], "str | None"]
+"""Why a message would be refused by its route's handler (None: acceptable)."""
 
 
 class Transport(Protocol):
@@ -79,6 +81,7 @@ class Route:
     flt: str
     handler: Handler
     qos: int = 1
+    check: Check | None = None
 
 
 @dataclass
@@ -87,6 +90,7 @@ class HubStats:
     unrouted: int = 0
     published: int = 0
     handler_errors: int = 0
+    refused: int = 0
     offline_events: int = 0
     routes: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -101,13 +105,19 @@ class MqttHub:
         self._lock = trio.Lock()
         self.stats = HubStats()
         self.on_offline: Callable[[str, str], None] | None = None
+        self.on_refused: Callable[[str, str], None] | None = None
 
     def wire(self, flt: str) -> str:
         """The filter as subscribed on the broker."""
         return f"$share/{self.share_group}/{flt}" if self.share_group else flt
 
-    async def route(self, flt: str, handler: Handler, qos: int = 1) -> Route:
-        r = Route(flt, handler, qos)
+    async def route(
+        self, flt: str, handler: Handler, qos: int = 1, *, check: Check | None = None
+    ) -> Route:
+        """Hand messages matching ``flt`` to ``handler``; ``check`` (optional) tells the
+        embedded broker, before it acknowledges a publish, whether the handler would refuse
+        it (see :meth:`check`)."""
+        r = Route(flt, handler, qos, check)
         async with self._lock:
             self.tree.add(flt, id(r), r)
             self.stats.routes += 1
@@ -153,6 +163,31 @@ class MqttHub:
             except Exception:
                 self.stats.handler_errors += 1
                 log.exception("mqtt hub: handler for %s failed", r.flt)
+
+    def check(self, msg: InMessage) -> str | None:
+        """Why a route's handler would refuse ``msg`` (the first reason), or None. Called by
+        the embedded broker for a publish it is about to acknowledge (never raises)."""
+        for _flt, _key, r in self.tree.match(msg.topic):
+            if r.check is None:
+                continue
+            try:
+                problem = r.check(msg)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("mqtt hub: payload check for %s failed", r.flt)
+                return "payload could not be checked"
+            if problem is not None:
+                return problem
+        return None
+
+    def refused(self, device: str, reason: str) -> None:
+        """A binding refused a message of ``device`` (bad values): count and report it."""
+        self.stats.refused += 1
+        if self.on_refused is not None:
+            try:
+                self.on_refused(device, reason)
+            except Exception:
+                log.exception("mqtt hub: reporting a refused message of %s failed", device)
 
     async def publish(
         self,

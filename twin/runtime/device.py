@@ -32,6 +32,7 @@ from twin.bindings.base import (
     Reading,
     create_binding,
 )
+from twin.bindings.values import TS_MAX, TS_MIN, ValueRefused, check_ts, is_safe
 from twin.errors import BindingError
 from twin.runtime.bus import Bus
 from twin.runtime.controllers import DeviceConfig, Heartbeat
@@ -135,6 +136,16 @@ class DeviceRuntime:
         self.twins.remove(name)
 
 
+def _ts_ok(ts: Any) -> bool:
+    if type(ts) is float:
+        return TS_MIN <= ts <= TS_MAX
+    try:
+        check_ts(ts)
+    except ValueRefused:
+        return False
+    return True
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -160,6 +171,7 @@ class DeviceTask:
         self.attempts = 0
         self._rng = random.Random(zlib.crc32(config.name.encode()))
         self._readings_counter: Any = None
+        self.bad_values = 0  # values dropped here (an edge failed to refuse them)
         self.twin = self._init_twin()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -296,6 +308,24 @@ class DeviceTask:
                     self.handle(message)
             raise SubscriptionEnded(f"device {self.name}: subscription ended")
 
+    def _bad_value(self, message: Reading) -> None:
+        """A binding let through a value the edges must refuse (twin.bindings.values): count it,
+        drop it, say so once in a while. Never passed on to the twin, bus or store."""
+        self.twin.metrics.errors += 1
+        self.bad_values += 1
+        if self.rt.prom is not None:
+            self.rt.prom.dropped("device")
+        if self.bad_values == 1 or self.bad_values % 1000 == 0:
+            log.error(
+                "device %s (site %s): binding %s passed a value that must be refused at the "
+                "edge (point %r); dropped (%d so far)",
+                self.name,
+                self.config.site,
+                self.config.protocol,
+                message.point,
+                self.bad_values,
+            )
+
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, message: Message, size: int = 0) -> None:
         twin = self.twin
@@ -305,6 +335,9 @@ class DeviceTask:
         now = self.rt.clock()
         if isinstance(message, Reading):
             if message.device != self.name:
+                return
+            if not (is_safe(message.value) and _ts_ok(message.ts)):
+                self._bad_value(message)
                 return
             twin.reported[message.point] = ReportedValue(message.value, message.ts, message.quality)
             m.last_latency = max(0.0, now - message.ts)

@@ -67,6 +67,30 @@ class EngineMetrics:
         self.registry_writes = Gauge(
             "twin_registry_pending_writes", "Queued registry writes", registry=r
         )
+        self.ingest_refused = Counter(
+            "twin_ingest_refused",
+            "Readings/messages refused at an ingest edge (twin.bindings.values)",
+            ["edge", "device"],
+            registry=r,
+        )
+        self.bad_values_dropped = Counter(
+            "twin_bad_values_dropped",
+            "Bad values that passed an edge and were dropped by an inner layer",
+            ["layer"],
+            registry=r,
+        )
+        self.supervised_failures = Counter(
+            "twin_supervised_failures",
+            "Failures caught by a supervisor (each restarted with backoff)",
+            ["kind", "name"],
+            registry=r,
+        )
+        self.supervised_quarantined = Gauge(
+            "twin_supervised_quarantined",
+            "1 while a supervised task is quarantined after repeated failures",
+            ["kind", "name"],
+            registry=r,
+        )
         r.register(_TwinCollector(twins))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
@@ -84,6 +108,13 @@ class EngineMetrics:
 
     def binding_errors_child(self, binding: str) -> Any:
         return self.child(self.binding_errors, binding)
+
+    def refused(self, device: str, edge: str) -> None:
+        """Count a refusal at an ingest edge (per device)."""
+        self.child(self.ingest_refused, edge, device).inc()
+
+    def dropped(self, layer: str) -> None:
+        self.child(self.bad_values_dropped, layer).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -29,6 +29,7 @@ import logging
 import math
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,11 @@ class _MqttCollector(Collector):
                 value=st.protocol_errors,
             )
             yield CounterMetricFamily(
+                "twin_mqtt_payload_refused",
+                "MQTT 5 publishes refused with PUBACK/PUBREC 0x99 (values the engine refuses)",
+                value=st.payload_refused,
+            )
+            yield CounterMetricFamily(
                 "twin_mqtt_connections_refused",
                 "Connections refused by limits",
                 value=st.connections_refused,
@@ -216,6 +222,36 @@ def mark_offline(engine: Any, device: str, reason: str) -> None:
         mon._set(twin, Status.OFFLINE, reason)
 
 
+class RefusalReporter:
+    """``hub.on_refused``: a device's message was refused at the edge (bad values). Counted per
+    device on /metrics (``twin_ingest_refused_total{edge,device}``) and in the device's error
+    count, logged at most once per device every ``log_every`` seconds (a device sending garbage
+    in a loop must not flood the log)."""
+
+    def __init__(self, engine: Any, edge: str, log_every: float = 60.0) -> None:
+        self.engine = engine
+        self.edge = edge
+        self.log_every = log_every
+        self._logged: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, device: str, reason: str) -> None:
+        self.engine.prom.refused(device, self.edge)
+        twin = self.engine.twin(device)
+        if twin is not None:
+            twin.metrics.errors += 1
+        now = time.monotonic()
+        last, skipped = self._logged.get(device, (-math.inf, 0))
+        if now - last < self.log_every:
+            self._logged[device] = (last, skipped + 1)
+            return
+        self._logged[device] = (now, 0)
+        more = f" (+{skipped} more since the last report)" if skipped else ""
+        site = twin.site if twin is not None else ""
+        log.warning(
+            "device %s (site %s): %s message refused: %s%s", device, site, self.edge, reason, more
+        )
+
+
 class MqttService:
     """An engine service (``async def service(engine, *, task_status)``)."""
 
@@ -235,7 +271,7 @@ class MqttService:
         task_status: trio.TaskStatus[dict[str, Any]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         from twin.bindings.mqtt import attach_hub, detach_hubs
-        from twin.mqtt.hub import EmbeddedTransport, MqttHub
+        from twin.mqtt.hub import EmbeddedTransport, MqttHub, in_message
 
         cfg = self.config
         context = engine.runtime.binding_context
@@ -270,6 +306,9 @@ class MqttService:
                 self.hub = hub = MqttHub(transport, share_group=cfg.share_group)
                 transport.hub = hub
                 hub.on_offline = lambda device, reason: mark_offline(engine, device, reason)
+                hub.on_refused = RefusalReporter(engine, "mqtt")
+                if self.broker is not None:  # MQTT 5 QoS >= 1: refuse in the PUBACK (0x99)
+                    self.broker.payload_check = lambda _principal, msg: hub.check(in_message(msg))
                 await nursery.start(transport.run)
                 if cfg.mode == "external":
                     info["connected"] = transport.connected

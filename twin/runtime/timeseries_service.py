@@ -88,6 +88,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from twin.bindings.values import check_ts, is_safe
 from twin.errors import StorageError
 from twin.runtime.bus import Filter, Subscription
 from twin.timeseries.base import Quality, Record, Selector, TimeSeriesStore, canonical_tags
@@ -342,13 +343,15 @@ class TimeSeriesService:
         q = event.get("quality", "good")
         quality = _QUALITY.get(q, 0) if isinstance(q, str) else int(Quality.parse(q))
         value = event["value"]
+        if not is_safe(value):  # the edges refuse these; never let one fail a whole batch
+            raise ValueError(f"point {event.get('point')!r}: value refused")
         if value is not None and not isinstance(value, bool | int | float | str):
             value = str(value)
         return (
             device,
             str(event["point"]),
             value,
-            float(event["ts"]),
+            check_ts(event["ts"]),
             quality,
             site or str(event.get("site") or ""),
             group,
@@ -498,8 +501,13 @@ class TimeSeriesService:
                     if event.get("value") is not None and not event.get("logged"):
                         try:
                             chunk.append(self.record(event))
-                        except (KeyError, TypeError, ValueError) as exc:
-                            log.warning("timeseries: bad reading event %r: %s", event, exc)
+                        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+                            engine.prom.dropped("timeseries")
+                            log.warning(
+                                "timeseries: reading of device %r skipped: %s",
+                                event.get("device"),
+                                exc,
+                            )
                     if len(chunk) >= self.batch_size:
                         break
                     try:

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
+from operator import itemgetter
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -231,6 +232,53 @@ class DataPoint:
                 )
             )
         return out
+
+
+TS_MIN = -62_135_596_800.0  # 0001-01-01 UTC
+TS_MAX = 253_402_300_799.0  # 9999-12-31 UTC
+_SAFE_TYPES = frozenset({float, bool, str, type(None)})
+_VALUE_OF = itemgetter(2)
+_TS_OF = itemgetter(3)
+
+
+def _storable(record: Record) -> bool:
+    v, ts = record[2], record[3]
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        return False
+    try:
+        if not TS_MIN <= float(ts) <= TS_MAX:  # also False for NaN
+            return False
+        if isinstance(v, float | int) and not isinstance(v, bool):
+            return math.isfinite(float(v))  # OverflowError: an int beyond float64
+    except OverflowError:
+        return False
+    return v is None or isinstance(v, bool | str)
+
+
+def storable(records: Sequence[Record]) -> Sequence[Record]:
+    """``records`` without those no store can hold: a value that is not a finite float64 (an
+    int of 400 digits, NaN, ±Inf) or not a number/bool/str, a timestamp that is not finite
+    unix seconds in years 1-9999. The ingest edges refuse these first
+    (``twin.bindings.values``); this is the inner layers' defence, so one bad record that
+    slipped through never fails a whole batch. Vectorised; returns ``records`` itself when all
+    are fine (the common case)."""
+    n = len(records)
+    if not n:
+        return records
+    try:
+        ts = np.fromiter(map(_TS_OF, records), dtype=np.float64, count=n)
+        ok = bool(np.all((ts >= TS_MIN) & (ts <= TS_MAX)))
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if ok:
+        types = set(map(type, map(_VALUE_OF, records)))
+        if types == {float}:
+            values = np.fromiter(map(_VALUE_OF, records), dtype=np.float64, count=n)
+            if bool(np.all(np.isfinite(values))):
+                return records
+        elif types <= _SAFE_TYPES and float not in types:
+            return records
+    return [r for r in records if _storable(r)]
 
 
 def records_to_table(records: Sequence[Record]) -> pa.Table:

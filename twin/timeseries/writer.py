@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from twin.errors import StorageError
-from twin.timeseries.base import DataPoint, Record
+from twin.timeseries.base import DataPoint, Record, storable
 
 if TYPE_CHECKING:
     from twin.timeseries.base import TimeSeriesStore
@@ -73,6 +73,7 @@ class BatchedWriter:
         self.flushes = 0
         self.errors = 0
         self.wal_flushed = 0
+        self.dropped = 0  # records no store can hold (see base.storable), counted and skipped
 
     # --- producer side --------------------------------------------------------------
     async def write(self, item: Record | DataPoint) -> None:
@@ -158,9 +159,19 @@ class BatchedWriter:
         attempts = 0
         for start in range(0, len(buf), self.batch_size):
             part = buf[start : start + self.batch_size]
-            while True:
+            good = storable(part)
+            if len(good) != len(part):
+                kept = {id(g) for g in good}
+                self.dropped += len(part) - len(good)
+                log.error(
+                    "timeseries: %d record(s) no store can hold dropped (%d so far); first: %s",
+                    len(part) - len(good),
+                    self.dropped,
+                    _describe(next(r for r in part if id(r) not in kept)),
+                )
+            while good:
                 try:
-                    await self._run_sync(self.store.write_records, part)
+                    await self._run_sync(self.store.write_records, good)
                     break
                 except StorageError as exc:
                     self.errors += 1
@@ -184,6 +195,13 @@ class BatchedWriter:
         self.wal_flushed = max(self.wal_flushed, pos)
         if self.on_flush is not None:
             self.on_flush(len(buf))
+
+
+def _describe(record: Record) -> str:
+    """One record for a log line (a value of 400 digits is not printed whole)."""
+    value = record[2]
+    text = repr(value) if not isinstance(value, int) or value.bit_length() <= 64 else "<big int>"
+    return f"device {record[0]!r} point {record[1]!r} value {text[:80]} ts {record[3]!r:.40}"
 
 
 class Maintainer:
