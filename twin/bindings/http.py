@@ -102,7 +102,11 @@ def parse_ingest(device: str, body: Any, now: float) -> list[Message]:
             point, value, _ = check_reading(r["point"], r["value"])
         except ValueRefused as exc:
             raise IngestError(f"readings[{i}]: {exc}") from None
-        out.append(Reading(device, point, value, _ts(r.get("ts"), base_ts, f"readings[{i}].ts", point), quality))
+        out.append(
+            Reading(
+                device, point, value, _ts(r.get("ts"), base_ts, f"readings[{i}].ts", point), quality
+            )
+        )
     values = body.get("values")
     values = {} if values is None else values
     if not isinstance(values, Mapping):

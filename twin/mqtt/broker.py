@@ -1014,7 +1014,9 @@ class Connection:
             if v5 and props.message_expiry_interval is not None:
                 expires = time.time() + props.message_expiry_interval
             msg = Message(topic, p.payload, qos, p.retain, props, s.client_id, expires)
-            problem = b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
+            problem = (
+                b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
+            )
             if problem is not None:
                 # the engine would refuse the payload (e.g. a value that is not finite): tell
                 # an MQTT 5 publisher (PUBACK/PUBREC 0x99) instead of acknowledging it
