@@ -91,12 +91,24 @@ async def test_status_twin_desired_maintenance(api: Api) -> None:
         await eventually(lambda: api.engine.twin("t1").status == Status.ONLINE)  # type: ignore[union-attr]
         r = await c.get("/api/v1/devices/t1/status")
         assert r.json()["status"] == "online"
+        head = api.engine.revision_number
         r = await c.patch("/api/v1/devices/t1/twin/desired", json={"sampling_rate": 4})
         assert r.status_code == 200, r.text
         assert r.json()["twin"]["desired"] == {"sampling_rate": 4}
+        # an operator's desired value is a runtime override (who, when), not a revision
+        override = r.json()["overrides"]["sampling_rate"]
+        assert override["value"] == 4 and override["set_by"] == "api:oper"
+        assert api.engine.registry.head().number == head  # type: ignore[union-attr]
+        assert [o.prop for o in api.engine.registry.overrides("t1")] == ["sampling_rate"]
         await eventually(lambda: api.engine.twin("t1").delta() == {}, within=10)  # type: ignore[union-attr]
         r = await c.get("/api/v1/devices/t1/twin")
         assert r.json()["reported"]["sampling_rate"]["value"] == 4
+        assert r.json()["overrides"]["sampling_rate"]["set_by"] == "api:oper"
+        bad = await c.patch("/api/v1/devices/t1/twin/desired", json={"temperature": 4})
+        assert bad.status_code == 422, bad.text
+        r = await c.patch("/api/v1/devices/t1/twin/desired", json={"sampling_rate": None})
+        assert r.status_code == 200 and r.json()["overrides"] == {}
+        assert api.engine.registry.overrides("t1") == []
         r = await c.post("/api/v1/devices/t1/maintenance", json={"on": True})
         assert r.status_code == 200
         assert (await c.get("/api/v1/devices/t1/status")).json()["status"] == "maintenance"

@@ -57,9 +57,22 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
         cmd = next(c for c in info["commands"] if c["type"] == "set_state")
         assert cmd["params"] == {"state": True} and cmd["status"] == "success"
         assert cmd["transitions"][0]["status"] == "pending"
-        env.pop("TWIN_TOKEN")  # the local registry holds the same ledger
+        # set_state declares `sets: {power: {param: state}}`: its success is runtime desired
+        # state (an override with who and when), which the reconciler keeps, not reverts
+        override = info["twin"]["overrides"]["power"]
+        assert override["value"] is True and override["spec_value"] is False
+        assert override["set_by"] == f"api:ops (command set_state {cmd['id']})"
+        assert info["twin"]["desired"]["power"] is True
+        text = run("describe", "device", "fan_01", "--server", url).stdout
+        assert "power = true (spec false)  set by api:ops (command set_state" in text
+        # runtime writes are not revisions: the files plan to nothing, re-applying keeps them
+        plan = json.loads(run("plan", str(ROOT / "sites" / "demo"), "-o", "json").stdout)
+        assert [c for c in plan["changes"] if c["action"] != "keep"] == [], plan
+        assert run("apply", str(ROOT / "sites" / "demo")).returncode == 0
+        env.pop("TWIN_TOKEN")  # the local registry holds the same ledger and the overrides
         local = json.loads(run("describe", "device", "fan_01", "-o", "json").stdout)
         assert any(c["id"] == cmd["id"] and c["status"] == "success" for c in local["commands"])
+        assert local["overrides"]["power"]["value"] is True
     finally:
         up.send_signal(signal.SIGINT)
         try:

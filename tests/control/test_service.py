@@ -121,16 +121,20 @@ async def test_fan_scene_end_to_end(tmp_path: Path) -> None:
         assert traces and traces[-1].status == "success"
         # the single-mode scene fired once: the temperature stays above 30 (an edge, not a level)
         assert control.scenes.stats("fan-on-when-hot")["runs"] == 1
-        # the scene's desired value is a revision (audit: who, when), so it survives a restart
-        # and an unrelated change to the device
+        # the scene's desired value is a runtime override (who, when), not a revision: the
+        # spec set (git's) is untouched, so `twin plan` of the same files stays empty
         head = await trio.to_thread.run_sync(reg.head)
-        assert head is not None and head.author == "scene:fan-on-when-hot"
-        assert trace["steps"][1]["result"]["revision"] == head.number
+        assert head is not None and head.number == 1 and head.author != "scene:fan-on-when-hot"
         fan_doc = (await trio.to_thread.run_sync(reg.specs))[("Device", "fan_01")]
-        assert fan_doc["spec"]["desired"] == {"power": False, "speed": 80}
-        await engine.wait_revision(head.number)
+        assert fan_doc["spec"]["desired"] == {"power": False}
+        assert trace["steps"][1]["result"] == {"desired": {"speed": 80}, "override": True}
         twin = engine.twin("fan_01")
-        assert twin is not None and twin.desired == {"power": False, "speed": 80}
+        assert twin is not None and twin.desired["speed"] == 80
+        assert twin.to_json()["overrides"]["speed"]["set_by"] == "scene:fan-on-when-hot"
+        rows = await trio.to_thread.run_sync(reg.overrides, "fan_01")
+        assert [(o.prop, o.value, o.set_by) for o in rows if o.prop == "speed"] == [
+            ("speed", 80, "scene:fan-on-when-hot")
+        ]
     reg.close()
 
 

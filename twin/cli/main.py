@@ -475,6 +475,9 @@ def describe(
         from twin.control.ledger import record_json
 
         info["commands"] = [record_json(r) for r in reg.commands(device=name, limit=10)]
+        # runtime desired values (scenes, commands, operators) over spec.desired; never in a
+        # revision (twin/registry/overrides.py)
+        info["overrides"] = {o.prop: o.to_json() for o in reg.overrides(name)}
         if server:
             info.update(_live_device(server, name))
     info["spec"] = doc
@@ -552,9 +555,17 @@ def _print_description(info: dict[str, Any]) -> None:
             line = f"    {p}: reported {out.short(rep['value']) if rep else '-'}"
             if p in (twin.get("desired") or {}):
                 line += f", desired {out.short(des)}"
+            if p in (twin.get("overrides") or {}):
+                line += " (runtime override)"
             if p in (twin.get("delta") or {}):
                 line += "  (delta)"
             c.print(line)
+    overrides = (twin or {}).get("overrides", info.get("overrides"))
+    if overrides:
+        c.print(Text("  runtime desired values (override spec.desired until it changes):", style="bold"))
+        for p, o in sorted(overrides.items()):
+            spec = f" (spec {out.short(o['spec_value'])})" if "spec_value" in o else " (not in the spec)"
+            c.print(f"    {p} = {out.short(o['value'])}{spec}  set by {o['set_by']} at {out.fmt_time(o['set_at'])}")
     if info.get("commands"):
         c.print(Text("  commands (newest first):", style="bold"))
     for cmd in info.get("commands") or []:

@@ -16,9 +16,10 @@
 - {type: stop, reason: "..."}
 ```
 ``set_desired`` takes effect at once (the reconciler converges the device) and is recorded as
-a registry revision authored by ``scene:<name>`` (no revision when the value is unchanged),
-exactly like a PATCH of the twin's desired state through the API: it survives a restart and
-unrelated applies, and `twin plan` from the files in git then shows that drift.
+a runtime desired-state override set by ``scene:<name>`` (twin/registry/overrides.py), exactly
+like a PATCH of the twin's desired state through the API: it survives a restart and re-applying
+the YAML, shows in `twin describe device`, is never a revision (`twin plan` stays clean), and
+gives way when the spec value in git changes.
 
 Every step may carry ``continue_on_error: true`` (an error is recorded, the run goes on) and
 ``alias`` (a readable name in traces).

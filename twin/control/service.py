@@ -12,6 +12,9 @@
   desired value changes.
 * :class:`EngineEffects`: what scene actions do (ledger commands, runtime desired values,
   alarms in the registry, webhooks with httpx).
+* A successful command whose model declares ``sets`` (twin/spec/commands.py) records those
+  properties as runtime desired-state overrides (:meth:`ControlService._command_done`), so the
+  reconciler keeps what the command did instead of reverting it to ``spec.desired``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from twin.control.ledger import (
 from twin.control.scenes import SceneEngine
 from twin.errors import BindingConnectError, TwinError
 from twin.registry.base import Alarm, Registry, SceneTrace
+from twin.spec.commands import command_sets
+from twin.spec.refs import value_problem
 
 if TYPE_CHECKING:
     from twin.runtime.engine import Engine
@@ -266,50 +271,16 @@ class EngineEffects:
     async def set_desired(
         self, device: str, prop: str, value: Any, *, source: str
     ) -> dict[str, Any]:
+        """A runtime override (twin/registry/overrides.py), not a revision: the spec in git
+        stays the default, ``twin plan`` stays clean, and re-applying the YAML keeps it."""
         self.svc.ledger.catalog.validate(device, SET, {"property": prop, "value": value}, None)
-        twin = self.svc.engine.twin(device)
-        if twin is None:
+        if self.svc.engine.twin(device) is None:
             raise StepError(f"device {device!r} is not running")
-        twin.desired[prop] = value  # at once: the reconciler acts without waiting for the revision
-        self.svc.reconciler.poke()
-        rev = await self._persist_desired(device, prop, value, source)
-        return {"desired": {prop: value}, "revision": rev}
-
-    async def _persist_desired(self, device: str, prop: str, value: Any, source: str) -> int | None:
-        """Record the new desired value as a registry revision (author = the scene), like a
-        PATCH through the API: it survives restarts and unrelated applies, shows in `twin
-        history`, and `twin plan` from git shows the drift. No revision when unchanged."""
-        from twin.errors import NotFoundError
-        from twin.spec.apply import Specs, apply_change
-
-        engine = self.svc.engine
-
-        def change(specs: Specs) -> Specs:
-            doc = specs.get(("Device", device))
-            if doc is None:
-                raise NotFoundError(f"no device {device!r}")
-            spec = dict(doc.get("spec") or {})
-            desired = dict(spec.get("desired") or {})
-            desired[prop] = value
-            spec["desired"] = desired
-            specs[("Device", device)] = {**doc, "spec": spec}
-            return specs
-
         try:
-            rev, _ = await engine.rio.call(
-                apply_change,
-                engine.registry,
-                change,
-                author=source,
-                message=f"desired {prop} of {device} = {value!r}",
-                source="scene",
-            )
+            o = await self.svc.engine.overrides.set(device, prop, value, source)
         except TwinError as exc:
             raise StepError(f"desired {prop} of {device} not recorded: {exc}") from exc
-        if rev is None:
-            return None
-        engine.poke()
-        return int(rev.number)
+        return {"desired": {prop: value}, "override": o is not None}
 
     async def alarm(
         self, action: str, device: str, alarm: str, severity: str, message: str
@@ -391,6 +362,24 @@ class ControlService:
         )
         self.engine.writer.put(lambda r: r.save_scene_trace(record))
 
+    def _command_done(self, cmd: DeviceCommand) -> None:
+        """Ledger listener: a successful command's declared effect becomes runtime desired state."""
+        if cmd.status is not CommandStatus.SUCCESS or cmd.type == SET:
+            return
+        model = self.catalog.model(cmd.device)
+        decls = (model or {}).get("properties") or {}
+        for prop, value in command_sets(model, cmd.type, cmd.params).items():
+            why = value_problem(value, decls[prop]) if prop in decls else "no such property"
+            if why:
+                log.warning("command %s device %s: sets %s: %s", cmd.id, cmd.device, prop, why)
+                continue
+            try:
+                self.engine.overrides.set_soon(
+                    cmd.device, prop, value, f"{cmd.source or 'unknown'} (command {cmd.type} {cmd.id})"
+                )
+            except TwinError as exc:
+                log.warning("command %s device %s: %s not recorded: %s", cmd.id, cmd.device, prop, exc)
+
     def _reload(self) -> None:
         engine = self.engine
         if engine.revision_number == self._revision:
@@ -431,7 +420,9 @@ class ControlService:
         transport = EngineTransport(engine, self.catalog)
         self.ledger = Ledger(engine.registry, transport, self.catalog, clock=engine.config.clock)
         transport.ledger = self.ledger
+        self.ledger.listeners.append(self._command_done)
         self.reconciler = Reconciler(engine, self.ledger, interval=self.reconcile_interval)
+        engine.desired_listeners.append(lambda device: self.reconciler.poke())
         self.scenes = SceneEngine(
             EngineEffects(self),
             timezone=lambda site: self.catalog.timezone(site=site),

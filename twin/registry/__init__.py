@@ -36,11 +36,13 @@ from .base import (
     doc_hash,
     spec_hash,
 )
+from .overrides import DesiredOverride
 
 __all__ = [
     "Alarm",
     "ApiToken",
     "AuditEntry",
+    "DesiredOverride",
     "DeviceKey",
     "Key",
     "MetricSample",

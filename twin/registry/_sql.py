@@ -45,6 +45,7 @@ from .base import (
     User,
     canonical_json,
 )
+from .overrides import DesiredOverride, is_current
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,7 @@ class SQLRegistry:
             if not (created or updated or deleted):  # only possible if the head hash is stale
                 return None
             self._write_changes(conn, canon, hashes, number, created, updated, deleted)
+            dropped = self._drop_stale_overrides(conn, specs)
             self._materialise(conn, specs, number, now, created, updated, deleted)
             rev = Revision(
                 number=number,
@@ -431,14 +433,27 @@ class SQLRegistry:
             )
             self._exec(conn, "UPDATE registry_head SET revision = ? WHERE id = 1", (number,))
         log.info(
-            "registry: revision %d by %s (+%d ~%d -%d)",
+            "registry: revision %d by %s (+%d ~%d -%d)%s",
             number,
             author,
             len(created),
             len(updated),
             len(deleted),
+            f"; the new spec values replace {dropped} runtime override(s)" if dropped else "",
         )
         return rev
+
+    def _drop_stale_overrides(self, conn: Any, specs: SpecSet) -> int:
+        """Inside apply's transaction: drop the overrides whose spec value changes (the new
+        spec value wins; see twin/registry/overrides.py)."""
+        rows = self._all(conn, "SELECT device, property, spec_json FROM desired_overrides")
+        gone = [
+            (d, p)
+            for d, p, sj in rows
+            if not is_current(DesiredOverride(d, p, None, "", 0.0, sj), specs)
+        ]
+        self._many(conn, "DELETE FROM desired_overrides WHERE device = ? AND property = ?", gone)
+        return len(gone)
 
     def _write_changes(
         self,
@@ -1145,6 +1160,48 @@ class SQLRegistry:
             )
         return None if row is None else self._trace(row)
 
+
+    # -- runtime desired-state overrides ----------------------------------------------------
+    def set_override(self, override: DesiredOverride) -> None:
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                "INSERT INTO desired_overrides (device, property, value, set_by, set_at, "
+                "spec_json) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (device, property) DO UPDATE "
+                "SET value = excluded.value, set_by = excluded.set_by, "
+                "set_at = excluded.set_at, spec_json = excluded.spec_json",
+                (
+                    override.device,
+                    override.prop,
+                    canonical_json(override.value),
+                    override.set_by,
+                    override.set_at,
+                    override.spec_json,
+                ),
+            )
+
+    def clear_override(self, device: str, prop: str) -> bool:
+        with self._tx(write=True) as conn:
+            cur = self._exec(
+                conn,
+                "DELETE FROM desired_overrides WHERE device = ? AND property = ?",
+                (device, prop),
+            )
+            return bool(cur.rowcount)
+
+    def overrides(self, device: str | None = None) -> list[DesiredOverride]:
+        sql = "SELECT device, property, value, set_by, set_at, spec_json FROM desired_overrides"
+        params: list[Any] = []
+        if device is not None:
+            sql += " WHERE device = ?"
+            params.append(device)
+        sql += " ORDER BY device, property"
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [
+            DesiredOverride(d, p, json.loads(v), by, float(at), sj)
+            for d, p, v, by, at, sj in rows
+        ]
 
 def _close_quietly(conn: Any) -> None:
     try:

@@ -14,7 +14,10 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .overrides import DesiredOverride
 
 Key = tuple[str, str]
 """``(kind, name)``"""
@@ -368,3 +371,13 @@ class Registry(Protocol):
 
     def revoked_device_keys(self, since: float) -> list[str]:
         """Ids of device keys revoked at or after ``since`` (for in-memory key caches)."""
+
+    # -- runtime desired-state overrides (twin/registry/overrides.py) ------------------------
+    def set_override(self, override: DesiredOverride) -> None:
+        """Insert or replace the override of (device, property)."""
+
+    def clear_override(self, device: str, prop: str) -> bool:
+        """Remove the override of (device, property); False if there was none."""
+
+    def overrides(self, device: str | None = None) -> list[DesiredOverride]:
+        """Every override (or one device's), by device and property."""

@@ -197,6 +197,18 @@ SQLITE: list[list[str]] = [
         )""",
         "CREATE INDEX api_tokens_user ON api_tokens (user_name)",
     ],
+    # 4: runtime desired-state overrides (twin/registry/overrides.py)
+    [
+        """CREATE TABLE desired_overrides (
+            device TEXT NOT NULL,
+            property TEXT NOT NULL,
+            value TEXT NOT NULL,
+            set_by TEXT NOT NULL,
+            set_at REAL NOT NULL,
+            spec_json TEXT,
+            PRIMARY KEY (device, property)
+        )""",
+    ],
 ]
 
 POSTGRES: list[list[str]] = [
@@ -379,6 +391,18 @@ POSTGRES: list[list[str]] = [
             note TEXT NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX api_tokens_user ON api_tokens (user_name)",
+    ],
+    # 4: runtime desired-state overrides (twin/registry/overrides.py)
+    [
+        """CREATE TABLE desired_overrides (
+            device TEXT NOT NULL,
+            property TEXT NOT NULL,
+            value TEXT NOT NULL,
+            set_by TEXT NOT NULL,
+            set_at DOUBLE PRECISION NOT NULL,
+            spec_json TEXT,
+            PRIMARY KEY (device, property)
+        )""",
     ],
 ]
 

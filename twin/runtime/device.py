@@ -128,6 +128,7 @@ class DeviceRuntime:
     binding_factory: Callable[[DeviceConfig, BindingContext], Binding] | None = None
     initial_status: dict[str, Status] = field(default_factory=dict)  # restored after a restart
     watchdog: Watchdog = field(default_factory=Watchdog)  # run by the DeviceController
+    overrides: Any = None  # twin.runtime.overrides.Overrides: runtime desired values
 
     def device_removed(self, name: str) -> None:
         twin = self.twins.get(name)
@@ -191,7 +192,19 @@ class DeviceTask:
     def _apply_config(self, twin: DeviceTwin, cfg: DeviceConfig) -> None:
         twin.site = cfg.site
         twin.groups = cfg.groups
-        twin.desired = dict(cfg.desired)
+        self._set_desired(twin, cfg)
+
+    def _set_desired(self, twin: DeviceTwin, cfg: DeviceConfig) -> None:
+        """The twin's desired state: spec.desired with the runtime overrides in force on top
+        (twin/registry/overrides.py)."""
+        if self.rt.overrides is None:
+            twin.desired, twin.overrides = dict(cfg.desired), {}
+        else:
+            twin.desired, twin.overrides = self.rt.overrides.effective(self.name, cfg.doc)
+
+    def refresh_desired(self) -> None:
+        """Re-read the overrides (one was set or cleared)."""
+        self._set_desired(self.twin, self.config)
 
     def update(self, cfg: DeviceConfig) -> None:
         """Apply a change that needs no restart (desired values, maintenance, metadata)."""

@@ -4,6 +4,7 @@
 engine
 ├─ registry writer   batched status / alarm / metric / audit writes (worker threads)
 ├─ controller        one task per device (binding I/O, heartbeat watchdog, desired writes)
+├─ overrides         runtime desired values (scenes, commands, operators) over spec.desired
 ├─ reload watcher    polls registry.head() and reconciles a new revision within a second
 ├─ metrics flusher   per-device metrics to device_metrics every ``metrics_interval``
 └─ services          handed in by the caller (the API server from twin.api), each
@@ -38,6 +39,7 @@ from twin.runtime.controllers import Changes, DeviceController, Heartbeat
 from twin.runtime.device import Backoff, DeviceRuntime
 from twin.runtime.metrics import EngineMetrics
 from twin.runtime.monitor import Monitor
+from twin.runtime.overrides import Overrides
 from twin.runtime.regio import RegistryIO, RegistryWriter
 from twin.runtime.state import DeviceTwin, Status, TwinStore
 
@@ -83,6 +85,14 @@ class Engine:
             clock=self.config.clock,
             on_transition=self._on_transition,
         )
+        self.overrides = Overrides(
+            registry,
+            self.rio,
+            lambda: self.specs,
+            self._overrides_changed,
+            self.config.clock,
+        )
+        self.desired_listeners: list[Callable[[str], None]] = []  # e.g. the reconciler's poke
         self.runtime = DeviceRuntime(
             twins=self.twins,
             bus=self.bus,
@@ -93,6 +103,7 @@ class Engine:
             channel_size=self.config.channel_size,
             clock=self.config.clock,
             prom=self.prom,
+            overrides=self.overrides,
         )
         self.controller = DeviceController(self.runtime)
         self.services = list(services)
@@ -126,6 +137,13 @@ class Engine:
         while self.revision_number < number:
             await self._revision_changed.wait()
 
+    def _overrides_changed(self, device: str) -> None:
+        task = self.controller.tasks.get(device)
+        if task is not None:
+            task.refresh_desired()
+        for fn in self.desired_listeners:
+            fn(device)
+
     def _on_transition(self, twin: DeviceTwin, old: Status, new: Status) -> None:
         self.prom.child(self.prom.status_transitions, str(new)).inc()
 
@@ -150,6 +168,7 @@ class Engine:
                 specs = self.specs  # read at start-up by _read_head
             else:
                 specs = await self.rio.call(self.registry.specs, head.number)
+            self.overrides.prune(specs)  # a changed spec value wins over a runtime override
             changes = await self.controller.reconcile(specs)
             self._reconciled = head.number
             self.specs, self.revision, self.last_changes = specs, head, changes
@@ -184,8 +203,9 @@ class Engine:
         self.prom.registry_writes.set(len(self.writer))
 
     # -- run ----------------------------------------------------------------------------------
-    def _restore_sync(self) -> tuple[dict[str, Status], list[Any]]:
-        """Statuses and uncleared alarms to resume from (runs in a worker thread).
+    def _restore_sync(self) -> tuple[dict[str, Status], list[Any], list[Any]]:
+        """Statuses, uncleared alarms and runtime overrides to resume from (runs in a worker
+        thread).
 
         A device the engine never reported on still carries the registry's initial
         ``offline``: it has no status history, and is treated as unknown.
@@ -202,12 +222,13 @@ class Engine:
                 continue
             statuses[name] = Status(status)
         alarms = reg.alarms(states=["active", "acknowledged"], limit=1_000_000)
-        return statuses, alarms
+        return statuses, alarms, reg.overrides()
 
     async def _restore(self) -> None:
-        statuses, alarms = await self.rio.call(self._restore_sync)
+        statuses, alarms, overrides = await self.rio.call(self._restore_sync)
         self.runtime.initial_status = statuses
         self.monitor.restore([], alarms)
+        self.overrides.restore(overrides)
 
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at = self.config.clock()
@@ -215,6 +236,7 @@ class Engine:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.writer.run)
                 await nursery.start(self.controller.run)
+                await nursery.start(self.overrides.run)
                 await self._restore()
                 await self._read_head()
                 # services first (they subscribe to the bus), devices after: see the docstring

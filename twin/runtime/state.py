@@ -1,4 +1,9 @@
-"""Twin state: per device, reported (value, ts, quality), desired, delta, last_seen, status."""
+"""Twin state: per device, reported (value, ts, quality), desired, delta, last_seen, status.
+
+``desired`` is the effective desired state: the spec's ``desired`` with the runtime overrides
+(scenes, commands, operators; twin/registry/overrides.py) on top; ``overrides`` says which
+values are runtime ones, who set them and when.
+"""
 
 from __future__ import annotations
 
@@ -67,7 +72,8 @@ class DeviceTwin:
     site: str = ""
     groups: tuple[str, ...] = ()  # the device's group and its ancestors, nearest first
     reported: dict[str, ReportedValue] = field(default_factory=dict)
-    desired: dict[str, Any] = field(default_factory=dict)
+    desired: dict[str, Any] = field(default_factory=dict)  # effective: spec + overrides
+    overrides: dict[str, Any] = field(default_factory=dict)  # property -> DesiredOverride
     last_seen: float | None = None
     status: Status = Status.UNKNOWN
     status_since: float | None = None
@@ -102,6 +108,8 @@ class DeviceTwin:
             "reported": {k: v.to_json() for k, v in sorted(self.reported.items())},
             "desired": dict(sorted(self.desired.items())),
             "delta": self.delta(),
+            # runtime overrides in force: {property: {value, set_by, set_at, spec_value}}
+            "overrides": {k: o.to_json() for k, o in sorted(self.overrides.items())},
         }
 
 

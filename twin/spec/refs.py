@@ -226,6 +226,24 @@ def _check_model(doc: Document, problems: list[Problem]) -> None:
             except SchemaError as exc:
                 problems.append(doc.problem(("spec", "commands", cname, "params", *exc.path),
                                             f"not a valid JSON Schema: {exc.message}"))
+        for pname, how in _mapping(cmd.get("sets")).items():
+            spath: tuple[str, ...] = ("spec", "commands", cname, "sets", pname)
+            decl = props.get(pname)
+            if decl is None:
+                problems.append(doc.problem(spath, f"no property {pname!r} to set",
+                                            _did_you_mean(pname, list(props))))
+            elif decl.get("access", "read") == "read":
+                problems.append(doc.problem(spath, f"property {pname!r} is read-only"))
+            elif isinstance(how, dict) and set(how) == {"param"}:
+                declared = _mapping((params or {}).get("properties"))
+                if declared and how["param"] not in declared:
+                    problems.append(doc.problem((*spath, "param"),
+                                                f"command {cname!r} has no parameter {how['param']!r}",
+                                                _did_you_mean(str(how["param"]), list(declared))))
+            else:
+                why = value_problem(how, decl)
+                if why:
+                    problems.append(doc.problem(spath, why))
 
 
 def _check_desired(doc: Document, model: Document, desired: dict[str, Any],

@@ -18,7 +18,8 @@ from twin.api.deps import PREFIX, Admin, Limit, Offset, Operator, State, Viewer,
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
 from twin.api.state import ApiState
-from twin.errors import ConflictError, NotFoundError
+from twin.control.ledger import SET, Catalog
+from twin.errors import CommandError, ConflictError, NotFoundError
 
 router = APIRouter(prefix=PREFIX)
 
@@ -368,29 +369,38 @@ async def device_twin(st: State, p: Viewer, device: str) -> dict[str, Any]:
 
 @router.patch("/devices/{device}/twin/desired", tags=["twin"])
 async def patch_desired(
-    request: Request,
     st: State,
     p: Operator,
     device: str,
     patch: Annotated[dict[str, Any], Body()],
 ) -> dict[str, Any]:
-    """Merge into spec.desired (null removes a key); becomes a revision (source = api)."""
-    doc = device_or_404(st, device)
-    check_site(p, doc)
-    desired = dict((doc.get("spec") or {}).get("desired") or {})
-    for k, v in patch.items():
-        if v is None:
-            desired.pop(k, None)
+    """An operator's runtime desired values: ``{property: value}`` (``null`` removes the
+    override, so the spec value applies again). Each value is checked like a ``set`` command (a
+    writable property of the model, in range) and becomes a runtime override set by
+    ``api:USER`` (twin/registry/overrides.py): in effect at once, durable when the response is
+    sent, never a revision. To change the declared default, edit ``spec.desired`` and apply."""
+    check_site(p, device_or_404(st, device))
+    if not patch:
+        raise HTTPException(422, "the body must map at least one property to a value (or null)")
+    catalog = Catalog(st.engine.specs)
+    for prop, value in patch.items():
+        if value is not None:
+            try:
+                catalog.validate(device, SET, {"property": prop, "value": value}, None)
+            except CommandError as exc:
+                raise HTTPException(422, str(exc)) from None
+    overrides = st.engine.overrides
+    for prop, value in patch.items():
+        if value is None:
+            await overrides.clear(device, prop)
         else:
-            desired[k] = v
-    out = await change(
-        request,
-        p,
-        _set_spec_field(device, "desired", desired or None),
-        f"desired {', '.join(sorted(patch))} of {device}",
-    )
+            await overrides.set(device, prop, value, f"api:{p.subject}")
     twin = st.engine.twin(device)
-    return {**out, "twin": twin.to_json() if twin else None}
+    return {
+        "device": device,
+        "overrides": {k: o.to_json() for k, o in sorted(overrides.of(device).items())},
+        "twin": twin.to_json() if twin else None,
+    }
 
 
 # -- device keys --------------------------------------------------------------------------------
