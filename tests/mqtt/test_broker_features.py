@@ -355,7 +355,9 @@ async def test_no_local_and_message_expiry(broker: Broker) -> None:
     await run_sync(scenario)
 
 
-async def test_topic_alias_both_ways(broker: Broker) -> None:
+async def test_topic_alias_both_ways(nursery: trio.Nursery) -> None:
+    broker = Broker(BrokerConfig(sys_interval=0, server_topic_aliases=True))  # off by default
+    await nursery.start(broker.run)
     p = port_of(broker)
 
     def scenario() -> None:

@@ -204,3 +204,56 @@ def test_twin_up_reports_a_taken_mqtt_port(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert lines[0] == f"error: mqtt: address 127.0.0.1:{taken} is already in use", err
     assert "--mqtt-listen" in lines[1] and "port 0" in lines[1]
+
+
+def _server_cert(tmp_path: Path) -> tuple[str, str, str]:
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flux test ca")])
+    ca_file, _ = _write(tmp_path / "ca", _cert("flux test ca", ca_key, ca_name, ca_key, ca=True), ca_key)
+    skey = _key()
+    cert, key = _write(tmp_path / "server", _cert("localhost", skey, ca_name, ca_key), skey)
+    return ca_file, cert, key
+
+
+def _wss_connack(port: int, ca_file: str, username: str | None = None,
+                 password: str | None = None) -> tuple[Any, Any]:
+    """CONNACK (reason code, properties) of a paho MQTT 5 client over wss, keep-alive 60 s."""
+    acks: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    cl = paho.Client(CallbackAPIVersion.VERSION2, client_id=username or "wss",
+                     transport="websockets", protocol=paho.MQTTv5)
+    cl.tls_set(ca_certs=ca_file)
+    cl.tls_insecure_set(True)
+    if username:
+        cl.username_pw_set(username, password)
+    cl.on_connect = lambda _c, _u, _f, rc, p: acks.put((rc, p))
+    cl.connect("127.0.0.1", port, keepalive=60)
+    cl.loop_start()
+    try:
+        return acks.get(timeout=WAIT)
+    finally:
+        cl.disconnect()
+        cl.loop_stop()
+
+
+def test_twin_broker_wss_and_max_keep_alive(tmp_path: Path) -> None:
+    ca_file, cert, key = _server_cert(tmp_path)
+    proc = _twin(tmp_path, "broker", "--listen", "127.0.0.1:0", "--wss-listen", "127.0.0.1:0",
+                 "--certfile", cert, "--keyfile", key, "--max-keep-alive", "7", "--no-auth",
+                 "--sys-interval", "0")
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+        assert lines[0].startswith("mqtt 127.0.0.1:") and lines[1].startswith("wss 127.0.0.1:"), lines
+        rc, props = _wss_connack(int(lines[1].rsplit(":", 1)[1]), ca_file)
+        assert not rc.is_failure and props.ServerKeepAlive == 7
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # wss without a certificate: one line, before anything starts
+    p = _twin(tmp_path, "broker", "--wss-listen", "127.0.0.1:0", "--no-auth")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "--certfile and --keyfile" in err.splitlines()[0], err

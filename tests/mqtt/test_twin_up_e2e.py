@@ -117,3 +117,43 @@ def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_twin_up_wss_listener_and_max_keep_alive(tmp_path: Path) -> None:
+    from .test_listeners_cli import _server_cert, _wss_connack
+
+    site = tmp_path / "site"
+    site.mkdir()
+    for name in ("site.yaml", "models.yaml"):
+        shutil.copy(ROOT / "sites" / "demo" / name, site / name)
+    (site / "devices.yaml").write_text(DEVICES)
+    _twin(tmp_path, "apply", str(site))
+    key = _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
+    ca_file, cert, keyfile = _server_cert(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin.cli", "--state-dir", str(tmp_path / "st"), "up", "--no-api",
+         "--no-timeseries", "--mqtt-listen", "127.0.0.1:0", "--mqtt-wss-listen", "127.0.0.1:0",
+         "--mqtt-certfile", cert, "--mqtt-keyfile", keyfile, "--mqtt-max-keep-alive", "9"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=str(tmp_path),
+    )
+    try:
+        assert proc.stdout is not None
+        wss = None
+        deadline = time.monotonic() + 60
+        while wss is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if m := re.search(r"wss://127\.0\.0\.1:(\d+)", line):
+                wss = int(m.group(1))
+        assert wss, "banner without the wss listener"
+        rc, props = _wss_connack(wss, ca_file, "mq1", key)
+        assert not rc.is_failure and props.ServerKeepAlive == 9
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

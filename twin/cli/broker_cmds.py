@@ -31,6 +31,10 @@ def broker(
     ws_listen: Annotated[
         list[str] | None, typer.Option("--ws-listen", help="MQTT over WebSocket HOST:PORT.")
     ] = None,
+    wss_listen: Annotated[
+        list[str] | None,
+        typer.Option("--wss-listen", help="MQTT over secure WebSocket HOST:PORT (needs --certfile)."),
+    ] = None,
     certfile: Annotated[
         Path | None, typer.Option("--certfile", help="Server certificate (PEM).")
     ] = None,
@@ -64,6 +68,16 @@ def broker(
     sys_interval: Annotated[
         float, typer.Option("--sys-interval", help="$SYS period, 0: off.")
     ] = 10.0,
+    max_keep_alive: Annotated[
+        int,
+        typer.Option("--max-keep-alive", help="Cap clients' keep-alive at this many seconds "
+                     "(MQTT 5 clients are told: server keep alive); 0: accept theirs."),
+    ] = 0,
+    server_topic_aliases: Annotated[
+        bool,
+        typer.Option("--server-topic-aliases", help="Send topic aliases to MQTT 5 clients that "
+                     "allow them (libmosquitto clients fail on them)."),
+    ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
 ) -> None:
     """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C."""
@@ -82,18 +96,13 @@ def broker(
         "another MQTT broker (often Mosquitto) holds it: pick another with --listen HOST:PORT "
         "(port 0 picks a free one)"
     )
-    sockets = [bind_listener(h, p, hint=hint) for h, p in plain]  # taken: one line + hint
     tls = [parse_hostport(x, 8883) for x in (tls_listen or [])]
     ws = [parse_hostport(x, 8083) for x in (ws_listen or [])]
+    wss = [parse_hostport(x, 8084) for x in (wss_listen or [])]
     ctx = None
-    if tls:
-        if certfile is None or keyfile is None:
-            raise TwinError("--tls-listen needs --certfile and --keyfile")
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(certfile), str(keyfile))
-        if cafile is not None:
-            ctx.load_verify_locations(str(cafile))
-            ctx.verify_mode = ssl.CERT_REQUIRED
+    if tls or wss:
+        ctx = server_ssl_context(certfile, keyfile, cafile, "--tls-listen / --wss-listen")
+    sockets = [bind_listener(h, p, hint=hint) for h, p in plain]  # taken: one line + hint
     persist_dir = None if no_persist else str(state_dir or state.state_dir / "mqtt")
     if persist_dir:
         from twin.files import private_dir
@@ -103,14 +112,17 @@ def broker(
         listen=plain,
         tls_listen=tls,
         ws_listen=ws,
+        wss_listen=wss,
         ssl_context=ctx,
+        max_keep_alive=max_keep_alive,
+        server_topic_aliases=server_topic_aliases,
         state_dir=persist_dir,
         fsync_interval=fsync_interval,
         max_queued=max_queued,
         sys_interval=sys_interval,
         max_connections=max_connections,
         max_connections_per_address=max_per_address,
-        port_hint=hint.replace("--listen", "--tls-listen / --ws-listen"),
+        port_hint=hint.replace("--listen", "--tls-listen / --ws-listen / --wss-listen"),
     )
     kw: dict[str, Any] = {}
     reg = None
@@ -147,6 +159,8 @@ def broker(
                 typer.echo(f"mqtts {h}:{p}")
             for h, p in b.ws_addresses:
                 typer.echo(f"{'wss' if config.ws_tls else 'ws'} {h}:{p}")
+            for h, p in b.wss_addresses:
+                typer.echo(f"wss {h}:{p}")
             typer.echo(
                 "auth: " + ("none (--no-auth)" if no_auth else "registry device keys and users")
             )
@@ -158,6 +172,23 @@ def broker(
     finally:
         if reg is not None:
             reg.close()
+
+
+def server_ssl_context(
+    certfile: Path | None, keyfile: Path | None, cafile: Path | None, what: str
+) -> ssl.SSLContext:
+    """The broker's TLS context (for TLS and secure WebSocket listeners); ``cafile``: mutual TLS."""
+    if certfile is None or keyfile is None:
+        raise TwinError(f"{what} needs a certificate and its key (--certfile and --keyfile)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(str(certfile), str(keyfile))
+        if cafile is not None:
+            ctx.load_verify_locations(str(cafile))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise TwinError(f"cannot load the TLS certificate: {exc}") from exc
+    return ctx
 
 
 def register(app: typer.Typer) -> None:

@@ -91,6 +91,25 @@ def up(
         ),
     ] = None,
     no_mqtt: Annotated[bool, typer.Option("--no-mqtt", help="Run without MQTT.")] = False,
+    mqtt_wss_listen: Annotated[
+        list[str] | None,
+        typer.Option("--mqtt-wss-listen", help="Embedded broker: MQTT over secure WebSocket "
+                     "HOST:PORT (repeatable; needs --mqtt-certfile and --mqtt-keyfile)."),
+    ] = None,
+    mqtt_certfile: Annotated[
+        Path | None, typer.Option("--mqtt-certfile", help="Embedded broker's certificate (PEM).")
+    ] = None,
+    mqtt_keyfile: Annotated[
+        Path | None, typer.Option("--mqtt-keyfile", help="Embedded broker's key (PEM).")
+    ] = None,
+    mqtt_max_keep_alive: Annotated[
+        int, typer.Option("--mqtt-max-keep-alive", help="Embedded broker: cap clients' "
+                          "keep-alive at this many seconds (0: accept theirs).")
+    ] = 0,
+    mqtt_server_topic_aliases: Annotated[
+        bool, typer.Option("--mqtt-server-topic-aliases", help="Embedded broker: send topic "
+                           "aliases to MQTT 5 clients that allow them.")
+    ] = False,
     timeseries: Annotated[
         str | None,
         typer.Option(
@@ -149,10 +168,17 @@ def up(
         sock = bind_socket(host, port)  # a taken port fails here: one line + hint
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
     if not no_mqtt:
+        from twin.cli.broker_cmds import server_ssl_context
         from twin.runtime.mqtt_service import cli_service
 
+        ctx = None
+        if mqtt_wss_listen:
+            ctx = server_ssl_context(mqtt_certfile, mqtt_keyfile, None, "--mqtt-wss-listen")
         # binds the embedded broker's port now: a taken port is one line + hint
-        services.append(cli_service(mqtt_listen, mqtt_broker, share_group=mqtt_share_group))
+        services.append(cli_service(
+            mqtt_listen, mqtt_broker, share_group=mqtt_share_group, wss_listen=mqtt_wss_listen,
+            ssl_context=ctx, max_keep_alive=mqtt_max_keep_alive,
+            server_topic_aliases=mqtt_server_topic_aliases))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
     dash = None
     if dashboard and not no_api:

@@ -73,7 +73,11 @@ class BrokerConfig:
     max_queued: int = 1000  # per session
     max_inflight: int = 100  # towards MQTT 3.1.1 clients (5.0 clients say their own)
     receive_maximum: int = 1024  # QoS 2 messages a client may have un-released with us
-    topic_alias_maximum: int = 100
+    topic_alias_maximum: int = 100  # aliases a client may use towards us (client → server)
+    server_topic_aliases: bool = False
+    """Use topic aliases towards MQTT 5 clients that allow them (server → client). Off by
+    default: libmosquitto (mosquitto_sub, 2.0.11) announces a topic alias maximum when asked
+    to, but drops the connection with "protocol error" on the first aliased PUBLISH."""
     max_keep_alive: int = 0  # 0: accept the client's; else cap (sent as server keep alive)
     connect_timeout: float = 10.0
     max_connections: int = 100_000
@@ -83,7 +87,8 @@ class BrokerConfig:
     fsync_interval: float = 1.0
     port_hint: str | None = None  # replaces PortInUseError's hint (e.g. name the CLI option)
     ws_listen: Sequence[tuple[str, int]] = ()  # MQTT over WebSocket (subprotocol "mqtt")
-    ws_tls: bool = False  # wss: the WebSocket listeners use ssl_context
+    ws_tls: bool = False  # wss: the ws_listen listeners use ssl_context
+    wss_listen: Sequence[tuple[str, int]] = ()  # MQTT over secure WebSocket (uses ssl_context)
 
 
 @dataclass
@@ -139,6 +144,7 @@ class Broker:
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
         self.ws_addresses: list[tuple[str, int]] = []
+        self.wss_addresses: list[tuple[str, int]] = []
         self._nursery: trio.Nursery | None = None
         self._ids = itertools.count(1)
         self._per_address: dict[str, int] = {}
@@ -174,6 +180,12 @@ class Broker:
                 raise ValueError("ws_tls needs ssl_context")
             ws = await self._open(self.config.ws_listen, "mqtt+ws")
             self.ws_addresses = [_addr(ln) for ln in ws]
+        wss: list[trio.SocketListener] = []
+        if self.config.wss_listen:
+            if self.config.ssl_context is None:
+                raise ValueError("wss_listen needs ssl_context")
+            wss = await self._open(self.config.wss_listen, "mqtt+wss")
+            self.wss_addresses = [_addr(ln) for ln in wss]
         if self.store is not None:
             self._load_state()
         try:
@@ -199,6 +211,15 @@ class Broker:
                             for ln in ws
                         ]
                     nursery.start_soon(ws_server(self._serve, ws_listeners, nursery).run)
+                if wss:
+                    from twin.mqtt.ws import ws_server
+
+                    assert self.config.ssl_context is not None
+                    secure: list[Any] = [
+                        trio.SSLListener(ln, self.config.ssl_context, https_compatible=True)
+                        for ln in wss
+                    ]
+                    nursery.start_soon(ws_server(self._serve, secure, nursery).run)
                 if self.config.sys_interval > 0:
                     nursery.start_soon(self._sys_loop)
                 if self.store is not None:
@@ -667,7 +688,8 @@ class Connection:
             self.send_quota = props.receive_maximum or 65535
             if props.maximum_packet_size:
                 self.client_max_packet = props.maximum_packet_size
-            self.client_alias_max = props.topic_alias_maximum or 0
+            if cfg.server_topic_aliases:
+                self.client_alias_max = props.topic_alias_maximum or 0
             expiry = props.session_expiry_interval or 0
         else:
             expiry = 0 if p.clean_start else NEVER_EXPIRES

@@ -94,7 +94,10 @@ class MqttServiceConfig:
     listen: list[tuple[str, int]] = field(default_factory=lambda: [("127.0.0.1", 1883)])
     sockets: list[socket.socket] = field(default_factory=list)  # pre-bound (see bind_listener)
     tls_listen: list[tuple[str, int]] = field(default_factory=list)
+    wss_listen: list[tuple[str, int]] = field(default_factory=list)  # MQTT over secure WebSocket
     ssl_context: ssl.SSLContext | None = None
+    max_keep_alive: int = 0  # cap on clients' keep-alive (0: theirs)
+    server_topic_aliases: bool = False  # see BrokerConfig.server_topic_aliases
     state_dir: Path | None = None  # default: <engine state dir>/mqtt; persistence off if False
     persist: bool = True
     allow_anonymous: bool = False
@@ -301,6 +304,7 @@ class MqttService:
                     info["addresses"] = [f"{h}:{p}" for h, p in addrs]
                     info["url"] = f"mqtt://{addrs[0][0]}:{addrs[0][1]}" if addrs else None
                     info["tls"] = [f"{h}:{p}" for h, p in self.broker.tls_addresses]
+                    info["wss"] = [f"wss://{h}:{p}" for h, p in self.broker.wss_addresses]
                     transport = EmbeddedTransport(self.broker)
                 self.transport = transport
                 self.hub = hub = MqttHub(transport, share_group=cfg.share_group)
@@ -336,7 +340,10 @@ class MqttService:
         bconf = BrokerConfig(
             listen=cfg.listen,
             tls_listen=cfg.tls_listen,
+            wss_listen=cfg.wss_listen,
             ssl_context=cfg.ssl_context,
+            max_keep_alive=cfg.max_keep_alive,
+            server_topic_aliases=cfg.server_topic_aliases,
             state_dir=state_dir,
             sys_interval=cfg.sys_interval,
             max_connections_per_address=cfg.max_connections_per_address,
@@ -358,9 +365,14 @@ def cli_service(
     share_group: str | None = None,
     username: str | None = None,
     password: str | None = None,
+    wss_listen: list[str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_keep_alive: int = 0,
+    server_topic_aliases: bool = False,
 ) -> MqttService:
     """The MQTT service for ``twin up``: the embedded broker on ``listen`` (bound now, so a
-    taken port fails before anything starts), or a client of the external ``broker``."""
+    taken port fails before anything starts), or a client of the external ``broker``.
+    ``wss_listen`` needs ``ssl_context``."""
     if broker:
         host, port = parse_hostport(broker)
         return MqttService(
@@ -374,18 +386,25 @@ def cli_service(
             )
         )
     host, port = parse_hostport(listen)
+    wss = [parse_hostport(x, 8084) for x in wss_listen or []]
+    if wss and ssl_context is None:
+        raise TwinError("--mqtt-wss-listen needs --mqtt-certfile and --mqtt-keyfile")
     sock = bind_listener(host, port)
-    return MqttService(MqttServiceConfig(listen=[(host, port)], sockets=[sock]))
+    return MqttService(MqttServiceConfig(
+        listen=[(host, port)], sockets=[sock], wss_listen=wss, ssl_context=ssl_context,
+        max_keep_alive=max_keep_alive, server_topic_aliases=server_topic_aliases))
 
 
 def describe(info: dict[str, Any] | None) -> str | None:
     """One line for the ``twin up`` banner."""
     if not info:
         return None
+    wss = "".join(f", {u}" for u in info.get("wss") or [])
     if info.get("mode") == "external":
         state = "connected" if info.get("connected") else "connecting (retrying with backoff)"
         share = f", shared group {info['share_group']}" if info.get("share_group") else ""
         return f"external broker {info.get('broker')} ({state}{share})"
     return (
-        f"{info.get('url')}   (embedded broker; devices: user = device name, password = device key)"
+        f"{info.get('url')}{wss}   (embedded broker; devices: user = device name, "
+        "password = device key)"
     )
