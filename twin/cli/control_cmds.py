@@ -9,6 +9,7 @@ need a running engine, so they go through ``--server`` (env ``TWIN_SERVER``).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,12 @@ def _state() -> Any:
     from twin.cli.main import state
 
     return state
+
+
+def _out() -> Any:
+    from twin.cli import output
+
+    return output
 
 
 def _console() -> Any:
@@ -78,10 +85,14 @@ def _api(server: str | None, method: str, path: str, body: Any = None) -> Any:
 
 
 def _params(param: list[str] | None, params_json: str | None) -> dict[str, Any]:
+    from twin.spec.inputlimits import InputRefused, loads
+
     out: dict[str, Any] = {}
     if params_json:
         try:
-            loaded = json.loads(params_json)
+            loaded = loads(params_json)
+        except InputRefused as exc:
+            raise TwinError(f"--params: {exc}") from None
         except ValueError as exc:
             raise TwinError(f"--params: not JSON: {exc}") from None
         if not isinstance(loaded, dict):
@@ -92,10 +103,18 @@ def _params(param: list[str] | None, params_json: str | None) -> dict[str, Any]:
         if not sep:
             raise TwinError(f"--param {p!r}: use key=value")
         try:
-            out[key] = json.loads(value)
+            out[key] = loads(value)
+        except InputRefused as exc:  # NaN, Infinity, 1e400: refused, not sent as a string
+            raise TwinError(f"--param {key}: {exc}") from None
         except ValueError:
             out[key] = value
     return out
+
+
+def _timeout(timeout: float | None) -> float | None:
+    if timeout is not None and not math.isfinite(timeout):
+        raise TwinError(f"--timeout {timeout}: not a finite number of seconds")
+    return timeout
 
 
 def _print_commands(rows: list[dict[str, Any]], as_json: bool) -> None:
@@ -103,7 +122,7 @@ def _print_commands(rows: list[dict[str, Any]], as_json: bool) -> None:
 
     con = _console()
     if as_json:
-        con.print_json(json.dumps(rows))
+        output.print_json(rows, con)
         return
     table = output.rows_table(
         ["ID", "DEVICE", "TYPE", "STATUS", "CREATED", "SOURCE", "ERROR"],
@@ -144,13 +163,13 @@ def command_send(
     """Queue a command for DEVICE (validated against its model first)."""
     body: dict[str, Any] = {"type": type_, "params": _params(param, params_json)}
     if timeout is not None:
-        body["timeout"] = timeout
+        body["timeout"] = _timeout(timeout)
     if key:
         body["idempotency_key"] = key
     path = f"/devices/{device}/commands" + ("?wait=60" if wait else "")
     cmd = _api(server, "POST", path, body)
     if as_json:
-        _console().print_json(json.dumps(cmd))
+        _out().print_json(cmd, _console())
     else:
         _console().print(
             f"{cmd['id']}  {cmd['device']} {cmd['type']}: {cmd['status']}"
@@ -207,7 +226,7 @@ def command_get(
         cmd = record_json(rec)
     con = _console()
     if as_json:
-        con.print_json(json.dumps(cmd))
+        _out().print_json(cmd, con)
         return
     con.print(f"[bold]{cmd['id']}[/]  {cmd['device']} {cmd['type']} {json.dumps(cmd['params'])}")
     con.print(f"  status    {cmd['status']}" + (f"  ({cmd['error']})" if cmd.get("error") else ""))
@@ -259,7 +278,7 @@ def scene_list(server: Server = None, as_json: JsonOut = False) -> None:
                 }
             )
     if as_json:
-        _console().print_json(json.dumps(rows))
+        _out().print_json(rows, _console())
         return
     _console().print(
         output.rows_table(
@@ -318,7 +337,7 @@ def scene_trace(
     else:
         traces = [dict(t.trace) for t in _state().registry().scene_traces(name, limit=limit)]
     if as_json:
-        _console().print_json(json.dumps(traces, default=str))
+        _out().print_json(traces, _console(), default=str)
         return
     if not traces:
         _console().print(f"no runs of {name} recorded")
@@ -356,7 +375,7 @@ def simulate_cmd(
     report = simulate(loaded.specs, load_scenario(scenario), window=window)
     con = _console()
     if as_json:
-        con.print_json(json.dumps(report.to_json(), default=str))
+        _out().print_json(report.to_json(), con, default=str)
     else:
         tz = Catalog(loaded.specs).timezone()
         for line in format_report(report, tz):

@@ -6,7 +6,6 @@ Errors are one readable line plus a hint; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import socket
 import sys
@@ -121,17 +120,17 @@ def validate(
         loaded = load(paths)
     except SpecError as exc:
         if output is Format.json:
-            out.console.print_json(json.dumps({"valid": False, "problems": [
+            out.print_json({"valid": False, "problems": [
                 {"file": p.location.file if p.location else None,
                  "line": p.location.line if p.location else None,
                  "col": p.location.col if p.location else None,
                  "kind": p.kind, "name": p.name, "path": p.path, "message": p.message,
-                 "hint": p.hint} for p in exc.problems], "suppressed": exc.suppressed}))
+                 "hint": p.hint} for p in exc.problems], "suppressed": exc.suppressed})
             raise typer.Exit(2) from None
         raise
     if output is Format.json:
-        out.console.print_json(json.dumps({"valid": True, "documents": len(loaded.documents),
-                                           "files": len(loaded.files)}))
+        out.print_json({"valid": True, "documents": len(loaded.documents),
+                        "files": len(loaded.files)})
         return
     counts: dict[str, int] = {}
     for kind, _ in loaded.documents:
@@ -168,7 +167,7 @@ def plan(
             from twin.control.replay import replay_json
 
             doc["replay"] = replay_json(report)
-        out.console.print_json(json.dumps(doc, default=str))
+        out.print_json(doc, default=str)
         return
     out.print_plan(p)
     if report is not None:
@@ -222,7 +221,7 @@ def apply(
     if server:
         result = _apply_remote(server, loaded, prune=prune, message=message)
         if output is Format.json:
-            out.console.print_json(json.dumps(result))
+            out.print_json(result)
         else:
             rev = result.get("revision")
             out.console.print(Text(f"applied through {server}: "
@@ -235,10 +234,10 @@ def apply(
     with spinner("applying"):
         result_ = apply_specs(reg, loaded, prune=prune, author=author(), message=message)
     if output is Format.json:
-        out.console.print_json(json.dumps({
+        out.print_json({
             "base_revision": result_.base,
             "revision": out.revision_dict(result_.revision) if result_.revision else None,
-            **out.plan_json(result_.plan)}))
+            **out.plan_json(result_.plan)})
         return
     out.print_plan(result_.plan)
     if result_.revision is not None:
@@ -278,7 +277,7 @@ def history(
     """List revisions, newest first."""
     revs = state.registry().history(limit)
     if output is Format.json:
-        out.console.print_json(json.dumps([out.revision_dict(r) for r in revs]))
+        out.print_json([out.revision_dict(r) for r in revs])
         return
     if not revs:
         out.console.print("No revisions yet: run `twin apply PATH`.")
@@ -304,7 +303,7 @@ def diff(
     reg.revision(newer)
     p = make_plan(reg.specs(rev), reg.specs(newer), prune=True)
     if output is Format.json:
-        out.console.print_json(json.dumps({"from": rev, "to": newer, **out.plan_json(p)}))
+        out.print_json({"from": rev, "to": newer, **out.plan_json(p)})
         return
     out.console.print(Text(f"revision {rev} → {newer}", style="bold"))
     if p.empty:
@@ -382,7 +381,7 @@ def get(
     if name and not docs:
         raise NotFoundError(f"{k} {name!r} not found", hint=f"`twin get {kind}` lists them")
     if output is TableFormat.json:
-        out.console.print_json(json.dumps([_with_status(d, r) for d, r in docs]))
+        out.print_json([_with_status(d, r) for d, r in docs])
         return
     if output is TableFormat.yaml:
         out.console.print(yaml.safe_dump_all([_with_status(d, r) for d, r in docs],
@@ -482,7 +481,7 @@ def describe(
             info.update(_live_device(server, name))
     info["spec"] = doc
     if output is TableFormat.json:
-        out.console.print_json(json.dumps(info, default=str))
+        out.print_json(info, default=str)
         return
     if output is TableFormat.yaml:
         out.console.print(yaml.safe_dump(info, sort_keys=False, allow_unicode=True), end="")

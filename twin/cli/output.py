@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from twin.errors import Problem, SpecError
+from twin.errors import Problem, SpecError, TwinError
 from twin.registry.base import Revision
 from twin.spec.paths import format_path
 from twin.spec.plan import MISSING, Action, Plan
@@ -29,6 +29,24 @@ err_console = _console(stderr=True)
 
 _SYMBOL = {Action.CREATE: ("+", "green"), Action.UPDATE: ("~", "yellow"),
            Action.DELETE: ("-", "red"), Action.KEEP: ("=", "dim")}
+
+
+def json_text(value: Any, **kw: Any) -> str:
+    """JSON for ``-o json``: never ``NaN``/``Infinity`` (invalid JSON a consumer would choke
+    on); a non-finite number that slipped into stored data is an error here, not output."""
+    from twin.spec.inputlimits import dumps
+
+    try:
+        return dumps(value, **kw)
+    except ValueError as exc:
+        raise TwinError(f"cannot print this as JSON: {exc} (a NaN or Infinity in stored data)",
+                        hint="find it with `-o yaml` (it shows as .nan/.inf) and re-apply a "
+                        "corrected spec") from None
+
+
+def print_json(value: Any, con: Console | None = None, **kw: Any) -> None:
+    """Print ``value`` as (strict, pretty) JSON."""
+    (con or console).print_json(json_text(value, **kw))
 
 
 def short(value: Any, limit: int = 70) -> str:

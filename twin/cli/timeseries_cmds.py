@@ -252,7 +252,7 @@ def query(
             step(f"writing {out}", 2, 2)
             if output is Output.table:
                 assert table_doc is not None
-                data = json.dumps(table_doc).encode()
+                data = _out().json_text(table_doc).encode()
             out.write_bytes(data)
     if out is not None:
         _out().err_console.print(f"wrote {len(data):,} bytes to {out}")
@@ -319,7 +319,7 @@ def storage(
         finally:
             store.close()
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(_out().json_text(report, indent=2))
         return
     o = _out()
     o.console.print(f"store  {report.get('store', '?')}")
@@ -396,7 +396,7 @@ def retention(ctx: typer.Context) -> None:
         finally:
             store.close()
     if opts.get("json"):
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(_out().json_text(report, indent=2))
         return
     if report is None:
         o.console.print("no RetentionPolicy on the server: nothing to do")

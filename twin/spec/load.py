@@ -21,6 +21,7 @@ from typing import Any
 
 from twin.errors import Location, Problem, SpecError
 from twin.spec.gcpause import gc_paused
+from twin.spec.inputlimits import value_problems
 from twin.spec.schema import known_kinds, schema_problems
 from twin.spec.yamlload import YamlDocument, load_documents
 
@@ -254,6 +255,12 @@ def _load_site(
     return loaded
 
 
+def _path_text(path: Sequence[str | int]) -> str:
+    from twin.spec.paths import format_path
+
+    return format_path(path)
+
+
 def validate_specs(documents: Iterable[Mapping[str, Any]], *, strict: bool = True) -> LoadedSpecs:
     """Validate documents that come from memory (an API write): the same schema and reference
     checks as files; problems name the kind, name and path inside the document."""
@@ -299,7 +306,10 @@ def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: li
         # reported by the schema too, but say it once, clearly, and keep going
         pass
     body = normalise(data)  # the data was built fresh for this document: normalised in place
-    errs = schema_problems(doc, kind, name)
+    errs = [Problem(doc.where(path), message, kind, name, _path_text(path) or None)
+            for path, message in value_problems(body)]
+    if not errs:  # NaN, lone surrogates, deep nesting: the schema validator is not fed them
+        errs = schema_problems(doc, kind, name)
     if errs:
         problems.extend(errs)
         if name is None:

@@ -3,7 +3,10 @@
 ``load_documents(text, file)`` parses a multi-document YAML stream with libyaml (when present)
 and returns, for each document, the plain data and a map from JSON path (a tuple of keys and
 indices) to the ``Location`` of the node at that path. Duplicate keys are errors, located at
-the second occurrence. Anchors/aliases are resolved like PyYAML does.
+the second occurrence. Anchors/aliases are resolved like PyYAML does, within bounds (see
+``twin.spec.inputlimits``): aliases may not expand a file beyond ``ALIAS_BASE +
+ALIAS_PER_NODE x`` the nodes written out (a "billion laughs" file is refused, located at the
+alias that crosses the bound), and nesting is at most ``MAX_DEPTH`` levels.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from twin.errors import Location, Problem
+from twin.spec.inputlimits import ALIAS_BASE, ALIAS_PER_NODE, MAX_DEPTH
 
 try:  # libyaml is ~10x faster; fall back to pure Python when it is missing
     from yaml import CSafeLoader as _Loader
@@ -75,6 +79,18 @@ class YamlDocument:
         return self._loc(node) if node is not None else self.where(path)
 
 
+@dataclass
+class _Budget:
+    """Alias expansion of one file: nodes written out, and nodes added by aliases."""
+
+    written: int = 0
+    aliased: int = 0
+
+    @property
+    def limit(self) -> int:
+        return ALIAS_BASE + ALIAS_PER_NODE * self.written
+
+
 class _Builder:
     """Builds plain data straight from libyaml's event stream, recording each path's node.
 
@@ -86,13 +102,16 @@ class _Builder:
 
     _resolvers = Resolver.yaml_implicit_resolvers
 
-    def __init__(self, file: str, problems: list[Problem]) -> None:
+    def __init__(self, file: str, problems: list[Problem], budget: _Budget | None = None) -> None:
         self.file = file
         self.problems = problems
         self.constructor = SafeConstructor()
         self.nodes: dict[Path, Any] = {}
         self.key_nodes: dict[Path, Any] = {}
         self.anchors: dict[str, Any] = {}
+        self.budget = budget or _Budget()
+        self.expanded = 0  # nodes of this document as if every alias were written out
+        self.sizes: dict[str, int] = {}  # anchor -> expanded nodes of its value
 
     def loc(self, mark: Any) -> Location:
         return Location(self.file, mark.line + 1, mark.column + 1)
@@ -118,16 +137,23 @@ class _Builder:
 
     def document(self, events: Iterator[yaml.Event], first: yaml.Event) -> Any:
         self.anchors = {}
+        self.sizes = {}
         return self.value(events, first, ())
 
     def value(self, events: Iterator[yaml.Event], ev: yaml.Event, path: Path) -> Any:
         self.nodes[path] = ev.start_mark
+        if isinstance(ev, yaml.AliasEvent):
+            if ev.anchor not in self.anchors:
+                raise _BuildError(ev.start_mark, f"unknown alias *{ev.anchor}", path)
+            self.alias(ev, path)
+            return self.anchors[ev.anchor]
+        before = self.expanded
+        self.expanded += 1
+        self.budget.written += 1
         if isinstance(ev, yaml.ScalarEvent):
             out: Any = self.scalar(ev)
-        elif isinstance(ev, yaml.AliasEvent):
-            if ev.anchor not in self.anchors:
-                raise _BuildError(ev.start_mark, f"unknown alias *{ev.anchor}")
-            return self.anchors[ev.anchor]
+        elif len(path) >= MAX_DEPTH:
+            raise _BuildError(ev.start_mark, f"nested more than {MAX_DEPTH} levels deep", path)
         elif isinstance(ev, yaml.SequenceStartEvent):
             out = []
             for item in events:
@@ -141,9 +167,25 @@ class _Builder:
         anchor = getattr(ev, "anchor", None)
         if anchor:
             if anchor in self.anchors:  # as PyYAML's composer: an anchor is defined once
-                raise _BuildError(ev.start_mark, f"duplicate anchor &{anchor}")
+                raise _BuildError(ev.start_mark, f"duplicate anchor &{anchor}", path)
             self.anchors[anchor] = out
+            self.sizes[anchor] = self.expanded - before
         return out
+
+    def alias(self, ev: yaml.AliasEvent, path: Path) -> None:
+        """Count what the alias adds; refuse the file when aliases multiply it (alias bomb)."""
+        size = self.sizes.get(str(ev.anchor), 1)
+        self.expanded += size
+        budget = self.budget
+        budget.aliased += size
+        if budget.aliased > budget.limit:
+            raise _BuildError(
+                ev.start_mark,
+                f"aliases expand this file beyond {budget.limit:,} nodes (*{ev.anchor} adds "
+                f"{size:,}): refused as a YAML alias bomb; aliases may add at most "
+                f"{ALIAS_BASE:,} nodes plus {ALIAS_PER_NODE} per node written out",
+                path,
+            )
 
     def mapping(self, events: Iterator[Any], path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -184,10 +226,11 @@ class _Builder:
 
 
 class _BuildError(Exception):
-    def __init__(self, mark: Any, message: str) -> None:
+    def __init__(self, mark: Any, message: str, path: Path = ()) -> None:
         super().__init__(message)
         self.mark = mark
         self.message = message
+        self.path = path
 
 
 def _fmt(path: Path) -> str:
@@ -201,12 +244,13 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
     problems: list[Problem] = []
     docs: list[YamlDocument] = []
     events = yaml.parse(text, Loader=_Loader)
+    budget = _Budget()
     index = 0
     try:
         for ev in events:
             if not isinstance(ev, yaml.DocumentStartEvent):
                 continue
-            builder = _Builder(file, problems)
+            builder = _Builder(file, problems, budget)
             first = next(events)
             if isinstance(first, yaml.DocumentEndEvent):
                 continue
@@ -214,7 +258,7 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
                 data = builder.document(events, first)
             except _BuildError as exc:
                 problems.append(Problem(builder.loc(exc.mark), f"YAML error: {exc.message}",
-                                        syntax=True))
+                                        syntax=True, path=_fmt(exc.path) or None))
                 return docs, problems
             except yaml.constructor.ConstructorError as exc:
                 mark = exc.problem_mark
