@@ -281,13 +281,21 @@ class MqttBinding:
             routes.append(await hub.route(t["response"], self._on_response, self.qos))
             routes.append(
                 await hub.route(
-                    t["telemetry"], self._on_telemetry, self.qos, check=self._check_readings
+                    t["telemetry"],
+                    self._on_telemetry,
+                    self.qos,
+                    check=self._check_readings,
+                    readings=self._durable_readings,
                 )
             )
             if t["state"] != t["telemetry"]:
                 routes.append(
                     await hub.route(
-                        t["state"], self._on_state, self.qos, check=self._check_readings
+                        t["state"],
+                        self._on_state,
+                        self.qos,
+                        check=self._check_readings,
+                        readings=self._durable_readings,
                     )
                 )
             routes.append(
@@ -380,6 +388,16 @@ class MqttBinding:
             return str(exc)
         return None
 
+    def _durable_readings(self, msg: InMessage) -> list[Reading]:
+        """For the write-ahead log: the readings ``_on_telemetry`` would pass on (none when
+        it would refuse or ignore the message)."""
+        if msg.retain and not self.accept_retained:
+            return []
+        try:
+            return self._readings(msg)
+        except ValueRefused:
+            return []
+
     def _check_event(self, msg: InMessage) -> str | None:
         try:
             self._event(msg)
@@ -396,11 +414,14 @@ class MqttBinding:
     def _on_telemetry(self, msg: InMessage) -> None:
         if msg.retain and not self.accept_retained:
             return
-        try:
-            readings = self._readings(msg)
-        except ValueRefused as exc:
-            self._refused(msg, exc)
-            return
+        if msg.logged is not None:  # parsed and logged by the broker's durability hook
+            readings = [r for r in msg.logged if r.device == self.device]
+        else:
+            try:
+                readings = self._readings(msg)
+            except ValueRefused as exc:
+                self._refused(msg, exc)
+                return
         for r in readings:
             self.last[r.point] = r
             self._push(r)

@@ -23,7 +23,8 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -52,6 +53,18 @@ PayloadCheck = Callable[[Any, Message], "str | None"]
 MQTT 5 publishes with QoS >= 1 before they are acknowledged (refused: reason code 0x99, with
 the reason string when the client accepts problem information); the engine sets it to ask its
 device bindings whether they would accept the payload."""
+
+DurableWait = Callable[[], Awaitable[int]]
+Durability = Callable[[Any, Message], "tuple[Message, DurableWait] | int | None"]
+"""``durability(principal, message)``: asked for every accepted publish with QoS >= 1 before it
+is delivered; the engine sets it to put the readings it will store into its write-ahead log
+(``twin/timeseries/wal.py``), so that a PUBACK / PUBREC means the readings are on disk.
+Returns None (nothing to log: acknowledge as usual), ``(message, wait)`` (deliver ``message``,
+the original annotated with what was logged; the acknowledgement is held until ``await wait()``
+returns 0, or carries the reason code it returns, e.g. 0x97 on a full disk), or a reason code
+(refused now: not delivered). Acknowledgements stay in the order the publishes came: one held
+behind a slow log holds those after it. An MQTT 3.1.1 client cannot be told a reason code:
+its connection is closed without the acknowledgement, and it publishes again on reconnect."""
 
 
 def allow_all_authenticate(
@@ -107,6 +120,7 @@ class Stats:
     protocol_errors: int = 0
     connections_refused: int = 0
     payload_refused: int = 0  # publishes refused by ``Broker.payload_check`` (MQTT 5 QoS >= 1)
+    durability_refused: int = 0  # publishes the durability hook refused (log full, failing)
 
 
 @dataclass
@@ -137,6 +151,7 @@ class Broker:
         self.authenticate = authenticate
         self.authorize = authorize
         self.payload_check: PayloadCheck | None = None
+        self.durability: Durability | None = None
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
@@ -560,6 +575,9 @@ class Connection:
         self.keep_alive = 0
         self.problem_info = True
         self._writer_done = trio.Event()
+        # publish acknowledgements held behind the durability hook (see Broker.durability)
+        self._held: deque[tuple[DurableWait | None, int, int, int, c.Properties]] = deque()
+        self._held_wake = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -577,6 +595,8 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
+                if b.durability is not None:
+                    nursery.start_soon(self._release_acks)
                 try:
                     clean_exit = await self._reader()
                 except ProtocolError as exc:
@@ -1029,6 +1049,7 @@ class Connection:
             return
         n = 1
         problem: str | None = None
+        gate: DurableWait | None = None
         if allowed:
             if v5 and (props.topic_alias is not None or props.subscription_identifier):
                 props = replace(props, topic_alias=None)
@@ -1039,13 +1060,26 @@ class Connection:
             problem = (
                 b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
             )
+            logged = (
+                b.durability(self.principal, msg)
+                if qos and problem is None and b.durability is not None
+                else None
+            )
             if problem is not None:
                 # the engine would refuse the payload (e.g. a value that is not finite): tell
                 # an MQTT 5 publisher (PUBACK/PUBREC 0x99) instead of acknowledging it
                 b.stats.payload_refused += 1
                 rc = ReasonCode.PAYLOAD_FORMAT_INVALID
                 allowed = False
+            elif isinstance(logged, int):  # the write-ahead log refuses it (full, busy)
+                b.stats.durability_refused += 1
+                if not v5:
+                    raise _Close  # no reason codes in 3.1.1: no ack, it publishes again
+                rc = ReasonCode(logged)
+                allowed = False
             else:
+                if logged is not None:
+                    msg, gate = logged
                 n = b.publish(msg)
         if qos == 0:
             return
@@ -1057,22 +1091,54 @@ class Connection:
         ack_props = NO_PROPS
         if problem is not None and self.problem_info:
             ack_props = c.Properties(reason_string=problem[:200])
+        if qos == 2 and rc < 0x80:
+            # known at once (a resent PUBLISH is not delivered twice), even if PUBREC waits
+            if len(s.in_qos2) >= b.config.receive_maximum:
+                raise ProtocolError("receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED)
+            s.in_qos2.add(pid)
+            if s.persistent and b.store is not None:
+                b.store.in_qos2(s.client_id, pid, True)
+        if gate is None and not self._held:
+            self._send_ack(qos, pid, rc, ack_props)
+        else:  # held until the log is on disk (and behind earlier held ones: order)
+            self._held.append((gate, qos, pid, rc, ack_props))
+            self._held_wake.set()
+
+    def _send_ack(self, qos: int, pid: int, rc: int, props: c.Properties) -> None:
         if qos == 1:
             if rc == 0:
                 self.control += b"\x40\x02" + pid.to_bytes(2, "big")
                 self.wake.set()
             else:
-                self._send(c.Puback(pid, rc, ack_props))
+                self._send(c.Puback(pid, rc, props))
         else:
-            if rc < 0x80:
-                if len(s.in_qos2) >= b.config.receive_maximum:
-                    raise ProtocolError(
-                        "receive maximum exceeded", ReasonCode.RECEIVE_MAXIMUM_EXCEEDED
-                    )
-                s.in_qos2.add(pid)
-                if s.persistent and b.store is not None:
-                    b.store.in_qos2(s.client_id, pid, True)
-            self._send(c.Pubrec(pid, rc, ack_props))
+            self._send(c.Pubrec(pid, rc, props))
+
+    async def _release_acks(self) -> None:
+        """Send held acknowledgements in order, each once its log write is on disk."""
+        held = self._held
+        while True:
+            await self._held_wake.wait()
+            self._held_wake = trio.Event()
+            while held:
+                gate, qos, pid, rc, props = held[0]
+                code = await gate() if gate is not None else 0
+                held.popleft()
+                if code:
+                    self.broker.stats.durability_refused += 1
+                    s = self.session
+                    if qos == 2 and s is not None:
+                        s.in_qos2.discard(pid)
+                        if s.persistent and self.broker.store is not None:
+                            self.broker.store.in_qos2(s.client_id, pid, False)
+                    if self.version < MQTT_5:
+                        # no reason codes in 3.1.1: end the connection without the ack
+                        held.clear()
+                        if self._reader_scope is not None:
+                            self._reader_scope.cancel()
+                        return
+                    rc = code
+                self._send_ack(qos, pid, rc, props)
 
     def _on_ack(self, pid: int, qos: int) -> None:
         s = self.session

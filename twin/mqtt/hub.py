@@ -47,10 +47,15 @@ class InMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     user_properties: tuple[tuple[str, str], ...] = ()
+    logged: Any = None
+    """The readings the embedded broker's durability hook put in the write-ahead log for this
+    message (``MqttHub.readings``), already marked ``logged``: the binding passes these on
+    instead of parsing the payload again. None: nothing was logged."""
 
 
 Handler = Callable[[InMessage], None]
 Check = Callable[[InMessage], "str | None"]
+Readings = Callable[[InMessage], "list[Any]"]
 """Why a message would be refused by its route's handler (None: acceptable)."""
 
 
@@ -82,6 +87,7 @@ class Route:
     handler: Handler
     qos: int = 1
     check: Check | None = None
+    readings: Readings | None = None
 
 
 @dataclass
@@ -112,12 +118,19 @@ class MqttHub:
         return f"$share/{self.share_group}/{flt}" if self.share_group else flt
 
     async def route(
-        self, flt: str, handler: Handler, qos: int = 1, *, check: Check | None = None
+        self,
+        flt: str,
+        handler: Handler,
+        qos: int = 1,
+        *,
+        check: Check | None = None,
+        readings: Readings | None = None,
     ) -> Route:
         """Hand messages matching ``flt`` to ``handler``; ``check`` (optional) tells the
         embedded broker, before it acknowledges a publish, whether the handler would refuse
-        it (see :meth:`check`)."""
-        r = Route(flt, handler, qos, check)
+        it (see :meth:`check`); ``readings`` (optional) gives the readings the handler would
+        take from a message, for the write-ahead log (see :meth:`readings`)."""
+        r = Route(flt, handler, qos, check, readings)
         async with self._lock:
             self.tree.add(flt, id(r), r)
             self.stats.routes += 1
@@ -180,6 +193,21 @@ class MqttHub:
                 return problem
         return None
 
+    def readings(self, msg: InMessage) -> list[Any]:
+        """The readings the routes' handlers would take from ``msg`` (for the write-ahead log
+        before the embedded broker acknowledges it; a route that would refuse it adds none).
+        Never raises."""
+        out: list[Any] = []
+        for _flt, _key, r in self.tree.match(msg.topic):
+            if r.readings is None:
+                continue
+            try:
+                out.extend(r.readings(msg))
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("mqtt hub: readings of %s failed", r.flt)
+        return out
+
     def refused(self, device: str, reason: str) -> None:
         """A binding refused a message of ``device`` (bad values): count and report it."""
         self.stats.refused += 1
@@ -230,6 +258,7 @@ def in_message(msg: Message, retained: bool = False) -> InMessage:
         p.response_topic,
         p.correlation_data,
         p.user_property,
+        msg.logged,
     )
 
 

@@ -38,6 +38,9 @@ class Message:
     sender: str | None = None
     expires_at: float | None = None  # wall clock (time.time()), survives restarts
     encoded: dict[Any, bytes] = field(default_factory=dict, compare=False, repr=False)
+    logged: Any = field(default=None, compare=False, repr=False)
+    """What the broker's durability hook logged of this message (the engine's readings; opaque
+    to the broker, see ``Broker.durability``)."""
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at

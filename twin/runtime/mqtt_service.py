@@ -12,6 +12,13 @@
   ``share_group`` makes this engine subscribe through ``$share/<group>/...`` so several engines
   behind one (clustered) broker split device traffic between them.
 
+Acknowledged means durable: on the embedded broker, a device's publish with QoS >= 1 whose
+readings the engine stores is acknowledged (PUBACK / PUBREC) only once those readings are in the
+time-series service's write-ahead log (:func:`durability_hook`, ``Broker.durability``). With an
+external broker the acknowledgement to the device is that broker's business: it acknowledges
+before the engine sees the message (the engine's own subscription is a persistent QoS 1
+session, so the broker keeps what the engine has not received).
+
 Either way one :class:`~twin.mqtt.hub.MqttHub` serves every ``mqtt`` device binding: it is
 attached to the engine's binding context (:func:`twin.bindings.mqtt.attach_hub`) and exposed as
 ``engine.mqtt``. A device whose status topic / Last Will says ``offline`` is marked offline at
@@ -313,6 +320,8 @@ class MqttService:
                 hub.on_refused = RefusalReporter(engine, "mqtt")
                 if self.broker is not None:  # MQTT 5 QoS >= 1: refuse in the PUBACK (0x99)
                     self.broker.payload_check = lambda _principal, msg: hub.check(in_message(msg))
+                    # QoS >= 1: PUBACK / PUBREC only once the readings are in the WAL
+                    self.broker.durability = durability_hook(engine, hub)
                 await nursery.start(transport.run)
                 if cfg.mode == "external":
                     info["connected"] = transport.connected
@@ -356,6 +365,52 @@ class MqttService:
             sockets=cfg.sockets,
         )
         return broker
+
+
+def durability_hook(engine: Any, hub: Any) -> Any:
+    """The embedded broker's ``Broker.durability`` for this engine: a publish with QoS >= 1
+    whose readings the engine stores is put into the time-series service's write-ahead log
+    before the broker acknowledges it (PUBACK / PUBREC wait for the group commit). Refused
+    with 0x97 (quota exceeded) when the log's disk is full or too much is waiting for the
+    store, 0x80 on other write errors (an MQTT 3.1.1 client is disconnected instead, and
+    publishes again). With an external broker the acknowledgement to the device is that
+    broker's business (it has already acknowledged when the engine sees the message)."""
+    import dataclasses
+
+    from twin.mqtt.hub import in_message
+    from twin.runtime.timeseries_service import timeseries_of
+    from twin.timeseries.wal import WalBusy, WalError, WalFull
+
+    def code(exc: WalError) -> int:
+        return 0x97 if isinstance(exc, WalFull | WalBusy) else 0x80
+
+    def hook(_principal: Any, msg: Any) -> Any:
+        svc = timeseries_of(engine)
+        if svc is None or svc.wal is None:
+            return None
+        readings = hub.readings(in_message(msg))
+        try:
+            batch = svc.append_readings(readings)
+        except WalError as exc:
+            log.warning("mqtt: publish on %s refused: %s", msg.topic, exc)
+            return code(exc)
+        if batch is None:
+            return None
+        wal = svc.wal
+        logged = [
+            dataclasses.replace(r, logged=True) if r.value is not None else r for r in readings
+        ]
+
+        async def wait() -> int:
+            try:
+                await wal.commit(batch)
+            except WalError as exc:
+                return code(exc)
+            return 0
+
+        return dataclasses.replace(msg, logged=logged), wait
+
+    return hook
 
 
 def cli_service(

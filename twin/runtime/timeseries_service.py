@@ -374,14 +374,24 @@ class TimeSeriesService:
         wal = self.wal
         if wal is None:
             return False
+        batch = self.append_readings(readings)
+        if batch is not None:
+            await wal.commit(batch)
+        return True
+
+    def append_readings(self, readings: Sequence[Any]) -> Any:
+        """The synchronous half of :meth:`log_readings`: append to the log's pending batch
+        and return it (``await self.wal.commit(batch)`` waits for the disk), or None when
+        there is nothing to log. Raises ``WalError`` (``WalBusy``) like ``log_readings``."""
+        wal = self.wal
         rows: list[WalReading] = [
             (r.device, r.point, r.value, float(r.ts), str(r.quality))
             for r in readings
             if r.value is not None
         ]
-        if rows:
-            await wal.log(rows)
-        return True
+        if wal is None or not rows:
+            return None
+        return wal.append(rows)[1]
 
     def _wal_committed(self, entries: list[Entry]) -> None:
         self._wal_queue.extend(entries)
