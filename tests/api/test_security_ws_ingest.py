@@ -23,6 +23,10 @@ MIN_ROLE = {
     "/api/v1/devices/{device}/keys/{key_id}": "admin",
     "/api/v1/users": "admin",
     "/api/v1/users/{name}": "admin",
+    "/api/v1/users/{name}/disable": "admin",
+    "/api/v1/users/{name}/enable": "admin",
+    "/api/v1/users/{name}/revoke-tokens": "admin",
+    "/api/v1/tokens/{token_id}": "admin",
     "/api/v1/sessions/{session_id}": "admin",
     "/api/v1/scenes": "admin",
     "/api/v1/scenes/{name}": "admin",
@@ -42,6 +46,7 @@ FILL = {
     "key_id": "k",
     "name": "line-1",
     "session_id": "s",
+    "token_id": "t",
     "alarm_id": "1",
     "command_id": "c",
 }

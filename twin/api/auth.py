@@ -84,7 +84,8 @@ class Principal:
     role: str
     sites: tuple[str, ...] = ()  # empty: every site
     session: str | None = None
-    token_id: str | None = None
+    token_id: str | None = None  # the access token's jti
+    api_token: str | None = None  # a long-lived token's record id (twin token create)
 
     def at_least(self, role: str) -> bool:
         return RANK.get(self.role, -1) >= RANK[role]

@@ -26,6 +26,7 @@ from twin.errors import AuthError
 from twin.timeseries.wal import WalError, WalFull
 
 INGEST_PREFIX = f"{PREFIX}/ingest/"
+LOGIN = f"{PREFIX}/auth/login"
 MAX_INGEST_BODY = 1 << 20
 
 
@@ -153,7 +154,10 @@ class Gatekeeper:
         route_path = getattr(route, "path", None) or ("unmatched" if response is None else path)
         prom.child(prom.api_requests, method, route_path, str(status)).inc()
         prom.child(prom.api_latency, method, route_path).observe(time.perf_counter() - started)
-        if method in MUTATING and not ingest:
+        if path == LOGIN and status in (401, 429):
+            # a flood of failed logins: one audit row per user/address/window, not one each
+            st.login_audit.failed(scope["state"].get("actor", "anonymous"), client, status)
+        elif method in MUTATING and not ingest:
             actor = scope["state"].get("actor", "anonymous")
             action = f"{method} {path}"
             target = str(

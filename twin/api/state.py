@@ -18,6 +18,7 @@ import trio
 
 from twin.api import auth
 from twin.api.ratelimit import Rate, RateLimiter
+from twin.api.throttle import LoginAudit, LoginThrottle
 from twin.errors import AuthError
 from twin.registry.base import User
 from twin.runtime.engine import Engine
@@ -34,8 +35,13 @@ class ApiSettings:
     access_ttl: float = auth.ACCESS_TTL
     refresh_ttl: float = auth.REFRESH_TTL
     ws_buffer: int = 1000
-    user_cache_ttl: float = 5.0
+    user_cache_ttl: float = 5.0  # a revocation made by another process holds within this
     reload_wait: float = 5.0
+    # failed logins: free ones per user / per address, then a doubling lock-out up to the cap
+    login_free_per_user: int = 5
+    login_free_per_address: int = 20
+    login_backoff_cap: float = 900.0
+    login_audit_window: float = 60.0  # failed logins: one audit row per user/address/window
 
 
 class ApiState:
@@ -52,6 +58,13 @@ class ApiState:
         self._verifying: dict[tuple[str, str], trio.Event] = {}
         self._users: dict[str, tuple[User | None, float]] = {}
         self._sessions: dict[str, tuple[bool, float]] = {}
+        self._tokens: dict[str, tuple[bool, float]] = {}
+        self.logins = LoginThrottle(
+            free_per_user=settings.login_free_per_user,
+            free_per_address=settings.login_free_per_address,
+            cap=settings.login_backoff_cap,
+        )
+        self.login_audit = LoginAudit(settings.login_audit_window)
         self._list_cache: tuple[int, list[tuple[str, dict[str, Any]]]] = (-1, [])
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
@@ -83,15 +96,33 @@ class ApiState:
             done.set()
 
     async def sweep_keys(self) -> None:
-        """Forget device keys revoked by another process (the CLI), every ``keys.ttl``."""
-        while True:
-            await trio.sleep(self.keys.ttl)
-            try:
-                dropped = await self.call(self.keys.sweep)
-                if dropped:
-                    log.info("api: %d revoked device key(s) dropped from the cache", dropped)
-            except Exception:
-                log.exception("api: device key sweep failed")
+        """Every ``keys.ttl / 2``: forget device keys revoked by another process (the CLI, a
+        device deleted through apply), which also keeps the valid ones fresh in the cache;
+        write the audit rows of failed logins whose window has closed."""
+        try:
+            while True:
+                await trio.sleep(self.keys.ttl / 2)
+                self.flush_login_audit()
+                try:
+                    dropped = await self.call(self.keys.sweep)
+                    if dropped:
+                        log.info("api: %d revoked device key(s) dropped from the cache", dropped)
+                except Exception:
+                    log.exception("api: device key sweep failed")
+        finally:
+            self.flush_login_audit(all=True)
+
+    def flush_login_audit(self, *, all: bool = False) -> None:
+        rows = self.login_audit.due(all=all)
+        if not rows:
+            return
+        now = time.time()
+
+        def write(reg: Any) -> None:
+            for user, _address, detail in rows:
+                reg.audit(user, "POST /api/v1/auth/login", user, "failed", now, detail)
+
+        self.engine.writer.put(write)
 
     async def user(self, name: str) -> User | None:
         hit = self._users.get(name)
@@ -112,23 +143,44 @@ class ApiState:
         self._sessions[sid] = (alive, now)
         return alive
 
-    def forget(self, user: str | None = None, session: str | None = None) -> None:
+    async def api_token_alive(self, tid: str) -> bool:
+        hit = self._tokens.get(tid)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < self.settings.user_cache_ttl:
+            return hit[0]
+        t = await self.call(self.engine.registry.get_api_token, tid)
+        alive = t is not None and t.revoked_at is None and t.expires_at > time.time()
+        self._tokens[tid] = (alive, now)
+        return alive
+
+    def forget(
+        self, user: str | None = None, session: str | None = None, token: str | None = None
+    ) -> None:
+        """Drop cached answers after a change made here (the API), so it holds at once;
+        one made by another process holds within ``user_cache_ttl``."""
         if user:
             self._users.pop(user, None)
         if session:
             self._sessions.pop(session, None)
+        if token:
+            self._tokens.pop(token, None)
 
     async def authenticate(self, token: str | None) -> auth.Principal:
+        """The principal of a bearer token: its signature and expiry, then its user (same
+        id, same generation, not disabled) and its session or API-token record (unrevoked)."""
         if not token:
             raise AuthError("missing bearer token", hint="log in at POST /api/v1/auth/login")
         claims = auth.decode_access_token(self.secret, token)
-        user = await self.user(str(claims["sub"]))
-        if user is None or user.disabled:
-            raise AuthError("unknown or disabled user")
+        user = auth.check_claims(claims, await self.user(str(claims["sub"])))
         sid = claims.get("sid")
         if sid and not await self.session_alive(str(sid)):
-            raise AuthError("session revoked")
-        return auth.Principal(user.name, user.role, tuple(user.sites), sid, claims.get("jti"))
+            raise AuthError("session revoked", hint="log in again")
+        tid = claims.get("tid")
+        if tid and not await self.api_token_alive(str(tid)):
+            raise AuthError("token revoked")
+        return auth.Principal(
+            user.name, user.role, tuple(user.sites), sid, claims.get("jti"), api_token=tid
+        )
 
     def devices_sorted(self) -> list[tuple[str, dict[str, Any]]]:
         rev = self.engine.revision_number

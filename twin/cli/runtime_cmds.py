@@ -1,4 +1,5 @@
-"""Runtime commands: ``twin up``, device keys, users, tokens, sessions.
+"""Runtime commands: ``twin up``, device keys, users (add, list, delete, disable, enable),
+tokens (create, list, revoke one or all of a user's), sessions.
 
 Wired into the main typer app by ``twin.cli.main`` through :func:`register`.
 """
@@ -327,6 +328,8 @@ def user_list() -> None:
 
 @user_app.command("delete")
 def user_delete(name: str) -> None:
+    """Delete a user with its sessions and tokens (a user added again later under the same
+    name is another user: the old tokens stay dead)."""
     reg = _registry()
     if reg.get_user(name) is None:
         raise TwinError(f"no user {name!r}", hint="twin user list")
@@ -334,24 +337,93 @@ def user_delete(name: str) -> None:
     _console().print(f"deleted {name}")
 
 
+def _set_disabled(name: str, disabled: bool) -> None:
+    if not _registry().set_user_disabled(name, disabled):
+        raise TwinError(f"no user {name!r}", hint="twin user list")
+
+
+@user_app.command("disable")
+def user_disable(name: str) -> None:
+    """Refuse the user's logins, tokens and MQTT connections (open ones close within 10 s)
+    until `twin user enable`; its tokens are not revoked (see `twin token revoke --user`)."""
+    _set_disabled(name, True)
+    _console().print(f"disabled {name}")
+
+
+@user_app.command("enable")
+def user_enable(name: str) -> None:
+    """Let a disabled user in again."""
+    _set_disabled(name, False)
+    _console().print(f"enabled {name}")
+
+
 # -- tokens, sessions ---------------------------------------------------------------------------------
-token_app = typer.Typer(help="API access tokens.", no_args_is_help=True)
+token_app = typer.Typer(
+    help="API access tokens: long-lived ones for scripts (listed, revocable).",
+    no_args_is_help=True,
+)
 
 
 @token_app.command("create")
 def token_create(
     user: str,
     ttl: Annotated[str, typer.Option("--ttl", help="Lifetime, e.g. 1h, 30d.")] = "30d",
+    note: Annotated[str, typer.Option("--note", help="What it is for (shown by list).")] = "",
 ) -> None:
-    """Print an access token for USER (for scripts, TWIN_TOKEN, Prometheus)."""
-    from twin.api.auth import issue_access_token, load_secret
+    """Print an access token for USER (for scripts, TWIN_TOKEN, Prometheus); its id is on
+    stderr and in `twin token list`, to revoke it with `twin token revoke ID`."""
+    from twin.api.auth import create_api_token, load_secret
     from twin.spec.units import parse_duration
 
     reg = _registry()
     u = reg.get_user(user)
     if u is None:
         raise TwinError(f"no user {user!r}", hint=f"twin user add {user} --role viewer")
-    typer.echo(issue_access_token(load_secret(_state().state_dir), u, ttl=parse_duration(ttl)))
+    rec, token = create_api_token(
+        reg, load_secret(_state().state_dir), u, ttl=parse_duration(ttl), note=note
+    )
+    typer.echo(f"token {rec.id} for {user}, expires {_fmt_time(rec.expires_at)}", err=True)
+    typer.echo(token)
+
+
+@token_app.command("list")
+def token_list(user: Annotated[str | None, typer.Option("--user")] = None) -> None:
+    """Long-lived tokens (from `twin token create`) and whether they still work."""
+    c = _console()
+    now = time.time()
+    for t in _registry().api_tokens(user):
+        if t.revoked_at:
+            state = f"revoked {_fmt_time(t.revoked_at)}"
+        elif t.expires_at <= now:
+            state = f"expired {_fmt_time(t.expires_at)}"
+        else:
+            state = f"expires {_fmt_time(t.expires_at)}"
+        c.print(f"{t.id}  {t.user:16} created {_fmt_time(t.created_at)}  {state}  {t.note}")
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str | None, typer.Argument(help="A token id (twin token list).")] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="Revoke every token and session of this user at once."),
+    ] = None,
+) -> None:
+    """Revoke one long-lived token, or (--user) every token of a user: its logins' tokens and
+    sessions too. A running API refuses them within 5 s, MQTT connections close within 10 s."""
+    if (token_id is None) == (user is None):
+        raise TwinError("give a token id or --user NAME (one of them)", hint="twin token list")
+    reg = _registry()
+    if user is not None:
+        generation = reg.revoke_user_credentials(user, time.time())
+        if generation is None:
+            raise TwinError(f"no user {user!r}", hint="twin user list")
+        _console().print(f"revoked every token of {user} (generation {generation})")
+        return
+    assert token_id is not None
+    if not reg.revoke_api_token(token_id, time.time()):
+        raise TwinError(f"no token {token_id!r}", hint="twin token list")
+    _console().print(f"revoked {token_id}")
 
 
 session_app = typer.Typer(help="Login sessions (refresh tokens).", no_args_is_help=True)

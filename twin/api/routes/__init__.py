@@ -8,6 +8,7 @@ groups     device groups
 alarms     alarms: list, acknowledge, clear
 specs      ``/apply`` and revisions
 admin      users, sessions, audit log
+credentials API tokens; disable, enable a user, revoke all its tokens
 system     health, ``/metrics``, the documented ingest route
 ws         the live WebSocket feed
 timeseries queries, storage, retention
@@ -25,6 +26,7 @@ from twin.api.routes import (
     alarms,
     auth,
     commands,
+    credentials,
     devices,
     groups,
     scenes,
@@ -42,6 +44,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     alarms.router,
     specs.router,
     admin.router,
+    credentials.router,
     system.router,
     ws.router,
     timeseries.router,

@@ -1,5 +1,9 @@
 """``/api/v1/auth``: log in (user name + password → access and refresh tokens), refresh an
-access token, log out (revokes the session)."""
+access token, log out (revokes the session, or the long-lived token used).
+
+Logins are throttled per user name and per address (:mod:`twin.api.throttle`: 429 with
+``Retry-After`` before any argon2 work); argon2 runs in a worker thread, against a dummy hash
+for an unknown user, so the answer and its timing say nothing about which names exist."""
 
 from __future__ import annotations
 
@@ -29,15 +33,22 @@ class RefreshRequest(BaseModel):
 async def login(request: Request, st: State, body: LoginRequest) -> dict[str, Any]:
     request.scope["state"]["actor"] = body.username
     reg = st.engine.registry
-    user = await st.call(reg.get_user, body.username)
-    ok = (
-        user is not None
-        and not user.disabled
-        and await st.hash_call(auth.verify_secret, user.password_hash, body.password)
-    )
+    client = request.client.host if request.client else ""
+    wait = st.logins.begin(body.username, client)
+    if wait:
+        raise HTTPException(
+            429,
+            "too many failed logins: try again later",
+            headers={"Retry-After": st.logins.retry_after(wait)},
+        )
+    ok = False
+    try:
+        user = await st.call(reg.get_user, body.username)
+        ok = bool(await st.hash_call(auth.verify_login, user, body.password))
+    finally:
+        st.logins.end(body.username, client, ok)
     if not ok or user is None:
         raise HTTPException(401, "wrong user name or password")
-    client = request.client.host if request.client else ""
     refresh = await st.call(
         auth.create_session, reg, user, client=client, ttl=st.settings.refresh_ttl
     )
@@ -70,7 +81,14 @@ async def refresh(request: Request, st: State, body: RefreshRequest) -> dict[str
 
 @router.post("/auth/logout")
 async def logout(st: State, p: Viewer) -> dict[str, Any]:
+    """Revoke what the bearer token stands on: its login session (and so the refresh token),
+    or, for a token from ``twin token create``, that token."""
     if p.session:
         await st.call(st.engine.registry.revoke_session, p.session, time.time())
         st.forget(session=p.session)
-    return {"revoked": p.session}
+        return {"revoked": p.session, "kind": "session"}
+    if p.api_token:
+        await st.call(st.engine.registry.revoke_api_token, p.api_token, time.time())
+        st.forget(token=p.api_token)
+        return {"revoked": p.api_token, "kind": "token"}
+    raise HTTPException(400, "this token has no session or record to revoke")
