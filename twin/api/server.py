@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 from twin.api.app import ApiSettings, create_app
 from twin.errors import PortInUseError, TwinError
 from twin.runtime.engine import Engine
+from twin.runtime.supervisor import supervise
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,17 @@ class ApiService:
             nursery.start_soon(serve)
             state = getattr(app, "state", None)
             if state is not None and hasattr(state, "sweep_keys"):
-                nursery.start_soon(state.sweep_keys)
+                nursery.start_soon(
+                    partial(
+                        supervise,
+                        state.sweep_keys,
+                        kind="api",
+                        name="sweep_keys",
+                        supervision=engine.supervision,
+                        policy=engine.config.restart,
+                        restart_on_return=True,
+                    )
+                )
             info = {
                 "url": url,
                 "openapi": f"{url}/openapi.json",

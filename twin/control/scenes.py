@@ -153,6 +153,7 @@ class _Runtime:
     dropped: int = 0
     loops: int = 0
     schedule_scope: trio.CancelScope | None = None
+    crashed: bool = False  # the last finished run crashed (an alarm is up)
 
 
 class RunContext:
@@ -250,6 +251,7 @@ class SceneEngine:
         timezone: Callable[[str | None], str] = lambda site: "UTC",
         wall: Callable[[], float] = time.time,
         trace_sink: Callable[[dict[str, Any]], None] | None = None,
+        on_crash: Callable[[Scene, BaseException | None], None] | None = None,
         loop_window: float = 5.0,
         max_chain: int = 8,
         keep_traces: int = 1000,
@@ -258,6 +260,10 @@ class SceneEngine:
         self.timezone = timezone
         self.wall = wall
         self.trace_sink = trace_sink
+        # a run crashed (exc), or the first good run of a scene after a crash (None): the
+        # engine counts, alarms and clears (twin.runtime.supervisor); the run itself is
+        # isolated here, so one failing scene never stops the others
+        self.on_crash = on_crash
         self.loop_window = loop_window
         self.max_chain = max_chain
         self.scenes: dict[str, Scene] = {}
@@ -611,6 +617,12 @@ class SceneEngine:
             log.exception("scene %s: run %s crashed", scene.name, run_id)
             status = "failed"
             trace["error"] = f"{type(exc).__name__}: {exc}"
+            rt.crashed = True
+            self._report_crash(scene, exc)
+        else:
+            if rt.crashed and status == "success":
+                rt.crashed = False
+                self._report_crash(scene, None)
         finally:
             trace["status"] = status
             trace["finished_at"] = self.wall()
@@ -625,6 +637,14 @@ class SceneEngine:
             self._active_runs -= 1
             if self._active_runs == 0:
                 self._idle.set()
+
+    def _report_crash(self, scene: Scene, exc: BaseException | None) -> None:
+        if self.on_crash is None:
+            return
+        try:
+            self.on_crash(scene, exc)
+        except Exception:
+            log.exception("scene %s: reporting a crash failed", scene.name)
 
     async def idle(self) -> None:
         """Wait until no run is active."""

@@ -402,11 +402,38 @@ class ControlService:
         flt = Filter.of(kinds=["reading", "status", "alarm"])
         return self.engine.bus.open(flt, buffer=self.scene_buffer, name="scenes")
 
+    def _scene_crashed(self, scene: Any, exc: BaseException | None) -> None:
+        """A scene run crashed (a bug, not a failed step): count, log, alarm on ``_engine``
+        (``scene_failure:<name>``); cleared by its next successful run."""
+        sup = getattr(self.engine, "supervision", None)
+        if sup is None:
+            return
+        if exc is None:
+            sup.recovered("scene", scene.name)
+        else:
+            site = str(getattr(scene, "site", "") or "")
+            sup.failed("scene", scene.name, exc, site=site, failures=1, delay=0.0)
+
+    def _feed(self, event: Any) -> None:
+        """One bus event into the scene engine; a failure loses this event only."""
+        try:
+            self.scenes.feed(event)
+        except Exception as exc:
+            sup = getattr(self.engine, "supervision", None)
+            if sup is not None:
+                sup.failed(
+                    "scenes", "feed", exc, site=str(event.get("site") or ""), failures=1, delay=0.0
+                )
+            else:
+                log.exception(
+                    "scenes: event %s of %s failed", event.get("kind"), event.get("device")
+                )
+
     async def _pump(self, sub: Any) -> None:
         while True:
             try:
                 async for event in sub.receive:
-                    self.scenes.feed(event)
+                    self._feed(event)
             finally:
                 self.engine.bus.close(sub)
             log.warning("scenes: fell behind the bus and were dropped; resubscribing")
@@ -428,6 +455,7 @@ class ControlService:
             timezone=lambda site: self.catalog.timezone(site=site),
             wall=engine.config.clock,
             trace_sink=self._trace_sink,
+            on_crash=self._scene_crashed,
         )
         # subscribe before taking the snapshot: device tasks start without waiting for them,
         # so a status change between the snapshot and a later subscription would be lost

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -196,6 +196,21 @@ class DeviceController:
         assert self._nursery is not None, "controller not running"
         desired = device_configs(specs, default=self.runtime.default_heartbeat)
         changes = diff_devices(self.configs, desired)
+        # a device its supervisor quarantined gets a fresh start with every new revision
+        stuck = tuple(n for n in changes.update if self.tasks[n].quarantined) + tuple(
+            n
+            for n, t in self.tasks.items()
+            if t.quarantined
+            and n in desired
+            and n not in changes.restart
+            and n not in changes.update
+        )
+        if stuck:
+            changes = replace(
+                changes,
+                restart=tuple(sorted((*changes.restart, *stuck))),
+                update=tuple(n for n in changes.update if n not in stuck),
+            )
         self.reconciles += 1
         # cancel every stopping task first, then wait for them (one round, not one per task)
         stopping = [self.tasks.pop(name) for name in (*changes.stop, *changes.restart)]

@@ -38,6 +38,7 @@ from twin.runtime.bus import Bus
 from twin.runtime.controllers import DeviceConfig, Heartbeat
 from twin.runtime.monitor import Monitor
 from twin.runtime.state import DeviceTwin, ReportedValue, Status, TwinStore
+from twin.runtime.supervisor import RestartPolicy, Supervision, supervise
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class DeviceRuntime:
     clock: Callable[[], float] = time.time
     prom: Any = None  # twin.runtime.metrics.EngineMetrics or None
     binding_factory: Callable[[DeviceConfig, BindingContext], Binding] | None = None
+    supervision: Supervision = field(default_factory=Supervision)  # the engine's (alarms, metrics)
+    restart: RestartPolicy = field(
+        default_factory=RestartPolicy
+    )  # task crashes: backoff, quarantine
     initial_status: dict[str, Status] = field(default_factory=dict)  # restored after a restart
     watchdog: Watchdog = field(default_factory=Watchdog)  # run by the DeviceController
     overrides: Any = None  # twin.runtime.overrides.Overrides: runtime desired values
@@ -157,6 +162,10 @@ class SubscriptionEnded(BindingError):
     temporary = True
 
 
+class DeviceTaskError(RuntimeError):
+    """The device task itself failed (not its binding's peer): handled by its supervisor."""
+
+
 class DeviceTask:
     def __init__(self, config: DeviceConfig, runtime: DeviceRuntime) -> None:
         self.config = config
@@ -169,6 +178,7 @@ class DeviceTask:
         self._prepared = False
         self.binding: Binding | None = None
         self.connected = False
+        self.quarantined = False  # by its supervisor, after repeated failures
         self.attempts = 0
         self._rng = random.Random(zlib.crc32(config.name.encode()))
         self._readings_counter: Any = None
@@ -235,13 +245,41 @@ class DeviceTask:
             self._readings_counter = self.rt.prom.readings_child(self.config.protocol or "none")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The device's whole life. Binding failures (``BindingError``) are retried inside
+        ``_supervise`` with the binding backoff; anything else (a bug in a binding, in
+        ``handle`` or in building the binding) is caught here by the device's supervisor:
+        logged, counted, alarmed, restarted with backoff, quarantined when it keeps failing
+        (see twin.runtime.supervisor). It never reaches the controller's nursery."""
         try:
             with self.scope:
                 self.prepare()
                 task_status.started()
-                await self._supervise()
+                await supervise(
+                    self._supervise,
+                    kind="device",
+                    name=self.name,
+                    site=self.config.site,
+                    supervision=self.rt.supervision,
+                    policy=self.rt.restart,
+                    on_quarantine=self._quarantined,
+                    on_recovered=self._recovered,
+                    rng=self._rng,
+                )
         finally:
             self.done.set()
+
+    def _quarantined(self, failures: int, error: BaseException) -> None:
+        self.quarantined = True
+        self.connected = False
+        self.deadline = math.inf  # stays fault (not offline) until it talks again
+        message = f"quarantined after {failures} failures: {type(error).__name__}: {error}"
+        self.rt.monitor.fault(self.twin, message[:300], source="supervisor")
+
+    def _recovered(self) -> None:
+        if self.quarantined or self.twin.fault_source == "supervisor":
+            self.quarantined = False
+            if self.twin.fault_source == "supervisor":
+                self.rt.monitor.fault_cleared(self.twin)
 
     # -- heartbeat ----------------------------------------------------------------------------
     def _seen(self) -> None:
@@ -274,6 +312,8 @@ class DeviceTask:
                 await self._session(binding)
             except Exception as group:
                 exc = _unwrap(group)
+                if not isinstance(exc, BindingError):
+                    raise  # a bug, not the peer: the device's supervisor handles it (run())
                 self.twin.metrics.errors += 1
                 if self.rt.prom is not None:
                     self.rt.prom.binding_errors_child(self.config.protocol or "none").inc()
@@ -318,7 +358,13 @@ class DeviceTask:
             nursery.start_soon(pump)
             async with receive:
                 async for message in receive:
-                    self.handle(message)
+                    try:
+                        self.handle(message)
+                    except Exception as exc:  # a bug: restart the device (its supervisor)
+                        raise DeviceTaskError(
+                            f"device {self.name}: handling {type(message).__name__} failed: "
+                            f"{type(exc).__name__}: {exc}"
+                        ) from exc
             raise SubscriptionEnded(f"device {self.name}: subscription ended")
 
     def _bad_value(self, message: Reading) -> None:

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ import trio
 
 from twin.bindings.base import BindingContext
 from twin.bindings.http import IngestHub
+from twin.errors import TwinError
 from twin.registry.base import Key, Registry, Revision
 from twin.runtime.bus import Bus
 from twin.runtime.controllers import Changes, DeviceController, Heartbeat
@@ -42,6 +44,7 @@ from twin.runtime.monitor import Monitor
 from twin.runtime.overrides import Overrides
 from twin.runtime.regio import RegistryIO, RegistryWriter
 from twin.runtime.state import DeviceTwin, Status, TwinStore
+from twin.runtime.supervisor import RestartPolicy, Supervision, supervise
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class EngineConfig:
     backoff: Backoff = field(default_factory=Backoff)
     default_heartbeat: Heartbeat | None = None
     clock: Callable[[], float] = time.time
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    """Restart backoff and quarantine of supervised services, engine loops and devices."""
 
 
 class Engine:
@@ -78,6 +83,7 @@ class Engine:
         self.bus = Bus()
         self.hub = IngestHub()
         self.prom = EngineMetrics(self.twins)
+        self.supervision = Supervision(self.prom)
         self.monitor = Monitor(
             self.twins,
             self.bus,
@@ -104,7 +110,11 @@ class Engine:
             clock=self.config.clock,
             prom=self.prom,
             overrides=self.overrides,
+            supervision=self.supervision,
+            restart=self.config.restart,
         )
+        self.supervision.raise_alarm = self.monitor.raise_alarm
+        self.supervision.clear_alarm = self.monitor.clear_alarm
         self.controller = DeviceController(self.runtime)
         self.services = list(services)
         self.service_info: dict[str, Any] = {}
@@ -234,21 +244,43 @@ class Engine:
         self.started_at = self.config.clock()
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self.writer.run)
-                await nursery.start(self.controller.run)
-                await nursery.start(self.overrides.run)
+                # the core: a failure here ends the engine (with one clear line)
+                await nursery.start(_core, "registry writer", self.writer.run)
+                await nursery.start(_core, "device controller", self.controller.run)
+                await nursery.start(_core, "overrides", self.overrides.run)
                 await self._restore()
                 await self._read_head()
-                # services first (they subscribe to the bus), devices after: see the docstring
+                # services first (they subscribe to the bus), devices after: see the docstring;
+                # each under its supervisor (a failure restarts it, never its siblings)
                 for service in self.services:
                     name = str(
                         getattr(service, "name", None)
                         or getattr(service, "__name__", type(service).__name__)
                     )
-                    self.service_info[name] = await nursery.start(service, self)
+                    self.service_info[name] = await nursery.start(
+                        partial(
+                            supervise,
+                            partial(service, self),
+                            kind="service",
+                            name=name,
+                            supervision=self.supervision,
+                            policy=self.config.restart,
+                            with_status=True,
+                        )
+                    )
                 await self.reload()
-                nursery.start_soon(self._watch)
-                nursery.start_soon(self._flush_metrics)
+                for loop_name, loop in (("reload", self._watch), ("metrics", self._flush_metrics)):
+                    nursery.start_soon(
+                        partial(
+                            supervise,
+                            loop,
+                            kind="engine",
+                            name=loop_name,
+                            supervision=self.supervision,
+                            policy=self.config.restart,
+                            restart_on_return=True,
+                        )
+                    )
                 log.info(
                     "engine: up (revision %d, %d devices)", self.revision_number, len(self.twins)
                 )
@@ -258,3 +290,28 @@ class Engine:
                 scope.shield = True
                 self.flush_metrics()
                 await self.writer.drain()
+
+
+class EngineCoreError(TwinError):
+    """The engine's core (registry writer, device controller) failed: the engine stops."""
+
+
+async def _core(
+    name: str,
+    run: Callable[..., Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a core part of the engine; its failure ends the engine with one clear line (the
+    CLI prints ``error: engine core failure in registry writer: ...``)."""
+    try:
+        await run(task_status=task_status)
+    except Exception as exc:
+        leaf: BaseException = exc
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        log.critical("engine: core failure in %s: %s", name, leaf, exc_info=exc)
+        raise EngineCoreError(
+            f"engine core failure in {name}: {type(leaf).__name__}: {leaf}",
+            hint="the engine stopped; the log has the traceback (registry reachable? disk full?)",
+        ) from exc

@@ -123,12 +123,21 @@ class Monitor:
         if twin.maintenance:
             return
         type_, severity = ALARM_SEVERITY[status]
-        key = (twin.name, type_)
+        self.raise_alarm(twin.name, type_, severity, message)
+
+    def _clear(self, twin: DeviceTwin, type_: str) -> None:
+        self.clear_alarm(twin.name, type_)
+
+    def raise_alarm(self, device: str, type_: str, severity: str, message: str) -> None:
+        """Raise an alarm that is no status transition (supervision failures, on a device or
+        the pseudo device ``_engine``); never duplicated while active."""
+        key = (device, type_)
         if key in self.active:
             return
         self.active.add(key)
         now = self.clock()
-        device, site, groups = twin.name, twin.site, twin.groups
+        twin = self.twins.get(device)
+        site, groups = (twin.site, twin.groups) if twin is not None else ("", ())
 
         def op(r: Registry) -> tuple[Alarm, bool]:
             return r.raise_alarm(device, type_, severity, message, now)
@@ -150,13 +159,15 @@ class Monitor:
 
         self.writer.put(op, done)
 
-    def _clear(self, twin: DeviceTwin, type_: str) -> None:
-        key = (twin.name, type_)
+    def clear_alarm(self, device: str, type_: str) -> None:
+        """Clear an alarm raised with :meth:`raise_alarm` (no-op when it is not active)."""
+        key = (device, type_)
         if key not in self.active:
             return
         self.active.discard(key)
         now = self.clock()
-        device, site, groups = twin.name, twin.site, twin.groups
+        twin = self.twins.get(device)
+        site, groups = (twin.site, twin.groups) if twin is not None else ("", ())
 
         def op(r: Registry) -> list[Alarm]:
             return r.clear_alarms(device, type_, SYSTEM, now)
@@ -189,7 +200,7 @@ class Monitor:
         if twin.maintenance:
             self._set(twin, Status.MAINTENANCE, "maintenance")
         elif twin.fault is not None:
-            if twin.fault_source == "binding":
+            if twin.fault_source in ("binding", "supervisor"):
                 twin.fault = twin.fault_source = None
                 self._set(twin, Status.ONLINE, "recovered")
             else:

@@ -256,9 +256,10 @@ class TimeSeriesService:
             )
         store = self.store
         self.description = describe(self.url, state_dir) if owned else type(store).__name__
-        self._prom = _Prom(engine.prom.registry)
+        if self._prom is None:  # once per engine: a restart by the supervisor reuses them
+            self._prom = _Prom(engine.prom.registry)
+            engine.prom.registry.register(_LagCollector(self))
         prom = self._prom
-        engine.prom.registry.register(_LagCollector(self))
 
         self.maintainer = maintainer = Maintainer(store, interval=self.maintenance_interval)
 
@@ -315,6 +316,7 @@ class TimeSeriesService:
                         log.warning("timeseries: final WAL checkpoint failed: %s", exc)
                 if owned:
                     await trio.to_thread.run_sync(store.close)
+                    self.store = None  # a restart (supervisor) opens it again
 
     # --- readings -----------------------------------------------------------------------
     def _device_tags(self, device: str) -> tuple[str, str, str]:
