@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from runtime.helpers import eventually, sim_device
 
 from twin.api import auth
 from twin.api.app import ApiSettings
@@ -124,6 +125,30 @@ async def test_a_token_without_user_id_is_refused(api: Api) -> None:
     old = jwt.encode(claims, auth.load_secret(api.state_dir), algorithm="HS256")
     async with api.client(None) as c:
         assert await status(c, old) == 401
+
+
+async def test_a_device_re_created_under_a_deleted_ones_name_refuses_the_old_key(
+    api: Api,
+) -> None:
+    url = "/api/v1/ingest/push1"
+    doc = sim_device("push1", binding={"http": {}}, heartbeat={"interval": "5s", "timeout": "60s"})
+    async with api.client("admin") as admin:
+        r = await admin.post("/api/v1/devices/push1/keys")
+        assert r.status_code == 201
+        old = {"X-Device-Key": r.json()["key"]}
+        await eventually(lambda: api.engine.hub.running("push1"))
+        reading = {"values": {"temperature": 1}}
+        assert (await admin.post(url, json=reading, headers=old)).status_code == 200
+        assert (await admin.delete("/api/v1/devices/push1")).status_code == 200
+        assert (await admin.post("/api/v1/devices", json=doc)).status_code == 201, doc
+        await eventually(lambda: api.engine.hub.running("push1"))
+        r = await admin.post(url, json=reading, headers=old)
+        assert r.status_code == 401, r.text
+        keys = (await admin.get("/api/v1/devices/push1/keys")).json()["items"]
+        assert keys and all(k["revoked_at"] is not None for k in keys)
+        r = await admin.post("/api/v1/devices/push1/keys")
+        new = {"X-Device-Key": r.json()["key"]}
+        assert (await admin.post(url, json=reading, headers=new)).status_code == 200
 
 
 # -- throttling --------------------------------------------------------------------------------

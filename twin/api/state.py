@@ -56,6 +56,7 @@ class ApiState:
         # argon2 (logins, new device keys) gets its own threads: it never holds a registry slot
         self.hash_limiter = trio.CapacityLimiter(2)
         self._verifying: dict[tuple[str, str], trio.Event] = {}
+        self._keys_revision = engine.revision_number
         self._users: dict[str, tuple[User | None, float]] = {}
         self._sessions: dict[str, tuple[bool, float]] = {}
         self._tokens: dict[str, tuple[bool, float]] = {}
@@ -76,7 +77,13 @@ class ApiState:
 
     async def check_device_key(self, device: str, key: str) -> bool:
         """Memory first (no I/O); else the device's key records (registry thread) and argon2
-        (hash thread), once for concurrent requests with the same key."""
+        (hash thread), once for concurrent requests with the same key. After the engine loads
+        a new revision, the cache is swept first: a device deleted in it took its keys along,
+        and one re-created under the same name must not find them in memory."""
+        rev = self.engine.revision_number
+        if rev != self._keys_revision:
+            self._keys_revision = rev
+            await self.call(self.keys.sweep)
         ok = self.keys.cached(device, key)
         if ok is not None:
             return ok

@@ -129,6 +129,7 @@ class RegistryAuth:
         self.stats: Counter[str] = Counter()  # auth_failed, denied_publish, denied_subscribe
         self._acl_src: Any = None
         self._acl: dict[str, DeviceAcl] = {}
+        self._swept_specs: Any = None
 
     # -- ACLs from the spec -----------------------------------------------------------------
     def device_acl(self, device: str) -> DeviceAcl | None:
@@ -201,6 +202,12 @@ class RegistryAuth:
         except UnicodeDecodeError:
             return None
         if self.device_acl(username) is not None and secret.startswith("dk_"):
+            specs = self.specs()
+            if specs is not self._swept_specs:
+                # a new revision may have deleted a device (and its keys) that is back under
+                # the same name: forget revoked keys before the cache answers
+                self._swept_specs = specs
+                await trio.to_thread.run_sync(self.keys.sweep)
             now = self.clock()
             ok = self.keys.cached(username, secret, now)
             if ok is None:
