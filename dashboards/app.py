@@ -11,6 +11,7 @@ here touches the engine directly.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -140,6 +141,15 @@ def device_list(client: FluxClient, feed: LiveFeed | None) -> list[dict[str, Any
     return feed.overlay(devices, started)
 
 
+def page_heading(board: str, page: str) -> str:
+    """``Plant A · Control``; the dashboard's title alone when it already says the page's
+    (``Plant A — overview``, not ``Plant A — overview · Overview``)."""
+    words = set(re.findall(r"\w+", board.casefold()))
+    if set(re.findall(r"\w+", page.casefold())) <= words:
+        return board
+    return f"{board} · {page}"
+
+
 def render_rows(ctx: Ctx, rows: list[list[dict[str, Any]]]) -> None:
     for r, row in enumerate(rows):
         widths = row_widths(row)
@@ -193,7 +203,7 @@ def main() -> None:
             st.rerun()
         st.caption(f"API {cfg.server}")
     page = spec["pages"][titles.index(title)]
-    st.markdown(f"### {spec.get('title') or names[0]} · {page['title']}")
+    st.markdown(f"### {page_heading(str(spec.get('title') or names[0]), str(page['title']))}")
     refresh = cfg.refresh if cfg.refresh is not None else parse_duration(spec.get("refresh", "2s"))
     rows = page_rows(page)
     live = any(p.get("type") in LIVE for row in rows for p in row)

@@ -121,6 +121,12 @@ def axis_format(ts: pd.Series) -> str:
     return "%H:%M:%S" if (ts.max() - ts.min()).total_seconds() <= 1800 else "%H:%M"
 
 
+def axis_title(ctx: Ctx, metrics: list[str], agg: str) -> str:
+    """``temperature °C (avg)``; ``temperature °C, humidity % (avg)`` for several metrics."""
+    named = ", ".join(f"{m} {ctx.unit(m)}".strip() for m in metrics)
+    return f"{named} ({agg})"
+
+
 def tier_label(chosen: str, used: str | None) -> str:
     """``auto → 1h`` from the picker and the engine's ``X-Twin-Tier`` (``agg_3600s``)."""
     if chosen != "auto" or not used:
@@ -246,7 +252,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         .mark_line(point=alt.OverlayMarkDef(size=10))
         .encode(
             x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True)),
-            y=alt.Y("value:Q", title=agg, scale=alt.Scale(zero=False)),
+            y=alt.Y("value:Q", title=axis_title(ctx, metrics, agg), scale=alt.Scale(zero=False)),
             color=alt.Color("series:N", legend=alt.Legend(orient="bottom", title=None)),
             detail="seg:N",  # no line across a gap
             strokeDash=alt.condition(

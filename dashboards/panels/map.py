@@ -47,11 +47,21 @@ def positions(ctx: Ctx, devices: list[dict[str, Any]]) -> pd.DataFrame:
                 "lat": lat,
                 "lon": lon,
                 "approx": approx,
-                "color": [*STATUS_COLORS.get(d.get("status", "unknown"), (0, 0, 0)), 220],
+                "color": [*STATUS_COLORS.get(d.get("status", "unknown"), (0, 0, 0)),
+                          90 if approx else 220],
             }
             for d, lat, lon, approx in rows
         ]
     )
+
+
+def approx_note(approx: int, total: int) -> str:
+    """Says which positions are placed, not declared (devices without ``spec.location``)."""
+    if not approx:
+        return ""
+    who = "devices have" if approx == total else f"of {total} devices have"
+    return (f"  ·  {approx} {who} no spec.location: shown around the site's location "
+            "(faded), not where they are")
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
@@ -64,7 +74,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     counts = df["status"].value_counts()
     st.caption(
         "  ".join(f"{STATUS_ICONS.get(s, '')} {s}: **{n}**" for s, n in sorted(counts.items()))
-        + ("  ·  ring: no location declared" if df["approx"].any() else "")
+        + approx_note(int(df["approx"].sum()), len(df))
     )
     height = int(panel.get("height", 360))
     renderer = str(panel.get("renderer") or os.environ.get("FLUX_MAP_RENDERER") or "chart")
@@ -104,7 +114,6 @@ def chart(df: pd.DataFrame, height: int) -> None:
             "mark": {
                 "type": "circle",
                 "size": 60 if len(df) <= MAX_LABELS else 18,
-                "opacity": 0.9,
                 "stroke": "white",
                 "strokeWidth": 0.5,
             },
@@ -118,6 +127,12 @@ def chart(df: pd.DataFrame, height: int) -> None:
                     "scale": {"domain": statuses, "range": colors},
                     "legend": {"orient": "bottom", "title": None},
                 },
+                "opacity": {
+                    "field": "approx",
+                    "type": "nominal",
+                    "scale": {"domain": [False, True], "range": [0.9, 0.35]},
+                    "legend": None,
+                },
                 "tooltip": [{"field": c, "type": "nominal"} for c in ("name", "type", "status")],
             },
         }
@@ -130,7 +145,7 @@ def chart(df: pd.DataFrame, height: int) -> None:
             }
         )
     st.vega_lite_chart(
-        df[["name", "status", "type", "lat", "lon"]],
+        df[["name", "status", "type", "lat", "lon", "approx"]],
         {"height": height, "layer": layers},
         width="stretch",
     )

@@ -43,10 +43,10 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
     key = f"scenes-{panel.get('title', '')}"
     for s in scenes:
         name = scene_name(s)
-        c1, c2, c3 = st.columns([4, 1.2, 1.2], vertical_alignment="center")
-        c1.markdown(f"**{name}** {'' if is_enabled(s) else '(disabled)'}")
-        if ctx.login.can("admin"):
-            on = c2.toggle("enabled", value=is_enabled(s), key=f"{key}-{name}-on")
+        c1, c3 = st.columns([5, 1], vertical_alignment="center")
+        if ctx.login.can("admin"):  # the toggle is labelled with the scene: on = enabled
+            on = c1.toggle(f"**{name}**", value=is_enabled(s), key=f"{key}-{name}-on",
+                           help="enabled: its triggers run it; off: disabled")
             if on != is_enabled(s):
                 doc = copy.deepcopy(s if "spec" in s else {"spec": s})
                 doc["spec"]["enabled"] = on
@@ -54,6 +54,8 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
                     ctx.client.put_scene(name, doc)
                 except ApiError as exc:
                     st.error(exc.detail)
+        else:
+            c1.markdown(f"**{name}** {'' if is_enabled(s) else '(disabled)'}")
         if ctx.login.can("operator") and c3.button("Run", key=f"{key}-{name}-run"):
             try:
                 ctx.client.run_scene(name)

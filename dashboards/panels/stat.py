@@ -88,9 +88,26 @@ def _from_twins(ctx: Ctx, panel: dict[str, Any], metric: str, agg: str) -> float
     }.get(agg, sum(vals) / len(vals))
 
 
-def fmt_number(v: float) -> str:
+def decimals(v: float) -> int:
+    """Decimals shown for a value of this size."""
     a = abs(v)
-    return f"{v:,.0f}" if a >= 1000 else f"{v:,.1f}" if a >= 10 else f"{v:,.2f}"
+    return 0 if a >= 1000 else 1 if a >= 10 else 2
+
+
+def fmt_number(v: float, places: int | None = None) -> str:
+    return f"{v:,.{decimals(v) if places is None else places}f}"
+
+
+def fmt_delta(v: float | None, prev: float | None) -> str | None:
+    """The change since the last refresh, at the precision the value is shown with; None
+    (no arrow, no colour) when that rounds to zero — a "-0.00" in red was noise."""
+    if v is None or prev is None:
+        return None
+    places = decimals(v)
+    delta = round(v - prev, places)
+    if delta == 0:
+        return None
+    return f"{delta:+,.{places}f}"
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
@@ -105,8 +122,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         return
     prev = st.session_state.get(key)
     st.session_state[key] = v
-    delta = None if v is None or prev is None else round(v - prev, 3)
     if unit and unit not in str(label):
         label = f"{label} [{unit}]"
     shown = "—" if v is None else fmt_number(v)
-    st.metric(label, shown, delta=fmt_number(delta) if delta else None, border=True)
+    st.metric(label, shown, delta=fmt_delta(v, prev), border=True)

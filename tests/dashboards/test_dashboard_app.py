@@ -230,3 +230,52 @@ def test_large_selections_are_not_sent_as_name_lists() -> None:
     }
     ctx.devices = devices[:3]
     assert select_params({"select": {"model": "m"}}, ctx) == {"device": ["s0", "s1", "s2"]}
+
+
+def _chart_specs(at: AppTest) -> list[str]:
+    return [el.proto.spec for el in at.get("vega_lite_chart")]
+
+
+def test_page_heading_does_not_repeat_the_page(api: FakeApi) -> None:
+    at = app(api)
+    heads = [m.value for m in at.markdown if m.value.startswith("### ")]
+    assert heads == ["### Plant A — overview"]  # was "Plant A — overview · Overview"
+    at.sidebar.radio(key="page").set_value("Control").run()
+    assert [m.value for m in at.markdown if m.value.startswith("### ")] == [
+        "### Plant A — overview · Control"]
+
+
+def test_stat_delta_that_rounds_to_zero_is_not_shown(api: FakeApi) -> None:
+    from dashboards.panels.stat import fmt_delta
+
+    assert fmt_delta(23.41, 23.413) is None  # was "-0.00", in red
+    assert fmt_delta(23.41, 23.31) == "+0.1" and fmt_delta(1.5, 1.75) == "-0.25"
+    assert fmt_delta(1234.0, 1200.0) == "+34" and fmt_delta(5.0, None) is None
+    at = app(api)
+    first = at.metric[0]
+    key = f"stat:{first.label.split(' [')[0]}:temperature"
+    at.session_state[key] = at.session_state[key] + 0.003  # as if the last refresh read that
+    at.run()
+    assert at.metric[0].value == first.value and at.metric[0].delta in (None, "")
+
+
+def test_scene_toggles_are_labelled_with_the_scene(api: FakeApi) -> None:
+    at = app(api, "admin", page="Control")
+    labels = [t.label for t in at.toggle]
+    assert labels and all(label.startswith("**") for label in labels), labels  # was "enabled"
+    assert "**energy-peak**" in labels
+
+
+def test_history_axis_names_the_metric_and_aggregate(api: FakeApi) -> None:
+    at = app(api, page="History")
+    import json
+
+    spec = json.loads(_chart_specs(at)[0])
+    assert spec["layer"][0]["encoding"]["y"]["title"] == "temperature °C (avg)"  # was "avg"
+
+
+def test_map_says_which_positions_are_approximate(api: FakeApi) -> None:
+    at = app(api)
+    caption = next(c.value for c in at.caption if "online" in c.value or "offline" in c.value)
+    assert "ring" not in caption
+    assert "no spec.location: shown around the site's location (faded)" in caption
