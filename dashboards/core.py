@@ -144,6 +144,13 @@ class Ctx:
         return sorted(out)
 
 
+def metric_label(metric: str, unit: str) -> str:
+    """``temperature °C``; the unit left out where the name already says it (``motor_rpm``)."""
+    if not unit or unit.casefold() in metric.casefold().split("_"):
+        return metric
+    return f"{metric} {unit}"
+
+
 def bucket_for(span_s: float, points: int = 120) -> int:
     """A round bucket (seconds) giving about ``points`` buckets over ``span_s``."""
     want = max(1.0, span_s / points)

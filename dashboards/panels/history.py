@@ -21,6 +21,7 @@ from dashboards.core import (
     bucket_for,
     fmt_seconds,
     frame,
+    metric_label,
     segments,
     select_params,
     series_key,
@@ -123,7 +124,7 @@ def axis_format(ts: pd.Series) -> str:
 
 def axis_title(ctx: Ctx, metrics: list[str], agg: str) -> str:
     """``temperature °C (avg)``; ``temperature °C, humidity % (avg)`` for several metrics."""
-    named = ", ".join(f"{m} {ctx.unit(m)}".strip() for m in metrics)
+    named = ", ".join(metric_label(m, ctx.unit(m)) for m in metrics)
     return f"{named} ({agg})"
 
 
@@ -253,7 +254,10 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         .encode(
             x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True)),
             y=alt.Y("value:Q", title=axis_title(ctx, metrics, agg), scale=alt.Scale(zero=False)),
-            color=alt.Color("series:N", legend=alt.Legend(orient="bottom", title=None)),
+            color=alt.Color(
+                "series:N",
+                legend=alt.Legend(orient="bottom", title=None, columns=3, labelLimit=260),
+            ),
             detail="seg:N",  # no line across a gap
             strokeDash=alt.condition(
                 alt.FieldOneOfPredicate(

@@ -59,9 +59,8 @@ def approx_note(approx: int, total: int) -> str:
     """Says which positions are placed, not declared (devices without ``spec.location``)."""
     if not approx:
         return ""
-    who = "devices have" if approx == total else f"of {total} devices have"
-    return (f"  ·  {approx} {who} no spec.location: shown around the site's location "
-            "(faded), not where they are")
+    who = "" if approx == total else f" of {total}"
+    return f"  ·  {approx}{who} without spec.location: placed around the site (faded)"
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:

@@ -41,12 +41,13 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
         st.caption("No scenes.")
         return
     key = f"scenes-{panel.get('title', '')}"
+    if ctx.login.can("admin"):
+        st.caption("Switched on: the scene runs when its triggers fire. Run: once, now.")
     for s in scenes:
         name = scene_name(s)
         c1, c3 = st.columns([5, 1], vertical_alignment="center")
         if ctx.login.can("admin"):  # the toggle is labelled with the scene: on = enabled
-            on = c1.toggle(f"**{name}**", value=is_enabled(s), key=f"{key}-{name}-on",
-                           help="enabled: its triggers run it; off: disabled")
+            on = c1.toggle(f"**{name}**", value=is_enabled(s), key=f"{key}-{name}-on")
             if on != is_enabled(s):
                 doc = copy.deepcopy(s if "spec" in s else {"spec": s})
                 doc["spec"]["enabled"] = on

@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboards.client import ApiError, NotAvailable
-from dashboards.core import Ctx, bucket_for, fmt_seconds, segments, select_params
+from dashboards.core import Ctx, bucket_for, fmt_seconds, metric_label, segments, select_params
 from dashboards.live import LiveSeries, refresh_series
 from twin.spec.dashboards import panel_metrics
 from twin.spec.units import parse_duration
@@ -69,7 +69,7 @@ def chart(
         .mark_line(point=alt.OverlayMarkDef(size=12))
         .encode(
             x=alt.X("ts:T", title=None, axis=alt.Axis(format=fmt, labelOverlap=True, tickCount=5)),
-            y=alt.Y("avg:Q", title=f"{metric} {unit}".strip(), scale=alt.Scale(zero=False)),
+            y=alt.Y("avg:Q", title=metric_label(metric, unit), scale=alt.Scale(zero=False)),
             color=alt.Color("device:N", legend=keep if legend else None),
             detail="seg:N",  # no line across a gap
             tooltip=["device", alt.Tooltip("ts:T", format="%H:%M:%S"), "avg"],

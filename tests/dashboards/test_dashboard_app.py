@@ -272,10 +272,14 @@ def test_history_axis_names_the_metric_and_aggregate(api: FakeApi) -> None:
 
     spec = json.loads(_chart_specs(at)[0])
     assert spec["layer"][0]["encoding"]["y"]["title"] == "temperature °C (avg)"  # was "avg"
+    from dashboards.core import metric_label
+
+    assert metric_label("motor_rpm", "rpm") == "motor_rpm" and metric_label("power_kw", "kW") == "power_kw"
+    assert metric_label("humidity", "%") == "humidity %" and metric_label("x", "") == "x"
 
 
 def test_map_says_which_positions_are_approximate(api: FakeApi) -> None:
     at = app(api)
     caption = next(c.value for c in at.caption if "online" in c.value or "offline" in c.value)
     assert "ring" not in caption
-    assert "no spec.location: shown around the site's location (faded)" in caption
+    assert "7 of 12 without spec.location: placed around the site (faded)" in caption
