@@ -52,6 +52,7 @@ async def test_server_aliases_when_enabled(nursery: trio.Nursery) -> None:
     assert got == [("al/0", 1), ("al/1", 2), ("", 1), ("", 2), ("", 1)]
 
 
+@pytest.mark.mosquitto  # CI (TWIN_REQUIRE_MOSQUITTO=1): a missing mosquitto_sub fails, not skips
 @pytest.mark.skipif(shutil.which("mosquitto_sub") is None, reason="mosquitto-clients not installed")
 async def test_mosquitto_sub_receives_every_message(nursery: trio.Nursery) -> None:
     b = await _broker(nursery)
