@@ -164,9 +164,12 @@ class Device:
     """A paho-mqtt device (blocking; use from a worker thread) that records each PUBACK's
     reason code by message id."""
 
-    def __init__(self, port: int, name: str, key: str, *, v5: bool) -> None:
+    def __init__(
+        self, port: int, name: str, key: str, *, v5: bool, client_id: str | None = None
+    ) -> None:
         proto = paho.MQTTv5 if v5 else paho.MQTTv311
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=name, protocol=proto)
+        cid = client_id or name
+        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=proto)
         self.c.username_pw_set(name, key)
         self.acks: dict[int, queue.Queue[int]] = {}
         self.connacks: queue.Queue[Any] = queue.Queue()
