@@ -437,11 +437,13 @@ def _mosquitto_sub(port: int, cid: str, version: str, *extra: str) -> list[str]:
     return argv
 
 
-def run_drain(b: BrokerProc, version: str, n: int = 1000, reps: int = 3) -> dict[str, float]:
+def run_drain(b: BrokerProc, version: str, n: int = 1000, reps: int = 5) -> dict[str, float]:
     """A persistent ``mosquitto_sub`` subscribes and leaves; ``n`` QoS 1 messages are queued
     for it; then the time a reconnecting ``mosquitto_sub -C n`` takes to receive them all
-    (process start to exit, so a few ms of start-up are in both brokers' figures). The median
-    of ``reps`` runs, each with a session of its own."""
+    (process start to exit, so a few ms of start-up are in both brokers' figures). The drain
+    is latency-bound (a ping-pong of PUBLISH and PUBACK between two processes), so on a busy
+    machine the spread is wide: the median and the best of ``reps`` runs, each with a session
+    of its own."""
     if shutil.which("mosquitto_sub") is None:
         return {}
     times: list[float] = []
@@ -465,8 +467,9 @@ def run_drain(b: BrokerProc, version: str, n: int = 1000, reps: int = 3) -> dict
         times.append(elapsed)
         cpus.append((b.cpu() - cpu0) / elapsed)
         got = min(got, proc.stdout.count(b"\n"))
-    mid = sorted(range(reps), key=lambda i: times[i])[reps // 2]
-    return {"seconds": times[mid], "got": got, "cpu": cpus[mid]}
+    order = sorted(range(reps), key=lambda i: times[i])
+    best, mid = order[0], order[reps // 2]
+    return {"median": times[mid], "best": times[best], "got": got, "cpu": cpus[mid]}
 
 
 # ---------------------------------------------------------------------------- main
@@ -521,8 +524,8 @@ def main() -> int:
                 return f"p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms cpu {r['cpu']:.2f}"
             if "rss" in r:
                 return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
-            if "seconds" in r:
-                return f"{r['seconds']:.3f} s ({int(r['got'])} got) cpu {r['cpu']:.2f}"
+            if "median" in r:
+                return f"{r['median']:.3f} s (best {r['best']:.3f}, {int(r['got'])} got)"
             return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}"
 
         if "msgs" in f and "msgs" in m and m["msgs"]:
@@ -531,14 +534,14 @@ def main() -> int:
             ratio = f"{m['p99'] / f['p99']:.2f}x"
         elif "rss" in f and "rss" in m and f["rss"]:
             ratio = f"{m['rss'] / f['rss']:.2f}x"
-        elif "seconds" in f and "seconds" in m and f["seconds"]:
-            ratio = f"{m['seconds'] / f['seconds']:.2f}x"
+        elif "median" in f and "median" in m and f["median"]:
+            ratio = f"{m['median'] / f['median']:.2f}x"
         else:
             ratio = "-"
         print(f"{sc:22} {fmt(f):>28} {fmt(m):>28} {ratio:>7}")
     print(
         "\nratio = flux/mosquitto for msg/s; mosquitto/flux for latency, memory and drain time"
-        " (higher is better)"
+        " (drain: medians of 5 runs; higher is better)"
     )
     return 0
 
