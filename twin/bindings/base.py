@@ -87,7 +87,15 @@ class Binding(Protocol):
     may be called concurrently; ``close()`` always runs last (also after failures).
 
     Errors are mapped at this boundary to :class:`~twin.errors.BindingError` subclasses; those
-    with ``temporary = True`` are retried by the runtime with backoff.
+    with ``temporary = True`` are retried by the runtime with backoff. Any other exception is a
+    bug: the device's supervisor restarts the device with backoff and quarantines it when it
+    keeps failing (``twin.runtime.supervisor``).
+
+    Every value a peer sends is checked with :mod:`twin.bindings.values` (``check_reading``)
+    before it becomes a :class:`Reading`: a value that is not acceptable (not finite, beyond
+    int64, a string too long or not valid Unicode, nesting too deep, a bad point name) is
+    refused at this edge with a message naming the point, and never passed inward. The device
+    task drops (and counts) any value a binding failed to refuse.
     """
 
     protocol: str

@@ -701,16 +701,20 @@ class SceneEngine:
 
     async def _schedule(self, scene: Scene, trig: Schedule, scope: trio.CancelScope) -> None:
         with scope:
-            while True:
-                now = self.wall()
-                at = trig.next_after(now, scene.tz)
-                await trio.sleep(max(0.0, at - now))
-                local = dt.datetime.fromtimestamp(at, tzinfo(scene.tz))
-                self._fire(
-                    trig,
-                    {**trig.describe(), "at": at, "local": local.isoformat(timespec="seconds")},
-                    (),
-                )
+            try:
+                while True:
+                    now = self.wall()
+                    at = trig.next_after(now, scene.tz)
+                    await trio.sleep(max(0.0, at - now))
+                    local = dt.datetime.fromtimestamp(at, tzinfo(scene.tz))
+                    self._fire(
+                        trig,
+                        {**trig.describe(), "at": at, "local": local.isoformat(timespec="seconds")},
+                        (),
+                    )
+            except Exception as exc:  # this schedule stops; the other scenes keep running
+                log.exception("scene %s: schedule %s failed; it stops", scene.name, trig.index)
+                self._report_crash(scene, exc)
 
     async def run(
         self, *, task_status: trio.TaskStatus[SceneEngine] = trio.TASK_STATUS_IGNORED
