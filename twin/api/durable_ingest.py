@@ -19,7 +19,6 @@ acknowledged is lost).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from twin.bindings.base import Message, Reading
@@ -42,7 +41,9 @@ async def hand_in(engine: Engine, device: str, messages: list[Message]) -> dict[
     engine.hub.check(device, len(messages))
     await svc.log_readings(readings)
     logged = [
-        dataclasses.replace(m, logged=True) if isinstance(m, Reading) and m.value is not None else m
+        Reading(m.device, m.point, m.value, m.ts, m.quality, True)
+        if isinstance(m, Reading) and m.value is not None
+        else m
         for m in messages
     ]
     return await engine.hub.deliver(device, logged)

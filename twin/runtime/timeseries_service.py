@@ -361,10 +361,14 @@ class TimeSeriesService:
         )
 
     def record_of(self, r: Sequence[Any]) -> Record:
-        """A write-ahead log reading ``(device, point, value, ts, quality)`` as a record."""
-        return self.record(
-            {"device": r[0], "point": r[1], "value": r[2], "ts": r[3], "quality": r[4]}
-        )
+        """A write-ahead log reading ``(device, point, value, ts, quality)`` as a record (what
+        :meth:`record` makes of the same reading's bus event)."""
+        device, point, value, ts, q = r
+        site, group, tags = self._device_tags(device)
+        quality = _QUALITY.get(q, 0) if isinstance(q, str) else int(Quality.parse(q))
+        if value is not None and not isinstance(value, bool | int | float | str):
+            value = str(value)
+        return (str(device), str(point), value, float(ts), quality, site, group, tags)
 
     # --- write-ahead log ----------------------------------------------------------------
     async def log_readings(self, readings: Sequence[Any]) -> bool:
