@@ -118,3 +118,25 @@ def test_whatever_is_accepted_is_strict_json_and_utf8(value: Any) -> None:
     assert is_safe(value)
     json.dumps(value, allow_nan=False).encode("utf-8")
     json.dumps(value, ensure_ascii=False).encode("utf-8")
+
+
+def test_mqtt_payload_refusals_name_the_point() -> None:
+    from twin.bindings.mqtt import MqttBinding
+    from twin.mqtt.hub import InMessage
+
+    doc = {"metadata": {"name": "d", "site": "s"}}
+    b = MqttBinding("d", {}, doc, None, hub=object())  # type: ignore[arg-type]
+    huge = b'{"t": 1.5, "x": 1' + b"0" * 400 + b"}"
+    with pytest.raises(ValueRefused, match=r"point 'x': integer of about 401 digits"):
+        b._readings(InMessage("flux/s/d/telemetry", huge))
+    with pytest.raises(ValueRefused, match=r"point 'a.b': number nan is not finite"):
+        b._readings(InMessage("flux/s/d/telemetry", b'{"a": {"b": NaN}}'))
+    with pytest.raises(ValueRefused, match="nested more than 16"):
+        b._readings(InMessage("flux/s/d/telemetry", b'{"a":' + b"[" * 40 + b"]" * 40 + b"}"))
+    with pytest.raises(ValueRefused, match="timestamp"):
+        b._readings(InMessage("flux/s/d/telemetry", b'{"t": 1, "ts": 1e300}'))
+    assert [(r.point, r.value) for r in b._readings(InMessage("x", b'{"t": 2}'))] == [("t", 2)]
+    raw = MqttBinding("d", {"format": "raw"}, doc, None, hub=object())  # type: ignore[arg-type]
+    for payload in (b"nan", b"1e999", b"1" + b"0" * 30):
+        with pytest.raises(ValueRefused):
+            raw._readings(InMessage("x", payload))

@@ -79,6 +79,7 @@ from twin.bindings.values import (
     ValueRefused,
     check_data,
     check_reading,
+    check_shape,
     check_ts,
 )
 from twin.errors import BindingConnectError, BindingError, CommandError
@@ -357,7 +358,7 @@ class MqttBinding:
             return [Reading(self.device, point, None, now, Quality.BAD)]
         if not isinstance(doc, Mapping):
             return [self._reading(point, doc, now)] if _scalar(doc) else []
-        check_data(doc, point)  # bounded nesting and sizes before walking it
+        check_shape(doc, point)  # bounded nesting and sizes before walking it
         ts = _ts(doc.get(self.ts_field), now, self.ts_field)
         out = []
         if self.fields:

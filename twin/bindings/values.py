@@ -136,6 +136,13 @@ def check_data(data: Mapping[str, Any], what: str, limits: Limits = DEFAULT_LIMI
     _check_nested(data, what, limits, 0, [0])
 
 
+def check_shape(doc: Any, what: str, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Only the structure of a decoded document (nesting depth, element count, keys), not its
+    leaf values: for a payload that is walked first and whose values are then checked one by
+    one with :func:`check_reading`, so a refusal names the point the bad value belongs to."""
+    _check_nested(doc, what, limits, 0, [0], leaves=False)
+
+
 def is_safe(value: Any, limits: Limits = DEFAULT_LIMITS) -> bool:
     """True when :func:`check_value` accepts ``value`` (the inner layers' defensive check)."""
     t = type(value)
@@ -171,7 +178,11 @@ def _check_str(value: str, point: str, max_len: int) -> None:
             raise ValueRefused(point, "string is not valid Unicode (lone surrogate)") from None
 
 
-def _check_nested(value: Any, point: str, limits: Limits, depth: int, count: list[int]) -> None:
+def _check_nested(
+    value: Any, point: str, limits: Limits, depth: int, count: list[int], leaves: bool = True
+) -> None:
+    if not leaves and not isinstance(value, Mapping | list | tuple):
+        return
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueRefused(point, f"number {value!r} is not finite")
@@ -201,7 +212,7 @@ def _check_nested(value: Any, point: str, limits: Limits, depth: int, count: lis
             _check_str(k, point, limits.max_key)
         elif not isinstance(k, int):
             raise ValueRefused(point, f"object key of type {_kind(k)}")
-        _check_nested(v, point, limits, depth + 1, count)
+        _check_nested(v, point, limits, depth + 1, count, leaves)
 
 
 __all__ = [
@@ -214,6 +225,7 @@ __all__ = [
     "check_data",
     "check_point",
     "check_reading",
+    "check_shape",
     "check_ts",
     "check_value",
     "is_safe",
