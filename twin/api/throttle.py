@@ -5,15 +5,19 @@ failures are free (``free_per_user``, ``free_per_address``); after that each fur
 doubles a lock-out (``base``, 2x, 4x ... up to ``cap`` seconds) during which a login for that
 user, or from that address, is answered 429 with ``Retry-After`` *before* any argon2 work. Logins
 still being verified count as failures until they end, so a burst of concurrent attempts cannot
-slip past the limit while the first ones are hashing; ``max_pending`` bounds the argon2 work
-queued by every address together. Unknown user names are counted like known ones (the answer
-never tells which names exist). A success clears that user's count, not the address's. Entries
+slip past the limit while the first ones are hashing, and at most ``max_inflight`` logins per
+user and per address are verified at once (the others: 429, retry in 1 s), so a flood from one
+address queues at most that much argon2 work in front of everyone else's login;
+``max_pending`` bounds the argon2 work queued by every address together. Unknown user names
+are counted like known ones (the answer never tells which names exist). A success clears that user's count, not the address's. Entries
 are forgotten ``forget_after`` seconds after their last failure; memory is bounded by
 ``max_keys``.
 
-:class:`LoginAudit` keeps a flood out of the audit log: failed logins (401) and refused ones
-(429) are counted per (user name, address) and written as one row per ``window`` — "n
-failures from this address for this user between first and last" — instead of one row each.
+:class:`LoginAudit` keeps a flood out of the audit log: failed logins (401, each one a password
+that was checked and bounded by the throttle) are counted per (user name, address), refused
+ones (429) per address whatever the name (so cycling through names cannot make rows), and
+written as one row per key and ``window`` — "n failures between first and last" — instead
+of one row each.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class LoginThrottle:
         base: float = 1.0,
         cap: float = 900.0,
         forget_after: float = 3600.0,
+        max_inflight: int = 2,
         max_pending: int = 64,
         max_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
@@ -50,6 +55,7 @@ class LoginThrottle:
         self.base = base
         self.cap = cap
         self.forget_after = forget_after
+        self.max_inflight = max_inflight
         self.max_pending = max_pending
         self.max_keys = max_keys
         self.clock = clock
@@ -79,6 +85,8 @@ class LoginThrottle:
     def _wait(self, kind: str, c: _Count, now: float) -> float:
         if c.locked_until > now:
             return c.locked_until - now
+        if c.pending >= self.max_inflight:
+            return 1.0
         if c.failures + c.pending >= self.free[kind] and c.pending:
             return 1.0  # its earlier attempts are still being verified
         return 0.0
@@ -124,10 +132,15 @@ class _Failures:
     first: float
     last: float
     counts: dict[str, int] = field(default_factory=dict)  # status -> n
+    names: dict[str, int] = field(default_factory=dict)  # refused rows: name -> n
+    other_names: int = 0  # refused attempts beyond the first NAMES names
 
 
 class LoginAudit:
-    """Failed logins per (user, address), one audit row per ``window`` seconds."""
+    """Failed logins per (user, address), refused ones per address (user ``*``, with the
+    first names tried in ``detail``), one audit row per key and ``window`` seconds."""
+
+    NAMES = 20  # names listed in a refused-logins row
 
     def __init__(self, window: float = 60.0, clock: Callable[[], float] = time.time) -> None:
         self.window = window
@@ -136,11 +149,17 @@ class LoginAudit:
 
     def failed(self, user: str, address: str, status: int) -> None:
         now = self.clock()
-        f = self._open.get((user, address))
+        key = ("*" if status == 429 else user, address)
+        f = self._open.get(key)
         if f is None:
-            f = self._open[(user, address)] = _Failures(now, now)
+            f = self._open[key] = _Failures(now, now)
         f.last = now
         f.counts[str(status)] = f.counts.get(str(status), 0) + 1
+        if key[0] == "*":
+            if user in f.names or len(f.names) < self.NAMES:
+                f.names[user] = f.names.get(user, 0) + 1
+            else:
+                f.other_names += 1
 
     def due(self, *, all: bool = False) -> list[tuple[str, str, dict[str, Any]]]:
         """The rows to write now: (user, address, detail) of every window that has closed
@@ -157,5 +176,8 @@ class LoginAudit:
                     "first": f.first,
                     "last": f.last,
                 }
+                if key[0] == "*":
+                    detail["users"] = dict(f.names)
+                    detail["other_users_attempts"] = f.other_names
                 out.append((key[0], key[1], detail))
         return out
