@@ -80,7 +80,7 @@ def broker(
     ] = False,
     log_level: Annotated[str, typer.Option("--log-level")] = "warning",
 ) -> None:
-    """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C."""
+    """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C or SIGTERM."""
     import trio
 
     from twin.cli.main import state
@@ -90,6 +90,7 @@ def broker(
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.WARNING),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
     )
     plain = [parse_hostport(x) for x in (listen or ["127.0.0.1:1883"])]
     hint = (
@@ -165,8 +166,11 @@ def broker(
                 "auth: " + ("none (--no-auth)" if no_auth else "registry device keys and users")
             )
 
+    from twin.cli.signals import run_until_signal
+
     try:
-        trio.run(main)
+        if run_until_signal(main) is not None:  # Ctrl-C or SIGTERM: a clean stop, exit 0
+            typer.echo("stopped.")
     except KeyboardInterrupt:
         typer.echo("stopped.")
     finally:

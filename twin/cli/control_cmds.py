@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from twin.errors import TwinError
 
@@ -228,7 +229,9 @@ def command_get(
     if as_json:
         _out().print_json(cmd, con)
         return
-    con.print(f"[bold]{cmd['id']}[/]  {cmd['device']} {cmd['type']} {json.dumps(cmd['params'])}")
+    head = Text(cmd["id"], style="bold")
+    head.append(f"  {cmd['device']} {cmd['type']} {json.dumps(cmd['params'])}")
+    con.print(head)
     con.print(f"  status    {cmd['status']}" + (f"  ({cmd['error']})" if cmd.get("error") else ""))
     if cmd.get("result") is not None:
         con.print(f"  result    {json.dumps(cmd['result'])}")
@@ -297,29 +300,39 @@ def scene_list(server: Server = None, as_json: JsonOut = False) -> None:
     )
 
 
+_STEP_MARK = {"ok": ("✓", "green"), "error": ("✗", "red"), "stop": ("■", "")}
+
+
 def print_trace(trace: dict[str, Any]) -> None:
     from twin.cli import output
 
     con = _console()
-    con.print(
-        f"[bold]{trace['scene']}[/] run {trace['run_id']}  {trace['status']}"
+    head = Text(trace["scene"], style="bold")
+    head.append(
+        f" run {trace['run_id']}  {trace['status']}"
         f"  {output.fmt_time(trace['started_at'])}  ({(trace.get('duration') or 0) * 1000:.1f} ms)"
     )
+    con.print(head)
     trig = {k: v for k, v in (trace.get("trigger") or {}).items() if v is not None}
     con.print(f"  trigger   {json.dumps(trig, default=str)}")
     if trace.get("chain"):
         con.print(f"  chain     {' → '.join(trace['chain'])}")
     for c in trace.get("conditions") or []:
-        mark = "[green]✓[/]" if c["result"] else "[red]✗[/]"
         extra = {k: v for k, v in c.items() if k not in ("path", "type", "result")}
-        con.print(f"  {mark} {c['path']} {c['type']} {json.dumps(extra, default=str)}")
+        line = Text("  ")
+        line.append(*(("✓", "green") if c["result"] else ("✗", "red")))
+        line.append(f" {c['path']} {c['type']} {json.dumps(extra, default=str)}")
+        con.print(line)
     for s in trace.get("steps") or []:
-        mark = {"ok": "[green]✓[/]", "error": "[red]✗[/]", "stop": "■"}.get(s.get("outcome"), "…")
+        mark = _STEP_MARK.get(s.get("outcome") or "", ("…", ""))
         detail = s.get("error") or json.dumps(s.get("result") or {}, default=str)
-        con.print(
-            f"  {mark} {s['path']} {s['type']} {s.get('alias') or ''} "
+        line = Text("  ")
+        line.append(*mark)
+        line.append(
+            f" {s['path']} {s['type']} {s.get('alias') or ''} "
             f"({(s.get('duration') or 0) * 1000:.1f} ms) {output.short(detail, 80)}"
         )
+        con.print(line)
     if trace.get("error") or trace.get("reason"):
         con.print(f"  {trace.get('error') or trace.get('reason')}")
 
@@ -336,13 +349,38 @@ def scene_trace(
         traces = _api(server, "GET", f"/scenes/{name}/traces?limit={limit}")["traces"]
     else:
         traces = [dict(t.trace) for t in _state().registry().scene_traces(name, limit=limit)]
+    if not traces:  # a deleted scene keeps its traces; a name never applied is a mistake
+        _known_scene(name, server)
     if as_json:
         _out().print_json(traces, _console(), default=str)
         return
     if not traces:
-        _console().print(f"no runs of {name} recorded")
+        _console().print(f"no runs of {name} recorded yet")
     for t in traces:
         print_trace(t)
+
+
+def _scene_names(server: str | None) -> list[str]:
+    if server:
+        return [r["name"] for r in _api(server, "GET", "/scenes")["scenes"]]
+    return sorted(n for (kind, n) in _state().registry().specs() if kind == "Scene")
+
+
+def _known_scene(name: str, server: str | None) -> None:
+    """Raise NotFoundError (with a did-you-mean) when the applied revision has no scene NAME."""
+    from difflib import get_close_matches
+
+    from twin.errors import NotFoundError
+
+    names = _scene_names(server)
+    if name in names:
+        return
+    close = get_close_matches(name, names, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise NotFoundError(
+        f"no scene {name!r} in the applied revision",
+        hint=hint + ("`twin scene list` lists them" if names else "no scenes are applied"),
+    )
 
 
 @scene_app.command("run")

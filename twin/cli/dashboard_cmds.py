@@ -61,6 +61,7 @@ def dashboard_command(
         "--global.developmentMode", "false",
         "--client.toolbarMode", "minimal",
         "--runner.magicEnabled", "false",
+        "--logger.level", "warning",
     ]  # fmt: skip
     env = dict(os.environ)
     env["FLUX_SERVER"] = server.rstrip("/")
@@ -79,8 +80,12 @@ def start_dashboard(
     site: Path | None, server: str, host: str = "127.0.0.1", port: int = 0
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start the dashboard process (for ``twin up --dashboard``); the caller stops it."""
+    from twin.cli.signals import die_with_parent
+
     cmd, env, url = dashboard_command(site, server, host, port)
-    return _Dashboard(cmd, env=env, stdout=subprocess.DEVNULL), url
+    # preexec_fn: the kernel stops streamlit if `twin up` dies without cleaning up (SIGKILL)
+    proc = _Dashboard(cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    return proc, url
 
 
 class _Dashboard(subprocess.Popen[bytes]):
@@ -117,7 +122,9 @@ def dashboard(
 
     cmd, env, url = dashboard_command(site, server, host, port, token=token, refresh=refresh)
     output.console.print(f"dashboard  {url}   (API {env['FLUX_SERVER']})", highlight=False)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    from twin.cli.signals import die_with_parent
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt

@@ -6,6 +6,7 @@ Errors are one readable line plus a hint; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import socket
 import sys
@@ -23,6 +24,29 @@ from rich.text import Text
 
 from twin.cli import output as out
 from twin.errors import NotFoundError, SpecError, TwinError
+
+
+def _quiet_flag_types() -> None:
+    """typer >= 0.2x prints a type on every help line, ``--debug <bool>`` included: a flag
+    takes no value, so show none (value options keep theirs: ``--limit <int>``)."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # pragma: no cover - an older typer prints no types
+        return
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_twin_quiet", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if self.is_flag or self.count:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._twin_quiet = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_quiet_flag_types()
 
 app = typer.Typer(
     name="twin",
@@ -97,11 +121,21 @@ def _global(
         help="Registry URL: sqlite:///path.db (default: STATE_DIR/registry.db) or postgresql://...")] = None,
     state_dir: Annotated[Path, typer.Option(
         "--state-dir", envvar="TWIN_STATE_DIR", help="Where local state lives.")] = Path(".twin"),
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Show info logs.")] = False,
 ) -> None:
     state.registry_url = registry
     state.state_dir = state_dir
     state.debug = debug
+    configure_logging(logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING)
+
+
+def configure_logging(level: int) -> None:
+    """CLI commands log warnings and errors only (to stderr), unless -v or --debug; ``twin up``
+    and ``twin broker`` set their own level with --log-level."""
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "httpcore"):  # one INFO line per request otherwise
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 Paths = Annotated[list[Path], typer.Argument(help="YAML files or folders (read recursively).")]
@@ -223,10 +257,7 @@ def apply(
         if output is Format.json:
             out.print_json(result)
         else:
-            rev = result.get("revision")
-            out.console.print(Text(f"applied through {server}: "
-                                   + (f"revision {rev['revision']}" if rev else "no changes"),
-                                   style="green"))
+            out.console.print(Text(remote_apply_summary(server, result), style="green"))
         return
     from twin.spec.apply import apply_specs
 
@@ -243,6 +274,19 @@ def apply(
     if result_.revision is not None:
         r = result_.revision
         out.console.print(Text(f"Applied: revision {r.number} ({r.hash[:12]}).", style="bold green"))
+
+
+def remote_apply_summary(server: str, result: dict[str, Any]) -> str:
+    """One line for ``POST /api/v1/apply``'s answer: ``{"revision": N, "changed": bool,
+    "created": c, "updated": u, "deleted": d}`` (``revision`` is the head's number)."""
+    rev = result.get("revision")
+    if isinstance(rev, dict):  # tolerate a revision object
+        rev = rev.get("number", rev.get("revision"))
+    if not result.get("changed", True):
+        return f"applied through {server}: no changes (revision {rev})"
+    counts = " ".join(f"{sym}{result[k]}" for sym, k in
+                      (("+", "created"), ("~", "updated"), ("-", "deleted")) if k in result)
+    return f"applied through {server}: revision {rev}" + (f" ({counts})" if counts else "")
 
 
 def _apply_remote(server: str, loaded: Any, *, prune: bool, message: str) -> dict[str, Any]:
@@ -522,6 +566,15 @@ def _live_device(server: str, name: str) -> dict[str, Any]:
     return live
 
 
+def _precision(model: dict[str, Any] | None, name: str) -> int | None:
+    """The decimals a model declares for a property or telemetry point (``precision: 1``)."""
+    for section in ("properties", "telemetry"):
+        decl = ((model or {}).get(section) or {}).get(name)
+        if isinstance(decl, dict) and isinstance(decl.get("precision"), int):
+            return int(decl["precision"])
+    return None
+
+
 def _print_description(info: dict[str, Any]) -> None:
     c = out.console
     c.print(Text(f"{info['kind']} {info['name']}", style="bold"))
@@ -551,9 +604,10 @@ def _print_description(info: dict[str, Any]) -> None:
         for p in names:
             rep = (twin.get("reported") or {}).get(p)
             des = (twin.get("desired") or {}).get(p)
-            line = f"    {p}: reported {out.short(rep['value']) if rep else '-'}"
+            prec = _precision(model, p)
+            line = f"    {p}: reported {out.fmt_value(rep['value'], prec) if rep else '-'}"
             if p in (twin.get("desired") or {}):
-                line += f", desired {out.short(des)}"
+                line += f", desired {out.fmt_value(des, prec)}"
             if p in (twin.get("overrides") or {}):
                 line += " (runtime override)"
             if p in (twin.get("delta") or {}):
@@ -604,6 +658,21 @@ def _register_extensions() -> None:
         module.register(app)
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click usage error (missing argument, bad value, no such command): typer >= 0.22 raises
+    those of its own vendored copy of click, older ones click's."""
+    import click
+
+    kinds: tuple[type[BaseException], ...] = (click.ClickException,)
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+
+        kinds += (TyperClickException,)
+    except ImportError:  # a typer that uses click itself
+        pass
+    return isinstance(exc, kinds)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning errors into one line plus a hint."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -634,11 +703,9 @@ def main(argv: list[str] | None = None) -> None:
         out.err_console.print("interrupted")
         sys.exit(130)
     except Exception as exc:  # click usage errors and the unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        if _is_usage_error(exc):
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if debug:
             traceback.print_exc()
         out.err_console.print(Text(f"error: {type(exc).__name__}: {exc}", style="bold red"))

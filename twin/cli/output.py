@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -54,6 +55,43 @@ def short(value: Any, limit: int = 70) -> str:
         return "(absent)"
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def fmt_number(value: float, precision: int | None = None) -> str:
+    """A measured value for people: ``precision`` decimals when the model declares them, else
+    4 significant digits (never an exponent for ordinary magnitudes): 2.9148004503231064 →
+    ``2.915``, 1234.5678 → ``1235``, 0.000123456 → ``0.0001235``."""
+    if not math.isfinite(value):
+        return str(value)
+    if precision is None:
+        if value == 0:
+            return "0"
+        magnitude = math.floor(math.log10(abs(value))) + 1
+        digits = max(0, 4 - magnitude)
+        if digits > 12:  # tiny: an exponent reads better than a row of zeros
+            return f"{value:.4g}"
+        text = f"{value:.{digits}f}"
+        if "." in text:  # significant digits, not padding: 40.0 → 40
+            text = text.rstrip("0").rstrip(".")
+        return text.lstrip("-") if float(text) == 0 else text
+    text = f"{value:.{precision}f}"
+    return text.lstrip("-") if float(text) == 0 else text  # never "-0.00"
+
+
+def fmt_value(value: Any, precision: int | None = None, limit: int = 70) -> str:
+    """Any reported or desired value: numbers rounded (see :func:`fmt_number`), the rest JSON."""
+    if isinstance(value, float):
+        return fmt_number(value, precision)
+    return short(value, limit)
+
+
+def fmt_tags(encoded: Any) -> str:
+    """The time-series TAGS column (``,critical,floor=1,hvac,``: delimited for matching) as
+    ``critical, hvac, floor=1``: tags, then labels."""
+    if not isinstance(encoded, str):
+        return "" if encoded is None else str(encoded)
+    items = [t for t in encoded.split(",") if t]
+    return ", ".join([t for t in items if "=" not in t] + [t for t in items if "=" in t])
 
 
 def print_problems(problems: Sequence[Problem], con: Console = err_console) -> None:

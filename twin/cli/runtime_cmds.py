@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import getpass
 import logging
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -125,38 +127,78 @@ def up(
     dashboard: Annotated[
         bool, typer.Option("--dashboard", help="Also serve the Streamlit dashboard of PATH.")
     ] = False,
+    dashboard_listen: Annotated[
+        str,
+        typer.Option(
+            "--dashboard-listen",
+            help="Dashboard address HOST:PORT with --dashboard (port 0 picks a free one).",
+        ),
+    ] = "127.0.0.1:0",
 ) -> None:
-    """Apply PATH (if given), then run the engine and the API until Ctrl-C."""
-    import trio
+    """Apply PATH (if given), then run the engine and the API until Ctrl-C or SIGTERM.
 
+    Every listen address (API, MQTT, dashboard) is checked before anything is applied: a taken
+    port is one line with a hint and leaves the registry untouched.
+    """
     from twin.api.app import ApiSettings
-    from twin.api.server import ApiService, bind_socket, parse_listen
+    from twin.api.server import ApiService
     from twin.runtime.engine import Engine, EngineConfig
 
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        force=True,
     )
     for noisy in ("hypercorn.error", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     console = _console()
+    # 1. every listener first: nothing is applied when one of them cannot start
+    mqtt = None
+    if not no_mqtt:
+
+        def mqtt() -> Any:
+            from twin.cli.broker_cmds import server_ssl_context
+            from twin.runtime.mqtt_service import cli_service
+
+            ctx = None
+            if mqtt_wss_listen:
+                ctx = server_ssl_context(mqtt_certfile, mqtt_keyfile, None, "--mqtt-wss-listen")
+            # binds the embedded broker's port now: a taken port is one line + hint
+            return cli_service(
+                mqtt_listen, mqtt_broker, share_group=mqtt_share_group,
+                wss_listen=mqtt_wss_listen, ssl_context=ctx, max_keep_alive=mqtt_max_keep_alive,
+                server_topic_aliases=mqtt_server_topic_aliases,
+            )  # fmt: skip
+
+    listeners = _bind_listeners(
+        None if no_api else listen,
+        mqtt,
+        [] if no_mqtt or mqtt_broker else list(mqtt_wss_listen or []),
+        dashboard_listen if dashboard and not no_api else None,
+    )
+    # 2. then the registry and the apply
     reg = _registry(registry, state_dir)
     st = _state()
-    from twin.files import private_dir
+    try:
+        from twin.files import private_dir
 
-    private_dir(st.state_dir)  # 0700 whatever the registry (PostgreSQL: jwt.secret, mqtt/ ...)
-    if path is not None:
-        from twin.cli.main import author, load
-        from twin.spec.apply import apply_specs
+        private_dir(st.state_dir)  # 0700 whatever the registry (PostgreSQL: jwt.secret, mqtt/ ...)
+        if path is not None:
+            from twin.cli.main import author, load
+            from twin.spec.apply import apply_specs
 
-        loaded = load([path])
-        result = apply_specs(
-            reg, loaded, author=author(), message=message or f"twin up {path}", source="cli"
-        )
-        if result.revision is None:
-            console.print(f"{path}: no changes (revision {result.base})")
-        else:
-            console.print(f"{path}: applied as revision {result.revision.number}")
+            loaded = load([path])
+            result = apply_specs(
+                reg, loaded, author=author(), message=message or f"twin up {path}", source="cli"
+            )
+            if result.revision is None:
+                console.print(f"{path}: no changes (revision {result.base})")
+            else:
+                console.print(f"{path}: applied as revision {result.revision.number}")
+    except BaseException:
+        listeners.close()
+        reg.close()
+        raise
     from twin.control.service import ControlService
 
     services: list[Any] = [ControlService()]  # commands, reconciliation, scenes
@@ -164,82 +206,154 @@ def up(
         from twin.runtime.timeseries_service import TimeSeriesService
 
         services.append(TimeSeriesService(url=timeseries))
-    if not no_api:
-        host, port = parse_listen(listen)
-        sock = bind_socket(host, port)  # a taken port fails here: one line + hint
+    if listeners.api is not None:
+        host, port, sock = listeners.api
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
-    if not no_mqtt:
-        from twin.cli.broker_cmds import server_ssl_context
-        from twin.runtime.mqtt_service import cli_service
-
-        ctx = None
-        if mqtt_wss_listen:
-            ctx = server_ssl_context(mqtt_certfile, mqtt_keyfile, None, "--mqtt-wss-listen")
-        # binds the embedded broker's port now: a taken port is one line + hint
-        services.append(cli_service(
-            mqtt_listen, mqtt_broker, share_group=mqtt_share_group, wss_listen=mqtt_wss_listen,
-            ssl_context=ctx, max_keep_alive=mqtt_max_keep_alive,
-            server_topic_aliases=mqtt_server_topic_aliases))
+    if listeners.mqtt is not None:
+        services.append(listeners.mqtt)
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
-    dash = None
-    if dashboard and not no_api:
+    dash: list[Any] = []
+    dash_url = None
+    if listeners.api is not None and listeners.dashboard is not None:
+        # started before the engine's threads exist (it is forked); it reads the API's
+        # address, which is bound already, and waits for it to answer
         from twin.cli.dashboard_cmds import start_dashboard
 
+        host, port, sock = listeners.api
         api_host = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        dash, dash_url = start_dashboard(path, f"http://{api_host}:{sock.getsockname()[1]}")
-        console.print(f"  dashboard  {dash_url}")
+        proc, dash_url = start_dashboard(
+            path, f"http://{api_host}:{sock.getsockname()[1]}", *listeners.dashboard
+        )
+        dash.append(proc)
 
     async def main() -> None:
+        import trio
+
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
-            head = engine.revision
-            console.print(
-                f"FLUX IoT engine up — revision {engine.revision_number}"
-                f" ({head.hash[:12] if head else 'empty: run twin apply PATH'}),"
-                f" {len(engine.controller.tasks)} devices"
-            )
-            console.print(f"  registry   {reg.url}")
-            console.print(f"  state dir  {st.state_dir}")
             info = engine.service_info.get("api")
+            lines = _summary(engine, reg, st.state_dir, dash_url)
             if info:
-                console.print(f"  api        {info['url']}/api/v1   (docs {info['url']}/docs)")
-                console.print(f"  openapi    {info['openapi']}")
-                console.print(f"  websocket  {info['ws']}")
-                console.print(f"  metrics    {info['metrics']}")
                 users = await trio.to_thread.run_sync(reg.users)
                 if not users:
-                    console.print("  no users yet: twin user add admin --role admin")
-            ts_info = engine.service_info.get("timeseries")
-            if ts_info is not None:
-                console.print(f"  timeseries {ts_info.description}")
-            mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
-            if mqtt_line:
-                console.print(f"  mqtt       {mqtt_line}")
-            console.print("Ctrl-C to stop.")
+                    lines.append("  no users yet: twin user add admin --role admin")
+            lines.append("Ctrl-C to stop.")
+            console.print("\n".join(lines))
+
+    def on_signal(signum: int) -> None:
+        for proc in dash:  # stop the dashboard while the engine shuts down
+            proc.send_signal(signal.SIGTERM)
+
+    from twin.cli.signals import run_until_signal
 
     try:
-        trio.run(main)
+        stopped_by = run_until_signal(main, on_signal=on_signal)
+        if stopped_by is not None:
+            console.print("stopped.")
     except KeyboardInterrupt:
         console.print("stopped.")
-    except BaseExceptionGroup as group:
-        _, rest = group.split(KeyboardInterrupt)
-        if rest is None:
-            console.print("stopped.")
-        else:
-            leaves = _leaves(rest)
-            if len(leaves) == 1 and isinstance(leaves[0], TwinError):
-                raise leaves[0] from None
-            raise
     finally:
-        if dash is not None:
-            dash.terminate()
+        for proc in dash:
+            proc.terminate()  # waits, kills a lingering streamlit
         reg.close()
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
-    return [exc]
+def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) -> list[str]:
+    """The start-up banner: what runs, then where to reach it."""
+    head = engine.revision
+    lines = [
+        f"FLUX IoT engine up — revision {engine.revision_number}"
+        f" ({head.hash[:12] if head else 'empty: run twin apply PATH'}),"
+        f" {len(engine.controller.tasks)} devices",
+        f"  registry   {reg.url}",
+        f"  state dir  {state_dir}",
+    ]
+    ts_info = engine.service_info.get("timeseries")
+    if ts_info is not None:
+        lines.append(f"  timeseries {ts_info.description}")
+    info = engine.service_info.get("api")
+    if info:
+        lines += [
+            f"  api        {info['url']}/api/v1   (docs {info['url']}/docs)",
+            f"  openapi    {info['openapi']}",
+            f"  websocket  {info['ws']}",
+            f"  metrics    {info['metrics']}   (needs a token: Authorization: Bearer ...)",
+        ]
+    if dashboard_url:
+        lines.append(f"  dashboard  {dashboard_url}")
+    mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
+    if mqtt_line:
+        lines.append(f"  mqtt       {mqtt_line}")
+    return lines
+
+
+class _Listeners:
+    """The sockets ``twin up`` bound before doing anything else."""
+
+    def __init__(self) -> None:
+        self.api: tuple[str, int, Any] | None = None
+        self.mqtt: Any = None  # MqttService with its sockets bound
+        self.dashboard: tuple[str, int] | None = None
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api[2].close()
+        for sock in getattr(getattr(self.mqtt, "config", None), "sockets", None) or []:
+            sock.close()
+
+
+def _bind_listeners(
+    api: str | None,
+    mqtt: Callable[[], Any] | None,
+    mqtt_wss: list[str],
+    dashboard: str | None,
+) -> _Listeners:
+    """Bind the API and MQTT listeners and check the ports of the MQTT WebSocket listeners and
+    the dashboard (bound a moment later by the broker and streamlit); a taken one raises
+    :class:`~twin.errors.PortInUseError` (one line + hint) with everything bound so far closed."""
+    from twin.api.server import bind_socket, parse_listen
+
+    out = _Listeners()
+    try:
+        if api is not None:
+            host, port = parse_listen(api)
+            out.api = (host, port, bind_socket(host, port))
+        if mqtt is not None:
+            out.mqtt = mqtt()
+        for addr in mqtt_wss:
+            from twin.runtime.mqtt_service import parse_hostport
+
+            host, port = parse_hostport(addr, 8084)
+            if port:
+                _free_or_raise(host, port, "mqtt wss", "--mqtt-wss-listen")
+        if dashboard is not None:
+            host, port = parse_listen(dashboard)
+            out.dashboard = (host, _free_or_raise(host, port, "dashboard", "--dashboard-listen"))
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _free_or_raise(host: str, port: int, what: str, option: str) -> int:
+    """Check that ``host:port`` can be bound now (port 0: pick a free one); the port."""
+    import errno
+    import socket
+
+    from twin.errors import PortInUseError
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                err = PortInUseError(host, port, what)
+                err.hint = f"pick another with {option} HOST:PORT (port 0 picks a free one)"
+                raise err from None
+            raise TwinError(f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                            hint=f"use an address of this machine with {option}") from None
+        return int(sock.getsockname()[1])
 
 
 def _describe_mqtt(info: Any) -> str | None:
@@ -269,11 +383,31 @@ def key_create(device: Annotated[str, typer.Argument(help="Device name.")]) -> N
 
 
 @device_key.command("list")
-def key_list(device: str) -> None:
-    c = _console()
-    for k in _registry().device_keys(device):
-        state = f"revoked {_fmt_time(k.revoked_at)}" if k.revoked_at else "active"
-        c.print(f"{k.id}  created {_fmt_time(k.created_at)}  {state}")
+def key_list(
+    device: Annotated[
+        str | None, typer.Argument(help="Device name (default: the keys of every device).")
+    ] = None,
+) -> None:
+    """Keys of DEVICE (or of every device in the registry), revoked ones included."""
+    from twin.cli import output
+
+    reg = _registry()
+    if device is not None:
+        devices = [device]
+        if ("Device", device) not in reg.specs() and not reg.device_keys(device):
+            raise TwinError(f"no device {device!r} in the registry", hint="twin get devices")
+    else:
+        devices = sorted(n for (kind, n) in reg.specs() if kind == "Device")
+    rows = [
+        [k.id, k.device, _fmt_time(k.created_at),
+         f"revoked {_fmt_time(k.revoked_at)}" if k.revoked_at else "active"]
+        for d in devices
+        for k in reg.device_keys(d)
+    ]  # fmt: skip
+    if not rows:
+        _console().print("no device keys yet: twin device-key create DEVICE")
+        return
+    _console().print(output.rows_table(["key", "device", "created", "state"], rows))
 
 
 @device_key.command("revoke")
@@ -301,13 +435,34 @@ def user_add(
         list[str] | None, typer.Option("--site", help="Limit to a site (repeatable).")
     ] = None,
     password: Annotated[
-        str | None, typer.Option("--password", envvar="TWIN_PASSWORD", help="Default: prompt.")
+        str | None,
+        typer.Option(
+            "--password",
+            envvar="TWIN_PASSWORD",
+            help="The password (visible in the process list: prefer --password-stdin).",
+        ),
     ] = None,
+    password_stdin: Annotated[
+        bool,
+        typer.Option(
+            "--password-stdin", help="Read the password from the first line of stdin (scripts)."
+        ),
+    ] = False,
 ) -> None:
-    """Create or replace a user."""
+    """Create or replace a user. The password is asked for twice on a terminal; scripts pipe
+    it in with --password-stdin (at least 8 characters)."""
+    import sys
+
     from twin.api.auth import make_user
 
-    if password is None:
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password is None:
+        if not sys.stdin.isatty():
+            raise TwinError(
+                "no password given and no terminal to ask for one",
+                hint=f"echo \"$PASSWORD\" | twin user add {name} --password-stdin ...",
+            )
         password = getpass.getpass(f"password for {name}: ")
         if password != getpass.getpass("again: "):
             raise TwinError("the passwords differ")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from twin.errors import TwinError
 
@@ -124,11 +125,14 @@ def _remote(method: str, server: str, path: str, **kw: Any) -> Any:
     return resp
 
 
-def _cell(v: Any) -> Any:
+def _cell(column: str, v: Any) -> Any:
+    o = _out()
+    if column == "tags":
+        return o.fmt_tags(v)
     if isinstance(v, datetime):
         return v.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return o.fmt_number(v)
     return v
 
 
@@ -263,7 +267,10 @@ def query(
         o.console.print(
             o.rows_table(
                 table_doc["columns"],
-                ([_cell(v) for v in row] for row in table_doc["rows"]),
+                (
+                    [_cell(c, v) for c, v in zip(table_doc["columns"], row, strict=False)]
+                    for row in table_doc["rows"]
+                ),
             )
         )
         o.err_console.print(f"{table_doc['count']} rows")
@@ -343,7 +350,9 @@ def storage(
     free = report["free_bytes"]
     o.console.print(f"free disk  {'unknown' if free < 0 else _fmt_bytes(free)}")
     if report.get("disk_nearly_full"):
-        o.console.print("[bold red]disk nearly full[/]: writes stop below the safety margin")
+        line = Text("disk nearly full", style="bold red")
+        line.append(": writes stop below the safety margin")
+        o.console.print(line)
     lags = (report.get("rollup") or {}).get("tiers") or []
     if lags:
         o.console.print(
