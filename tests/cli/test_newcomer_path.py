@@ -130,7 +130,9 @@ def test_device_key_list_without_a_device_lists_every_key(up) -> None:
 
 
 # -- item 3: every listener is checked before anything is applied ---------------------------------
-@pytest.mark.parametrize("which", ["--listen", "--mqtt-listen", "--dashboard-listen"])
+@pytest.mark.parametrize(
+    "which", ["--listen", "--mqtt-listen", "--mqtt-wss-listen", "--dashboard-listen"]
+)
 def test_a_taken_port_fails_before_the_apply(tmp_path: Path, which: str) -> None:
     env = cli_env(tmp_path / "state")
     with socket.socket() as taken:
@@ -142,6 +144,11 @@ def test_a_taken_port_fails_before_the_apply(tmp_path: Path, which: str) -> None
         args = [x for kv in addrs.items() for x in kv]
         if which == "--dashboard-listen":
             args.append("--dashboard")
+        if which == "--mqtt-wss-listen":
+            from mqtt.test_listeners_cli import _server_cert
+
+            _, cert, key = _server_cert(tmp_path)
+            args += ["--mqtt-certfile", cert, "--mqtt-keyfile", key]
         failed = run(env, "up", str(DEMO), *args, timeout=60)
     err = one_error(failed)
     assert f"address 127.0.0.1:{port} is already in use" in err and which in err
