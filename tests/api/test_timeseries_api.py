@@ -185,3 +185,21 @@ def test_tier_used_names_the_tier_the_engine_chose() -> None:
     assert used(start=12_000, end=20_000, every="1h") == "raw"  # nothing rolled up yet
     assert used(start=0, end=9_000, every="1h", tier="raw") == "raw"
     assert used(start=0, end=9_000) is None
+
+
+async def test_csv_download_filename_cannot_inject_headers(tsapi: Api) -> None:
+    from twin.api.routes.timeseries import attachment
+
+    for name, ascii_name in (('a"b', "a_b"), ("x\r\nSet-Cookie: s=1", "x__Set-Cookie_ s_1"),
+                             ("température", "temp_rature")):
+        value = attachment(f"{name}.csv")
+        assert "\r" not in value and "\n" not in value
+        assert value.startswith(f'attachment; filename="{ascii_name}.csv"; filename*=UTF-8\'\'')
+        assert value.isascii()
+    async with tsapi.client("viewer") as c:
+        for metric in ('x"\r\nSet-Cookie: s=1', 'temperature"; filename="evil.exe'):
+            r = await c.get("/api/v1/timeseries/query",
+                            params={"metric": metric, "device": "t1", "format": "csv"})
+            assert r.status_code == 200 and "set-cookie" not in r.headers
+            value = r.headers["content-disposition"]  # three parameters, none injected
+            assert value == attachment(f"{metric}.csv") and len(value.split(";")) == 3

@@ -8,6 +8,8 @@
   authentication, metrics, audit) and the HTTP ingest hot path;
 - :mod:`twin.api.deps` — what routes share: the principal, role dependencies, query types,
   ``change`` (a spec change as a revision);
+- :mod:`twin.api.limits` — request body limits (413) and strict JSON bodies (422), between
+  the gatekeeper and the routes;
 - :mod:`twin.api.errors` — the error tree mapped to HTTP answers;
 - :mod:`twin.api.routes` — the routers, one module per resource.
 
@@ -24,6 +26,7 @@ from fastapi import FastAPI
 from twin.api import errors
 from twin.api.deps import MUTATING, PREFIX, PUBLIC
 from twin.api.gatekeeper import Gatekeeper
+from twin.api.limits import BodyLimits
 from twin.api.routes import ROUTERS
 from twin.api.state import ApiSettings, ApiState
 from twin.runtime.engine import Engine
@@ -43,7 +46,9 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         app.include_router(router)
     app.openapi_schema = None
     _add_security(app)
-    return Gatekeeper(app, st)  # type: ignore[return-value]
+    # the gatekeeper authenticates before BodyLimits reads a body; FastAPI's routes label metrics
+    routes = [*app.router.routes, *(r for router in ROUTERS for r in router.routes)]
+    return Gatekeeper(BodyLimits(app, settings.body_limits), st, routes)  # type: ignore[return-value]
 
 
 def _add_security(app: FastAPI) -> None:

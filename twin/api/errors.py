@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from twin.api.limits import validation_error_handler
 from twin.errors import AuthError, ConflictError, NotFoundError, RegistryError, SpecError, TwinError
 
 
@@ -35,6 +37,7 @@ async def _twin(request: Request, exc: TwinError) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # no input echo
     app.add_exception_handler(SpecError, _spec_error)  # type: ignore[arg-type]
     app.add_exception_handler(ConflictError, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(NotFoundError, _not_found)  # type: ignore[arg-type]

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 
 from twin.api.deps import MUTATING, PREFIX, PUBLIC, bearer
 from twin.api.durable_ingest import hand_in
@@ -85,9 +87,27 @@ async def ingest_core(
 class Gatekeeper:
     """Pure ASGI middleware: rate limits, authentication, metrics, audit."""
 
-    def __init__(self, app: Any, state: ApiState) -> None:
+    def __init__(self, app: Any, state: ApiState, routes: Iterable[BaseRoute] = ()) -> None:
         self.app = app
         self.state = state
+        # route templates, for the label of requests answered before routing (401, 413 ...)
+        self.templates: list[tuple[re.Pattern[str], str]] = []
+        for r in routes:
+            regex, template = getattr(r, "path_regex", None), getattr(r, "path", None)
+            if isinstance(regex, re.Pattern) and isinstance(template, str):
+                self.templates.append((regex, template))
+
+    def route_template(self, scope: dict[str, Any]) -> str:
+        """The ``/metrics`` label of a request: its route's template (``/devices/{device}``),
+        never the raw path (anyone could create series with made-up URLs), else "unmatched"."""
+        route = scope.get("route")
+        if isinstance(getattr(route, "path", None), str):
+            return str(route.path)  # type: ignore[union-attr]
+        path = scope["path"]
+        for regex, template in self.templates:
+            if regex.match(path):
+                return template
+        return "unmatched"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -150,8 +170,7 @@ class Gatekeeper:
         else:
             await self.app(scope, receive, send_wrapper)
         status = status_box[0]
-        route = scope.get("route")
-        route_path = getattr(route, "path", None) or ("unmatched" if response is None else path)
+        route_path = self.route_template(scope)
         prom.child(prom.api_requests, method, route_path, str(status)).inc()
         prom.child(prom.api_latency, method, route_path).observe(time.perf_counter() - started)
         if path == LOGIN and status in (401, 429):

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
 from twin.api.app import ApiSettings, create_app
+from twin.api.routes import ws
 from twin.errors import PortInUseError, TwinError
 from twin.runtime.engine import Engine
 from twin.runtime.supervisor import supervise
@@ -100,6 +101,7 @@ class ApiService:
         config.graceful_timeout = 2.0
         config.keep_alive_timeout = 30.0
         config.websocket_ping_interval = 20.0
+        config.websocket_max_message_size = ws.MAX_MESSAGE  # incoming: auth and subscribe only
 
         async def serve() -> None:
             await worker_serve(

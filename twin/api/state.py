@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from twin.api import auth
+from twin.api.limits import Limits
 from twin.api.ratelimit import Rate, RateLimiter
 from twin.api.throttle import LoginAudit, LoginThrottle
 from twin.errors import AuthError
@@ -42,6 +43,7 @@ class ApiSettings:
     login_free_per_address: int = 20
     login_backoff_cap: float = 900.0
     login_audit_window: float = 60.0  # failed logins: one audit row per user/address/window
+    body_limits: Limits = field(default_factory=Limits.from_env)
 
 
 class ApiState:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import quote
 
 import trio
 from fastapi import APIRouter, HTTPException, Query
@@ -171,8 +172,18 @@ async def query(
         headers["X-Twin-Tier"] = used
     if format != "json":
         name = "-".join(req.metrics) or "timeseries"
-        headers["Content-Disposition"] = f'attachment; filename="{name}.{format}"'
+        headers["Content-Disposition"] = attachment(f"{name}.{format}")
     return Response(body, media_type=MEDIA_TYPES[format], headers=headers)
+
+
+def attachment(filename: str) -> str:
+    """``Content-Disposition`` for a download named ``filename`` (RFC 6266): an ASCII fallback
+    with every character outside ``[A-Za-z0-9 ._-]`` replaced by ``_`` (no quote, CR or LF
+    can end the parameter or the header), and the exact name as ``filename*=UTF-8''...``."""
+    name = filename[:200]
+    fallback = "".join(c if c.isascii() and (c.isalnum() or c in " ._-") else "_" for c in name)
+    exact = quote(name, safe="", errors="replace")
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 @router.get("/storage")
@@ -187,4 +198,4 @@ async def retention_run(st: State, p: Admin) -> dict[str, Any]:
     return {"ran": report is not None, "report": report, "policies": sorted(svc.policies)}
 
 
-__all__ = ["device_series", "router", "tier_used"]
+__all__ = ["attachment", "device_series", "router", "tier_used"]

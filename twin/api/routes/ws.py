@@ -3,7 +3,7 @@ by site, group, device and kind (a scoped user only ever sees their sites)."""
 
 from __future__ import annotations
 
-import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,8 +15,40 @@ from twin.api import auth
 from twin.api.deps import PREFIX, api_state, bearer
 from twin.errors import AuthError
 from twin.runtime.bus import KINDS, Filter
+from twin.spec.inputlimits import InputRefused, dumps, loads
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix=PREFIX)
+
+MAX_MESSAGE = 64 << 10
+"""Bytes of one incoming message (auth, subscribe): hypercorn refuses larger frames."""
+
+
+async def receive_json(websocket: WebSocket) -> Any:
+    """The next message, parsed strictly (:func:`twin.spec.inputlimits.loads`: no NaN or
+    Infinity, no lone surrogates, bounded nesting); ``ValueError`` with one line otherwise."""
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+    raw = message.get("text")
+    if raw is None:
+        raw = message.get("bytes") or b""
+    try:
+        return loads(raw)
+    except InputRefused:
+        raise
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"not a JSON message: {str(exc)[:100]}") from None
+
+
+def _encode(event: Any) -> str | None:
+    """An event as JSON, or None (logged) if it holds a NaN/Infinity: the client never gets
+    invalid JSON, and one bad event does not end the feed."""
+    try:
+        return dumps(event, default=str)
+    except ValueError:
+        log.warning("ws: an event with a non-finite number was not sent: %.200r", event)
+        return None
 
 
 def parse_filter(p: auth.Principal, params: Mapping[str, Any]) -> Filter:
@@ -81,7 +113,7 @@ async def ws(websocket: WebSocket) -> None:
     if flt is None:  # authenticate with the first message
         try:
             with trio.fail_after(10):
-                first = await websocket.receive_json()
+                first = await receive_json(websocket)
             if not (isinstance(first, dict) and first.get("type") == "auth"):
                 raise AuthError('first message must be {"type": "auth", "token": ...}')
             p = await st.authenticate(str(first.get("token") or ""))
@@ -105,14 +137,15 @@ async def ws(websocket: WebSocket) -> None:
     async def reader(cancel: trio.CancelScope) -> None:
         try:
             while True:
-                msg = await websocket.receive_json()
-                if isinstance(msg, dict) and isinstance(msg.get("subscribe"), dict):
-                    try:
+                try:
+                    msg = await receive_json(websocket)
+                    if isinstance(msg, dict) and isinstance(msg.get("subscribe"), dict):
                         sub.filter = parse_filter(p, msg["subscribe"])
-                        await websocket.send_json({"kind": "subscribed", **msg["subscribe"]})
-                    except ValueError as exc:
-                        await websocket.send_json({"kind": "error", "detail": str(exc)})
-        except (WebSocketDisconnect, ValueError):
+                        await websocket.send_text(
+                            dumps({"kind": "subscribed", **msg["subscribe"]}))
+                except ValueError as exc:  # a bad message is answered, the feed goes on
+                    await websocket.send_text(dumps({"kind": "error", "detail": str(exc)[:300]}))
+        except WebSocketDisconnect:
             pass
         cancel.cancel()
 
@@ -130,10 +163,14 @@ async def ws(websocket: WebSocket) -> None:
                             events.append(sub.receive.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await websocket.send_text(json.dumps(events, default=str))
+                    text = _encode(events)
+                    if text is not None:
+                        await websocket.send_text(text)
             else:
                 async for event in sub.receive:
-                    await websocket.send_text(json.dumps(event, default=str))
+                    text = _encode(event)
+                    if text is not None:
+                        await websocket.send_text(text)
             if sub.dropped:
                 engine.prom.ws_dropped.inc()
                 await websocket.close(code=1013, reason="too slow: events were dropped")
