@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -334,3 +337,41 @@ def _leaves(exc: BaseException) -> Any:
             yield from _leaves(e)
     else:
         yield exc
+
+
+async def test_services_can_be_restarted_in_the_same_engine(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """What the supervisor does after a service failed: call it again on the same engine.
+    The API and the broker come back on the same ports (their pre-bound sockets were closed
+    with the first run), the time-series store is reopened, metrics are not registered twice."""
+    from twin.api.app import ApiSettings
+    from twin.api.server import ApiService, bind_socket
+    from twin.runtime.mqtt_service import MqttService, MqttServiceConfig, bind_listener
+    from twin.runtime.timeseries_service import TimeSeriesService
+
+    apply(registry, site(), model(), sim_device("t1", interval="100ms"))
+    state = tmp_path / "state"
+    api = ApiService("127.0.0.1", 0, ApiSettings(state_dir=state), sock=bind_socket("127.0.0.1", 0))
+    mqtt = MqttService(
+        MqttServiceConfig(
+            listen=[("127.0.0.1", 0)], sockets=[bind_listener("127.0.0.1", 0)], sys_interval=0
+        )
+    )
+    ts = TimeSeriesService(flush_interval=0.1)
+    async with running_engine(registry, fast_config(state_dir=state)) as engine:
+        seen: list[tuple[Any, Any]] = []
+        for _ in range(2):
+            async with trio.open_nursery() as nursery:
+                svc_ts = await nursery.start(partial(ts, engine))
+                m = await nursery.start(partial(mqtt, engine))
+                a = await nursery.start(partial(api, engine))
+                seen.append((a["port"], m["addresses"]))
+                async with httpx.AsyncClient(base_url=a["url"]) as client:
+                    assert (await client.get("/api/v1/health")).status_code == 200
+                await eventually(
+                    lambda s=svc_ts: s.writer is not None and s.writer.points_written > 0
+                )
+                nursery.cancel_scope.cancel()
+        assert seen[0] == seen[1]
+        assert ts.store is None  # closed with its run; reopened by the next one

@@ -112,6 +112,9 @@ class ApiService:
                 sockets=Sockets([], [sock], []),
             )
 
+        # a restart (the engine's supervisor) binds the same port again: the socket handed in
+        # is closed with this run
+        self.sock, self.port = None, actual
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
             state = getattr(app, "state", None)

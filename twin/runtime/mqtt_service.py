@@ -307,6 +307,8 @@ class MqttService:
                 else:
                     self.broker = self._make_broker(engine)
                     addrs = await nursery.start(self.broker.run)
+                    if cfg.sockets:  # closed with this run: a restart binds the same ports
+                        cfg.sockets, cfg.listen = [], list(addrs)
                     nursery.start_soon(self.auth.revalidate, self.broker, cfg.revalidate_interval)
                     info["addresses"] = [f"{h}:{p}" for h, p in addrs]
                     info["url"] = f"mqtt://{addrs[0][0]}:{addrs[0][1]}" if addrs else None
