@@ -200,6 +200,15 @@ async def test_http_long_poll_device(served: Served) -> None:
         assert (await c.get(f"/commands/{cmd['id']}")).json()["status"] == "sent"
         r = await dev.post(f"/ingest/door/commands/{cmd['id']}", json={"status": "executing"})
         assert r.json()["status"] == "executing"
+        # a result the engine cannot hold (NaN, a 400-digit int) is refused, the command waits
+        for bad_result in (b'{"x": NaN}', b"1" + b"0" * 400):
+            r = await dev.post(
+                f"/ingest/door/commands/{cmd['id']}",
+                content=b'{"status": "success", "result": ' + bad_result + b"}",
+                headers={"Content-Type": "application/json"},
+            )
+            assert r.status_code in (400, 422), r.text
+        assert (await c.get(f"/commands/{cmd['id']}")).json()["status"] == "executing"
         r = await dev.post(
             f"/ingest/door/commands/{cmd['id']}",
             json={"status": "success", "result": {"power": True}},

@@ -16,6 +16,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from twin.api.deps import PREFIX, Operator, Viewer, bearer, check_site
+from twin.bindings.values import ValueRefused, check_value
 from twin.control.ledger import IllegalTransition
 from twin.control.service import ControlService
 from twin.errors import CommandError, NotFoundError, TwinError
@@ -200,6 +201,11 @@ async def report_command(
     """The device reports ``executing``, ``success`` (with a result), ``failed`` (with an
     error) or ``cancelled``."""
     await _device_auth(request, device)
+    try:  # what a device sends is checked like any reading (twin.bindings.values)
+        check_value(body.result, "result")
+        check_value(body.error, "error")
+    except ValueRefused as exc:
+        raise HTTPException(422, f"command {command_id}: {exc}") from None
     svc = control(request)
     try:
         cmd = await svc.ledger.report(
