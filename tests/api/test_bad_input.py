@@ -127,6 +127,10 @@ async def test_non_finite_numbers_in_commands_are_refused(api: Api) -> None:
         r = await c.patch("/api/v1/devices/t1/twin/desired", content='{"sampling_rate": NaN}',
                           headers={"content-type": "application/json"})
         one_line_4xx(r)
+        for path in ("/api/v1/devices/t1/status/history", "/api/v1/devices/t1/metrics"):
+            for since in ("nan", "inf", "-inf"):
+                r = await c.get(path, params={"since": since})
+                assert r.status_code == 422, (path, since, r.text)
 
 
 async def test_deep_json_and_lone_surrogates_are_4xx(api: Api) -> None:

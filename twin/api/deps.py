@@ -57,6 +57,8 @@ def need(role: str) -> Callable[[Request], auth.Principal]:
 State = Annotated[ApiState, Depends(api_state)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Offset = Annotated[int, Query(ge=0)]
+Since = Annotated[float | None, Query(allow_inf_nan=False, description="unix seconds")]
+"""A time in a query string: finite (``?since=nan`` is a 422, not a query that matches nothing)."""
 Viewer = Annotated[auth.Principal, Depends(need("viewer"))]
 Operator = Annotated[auth.Principal, Depends(need("operator"))]
 Admin = Annotated[auth.Principal, Depends(need("admin"))]

@@ -14,7 +14,18 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request
 from pydantic import BaseModel
 
 from twin.api import auth
-from twin.api.deps import PREFIX, Admin, Limit, Offset, Operator, State, Viewer, change, check_site
+from twin.api.deps import (
+    PREFIX,
+    Admin,
+    Limit,
+    Offset,
+    Operator,
+    Since,
+    State,
+    Viewer,
+    change,
+    check_site,
+)
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
 from twin.api.state import ApiState
@@ -322,7 +333,7 @@ async def device_status(st: State, p: Viewer, device: str) -> dict[str, Any]:
 
 @router.get("/devices/{device}/status/history", tags=["status"])
 async def device_status_history(
-    st: State, p: Viewer, device: str, since: float | None = None, limit: Limit = 100
+    st: State, p: Viewer, device: str, since: Since = None, limit: Limit = 100
 ) -> dict[str, Any]:
     check_site(p, device_or_404(st, device))
     rows = await st.call(st.engine.registry.status_history, device, since=since, limit=limit)
@@ -341,7 +352,7 @@ async def device_metrics(
     p: Viewer,
     device: str,
     name: Annotated[list[str] | None, Query()] = None,
-    since: float | None = None,
+    since: Since = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict[str, Any]:
     check_site(p, device_or_404(st, device))
