@@ -4,6 +4,7 @@ of failed logins in the audit log."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,22 @@ async def test_a_device_re_created_under_a_deleted_ones_name_refuses_the_old_key
         r = await admin.post("/api/v1/devices/push1/keys")
         new = {"X-Device-Key": r.json()["key"]}
         assert (await admin.post(url, json=reading, headers=new)).status_code == 200
+
+
+async def test_an_open_websocket_closes_when_its_token_is_revoked(api: Api) -> None:
+    from trio_websocket import ConnectionClosed, open_websocket_url
+
+    _, token = cli_token(api, "viewer")
+    ws_url = api.engine.service_info["api"]["ws"]
+    async with open_websocket_url(f"{ws_url}?token={token}") as ws:
+        assert json.loads(await ws.get_message())["kind"] == "hello"
+        async with api.client("admin") as admin:
+            assert (await admin.post("/api/v1/users/viewer/revoke-tokens")).status_code == 200
+        with trio.fail_after(60):  # a bound for the test to fail, not the promise (10 s)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()  # the sim devices' readings, until closed
+        assert closed.value.reason.code == 1008, closed.value.reason
 
 
 # -- throttling --------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ class Principal:
     session: str | None = None
     token_id: str | None = None  # the access token's jti
     api_token: str | None = None  # a long-lived token's record id (twin token create)
+    user_id: str = ""  # the User.id and generation the token was issued for
+    generation: int = 0
 
     def at_least(self, role: str) -> bool:
         return RANK.get(self.role, -1) >= RANK[role]

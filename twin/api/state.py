@@ -188,8 +188,31 @@ class ApiState:
         if tid and not await self.api_token_alive(str(tid)):
             raise AuthError("token revoked")
         return auth.Principal(
-            user.name, user.role, tuple(user.sites), sid, claims.get("jti"), api_token=tid
+            user.name,
+            user.role,
+            tuple(user.sites),
+            sid,
+            claims.get("jti"),
+            api_token=tid,
+            user_id=user.id,
+            generation=user.generation,
         )
+
+    async def still_valid(self, p: auth.Principal) -> bool:
+        """For long-lived connections (the WebSocket): do the credentials ``p`` was made from
+        still hold — same user id and generation, not disabled, same role and sites, session
+        or token record unrevoked? (Expiry is checked at connect only.)"""
+        user = await self.user(p.subject)
+        if (
+            user is None
+            or user.disabled
+            or (user.id, user.generation) != (p.user_id, p.generation)
+            or (user.role, tuple(user.sites)) != (p.role, p.sites)
+        ):
+            return False
+        if p.session and not await self.session_alive(p.session):
+            return False
+        return not (p.api_token and not await self.api_token_alive(p.api_token))
 
     def devices_sorted(self) -> list[tuple[str, dict[str, Any]]]:
         rev = self.engine.revision_number

@@ -18,6 +18,10 @@ from twin.runtime.bus import KINDS, Filter
 from twin.spec.inputlimits import InputRefused, dumps, loads
 
 log = logging.getLogger(__name__)
+
+# open feeds re-check their credentials this often (revoked: closed within 10 s, as MQTT)
+REVALIDATE_INTERVAL = 5.0
+
 router = APIRouter(prefix=PREFIX)
 
 MAX_MESSAGE = 64 << 10
@@ -149,12 +153,23 @@ async def ws(websocket: WebSocket) -> None:
             pass
         cancel.cancel()
 
+    async def watch_credentials(cancel: trio.CancelScope) -> None:
+        # revoked while connected (token, session, user disabled/deleted/re-created, role or
+        # sites changed): closed like an MQTT connection, within 10 s
+        while True:
+            await trio.sleep(REVALIDATE_INTERVAL)
+            if not await st.still_valid(p):
+                await websocket.close(code=1008, reason="credentials revoked")
+                cancel.cancel()
+                return
+
     try:
         await websocket.send_json(
             {"kind": "hello", "user": p.subject, "revision": engine.revision_number}
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader, nursery.cancel_scope)
+            nursery.start_soon(watch_credentials, nursery.cancel_scope)
             if batch > 1:
                 async for event in sub.receive:
                     events = [event]
