@@ -10,13 +10,19 @@ MQTT 3.1.1 logged and counted per device) and the other devices' readings keep a
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from tests.runtime.helpers import eventually
+from tests.runtime.helpers import apply, eventually, fast_config, model, sim_device, site
 from tests.runtime.ingest_stack import WAIT, Device, ingest_stack, mqtt_ready
+from twin.bindings.base import Reading
+from twin.registry import open_registry
+from twin.runtime.bus import Filter
+from twin.runtime.engine import Engine
 
 HUGE = b'{"values":{"x":1' + b"0" * 400 + b"}}"
 HUGE_MQTT = b'{"x":1' + b"0" * 400 + b"}"
@@ -105,3 +111,60 @@ async def test_mqtt_refuses_a_huge_integer_and_the_engine_stays_up(tmp_path: Pat
         finally:
             await trio.to_thread.run_sync(v5.close)
             await trio.to_thread.run_sync(v3.close)
+
+
+class LeakyBinding:
+    """A binding that forgets to check its values (what twin.bindings.values is for): the
+    device task must drop what it lets through, and keep the good readings."""
+
+    protocol = "leaky"
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    async def connect(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def subscribe(self, send: trio.MemorySendChannel[Any]) -> None:
+        for value, ts in ((math.nan, 1.7e9), (10**400, 1.7e9), ("\ud800", 1.7e9), (1.0, 1e300)):
+            await send.send(Reading(self.device, "bad", value, ts))
+        await send.send(Reading(self.device, "temperature", 20.5, 1.7e9))
+        await trio.sleep_forever()
+
+    async def write(self, point: str, value: Any) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_command(self, name: str, params: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+
+    async def close(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_the_device_task_drops_values_a_binding_failed_to_refuse(tmp_path: Path) -> None:
+    reg = open_registry(None, tmp_path / "state")
+    try:
+        apply(reg, site(), model(), sim_device("leaky"))
+        engine = Engine(reg, fast_config(state_dir=tmp_path / "state"))
+        engine.runtime.binding_factory = lambda cfg, ctx: LeakyBinding(cfg.name)
+        sub = engine.bus.open(Filter.of(kinds=["reading"]), buffer=100, name="test")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            twin = engine.twin("leaky")
+            assert twin is not None
+            await eventually(lambda: "temperature" in twin.reported, within=WAIT)
+            assert "bad" not in twin.reported
+            assert engine.controller.tasks["leaky"].bad_values == 4
+            first = await sub.receive.receive()
+            assert (first["point"], first["value"]) == ("temperature", 20.5)
+            dropped = engine.prom.registry.get_sample_value(
+                "twin_bad_values_dropped_total", {"layer": "device"}
+            )
+            assert dropped == 4.0
+            nursery.cancel_scope.cancel()
+    finally:
+        reg.close()
