@@ -19,7 +19,10 @@ TWIN = Path(__file__).resolve().parents[1] / "twin"
 FORBIDDEN: dict[str, set[str]] = {
     "files": {"errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime",
               "control", "api", "edge", "cli"},
-    "errors": {"spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
+    # the authorization policy: pure, below everything that asks it
+    "policy": {"spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
+               "api", "edge", "cli"},
+    "errors": {"policy", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
                "api", "edge", "cli"},
     "spec": {"registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api",
              "edge", "cli"},

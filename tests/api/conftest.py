@@ -24,6 +24,8 @@ USERS = {
     "oper": ("operator", ()),
     "viewer": ("viewer", ()),
     "oper_b": ("operator", ("plant-b",)),  # scoped to the other site
+    "oper_a": ("operator", ("plant-a",)),
+    "admin_a": ("admin", ("plant-a",)),
 }
 PASSWORD = "correct horse battery"
 

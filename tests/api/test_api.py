@@ -204,8 +204,13 @@ async def test_apply_endpoint_and_hot_reload(api: Api) -> None:
         r = await c.post("/api/v1/apply", json={"documents": [{"kind": "Device"}]})
         assert r.status_code == 422
     async with api.client("oper_b") as c:
+        # unchanged documents of other sites are not judged: re-applying them is a no-op
         r = await c.post("/api/v1/apply", json={"documents": docs})
-        assert r.status_code == 403
+        assert r.status_code == 200 and r.json()["changed"] is False
+        # changing one of them is refused
+        docs[-1] = sim_device("via_apply", labels={"floor": "9"})
+        r = await c.post("/api/v1/apply", json={"documents": docs})
+        assert r.status_code == 403, r.text
 
 
 async def test_rate_limit_429_with_retry_after(tmp_path: Any) -> None:

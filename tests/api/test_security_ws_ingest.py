@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import trio
-from runtime.helpers import eventually
+from runtime.helpers import eventually, group
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from twin.api.app import MUTATING
@@ -28,8 +28,6 @@ MIN_ROLE = {
     "/api/v1/users/{name}/revoke-tokens": "admin",
     "/api/v1/tokens/{token_id}": "admin",
     "/api/v1/sessions/{session_id}": "admin",
-    "/api/v1/scenes": "admin",
-    "/api/v1/scenes/{name}": "admin",
     "/api/v1/timeseries/retention/run": "admin",
 }
 # answered without a bearer token (device routes take the device's key instead)
@@ -69,8 +67,8 @@ def body_for(path: str) -> Any:
         return {"kind": "Device", "metadata": {"name": "zz", "site": "plant-a"}, "spec": {}}
     if path == "/api/v1/device-groups":
         return {"metadata": {"name": "g9", "site": "plant-a"}}
-    if path == "/api/v1/apply":
-        return {"documents": [{"kind": "Site", "metadata": {"name": "plant-a"}, "spec": {}}]}
+    if path == "/api/v1/apply":  # a change in plant-a
+        return {"documents": [group("g8", "plant-a")]}
     if path == "/api/v1/users":
         return {"name": "x", "password": "12345678x", "role": "viewer"}
     if path.endswith("/maintenance"):

@@ -254,7 +254,7 @@ SCENE = {
 
 
 async def test_scenes_are_revisions_and_run_with_traces(served: Served) -> None:
-    async with served.client("oper") as c:
+    async with served.client("viewer") as c:  # operators write scenes (twin.policy)
         assert (await c.post("/scenes", json=SCENE)).status_code == 403
     async with served.client("admin") as c:
         rev0 = served.engine.revision_number

@@ -40,6 +40,8 @@ import jwt
 
 from twin.errors import AuthError
 from twin.files import private_dir, private_file
+from twin.policy import RANK as RANK  # roles are the policy's
+from twin.policy import ROLES as ROLES
 from twin.registry.base import ApiToken, Registry, Session, User
 
 # Credentials live in the registry layer (the MQTT broker checks them too); the API keeps
@@ -54,8 +56,6 @@ from twin.registry.credentials import sha256 as sha256
 from twin.registry.credentials import split_device_key as split_device_key
 from twin.registry.credentials import verify_secret as verify_secret
 
-ROLES = ("viewer", "operator", "admin")
-RANK = {r: i for i, r in enumerate(ROLES)}
 ALGORITHM = "HS256"
 ACCESS_TTL = 15 * 60.0
 REFRESH_TTL = 30 * 86400.0
@@ -88,20 +88,7 @@ class Principal:
     api_token: str | None = None  # a long-lived token's record id (twin token create)
     user_id: str = ""  # the User.id and generation the token was issued for
     generation: int = 0
-
-    def at_least(self, role: str) -> bool:
-        return RANK.get(self.role, -1) >= RANK[role]
-
-    def can_site(self, site: str | None) -> bool:
-        """May act on objects of ``site`` (None: a global object such as a DeviceModel)."""
-        if not self.sites:
-            return True
-        return site is not None and site in self.sites
-
-    def visible_sites(self, wanted: Iterable[str] | None) -> set[str] | None:
-        if not self.sites:
-            return None if wanted is None else set(wanted)
-        return set(self.sites) if wanted is None else set(wanted) & set(self.sites)
+    # what this principal may do is twin.policy's to decide (policy.check(p, verb, ...))
 
 
 def make_user(name: str, password: str, role: str, sites: Iterable[str] = ()) -> User:

@@ -2,8 +2,11 @@
 dependencies (``Viewer``, ``Operator``, ``Admin``), the API state, common query types, and
 ``change`` (a spec change through the API: a registry revision the engine reloads).
 
-Authentication happens once, in :class:`twin.api.gatekeeper.Gatekeeper`; a route only declares
-the least role it needs (``p: Operator``) and leaves site checks to the policy.
+Authentication happens once, in :class:`twin.api.gatekeeper.Gatekeeper`. Authorization is
+:mod:`twin.policy`'s: a route declares the least role its verb needs (``p: Operator``, which
+answers 403 before the body is even parsed) and asks the policy about the objects it touches
+(:func:`authorize`); every spec change goes through :func:`change`, where the policy judges each
+document the change creates, updates or deletes, on its stored and its new version.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import trio
 from fastapi import Depends, HTTPException, Query, Request
 from starlette.requests import HTTPConnection
 
+from twin import policy
 from twin.api import auth
 from twin.api.specio import Specs, apply_change
 from twin.api.state import ApiState
@@ -46,7 +50,7 @@ def principal(request: Request) -> auth.Principal:
 def need(role: str) -> Callable[[Request], auth.Principal]:
     def dep(request: Request) -> auth.Principal:
         p = principal(request)
-        if not p.at_least(role):
+        if not policy.at_least(p.role, role):
             raise HTTPException(403, f"needs role {role} (you are {p.role})")
         return p
 
@@ -64,29 +68,30 @@ Operator = Annotated[auth.Principal, Depends(need("operator"))]
 Admin = Annotated[auth.Principal, Depends(need("admin"))]
 
 
-def site_of(doc: Mapping[str, Any]) -> str | None:
-    meta = doc.get("metadata") or {}
-    if doc.get("kind") == "Site":
-        return str(meta.get("name"))
-    site = meta.get("site")
-    return str(site) if site is not None else None
-
-
-def check_site(p: auth.Principal, doc: Mapping[str, Any] | None) -> None:
-    if doc is not None and not p.can_site(site_of(doc)):
-        raise HTTPException(
-            403, f"not allowed for site {site_of(doc)!r} (your sites: {', '.join(p.sites)})"
-        )
+def authorize(
+    p: auth.Principal,
+    verb: policy.Verb,
+    old: Mapping[str, Any] | None = None,
+    new: Mapping[str, Any] | None = None,
+) -> None:
+    """Ask the policy about a spec document (stored ``old`` / proposed ``new``); 403 if refused."""
+    policy.check_doc(p, verb, old, new)
 
 
 async def change(
     request: Request, p: auth.Principal, fn: Callable[[Specs], Specs], message: str
 ) -> dict[str, Any]:
-    """Apply ``fn`` to the stored specs as one revision (validated, atomic), record its number
-    in the audit entry, and wait (up to ``reload_wait``) until the engine runs it."""
+    """Apply ``fn`` to the stored specs as one revision (validated, judged by the policy,
+    atomic), record its number in the audit entry, and wait (up to ``reload_wait``) until the engine runs it."""
     st = api_state(request)
     engine = st.engine
-    rev, _ = await st.call(apply_change, engine.registry, fn, author=p.subject, message=message)
+
+    def judge(before: Specs, after: Specs) -> None:
+        policy.check_changes(p, before, after)
+
+    rev, _ = await st.call(
+        apply_change, engine.registry, fn, author=p.subject, message=message, judge=judge
+    )
     if rev is None:
         return {"revision": engine.revision_number, "changed": False}
     request.scope["state"]["audit_detail"] = {"revision": rev.number}

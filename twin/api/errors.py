@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 
 from twin.api.limits import validation_error_handler
 from twin.errors import AuthError, ConflictError, NotFoundError, RegistryError, SpecError, TwinError
+from twin.policy import PermissionDenied
 
 
 async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
@@ -31,6 +32,10 @@ async def _auth(request: Request, exc: AuthError) -> JSONResponse:
     )
 
 
+async def _forbidden(request: Request, exc: PermissionDenied) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=403)
+
+
 async def _twin(request: Request, exc: TwinError) -> JSONResponse:
     code = 409 if isinstance(exc, RegistryError) else 400
     return JSONResponse({"detail": str(exc), "hint": exc.hint}, status_code=code)
@@ -42,4 +47,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ConflictError, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(NotFoundError, _not_found)  # type: ignore[arg-type]
     app.add_exception_handler(AuthError, _auth)  # type: ignore[arg-type]
+    app.add_exception_handler(PermissionDenied, _forbidden)  # type: ignore[arg-type]
     app.add_exception_handler(TwinError, _twin)  # type: ignore[arg-type]

@@ -134,6 +134,15 @@ def up(
             help="Dashboard address HOST:PORT with --dashboard (port 0 picks a free one).",
         ),
     ] = "127.0.0.1:0",
+    webhook_allow: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-allow",
+            envvar="TWIN_WEBHOOK_ALLOW",
+            help="Hosts scene webhooks may call: names, *.domain, IPs or networks, "
+            "comma-separated (default: none; private addresses only if listed).",
+        ),
+    ] = None,
 ) -> None:
     """Apply PATH (if given), then run the engine and the API until Ctrl-C or SIGTERM.
 
@@ -152,6 +161,9 @@ def up(
     for noisy in ("hypercorn.error", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     console = _console()
+    from twin.control.webhooks import WebhookPolicy
+
+    webhooks = WebhookPolicy.parse(webhook_allow)  # a bad entry fails before anything starts
     # 1. every listener first: nothing is applied when one of them cannot start
     mqtt = None
     if not no_mqtt:
@@ -201,7 +213,7 @@ def up(
         raise
     from twin.control.service import ControlService
 
-    services: list[Any] = [ControlService()]  # commands, reconciliation, scenes
+    services: list[Any] = [ControlService(webhooks=webhooks)]  # commands, reconciliation, scenes
     if not no_timeseries:
         from twin.runtime.timeseries_service import TimeSeriesService
 

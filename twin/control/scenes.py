@@ -21,6 +21,10 @@ Run modes: ``single`` ignores a trigger while a run is active; ``restart`` cance
 run and starts again; ``queued`` runs them one after another (at most ``max`` waiting);
 ``parallel`` runs up to ``max`` at once.
 
+Sites: a scene acts only on devices of its own site and of the sites its ``spec.reach`` lists
+(:func:`twin.policy.scene_may_act`). ``twin validate`` reports a scene that names another
+site's device; at run time (``device_site`` given) such a step fails without acting.
+
 Loops: a run carries the chain of scenes that caused it. Running another scene extends the
 chain; so does a device write: for ``loop_window`` seconds after a scene commanded a device,
 triggers from that device inherit the chain. A scene that would trigger itself through the
@@ -64,6 +68,7 @@ from twin.control.triggers import (
     build_trigger,
 )
 from twin.errors import NotFoundError, TwinError
+from twin.policy import scene_may_act, scene_reach
 from twin.registry.base import doc_hash
 
 log = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ class Scene:
     description: str = ""
     tz: str = "UTC"
     doc: Mapping[str, Any] = field(default_factory=dict)
+    reach: frozenset[str] = frozenset()  # other sites its actions may act on
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], tz: str = "UTC") -> Scene:
@@ -110,6 +116,7 @@ class Scene:
             description=str(spec.get("description", "")),
             tz=tz,
             doc=doc,
+            reach=scene_reach(doc),
         )
 
     def all_actions(self) -> list[Action]:
@@ -221,6 +228,7 @@ class RunContext:
         self.trace["steps"].append(entry)
         t0 = trio.current_time()
         try:
+            self._check_reach(action)
             for device, target in action.writes():
                 point = None if target.startswith("command:") else target
                 self.engine.note_write(device, self.chain, point)
@@ -243,6 +251,24 @@ class RunContext:
             entry["duration"] = trio.current_time() - t0
 
 
+    def _check_reach(self, action: Action) -> None:
+        where = self.engine.device_site
+        device = getattr(action, "device", None)
+        if where is None or action.type not in SITE_BOUND or not isinstance(device, str):
+            return
+        scene = self.scene_obj
+        site = where(device)
+        if not scene_may_act(scene.site, scene.reach, site):
+            raise StepError(
+                f"device {device!r} is in site {site!r}, outside scene site {scene.site!r} "
+                "(and its spec.reach)"
+            )
+
+
+# actions that act on a device, and so must stay within the scene's site and reach
+SITE_BOUND = frozenset({"command", "set_desired", "alarm"})
+
+
 class SceneEngine:
     def __init__(
         self,
@@ -255,8 +281,11 @@ class SceneEngine:
         loop_window: float = 5.0,
         max_chain: int = 8,
         keep_traces: int = 1000,
+        device_site: Callable[[str], str | None] | None = None,
     ) -> None:
         self.effects = effects
+        # the site of a device (None: unknown device); None: sites are not checked at run time
+        self.device_site = device_site
         self.timezone = timezone
         self.wall = wall
         self.trace_sink = trace_sink

@@ -11,7 +11,8 @@
   ``max_attempts`` the property is *drifted* (with the reason) until it converges or its
   desired value changes.
 * :class:`EngineEffects`: what scene actions do (ledger commands, runtime desired values,
-  alarms in the registry, webhooks with httpx).
+  alarms in the registry, webhooks with httpx — only to the destinations ``webhooks``, a
+  :class:`~twin.control.webhooks.WebhookPolicy`, allows; default: ``TWIN_WEBHOOK_ALLOW``).
 * A successful command whose model declares ``sets`` (twin/spec/commands.py) records those
   properties as runtime desired-state overrides (:meth:`ControlService._command_done`), so the
   reconciler keeps what the command did instead of reverting it to ``spec.desired``.
@@ -41,7 +42,9 @@ from twin.control.ledger import (
     record_json,
 )
 from twin.control.scenes import SceneEngine
+from twin.control.webhooks import WebhookPolicy, WebhookRefused
 from twin.errors import BindingConnectError, TwinError
+from twin.policy import doc_site
 from twin.registry.base import Alarm, Registry, SceneTrace
 from twin.spec.commands import command_sets
 from twin.spec.refs import value_problem
@@ -323,13 +326,14 @@ class EngineEffects:
         import httpx
 
         try:
-            async with httpx.AsyncClient(timeout=seconds) as client:
-                resp = await client.request(method, url, json=body, headers=dict(headers))
+            status = await self.svc.webhooks.send(method, url, body, headers, seconds)
+        except WebhookRefused as exc:
+            raise StepError(f"webhook {method} {url}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise StepError(f"webhook {method} {url}: {exc or type(exc).__name__}") from exc
-        if resp.status_code >= 400:
-            raise StepError(f"webhook {method} {url} -> {resp.status_code}")
-        return {"status": resp.status_code}
+        if status >= 400:
+            raise StepError(f"webhook {method} {url} -> {status}")
+        return {"status": status}
 
 
 @dataclass(repr=False, eq=False)
@@ -343,6 +347,8 @@ class ControlService:
     reconcile_interval: float = 2.0
     reload_interval: float = 0.25
     scene_buffer: int = 10_000
+    # where scene webhooks may go (twin.control.webhooks); default: TWIN_WEBHOOK_ALLOW
+    webhooks: WebhookPolicy = field(default_factory=WebhookPolicy.from_env)
 
     engine: Any = None
     catalog: Catalog = field(default_factory=Catalog)
@@ -361,6 +367,10 @@ class ControlService:
             trace,
         )
         self.engine.writer.put(lambda r: r.save_scene_trace(record))
+
+    def _device_site(self, device: str) -> str | None:
+        doc = self.catalog.device(device)
+        return doc_site(doc) if doc is not None else None
 
     def _command_done(self, cmd: DeviceCommand) -> None:
         """Ledger listener: a successful command's declared effect becomes runtime desired state."""
@@ -456,6 +466,7 @@ class ControlService:
             wall=engine.config.clock,
             trace_sink=self._trace_sink,
             on_crash=self._scene_crashed,
+            device_site=self._device_site,
         )
         # subscribe before taking the snapshot: device tasks start without waiting for them,
         # so a status change between the snapshot and a later subscription would be lost

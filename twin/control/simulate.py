@@ -43,6 +43,7 @@ from twin.control.ledger import SET, Catalog
 from twin.control.scenes import Scene, SceneEngine
 from twin.control.triggers import DeviceData, StatusChange
 from twin.errors import CommandError, TwinError
+from twin.policy import doc_site
 from twin.spec.units import parse_duration
 
 
@@ -375,7 +376,17 @@ def simulate(
         return scenario.start + (trio.current_time() - origin[0])
 
     effects = RecordingEffects(catalog, holder, report, wall)
-    engine = SceneEngine(effects, timezone=lambda site: catalog.timezone(site=site), wall=wall)
+
+    def device_site(device: str) -> str | None:
+        doc = catalog.device(device)
+        return doc_site(doc) if doc is not None else None
+
+    engine = SceneEngine(
+        effects,
+        timezone=lambda site: catalog.timezone(site=site),
+        wall=wall,
+        device_site=device_site,
+    )
     holder.append(engine)
     engine.load(specs)
     report.loops.extend(static_loops(engine.scenes))

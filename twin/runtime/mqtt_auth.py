@@ -13,7 +13,7 @@ Authentication (``Broker(authenticate=...)``), tried in this order:
    ``anonymous_role`` allows; default: nothing).
 
 Authorisation (``Broker(authorize=...)``), derived from the running spec
-(:func:`twin.bindings.mqtt.device_topics`):
+(:func:`twin.bindings.mqtt.device_topics`) and, for users, decided by :mod:`twin.policy`:
 
 =========  ===========================================  ===========================================
 principal  publish                                      subscribe
@@ -24,7 +24,7 @@ viewer     nothing                                      anything under its sites
                                                         when unscoped), never ``$SYS``
 operator   command / desired topics of devices in its    as viewer, plus ``$SYS``
            sites (all when unscoped)
-admin      anything                                     anything
+admin      as operator; unscoped: anything               as operator; unscoped: anything
 engine     anything (the in-process client never passes through here)
 =========  ===========================================  ===========================================
 
@@ -53,6 +53,7 @@ from typing import Any
 
 import trio
 
+from twin import policy
 from twin.mqtt.topics import matches
 
 log = logging.getLogger(__name__)
@@ -325,23 +326,26 @@ class RegistryAuth:
             if action == "publish":
                 return any(matches(a, topic) for a in acl.publish)
             return any(_covered(a, flt) for a in acl.subscribe)
-        role = p.role
-        if role == "admin":
-            return True
+        # users: twin.policy decides (a subscription reads, a publish to a device's command
+        # and desired topics operates that device; other topics are an unscoped admin's)
         if action == "subscribe":
-            if role not in ("viewer", "operator"):
-                return False
             if flt.startswith("$SYS"):
-                return role == "operator"
-            if not p.sites:
-                return True
-            return any(flt.startswith(f"flux/{site}/") for site in p.sites) or any(
-                _covered(t, flt)
-                for acl in self._device_topics_in(p.sites)
-                for t in (*acl.publish, *acl.subscribe)
-            )
-        if role == "operator":
+                return policy.allows(p, policy.READ, old=policy.Target("Broker", frozenset()))
+            if policy.allows(p, policy.READ, old=policy.Target("Topic", None)):
+                return True  # every site's topics
             return any(
-                matches(t, topic) for acl in self._device_topics_in(p.sites) for t in acl.subscribe
+                flt.startswith(f"flux/{site}/")
+                and policy.allows(p, policy.READ, old=policy.Target.of("Topic", site))
+                for site in p.sites
+            ) or any(
+                policy.allows(p, policy.READ, old=policy.Target.of("Device", acl.site))
+                and any(_covered(t, flt) for t in (*acl.publish, *acl.subscribe))
+                for acl in self._device_topics_in(p.sites)
             )
-        return False
+        if policy.allows(p, policy.WRITE, old=policy.Target("Topic", None)):
+            return True
+        return any(
+            policy.allows(p, policy.OPERATE, old=policy.Target.of("Device", acl.site))
+            and any(matches(t, topic) for t in acl.subscribe)
+            for acl in self._device_topics_in(p.sites)
+        )

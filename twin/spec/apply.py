@@ -87,14 +87,20 @@ def apply_change(
     message: str,
     source: str = "api",
     attempts: int = 3,
+    judge: Callable[[Specs, Specs], None] | None = None,
 ) -> tuple[Revision | None, Specs]:
     """Read the head, ``change`` it, validate, apply against that head (retry on conflict).
-    Returns (None, specs) when the change leaves the content as it is."""
+    Returns (None, specs) when the change leaves the content as it is.
+
+    ``judge(current, wanted)`` (both normalised) may refuse the change by raising before
+    anything is written: the API's authorization policy judges what the change touches."""
     for attempt in range(attempts):
         head = registry.head()
         base = head.number if head else 0
         current: Specs = registry.specs(base) if base else {}
         wanted = validate_set(change({k: dict(v) for k, v in current.items()}))
+        if judge is not None:
+            judge(current, wanted)
         try:
             return registry.apply(
                 wanted, base=base, author=author, message=message, source=source

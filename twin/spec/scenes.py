@@ -2,7 +2,8 @@
 
 Missing devices, points, properties, commands and scenes; writes to read-only properties;
 values and command parameters that do not fit the DeviceModel; numeric tests on non-numeric
-points; invalid cron expressions. Called from :func:`twin.spec.refs.reference_problems`.
+points; invalid cron expressions; actions on devices outside the scene's site and its
+``spec.reach`` (:func:`twin.policy.scene_may_act`). Called from :func:`twin.spec.refs.reference_problems`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import difflib
 from typing import Any
 
 from twin.errors import Problem
+from twin.policy import doc_site, scene_may_act, scene_reach
 from twin.spec.load import Document, LoadedSpecs
 
 Path = tuple[str | int, ...]
@@ -33,6 +35,22 @@ class _Checker:
         self.models = loaded.of_kind("DeviceModel")
         self.scenes = loaded.of_kind("Scene")
         self.invalid = loaded.invalid
+        self.site = doc_site(doc.body)
+        self.reach = scene_reach(doc.body)
+
+    def in_reach(self, path: Path, device: Any) -> None:
+        """An action's device must be in the scene's site or its ``spec.reach``."""
+        ddoc = self.devices.get(device) if isinstance(device, str) else None
+        if ddoc is None:
+            return
+        where = doc_site(ddoc.body)
+        if not scene_may_act(self.site, self.reach, where):
+            self.add(
+                (*path, "device"),
+                f"device {device!r} is in site {where!r}, outside scene site {self.site!r}",
+                f"scene actions stay in their site; an admin of {where!r} may add it to "
+                "spec.reach",
+            )
 
     def add(self, path: Path, message: str, hint: str | None = None) -> None:
         self.problems.append(self.doc.problem(path, message, hint))
@@ -137,6 +155,8 @@ class _Checker:
         if not isinstance(a, dict):
             return
         kind = a.get("type")
+        if kind in ("command", "set_desired", "alarm"):
+            self.in_reach(path, a.get("device"))
         if kind == "command":
             self.command(path, a)
         elif kind == "set_desired":

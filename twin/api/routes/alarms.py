@@ -8,8 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 
+from twin import policy
 from twin.api import auth
-from twin.api.deps import PREFIX, Limit, Operator, State, Viewer, site_of
+from twin.api.deps import PREFIX, Limit, Operator, State, Viewer
 from twin.api.state import ApiState
 from twin.registry.base import Alarm
 from twin.runtime.monitor import alarm_json
@@ -17,9 +18,15 @@ from twin.runtime.monitor import alarm_json
 router = APIRouter(prefix=PREFIX, tags=["alarms"])
 
 
-def alarm_visible(st: ApiState, p: auth.Principal, alarm: Alarm) -> bool:
+def alarm_target(st: ApiState, alarm: Alarm) -> policy.Target:
+    """An alarm lives in its device's site (a device gone from the spec: no site a scoped
+    user holds)."""
     doc = st.engine.device_doc(alarm.device)
-    return not p.sites or (doc is not None and p.can_site(site_of(doc)))
+    return policy.Target.of("Alarm", policy.doc_site(doc) if doc is not None else None)
+
+
+def alarm_visible(st: ApiState, p: auth.Principal, alarm: Alarm) -> bool:
+    return policy.allows(p, policy.READ, old=alarm_target(st, alarm))
 
 
 @router.get("/alarms")
@@ -43,8 +50,7 @@ async def alarm_action(
     alarm = next((a for a in rows if a.id == alarm_id), None)
     if alarm is None:
         raise HTTPException(404, f"no alarm {alarm_id}")
-    if not alarm_visible(st, p, alarm):
-        raise HTTPException(403, "alarm of a device outside your sites")
+    policy.check(p, policy.OPERATE, old=alarm_target(st, alarm))
     fn = reg.ack_alarm if action == "ack" else reg.clear_alarm
     updated: Alarm = await st.call(fn, alarm_id, p.subject, time.time())
     if action == "clear":

@@ -15,7 +15,8 @@ import trio
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from twin.api.deps import PREFIX, Operator, Viewer, bearer, check_site
+from twin import policy
+from twin.api.deps import PREFIX, Operator, Viewer, bearer
 from twin.bindings.values import ValueRefused, check_value
 from twin.control.ledger import IllegalTransition
 from twin.control.service import ControlService
@@ -59,6 +60,12 @@ def device_doc(request: Request, device: str) -> dict[str, Any]:
     return dict(doc)
 
 
+def command_target(svc: ControlService, device: str) -> policy.Target:
+    """A command lives in its device's site (an unknown device: no site a scoped user holds)."""
+    doc = svc.catalog.device(device)
+    return policy.Target.of("Command", policy.doc_site(doc) if doc is not None else None)
+
+
 def command_error(exc: TwinError) -> HTTPException:
     if isinstance(exc, IllegalTransition):
         return HTTPException(409, str(exc))
@@ -80,11 +87,11 @@ async def batch_commands(request: Request, p: Operator, body: BatchRequest) -> d
             raise command_error(exc) from None
     allowed, refused = [], []
     for d in targets:
-        doc = svc.catalog.device(d)
-        if doc is not None and not p.can_site((doc.get("metadata") or {}).get("site")):
-            refused.append({"device": d, "accepted": False, "error": "not allowed for its site"})
-        else:
+        decision = policy.decide(p, policy.OPERATE, new=command_target(svc, d))
+        if decision.allowed:
             allowed.append(d)
+        else:
+            refused.append({"device": d, "accepted": False, "error": decision.reason})
     if not allowed and not refused:
         raise HTTPException(422, "batch: no device matched")
     result: dict[str, Any] = {"batch": None, "status": "rejected", "results": []}
@@ -116,8 +123,9 @@ async def send_command(
 ) -> dict[str, Any]:
     """Queue a command (validated against the device's model). ``wait``: seconds to wait for
     the outcome before answering."""
-    check_site(p, device_doc(request, device))
+    device_doc(request, device)
     svc = control(request)
+    policy.check(p, policy.OPERATE, new=command_target(svc, device))
     try:
         cmd = await svc.ledger.submit(
             device,
@@ -142,8 +150,9 @@ async def list_commands(
     device: str,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> dict[str, Any]:
-    check_site(p, device_doc(request, device))
+    device_doc(request, device)
     svc = control(request)
+    policy.check(p, policy.READ, old=command_target(svc, device))
     cmds = await svc.ledger.history(device, limit)
     return {"device": device, "commands": [c.to_json() for c in cmds]}
 
@@ -155,7 +164,7 @@ async def get_command(request: Request, p: Viewer, command_id: str) -> dict[str,
         cmd = await svc.ledger.get(command_id)
     except NotFoundError as exc:
         raise HTTPException(404, str(exc)) from None
-    check_site(p, svc.catalog.device(cmd.device))
+    policy.check(p, policy.READ, old=command_target(svc, cmd.device))
     return cmd.to_json()
 
 
@@ -164,7 +173,7 @@ async def cancel_command(request: Request, p: Operator, command_id: str) -> dict
     svc = control(request)
     try:
         cmd = await svc.ledger.get(command_id)
-        check_site(p, svc.catalog.device(cmd.device))
+        policy.check(p, policy.OPERATE, old=command_target(svc, cmd.device))
         cmd = await svc.ledger.cancel(command_id)
     except TwinError as exc:
         raise command_error(exc) from None

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from pydantic import BaseModel
 
+from twin import policy
 from twin.api import auth
 from twin.api.deps import (
     PREFIX,
@@ -23,8 +24,8 @@ from twin.api.deps import (
     Since,
     State,
     Viewer,
+    authorize,
     change,
-    check_site,
 )
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
@@ -99,7 +100,7 @@ def list_devices(
     names: set[str] | None = None,
 ) -> dict[str, Any]:
     engine = st.engine
-    sites = p.visible_sites(site)
+    sites = policy.visible_sites(p, site)
     groups = group_members(st, group) if group else None
     labels = []
     for item in label or []:
@@ -228,7 +229,7 @@ async def post_device(
     name = (doc.get("metadata") or {}).get("name")
     if doc.get("kind") != "Device" or not isinstance(name, str):
         raise HTTPException(422, "body must be a Device document with metadata.name")
-    check_site(p, doc)
+    authorize(p, policy.WRITE, new=doc)  # before 409: a name in another site stays unknown
     if st.engine.device_doc(name) is not None:
         raise HTTPException(409, f"device {name!r} exists; use PUT to change it")
 
@@ -245,7 +246,7 @@ async def post_device(
 @router.get("/devices/{device}", tags=["devices"])
 async def get_device(st: State, p: Viewer, device: str) -> dict[str, Any]:
     doc = device_or_404(st, device)
-    check_site(p, doc)
+    authorize(p, policy.READ, doc)
     twin = st.engine.twin(device)
     last = await st.call(st.engine.registry.last_changed, "Device", device)
     return {
@@ -264,11 +265,10 @@ async def put_device(
     device: str,
     doc: Annotated[dict[str, Any], Body()],
 ) -> dict[str, Any]:
-    old = device_or_404(st, device)
-    check_site(p, old)
+    # the stored device first (403 before any validation problem); change() judges both
+    authorize(p, policy.WRITE, old=device_or_404(st, device))
     doc = {"apiVersion": "flux.iot/v1", "kind": "Device", **doc}
     doc["metadata"] = {**(doc.get("metadata") or {}), "name": device}
-    check_site(p, doc)
 
     def fn(specs: Specs) -> Specs:
         if ("Device", device) not in specs:
@@ -282,7 +282,7 @@ async def put_device(
 
 @router.delete("/devices/{device}", tags=["devices"])
 async def delete_device(request: Request, st: State, p: Operator, device: str) -> dict[str, Any]:
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.WRITE, old=device_or_404(st, device))
 
     def fn(specs: Specs) -> Specs:
         if specs.pop(("Device", device), None) is None:
@@ -295,7 +295,7 @@ async def delete_device(request: Request, st: State, p: Operator, device: str) -
 @router.post("/devices/{device}/activate", tags=["devices"])
 async def activate(request: Request, st: State, p: Operator, device: str) -> dict[str, Any]:
     """End maintenance: the device is monitored (and alarms raised) again."""
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.OPERATE, device_or_404(st, device))
     return await change(
         request, p, _set_spec_field(device, "maintenance", None), f"activate device {device}"
     )
@@ -306,7 +306,7 @@ async def maintenance(
     request: Request, st: State, p: Operator, device: str, body: MaintenanceRequest
 ) -> dict[str, Any]:
     """Put a device into (or out of) maintenance: suppresses its alarms."""
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.OPERATE, device_or_404(st, device))
     return await change(
         request,
         p,
@@ -319,7 +319,7 @@ async def maintenance(
 @router.get("/devices/{device}/status", tags=["status"])
 async def device_status(st: State, p: Viewer, device: str) -> dict[str, Any]:
     doc = device_or_404(st, device)
-    check_site(p, doc)
+    authorize(p, policy.READ, doc)
     twin = st.engine.twin(device)
     return {
         "device": device,
@@ -335,7 +335,7 @@ async def device_status(st: State, p: Viewer, device: str) -> dict[str, Any]:
 async def device_status_history(
     st: State, p: Viewer, device: str, since: Since = None, limit: Limit = 100
 ) -> dict[str, Any]:
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.READ, device_or_404(st, device))
     rows = await st.call(st.engine.registry.status_history, device, since=since, limit=limit)
     return {
         "device": device,
@@ -355,7 +355,7 @@ async def device_metrics(
     since: Since = None,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> dict[str, Any]:
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.READ, device_or_404(st, device))
     rows = await st.call(st.engine.registry.metrics, device, names=name, since=since, limit=limit)
     ratios = [r.value for r in rows if r.name == "uptime_ratio"]
     twin = st.engine.twin(device)
@@ -371,7 +371,7 @@ async def device_metrics(
 
 @router.get("/devices/{device}/twin", tags=["twin"])
 async def device_twin(st: State, p: Viewer, device: str) -> dict[str, Any]:
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.READ, device_or_404(st, device))
     twin = st.engine.twin(device)
     if twin is None:
         raise HTTPException(404, f"device {device!r} is not running")
@@ -390,7 +390,7 @@ async def patch_desired(
     writable property of the model, in range) and becomes a runtime override set by
     ``api:USER`` (twin/registry/overrides.py): in effect at once, durable when the response is
     sent, never a revision. To change the declared default, edit ``spec.desired`` and apply."""
-    check_site(p, device_or_404(st, device))
+    authorize(p, policy.OPERATE, device_or_404(st, device))
     if not patch:
         raise HTTPException(422, "the body must map at least one property to a value (or null)")
     catalog = Catalog(st.engine.specs)
@@ -415,15 +415,24 @@ async def patch_desired(
 
 
 # -- device keys --------------------------------------------------------------------------------
+def key_target(st: ApiState, device: str) -> policy.Target:
+    """A device's keys live in the device's site; keys of a device no longer in the spec
+    belong to no site a scoped admin holds (only an unscoped admin reaches them)."""
+    doc = st.engine.device_doc(device)
+    return policy.Target.of("DeviceKey", policy.doc_site(doc) if doc is not None else None)
+
+
 @router.post("/devices/{device}/keys", tags=["devices"], status_code=201)
 async def create_key(st: State, p: Admin, device: str) -> dict[str, Any]:
-    check_site(p, device_or_404(st, device))
+    device_or_404(st, device)
+    policy.check(p, policy.WRITE, new=key_target(st, device))
     rec, key = await st.call(auth.create_device_key, st.engine.registry, device)
     return {"id": rec.id, "device": device, "key": key, "created_at": rec.created_at}
 
 
 @router.get("/devices/{device}/keys", tags=["devices"])
 async def list_keys(st: State, p: Admin, device: str) -> dict[str, Any]:
+    policy.check(p, policy.READ, old=key_target(st, device))
     keys = await st.call(st.engine.registry.device_keys, device)
     return {
         "items": [
@@ -434,6 +443,7 @@ async def list_keys(st: State, p: Admin, device: str) -> dict[str, Any]:
 
 @router.delete("/devices/{device}/keys/{key_id}", tags=["devices"])
 async def revoke_key(st: State, p: Admin, device: str, key_id: str) -> dict[str, Any]:
+    policy.check(p, policy.WRITE, old=key_target(st, device))
     keys = await st.call(st.engine.registry.device_keys, device)
     if not any(k.id == key_id for k in keys):
         raise HTTPException(404, f"no key {key_id!r} for device {device!r}")

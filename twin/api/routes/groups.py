@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 
-from twin.api.deps import PREFIX, Limit, Offset, Operator, State, Viewer, change, check_site
+from twin import policy
+from twin.api.deps import PREFIX, Limit, Offset, Operator, State, Viewer, authorize, change
 from twin.api.routes.devices import list_devices
 from twin.api.specio import Specs
 
@@ -21,7 +22,7 @@ async def get_groups(
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
-    sites = p.visible_sites(site)
+    sites = policy.visible_sites(p, site)
     rows = [
         {"name": n, "site": (d.get("metadata") or {}).get("site"), **(d.get("spec") or {})}
         for (k, n), d in sorted(st.engine.specs.items())
@@ -43,7 +44,7 @@ async def post_group(
     name = (doc.get("metadata") or {}).get("name")
     if doc.get("kind") != "DeviceGroup" or not isinstance(name, str):
         raise HTTPException(422, "body must be a DeviceGroup document with metadata.name")
-    check_site(p, doc)
+    authorize(p, policy.WRITE, new=doc)  # before 409: a name in another site stays unknown
     if ("DeviceGroup", name) in st.engine.specs:
         raise HTTPException(409, f"device group {name!r} exists")
 
@@ -61,7 +62,7 @@ async def group_devices(
     doc = st.engine.specs.get(("DeviceGroup", name))
     if doc is None:
         raise HTTPException(404, f"no device group {name!r}")
-    check_site(p, doc)
+    authorize(p, policy.READ, doc)
     return list_devices(
         st,
         p,

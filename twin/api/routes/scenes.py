@@ -1,5 +1,8 @@
 """Scenes: list, create, replace, delete (each change a registry revision), run one by hand,
 and read their traces. Needs the engine's control service (503 otherwise).
+
+Operators write scenes, here as through ``/apply`` (the policy decides both the same way, on
+the stored scene and the new one: see :mod:`twin.policy`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import trio
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
-from twin.api.deps import PREFIX, Admin, Operator, Viewer, change, check_site
+from twin import policy
+from twin.api.deps import PREFIX, Operator, Viewer, authorize, change
 from twin.api.routes.commands import control
 from twin.api.specio import Specs
 from twin.control.service import ControlService
@@ -56,6 +60,11 @@ def _scenes(request: Request) -> dict[str, dict[str, Any]]:
     return {n: d for (k, n), d in specs.items() if k == "Scene"}
 
 
+def _scene_target(request: Request, name: str) -> policy.Target:
+    """A scene, or the traces a deleted scene left (no site a scoped user holds)."""
+    return policy.doc_target(_scenes(request).get(name)) or policy.Target("Scene", None)
+
+
 @router.get("/scenes")
 async def list_scenes(request: Request, p: Viewer) -> dict[str, Any]:
     svc = control(request)
@@ -63,21 +72,21 @@ async def list_scenes(request: Request, p: Viewer) -> dict[str, Any]:
         "scenes": [
             _scene_json(svc, n, d)
             for n, d in sorted(_scenes(request).items())
-            if p.can_site((d.get("metadata") or {}).get("site"))
+            if policy.allows(p, policy.READ, old=policy.doc_target(d))
         ]
     }
 
 
 @router.post("/scenes", status_code=201)
 async def create_scene(
-    request: Request, p: Admin, body: Annotated[dict[str, Any], Body()]
+    request: Request, p: Operator, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     name = str((body.get("metadata") or {}).get("name") or body.get("name") or "")
     if not name:
         raise HTTPException(422, "a scene needs a name (metadata.name)")
     body = {k: v for k, v in body.items() if k != "name"}
     doc = _scene_doc(name, body)
-    check_site(p, doc)
+    authorize(p, policy.WRITE, new=doc)  # before 409: a name in another site stays unknown
     if name in _scenes(request):
         raise HTTPException(409, f"scene {name!r} exists (PUT /api/v1/scenes/{name} to change it)")
 
@@ -90,10 +99,14 @@ async def create_scene(
 
 @router.put("/scenes/{name}")
 async def put_scene(
-    request: Request, p: Admin, name: str, body: Annotated[dict[str, Any], Body()]
+    request: Request, p: Operator, name: str, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
+    """Create or replace; the policy judges the stored scene too (a scene of another site is
+    not taken over by naming your site in the new one)."""
+    stored = _scenes(request).get(name)
+    if stored is not None:  # 403 before any validation problem; change() judges both
+        authorize(p, policy.WRITE, old=stored)
     doc = _scene_doc(name, body)
-    check_site(p, doc)
 
     def fn(specs: Specs) -> Specs:
         specs[("Scene", name)] = doc
@@ -103,11 +116,11 @@ async def put_scene(
 
 
 @router.delete("/scenes/{name}")
-async def delete_scene(request: Request, p: Admin, name: str) -> dict[str, Any]:
-    doc = _scenes(request).get(name)
-    if doc is None:
+async def delete_scene(request: Request, p: Operator, name: str) -> dict[str, Any]:
+    stored = _scenes(request).get(name)
+    if stored is None:
         raise HTTPException(404, f"no scene {name!r}")
-    check_site(p, doc)
+    authorize(p, policy.WRITE, old=stored)
 
     def fn(specs: Specs) -> Specs:
         specs.pop(("Scene", name), None)
@@ -128,7 +141,7 @@ async def execute_scene(
     doc = _scenes(request).get(name)
     if doc is None or name not in svc.scenes.scenes:
         raise HTTPException(404, f"no scene {name!r}")
-    check_site(p, doc)
+    authorize(p, policy.OPERATE, doc)
     scene = svc.scenes.scenes[name]
     run_id, done = svc.scenes.start(scene, {"type": "manual", "by": p.subject, **(body or {})})
     out: dict[str, Any] = {"scene": name, "run_id": run_id}
@@ -144,9 +157,7 @@ async def scene_traces(
     request: Request, p: Viewer, name: str, limit: Annotated[int, Query(ge=1, le=500)] = 20
 ) -> dict[str, Any]:
     st = request.app.state.api
-    doc = _scenes(request).get(name)
-    if doc is not None:
-        check_site(p, doc)
+    policy.check(p, policy.READ, old=_scene_target(request, name))
     await st.engine.writer.flushed()
     rows = await st.call(lambda: st.engine.registry.scene_traces(name, limit=limit))
     return {"scene": name, "traces": [dict(t.trace) for t in rows]}
@@ -159,5 +170,5 @@ async def scene_trace(request: Request, p: Viewer, run_id: str) -> dict[str, Any
     t = await st.call(st.engine.registry.scene_trace, run_id)
     if t is None:
         raise HTTPException(404, f"no trace {run_id!r}")
-    check_site(p, _scenes(request).get(t.scene))
+    policy.check(p, policy.READ, old=_scene_target(request, t.scene))
     return dict(t.trace)

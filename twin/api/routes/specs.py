@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
-from twin.api.deps import PREFIX, Limit, Operator, State, Viewer, change, check_site, site_of
+from twin import policy
+from twin.api.deps import PREFIX, Limit, Operator, State, Viewer, change
 from twin.api.specio import Specs
 
 router = APIRouter(prefix=PREFIX, tags=["specs"])
@@ -23,7 +24,10 @@ class ApplyRequest(BaseModel):
 async def post_apply(
     request: Request, st: State, p: Operator, body: ApplyRequest
 ) -> dict[str, Any]:
-    """What ``twin apply --server URL`` uses: documents of a folder; ``prune`` deletes the rest."""
+    """What ``twin apply --server URL`` uses: documents of a folder; ``prune`` deletes the rest
+    (a scoped user's prune only what they may delete). The policy judges each document the
+    plan creates, updates or deletes, on its stored and its new version (``deps.change``);
+    documents that stay as they are need no rights."""
     docs: Specs = {}
     for i, doc in enumerate(body.documents):
         name = (
@@ -33,16 +37,17 @@ async def post_apply(
         )
         if not isinstance(doc.get("kind"), str) or not isinstance(name, str):
             raise HTTPException(422, f"documents[{i}] needs kind and metadata.name")
-        check_site(p, doc)
         docs[(doc["kind"], name)] = doc
 
     def fn(specs: Specs) -> Specs:
-        if p.sites or not body.prune:
-            kept = {k: v for k, v in specs.items() if k not in docs}
-            if body.prune:  # a scoped user prunes only inside their sites
-                kept = {k: v for k, v in kept.items() if not p.can_site(site_of(v))}
-            return {**kept, **docs}
-        return dict(docs)
+        kept = {k: v for k, v in specs.items() if k not in docs}
+        if body.prune:  # deletes what the folder lacks, of what this user may delete
+            kept = {
+                k: v
+                for k, v in kept.items()
+                if not policy.allows(p, policy.WRITE, old=policy.doc_target(v))
+            }
+        return {**kept, **docs}
 
     engine = st.engine
     before = dict(engine.specs)

@@ -29,6 +29,7 @@ import trio
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
+from twin import policy
 from twin.api.deps import PREFIX, Admin, State, Viewer
 from twin.runtime.timeseries_service import TimeSeriesService, timeseries_of
 from twin.timeseries.base import RAW, Selector, TimeSeriesStore
@@ -52,16 +53,10 @@ def _service(engine: Engine) -> TimeSeriesService:
 
 
 def _scoped_sites(p: auth.Principal, sites: list[str] | None) -> list[str] | None:
-    if not p.sites:
-        return sites
-    if not sites:
-        return list(p.sites)
-    denied = [s for s in sites if not p.can_site(s)]
-    if denied:
-        raise HTTPException(
-            403, f"not allowed for site {denied[0]!r} (your sites: {', '.join(p.sites)})"
-        )
-    return sites
+    for s in sites or ():
+        policy.check(p, policy.READ, old=policy.Target.of("Device", s))
+    visible = policy.visible_sites(p, sites)
+    return None if visible is None else sorted(visible)
 
 
 async def device_series(
@@ -193,6 +188,8 @@ async def storage(st: State, p: Viewer) -> dict[str, Any]:
 
 @router.post("/retention/run")
 async def retention_run(st: State, p: Admin) -> dict[str, Any]:
+    """One pass of every site's retention policies (so an unscoped admin's)."""
+    policy.check(p, policy.OPERATE, old=policy.Target("RetentionPolicy", None))
     svc = _service(st.engine)
     report = await svc.run_retention()
     return {"ran": report is not None, "report": report, "policies": sorted(svc.policies)}

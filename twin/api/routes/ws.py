@@ -11,6 +11,7 @@ import trio
 from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect
 
+from twin import policy
 from twin.api import auth
 from twin.api.deps import PREFIX, api_state, bearer
 from twin.errors import AuthError
@@ -67,7 +68,7 @@ def parse_filter(p: auth.Principal, params: Mapping[str, Any]) -> Filter:
     if kinds is not None and not set(kinds) <= set(KINDS):
         raise ValueError(f"kinds must be among {', '.join(KINDS)}")
     return Filter.of(
-        sites=p.visible_sites(items("sites")),
+        sites=policy.visible_sites(p, items("sites")),
         groups=items("groups"),
         devices=items("devices"),
         kinds=kinds,
