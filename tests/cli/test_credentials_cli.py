@@ -63,6 +63,7 @@ def test_token_and_user_lifecycle(tmp_path: Path) -> None:
     t3 = twin(env, "token", "create", "alice").stdout.strip()
     twin(env, "user", "disable", "alice")
     assert not still_valid(state, t3)
+    assert "disabled" in twin(env, "user", "list").stdout
     twin(env, "user", "enable", "alice")
     assert still_valid(state, t3)
     twin(env, "user", "disable", "ghost", code=1)

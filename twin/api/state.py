@@ -68,6 +68,7 @@ class ApiState:
             cap=settings.login_backoff_cap,
         )
         self.login_audit = LoginAudit(settings.login_audit_window)
+        auth.dummy_hash()  # made now, so the first unknown-user login costs what the others do
         self._list_cache: tuple[int, list[tuple[str, dict[str, Any]]]] = (-1, [])
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:

@@ -490,6 +490,7 @@ def user_list() -> None:
     for u in _registry().users():
         c.print(
             f"{u.name:20} {u.role:9} {','.join(u.sites) or '*':20} created {_fmt_time(u.created_at)}"
+            + ("  disabled" if u.disabled else "")
         )
 
 
