@@ -210,6 +210,7 @@ async def test_a_failing_service_is_restarted_and_the_engine_stays_up(
     config = fast_config(restart=RestartPolicy(initial=1.0, reset_after=5.0))
     async with running_engine(registry, config, [crashy], clock=mock_clock) as engine:
         await eventually(lambda: crashy.starts == 3)
+        assert engine.service_info["crashy"] == {"starts": 3}  # what the running one reported
         t1 = engine.twin("t1")
         assert t1 is not None
         await eventually(lambda: t1.status == Status.ONLINE)

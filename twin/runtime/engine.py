@@ -266,6 +266,7 @@ class Engine:
                             supervision=self.supervision,
                             policy=self.config.restart,
                             with_status=True,
+                            on_started=partial(self.service_info.__setitem__, name),
                         )
                     )
                 await self.reload()

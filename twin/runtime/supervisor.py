@@ -150,13 +150,15 @@ async def supervise(
     restart_on_return: bool = False,
     on_quarantine: Callable[[int, BaseException], None] | None = None,
     on_recovered: Callable[[], None] | None = None,
+    on_started: Callable[[Any], None] | None = None,
     rng: random.Random | None = None,
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run ``child()`` (or ``child(task_status=...)`` with ``with_status``) until it returns
     (or forever with ``restart_on_return``), restarting it after each failure; see the module
     docstring. ``on_quarantine(failures, last_error)`` / ``on_recovered()`` let the caller
-    show the state (a device's status)."""
+    show the state (a device's status); ``on_started(value)`` gets what each (re)start of a
+    ``with_status`` child reported (the engine keeps ``service_info`` current with it)."""
     policy = policy or RestartPolicy()
     failures = 0
     first = True
@@ -197,6 +199,8 @@ async def supervise(
                     if failures:
                         nursery.start_soon(timer)
                     value = await nursery.start(run_child)
+                    if with_status:
+                        _call(on_started, value)
                     if first:
                         task_status.started(value)
                         first = False
