@@ -256,18 +256,20 @@ def up(
         for proc in dash:  # stop the dashboard while the engine shuts down
             proc.send_signal(signal.SIGTERM)
 
-    from twin.cli.signals import run_until_signal
+    from twin.cli.signals import exit_now, run_until_signal
 
+    stopped = False
     try:
-        stopped_by = run_until_signal(main, on_signal=on_signal)
-        if stopped_by is not None:
-            console.print("stopped.")
+        stopped = run_until_signal(main, on_signal=on_signal) is not None
     except KeyboardInterrupt:
-        console.print("stopped.")
+        stopped = True
     finally:
         for proc in dash:
             proc.terminate()  # waits, kills a lingering streamlit
         reg.close()
+    if stopped:
+        console.print("stopped.")
+        exit_now(0)  # every service has closed its files: skip the interpreter's slow teardown
 
 
 def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) -> list[str]:

@@ -13,11 +13,13 @@ that could not start is printed by the CLI as one line plus a hint).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 import trio
 
@@ -83,6 +85,19 @@ def run_until_signal(
     return received[0] if received else None
 
 
+def exit_now(code: int = 0) -> NoReturn:
+    """End the process once a stopped command has cleaned up: flush output and logs, then
+    ``os._exit``. The interpreter's own teardown adds seconds after a clean stop (LanceDB's
+    runtime: ~2 s of the ~2.6 s measured) and must not stand between Ctrl-C and the prompt."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to flush to
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for e in exc.exceptions for leaf in _leaves(e)]
@@ -101,4 +116,4 @@ def die_with_parent() -> None:
     libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-__all__ = ["STOP_SIGNALS", "die_with_parent", "run_until_signal"]
+__all__ = ["STOP_SIGNALS", "die_with_parent", "exit_now", "run_until_signal"]
