@@ -119,6 +119,25 @@ async def test_disable_and_enable_a_user(api: Api) -> None:
         assert (await admin.post("/api/v1/users/ghost/disable")).status_code == 404
 
 
+async def test_a_scoped_admin_manages_only_the_credentials_inside_its_sites(api: Api) -> None:
+    api.registry.put_user(auth.make_user("admin_b", PASSWORD, "admin", ("plant-b",)))
+    admin_b = api.registry.get_user("admin_b")
+    assert admin_b is not None
+    token_b = auth.issue_access_token(auth.load_secret(api.state_dir), admin_b)
+    tid, _ = cli_token(api, "oper")  # an unscoped operator's token
+    tid_b, _ = cli_token(api, "oper_b")  # a plant-b operator's token
+    api.tokens["admin_b"] = token_b
+    async with api.client("admin_b") as c:
+        for path in ("/api/v1/users/admin/disable", "/api/v1/users/oper/revoke-tokens"):
+            assert (await c.post(path)).status_code == 403, path
+        assert (await c.delete(f"/api/v1/tokens/{tid}")).status_code == 403
+        assert [t["id"] for t in (await c.get("/api/v1/tokens")).json()["items"]] == [tid_b]
+        assert (await c.post("/api/v1/users/oper_b/revoke-tokens")).status_code == 200
+        assert (await c.post("/api/v1/users/oper_b/disable")).status_code == 200
+    assert api.registry.get_user("oper_b").disabled  # type: ignore[union-attr]
+    assert not api.registry.get_user("admin").disabled  # type: ignore[union-attr]
+
+
 async def test_a_token_without_user_id_is_refused(api: Api) -> None:
     import jwt
 
