@@ -124,6 +124,10 @@ class BindingContext:
 
     ingest: Any = None  # twin.runtime.ingest.IngestHub for push bindings (http)
     clock: Callable[[], float] | None = None  # wall clock (unix seconds); tests may fake it
+    # device -> its DeviceModel spec, filled in by the device task before it builds the binding
+    models: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    # (device, point) -> its last reported value or None (the sim's cross-device effects)
+    reported: Callable[[str, str], Any] | None = None
 
 
 BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]

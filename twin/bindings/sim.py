@@ -9,6 +9,9 @@ binding:
       temperature: {wave: sine, min: 18, max: 32, period: 10m, decimals: 1}
       humidity:    {wave: random_walk, min: 30, max: 70, step: 0.5}
       running:     {wave: step, values: [true, false], period: 1h}
+      current:                   # reacts to the device's state (twin/sim/effects.py)
+        {wave: random_walk, min: 0.1, max: 0.3, response: 5s,
+         effects: [{when: power, is: true, add: speed, times: 0.04}]}
     faults:                      # optional
       offline_every: 10m         # go silent for `offline_for` once per `offline_every`
       offline_for: 30s
@@ -16,9 +19,19 @@ binding:
       fault_for: 1m
       connect_failures: 2        # the first N connects fail (exercises backoff)
 ```
-Writes (``desired`` reconciliation and API writes) set a point to a constant value, so
-reported converges to desired like a real device would. Commands are acknowledged with
-``{"ok": true}``; a command named ``fail`` raises :class:`~twin.errors.CommandError`.
+The simulated device acts like a real one:
+
+* Writes (``desired`` reconciliation) set a property, reported from then on, so reported
+  converges to desired.
+* A command does what its DeviceModel says it sets (``commands.set_state.sets: {power:
+  {param: state}}``, twin/spec/commands.py): ``set_state {state: true}`` turns ``power`` on.
+  Commands are acknowledged with ``{"ok": true}``; one named ``fail`` raises
+  :class:`~twin.errors.CommandError`.
+* Points react to the device's state and to other devices' reported values through their
+  ``effects`` and ``response`` (twin/sim/effects.py): the fan's current rises when it is on, the
+  room it cools gets colder, a PLC's rpm follows its setpoint.
+
+A write or a command is reported at once (not at the next interval).
 """
 
 from __future__ import annotations
@@ -41,8 +54,10 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.errors import BindingConnectError, CommandError
+from twin.sim.effects import Effect, Response, make_effects, make_response
 from twin.sim.generators import PointGenerator, make_generator
 from twin.spec.bindings import binding_schema
+from twin.spec.commands import command_sets
 from twin.spec.units import parse_duration
 
 SIM_SCHEMA: dict[str, Any] = binding_schema("sim")
@@ -66,10 +81,20 @@ class SimBinding:
         self.interval = parse_duration(options.get("interval", "5s")) or 1.0
         seed = options.get("seed")
         self._rng = random.Random(seed if seed is not None else zlib.crc32(device.encode()))
+        points = options.get("points") or {}
         self.points: dict[str, PointGenerator] = {
-            name: make_generator(opts or {}, self._rng)
-            for name, opts in (options.get("points") or {}).items()
+            name: make_generator(opts or {}, self._rng) for name, opts in points.items()
         }
+        self.effects: dict[str, list[Effect]] = {
+            name: make_effects((opts or {}).get("effects")) for name, opts in points.items()
+        }
+        self.responses: dict[str, Response | None] = {
+            name: make_response((opts or {}).get("response")) for name, opts in points.items()
+        }
+        self.last: dict[str, Any] = {}  # each generated point's last value
+        self.model: Mapping[str, Any] = (context.models.get(device) if context else None) or {}
+        self._reported = context.reported if context else None
+        self._wake = trio.Event()
         faults = options.get("faults") or {}
         self.offline_every = parse_duration(faults.get("offline_every", 0))
         self.offline_for = parse_duration(faults.get("offline_for", 0))
@@ -96,10 +121,33 @@ class SimBinding:
             self._t0 = trio.current_time()
         self.connected = True
 
+    def _lookup(self, ref: str) -> Any:
+        """An effect's reference: ``prop`` of this device or ``device.point`` of another."""
+        device, _, point = ref.rpartition(".")
+        if not device or device == self.device:
+            if point in self.overrides:
+                return self.overrides[point]
+            if point in self.last:
+                return self.last[point]
+            device = self.device
+        return self._reported(device, point) if self._reported is not None else None
+
     def _value(self, point: str) -> Any:
         if point in self.overrides:
             return self.overrides[point]
-        return self.points[point].value(self._t())
+        gen = self.points[point]
+        t = self._t()
+        value = gen.value(t)
+        center = (gen.min + gen.max) / 2
+        for effect in self.effects.get(point) or ():
+            value = effect.apply(value, center, self._lookup)
+        response = self.responses.get(point)
+        if response is not None:
+            value = response.step(value, t)
+        if gen.decimals is not None and isinstance(value, float):
+            value = round(value, gen.decimals)
+        self.last[point] = value
+        return value
 
     async def read(self, points: list[str] | None = None) -> list[Reading]:
         await trio.lowlevel.checkpoint()
@@ -135,17 +183,24 @@ class SimBinding:
                         await send.send(r)
                 else:
                     await send.send(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
-            await trio.sleep(self.interval)
+            with trio.move_on_after(self.interval):
+                await self._wake.wait()
+            self._wake = trio.Event()
 
     async def write(self, point: str, value: Any) -> None:
         await trio.lowlevel.checkpoint()
         self.overrides[point] = value
+        self._wake.set()
 
     async def send_command(self, name: str, params: Mapping[str, Any]) -> Any:
         await trio.lowlevel.checkpoint()
         if name == "fail":
             raise CommandError(f"sim device {self.device!r}: command {name!r} failed")
         self.commands.append((name, dict(params)))
+        sets = command_sets(self.model, name, params)
+        if sets:
+            self.overrides.update(sets)
+            self._wake.set()
         return {"ok": True}
 
     async def close(self) -> None:

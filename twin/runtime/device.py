@@ -140,6 +140,7 @@ class DeviceRuntime:
         if twin is not None:
             self.monitor.removed(twin)
         self.twins.remove(name)
+        self.binding_context.models.pop(name, None)
 
 
 def _ts_ok(ts: Any) -> bool:
@@ -292,9 +293,11 @@ class DeviceTask:
 
     # -- binding supervision -------------------------------------------------------------------
     def _make_binding(self) -> Binding:
+        context = self.rt.binding_context
+        context.models[self.name] = self.config.model
         if self.rt.binding_factory is not None:
-            return self.rt.binding_factory(self.config, self.rt.binding_context)
-        return create_binding(self.config.doc, self.rt.binding_context)
+            return self.rt.binding_factory(self.config, context)
+        return create_binding(self.config.doc, context)
 
     async def _supervise(self) -> None:
         try:

@@ -103,7 +103,9 @@ class Engine:
             twins=self.twins,
             bus=self.bus,
             monitor=self.monitor,
-            binding_context=BindingContext(ingest=self.hub, clock=self.config.clock),
+            binding_context=BindingContext(
+                ingest=self.hub, clock=self.config.clock, reported=self._reported_value
+            ),
             backoff=self.config.backoff,
             default_heartbeat=self.config.default_heartbeat,
             channel_size=self.config.channel_size,
@@ -146,6 +148,11 @@ class Engine:
         """Wait until the engine runs revision ``number`` or newer."""
         while self.revision_number < number:
             await self._revision_changed.wait()
+
+    def _reported_value(self, device: str, point: str) -> Any:
+        twin = self.twins.get(device)
+        rv = twin.reported.get(point) if twin is not None else None
+        return None if rv is None else rv.value
 
     def _overrides_changed(self, device: str) -> None:
         task = self.controller.tasks.get(device)
