@@ -60,8 +60,10 @@ def test_demo_lifecycle(env, tmp_path: Path) -> None:
 
     site = copy_demo(tmp_path)
     (site / "extra.yaml").write_text(EXTRA)
-    n_docs = len(load_site(site).documents)
-    n_files = len(list(site.rglob("*.yaml")))
+    loaded = load_site(site)
+    n_docs = len(loaded.documents)
+    n_files = len(loaded.files)  # sites/demo/simulators/ is not specs (.twinignore)
+    assert n_files == len(list(site.glob("*.yaml")))
     out = twin(env, "validate", str(site)).stdout
     assert f"{n_docs} documents in {n_files} files are valid" in out
     plan = json.loads(twin(env, "plan", str(site), "-o", "json").stdout)
@@ -130,13 +132,17 @@ def test_invalid_specs_exit_2_and_apply_nothing(env, tmp_path: Path) -> None:
     models.write_text(models.read_text().replace("max: 3600, access: readwrite, default: 5",
                                                  "max: 3600, access: read, default: 5"))
     proc = twin(env, "validate", str(site), code=2)
-    assert "devices.yaml:20:28: Device temp_sensor_01: spec.desired.sampling_rate: property " \
+    assert "devices.yaml:23:28: Device temp_sensor_01: spec.desired.sampling_rate: property " \
            "'sampling_rate' of model 'th-sensor-v2' is read-only" in proc.stderr
-    assert "2 problems found" in proc.stderr  # temp_sensor_02 too: every problem is reported
+    # temp_sensor_02 too, and the model's own command that sets it: every problem is reported
+    assert "models.yaml:22:29: DeviceModel th-sensor-v2: spec.commands.set_sampling_rate.sets." \
+           "sampling_rate: property 'sampling_rate' is read-only" in proc.stderr
+    assert "3 problems found" in proc.stderr
     twin(env, "apply", str(site), code=2)
     assert "No revisions yet" in twin(env, "history").stdout
     problems = json.loads(twin(env, "validate", str(site), "-o", "json", code=2).stdout)["problems"]
-    assert {(p["line"], p["name"]) for p in problems} == {(20, "temp_sensor_01"), (40, "temp_sensor_02")}
+    assert {(p["line"], p["name"]) for p in problems} == {
+        (23, "temp_sensor_01"), (43, "temp_sensor_02"), (22, "th-sensor-v2")}
 
 
 def test_validate_reports_a_syntax_error_first_and_counts_its_echoes(tmp_path: Path) -> None:
@@ -147,10 +153,10 @@ def test_validate_reports_a_syntax_error_first_and_counts_its_echoes(tmp_path: P
     lines = twin(e, "validate", str(site), code=2).stderr.splitlines()
     assert "models.yaml:13:" in lines[0] and "YAML syntax error" in lines[0], lines
     assert not any("unknown DeviceModel" in line for line in lines), lines
-    assert lines[1] == "✗ 1 problem found (12 follow-on problems suppressed)", lines
+    assert lines[1] == "✗ 1 problem found (13 follow-on problems suppressed)", lines
     assert "fix the syntax errors first" in lines[2]
     out = json.loads(twin(e, "validate", str(site), "-o", "json", code=2).stdout)
-    assert out["suppressed"] == 12 and len(out["problems"]) == 1
+    assert out["suppressed"] == 13 and len(out["problems"]) == 1
 
 
 def test_errors_are_one_line_with_hint(env) -> None:

@@ -73,6 +73,17 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
         local = json.loads(run("describe", "device", "fan_01", "-o", "json").stdout)
         assert any(c["id"] == cmd["id"] and c["status"] == "success" for c in local["commands"])
         assert local["overrides"]["power"]["value"] is True
+        # the demo's MQTT device: a separate client that logged in with its provisioned key
+        key_file = tmp_path / "state" / "simulators" / "air_quality_01.key"
+        assert key_file.read_text().startswith("dk_")
+        env["TWIN_TOKEN"] = token
+        for _ in range(100):
+            aq = json.loads(run("describe", "device", "air_quality_01", "--server", url, "-o", "json").stdout)
+            if {"co2", "pm25"} <= set(aq["twin"]["reported"]):
+                break
+            time.sleep(0.2)
+        assert 450 <= aq["twin"]["reported"]["co2"]["value"] <= 1100, aq["twin"]
+        assert aq["twin"]["status"] == "online"
     finally:
         up.send_signal(signal.SIGINT)
         try:

@@ -86,6 +86,6 @@ def test_twinignore_skips_non_spec_yaml(tmp_path: Path) -> None:
     (site / "notes.yaml").write_text("just: notes\n")
     with pytest.raises(SpecError):
         load_site(site)
-    (site / ".twinignore").write_text("# not specs\nscenarios/\nnotes.yaml\n")
+    (site / ".twinignore").write_text("# not specs\nsimulators/\nscenarios/\nnotes.yaml\n")
     loaded = load_site(site)
     assert not any("scenarios" in f or "notes" in f for f in loaded.files)

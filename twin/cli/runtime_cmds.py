@@ -223,6 +223,11 @@ def up(
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
     if listeners.mqtt is not None:
         services.append(listeners.mqtt)
+        if path is not None and not mqtt_broker:
+            from twin.runtime.simulators import SimulatorService
+
+            # the site's simulated MQTT devices (PATH/simulators/), logging in with device keys
+            services.append(SimulatorService(path))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
     dash: list[Any] = []
     dash_url = None
@@ -298,6 +303,10 @@ def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) 
     mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
     if mqtt_line:
         lines.append(f"  mqtt       {mqtt_line}")
+    sims = engine.service_info.get("simulators") or {}
+    if sims.get("devices"):
+        lines.append(f"  simulated  {', '.join(sims['devices'])} (MQTT clients logging in with "
+                     f"device keys from {sims['keys']}/)")
     return lines
 
 

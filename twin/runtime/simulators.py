@@ -1,0 +1,140 @@
+"""Simulated field devices of a site, run next to the engine (``twin up SITE``).
+
+Most demo devices are ``sim`` bindings inside the engine. A site may also declare devices that
+are *outside* it and connect like real hardware, in ``SITE/simulators/*.yaml`` (not specs: the
+spec loader skips that folder):
+
+```yaml
+mqtt:                          # device name -> what it measures (the sim binding's points)
+  air_quality_01:
+    interval: 2s
+    points:
+      co2: {wave: sine, min: 450, max: 1100, period: 10m}
+```
+Each must be a Device of the site with an ``mqtt`` binding. :class:`SimulatorService` starts
+one :class:`twin.sim.mqtt_device.MqttDeviceSim` per device against the embedded broker, which
+logs in with the device's name and a device key, as a real device would.
+
+**Keys.** The first time, a device key is created for the device (exactly what ``twin
+device-key create DEVICE`` does) and stored in ``STATE_DIR/simulators/DEVICE.key`` (mode 0600);
+later runs reuse it. Revoke it (``twin device-key revoke DEVICE ID``) and the broker closes the
+simulator's connection within 10 s and refuses it from then on; delete the file to let the next
+``twin up`` provision a new key.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import yaml
+
+from twin.files import private_dir
+from twin.registry.credentials import create_device_key
+
+log = logging.getLogger(__name__)
+
+SIMULATORS_DIR = "simulators"
+
+
+def load_simulators(site: Path) -> dict[str, dict[str, Any]]:
+    """``{device: options}`` of the MQTT devices declared in ``site/simulators/*.yaml``."""
+    out: dict[str, dict[str, Any]] = {}
+    folder = site / SIMULATORS_DIR
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.y*ml")):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: expected a mapping with an 'mqtt' key")
+        for device, opts in (doc.get("mqtt") or {}).items():
+            out[str(device)] = dict(opts or {})
+    return out
+
+
+def device_key(registry: Any, device: str, key_dir: Path) -> tuple[str, bool]:
+    """The simulated device's key: the stored one, or a new one (stored 0600). Returns
+    ``(key, created)``. Runs in a worker thread."""
+    path = key_dir / f"{device}.key"
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip(), False
+    private_dir(key_dir)
+    _, key = create_device_key(registry, device)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    return key, True
+
+
+def _connect_host(host: str) -> str:
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+@dataclass(repr=False, eq=False)
+class SimulatorService:
+    """Engine service: start it after the MQTT service (it needs the broker's address)."""
+
+    site: Path
+    key_dir: Path | None = None  # default STATE_DIR/simulators
+    protocol: int = 5
+    name: str = "simulators"
+    sims: dict[str, Any] = field(default_factory=dict)
+
+    async def __call__(
+        self, engine: Any, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from twin.sim.mqtt_device import MqttDeviceSim
+
+        declared = await trio.to_thread.run_sync(load_simulators, self.site)
+        info = engine.service_info.get("mqtt") or {}
+        addresses = info.get("addresses") or []
+        if not declared or info.get("mode") != "embedded" or not addresses:
+            if declared:
+                log.warning("simulators: %s need the embedded MQTT broker; not started",
+                            ", ".join(sorted(declared)))
+            task_status.started({"devices": []})
+            await trio.sleep_forever()
+        host, _, port = addresses[0].rpartition(":")
+        key_dir = self.key_dir or Path(engine.config.state_dir) / SIMULATORS_DIR
+        async with trio.open_nursery() as nursery:
+            for device, opts in sorted(declared.items()):
+                doc = engine.device_doc(device)
+                binding = ((doc or {}).get("spec") or {}).get("binding") or {}
+                if "mqtt" not in binding:
+                    log.warning("simulators: %s is not a Device with an mqtt binding; skipped",
+                                device)
+                    continue
+                spec = (doc or {}).get("spec") or {}
+                model = (engine.specs.get(("DeviceModel", str(spec.get("model", "")))) or {})
+                key, created = await engine.rio.call(device_key, engine.registry, device, key_dir)
+                if created:
+                    log.info("simulators: device key for %s created (%s)", device,
+                             key_dir / f"{device}.key")
+                sim = MqttDeviceSim(
+                    device,
+                    str((doc or {}).get("metadata", {}).get("site") or ""),
+                    key,
+                    _connect_host(host.strip("[]")),
+                    int(port),
+                    opts,
+                    model=model.get("spec") or {},
+                    binding=binding["mqtt"] or {},
+                    protocol=self.protocol,
+                )
+                self.sims[device] = sim
+                nursery.start_soon(self._supervise, sim)
+            task_status.started({"devices": sorted(self.sims), "keys": str(key_dir)})
+
+    async def _supervise(self, sim: Any) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await sim.run()
+            except Exception:
+                log.exception("simulators: %s failed; restarting in %.0fs", sim.device, delay)
+            await trio.sleep(delay)
+            delay = min(30.0, delay * 2)
