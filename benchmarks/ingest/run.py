@@ -12,7 +12,8 @@ CPU per 1,000 readings/s, and, after the writer's last flush, how many readings 
 store (every acknowledged reading must be there). ``--batches`` 1 is hypercorn's per-request
 cost plus the write-ahead log's group commit; larger batches share one commit among more
 readings. Prints figures; no thresholds. The machine is shared: compare only back-to-back runs
-and read the printed load average.
+and read the printed load average. ``--variants wal,nowal --repeat 2`` alternates the engine
+with and without the write-ahead log in one command (the WAL's own cost, back to back).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ from bench_api import cpu_self, make_keys, pct, run_load  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for r in range(args.repeat):
+        for variant in variants:
+            print(f"-- {variant} (run {r + 1} of {args.repeat})")
+            await one_run(args, wal=variant != "nowal")
+
+
+async def one_run(args: argparse.Namespace, *, wal: bool) -> None:
     from runtime.helpers import apply, fast_config, model, sim_device, site
 
     from twin.api import auth
@@ -65,7 +74,7 @@ async def main(args: argparse.Namespace) -> None:
     settings = ApiSettings(
         state_dir=state, rate_per_token=big, rate_per_client=big, rate_ingest_per_device=big
     )
-    ts = TimeSeriesService()
+    ts = TimeSeriesService(**({} if wal else {"wal_enabled": False}))
     engine = Engine(
         reg,
         fast_config(state_dir=state, metrics_interval=3600, reload_interval=0.25),
@@ -122,6 +131,16 @@ async def main(args: argparse.Namespace) -> None:
             lambda: store.read_raw(Selector(), 0, time.time() + 3600).num_rows
         )
         print(f"acknowledged {acked} readings, {stored} in the store")
+        wal = getattr(ts, "wal", None)
+        if wal is not None:
+            st = wal.stats()
+            n = max(st["commits"], 1)
+            print(
+                f"write-ahead log: {st['commits']} group commits, "
+                f"{st['records'] / n:.1f} requests per commit, "
+                f"{st['commit_seconds'] / n * 1000:.2f} ms per commit (write + fdatasync, "
+                f"worker thread round trip included)"
+            )
         nursery.cancel_scope.cancel()
 
 
@@ -133,4 +152,11 @@ if __name__ == "__main__":
     ap.add_argument("--conns", type=int, default=16, help="keep-alive connections per process")
     ap.add_argument("--rate", type=float, default=0.0, help="total requests/s cap (0: max)")
     ap.add_argument("--batches", default="1,10", help="readings per request, one run each")
+    ap.add_argument(
+        "--variants",
+        default="wal",
+        help="wal (default), nowal (the same engine without the write-ahead log: its 2xx are "
+        "not durable), or both alternating: wal,nowal",
+    )
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating")
     trio.run(main, ap.parse_args())
