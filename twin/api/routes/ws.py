@@ -90,6 +90,9 @@ async def ws(websocket: WebSocket) -> None:
     ``?batch=N`` (opt-in, 2..1000): every frame is a JSON array of up to N events, all
     those already waiting (one frame per event costs more than the event itself at a few
     thousand readings/s). Without it each frame is one event object.
+
+    A reading event carries ``"logged": true`` when the reading is in the engine's
+    write-ahead log (it was acknowledged to its device as durable: HTTP ingest, MQTT QoS >= 1).
     """
     st = api_state(websocket)
     engine = st.engine
@@ -146,8 +149,7 @@ async def ws(websocket: WebSocket) -> None:
                     msg = await receive_json(websocket)
                     if isinstance(msg, dict) and isinstance(msg.get("subscribe"), dict):
                         sub.filter = parse_filter(p, msg["subscribe"])
-                        await websocket.send_text(
-                            dumps({"kind": "subscribed", **msg["subscribe"]}))
+                        await websocket.send_text(dumps({"kind": "subscribed", **msg["subscribe"]}))
                 except ValueError as exc:  # a bad message is answered, the feed goes on
                     await websocket.send_text(dumps({"kind": "error", "detail": str(exc)[:300]}))
         except WebSocketDisconnect:
