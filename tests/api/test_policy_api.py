@@ -131,7 +131,7 @@ async def test_scene_actions_stay_in_their_site_unless_an_admin_allows_more(api:
     async with api.client("admin") as c:
         r = await c.post("/api/v1/apply", json={"documents": [cross]})
         assert r.status_code == 422, r.text
-        assert any("outside scene site 'plant-a'" in p for p in r.json()["problems"]), r.text
+        assert any("outside the scene's site plant-a" in p for p in r.json()["problems"]), r.text
     reaching = scene("cross", "plant-a", device="b1", reach=["plant-b"])
     for user in ("oper", "oper_a", "admin_a"):  # an operator, or an admin of plant-a only
         async with api.client(user) as c:

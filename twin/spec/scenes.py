@@ -47,8 +47,8 @@ class _Checker:
         if not scene_may_act(self.site, self.reach, where):
             self.add(
                 (*path, "device"),
-                f"device {device!r} is in site {where!r}, outside scene site {self.site!r}",
-                f"scene actions stay in their site; an admin of {where!r} may add it to "
+                f"device {device!r} is in site {where}, outside the scene's site {self.site}",
+                f"scene actions stay in their site; an admin of {where} may add {where} to "
                 "spec.reach",
             )
 
