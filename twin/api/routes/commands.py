@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from twin import policy
-from twin.api.deps import PREFIX, Operator, Viewer, bearer
+from twin.api.deps import PREFIX, Operator, Viewer, api_state, bearer
 from twin.bindings.values import ValueRefused, check_value
 from twin.control.ledger import IllegalTransition
 from twin.control.service import ControlService
@@ -47,14 +47,14 @@ class ReportRequest(BaseModel):
 
 
 def control(request: Request) -> ControlService:
-    svc = request.app.state.api.engine.service_info.get("control")
+    svc = api_state(request).engine.service_info.get("control")
     if not isinstance(svc, ControlService):
         raise HTTPException(503, "the control service is not running in this engine")
     return svc
 
 
 def device_doc(request: Request, device: str) -> dict[str, Any]:
-    doc = request.app.state.api.engine.device_doc(device)
+    doc = api_state(request).engine.device_doc(device)
     if doc is None:
         raise HTTPException(404, f"no device {device!r}")
     return dict(doc)
@@ -182,7 +182,7 @@ async def cancel_command(request: Request, p: Operator, command_id: str) -> dict
 
 # -- HTTP long-poll for devices -----------------------------------------------------------------
 async def _device_auth(request: Request, device: str) -> None:
-    st = request.app.state.api
+    st = api_state(request)
     key = request.headers.get("x-device-key") or bearer(request.headers)
     if not key:
         raise HTTPException(401, "missing device key (X-Device-Key header)")

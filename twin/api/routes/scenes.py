@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from twin import policy
-from twin.api.deps import PREFIX, Operator, Viewer, authorize, change
+from twin.api.deps import PREFIX, Operator, Viewer, api_state, authorize, change
 from twin.api.routes.commands import control
 from twin.api.specio import Specs
 from twin.control.service import ControlService
@@ -56,7 +56,7 @@ def _scene_json(svc: ControlService, name: str, doc: dict[str, Any]) -> dict[str
 
 
 def _scenes(request: Request) -> dict[str, dict[str, Any]]:
-    specs = request.app.state.api.engine.specs
+    specs = api_state(request).engine.specs
     return {n: d for (k, n), d in specs.items() if k == "Scene"}
 
 
@@ -156,7 +156,7 @@ async def execute_scene(
 async def scene_traces(
     request: Request, p: Viewer, name: str, limit: Annotated[int, Query(ge=1, le=500)] = 20
 ) -> dict[str, Any]:
-    st = request.app.state.api
+    st = api_state(request)
     policy.check(p, policy.READ, old=_scene_target(request, name))
     await st.engine.writer.flushed()
     rows = await st.call(lambda: st.engine.registry.scene_traces(name, limit=limit))
@@ -165,7 +165,7 @@ async def scene_traces(
 
 @router.get("/scene-traces/{run_id}")
 async def scene_trace(request: Request, p: Viewer, run_id: str) -> dict[str, Any]:
-    st = request.app.state.api
+    st = api_state(request)
     await st.engine.writer.flushed()
     t = await st.call(st.engine.registry.scene_trace, run_id)
     if t is None:
