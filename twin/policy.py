@@ -57,7 +57,8 @@ operator who wrote it could do by hand there (outbound webhooks are limited sepa
 hosts the engine's configuration allows: :mod:`twin.control.webhooks`). A scene may act in other
 sites only when its ``spec.reach`` lists them, and writing such a scene is judged as an
 *admin* write over the scene's site plus every reached site (so only an admin of all of them
-can allow it). ``twin validate`` reports an action on a device outside the scene's reach, with
+can allow it); reading or running such a scene needs the reached sites too, since what it does
+happens there. ``twin validate`` reports an action on a device outside the scene's reach, with
 file and line. A scene without a site is a shared document: only unscoped subjects write it,
 and its actions may reach every site.
 
