@@ -306,8 +306,12 @@ def _take(doc: YamlDocument, kinds: list[str], loaded: LoadedSpecs, problems: li
         # reported by the schema too, but say it once, clearly, and keep going
         pass
     body = normalise(data)  # the data was built fresh for this document: normalised in place
+    # NaN/Infinity, lone surrogates, deep nesting: files were checked as they were parsed
+    # (YAML cannot hold a lone surrogate; the builder bounds nesting), documents from memory
+    # are walked here
+    found = value_problems(body) if doc.in_memory else doc.bad_values
     errs = [Problem(doc.where(path), message, kind, name, _path_text(path) or None)
-            for path, message in value_problems(body)]
+            for path, message in found]
     if not errs:  # NaN, lone surrogates, deep nesting: the schema validator is not fed them
         errs = schema_problems(doc, kind, name)
     if errs:

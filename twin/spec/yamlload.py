@@ -11,6 +11,7 @@ alias that crosses the bound), and nesting is at most ``MAX_DEPTH`` levels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ class YamlDocument:
     index: int  # position of the document in its file (0-based)
     nodes: dict[Path, Any] = field(default_factory=dict)  # path -> libyaml start mark
     key_nodes: dict[Path, Any] = field(default_factory=dict)
+    bad_values: list[tuple[Path, str]] = field(default_factory=list)
+    """Non-finite numbers (``.nan``, ``.inf``) found while building: (path, message)."""
 
     lazy: bool = False
     """Built from the parse cache without marks: the file is parsed again on the first ``where``."""
@@ -81,14 +84,11 @@ class YamlDocument:
 
 @dataclass
 class _Budget:
-    """Alias expansion of one file: nodes written out, and nodes added by aliases."""
+    """Alias expansion of one file's finished documents: nodes written out, nodes added by
+    aliases (the document being built keeps its own counts)."""
 
     written: int = 0
     aliased: int = 0
-
-    @property
-    def limit(self) -> int:
-        return ALIAS_BASE + ALIAS_PER_NODE * self.written
 
 
 class _Builder:
@@ -111,6 +111,8 @@ class _Builder:
         self.anchors: dict[str, Any] = {}
         self.budget = budget or _Budget()
         self.expanded = 0  # nodes of this document as if every alias were written out
+        self.aliased = 0  # of which added by aliases
+        self.bad_values: list[tuple[Path, str]] = []
         self.sizes: dict[str, int] = {}  # anchor -> expanded nodes of its value
 
     def loc(self, mark: Any) -> Location:
@@ -138,20 +140,24 @@ class _Builder:
     def document(self, events: Iterator[yaml.Event], first: yaml.Event) -> Any:
         self.anchors = {}
         self.sizes = {}
-        return self.value(events, first, ())
+        self.bad_values = []
+        self.expanded = self.aliased = 0
+        data = self.value(events, first, ())
+        self.budget.written += self.expanded - self.aliased
+        self.budget.aliased += self.aliased
+        return data
 
     def value(self, events: Iterator[yaml.Event], ev: yaml.Event, path: Path) -> Any:
         self.nodes[path] = ev.start_mark
-        if isinstance(ev, yaml.AliasEvent):
-            if ev.anchor not in self.anchors:
-                raise _BuildError(ev.start_mark, f"unknown alias *{ev.anchor}", path)
-            self.alias(ev, path)
-            return self.anchors[ev.anchor]
         before = self.expanded
-        self.expanded += 1
-        self.budget.written += 1
+        self.expanded = before + 1
         if isinstance(ev, yaml.ScalarEvent):
             out: Any = self.scalar(ev)
+            if type(out) is float and not math.isfinite(out):
+                self.bad_values.append((path, f"{out!r} is not a finite number"))
+        elif isinstance(ev, yaml.AliasEvent):
+            self.expanded = before
+            return self.alias(ev, path)
         elif len(path) >= MAX_DEPTH:
             raise _BuildError(ev.start_mark, f"nested more than {MAX_DEPTH} levels deep", path)
         elif isinstance(ev, yaml.SequenceStartEvent):
@@ -172,20 +178,26 @@ class _Builder:
             self.sizes[anchor] = self.expanded - before
         return out
 
-    def alias(self, ev: yaml.AliasEvent, path: Path) -> None:
-        """Count what the alias adds; refuse the file when aliases multiply it (alias bomb)."""
-        size = self.sizes.get(str(ev.anchor), 1)
+    def alias(self, ev: yaml.AliasEvent, path: Path) -> Any:
+        """What the alias refers to, counted; refuse the file when aliases multiply it (an
+        alias bomb). Counting costs nothing for documents without aliases."""
+        anchor = str(ev.anchor)
+        if anchor not in self.anchors:
+            raise _BuildError(ev.start_mark, f"unknown alias *{anchor}", path)
+        size = self.sizes.get(anchor, 1)
         self.expanded += size
+        self.aliased += size
         budget = self.budget
-        budget.aliased += size
-        if budget.aliased > budget.limit:
+        limit = ALIAS_BASE + ALIAS_PER_NODE * (budget.written + self.expanded - self.aliased)
+        if budget.aliased + self.aliased > limit:
             raise _BuildError(
                 ev.start_mark,
-                f"aliases expand this file beyond {budget.limit:,} nodes (*{ev.anchor} adds "
+                f"aliases expand this file beyond {limit:,} nodes (*{anchor} adds "
                 f"{size:,}): refused as a YAML alias bomb; aliases may add at most "
                 f"{ALIAS_BASE:,} nodes plus {ALIAS_PER_NODE} per node written out",
                 path,
             )
+        return self.anchors[anchor]
 
     def mapping(self, events: Iterator[Any], path: Path) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -267,7 +279,8 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
                 data = None
             next(events)  # DocumentEnd
             if data is not None:
-                docs.append(YamlDocument(data, file, index, builder.nodes, builder.key_nodes))
+                docs.append(YamlDocument(data, file, index, builder.nodes, builder.key_nodes,
+                                         builder.bad_values))
             index += 1
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
