@@ -321,7 +321,7 @@ class WriteAheadLog:
             t0 = time.perf_counter()
             error: OSError | None = None
             try:
-                self._write_sync(b"".join(batch.chunks), batch.entries[0][0])
+                self._write_sync(b"".join(batch.chunks), batch.entries[0][0], batch.entries[-1][0])
             except OSError as exc:
                 error = exc
             seconds = time.perf_counter() - t0
@@ -370,7 +370,8 @@ class WriteAheadLog:
         self.backlog -= batch.readings
         self._unstored = deque(u for u in self._unstored if u[0] not in failed)
 
-    def _write_sync(self, data: bytes, first_lsn: int) -> None:
+    def _write_sync(self, data: bytes, first_lsn: int, last_lsn: int) -> None:
+        """(The committer thread.) Append one batch to the current segment and fdatasync."""
         if self._fd is None or self._size >= self.segment_bytes:
             self._roll(first_lsn)
         assert self._fd is not None
@@ -386,6 +387,7 @@ class WriteAheadLog:
             self._abandon(before)
             raise
         self._size += len(data)
+        self._last_in_segment = last_lsn
 
     def _roll(self, first_lsn: int) -> None:
         if self._fd is not None:
@@ -395,6 +397,7 @@ class WriteAheadLog:
             with self._seg_lock:
                 self._segments.append((self._path, first_lsn - 1))
         path = self.directory / f"{first_lsn:020d}{SUFFIX}"
+        self._last_in_segment = 0
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         try:
             os.write(fd, MAGIC)
@@ -417,12 +420,9 @@ class WriteAheadLog:
         os.close(self._fd)
         self._fd = None
         with self._seg_lock:
-            self._segments.append((self._path, self.durable_lsn))
+            self._segments.append((self._path, self._last_in_segment))
 
     # --- truncation ---------------------------------------------------------------------
-    def unstored(self) -> int:
-        return self.backlog
-
     async def checkpoint(self, lsn: int) -> None:
         """The store has every record up to ``lsn``: record it durably, drop old segments."""
         if lsn <= self.checkpointed:
