@@ -147,6 +147,11 @@ async def test_deep_json_and_lone_surrogates_are_4xx(api: Api) -> None:
         body = json.dumps({"documents": [doc]}).replace("PLANT_C_TITLE", "a\\ud800b")
         r = await c.post("/api/v1/apply", content=body, headers={"content-type": "application/json"})
         assert "lone surrogate" in one_line_4xx(r)
+        # encoded in the bytes themselves (json.loads would decode it with 'surrogatepass')
+        raw = b'{"type": "reboot", "params": {"x": "a\xed\xa0\x80b"}}'
+        r = await c.post("/api/v1/devices/t1/commands", content=raw,
+                         headers={"content-type": "application/json"})
+        assert "not valid Unicode" in one_line_4xx(r)
         assert ("Site", "plant-c") not in api.engine.specs
 
 

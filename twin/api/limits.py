@@ -134,7 +134,7 @@ class BodyLimits:
             except InputRefused as exc:
                 await _answer(send, 422, f"invalid JSON body: {exc}")
                 return
-            except (ValueError, UnicodeDecodeError):
+            except ValueError:
                 pass  # malformed: FastAPI answers 422 json_invalid in its usual shape
         replayed = False
 

@@ -113,9 +113,15 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON strictly: no NaN/Infinity, no lone surrogates, nesting at most ``max_depth``.
 
     Raises :class:`InputRefused` (one line, the input is not echoed); malformed JSON raises
-    ``json.JSONDecodeError`` as ``json.loads`` does; non-UTF-8 bytes ``UnicodeDecodeError``."""
+    ``json.JSONDecodeError`` as ``json.loads`` does. Bytes are decoded as ``json.loads``
+    would (UTF-8/16/32 by their first bytes) but strictly: ``json.loads`` lets encoded lone
+    surrogates through ('surrogatepass'); here they are an :class:`InputRefused`."""
     if isinstance(text, bytes | bytearray):
-        text = bytes(text).decode("utf-8")
+        raw = bytes(text)
+        try:
+            text = raw.decode(json.detect_encoding(raw))
+        except UnicodeDecodeError:
+            raise InputRefused("not valid Unicode text (UTF-8 expected)") from None
     try:
         data = json.loads(text, parse_constant=_refuse_constant)
     except RecursionError:
