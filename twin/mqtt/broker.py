@@ -578,6 +578,8 @@ class Connection:
         # publish acknowledgements held behind the durability hook (see Broker.durability)
         self._held: deque[tuple[DurableWait | None, int, int, int, c.Properties]] = deque()
         self._held_wake = trio.Event()
+        self._releasing = False
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -595,8 +597,7 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer)
-                if b.durability is not None:
-                    nursery.start_soon(self._release_acks)
+                self._nursery = nursery  # the ack releaser starts with the first held ack
                 try:
                     clean_exit = await self._reader()
                 except ProtocolError as exc:
@@ -1103,6 +1104,9 @@ class Connection:
         else:  # held until the log is on disk (and behind earlier held ones: order)
             self._held.append((gate, qos, pid, rc, ack_props))
             self._held_wake.set()
+            if not self._releasing and self._nursery is not None:
+                self._releasing = True
+                self._nursery.start_soon(self._release_acks)
 
     def _send_ack(self, qos: int, pid: int, rc: int, props: c.Properties) -> None:
         if qos == 1:
