@@ -86,3 +86,17 @@ def test_command_params_refuse_non_finite_numbers(env, param: str) -> None:
     proc = twin(env, "command", "send", "d1", "reboot", "--timeout", "nan", "--server",
                 "http://127.0.0.1:9")
     assert proc.returncode == 1 and "--timeout nan: not a finite number" in proc.stderr
+
+
+def test_simulation_scenario_alias_bomb_is_refused(env, tmp_path: Path) -> None:
+    """`twin simulate` reads scenario YAML within the same bounds as specs (it used
+    yaml.safe_load, and printing the reading's value expanded the bomb)."""
+    levels = ['l0: &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"l{i}: &l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    scenario = tmp_path / "bomb.yaml"
+    scenario.write_text("defs:\n" + "".join(f"  {line}\n" for line in levels)
+                        + "events:\n  - {at: 10, device: temp_sensor_01, point: temperature,"
+                        " value: *l8}\n")
+    proc = twin(env, "simulate", "sites/demo", "--scenario", str(scenario))
+    assert proc.returncode != 0, proc.stdout[-500:]
+    assert "alias bomb" in proc.stderr and f"{scenario}:" in proc.stderr

@@ -36,7 +36,6 @@ from typing import Any
 
 import trio
 import trio.testing
-import yaml
 
 from twin.control.actions import Command, RunScene, SetDesired
 from twin.control.ledger import SET, Catalog
@@ -45,6 +44,7 @@ from twin.control.triggers import DeviceData, StatusChange
 from twin.errors import CommandError, TwinError
 from twin.policy import doc_site
 from twin.spec.units import parse_duration
+from twin.spec.yamlload import load_data
 
 
 class ScenarioError(TwinError):
@@ -160,9 +160,9 @@ def load_scenario(path: str | Path, *, start: float | None = None) -> Scenario:
         start = base
     else:
         try:
-            doc = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ScenarioError(f"{p}: not valid YAML: {exc}") from None
+            doc = load_data(text, str(p)) or {}
+        except ValueError as exc:
+            raise ScenarioError(f"not a valid scenario: {exc}") from None
         if not isinstance(doc, Mapping) or not isinstance(doc.get("events"), list):
             raise ScenarioError(f"{p}: expected a mapping with an 'events' list")
         if start is None and doc.get("start") is not None:

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import yaml
 
 from twin.files import private_dir
 from twin.registry.credentials import create_device_key
+from twin.spec.yamlload import load_data
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def load_simulators(site: Path) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         return out
     for path in sorted(folder.glob("*.y*ml")):
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(doc, dict):
             raise ValueError(f"{path}: expected a mapping with an 'mqtt' key")
         for device, opts in (doc.get("mqtt") or {}).items():

@@ -292,3 +292,19 @@ def load_documents(text: str, file: str) -> tuple[list[YamlDocument], list[Probl
         problems.append(Problem(Location(file, 1, 1), f"YAML error: {exc}", syntax=True))
         return [], problems
     return docs, problems
+
+
+def load_data(text: str, file: str) -> Any:
+    """The data of a YAML file that is not a spec (a simulation scenario, a simulator
+    declaration), read within the spec loader's bounds: alias expansion, nesting, finite
+    numbers, no duplicate keys. ``ValueError`` naming each problem, located, otherwise; None
+    for an empty file. (``yaml.safe_load`` would hand a 1 KB alias bomb to whatever walks it.)"""
+    docs, problems = load_documents(text, file)
+    problems += [Problem(doc.where(path), message, path=_fmt(path) or None)
+                 for doc in docs for path, message in doc.bad_values]
+    if problems:
+        raise ValueError("; ".join(str(p) for p in problems[:5])
+                         + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+    if len(docs) > 1:
+        raise ValueError(f"{file}: one YAML document expected, found {len(docs)}")
+    return docs[0].data if docs else None
