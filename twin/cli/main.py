@@ -195,8 +195,11 @@ def plan(
     with spinner("planning"):
         p, base = plan_against(reg, loaded, prune=prune)
     report = _replay(p, reg, replay, timeseries) if replay else None
+    replaced = _overrides_replaced(reg, p.result)
     if output is Format.json:
         doc = {"base_revision": base, **out.plan_json(p)}
+        if replaced:
+            doc["overrides_replaced"] = replaced
         if report is not None:
             from twin.control.replay import replay_json
 
@@ -204,6 +207,14 @@ def plan(
         out.print_json(doc, default=str)
         return
     out.print_plan(p)
+    if replaced:
+        out.console.print(Text("Runtime desired values this apply replaces (a changed spec value wins):",
+                               style="bold"))
+        for o in replaced:
+            new_value = (f"spec {out.short(o['spec'])}" if "spec" in o
+                         else "no declared value" if o["device_kept"] else "device deleted")
+            out.console.print(f"  {o['device']}.{o['property']}: {out.short(o['value'])} "
+                              f"(set by {o['set_by']}) → {new_value}")
     if report is not None:
         from twin.control.ledger import Catalog
         from twin.control.replay import format_replay
@@ -211,6 +222,23 @@ def plan(
         out.console.print()
         for line in format_replay(report, tz=Catalog(p.result).timezone()):
             out.console.print(Text(line))
+
+
+def _overrides_replaced(reg: Any, result: Any) -> list[dict[str, Any]]:
+    """Runtime overrides (twin/registry/overrides.py) that applying ``result`` would drop."""
+    from twin.registry.overrides import spec_desired, stale
+
+    rows = []
+    for o in stale(reg.overrides(), result):
+        row: dict[str, Any] = {"device": o.device, "property": o.prop, "value": o.value,
+                               "set_by": o.set_by, "set_at": o.set_at}
+        doc = result.get(("Device", o.device))
+        row["device_kept"] = doc is not None
+        desired = spec_desired(doc)
+        if o.prop in desired:
+            row["spec"] = desired[o.prop]
+        rows.append(row)
+    return rows
 
 
 def _replay(p: Any, reg: Any, window: str, timeseries: str | None) -> Any:
