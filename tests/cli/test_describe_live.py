@@ -63,6 +63,15 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
         assert override["value"] is True and override["spec_value"] is False
         assert override["set_by"] == f"api:ops (command set_state {cmd['id']})"
         assert info["twin"]["desired"]["power"] is True
+        # the simulated fan acts on it: power is reported on and its current rises (speed 40 or
+        # a scene's 80, * 0.04 A, over an idle 0.1-0.3 A; sites/demo/devices.yaml)
+        for _ in range(150):
+            rep = json.loads(run("describe", "device", "fan_01", "--server", url, "-o", "json").stdout)
+            rep = rep["twin"]["reported"]
+            if rep.get("power", {}).get("value") is True and rep["current"]["value"] > 1.2:
+                break
+            time.sleep(0.2)
+        assert rep["power"]["value"] is True and rep["current"]["value"] > 1.2, rep
         text = run("describe", "device", "fan_01", "--server", url).stdout
         assert "power = true (spec false)  set by api:ops (command set_state" in text
         # runtime writes are not revisions: the files plan to nothing, re-applying keeps them
