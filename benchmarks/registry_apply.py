@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/registry_apply.py [--pg URL] [--devices N]
 
-Prints: first apply, specs() of head, no-op re-apply, 1 %-changed re-apply, specs(old rev).
+Prints: first apply, specs() of head, no-op re-apply, 1 %-changed re-apply, specs(old rev),
+and the same 1 %-changed apply with runtime overrides on 10 % of the devices.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from twin.registry import open_registry
+from twin.registry import DesiredOverride, open_registry
 
 Specs = dict[tuple[str, str], dict[str, Any]]
 
@@ -106,6 +107,13 @@ def run(url: str, n: int) -> None:
         timed("specs(1) of an old revision", lambda: reg.specs(1))
         timed("device_rows()", reg.device_rows)
         timed("apply (rollback to rev 1)", lambda: reg.apply(reg.specs(1), base=2, author="b"))
+        # runtime desired-state overrides on 10 % of the devices (twin/registry/overrides.py):
+        # an apply checks each against the new specs and drops those whose spec value changed
+        ovs = [DesiredOverride(k[1], "sampling_rate", 7, "bench", 0.0, "5") for k in devs[::10]]
+        timed(f"set_override x {len(ovs)}", lambda: [reg.set_override(o) for o in ovs])
+        timed("overrides()", reg.overrides)
+        timed("apply (1 % changed, overrides)", lambda: reg.apply(changed, base=3, author="bench"))
+        print(f"  {'overrides dropped by that apply':<34} {len(ovs) - len(reg.overrides()):7d}")
     finally:
         reg.close()
 
