@@ -69,6 +69,22 @@ async def test_a_20mb_login_body_is_refused_unread(api: Api) -> None:
         r = await c.post("/api/v1/auth/login", content=chunks(),
                          headers={"content-type": "application/json"})
         one_line_4xx(r, 413)
+        # HTTP/2 (cleartext, prior knowledge): a streamed body carries no length header at all
+        async with httpx.AsyncClient(base_url=api.url, http1=False, http2=True, timeout=30) as h2:
+            r = await h2.post("/api/v1/auth/login", content=chunks(),
+                              headers={"content-type": "application/json"})
+            assert r.http_version == "HTTP/2"
+            one_line_4xx(r, 413)
+            r = await h2.post("/api/v1/auth/login", content=big,  # with a content-length
+                              headers={"content-type": "application/json"})
+            one_line_4xx(r, 413)
+        # answered before the body is in (401, the ingest path's own 413): hypercorn's HTTP/2
+        # raised KeyError on the late DATA frames and the whole API went down
+        async with httpx.AsyncClient(base_url=api.url, http1=False, http2=True, timeout=30) as h2:
+            for path, status in (("/api/v1/devices", 401), ("/api/v1/ingest/push1", 413)):
+                r = await h2.post(path, content=b"x" * (20 << 20))
+                assert r.status_code == status
+                assert (await h2.get("/api/v1/health")).status_code == 200
         # the API still answers, and a normal login works
         r = await c.post("/api/v1/auth/login", json={"username": "admin", "password": PASSWORD})
         assert r.status_code == 200

@@ -107,12 +107,14 @@ class BodyLimits:
                     length = None
                 break
         too_big = f"request body larger than {limit:,} bytes (the limit for this route)"
+        # HTTP/1: the unread rest of the body makes the connection unusable (HTTP/2 has no
+        # Connection header; see twin.api.server.tolerate_h2_data_after_close)
+        close = not str(scope.get("http_version", "1.1")).startswith("2")
         if length is not None and length > limit:
-            await _answer(send, 413, too_big, close=True)
+            await _answer(send, 413, too_big, close=close)
             return
-        if length == 0 or (length is None and not any(n == b"transfer-encoding" for n, _ in headers)):
-            await self.app(scope, receive, send)  # no body
-            return
+        # no shortcut for requests that announce no body: over HTTP/2 a body needs neither
+        # Content-Length nor Transfer-Encoding (an empty one is one message, at once)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -122,7 +124,7 @@ class BodyLimits:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await _answer(send, 413, too_big, close=True)
+                await _answer(send, 413, too_big, close=close)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -31,6 +31,40 @@ from twin.runtime.supervisor import supervise
 log = logging.getLogger(__name__)
 
 
+class _ClosedStream:
+    """Stands in for an HTTP/2 stream hypercorn has already answered and closed."""
+
+    idle = True
+
+    async def handle(self, event: Any) -> None:
+        return None
+
+
+class _Streams(dict[int, Any]):
+    def __missing__(self, stream_id: int) -> Any:
+        return _ClosedStream()
+
+
+def tolerate_h2_data_after_close() -> None:
+    """Work around hypercorn 0.18's HTTP/2: a DATA frame for a stream it already answered
+    (any response sent before the whole body arrived: 401, 413 ...) raises KeyError in
+    ``H2Protocol._handle_events`` (it catches that for END_STREAM, not for DATA) and ends the
+    whole server, so one unauthenticated h2c upload could keep the API down. Late frames of a
+    closed stream are dropped instead (their bytes are still acknowledged). Idempotent."""
+    from hypercorn.protocol.h2 import H2Protocol
+
+    original = H2Protocol.__init__
+    if getattr(original, "_twin_tolerant", False):
+        return
+
+    def init(self: Any, *args: Any, **kw: Any) -> None:
+        original(self, *args, **kw)
+        self.streams = _Streams(self.streams)
+
+    init._twin_tolerant = True  # type: ignore[attr-defined]
+    H2Protocol.__init__ = init  # type: ignore[method-assign]
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -93,6 +127,7 @@ class ApiService:
         actual = sock.getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
         url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{actual}"
+        tolerate_h2_data_after_close()
         settings = self.settings or ApiSettings(state_dir=engine.config.state_dir)
         app = create_app(engine, settings)
         config = Config()
