@@ -62,6 +62,7 @@ async def start_api(
     state_dir: Path,
     settings: ApiSettings | None = None,
     docs: list[dict[str, Any]] | None = None,
+    services: list[Any] | None = None,
 ) -> Api:
     reg = open_registry(None, state_dir)
     if docs is None:
@@ -81,7 +82,11 @@ async def start_api(
         reg,
         fast_config(state_dir=state_dir),
         # like `twin up`: the control service reconciles desired values through the ledger
-        [ControlService(reconcile_interval=0.5), ApiService("127.0.0.1", 0, settings)],
+        [
+            ControlService(reconcile_interval=0.5),
+            *(services or ()),
+            ApiService("127.0.0.1", 0, settings),
+        ],
     )
     await nursery.start(engine.run)
     info = engine.service_info["api"]

@@ -11,6 +11,8 @@
 - :mod:`twin.api.limits` — request body limits (413) and strict JSON bodies (422), between
   the gatekeeper and the routes;
 - :mod:`twin.api.errors` — the error tree mapped to HTTP answers;
+- :mod:`twin.api.openapi` — the OpenAPI document made true (every error response, one error
+  shape, security) and complete ``Allow`` headers on 405;
 - :mod:`twin.api.routes` — the routers, one module per resource.
 
 Every route but ``/api/v1/health``, ``/api/v1/auth/login`` and ``/api/v1/auth/refresh`` needs a
@@ -19,11 +21,9 @@ bearer token (``/api/v1/ingest/{device}`` needs that device's key instead).
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
-from twin.api import errors
+from twin.api import errors, openapi
 from twin.api.deps import MUTATING, PREFIX, PUBLIC
 from twin.api.gatekeeper import Gatekeeper
 from twin.api.limits import BodyLimits
@@ -44,31 +44,24 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
     errors.install(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi_schema = None
-    _add_security(app)
-    # the gatekeeper authenticates before BodyLimits reads a body; FastAPI's routes label metrics
+    # FastAPI keeps an included router's routes out of app.routes: the gatekeeper (metric
+    # labels) and the 405 handler (Allow) see them through this list
     routes = [*app.router.routes, *(r for router in ROUTERS for r in router.routes)]
+    openapi.install(
+        app,
+        routes=routes,
+        public=PUBLIC,
+        device_key=(f"{PREFIX}/ingest/",),
+        optional_markers=("/commands", "/scene", "/timeseries"),
+        text_paths=("/metrics",),
+        document_bodies={
+            (f"{PREFIX}/devices", "post"): "Device",
+            (f"{PREFIX}/device-groups", "post"): "DeviceGroup",
+            (f"{PREFIX}/scenes", "post"): "Scene",
+        },
+    )
+    # the gatekeeper authenticates before BodyLimits reads a body
     return Gatekeeper(BodyLimits(app, settings.body_limits), st, routes)  # type: ignore[return-value]
-
-
-def _add_security(app: FastAPI) -> None:
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema:
-            return app.openapi_schema
-        schema = original()
-        comps = schema.setdefault("components", {}).setdefault("securitySchemes", {})
-        comps["Bearer"] = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-        comps["DeviceKey"] = {"type": "apiKey", "in": "header", "name": "X-Device-Key"}
-        schema["security"] = [{"Bearer": []}]
-        for path in PUBLIC:
-            for op in schema.get("paths", {}).get(path, {}).values():
-                op["security"] = []
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 __all__ = ["MUTATING", "PREFIX", "PUBLIC", "ApiSettings", "ApiState", "create_app"]

@@ -99,3 +99,15 @@ async def change(
     with trio.move_on_after(st.settings.reload_wait):
         await engine.wait_revision(rev.number)
     return {"revision": rev.number, "changed": True}
+
+
+def metadata_name(doc: Mapping[str, Any]) -> str | None:
+    """``metadata.name`` of a spec document in a request body (None when absent); 422 when
+    ``metadata`` is not an object (it would otherwise fail deep inside as a 500)."""
+    meta = doc.get("metadata")
+    if meta is None:
+        return None
+    if not isinstance(meta, Mapping):
+        raise HTTPException(422, "metadata must be an object")
+    name = meta.get("name")
+    return name if isinstance(name, str) else None

@@ -75,7 +75,11 @@ def command_error(exc: TwinError) -> HTTPException:
 
 
 # -- commands --------------------------------------------------------------------------------
-@router.post("/devices/batch/commands", status_code=201)
+@router.post(
+    "/devices/batch/commands",
+    status_code=201,
+    responses={404: {"description": "No device matched the ids or the selector"}},
+)
 async def batch_commands(request: Request, p: Operator, body: BatchRequest) -> dict[str, Any]:
     """Send one command to many devices (ids and/or a selector); per-device results."""
     svc = control(request)
@@ -93,7 +97,7 @@ async def batch_commands(request: Request, p: Operator, body: BatchRequest) -> d
         else:
             refused.append({"device": d, "accepted": False, "error": decision.reason})
     if not allowed and not refused:
-        raise HTTPException(422, "batch: no device matched")
+        raise HTTPException(404, "batch: no device matched")
     result: dict[str, Any] = {"batch": None, "status": "rejected", "results": []}
     if allowed:
         try:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, StringConstraints
 
 from twin import policy
 from twin.api import auth
@@ -26,6 +26,7 @@ from twin.api.deps import (
     Viewer,
     authorize,
     change,
+    metadata_name,
 )
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
@@ -33,9 +34,19 @@ from twin.api.state import ApiState
 from twin.control.ledger import SET, Catalog
 from twin.errors import CommandError, ConflictError, NotFoundError
 
+LabelFilter = Annotated[str, StringConstraints(pattern="^[^=]+=")]
+"""A label selector, ``key=value``."""
+
 router = APIRouter(prefix=PREFIX)
 
 SORT_FIELDS = ("name", "site", "group", "type", "model", "status", "last_seen", "protocol")
+Sort = Annotated[
+    str,
+    Query(
+        pattern=f"^-?({'|'.join(SORT_FIELDS)})$",
+        description="a field to sort by, prefixed with - to reverse",
+    ),
+]
 
 
 class MaintenanceRequest(BaseModel):
@@ -199,10 +210,10 @@ async def get_devices(
     site: Annotated[list[str] | None, Query()] = None,
     group: str | None = None,
     tag: Annotated[list[str] | None, Query()] = None,
-    label: Annotated[list[str] | None, Query(description="key=value")] = None,
+    label: Annotated[list[LabelFilter] | None, Query(description="key=value")] = None,
     status: Annotated[list[str] | None, Query()] = None,
     type: Annotated[list[str] | None, Query()] = None,
-    sort: str = "name",
+    sort: Sort = "name",
     limit: Limit = 100,
     offset: Offset = 0,
 ) -> dict[str, Any]:
@@ -226,7 +237,7 @@ async def post_device(
     request: Request, st: State, p: Operator, doc: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     doc = {"apiVersion": "flux.iot/v1", "kind": "Device", **doc}
-    name = (doc.get("metadata") or {}).get("name")
+    name = metadata_name(doc)
     if doc.get("kind") != "Device" or not isinstance(name, str):
         raise HTTPException(422, "body must be a Device document with metadata.name")
     authorize(p, policy.WRITE, new=doc)  # before 409: a name in another site stays unknown
@@ -268,6 +279,7 @@ async def put_device(
     # the stored device first (403 before any validation problem); change() judges both
     authorize(p, policy.WRITE, old=device_or_404(st, device))
     doc = {"apiVersion": "flux.iot/v1", "kind": "Device", **doc}
+    metadata_name(doc)  # 422 unless metadata is an object
     doc["metadata"] = {**(doc.get("metadata") or {}), "name": device}
 
     def fn(specs: Specs) -> Specs:

@@ -7,8 +7,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 
 from twin import policy
-from twin.api.deps import PREFIX, Limit, Offset, Operator, State, Viewer, authorize, change
-from twin.api.routes.devices import list_devices
+from twin.api.deps import (
+    PREFIX,
+    Limit,
+    Offset,
+    Operator,
+    State,
+    Viewer,
+    authorize,
+    change,
+    metadata_name,
+)
+from twin.api.routes.devices import Sort, list_devices
 from twin.api.specio import Specs
 
 router = APIRouter(prefix=PREFIX, tags=["groups"])
@@ -41,7 +51,7 @@ async def post_group(
     request: Request, st: State, p: Operator, doc: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
     doc = {"apiVersion": "flux.iot/v1", "kind": "DeviceGroup", "spec": {}, **doc}
-    name = (doc.get("metadata") or {}).get("name")
+    name = metadata_name(doc)
     if doc.get("kind") != "DeviceGroup" or not isinstance(name, str):
         raise HTTPException(422, "body must be a DeviceGroup document with metadata.name")
     authorize(p, policy.WRITE, new=doc)  # before 409: a name in another site stays unknown
@@ -57,7 +67,7 @@ async def post_group(
 
 @router.get("/device-groups/{name}/devices")
 async def group_devices(
-    st: State, p: Viewer, name: str, sort: str = "name", limit: Limit = 100, offset: Offset = 0
+    st: State, p: Viewer, name: str, sort: Sort = "name", limit: Limit = 100, offset: Offset = 0
 ) -> dict[str, Any]:
     doc = st.engine.specs.get(("DeviceGroup", name))
     if doc is None:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 
 from twin import policy
-from twin.api.deps import PREFIX, Operator, Viewer, api_state, authorize, change
+from twin.api.deps import PREFIX, Operator, Viewer, api_state, authorize, change, metadata_name
 from twin.api.routes.commands import control
 from twin.api.specio import Specs
 from twin.control.service import ControlService
@@ -25,6 +25,7 @@ router = APIRouter(prefix=PREFIX, tags=["control"])
 def _scene_doc(name: str, body: dict[str, Any]) -> dict[str, Any]:
     """Accept a whole Scene document or just its spec."""
     if body.get("kind") == "Scene" or "apiVersion" in body:
+        metadata_name(body)  # 422 unless metadata is an object
         doc = dict(body)
         meta = dict(doc.get("metadata") or {})
         if meta.get("name", name) != name:
@@ -81,7 +82,7 @@ async def list_scenes(request: Request, p: Viewer) -> dict[str, Any]:
 async def create_scene(
     request: Request, p: Operator, body: Annotated[dict[str, Any], Body()]
 ) -> dict[str, Any]:
-    name = str((body.get("metadata") or {}).get("name") or body.get("name") or "")
+    name = str(metadata_name(body) or body.get("name") or "")
     if not name:
         raise HTTPException(422, "a scene needs a name (metadata.name)")
     body = {k: v for k, v in body.items() if k != "name"}

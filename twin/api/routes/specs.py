@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, StrictBool
 
 from twin import policy
 from twin.api.deps import PREFIX, Limit, Operator, State, Viewer, change
@@ -16,7 +16,7 @@ router = APIRouter(prefix=PREFIX, tags=["specs"])
 
 class ApplyRequest(BaseModel):
     documents: list[dict[str, Any]]
-    prune: bool = False
+    prune: StrictBool = False
     message: str = ""
 
 
