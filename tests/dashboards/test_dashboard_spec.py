@@ -105,6 +105,7 @@ def test_default_dashboard_when_none_declared(tmp_path: Path) -> None:
         "plc-s7",
         "edge-gateway",
         "energy-meter",
+        "air-quality",  # the demo device that speaks MQTT
     }
     # motion is boolean telemetry: not charted
     cam = next(c for c in charts if c["select"]["model"] == "ip-camera")
