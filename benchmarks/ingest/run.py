@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "runtime"))
 sys.path.insert(0, str(ROOT))
 
-from bench_api import cpu_self, make_keys, pct, run_load  # noqa: E402
+from bench_api import collect, cpu_self, make_keys, pct, run_load  # noqa: E402
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -89,18 +88,6 @@ async def one_run(args: argparse.Namespace, *, wal: bool) -> None:
         info = engine.service_info["api"]
         host, port = "127.0.0.1", int(info["port"])
         jobs = [(f"/api/v1/ingest/{n}", keys[n]) for n in names]
-
-        async def collect(procs: list[Any], q: Any) -> tuple[list[float], dict[int, int]]:
-            lat: list[float] = []
-            codes: dict[int, int] = {}
-            for _ in procs:
-                r = await trio.to_thread.run_sync(q.get)
-                lat += r["lat"]
-                for c, n in r["codes"].items():
-                    codes[c] = codes.get(c, 0) + n
-            for p in procs:
-                await trio.to_thread.run_sync(p.join)
-            return lat, codes
 
         args.batch = 1
         procs, q, _ = run_load(host, port, jobs, args, "warm", 600)  # type: ignore[misc]

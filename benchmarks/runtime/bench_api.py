@@ -174,6 +174,20 @@ def ws_worker(
     out.put({"ws": lat})
 
 
+async def collect(procs: list[Any], q: Any) -> tuple[list[float], dict[int, int]]:
+    """Latencies and status counts of the load processes started by ``run_load`` (joined)."""
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    for _ in procs:
+        r = await trio.to_thread.run_sync(q.get)
+        lat += r["lat"]
+        for c, n in r["codes"].items():
+            codes[c] = codes.get(c, 0) + n
+    for p in procs:
+        await trio.to_thread.run_sync(p.join)
+    return lat, codes
+
+
 def run_load(
     host: str,
     port: int,
@@ -277,18 +291,6 @@ async def main(args: argparse.Namespace) -> None:
             ttl=3600,  # type: ignore[arg-type]
         )
         jobs = [(f"/api/v1/ingest/{n}", keys[n]) for n in names]
-
-        async def collect(procs: list[Any], q: Any) -> tuple[list[float], dict[int, int]]:
-            lat: list[float] = []
-            codes: dict[int, int] = {}
-            for _ in procs:
-                r = await trio.to_thread.run_sync(q.get)
-                lat += r["lat"]
-                for c, n in r["codes"].items():
-                    codes[c] = codes.get(c, 0) + n
-            for p in procs:
-                await trio.to_thread.run_sync(p.join)
-            return lat, codes
 
         # 1. warm-up: each key once (argon2), in parallel from the load processes
         t0, c0 = time.perf_counter(), cpu_self()

@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 
+from cli.procs import wait_for
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "twin.cli"]
 
@@ -54,17 +56,6 @@ def _stop(up: subprocess.Popen[str]) -> int:
         raise AssertionError("twin up did not stop within 60 s of SIGINT") from None
 
 
-def _until(fn: Any, what: str, within: float = 60.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
     env = {**os.environ, "TWIN_STATE_DIR": str(tmp_path / "state"), "TWIN_AUTHOR": "tester"}
     env.pop("TWIN_REGISTRY", None)
@@ -91,7 +82,7 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
                 assert r.status_code == 200, r.text
                 return str(r.json()["status"])
 
-            _until(lambda: status("fan_01") == "online", "fan_01 online")
+            wait_for(lambda: status("fan_01") == "online", "fan_01 online")
             # the HTTP device reports a fault through its own key: status fault + an alarm
             r = c.post(
                 "/ingest/door_sensor_01",
@@ -99,14 +90,14 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
                 json={"events": [{"type": "fault", "data": {"message": "door jammed"}}]},
             )
             assert r.status_code == 200, r.text
-            _until(lambda: status("door_sensor_01") == "fault", "door_sensor_01 fault")
+            wait_for(lambda: status("door_sensor_01") == "fault", "door_sensor_01 fault")
 
             def door_alarms() -> list[dict[str, Any]]:
                 r = c.get("/alarms", params={"device": "door_sensor_01", "state": "active"})
                 assert r.status_code == 200, r.text
                 return list(r.json()["items"])
 
-            alarms = _until(door_alarms, "the fault alarm")
+            alarms = wait_for(door_alarms, "the fault alarm")
             assert [(a["type"], a["severity"]) for a in alarms] == [("fault", "critical")]
             before = {d: status(d) for d in ("fan_01", "door_sensor_01")}
     finally:
@@ -124,7 +115,7 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
             # a device that has not talked since the restart keeps its persisted status
             assert r.json()["status"] == before["door_sensor_01"] == "fault"
-            _until(
+            wait_for(
                 lambda: c.get("/devices/fan_01/status").json()["status"] == "online",
                 "fan_01 online again",
             )
