@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import trio
 
 from twin.files import private_dir
 from twin.registry.credentials import create_device_key
+from twin.runtime.supervisor import supervise
 from twin.spec.yamlload import load_data
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,10 @@ class SimulatorService:
                 if created:
                     log.info("simulators: device key for %s created (%s)", device,
                              key_dir / f"{device}.key")
+                site = str((doc or {}).get("metadata", {}).get("site") or "")
                 sim = MqttDeviceSim(
                     device,
-                    str((doc or {}).get("metadata", {}).get("site") or ""),
+                    site,
                     key,
                     _connect_host(host.strip("[]")),
                     int(port),
@@ -126,15 +129,17 @@ class SimulatorService:
                     protocol=self.protocol,
                 )
                 self.sims[device] = sim
-                nursery.start_soon(self._supervise, sim)
+                # under the engine's supervisor like every other child: logged, counted,
+                # alarmed on the device, restarted with backoff, quarantined if it keeps failing
+                nursery.start_soon(
+                    partial(
+                        supervise,
+                        sim.run,
+                        kind="simulator",
+                        name=device,
+                        site=site,
+                        supervision=engine.supervision,
+                        restart_on_return=True,
+                    )
+                )
             task_status.started({"devices": sorted(self.sims), "keys": str(key_dir)})
-
-    async def _supervise(self, sim: Any) -> None:
-        delay = 1.0
-        while True:
-            try:
-                await sim.run()
-            except Exception:
-                log.exception("simulators: %s failed; restarting in %.0fs", sim.device, delay)
-            await trio.sleep(delay)
-            delay = min(30.0, delay * 2)
