@@ -30,6 +30,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "timeseries": {"registry", "mqtt", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
     "mqtt": {"registry", "timeseries", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
     "bindings": {"registry", "timeseries", "runtime", "control", "api", "edge", "cli"},
+    # video (twin/video): camera sources and pipelines, beside the bindings it serves
+    "video": {"registry", "timeseries", "mqtt", "runtime", "control", "api", "edge", "cli"},
     "sim": {"registry", "timeseries", "runtime", "control", "api", "edge", "cli"},
     "control": {"api", "edge", "cli"},
     "runtime": {"api", "edge", "cli"},
