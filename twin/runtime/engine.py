@@ -7,6 +7,8 @@ engine
 ├─ overrides         runtime desired values (scenes, commands, operators) over spec.desired
 ├─ reload watcher    polls registry.head() and reconciles a new revision within a second
 ├─ metrics flusher   per-device metrics to device_metrics every ``metrics_interval``
+├─ asyncio bridge    one asyncio loop thread for pymodbus/asyncua/aiocoap (twin.bindings.aio),
+                     started lazily, stopped when the engine stops
 └─ services          handed in by the caller (the API server from twin.api), each
                      ``async def service(engine, *, task_status)``
 ```
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 
 import trio
 
+from twin.bindings import aio
 from twin.bindings.base import BindingContext
 from twin.bindings.http import IngestHub
 from twin.errors import TwinError
@@ -250,7 +253,8 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at = self.config.clock()
         try:
-            async with trio.open_nursery() as nursery:
+            # the asyncio loop (pymodbus, asyncua, aiocoap) starts lazily and stops with us
+            async with aio.lifetime(), trio.open_nursery() as nursery:
                 # the core: a failure here ends the engine (with one clear line)
                 await nursery.start(_core, "registry writer", self.writer.run)
                 await nursery.start(_core, "device controller", self.controller.run)
