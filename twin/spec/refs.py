@@ -158,6 +158,9 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     from twin.spec.retention_check import retention_problems
 
     problems.extend(retention_problems(loaded))
+    from twin.spec.edge_check import edge_problems
+
+    problems.extend(edge_problems(loaded))
     return problems
 
 
