@@ -128,6 +128,8 @@ class BindingContext:
     models: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     # (device, point) -> its last reported value or None (the sim's cross-device effects)
     reported: Callable[[str, str], Any] | None = None
+    # (device, point) -> the timestamp of its last reported value or None (history backfill)
+    last_ts: Callable[[str, str], float | None] | None = None
 
 
 BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]
@@ -175,4 +177,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import http, mqtt, sim  # noqa: F401
+    from twin.bindings import http, mqtt, opcua, sim  # noqa: F401

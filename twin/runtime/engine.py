@@ -107,7 +107,10 @@ class Engine:
             bus=self.bus,
             monitor=self.monitor,
             binding_context=BindingContext(
-                ingest=self.hub, clock=self.config.clock, reported=self._reported_value
+                ingest=self.hub,
+                clock=self.config.clock,
+                reported=self._reported_value,
+                last_ts=self._reported_ts,
             ),
             backoff=self.config.backoff,
             default_heartbeat=self.config.default_heartbeat,
@@ -156,6 +159,11 @@ class Engine:
         twin = self.twins.get(device)
         rv = twin.reported.get(point) if twin is not None else None
         return None if rv is None else rv.value
+
+    def _reported_ts(self, device: str, point: str) -> float | None:
+        twin = self.twins.get(device)
+        rv = twin.reported.get(point) if twin is not None else None
+        return None if rv is None else rv.ts
 
     def _overrides_changed(self, device: str) -> None:
         task = self.controller.tasks.get(device)

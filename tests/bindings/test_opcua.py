@@ -1,0 +1,250 @@
+"""The opcua binding against a real asyncua server in another process (twin.sim.opcua_server):
+subscriptions with source timestamps and quality, writes, methods as commands, HistoryRead
+backfill after an outage, Basic256Sha256 SignAndEncrypt with certificates from secrets and a
+username/password login, and a peer that sends garbage."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from twin.bindings.base import BindingContext, DeviceEvent, Message, Quality, Reading
+from twin.bindings.opcua import OpcUaBinding, is_node_id, status_quality, to_json_value
+from twin.errors import BindingError, CommandError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Peer:
+    def __init__(self, proc: subprocess.Popen[str], endpoint: str, certs: Path) -> None:
+        self.proc, self.endpoint, self.certs = proc, endpoint, certs
+
+
+def start_server(certs: Path, *extra: str) -> Peer:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin.sim.opcua_server", "--port", str(port), "--interval", "0.1",
+         "--secure", str(certs), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("ready"), line
+    return Peer(proc, line.split()[1], certs)
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    p = start_server(tmp_path_factory.mktemp("opcua-certs"), "--user", "op:s3cret")
+    yield p
+    p.proc.terminate()
+    p.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def client_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    import asyncio
+
+    from twin.sim.opcua_server import ensure_certificate
+
+    return asyncio.run(ensure_certificate(tmp_path_factory.mktemp("client"), "client"))
+
+
+@pytest.fixture(autouse=True)
+def secrets(monkeypatch: pytest.MonkeyPatch, client_cert: tuple[Path, Path]) -> None:
+    monkeypatch.setenv("TWIN_SECRET_PLC_PASSWORD", "s3cret")
+    monkeypatch.setenv("TWIN_SECRET_PLC_WRONG", "nope")
+    monkeypatch.setenv("TWIN_SECRET_PLC_CERT", str(client_cert[0]))
+    monkeypatch.setenv("TWIN_SECRET_PLC_KEY", client_cert[1].read_text())  # PEM content
+    monkeypatch.setenv("TWIN_SECRETS_FILE", "/nonexistent/secrets.yaml")
+
+
+def options(endpoint: str, **extra: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "endpoint": endpoint,
+        "username": "op",
+        "password": {"secret": "plc/password"},
+        "publishing_interval": "100ms",
+        "heartbeat": "300ms",
+        "points": {
+            "temperature": {"node": "ns=2;s=Boiler.Temperature"},
+            "counter": {"path": "2:Boiler/2:Counter"},
+            "setpoint": {"node": "ns=2;s=Boiler.Setpoint"},
+            "running": {"path": "Boiler/Running"},
+        },
+        "namespace": "urn:flux-iot:sim",
+        "methods": {
+            "add": {"object": "ns=2;s=Boiler", "method": "2:Add"},
+            "reset": {"object": "2:Boiler", "method": "ns=2;s=Boiler.Reset"},
+            "set_setpoint": {"object": "Boiler", "method": "SetSetpoint"},
+            "fail": {"object": "ns=2;s=Boiler", "method": "2:Fail"},
+        },
+    }
+    base.update(extra)
+    return base
+
+
+async def collect(b: OpcUaBinding, until: Any, limit: float = 10) -> list[Message]:
+    got: list[Message] = []
+    send, recv = trio.open_memory_channel[Message](1000)
+    async with trio.open_nursery() as n:
+        n.start_soon(b.subscribe, send)
+        with trio.fail_after(limit):
+            async for m in recv:
+                got.append(m)
+                if until(got):
+                    break
+        n.cancel_scope.cancel()
+    return got
+
+
+def readings(msgs: list[Message], point: str | None = None) -> list[Reading]:
+    return [m for m in msgs if isinstance(m, Reading) and (point is None or m.point == point)]
+
+
+async def test_subscribe_write_and_read_back(peer: Peer) -> None:
+    b = OpcUaBinding("boiler", options(peer.endpoint), context=BindingContext())
+    await b.connect()
+    try:
+        msgs = await collect(
+            b,
+            lambda g: len(readings(g, "counter")) >= 3
+            and any(isinstance(m, DeviceEvent) for m in g),
+        )
+        temps = readings(msgs, "temperature")
+        assert temps and all(r.quality is Quality.GOOD for r in temps)
+        assert all(isinstance(r.value, float) for r in temps)
+        counters = [r.value for r in readings(msgs, "counter")]
+        assert counters == sorted(counters) and len(set(counters)) >= 3
+        assert abs(temps[-1].ts - time.time()) < 30  # the server's SourceTimestamp
+        assert readings(msgs, "running")[0].value is True
+
+        await b.write("setpoint", 55)  # an int for a Double variable: cast to its type
+        (r,) = await b.read(["setpoint"])
+        assert r.value == 55.0 and isinstance(r.value, float)
+        with pytest.raises(BindingError):
+            await b.write("nope", 1)
+    finally:
+        await b.close()
+
+
+async def test_methods_are_commands(peer: Peer) -> None:
+    b = OpcUaBinding("boiler", options(peer.endpoint), context=BindingContext())
+    await b.connect()
+    try:
+        assert await b.send_command("add", {"a": 2, "b": 40}) == 42
+        assert await b.send_command("add", {"args": [1, 2]}) == 3
+        assert await b.send_command("reset", {}) is True
+        assert await b.send_command("set_setpoint", {"value": 61.5}) is True
+        (r,) = await b.read(["setpoint"])
+        assert r.value == 61.5
+        with pytest.raises(CommandError, match="needs parameter 'b'"):
+            await b.send_command("add", {"a": 1})
+        with pytest.raises(CommandError, match="not an integer"):
+            await b.send_command("add", {"a": 1.5, "b": 1})
+        with pytest.raises(CommandError, match="Bad"):
+            await b.send_command("fail", {})
+        with pytest.raises(CommandError, match="no method"):
+            await b.send_command("explode", {})
+    finally:
+        await b.close()
+
+
+async def test_history_backfills_an_outage(peer: Peer) -> None:
+    opts = options(peer.endpoint, points={"temperature": {"node": "ns=2;s=Boiler.Temperature"}})
+    b = OpcUaBinding("boiler", opts, context=BindingContext())
+    await b.connect()
+    msgs = await collect(b, lambda g: len(readings(g)) >= 2)
+    await b.close()
+    before = readings(msgs)[-1].ts
+    await trio.sleep(1.5)  # the outage: the server keeps historizing (a value every 0.1 s)
+    await b.connect()
+    try:
+        msgs = await collect(b, lambda g: len(readings(g)) >= 8)
+    finally:
+        await b.close()
+    got = readings(msgs)
+    assert b.backfilled >= 5
+    backfill = got[: b.backfilled]
+    assert all(r.ts > before for r in backfill)
+    assert [r.ts for r in backfill] == sorted(r.ts for r in backfill)
+    assert backfill[0].ts - before < 0.5  # no gap: it starts right after the last value
+
+
+async def test_sign_and_encrypt_with_certificates_from_secrets(peer: Peer) -> None:
+    sec = {
+        "policy": "Basic256Sha256",
+        "mode": "SignAndEncrypt",
+        "certificate": {"secret": "plc/cert"},
+        "private_key": {"secret": "plc/key"},
+    }
+    for mode in ("SignAndEncrypt", "Sign"):
+        b = OpcUaBinding("boiler", options(peer.endpoint, security={**sec, "mode": mode}))
+        await b.connect()
+        try:
+            (r,) = await b.read(["counter"])
+            assert r.quality is Quality.GOOD and isinstance(r.value, int)
+            assert b._client.security_policy.Mode.name == mode
+        finally:
+            await b.close()
+
+
+async def test_wrong_password_and_missing_secret(peer: Peer) -> None:
+    b = OpcUaBinding("boiler", options(peer.endpoint, password={"secret": "plc/wrong"}))
+    with pytest.raises(BindingError):
+        await b.connect()
+    await b.close()
+    b = OpcUaBinding("boiler", options(peer.endpoint, password={"secret": "plc/unset"}))
+    with pytest.raises(BindingError, match="plc/unset"):
+        await b.connect()
+    await b.close()
+
+
+async def test_a_peer_sending_garbage_is_a_temporary_connect_error() -> None:
+    listener = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listener[0].socket.getsockname()[1]
+
+    async def garbage(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(5):
+            await stream.receive_some(1024)
+            await stream.send_all(b"\xff" * 64 + b"HELxxxx" + os.urandom(200))
+            await trio.sleep(3)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(trio.serve_listeners, garbage, listener)
+        b = OpcUaBinding("junk", {"endpoint": f"opc.tcp://127.0.0.1:{port}/", "timeout": "1s"})
+        with pytest.raises(BindingError) as info:
+            await b.connect()
+        assert info.value.temporary
+        await b.close()
+        n.cancel_scope.cancel()
+
+
+def test_value_mapping() -> None:
+    import datetime as dt
+
+    from asyncua import ua
+
+    assert status_quality(ua.StatusCode(0)) is Quality.GOOD
+    assert status_quality(ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)) is Quality.UNCERTAIN
+    assert status_quality(ua.StatusCode(ua.StatusCodes.BadCommunicationError)) is Quality.BAD
+    assert to_json_value(ua.LocalizedText("hi")) == "hi"
+    assert to_json_value(b"\x01\x02") == "0102"
+    assert to_json_value(dt.datetime(2024, 1, 1)) == "2024-01-01T00:00:00+00:00"
+    assert to_json_value([1, ua.Variant(2.5)]) == [1, 2.5]
+    assert to_json_value(ua.NodeId(5, 2)) == "ns=2;i=5"
+    assert is_node_id("ns=2;s=Boiler.T") and is_node_id("i=85")
+    assert not is_node_id("2:Boiler/2:T")
