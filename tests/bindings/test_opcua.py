@@ -248,3 +248,104 @@ def test_value_mapping() -> None:
     assert to_json_value(ua.NodeId(5, 2)) == "ns=2;i=5"
     assert is_node_id("ns=2;s=Boiler.T") and is_node_id("i=85")
     assert not is_node_id("2:Boiler/2:T")
+
+
+async def test_in_the_engine_commands_and_desired_go_through_the_ledger(
+    peer: Peer, tmp_path: Path
+) -> None:
+    from runtime.helpers import apply, fast_config, model, running_engine, site
+
+    from twin.control.ledger import SET, CommandStatus
+    from twin.control.service import ControlService
+    from twin.registry import open_registry
+
+    boiler = model(
+        "boiler",
+        telemetry={"temperature": {"type": "number"}, "counter": {"type": "integer"}},
+        properties={"setpoint": {"type": "number", "access": "readwrite"}},
+        commands={
+            "add": {"params": {"type": "object", "required": ["a", "b"],
+                               "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}},
+            "fail": {},
+        },
+    )
+    opts = options(peer.endpoint)
+    opts["points"] = {k: v for k, v in opts["points"].items() if k != "running"}
+    device = {
+        "apiVersion": "flux.iot/v1",
+        "kind": "Device",
+        "metadata": {"name": "boiler_01", "site": "plant-a"},
+        "spec": {"type": "industrial", "model": "boiler", "binding": {"opcua": opts},
+                 "heartbeat": {"interval": "1s", "timeout": "5s"}},
+    }
+    reg = open_registry(None, tmp_path / "state")
+    apply(reg, site(), boiler, device)
+    control = ControlService(reconcile_interval=0.1)
+    async with running_engine(reg, fast_config(state_dir=tmp_path), [control]) as engine:
+        with trio.fail_after(20):
+            while True:
+                twin = engine.twin("boiler_01")
+                if twin is not None and {"temperature", "counter", "setpoint"} <= set(twin.reported):
+                    break
+                await trio.sleep(0.05)
+        assert str(twin.status) == "online"
+        cmd = await control.ledger.submit("boiler_01", "add", {"a": 40, "b": 2}, source="test")
+        done = await control.ledger.wait(cmd.id)
+        assert done.status is CommandStatus.SUCCESS and done.result == 42, done
+        cmd = await control.ledger.submit("boiler_01", "fail", {}, source="test")
+        done = await control.ledger.wait(cmd.id)
+        assert done.status is CommandStatus.FAILED
+        cmd = await control.ledger.submit(
+            "boiler_01", SET, {"property": "setpoint", "value": 66.5}, source="test"
+        )
+        done = await control.ledger.wait(cmd.id)
+        assert done.status is CommandStatus.SUCCESS, done
+        with trio.fail_after(10):  # the subscription reports the written value back
+            while engine.twin("boiler_01").reported["setpoint"].value != 66.5:  # type: ignore[union-attr]  # noqa: ASYNC110
+                await trio.sleep(0.05)
+    reg.close()
+
+
+SITE = """\
+apiVersion: flux.iot/v1
+kind: Site
+metadata: {name: plant-x}
+spec: {timezone: UTC}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: plc_01, site: plant-x}
+spec:
+  type: industrial
+  binding:
+    opcua:
+      endpoint: opc.tcp://127.0.0.1:4840/
+      security: {policy: Basic256Sha256, mode: None}
+      points:
+        t: {node: "ns=2;x=oops"}
+        p: {}
+        ok: {path: "2:Boiler/2:Temperature", deadband: 0.5, deadband_type: percent}
+      methods:
+        reset: {object: "ns=2;s=Boiler"}
+"""
+
+
+def test_validate_locates_opcua_mistakes(tmp_path: Path) -> None:
+    from twin.errors import SpecError
+    from twin.spec import load_site
+
+    (tmp_path / "site.yaml").write_text(SITE)
+    with pytest.raises(SpecError) as info:
+        load_site(tmp_path)
+    text = "\n".join(str(p) for p in info.value.problems)
+    for expected in (
+        "site.yaml:14:17: Device plc_01: spec.binding.opcua.security: missing required field "
+        "'certificate'",
+        "site.yaml:14:48: Device plc_01: spec.binding.opcua.security.mode",
+        "site.yaml:16:19: Device plc_01: spec.binding.opcua.points.t.node: \"ns=2;x=oops\" must "
+        "be a NodeId",
+        "site.yaml:17:12: Device plc_01: spec.binding.opcua.points.p: {} needs exactly one of node",
+        "spec.binding.opcua.methods.reset: missing required field 'method'",
+    ):
+        assert expected in text, text
+    assert "points.ok" not in text

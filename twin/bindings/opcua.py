@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
-import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -65,7 +63,7 @@ from typing import Any
 
 import trio
 
-from twin.bindings import _aio_tmp as aio
+from twin.bindings import aio
 from twin.bindings.base import (
     BindingContext,
     DeviceEvent,
@@ -85,7 +83,7 @@ log = logging.getLogger(__name__)
 OPCUA_SCHEMA: dict[str, Any] = binding_schema("opcua")
 """JSON Schema of ``spec.binding.opcua``: specs/binding-opcua.schema.json, the one source."""
 
-INBOX_MAX = 100_000  # notifications waiting for the device task (beyond: dropped, counted)
+INBOX_MAX = 10_000  # notifications waiting for the device task (beyond: dropped, counted)
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -232,10 +230,8 @@ class OpcUaBinding:
         self._vtypes: dict[str, Any] = {}
         self._method_nodes: dict[str, tuple[Any, Any, list[Any], list[str]]] = {}
         self._lost: str | None = None  # set by the status-change callback
-        # crossing: deque appended on the loop thread, drained by the Trio pump
-        self._inbox: collections.deque[Reading] = collections.deque()
-        self._wake: trio.Event | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
+        # notifications cross to Trio through the bridge's channel (pushed on the loop thread)
+        self._push: aio.Push[Reading | str] | None = None
         # Trio side
         self.last_ts: dict[str, float] = {}  # newest reading per point (survives reconnects)
         self.sessions = 0
@@ -361,7 +357,8 @@ class OpcUaBinding:
 
             def status_change_notification(self, status: Any) -> None:
                 binding._lost = f"subscription status {status.Status}"
-                binding._post()
+                if binding._push is not None:
+                    binding._push(binding._lost)
 
         params = ua.CreateSubscriptionParameters()
         params.RequestedPublishingInterval = self.publishing * 1000.0
@@ -414,18 +411,8 @@ class OpcUaBinding:
             self.refused += 1
             log.warning("opcua device %s: notification dropped: %s", self.device, exc)
             return
-        if len(self._inbox) >= INBOX_MAX:
-            self.dropped += 1
-            return
-        self._inbox.append(reading)
-        self._post()
-
-    def _post(self) -> None:
-        token, wake = self._token, self._wake
-        if token is None or wake is None:
-            return
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(wake.set)
+        if self._push is not None:
+            self._push(reading)
 
     async def _a_check(self) -> None:
         if self._client is None:
@@ -510,7 +497,7 @@ class OpcUaBinding:
 
         try:
             with trio.fail_after(self.timeout * 3):
-                return await aio.run(fn, *args)
+                return await aio.run(lambda: fn(*args))
         except trio.TooSlowError as exc:
             raise BindingTimeout(f"opcua device {self.device!r}: {what} timed out") from exc
         except (BindingError, CommandError):
@@ -525,13 +512,14 @@ class OpcUaBinding:
             ) from exc
 
     async def connect(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
         await self._run(self._a_connect, what=f"connect to {self.endpoint}")
         self.sessions += 1
 
     async def close(self) -> None:
-        self._wake = None
-        await aio.run(self._a_close)
+        with trio.move_on_after(5) as scope:
+            scope.shield = True
+            await self._run(self._a_close, what="close")
+        self._push = None
 
     async def read(self, points: list[str] | None = None) -> list[Reading]:
         names = list(self.points) if points is None else [p for p in points if p in self.points]
@@ -568,17 +556,19 @@ class OpcUaBinding:
             for r in backlog:
                 await self._send(send, r)
                 self.backfilled += 1
-        self._wake = trio.Event()
-        await self._run(self._a_subscribe, what="subscribe")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, send)
-            while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                if self._lost:
-                    raise BindingConnectError(f"opcua device {self.device!r}: {self._lost}")
-                while self._inbox:
-                    await self._send(send, self._inbox.popleft())
+        push, receive = aio.channel(INBOX_MAX)
+        self._push = push
+        try:
+            await self._run(self._a_subscribe, what="subscribe")
+            async with trio.open_nursery() as nursery, receive:
+                nursery.start_soon(self._watch, send)
+                async for item in receive:
+                    if isinstance(item, str):  # the subscription's status went bad
+                        raise BindingConnectError(f"opcua device {self.device!r}: {item}")
+                    await self._send(send, item)
+        finally:
+            self.dropped += push.dropped
+            self._push = None
 
     async def _send(self, send: trio.MemorySendChannel[Message], r: Reading) -> None:
         self.notifications += 1

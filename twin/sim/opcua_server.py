@@ -82,7 +82,7 @@ async def ensure_certificate(folder: Path, name: str = "server") -> tuple[Path, 
 
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up
     cert, key = folder / f"{name}.der", folder / f"{name}-key.pem"
-    if not cert.exists() or not key.exists():  # noqa: ASYNC240
+    if not cert.exists() or not key.exists():
         usage = (ExtendedKeyUsageOID.SERVER_AUTH if name == "server"
                  else ExtendedKeyUsageOID.CLIENT_AUTH)
         await setup_self_signed_certificate(
