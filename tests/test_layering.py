@@ -34,6 +34,8 @@ FORBIDDEN: dict[str, set[str]] = {
     "video": {"registry", "timeseries", "mqtt", "runtime", "control", "api", "edge", "cli"},
     "sim": {"registry", "timeseries", "runtime", "control", "api", "edge", "cli"},
     "control": {"api", "edge", "cli"},
+    # reports and notifications: a service over control's webhooks, the registry and the store
+    "reports": {"api", "edge", "cli"},
     "runtime": {"api", "edge", "cli"},
     "api": {"cli"},
     "edge": {"cli"},

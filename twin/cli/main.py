@@ -676,6 +676,7 @@ def _register_extensions() -> None:
         "twin.cli.control_cmds",  # command, scene, simulate
         "twin.cli.timeseries_cmds",  # query, storage
         "twin.cli.dashboard_cmds",  # dashboard
+        "twin.cli.report_cmds",  # report
     ):
         try:
             module = importlib.import_module(mod)

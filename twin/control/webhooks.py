@@ -155,8 +155,12 @@ class WebhookPolicy:
         body: Any,
         headers: Mapping[str, str],
         seconds: float,
+        *,
+        content: bytes | None = None,
     ) -> int:
-        """Check the destination, then send to the checked address; the HTTP status."""
+        """Check the destination, then send to the checked address; the HTTP status.
+
+        ``content``: send these exact bytes instead of ``body`` as JSON (a signed body)."""
         import httpx
 
         host, port, addr = await self.resolve(url)
@@ -169,9 +173,14 @@ class WebhookPolicy:
         sent["Host"] = host if port == default else f"{host}:{port}"
         extensions = {"sni_hostname": host} if parts.scheme == "https" else None
         async with httpx.AsyncClient(timeout=seconds, follow_redirects=False) as client:
-            resp = await client.request(
-                method, pinned, json=body, headers=sent, extensions=extensions
-            )
+            if content is not None:
+                resp = await client.request(
+                    method, pinned, content=content, headers=sent, extensions=extensions
+                )
+            else:
+                resp = await client.request(
+                    method, pinned, json=body, headers=sent, extensions=extensions
+                )
         return resp.status_code
 
 

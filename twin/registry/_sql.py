@@ -46,6 +46,7 @@ from .base import (
     canonical_json,
 )
 from .overrides import DesiredOverride, is_current
+from .reports import ReportRun
 
 log = logging.getLogger(__name__)
 
@@ -1203,6 +1204,55 @@ class SQLRegistry:
             for d, p, v, by, at, sj in rows
         ]
 
+    # -- report runs ------------------------------------------------------------------------
+    _RUN_COLS = ("id, report, site, trigger, status, started_at, finished_at, scheduled_for, "
+                 "period, artifacts, deliveries, error")
+
+    def save_report_run(self, run: ReportRun) -> None:
+        """Insert or update (by id) a report run."""
+        with self._tx(write=True) as conn:
+            self._exec(
+                conn,
+                f"INSERT INTO report_runs ({self._RUN_COLS}) VALUES "
+                "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "status = excluded.status, finished_at = excluded.finished_at, "
+                "period = excluded.period, artifacts = excluded.artifacts, "
+                "deliveries = excluded.deliveries, error = excluded.error",
+                (
+                    run.id, run.report, run.site, run.trigger, run.status, run.started_at,
+                    run.finished_at, run.scheduled_for, json.dumps(dict(run.period)),
+                    json.dumps([dict(a) for a in run.artifacts]),
+                    json.dumps([dict(d) for d in run.deliveries]), run.error,
+                ),
+            )
+
+    def report_runs(self, report: str | None = None, *, limit: int = 50) -> list[ReportRun]:
+        """Newest first."""
+        sql = f"SELECT {self._RUN_COLS} FROM report_runs"
+        params: list[Any] = []
+        if report is not None:
+            sql += " WHERE report = ?"
+            params.append(report)
+        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
+        params.append(limit)
+        with self._tx(write=False) as conn:
+            rows = self._all(conn, sql, params)
+        return [_report_run(r) for r in rows]
+
+    def report_run(self, run_id: str) -> ReportRun | None:
+        with self._tx(write=False) as conn:
+            row = self._one(conn, f"SELECT {self._RUN_COLS} FROM report_runs WHERE id = ?",
+                            (run_id,))
+        return None if row is None else _report_run(row)
+
+    def last_scheduled_run(self, report: str) -> float | None:
+        """The newest ``scheduled_for`` of a report's runs (None: never ran on schedule)."""
+        with self._tx(write=False) as conn:
+            row = self._one(conn, "SELECT MAX(scheduled_for) FROM report_runs WHERE report = ?",
+                            (report,))
+        return None if row is None or row[0] is None else float(row[0])
+
+
 def _close_quietly(conn: Any) -> None:
     try:
         conn.close()
@@ -1256,3 +1306,11 @@ def _session(row: Any) -> Session:
 def _api_token(row: Any) -> ApiToken:
     i, u, uid, c, e, r, note = row
     return ApiToken(i, u, uid, float(c), float(e), _opt_float(r), note or "")
+
+
+def _report_run(row: Any) -> ReportRun:
+    i, rep, site, trig, st, started, fin, sched, per, arts, dels, err = row
+    return ReportRun(
+        i, rep, site, trig, st, float(started), _opt_float(fin), _opt_float(sched),
+        json.loads(per), tuple(json.loads(arts)), tuple(json.loads(dels)), err,
+    )

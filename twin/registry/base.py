@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .overrides import DesiredOverride
+    from .reports import ReportRun
 
 Key = tuple[str, str]
 """``(kind, name)``"""
@@ -381,3 +382,15 @@ class Registry(Protocol):
 
     def overrides(self, device: str | None = None) -> list[DesiredOverride]:
         """Every override (or one device's), by device and property."""
+
+    # -- report runs (twin/registry/reports.py) ---------------------------------------------
+    def save_report_run(self, run: ReportRun) -> None:
+        """Insert or update (by id) a report run."""
+
+    def report_runs(self, report: str | None = None, *, limit: int = 50) -> list[ReportRun]:
+        """Newest first."""
+
+    def report_run(self, run_id: str) -> ReportRun | None: ...
+
+    def last_scheduled_run(self, report: str) -> float | None:
+        """The newest ``scheduled_for`` of a report's runs (None: never ran on schedule)."""

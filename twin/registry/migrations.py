@@ -209,6 +209,24 @@ SQLITE: list[list[str]] = [
             PRIMARY KEY (device, property)
         )""",
     ],
+    # 5: report runs (twin/registry/reports.py)
+    [
+        """CREATE TABLE report_runs (
+            id TEXT PRIMARY KEY,
+            report TEXT NOT NULL,
+            site TEXT,
+            trigger TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            finished_at REAL,
+            scheduled_for REAL,
+            period TEXT NOT NULL,
+            artifacts TEXT NOT NULL,
+            deliveries TEXT NOT NULL,
+            error TEXT
+        )""",
+        "CREATE INDEX report_runs_report ON report_runs (report, started_at)",
+    ],
 ]
 
 POSTGRES: list[list[str]] = [
@@ -403,6 +421,24 @@ POSTGRES: list[list[str]] = [
             spec_json TEXT,
             PRIMARY KEY (device, property)
         )""",
+    ],
+    # 5: report runs (twin/registry/reports.py)
+    [
+        """CREATE TABLE report_runs (
+            id TEXT PRIMARY KEY,
+            report TEXT NOT NULL,
+            site TEXT,
+            trigger TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            finished_at DOUBLE PRECISION,
+            scheduled_for DOUBLE PRECISION,
+            period TEXT NOT NULL,
+            artifacts TEXT NOT NULL,
+            deliveries TEXT NOT NULL,
+            error TEXT
+        )""",
+        "CREATE INDEX report_runs_report ON report_runs (report, started_at)",
     ],
 ]
 

@@ -155,6 +155,9 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     from twin.spec.dashboards import dashboard_problems
 
     problems.extend(dashboard_problems(loaded))
+    from twin.spec.reports import report_problems
+
+    problems.extend(report_problems(loaded))
     from twin.spec.retention_check import retention_problems
 
     problems.extend(retention_problems(loaded))
