@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from twin.timeseries.base import Record, Selector, TimeSeriesStore
 
 T0 = 1_700_000_000.0  # as in conftest
@@ -13,7 +15,9 @@ def _fill(store: TimeSeriesStore, hours: int = 30) -> int:
         ts = T0 + minute * 60 + 0.5
         for d in range(20):
             recs.append(
-                (f"d{d}", "temperature", 20.0 + (minute % 17) * 0.1 + d, ts, 0, "s", "g", ",")
+                # full-precision values: the series-chunk layout makes rounded ones so
+                # small that the store's size is its metadata (issue 19)
+                (f"d{d}", "temperature", 20.0 + math.sin(minute * 0.37 + d), ts, 0, "s", "g", ",")
             )
     for i in range(0, len(recs), 10_000):
         store.write_records(recs[i : i + 10_000])

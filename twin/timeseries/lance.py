@@ -100,6 +100,7 @@ from twin.timeseries.base import (
     RAW,
     RAW_SCHEMA,
     SERIES_COLUMNS,
+    TS_MIN,
     DataPoint,
     Record,
     Selector,
@@ -109,6 +110,8 @@ from twin.timeseries.base import (
     records_to_table,
     sql_quote,
 )
+from twin.timeseries.chunks import CHUNK_SCHEMA, META_COLUMNS, build_chunks, decode_chunks
+from twin.timeseries.lance_chunks import CHUNKS, ChunkTable
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +334,12 @@ def _ts_pred(start: float, end: float) -> str:
 
 
 def _dir_size(path: Path) -> int:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks, as ``du``)."""
     total = 0
     for root, _dirs, files in os.walk(path):
         for f in files:
             with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, f)).st_size
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
     return total
 
 
@@ -418,6 +422,8 @@ class LanceStore:
         nearly_full_fraction: float = 0.05,
         cluster_rows: int = 1024 * 1024,
         cluster_run: int = 128,
+        chunk_seconds: float | None = 6 * 3600.0,
+        chunk_grace: float = 900.0,
     ) -> None:
         import lancedb
 
@@ -446,6 +452,16 @@ class LanceStore:
         self._meta: dict[str, str] = (
             json.loads(self._meta_path.read_text()) if self._meta_path.exists() else {}
         )
+        # the series-chunk layout of closed time ranges (``chunks.py``, ``lance_chunks.py``)
+        self.chunk_seconds = chunk_seconds if chunk_seconds and chunk_seconds > 0 else None
+        self.chunk_grace = chunk_grace
+        self._chunks = ChunkTable(self.path)
+        # bounds of the raw table's timestamps (us): a lower bound of its oldest row (a
+        # query ending before it skips the raw table) and the newest row written
+        self._raw_lo: int | None = None
+        self._raw_hi: int | None = None
+        self._raw_bounds_known = False
+        self._recover_chunk_commit()
 
     # --- tables ---------------------------------------------------------------------
     def _homes(self, tier: str) -> list[tuple[Any, Path]]:
@@ -512,7 +528,9 @@ class LanceStore:
     def tiers(self) -> list[str]:
         with self._lock:
             dirs = [self.path] + ([self.cold_path] if self.cold_path else [])
-            return sorted({p.name[: -len(".lance")] for d in dirs for p in d.glob("*.lance")})
+            names = {p.name[: -len(".lance")] for d in dirs for p in d.glob("*.lance")}
+            names.discard(CHUNKS)  # part of ``raw``, not a tier of its own
+            return sorted(names)
 
     # --- writes ---------------------------------------------------------------------
     def _check_space(self, where: Path) -> None:
@@ -548,6 +566,13 @@ class LanceStore:
             raise
         self._datasets.pop(tier, None)
         self._appends[tier] = self._appends.get(tier, 0) + 1
+        if tier == RAW and self._raw_bounds_known:
+            import pyarrow.compute as pc
+
+            mm = pc.min_max(table.column("ts").cast(pa.int64())).as_py()
+            lo, hi = int(mm["min"]), int(mm["max"])
+            self._raw_lo = lo if self._raw_lo is None else min(self._raw_lo, lo)
+            self._raw_hi = hi if self._raw_hi is None else max(self._raw_hi, hi)
         # safety net only (see the module docstring); skipped while a maintenance runs:
         # it is merging these fragments already (and waiting for it here would deadlock)
         if self._appends[tier] >= self.inline_compact_every and self._maint_lock.acquire(
@@ -631,19 +656,58 @@ class LanceStore:
         extra = ["value_dec", "value_exp"] if "value_dec" in ds.schema.names else []
         return [*RAW_SCHEMA.names, *extra]
 
+    # --- raw data: the row table (recent) + the chunk table (closed ranges) -------------
+    def _raw_bounds(self) -> tuple[int | None, int | None]:
+        """(lowest, highest) raw timestamp in us, None when the raw table is empty; the
+        caller holds ``_lock``. One scan of ``ts`` the first time, then kept up to date by
+        appends (exact) and compaction (a lower bound)."""
+        if not self._raw_bounds_known:
+            import pyarrow.compute as pc
+
+            ds = self._dataset(RAW)
+            lo = hi = None
+            if ds is not None and ds.count_rows():
+                mm = pc.min_max(ds.to_table(columns=["ts"]).column("ts").cast(pa.int64()))
+                lo, hi = mm.as_py()["min"], mm.as_py()["max"]
+            self._raw_lo, self._raw_hi = lo, hi
+            self._raw_bounds_known = True
+        return self._raw_lo, self._raw_hi
+
+    def _raw_snapshot(
+        self, start: float, end: float
+    ) -> tuple[Any | None, tuple[Any, pa.Table] | None]:
+        """(raw dataset or None when no raw row can be in ``[start, end)``, the chunk
+        table's (dataset, catalogue) or None) as of one moment (under ``_lock``:
+        compaction commits under it too)."""
+        with self._lock:
+            ds = self._dataset(RAW)
+            if ds is not None and self.chunk_seconds is not None:
+                lo, hi = self._raw_bounds()
+                if lo is None or hi is None or lo >= round(end * 1e6) or hi < round(start * 1e6):
+                    ds = None
+            snap = self._chunks.snapshot() if self._chunks.exists() else None
+        return ds, snap
+
     def read_raw(
         self, selector: Selector, start: float, end: float, limit: int | None = None
     ) -> pa.Table:
         where = f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}"
-        with self._lock:
-            ds = self._dataset(RAW)
-        if ds is None:
+        ds, snap = self._raw_snapshot(start, end)
+        parts = []
+        if snap is not None:
+            rows = self._chunks.select(selector, start, end, snap=snap)
+            if rows.num_rows:
+                parts.append(decode_chunks(rows, start, end))
+        if ds is not None:
+            table = _decode_values(ds.to_table(filter=where, columns=self._raw_columns(ds)))
+            parts.append(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
+        if not parts:
             return RAW_SCHEMA.empty_table()
-        table = _decode_values(ds.to_table(filter=where, columns=self._raw_columns(ds)))
-        table = table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA)
-        table = table.sort_by(
-            [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
-        )
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        if table.num_rows > 1:
+            table = table.sort_by(
+                [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+            )
         return table.slice(0, limit) if limit is not None else table
 
     aggregate_rows = 1_500_000
@@ -658,27 +722,114 @@ class LanceStore:
         """Partials per (bucket, series): the rows are read with the index-pruned scan and
         bucketed in numpy (``partials.py``): one sort + ``reduceat`` was ~10x faster than
         DataFusion's GROUP BY with ordered ``first_value`` on the same data."""
-        with self._lock:
-            ds = self._dataset(tier)
+        chunks = PARTIAL_SCHEMA.empty_table()
+        if tier == RAW:
+            ds, snap = self._raw_snapshot(start, end)
+            if snap is not None:
+                meta = self._chunks.select(selector, start, end, blobs=False, snap=snap)
+                if meta.num_rows:
+                    chunks = self._chunk_aggregate(snap, meta, start, end, bucket)
+        else:
+            with self._lock:
+                ds = self._dataset(tier)
         if ds is None:
-            return PARTIAL_SCHEMA.empty_table()
+            return chunks
         try:
-            windows = [(start, end)]
-            if ds.count_rows() > self.aggregate_rows and bucket > 0:
-                n = ds.count_rows(filter=f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}")
-                pieces = -(-n // self.aggregate_rows)
-                if pieces > 1:
-                    step = max(1, round((end - start) / pieces / bucket)) * bucket
-                    cuts = [start]
-                    edge = (start // step + 1) * step  # absolute multiples: bucket-aligned
-                    while edge < end:
-                        cuts.append(edge)
-                        edge += step
-                    windows = list(zip(cuts, [*cuts[1:], end], strict=True))
-            parts = [self._aggregate(ds, tier, selector, a, b, bucket) for a, b in windows]
-            return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+            out = self._aggregate_windows(ds, tier, selector, start, end, bucket)
         except OSError as exc:
             raise StorageError(f"time-series query on {tier} failed: {exc}") from exc
+        if chunks.num_rows == 0:
+            return out
+        if out.num_rows == 0:
+            return chunks
+        from twin.timeseries import partials
+
+        return partials.combine(pa.concat_tables([chunks, out]), bucket)
+
+    def _chunk_aggregate(
+        self, snap: tuple[Any, pa.Table], meta: pa.Table, start: float, end: float, bucket: float
+    ) -> pa.Table:
+        """Partials from chunk rows (catalogue rows, no blobs yet): whole chunks from their
+        stored stats, the others decoded in bucket-aligned groups of ~``aggregate_rows``
+        points. Several partials may share a bucket; ``partials.combine`` merges them."""
+        from twin.timeseries import chunks as ck
+        from twin.timeseries import partials
+
+        whole = ck.whole_in_bucket(meta, start, end, bucket)
+        parts = []
+        if whole.any():
+            parts.append(ck.stat_partials(meta.filter(pa.array(whole)), bucket))
+        idx = np.flatnonzero(~whole)
+        if idx.size:
+            ds, cat = snap
+            # catalogue offsets of the rows to decode: ``select`` took them in order
+            # every chunk of a series in one group, so no bucket is split between groups
+            sub = meta.take(pa.array(idx))
+            order = np.asarray(
+                pa.compute.sort_indices(
+                    sub, sort_keys=[(c, "ascending") for c in (*SERIES_COLUMNS, "ts")]
+                ).to_numpy(),
+                dtype=np.int64,
+            )
+            idx = idx[order]
+            sub = sub.take(pa.array(order))
+            offsets = self._catalog_offsets(cat, sub)
+            n = np.asarray(sub.column("n").to_numpy(), dtype=np.int64)
+            new_series = np.zeros(len(idx), dtype=bool)
+            new_series[0] = True
+            for c in SERIES_COLUMNS:
+                col = sub.column(c).to_numpy(zero_copy_only=False)
+                new_series[1:] |= col[1:] != col[:-1]
+            # a new group at the first series start past each ``aggregate_rows`` points
+            cum = np.cumsum(n)
+            cut = np.zeros(len(idx), dtype=bool)
+            last = 0
+            for i in np.flatnonzero(new_series)[1:].tolist():  # per series, not per point
+                if cum[i - 1] - last >= self.aggregate_rows:
+                    cut[i] = True
+                    last = int(cum[i - 1])
+            group = np.cumsum(cut)
+            for g in np.unique(group):
+                sel = group == g
+                rows = ChunkTable.with_blobs(
+                    ds, sub.filter(pa.array(sel)).select(ck.META_COLUMNS), offsets[sel]
+                )
+                raw = ck.decode_chunks(rows, start, end)
+                raw = raw.filter(pa.compute.less(raw.column("quality"), 2))
+                if raw.num_rows:
+                    parts.append(partials.raw_partials(raw, bucket))
+        if not parts:
+            return PARTIAL_SCHEMA.empty_table()
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        # decoded groups hold disjoint series; whole chunks may share a bucket (late rows)
+        return partials.combine(table, bucket) if whole.any() else table
+
+    @staticmethod
+    def _catalog_offsets(cat: pa.Table, rows: pa.Table) -> np.ndarray:
+        """Offsets in the catalogue (= in the dataset version it was read from) of
+        ``rows``, by their unique ``cid``."""
+        cids = np.asarray(cat.column("cid").to_numpy(), dtype=np.int64)
+        order = np.argsort(cids)
+        want = np.asarray(rows.column("cid").to_numpy(), dtype=np.int64)
+        return order[np.searchsorted(cids[order], want)]
+
+    def _aggregate_windows(
+        self, ds: Any, tier: str, selector: Selector, start: float, end: float, bucket: float
+    ) -> pa.Table:
+        windows = [(start, end)]
+        if ds.count_rows() > self.aggregate_rows and bucket > 0:
+            n = ds.count_rows(filter=f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}")
+            pieces = -(-n // self.aggregate_rows)
+            if pieces > 1:
+                step = max(1, round((end - start) / pieces / bucket)) * bucket
+                cuts = [start]
+                edge = (start // step + 1) * step  # absolute multiples: bucket-aligned
+                while edge < end:
+                    cuts.append(edge)
+                    edge += step
+                windows = list(zip(cuts, [*cuts[1:], end], strict=True))
+        parts = [self._aggregate(ds, tier, selector, a, b, bucket) for a, b in windows]
+        return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
     @staticmethod
     def _aggregate(
@@ -703,15 +854,27 @@ class LanceStore:
         """The first timestamp before ``end`` in ``tier`` (reads the ``ts`` column only)."""
         import pyarrow.compute as pc
 
-        with self._lock:
-            ds = self._dataset(tier)
-        if ds is None:
-            return None
-        where = f"ts < {_ts_lit(end)} AND {selector.sql(sql_quote)}"
+        found: list[float] = []
         if tier == RAW:
-            where += " AND quality < 2"
-        first = pc.min(ds.to_table(filter=where, columns=["ts"]).column("ts")).as_py()
-        return first.timestamp() if first is not None else None
+            ds, snap = self._raw_snapshot(TS_MIN, end)
+            if snap is not None:
+                meta = self._chunks.select(selector, TS_MIN, end, blobs=False, snap=snap)
+                first_ts = meta.column("first_ts") if meta.num_rows else None
+                if first_ts is not None and first_ts.null_count < len(first_ts):
+                    f = pc.min(first_ts).as_py()
+                    if f is not None and f.timestamp() < end:
+                        found.append(f.timestamp())
+        else:
+            with self._lock:
+                ds = self._dataset(tier)
+        if ds is not None:
+            where = f"ts < {_ts_lit(end)} AND {selector.sql(sql_quote)}"
+            if tier == RAW:
+                where += " AND quality < 2"
+            first = pc.min(ds.to_table(filter=where, columns=["ts"]).column("ts")).as_py()
+            if first is not None:
+                found.append(first.timestamp())
+        return min(found) if found else None
 
     def query(self, q: TimeSeriesQuery) -> pa.Table:
         from twin.timeseries.query import run_query
@@ -740,6 +903,8 @@ class LanceStore:
             if n:
                 tbl.delete(pred)
                 self._datasets.pop(tier, None)
+            if tier == RAW and self._chunks.exists():
+                n += self._delete_chunks_before(selector, before)
             return int(n)
 
     def get_meta(self, key: str) -> str | None:
@@ -758,6 +923,185 @@ class LanceStore:
                 os.replace(tmp, self._meta_path)
             except OSError as exc:
                 raise StorageError(f"cannot save time-series metadata: {exc}") from exc
+
+    # --- the series-chunk layout: compaction of closed ranges ------------------------
+    _PENDING = "chunk_commit"
+    compact_rows = 3_000_000
+    """At most about this many raw rows are turned into chunks per pass (a store of the
+    row layout with months of data migrates window by window, in bounded memory)."""
+
+    def _commit_chunks(
+        self, rows: pa.Table, old_cids: list[int], delete_raw: str | None, cutoff: float | None
+    ) -> None:
+        """Add chunk ``rows``, delete the raw rows ``delete_raw`` (a predicate) and the
+        chunk rows ``old_cids``, in that order; the caller holds ``_lock``. Crash-safe
+        through a note in ``meta.json`` (``_recover_chunk_commit``): a crash leaves either
+        the old rows or the new ones, never both."""
+        first = int(rows.column("cid")[0].as_py()) if rows.num_rows else 0
+        note = {"new": [first, first + rows.num_rows], "old": old_cids, "cutoff": cutoff}
+        self.set_meta(self._PENDING, json.dumps(note))
+        self._chunks.append(rows)
+        if delete_raw is not None:
+            self._table(RAW).delete(delete_raw)
+            self._datasets.pop(RAW, None)
+            self._appends[RAW] = self._appends.get(RAW, 0) + 1  # its fragments need upkeep
+        self._chunks.delete_cids(old_cids)
+        self.set_meta(self._PENDING, "")
+
+    def _recover_chunk_commit(self) -> None:
+        """Finish or undo a chunk commit a crash interrupted (see ``_commit_chunks``)."""
+        raw = self._meta.get(self._PENDING)
+        if not raw:
+            return
+        note = json.loads(raw)
+        lo, hi = note["new"]
+        cutoff = note.get("cutoff")
+        undo = False
+        if cutoff is not None:  # a compaction: did its raw delete happen?
+            tbl = self._table(RAW)
+            undo = tbl is not None and tbl.count_rows(f"ts < {_ts_lit(cutoff)}") > 0
+        else:  # a retention rewrite: did its delete of the old chunks happen?
+            _ds, cat = self._chunks.snapshot()
+            cids = set(cat.column("cid").to_pylist()) if cat.num_rows else set()
+            undo = any(c in cids for c in note["old"])
+        if undo:
+            self._chunks.delete_cids((lo, hi))
+        else:
+            self._chunks.delete_cids(note["old"])
+        log.warning("timeseries: %s an interrupted chunk commit", "undid" if undo else "finished")
+        self.set_meta(self._PENDING, "")
+
+    def _late_chunks(self, cat: pa.Table, new: pa.Table) -> np.ndarray:
+        """Catalogue offsets of the chunk rows of the same (series, window) as ``new``'s
+        rows: late points are merged into them (one row per series and window again)."""
+        import pyarrow.compute as pc
+
+        if cat.num_rows == 0 or new.num_rows == 0:
+            return np.zeros(0, dtype=np.int64)
+        assert self.chunk_seconds is not None
+        chunk_us = round(self.chunk_seconds * 1_000_000)
+
+        def keys(t: pa.Table, window: pa.Array) -> pa.Array:
+            cols = [t.column(c).cast(pa.string()) for c in SERIES_COLUMNS]
+            return pc.binary_join_element_wise(*cols, window.cast(pa.string()), "\x1f")
+
+        new_w = pa.array(
+            np.asarray(new.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
+        )
+        cat_w = pa.array(
+            np.asarray(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
+        )
+        if pc.max(cat_w).as_py() < pc.min(new_w).as_py():
+            return np.zeros(0, dtype=np.int64)  # the common case: only newer windows
+        hit = pc.is_in(keys(cat, cat_w), value_set=pc.unique(keys(new, new_w)))
+        return np.flatnonzero(np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool))
+
+    def compact_chunks(self, now: float | None = None) -> int:
+        """Move the raw rows of closed chunk windows into the chunk table; returns the
+        points moved. A window closes ``chunk_grace`` seconds after its end has passed
+        both on the clock and in the data (the newest timestamp written), so a backfill
+        of old data is chunked as it goes and a live window stays in the row layout.
+        Late points (raw rows in a window that has chunks) are merged into its chunks.
+        Runs under the maintenance lock (``maintain``) beside the writer: the rows are
+        read and encoded without ``_lock``; the commit takes it and re-counts, and a
+        write into the range meanwhile makes it start over."""
+        import lance
+
+        if self.chunk_seconds is None:
+            return 0
+        chunk = self.chunk_seconds
+        with self._lock:
+            if self._table(RAW) is None:
+                return 0
+            lo, hi = self._raw_bounds()
+            _ds, cat = self._chunks.snapshot()
+            uri = str(self._where[RAW] / f"{RAW}.lance")
+        if lo is None or hi is None:
+            return 0
+        newest = hi / 1e6
+        if cat.num_rows:
+            import pyarrow.compute as pc
+
+            newest = max(newest, pc.max(cat.column("t_max")).as_py().timestamp())
+        edge = min(time.time() if now is None else now, newest) - self.chunk_grace
+        cutoff = (edge // chunk) * chunk
+        if lo >= round(cutoff * 1e6):
+            return 0
+        moved = 0
+        for _attempt in range(5):
+            ds = lance.dataset(uri)
+            # a pass ends at a window edge after ~``compact_rows`` rows (by the ts column)
+            pass_end = cutoff
+            if ds.count_rows() > self.compact_rows:
+                ts = np.asarray(
+                    ds.to_table(columns=["ts"], filter=f"ts < {_ts_lit(cutoff)}")
+                    .column("ts")
+                    .cast(pa.int64())
+                    .to_numpy(),
+                    dtype=np.int64,
+                )
+                if ts.size > self.compact_rows:
+                    ts.sort()
+                    at = ts[self.compact_rows] / 1e6
+                    pass_end = min(cutoff, (at // chunk + 1) * chunk)
+            pred = f"ts < {_ts_lit(pass_end)}"
+            table = ds.to_table(filter=pred, columns=self._raw_columns(ds))
+            n0 = table.num_rows
+            if n0 == 0:
+                break
+            new = _decode_values(table).select(RAW_SCHEMA.names).cast(RAW_SCHEMA)
+            cds, cat = self._chunks.snapshot()
+            late = self._late_chunks(cat, new)
+            old_cids: list[int] = []
+            if late.size:
+                old = ChunkTable.with_blobs(cds, cat.take(pa.array(late)), late)
+                old_cids = [int(c) for c in old.column("cid").to_pylist()]
+                new = pa.concat_tables([new, decode_chunks(old)])
+            rows = build_chunks(new, chunk, self._chunks.next_cid())
+            with self._lock:
+                tbl = self._table(RAW)
+                if tbl.count_rows(pred) != n0 or self._chunks.snapshot()[1] is not cat:
+                    continue  # written meanwhile: read again
+                self._check_space(self.path)
+                self._commit_chunks(rows, old_cids, pred, pass_end)
+                self._raw_lo = max(self._raw_lo or 0, round(pass_end * 1e6))
+                if tbl.count_rows() == 0:
+                    self._raw_lo = self._raw_hi = None
+            moved += n0
+            log.info(
+                "timeseries: %d raw points before %s now in %d chunk rows",
+                n0,
+                pass_end,
+                rows.num_rows,
+            )
+            if pass_end >= cutoff:
+                break
+        return moved
+
+    def _delete_chunks_before(self, selector: Selector, before: float) -> int:
+        """Retention on the chunk table (the caller holds ``_lock``): chunk rows wholly
+        before ``before`` are deleted, rows that straddle it are rewritten without the
+        points before it."""
+        ds, cat = self._chunks.snapshot()
+        meta = self._chunks.select(selector, TS_MIN, before, blobs=False, snap=(ds, cat))
+        if meta.num_rows == 0:
+            return 0
+        t_max = np.asarray(meta.column("t_max").cast(pa.int64()).to_numpy(), dtype=np.int64)
+        n = np.asarray(meta.column("n").to_numpy(), dtype=np.int64)
+        whole = t_max < round(before * 1e6)
+        cids = [int(c) for c in meta.column("cid").to_pylist()]
+        removed = int(n[whole].sum())
+        straddle = np.flatnonzero(~whole)
+        rows = CHUNK_SCHEMA.empty_table()
+        if straddle.size:
+            sub = meta.take(pa.array(straddle))
+            offsets = self._catalog_offsets(cat, sub)
+            old = ChunkTable.with_blobs(ds, sub.select(META_COLUMNS), offsets)
+            kept = decode_chunks(old, before, None)
+            removed += int(n[straddle].sum()) - kept.num_rows
+            rows = build_chunks(kept, self.chunk_seconds or 86400.0, self._chunks.next_cid())
+        self._commit_chunks(rows, cids, None, None)
+        return removed
 
     # --- maintenance ----------------------------------------------------------------
     def _cluster(
@@ -905,11 +1249,21 @@ class LanceStore:
         """Maintain every table with appends not maintained yet (``force``: every table).
         Safe to run from another thread while writes go on; ``keep``: override
         ``keep_versions_for``."""
+        keep = self.keep_versions_for if keep is None else keep
         with self._maint_lock:
+            try:
+                self.compact_chunks()
+            except Exception as exc:  # maintenance never breaks the write path
+                log.warning("timeseries: chunk compaction failed: %s", exc)
             with self._lock:
                 tiers = [t for t in self.tiers() if force or self._appends.get(t, 0) > 0]
             for tier in tiers:
-                self._maintain_table(tier, self.keep_versions_for if keep is None else keep)
+                self._maintain_table(tier, keep)
+            if force or RAW in tiers:
+                try:
+                    self._chunks.maintain(keep)
+                except Exception as exc:
+                    log.warning("timeseries: maintenance of %s failed: %s", CHUNKS, exc)
 
     def reclaim(self) -> None:
         """Compact and drop every old version now (after a retention pass)."""
@@ -925,7 +1279,14 @@ class LanceStore:
                 rows = int(tbl.count_rows())
                 # a tier row is one point of that tier's (coarser) series
                 where = self._where[tier] / f"{tier}.lance"
-                out.append(TierStats(tier, rows, rows, _dir_size(where)))
+                size, points = _dir_size(where), rows
+                if tier == RAW and self._chunks.exists():
+                    # raw = recent rows + the chunk rows of closed ranges
+                    _ds, cat = self._chunks.snapshot()
+                    rows += cat.num_rows
+                    points += self._chunks.points()
+                    size += _dir_size(self._chunks.path)
+                out.append(TierStats(tier, rows, points, size))
             # the tightest of the (one or two) disks: that is where writes fail first
             usages = [shutil.disk_usage(self.path)]
             if self.cold_path is not None:

@@ -1,0 +1,307 @@
+"""The series-chunk layout: one row per (series, chunk of time) for closed time ranges.
+
+A chunk row holds one series' points inside one window of ``chunk_s`` seconds (aligned to
+the epoch) — the way InfluxDB's TSM blocks, Gorilla and TimescaleDB's compressed chunks
+store them:
+
+* ``t_blob``: the timestamps (microseconds), sorted, duplicates kept (``codec.encode_ts``);
+* ``v_blob``: the numeric values (``codec.encode_values``: constant, run-length, decimal
+  integers or float64, whichever is smallest; bit-exact);
+* ``c_blob``: ``kind * 4 + quality`` per point, null when every point is a good number;
+* ``s_blob``: the strings of string points, null when there are none;
+* the chunk's aggregate partial over its good points — ``count``, ``sum``, ``min``,
+  ``max``, ``first``/``last`` (with ``first_ts``/``last_ts`` and the string forms) — so
+  an aggregate whose bucket holds the whole chunk never decodes it;
+* ``t_min``/``t_max`` over all its points (for pruning) and ``n`` (points).
+
+Several rows may hold the same (series, window): late points written after a window was
+compacted become a row of their own until the next compaction merges them
+(``merge_late``). Every reader treats the rows as a bag of points, so either is exact.
+
+Stores call ``build_chunks`` on RAW_SCHEMA rows, ``decode_chunks`` to get RAW_SCHEMA rows
+back, and ``chunk_partials`` for aggregates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twin.timeseries import codec
+from twin.timeseries.base import PARTIAL_SCHEMA, RAW_SCHEMA, SERIES_COLUMNS, TS_TYPE, Selector
+
+STAT_COLUMNS = (
+    "count",
+    "sum",
+    "min",
+    "max",
+    "first",
+    "last",
+    "first_str",
+    "last_str",
+    "first_ts",
+    "last_ts",
+)
+
+CHUNK_SCHEMA = pa.schema(
+    [
+        pa.field("ts", TS_TYPE, nullable=False),  # window start
+        pa.field("device", pa.string(), nullable=False),
+        pa.field("site", pa.string(), nullable=False),
+        pa.field("grp", pa.string(), nullable=False),
+        pa.field("tags", pa.string(), nullable=False),
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("t_min", TS_TYPE, nullable=False),
+        pa.field("t_max", TS_TYPE, nullable=False),
+        pa.field("n", pa.int64(), nullable=False),
+        *(PARTIAL_SCHEMA.field(c) for c in STAT_COLUMNS),
+        pa.field("cid", pa.int64(), nullable=False),
+        pa.field("t_blob", pa.binary(), nullable=False),
+        pa.field("v_blob", pa.binary(), nullable=False),
+        pa.field("c_blob", pa.binary()),
+        pa.field("s_blob", pa.binary()),
+    ]
+)
+META_COLUMNS = [n for n in CHUNK_SCHEMA.names if not n.endswith("_blob")]
+BLOB_COLUMNS = ["t_blob", "v_blob", "c_blob", "s_blob"]
+
+
+def _i64(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    return np.asarray(col.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _strings(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.cast(pa.string())
+
+
+def _group_key(table: pa.Table, window: np.ndarray) -> np.ndarray:
+    """A dense int64 id per (series, window)."""
+    from twin.timeseries.partials import _series_key
+
+    series, _parts = _series_key(table)
+    w = window - (int(window.min()) if window.size else 0)
+    nw = int(w.max()) + 1 if w.size else 1
+    key = series * nw + w
+    return np.asarray(
+        pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False), dtype=np.int64
+    )
+
+
+def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
+    """RAW_SCHEMA rows (decoded values, any order) -> CHUNK_SCHEMA rows, one per
+    (series, window); ``cid`` numbered from ``first_cid``."""
+    n = table.num_rows
+    if n == 0:
+        return CHUNK_SCHEMA.empty_table()
+    chunk_us = max(1, round(chunk_s * 1_000_000))
+    ts = _i64(table.column("ts"))
+    window = ts // chunk_us
+    key = _group_key(table, window)
+    order = np.lexsort((ts, key))  # stable: duplicate timestamps keep their order
+    ks = key[order]
+    starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
+    ends = np.r_[starts[1:], n]
+    t = ts[order]
+    vcol = table.column("value")
+    v = np.asarray(vcol.to_numpy(zero_copy_only=False), dtype=np.float64)[order]
+    v_valid = np.asarray(vcol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)[order]
+    v = np.where(v_valid, v, 0.0)  # nulls (string points) store 0; c_blob says what they are
+    kind = np.asarray(table.column("kind").cast(pa.uint8()).to_numpy(), dtype=np.int64)[order]
+    quality = np.asarray(table.column("quality").cast(pa.uint8()).to_numpy(), dtype=np.int64)[order]
+    codes = kind * 4 + quality
+    scol = _strings(table.column("value_str")).take(pa.array(order))
+    has_str = np.asarray(scol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+
+    # the partial over good points per chunk (what ``partials.raw_partials`` computes)
+    good = quality < 2
+    num = good & v_valid
+    cnt = np.add.reduceat(good.astype(np.int64), starts)
+    nnum = np.add.reduceat(num.astype(np.int64), starts)
+    sums = np.add.reduceat(np.where(num, v, 0.0), starts)
+    mins = np.fmin.reduceat(np.where(num, v, np.nan), starts)
+    maxs = np.fmax.reduceat(np.where(num, v, np.nan), starts)
+    pos = np.arange(n)
+    first_row = np.minimum.reduceat(np.where(good, pos, n), starts)
+    last_row = np.maximum.reduceat(np.where(good, pos, -1), starts)
+    none = cnt == 0
+    fr = np.where(none, starts, first_row)
+    lr = np.where(none, starts, last_row)
+    fv = np.where(v_valid[fr] & ~none, v[fr], np.nan)
+    lv = np.where(v_valid[lr] & ~none, v[lr], np.nan)
+
+    t_blobs: list[bytes] = []
+    v_blobs: list[bytes] = []
+    c_blobs: list[bytes | None] = []
+    s_blobs: list[bytes | None] = []
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        t_blobs.append(codec.encode_ts(t[a:b]))
+        v_blobs.append(codec.encode_values(v[a:b]))
+        c = codes[a:b]
+        c_blobs.append(codec.encode_codes(c) if c.any() else None)
+        s_blobs.append(
+            codec.encode_strings(scol.slice(a, b - a).to_pylist()) if has_str[a:b].any() else None
+        )
+
+    rows = order[starts]
+    cols: dict[str, pa.Array] = {
+        "ts": pa.array(window[rows] * chunk_us, pa.int64()).cast(TS_TYPE),
+        "t_min": pa.array(t[starts], pa.int64()).cast(TS_TYPE),
+        "t_max": pa.array(t[ends - 1], pa.int64()).cast(TS_TYPE),
+        "n": pa.array(ends - starts, pa.int64()),
+        "count": pa.array(cnt, pa.int64()),
+        "sum": pa.array(sums, pa.float64(), mask=nnum == 0),
+        "min": pa.array(mins, pa.float64(), mask=nnum == 0),
+        "max": pa.array(maxs, pa.float64(), mask=nnum == 0),
+        "first": pa.array(fv, pa.float64(), mask=np.isnan(fv)),
+        "last": pa.array(lv, pa.float64(), mask=np.isnan(lv)),
+        "first_str": pc.if_else(pa.array(none), pa.nulls(len(fr), pa.string()), scol.take(fr)),
+        "last_str": pc.if_else(pa.array(none), pa.nulls(len(lr), pa.string()), scol.take(lr)),
+        "first_ts": pa.array(t[fr], pa.int64(), mask=none).cast(TS_TYPE),
+        "last_ts": pa.array(t[lr], pa.int64(), mask=none).cast(TS_TYPE),
+        "cid": pa.array(np.arange(first_cid, first_cid + len(starts)), pa.int64()),
+        "t_blob": pa.array(t_blobs, pa.binary()),
+        "v_blob": pa.array(v_blobs, pa.binary()),
+        "c_blob": pa.array(c_blobs, pa.binary()),
+        "s_blob": pa.array(s_blobs, pa.binary()),
+    }
+    take = pa.array(rows)
+    for name in SERIES_COLUMNS:
+        cols[name] = _strings(table.column(name)).take(take)
+    return pa.Table.from_arrays([cols[c] for c in CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA)
+
+
+def decode_chunks(
+    chunks: pa.Table, start: float | None = None, end: float | None = None
+) -> pa.Table:
+    """CHUNK_SCHEMA rows (with blobs) -> RAW_SCHEMA rows in ``[start, end)`` (all points
+    when not given), in chunk order, each chunk's points by time."""
+    m = chunks.num_rows
+    if m == 0:
+        return RAW_SCHEMA.empty_table()
+    ts_parts: list[np.ndarray] = []
+    v_parts: list[np.ndarray] = []
+    c_parts: list[np.ndarray] = []
+    s_parts: list[pa.Array] = []
+    counts = np.empty(m, dtype=np.int64)
+    lo = None if start is None else round(start * 1_000_000)
+    hi = None if end is None else round(end * 1_000_000)
+    any_str = chunks.column("s_blob").null_count < m
+    for i, (tb, vb, cb, sb) in enumerate(
+        zip(
+            chunks.column("t_blob").to_pylist(),
+            chunks.column("v_blob").to_pylist(),
+            chunks.column("c_blob").to_pylist(),
+            chunks.column("s_blob").to_pylist(),
+            strict=True,
+        )
+    ):
+        t = codec.decode_ts(tb)
+        v = codec.decode_values(vb)
+        c = codec.decode_codes(cb) if cb is not None else np.zeros(len(t), dtype=np.uint8)
+        s = (
+            pa.array(codec.decode_strings(sb, len(t)), pa.string())
+            if sb is not None
+            else pa.nulls(len(t), pa.string())
+        )
+        if lo is not None or hi is not None:
+            keep = np.ones(len(t), dtype=bool)
+            if lo is not None:
+                keep &= t >= lo
+            if hi is not None:
+                keep &= t < hi
+            if not keep.all():
+                t, v, c = t[keep], v[keep], c[keep]
+                s = s.filter(pa.array(keep)) if any_str else pa.nulls(len(t), pa.string())
+        counts[i] = len(t)
+        ts_parts.append(t)
+        v_parts.append(v)
+        c_parts.append(c)
+        s_parts.append(s)
+    t = np.concatenate(ts_parts)
+    v = np.concatenate(v_parts)
+    c = np.concatenate(c_parts)
+    kind = (c >> 2).astype(np.uint8)
+    quality = (c & 3).astype(np.uint8)
+    rep = pa.array(np.repeat(np.arange(m), counts))
+    strs = pa.concat_arrays(s_parts) if any_str else pa.nulls(len(t), pa.string())
+    cols = {
+        "ts": pa.array(t, pa.int64()).cast(TS_TYPE),
+        "value": pa.array(v, pa.float64(), mask=kind == 2),
+        "value_str": strs,
+        "kind": pa.array(kind, pa.uint8()),
+        "quality": pa.array(quality, pa.uint8()),
+    }
+    for name in SERIES_COLUMNS:
+        cols[name] = _strings(chunks.column(name)).take(rep)
+    return pa.Table.from_arrays([cols[n] for n in RAW_SCHEMA.names], schema=RAW_SCHEMA)
+
+
+def whole_in_bucket(chunks: pa.Table, start: float, end: float, bucket: float) -> np.ndarray:
+    """Per chunk row: True when all its points lie in ``[start, end)`` and in one bucket of
+    ``bucket`` seconds (then its stored partial is that bucket's, no decoding needed)."""
+    lo = _i64(chunks.column("t_min"))
+    hi = _i64(chunks.column("t_max"))
+    b = max(1, round(bucket * 1_000_000))
+    return (lo >= round(start * 1_000_000)) & (hi < round(end * 1_000_000)) & (lo // b == hi // b)
+
+
+def stat_partials(chunks: pa.Table, bucket: float) -> pa.Table:
+    """PARTIAL_SCHEMA rows from chunk rows that lie whole in one bucket (see
+    ``whole_in_bucket``); rows without good points are left out."""
+    chunks = chunks.filter(pc.greater(chunks.column("count"), 0))
+    b = max(1, round(bucket * 1_000_000))
+    ts = (_i64(chunks.column("t_min")) // b) * b
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {"ts": pa.array(ts, pa.int64()).cast(TS_TYPE)}
+    for name in SERIES_COLUMNS:
+        cols[name] = _strings(chunks.column(name))
+    for name in STAT_COLUMNS:
+        cols[name] = chunks.column(name).cast(PARTIAL_SCHEMA.field(name).type)
+    return pa.Table.from_arrays([cols[n] for n in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)
+
+
+def chunk_partials(chunks: pa.Table, start: float, end: float, bucket: float) -> pa.Table:
+    """PARTIAL_SCHEMA rows per (bucket, series) over ``[start, end)`` from chunk rows
+    (good points only): stored partials where a chunk lies whole in one bucket, decoded
+    points elsewhere. Buckets may repeat (several chunks, or chunks and raw rows): the
+    caller combines them (``partials.combine``)."""
+    from twin.timeseries import partials
+
+    if chunks.num_rows == 0:
+        return PARTIAL_SCHEMA.empty_table()
+    whole = whole_in_bucket(chunks, start, end, bucket)
+    parts = []
+    if whole.any():
+        parts.append(stat_partials(chunks.filter(pa.array(whole)), bucket))
+    if not whole.all():
+        raw = decode_chunks(chunks.filter(pa.array(~whole)), start, end)
+        raw = raw.filter(pc.less(raw.column("quality"), 2))
+        if raw.num_rows:
+            parts.append(partials.raw_partials(raw, bucket))
+    if not parts:
+        return PARTIAL_SCHEMA.empty_table()
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+
+def selector_mask(table: pa.Table, selector: Selector) -> np.ndarray:
+    """``selector`` (what ``Selector.sql`` says in SQL) evaluated over a table's series
+    columns in memory: the chunk catalogue is filtered this way, without a scan."""
+    n = table.num_rows
+    mask = np.ones(n, dtype=bool)
+    for col, vals in (
+        ("device", selector.devices),
+        ("site", selector.sites),
+        ("grp", selector.groups),
+        ("metric", selector.metrics),
+    ):
+        if vals:
+            hit = pc.is_in(_strings(table.column(col)), value_set=pa.array(vals, pa.string()))
+            mask &= np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool)
+    for tag in selector.tags:
+        hit = pc.match_substring(_strings(table.column("tags")), "," + tag + ",")
+        mask &= np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
+    return mask

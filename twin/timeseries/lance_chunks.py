@@ -1,0 +1,146 @@
+"""The LanceDB store's series-chunk table (``raw_chunks.lance``; layout in ``chunks.py``).
+
+One Lance dataset beside ``raw.lance``, written and read with pylance directly. Its rows
+are few (one per series and chunk: ~10 k for 10 M points), so the store keeps a
+*catalogue* in memory — every column but the blobs, as of the dataset version it holds —
+and answers "which chunks" with a numpy/Arrow filter over it (``selector_mask``) instead
+of a Lance scan: a one-series query then costs one ``take`` of a few rows' blobs (or none,
+for an aggregate whose buckets hold whole chunks). The catalogue is reloaded after every
+commit to the table (compaction, retention), never on the write path.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twin.timeseries.base import Selector
+from twin.timeseries.chunks import BLOB_COLUMNS, CHUNK_SCHEMA, META_COLUMNS, selector_mask
+
+CHUNKS = "raw_chunks"
+
+
+class ChunkTable:
+    """The chunk dataset and its in-memory catalogue. Thread-safe for readers; writers
+    (the store's maintenance and retention) are serialised by the store."""
+
+    def __init__(self, path: Path) -> None:
+        self.uri = str(path / f"{CHUNKS}.lance")
+        self.path = path / f"{CHUNKS}.lance"
+        self._lock = threading.Lock()
+        self._ds: Any = None
+        self._catalog: pa.Table | None = None
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def snapshot(self) -> tuple[Any, pa.Table]:
+        """(dataset, catalogue) of one version; an empty catalogue when there is no table."""
+        with self._lock:
+            if self._catalog is None:
+                self._load()
+            assert self._catalog is not None
+            return self._ds, self._catalog
+
+    def _load(self) -> None:
+        import lance
+
+        if not self.exists():
+            self._ds = None
+            self._catalog = CHUNK_SCHEMA.empty_table().select(META_COLUMNS)
+            return
+        self._ds = lance.dataset(self.uri)
+        self._catalog = self._ds.to_table(columns=META_COLUMNS)
+
+    def refresh(self) -> None:
+        with self._lock:
+            self._load()
+
+    def select(
+        self,
+        selector: Selector,
+        start: float,
+        end: float,
+        *,
+        blobs: bool = True,
+        snap: tuple[Any, pa.Table] | None = None,
+    ) -> pa.Table:
+        """Chunk rows of ``selector`` with a point in ``[start, end)`` (by their
+        ``t_min``/``t_max``), with the blobs when ``blobs``; from ``snap`` (a
+        ``snapshot()``) when given."""
+        ds, cat = snap if snap is not None else self.snapshot()
+        if cat.num_rows == 0:
+            return CHUNK_SCHEMA.empty_table() if blobs else cat
+        lo = pc.cast(cat.column("t_min"), pa.int64()).to_numpy()
+        hi = pc.cast(cat.column("t_max"), pa.int64()).to_numpy()
+        mask = (hi >= round(start * 1_000_000)) & (lo < round(end * 1_000_000))
+        if mask.any():
+            mask &= selector_mask(cat, selector)
+        idx = np.flatnonzero(mask)
+        rows = cat.take(pa.array(idx))
+        if not blobs:
+            return rows
+        return self.with_blobs(ds, rows, idx)
+
+    @staticmethod
+    def with_blobs(ds: Any, rows: pa.Table, idx: np.ndarray) -> pa.Table:
+        if len(idx) == 0:
+            return CHUNK_SCHEMA.empty_table()
+        b = ds.take(idx.tolist(), columns=BLOB_COLUMNS)
+        for name in BLOB_COLUMNS:
+            rows = rows.append_column(name, b.column(name))
+        return rows.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
+
+    def points(self) -> int:
+        _ds, cat = self.snapshot()
+        return int(pc.sum(cat.column("n")).as_py() or 0) if cat.num_rows else 0
+
+    def next_cid(self) -> int:
+        _ds, cat = self.snapshot()
+        return int(pc.max(cat.column("cid")).as_py() or 0) + 1 if cat.num_rows else 1
+
+    # --- writes (the store serialises them) --------------------------------------------
+    def append(self, rows: pa.Table) -> None:
+        import lance
+
+        if rows.num_rows == 0:
+            return
+        rows = rows.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
+        mode = "append" if self.exists() else "create"
+        lance.write_dataset(rows, self.uri, schema=CHUNK_SCHEMA, mode=mode)
+        self.refresh()
+
+    def delete_cids(self, cids: list[int] | tuple[int, int]) -> None:
+        """Delete chunk rows by id: a list of ids, or a range ``(lo, hi)`` (``hi``
+        excluded)."""
+        import lance
+
+        if not self.exists():
+            return
+        if isinstance(cids, tuple):
+            pred = f"cid >= {int(cids[0])} AND cid < {int(cids[1])}"
+        elif cids:
+            pred = f"cid IN ({', '.join(str(int(c)) for c in cids)})"
+        else:
+            return
+        lance.dataset(self.uri).delete(pred)
+        self.refresh()
+
+    def maintain(self, keep: Any) -> None:
+        """Compact what deletes left behind and drop old versions."""
+        import lance
+
+        if not self.exists():
+            return
+        ds = lance.dataset(self.uri)
+        if len(ds.get_fragments()) > 8 or any(
+            f.metadata.deletion_file is not None for f in ds.get_fragments()
+        ):
+            ds.optimize.compact_files(target_rows_per_fragment=1 << 20)
+            self.refresh()
+        lance.dataset(self.uri).cleanup_old_versions(older_than=keep)
