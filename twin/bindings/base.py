@@ -130,6 +130,7 @@ class BindingContext:
     reported: Callable[[str, str], Any] | None = None
     # (device, point) -> the timestamp of its last reported value or None (history backfill)
     last_ts: Callable[[str, str], float | None] | None = None
+    video: Any = None  # twin.video.service.VideoService: camera bindings' pipelines and outputs
 
 
 BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]
@@ -177,4 +178,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import http, mqtt, opcua, sim  # noqa: F401
+    from twin.bindings import http, mqtt, opcua, sim, video  # noqa: F401

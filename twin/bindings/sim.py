@@ -210,7 +210,11 @@ class SimBinding:
 
 def _factory(
     device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext
-) -> SimBinding:
+) -> Any:
+    if options.get("video") is not None:  # a simulated camera: twin/bindings/video.py
+        from twin.bindings.video import camera_binding
+
+        return camera_binding(device, options, doc, context)
     return SimBinding(device, options, context)
 
 

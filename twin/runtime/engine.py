@@ -48,6 +48,7 @@ from twin.runtime.overrides import Overrides
 from twin.runtime.regio import RegistryIO, RegistryWriter
 from twin.runtime.state import DeviceTwin, Status, TwinStore
 from twin.runtime.supervisor import RestartPolicy, Supervision, supervise
+from twin.video.service import VideoService
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,13 @@ class Engine:
             self._overrides_changed,
             self.config.clock,
         )
+        # cameras: one ffmpeg each, under this engine's supervisor, retried for ever (a camera
+        # that comes back is picked up within 30 s; never quarantined)
+        self.video = VideoService(
+            self.config.state_dir,
+            partial(supervise, supervision=self.supervision, policy=RestartPolicy(
+                initial=0.5, maximum=30.0, reset_after=30.0, quarantine_after=1_000_000)),
+        )
         self.desired_listeners: list[Callable[[str], None]] = []  # e.g. the reconciler's poke
         self.runtime = DeviceRuntime(
             twins=self.twins,
@@ -111,6 +119,7 @@ class Engine:
                 clock=self.config.clock,
                 reported=self._reported_value,
                 last_ts=self._reported_ts,
+                video=self.video,
             ),
             backoff=self.config.backoff,
             default_heartbeat=self.config.default_heartbeat,

@@ -248,15 +248,57 @@ class SimSource:
             "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316",
         )
         url = f"udp://127.0.0.1:{port}?overrun_nonfatal=1&fifo_size=50000"
-        return StreamSource(url, {}, display=f"sim:{name} ({shlex.quote(pattern)} {size}@{fps})",
+        # the pusher sends a keyframe a second: a second of probing finds the stream
+        probe = {"analyzeduration": "1000000", "probesize": "500000"}
+        return StreamSource(url, probe, display=f"sim:{name} ({shlex.quote(pattern)} {size}@{fps})",
                             listener=True, pusher=pusher)
+
+
+class SimPtz:
+    """The simulated camera's PTZ head: it keeps a position (pan/tilt in degrees, zoom 1-20)
+    and presets; ``move`` adds to the position, ``goto`` sets it."""
+
+    def __init__(self) -> None:
+        self.position: dict[str, dict[str, float]] = {}
+        self.presets: dict[tuple[str, str], dict[str, float]] = {}
+
+    async def ptz(self, device: Mapping[str, Any], action: str,
+                  args: Mapping[str, Any]) -> dict[str, Any]:
+        name = device_name(device)
+        pos = self.position.setdefault(name, {"pan": 0.0, "tilt": 0.0, "zoom": 1.0})
+        axes = {k: float(args[k]) for k in ("pan", "tilt", "zoom")
+                if isinstance(args.get(k), int | float)}
+        if action == "move":
+            for k, v in axes.items():
+                pos[k] += v
+        elif action == "goto":
+            pos.update(axes)
+        elif action == "set_preset":
+            self.presets[(name, str(args.get("preset")))] = dict(pos)
+        elif action == "goto_preset":
+            preset = self.presets.get((name, str(args.get("preset"))))
+            if preset is None:
+                raise CommandError(f"camera {name!r}: no preset {args.get('preset')!r}")
+            pos.update(preset)
+        elif action != "stop":
+            raise CommandError(f"camera {name!r}: unknown ptz action {action!r}",
+                               hint="move, stop, goto, goto_preset, set_preset")
+        pos["pan"] = (pos["pan"] + 180.0) % 360.0 - 180.0
+        pos["tilt"] = min(90.0, max(-90.0, pos["tilt"]))
+        pos["zoom"] = min(20.0, max(1.0, pos["zoom"]))
+        return {"ok": True, "action": action, **{k: round(v, 3) for k, v in pos.items()}}
+
+
+class SimCameraSource(SimSource, SimPtz):
+    def __init__(self) -> None:
+        SimPtz.__init__(self)
 
 
 register_source("rtsp", RtspSource())
 register_source("rtmp", RtmpSource())
 register_source("srt", SrtSource())
 register_source("hls", HlsSource())
-register_source("sim", SimSource())
+register_source("sim", SimCameraSource())
 
 _EXTRA_SOURCES: tuple[str, ...] = ()
 """Modules that register more sources when imported (ONVIF, GB28181 add theirs here)."""

@@ -1,0 +1,80 @@
+"""Cameras in a running engine (real time, real ffmpeg): live outputs, health telemetry,
+commands through the ledger, and a dark camera that never hurts the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from tests.runtime.helpers import apply, eventually, fast_config, running_engine, site
+from twin.control.service import ControlService
+from twin.registry.base import Registry
+from twin.runtime.state import Status
+
+from .helpers import camera, camera_model, free_port, sim_camera
+
+
+def alarms(registry: Registry, device: str) -> list[Any]:
+    return [a for a in registry.alarms(device=device, states=["active"])]
+
+
+async def test_sim_camera_is_live_and_a_refused_camera_is_dark(
+    registry: Registry, tmp_path: Path
+) -> None:
+    refused = free_port()  # nothing listens there
+    apply(registry, site(), camera_model(), sim_camera("cam_ok"),
+          camera("cam_refused", {"rtsp": {"url": f"rtsp://127.0.0.1:{refused}/live",
+                                          "stall_timeout": "4s", "health_interval": "0.5s"}}))
+    control = ControlService(reconcile_interval=0.5)
+    config = fast_config(state_dir=tmp_path / "state")
+    async with running_engine(registry, config, services=[control]) as engine:
+        ok = engine.twin("cam_ok")
+        bad = engine.twin("cam_refused")
+        assert ok is not None and bad is not None
+        # the refused camera: a fault naming the cause, an alarm; the other camera is live
+        await eventually(lambda: bad.status == Status.FAULT, within=30)
+        assert bad.fault is not None and "Connection refused" in bad.fault, bad.fault
+        await eventually(lambda: ok.status == Status.ONLINE
+                         and (ok.reported.get("fps") is not None
+                              and ok.reported["fps"].value > 0), within=30)
+        pipeline = engine.video.get("cam_ok")
+        assert pipeline is not None
+        await eventually(lambda: pipeline.snapshot is not None and pipeline.hub.ready, within=20)
+        assert pipeline.snapshot is not None and pipeline.snapshot[:2] == b"\xff\xd8"
+        hls = engine.video.camera_dir("cam_ok") / "hls" / "index.m3u8"
+        await eventually(hls.exists, within=20)
+        assert "#EXTINF" in hls.read_text()
+
+        # commands through the ledger: snapshot (result: the image reference), recording, ptz
+        cmd = await control.ledger.submit("cam_ok", "take_snapshot", {})
+        done = await control.ledger.wait(cmd.id)
+        assert str(done.status) == "success", done.error
+        image = engine.video.camera_dir("cam_ok") / done.result["image"]
+        assert image.read_bytes()[:2] == b"\xff\xd8"
+        assert done.result["url"].endswith(done.result["image"].split("/")[-1])
+
+        cmd = await control.ledger.submit("cam_ok", "ptz", {"action": "move", "pan": 10})
+        done = await control.ledger.wait(cmd.id)
+        assert str(done.status) == "success" and done.result["pan"] == 10
+
+        cmd = await control.ledger.submit("cam_refused", "ptz", {"action": "stop"})
+        done = await control.ledger.wait(cmd.id)
+        assert str(done.status) == "failed" and "camera has no PTZ" in (done.error or "")
+
+        cmd = await control.ledger.submit("cam_ok", "start_recording", {})
+        assert str((await control.ledger.wait(cmd.id)).status) == "success"
+        rec = engine.video.camera_dir("cam_ok") / "rec"
+        await eventually(lambda: any(rec.glob("*.ts")), within=20)
+
+        cmd = await control.ledger.submit("cam_ok", "stop_stream", {})
+        assert str((await control.ledger.wait(cmd.id)).status) == "success"
+        await eventually(lambda: pipeline.health.state == "stopped", within=10)
+        await eventually(lambda: ok.reported["streaming"].value is False, within=10)
+        assert ok.status == Status.ONLINE  # stopped on purpose: not dark
+        await engine.writer.flushed()
+    assert any(a.type == "fault" and "Connection refused" in a.message
+               for a in alarms(registry, "cam_refused"))
+    assert not alarms(registry, "cam_ok")
+    await trio.lowlevel.checkpoint()

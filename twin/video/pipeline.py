@@ -1,0 +1,534 @@
+"""One ffmpeg per camera: the command line (built with ffmpeg-python) and its run.
+
+The camera's input (``twin/video/sources.py``) is read once and written to several outputs
+(stream copy unless ``transcode`` is set, so a pipeline costs little CPU):
+
+====================  ======================================================================
+FLV                   ``pipe`` (stdout) → the in-process HTTP-FLV hub (``flvhub.py``)
+HLS                   ``<camera dir>/hls/index.m3u8``: short segments (default 1 s), a live
+                      window of 6, sequence numbers from the epoch (monotonic over restarts)
+snapshot              keyframes only (``-skip_frame nokey``) as MJPEG to a pipe: the newest
+                      JPEG is kept in memory (served in microseconds)
+recording             ``<camera dir>/rec/<UTC start>.ts``: MPEG-TS segments (readable after a
+                      SIGKILL, unlike a plain MP4), only while recording is on
+sub-stream            optional ``substream: {scale, bitrate}``: an H.264 HLS rendition in
+                      ``hls-sub/``
+progress              ``-progress`` to a pipe every 0.5 s: frames, bytes (health + watchdog)
+====================  ======================================================================
+
+:meth:`CameraPipeline.run` runs ffmpeg again and again: it returns nothing and raises
+:class:`PipelineError` when ffmpeg ends by itself or stalls (no new frame for
+``stall_timeout``), so the engine's supervisor (``twin/runtime/supervisor.py``, handed in by the
+binding) restarts it with backoff. Turning the stream off or recording on/off restarts ffmpeg
+deliberately (not a failure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ffmpeg
+import trio
+
+from twin.errors import BindingError
+from twin.video.flvhub import FlvError, FlvHub
+from twin.video.sources import StreamSource
+
+log = logging.getLogger(__name__)
+
+FFMPEG = os.environ.get("TWIN_FFMPEG", "ffmpeg")
+
+
+class PipelineError(BindingError):
+    """ffmpeg ended or stalled; the message says why (credentials redacted)."""
+
+    temporary = True
+
+
+def _seconds(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    from twin.spec.units import parse_duration
+
+    return float(parse_duration(str(value)))
+
+
+def _size_bytes(gb: Any) -> int | None:
+    return None if gb is None else int(float(gb) * 1024**3)
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """The options every camera binding shares (``specs/video.schema.json``)."""
+
+    hls_time: float = 1.0
+    hls_window: int = 6
+    snapshot: bool = True
+    record: bool = False
+    segment: float = 60.0
+    retention_days: float | None = None
+    retention_bytes: int | None = None
+    stall_timeout: float = 10.0
+    transcode: Mapping[str, Any] | None = None  # {bitrate, scale}: re-encode to H.264
+    substream: Mapping[str, Any] | None = None  # {bitrate, scale}: an extra H.264 rendition
+    health_interval: float = 2.0
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any]) -> VideoOptions:
+        hls = options.get("hls_output") or {}
+        rec = options.get("record") or {}
+        retention = rec.get("retention") or {}
+        snap = options.get("snapshot", True)
+        transcode = options.get("transcode")
+        return cls(
+            hls_time=_seconds(hls.get("segment"), 1.0),
+            hls_window=int(hls.get("window", 6)),
+            snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
+            record=bool(rec.get("enabled", False)),
+            segment=_seconds(rec.get("segment"), 60.0),
+            retention_days=(float(retention["days"]) if retention.get("days") is not None
+                            else None),
+            retention_bytes=_size_bytes(retention.get("size_gb")),
+            stall_timeout=_seconds(options.get("stall_timeout"), 10.0),
+            transcode=(transcode if isinstance(transcode, Mapping)
+                       else ({} if transcode else None)),
+            substream=options.get("substream"),
+            health_interval=_seconds(options.get("health_interval"), 2.0),
+        )
+
+
+def _scale(value: Any) -> str:
+    """``640x360`` / ``640`` → an ffmpeg scale argument (``640:360`` / ``640:-2``)."""
+    text = str(value)
+    if "x" in text:
+        w, h = text.split("x", 1)
+        return f"{w}:{h}"
+    return f"{text}:-2"
+
+
+def _h264(bitrate: Any) -> dict[str, Any]:
+    rate = str(bitrate or "1M")
+    return {"c:v": "libx264", "preset": "veryfast", "tune": "zerolatency",
+            "pix_fmt": "yuv420p", "b:v": rate, "maxrate": rate, "bufsize": rate,
+            "force_key_frames": "expr:gte(t,n_forced*1)"}
+
+
+def build_command(
+    source: StreamSource,
+    opts: VideoOptions,
+    out_dir: Path,
+    *,
+    recording: bool,
+    flv_fd: int | str = 1,
+    jpeg_fd: int | None = None,
+    progress_fd: int | None = None,
+) -> list[str]:
+    """The camera's ffmpeg argv (see the module docstring for the outputs)."""
+    decode_all = opts.transcode is not None or opts.substream is not None
+    in_opts: dict[str, Any] = dict(source.options)
+    if opts.snapshot and not decode_all:
+        in_opts["skip_frame"] = "nokey"  # decode keyframes only: the snapshots are nearly free
+    inp = ffmpeg.input(source.url, **in_opts)
+    video: Any = inp["v:0"]
+    if opts.transcode is not None:
+        main_codec = _h264(opts.transcode.get("bitrate"))
+        if opts.transcode.get("scale"):
+            video = video.filter("scale", *_scale(opts.transcode["scale"]).split(":"))
+    else:
+        main_codec = {"c:v": "copy"}
+    outputs = [
+        ffmpeg.output(video, f"pipe:{flv_fd}", format="flv", flvflags="no_duration_filesize",
+                      **main_codec),
+        ffmpeg.output(
+            video, str(out_dir / "hls" / "index.m3u8"), format="hls",
+            hls_time=f"{opts.hls_time:g}", hls_list_size=opts.hls_window,
+            hls_flags="delete_segments+omit_endlist+program_date_time+temp_file"
+                      "+independent_segments",
+            hls_start_number_source="epoch",
+            hls_segment_filename=str(out_dir / "hls" / "%d.ts"), **main_codec,
+        ),
+    ]
+    if opts.snapshot and jpeg_fd is not None:
+        snap: dict[str, Any] = {"format": "image2pipe", "c:v": "mjpeg", "q:v": 5,
+                                "fps_mode": "vfr"}
+        if decode_all:
+            snap["r"] = 1
+        outputs.append(ffmpeg.output(inp["v:0"], f"pipe:{jpeg_fd}", **snap))
+    if opts.substream is not None:
+        sub = inp["v:0"]
+        if opts.substream.get("scale"):
+            sub = sub.filter("scale", *_scale(opts.substream["scale"]).split(":"))
+        outputs.append(ffmpeg.output(
+            sub, str(out_dir / "hls-sub" / "index.m3u8"), format="hls",
+            hls_time=f"{opts.hls_time:g}", hls_list_size=opts.hls_window,
+            hls_flags="delete_segments+omit_endlist+temp_file", hls_start_number_source="epoch",
+            hls_segment_filename=str(out_dir / "hls-sub" / "%d.ts"),
+            **_h264(opts.substream.get("bitrate", "500k")),
+        ))
+    if recording:
+        outputs.append(ffmpeg.output(
+            video, str(out_dir / "rec" / "%Y%m%dT%H%M%SZ.ts"), format="segment",
+            segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
+            reset_timestamps=1, **main_codec,
+        ))
+    argv = ffmpeg.merge_outputs(*outputs).compile(cmd=FFMPEG)
+    head = [argv[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
+    if progress_fd is not None:
+        head += ["-progress", f"pipe:{progress_fd}", "-stats_period", "0.5"]
+    return [*head, *argv[1:]]
+
+
+# -- run-time state ------------------------------------------------------------------------
+@dataclass
+class StreamHealth:
+    state: str = "starting"  # starting | live | dark | stopped
+    frames: int = 0  # frames this run (from -progress)
+    bytes: int = 0  # bytes written to the FLV output this run
+    fps: float = 0.0
+    bitrate_kbps: float = 0.0
+    last_frame_at: float | None = None  # trio.current_time()
+    last_frame_wall: float | None = None  # time.time()
+    restarts: int = 0
+    runs: int = 0
+    last_error: str | None = None
+    started_at: float = 0.0
+    _window: deque[tuple[float, int, int]] = field(default_factory=lambda: deque(maxlen=20))
+
+    def frame_age(self, now: float | None = None) -> float | None:
+        if self.last_frame_at is None:
+            return None
+        return max(0.0, (trio.current_time() if now is None else now) - self.last_frame_at)
+
+    def sample(self, now: float) -> None:
+        """Update fps / bitrate from the progress counters (over the last ~5 s)."""
+        self._window.append((now, self.frames, self.bytes))
+        while len(self._window) > 2 and now - self._window[0][0] > 5.0:
+            self._window.popleft()
+        t0, f0, b0 = self._window[0]
+        dt = now - t0
+        if dt >= 0.4:
+            self.fps = round(max(0, self.frames - f0) / dt, 2)
+            self.bitrate_kbps = round(max(0, self.bytes - b0) * 8 / dt / 1000, 1)
+
+
+_NOISE = re.compile(r"^(Input|Output) #|^\s|Last message repeated|^Conversion failed")
+
+
+def explain(lines: list[str], source: StreamSource) -> str:
+    """The most telling of ffmpeg's last error lines, with the credentials redacted."""
+    useful = [ln for ln in lines if ln.strip() and not _NOISE.search(ln)]
+    text = useful[-1] if useful else (lines[-1] if lines else "")
+    text = text.replace(source.url, source.display)
+    # a URL with credentials ffmpeg printed in another spelling
+    text = re.sub(r"(\w+://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
+    return text.strip()[:300]
+
+
+class CameraPipeline:
+    """One camera's ffmpeg, its outputs and its health (see the module docstring)."""
+
+    def __init__(self, name: str, source: StreamSource, opts: VideoOptions, out_dir: Path,
+                 *, site: str = "", streaming: bool = True) -> None:
+        self.name = name
+        self.site = site
+        self.source = source
+        self.opts = opts
+        self.out_dir = out_dir
+        self.hub = FlvHub()
+        self.health = StreamHealth()
+        self.streaming = streaming
+        self.recording = opts.record
+        self.snapshot: bytes | None = None
+        self.snapshot_wall: float | None = None
+        self.snapshot_event = trio.Event()
+        self.stderr: deque[str] = deque(maxlen=30)
+        self._changed = trio.Event()
+        self.process: trio.Process | None = None
+        self.argv: list[str] = []
+
+    # -- control ------------------------------------------------------------------------
+    def set_streaming(self, on: bool) -> None:
+        if on != self.streaming:
+            self.streaming = on
+            self._changed.set()
+
+    def set_recording(self, on: bool) -> None:
+        if on != self.recording:
+            self.recording = on
+            self._changed.set()
+
+    def kill(self) -> None:
+        """SIGKILL the running ffmpeg (tests, benchmarks: a crash)."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+
+    # -- the loop the supervisor runs ---------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            if not self.streaming:
+                self.health.state = "stopped"
+                self.health.fps = self.health.bitrate_kbps = 0.0
+                self._changed = trio.Event()
+                await self._changed.wait()
+                continue
+            await self.run_once()
+
+    def _prepare_dirs(self) -> None:
+        for sub in ("hls", "rec", "snapshots", "hls-sub"):
+            (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        for old in (self.out_dir / "hls").iterdir():  # a previous run's live window
+            if old.suffix in (".ts", ".m3u8", ".tmp"):
+                old.unlink(missing_ok=True)
+
+    async def run_once(self) -> None:
+        """One ffmpeg run: returns after a deliberate restart, PipelineError otherwise."""
+        await trio.to_thread.run_sync(self._prepare_dirs)
+        self._changed = trio.Event()
+        h = self.health
+        if h.runs:
+            h.restarts += 1
+        h.runs += 1
+        h.frames = h.bytes = 0
+        h._window.clear()
+        h.state = "starting"
+        h.started_at = trio.current_time()
+        self.hub.restart()
+        self.stderr.clear()
+        jpeg_r, jpeg_w = os.pipe()
+        prog_r, prog_w = os.pipe()
+        self.argv = build_command(self.source, self.opts, self.out_dir, recording=self.recording,
+                                  flv_fd=1, jpeg_fd=jpeg_w, progress_fd=prog_w)
+        env = {**os.environ, "TZ": "UTC"}
+        try:
+            process = await trio.lowlevel.open_process(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, pass_fds=(jpeg_w, prog_w), env=env,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            os.close(jpeg_r)
+            os.close(prog_r)
+            raise PipelineError(f"camera {self.name}: cannot start ffmpeg: {exc}") from exc
+        finally:
+            os.close(jpeg_w)
+            os.close(prog_w)
+        self.process = process
+        jpeg = trio.lowlevel.FdStream(jpeg_r)
+        prog = trio.lowlevel.FdStream(prog_r)
+        reason: str | None = None
+        deliberate = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_flv, process)
+                nursery.start_soon(self._read_jpeg, jpeg)
+                nursery.start_soon(self._read_progress, prog)
+                nursery.start_soon(self._read_stderr, process)
+
+                async def changed() -> None:
+                    nonlocal deliberate
+                    await self._changed.wait()
+                    deliberate = True
+                    nursery.cancel_scope.cancel()
+
+                async def watchdog() -> None:
+                    nonlocal reason
+                    reason = await self._watchdog()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(changed)
+                nursery.start_soon(watchdog)
+                await process.wait()
+                await trio.sleep(0.05)  # let the readers take the last lines
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(3) as cleanup:
+                cleanup.shield = True
+                await self._stop(process)
+            self.process = None
+            for stream in (jpeg, prog):
+                with trio.move_on_after(1) as s:
+                    s.shield = True
+                    await stream.aclose()
+            if h.state != "stopped":
+                h.state = "dark" if not deliberate else h.state
+        if deliberate:
+            return
+        if reason is None:
+            detail = explain(list(self.stderr), self.source) or f"exit status {process.returncode}"
+            reason = f"ffmpeg ended: {detail}"
+        h.last_error = reason
+        h.state = "dark"
+        raise PipelineError(f"camera {self.name}: {reason}")
+
+    async def _stop(self, process: trio.Process) -> None:
+        if process.returncode is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)  # ffmpeg closes its outputs on SIGTERM
+        except ProcessLookupError:
+            return
+        with trio.move_on_after(2):
+            await process.wait()
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        await process.wait()
+
+    async def _watchdog(self) -> str:
+        """Returns why the stream is considered stalled (the run is then ended)."""
+        h = self.health
+        while True:
+            await trio.sleep(0.5)
+            now = trio.current_time()
+            h.sample(now)
+            if h.last_frame_at is not None and h.last_frame_at >= h.started_at:
+                if now - h.last_frame_at > self.opts.stall_timeout:
+                    return f"stream stalled: no frame for {now - h.last_frame_at:.0f}s"
+            elif not self.source.listener and now - h.started_at > self.opts.stall_timeout:
+                return f"no video from {self.source.display} within {self.opts.stall_timeout:g}s"
+
+    def _frame(self) -> None:
+        h = self.health
+        h.last_frame_at = trio.current_time()
+        h.last_frame_wall = time.time()
+        if h.state != "live":
+            h.state = "live"
+            h.last_error = None
+
+    async def _read_flv(self, process: trio.Process) -> None:
+        assert process.stdout is not None
+        async for chunk in process.stdout:
+            self.health.bytes += len(chunk)
+            try:
+                self.hub.feed(bytes(chunk))
+            except FlvError as exc:  # our own ffmpeg wrote it: a bug, never silently ignored
+                log.error("camera %s: FLV output unreadable: %s", self.name, exc)
+                raise PipelineError(f"camera {self.name}: FLV output unreadable: {exc}") from exc
+            if self.hub.stats.last_tag_at is not None and self.hub.gop:
+                self._frame()
+
+    async def _read_jpeg(self, stream: trio.lowlevel.FdStream) -> None:
+        buf = bytearray()
+        async for chunk in stream:
+            buf += chunk
+            while True:
+                start = buf.find(b"\xff\xd8")
+                if start < 0:
+                    buf.clear()
+                    break
+                end = buf.find(b"\xff\xd9", start + 2)
+                if end < 0:
+                    if start:
+                        del buf[:start]
+                    if len(buf) > 20 * 1024 * 1024:
+                        buf.clear()
+                    break
+                self.snapshot = bytes(buf[start:end + 2])
+                self.snapshot_wall = time.time()
+                event, self.snapshot_event = self.snapshot_event, trio.Event()
+                event.set()
+                del buf[:end + 2]
+
+    async def _read_progress(self, stream: trio.lowlevel.FdStream) -> None:
+        h = self.health
+        buf = b""
+        async for chunk in stream:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                key, _, value = line.decode("ascii", "replace").partition("=")
+                if key == "frame":
+                    try:
+                        frames = int(value)
+                    except ValueError:
+                        continue
+                    if frames > h.frames:
+                        h.frames = frames
+                        self._frame()
+
+    async def _read_stderr(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        buf = b""
+        async for chunk in process.stderr:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                text = line.decode("utf-8", "replace").rstrip()
+                if text:
+                    self.stderr.append(text)
+            if len(buf) > 8192:
+                buf = b""
+
+    # -- snapshots ----------------------------------------------------------------------
+    async def wait_snapshot(self, wait: float) -> bytes | None:
+        """The rolling snapshot, or the next one within ``wait`` s."""
+        if self.snapshot is not None:
+            return self.snapshot
+        with trio.move_on_after(wait):
+            await self.snapshot_event.wait()
+        return self.snapshot
+
+    def status(self) -> dict[str, Any]:
+        h = self.health
+        age = h.frame_age()
+        return {
+            "camera": self.name,
+            "state": h.state,
+            "streaming": self.streaming,
+            "recording": self.recording,
+            "source": self.source.display,
+            "fps": h.fps,
+            "bitrate_kbps": h.bitrate_kbps,
+            "frame_age_s": None if age is None else round(age, 3),
+            "restarts": h.restarts,
+            "last_error": h.last_error,
+            "viewers": len(self.hub.viewers),
+            "snapshot_at": self.snapshot_wall,
+        }
+
+
+async def grab_frame(source: StreamSource, wait: float = 5.0) -> bytes:
+    """One JPEG straight from the source (a camera whose pipeline is not running): ffmpeg
+    opens the input, decodes the first keyframe and exits."""
+    argv = (ffmpeg.input(source.url, **dict(source.options))
+            .output("pipe:1", format="image2pipe", vframes=1, **{"c:v": "mjpeg", "q:v": 5})
+            .compile(cmd=FFMPEG))
+    argv = [argv[0], "-hide_banner", "-nostdin", "-loglevel", "error", *argv[1:]]
+    with trio.move_on_after(wait) as scope:
+        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
+                                        check=False, stdin=subprocess.DEVNULL)
+    if scope.cancelled_caught:
+        raise PipelineError(f"no frame from {source.display} within {wait:g}s")
+    if result.returncode != 0 or not result.stdout.startswith(b"\xff\xd8"):
+        lines = result.stderr.decode("utf-8", "replace").splitlines()
+        raise PipelineError(f"snapshot from {source.display} failed: "
+                            f"{explain(lines, source) or result.returncode}")
+    return bytes(result.stdout)
+
+
+async def run_pusher(name: str, argv: tuple[str, ...]) -> None:
+    """A simulated camera's testsrc pusher: raises when it ends (its supervisor restarts it)."""
+    with trio.CancelScope():
+        result = await trio.run_process(list(argv), check=False, capture_stderr=True,
+                                        stdin=subprocess.DEVNULL)
+    tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+    raise PipelineError(f"camera {name}: test-pattern pusher ended ({result.returncode}): "
+                        f"{tail[0][:200]}")
+
+
+__all__ = ["CameraPipeline", "PipelineError", "StreamHealth", "VideoOptions", "build_command",
+           "explain", "grab_frame", "run_pusher"]
