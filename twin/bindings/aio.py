@@ -53,7 +53,7 @@ import inspect
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 import trio
 
@@ -177,7 +177,13 @@ class _Call:
         self.cancel_requested = False
 
 
-async def run(factory: Callable[[], Awaitable[T] | T], *, bridge: AioLoop = DEFAULT) -> T:
+@overload
+async def run(factory: Callable[[], Awaitable[T]], *, bridge: AioLoop = ...) -> T: ...
+@overload
+async def run(factory: Callable[[], T], *, bridge: AioLoop = ...) -> T: ...
+
+
+async def run(factory: Callable[[], Any], *, bridge: AioLoop = DEFAULT) -> Any:
     """Run ``factory()`` on the asyncio thread and return its (awaited) result. See the
     module docstring for the contract."""
     loop = bridge.loop()

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 class Quality(enum.StrEnum):
     GOOD = "good"
-    UNCERTAIN = "uncertain"
+    UNCERTAIN = "uncertain"  # also "stale": the last good value repeated after a failed poll
     BAD = "bad"
 
 
@@ -178,4 +178,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import http, mqtt, opcua, sim, video  # noqa: F401
+    from twin.bindings import http, modbus, mqtt, opcua, sim, video  # noqa: F401

@@ -6,9 +6,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
+from twin.bindings.protostats import STATS
 from twin.runtime.state import Status, TwinStore
 
 
@@ -24,6 +30,30 @@ class _TwinCollector(Collector):
         for status, n in counts.items():
             g.add_metric([status], n)
         yield g
+
+
+class _ProtocolCollector(Collector):
+    """Requests, errors, malformed frames and latency per protocol binding
+    (twin.bindings.protostats)."""
+
+    def collect(self) -> Iterator[Metric]:
+        fams = {
+            "requests": CounterMetricFamily("twin_protocol_requests", "Protocol requests", labels=["binding"]),
+            "errors": CounterMetricFamily("twin_protocol_errors", "Failed protocol requests", labels=["binding"]),
+            "timeouts": CounterMetricFamily("twin_protocol_timeouts", "Protocol requests timed out", labels=["binding"]),
+            "malformed": CounterMetricFamily(
+                "twin_protocol_malformed", "Malformed frames dropped", labels=["binding"]
+            ),
+        }
+        lat = SummaryMetricFamily(
+            "twin_protocol_request_seconds", "Protocol request latency", labels=["binding"]
+        )
+        for name, st in sorted(STATS.items()):
+            for field, fam in fams.items():
+                fam.add_metric([name], getattr(st, field))
+            lat.add_metric([name], st.latency_count, st.latency_sum)
+        yield from fams.values()
+        yield lat
 
 
 class EngineMetrics:
@@ -92,6 +122,7 @@ class EngineMetrics:
             registry=r,
         )
         r.register(_TwinCollector(twins))
+        r.register(_ProtocolCollector())
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

@@ -158,6 +158,9 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
     from twin.spec.reports import report_problems
 
     problems.extend(report_problems(loaded))
+    from twin.spec.modbus import modbus_problems
+
+    problems.extend(modbus_problems(loaded))
     from twin.spec.retention_check import retention_problems
 
     problems.extend(retention_problems(loaded))

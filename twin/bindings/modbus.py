@@ -1,0 +1,516 @@
+"""The ``modbus`` binding: Modbus TCP, RTU on a serial port and RTU over TCP, on pymodbus.
+
+```yaml
+binding:
+  modbus:
+    host: 10.0.0.7            # TCP (framing: socket) or RTU over TCP (framing: rtu)
+    port: 502
+    unit: 1
+    # serial: {device: /dev/ttyUSB0, baud: 19200, parity: E, stop_bits: 1, inter_frame_delay: 5ms}
+    timeout: 500ms            # per request, for this unit (default 1s)
+    retries: 1                # per request (default 1)
+    poll: 1s                  # the default group's interval
+    groups: {slow: 30s}       # more poll groups
+    max_gap: 8                # unused registers a coalesced read may span
+    order: CDAB               # default byte order of this device's multi-register values
+    points:                   # merged over the DeviceModel's spec.modbus.points
+      temperature: {register: 30001, type: float32, scale: 0.1, unit: degC}
+      setpoint:    {register: 40010, type: int16, access: readwrite}
+      firmware:    {register: 40100, type: string, count: 8, group: slow}
+```
+Point maps are parsed and checked by :mod:`twin.spec.modbus` (the same code ``twin validate``
+runs); values are encoded by :mod:`twin.bindings.modbus_codec`.
+
+How it runs
+  * pymodbus lives on the engine's asyncio thread (:mod:`twin.bindings.aio`); every request
+    is one ``aio.run`` bounded by a Trio timeout (per unit: ``timeout``, ``retries``).
+  * Devices reached through the same gateway (host:port:framing) or serial port share **one**
+    connection (:class:`Line`, reference-counted); its requests are serialised by a fair
+    Trio lock, with the serial inter-frame delay between them.
+  * Each poll group runs on its own fixed-rate schedule; its points are coalesced into as few
+    requests as possible. A request that fails is retried; a unit that does not answer skips
+    the rest of its cycle (its points are reported ``uncertain`` = stale: the last good value
+    again), and after ``max_failures`` (3) silent cycles its session ends: the device task
+    reconnects it with backoff while the other units on the line keep their schedule (a dead
+    unit costs the line at most ``timeout * (retries+1)`` per backoff period). A Modbus
+    exception reply (illegal address…) marks that request's points ``bad`` (no value).
+  * A connection that fails is reopened at the next request, no sooner than its own backoff
+    (0.5 s doubling to 30 s), so a dead gateway is not hammered.
+  * Malformed replies (wrong register count, undecodable value) are logged with the device,
+    counted (``twin_protocol_malformed{binding="modbus"}``) and dropped.
+  * Writes (the ledger's desired-state and command deliveries) encode the value, write it
+    with the point's write function code (5/6/15/16; a bit field is read-modify-written), and
+    read it back: a different read-back fails the command. A command writes what its model's
+    ``sets`` declares (``set_speed {value: 40}`` → the ``speed`` point).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from twin.bindings import aio
+from twin.bindings.base import BindingContext, Message, Quality, Reading, register_binding
+from twin.bindings.modbus_codec import Block, EncodeError, decode, encode, plan
+from twin.bindings.protostats import stats
+from twin.bindings.values import ValueRefused, check_reading
+from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
+from twin.spec.commands import command_sets
+from twin.spec.modbus import Point, PointError, line_key, merged_options, parse_point
+from twin.spec.units import parse_duration
+
+log = logging.getLogger(__name__)
+
+STATS = stats("modbus")
+MAX_FAILURES = 3
+"""Consecutive silent poll cycles after which a unit's session ends (reconnect with backoff)."""
+LATE_TOLERANCE = 0.1
+"""A poll that starts more than this fraction of its interval late counts as late."""
+
+
+class ModbusError(BindingError):
+    """The unit answered with a Modbus exception (illegal function/address/value…)."""
+
+
+class ModbusTimeout(BindingTimeout):
+    pass
+
+
+EXCEPTION_NAMES = {
+    1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+    4: "server device failure", 5: "acknowledge", 6: "server device busy",
+    10: "gateway path unavailable", 11: "gateway target failed to respond",
+}
+
+
+# -- the shared connection ------------------------------------------------------------------
+class Line:
+    """One pymodbus client to a gateway or serial port, shared by every device on it."""
+
+    def __init__(self, key: tuple[str, ...], options: Mapping[str, Any]) -> None:
+        self.key = key
+        self.options = dict(options)
+        self.users = 0
+        self.client: Any = None  # pymodbus client, touched only on the asyncio thread
+        self.connected = False
+        self.lock = trio.Lock()  # FIFO-fair: devices take turns
+        serial = options.get("serial") or {}
+        baud = int(serial.get("baud", 19200)) if serial else 0
+        delay = serial.get("inter_frame_delay") if serial else None
+        # Modbus RTU: 3.5 character times of silence between frames (11 bits a character),
+        # 1.75 ms above 19200 baud
+        default = (3.5 * 11 / baud if baud <= 19200 else 0.00175) if baud else 0.0
+        self.inter_frame = parse_duration(delay) if delay is not None else default
+        self.connect_timeout = max(parse_duration(options.get("timeout", "1s")), 1.0)
+        self.failures = 0
+        self.next_connect = 0.0
+        self.requests = 0
+
+    def describe(self) -> str:
+        return ":".join(self.key[1:3]) if self.key[0] == "tcp" else self.key[1]
+
+    def _make_client(self) -> Any:  # asyncio thread
+        from pymodbus import FramerType
+        from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+
+        o = self.options
+        serial = o.get("serial")
+        if serial:
+            return AsyncModbusSerialClient(
+                str(serial["device"]),
+                framer=FramerType.RTU,
+                baudrate=int(serial.get("baud", 19200)),
+                parity=str(serial.get("parity", "N")),
+                stopbits=int(serial.get("stop_bits", 1)),
+                bytesize=int(serial.get("data_bits", 8)),
+                timeout=3600,  # per-request timeouts are Trio's (bounded by cancel scopes)
+                retries=0,
+                reconnect_delay=0,  # we reconnect, with our own backoff
+            )
+        framer = FramerType.RTU if o.get("framing") == "rtu" else FramerType.SOCKET
+        return AsyncModbusTcpClient(
+            str(o["host"]),
+            port=int(o.get("port", 502)),
+            framer=framer,
+            timeout=self.connect_timeout,
+            retries=0,
+            reconnect_delay=0,
+        )
+
+    async def _ensure(self) -> None:
+        """Connected, or BindingConnectError (under the lock)."""
+        if self.connected:
+            return
+        now = trio.current_time()
+        if now < self.next_connect:
+            raise BindingConnectError(
+                f"modbus {self.describe()}: unreachable, next attempt in {self.next_connect - now:.1f} s"
+            )
+
+        def open_() -> Awaitable[bool]:
+            if self.client is None:
+                self.client = self._make_client()
+            return self.client.connect()
+
+        ok = False
+        try:
+            with trio.move_on_after(self.connect_timeout + 1):
+                ok = bool(await aio.run(open_))
+        except Exception as exc:  # pymodbus / OS errors: the line is unreachable
+            log.debug("modbus %s: connect failed: %s", self.describe(), exc)
+        if not ok:
+            self.failures += 1
+            self.next_connect = now + min(30.0, 0.5 * 2 ** min(self.failures - 1, 6))
+            raise BindingConnectError(f"modbus {self.describe()}: cannot connect")
+        self.failures = 0
+        self.connected = True
+        log.info("modbus %s: connected", self.describe())
+
+    async def _drop(self) -> None:
+        self.connected = False
+        client = self.client
+        if client is not None:
+            try:
+                await aio.run(client.close)
+            except Exception as exc:
+                log.debug("modbus %s: close failed: %s", self.describe(), exc)
+
+    async def call(
+        self, device: str, make: Callable[[Any], Awaitable[Any]], timeout: float, retries: int  # noqa: ASYNC109
+    ) -> Any:
+        """Run one request (``make(client)`` on the asyncio thread) with this unit's timeout
+        and retries. Returns the pymodbus response; raises ModbusTimeout, ModbusError,
+        BindingConnectError."""
+        async with self.lock:
+            await self._ensure()
+            try:
+                for attempt in range(retries + 1):
+                    STATS.requests += 1
+                    self.requests += 1
+                    t0 = time.perf_counter()
+                    response = None
+                    try:
+                        with trio.move_on_after(timeout):
+                            response = await aio.run(lambda: make(self.client))
+                    except Exception as exc:
+                        STATS.errors += 1
+                        if _is_connection_error(exc):
+                            await self._drop()
+                            raise BindingConnectError(
+                                f"modbus {self.describe()}: connection lost: {exc}"
+                            ) from exc
+                        if attempt < retries:
+                            continue
+                        raise ModbusTimeout(f"device {device}: {exc}") from exc
+                    if response is None:  # timed out
+                        STATS.errors += 1
+                        STATS.timeouts += 1
+                        continue
+                    STATS.observe(time.perf_counter() - t0)
+                    if response.isError():
+                        STATS.errors += 1
+                        code = getattr(response, "exception_code", 0)
+                        raise ModbusError(
+                            f"device {device}: exception {code} "
+                            f"({EXCEPTION_NAMES.get(code, 'unknown')})"
+                        )
+                    return response
+                raise ModbusTimeout(
+                    f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
+                )
+            finally:
+                if self.inter_frame:
+                    await trio.sleep(self.inter_frame)
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    from pymodbus.exceptions import ConnectionException
+
+    return isinstance(exc, ConnectionException | ConnectionError | OSError)
+
+
+class LinePool:
+    """Lines by key, reference-counted (closed when their last device leaves)."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, ...], Line] = {}
+
+    def acquire(self, options: Mapping[str, Any]) -> Line:
+        key = line_key(options)
+        line = self.lines.get(key)
+        if line is None:
+            line = self.lines[key] = Line(key, options)
+        line.users += 1
+        return line
+
+    async def release(self, line: Line) -> None:
+        line.users -= 1
+        if line.users <= 0 and self.lines.get(line.key) is line:
+            del self.lines[line.key]
+            await line._drop()
+
+
+POOL = LinePool()
+
+
+# -- the binding -----------------------------------------------------------------------------
+@dataclass
+class Group:
+    name: str
+    interval: float
+    blocks: list[Block]
+    polls: int = 0
+    late: int = 0
+
+
+def _request(block: Block, unit: int) -> Callable[[Any], Awaitable[Any]]:
+    fc, start, count = block.fc, block.start, block.count
+    if fc == 1:
+        return lambda c: c.read_coils(start, count=count, device_id=unit)
+    if fc == 2:
+        return lambda c: c.read_discrete_inputs(start, count=count, device_id=unit)
+    if fc == 3:
+        return lambda c: c.read_holding_registers(start, count=count, device_id=unit)
+    return lambda c: c.read_input_registers(start, count=count, device_id=unit)
+
+
+class ModbusBinding:
+    protocol = "modbus"
+
+    def __init__(
+        self,
+        device: str,
+        options: Mapping[str, Any],
+        model: Mapping[str, Any] | None = None,
+        context: BindingContext | None = None,
+        pool: LinePool = POOL,
+    ) -> None:
+        self.device = device
+        self.model = model or {}
+        mmap = self.model.get("modbus") if options.get("model", True) is not False else None
+        self.options = merged_options(mmap if isinstance(mmap, Mapping) else None, options)
+        self.pool = pool
+        self.unit = int(options.get("unit", 1))
+        self.timeout = parse_duration(options.get("timeout", "1s"))
+        self.retries = int(options.get("retries", 1))
+        self._clock = (context.clock if context else None) or time.time
+        try:
+            self.points: dict[str, Point] = {
+                name: parse_point(name, spec, self.options)
+                for name, spec in (self.options.get("points") or {}).items()
+            }
+        except PointError as exc:
+            raise BindingError(f"device {device!r}: modbus point map: {exc}") from exc
+        if not self.points:
+            raise BindingError(f"device {device!r}: modbus: no points to poll")
+        intervals = {"default": parse_duration(self.options.get("poll", "1s"))}
+        for gname, every in (self.options.get("groups") or {}).items():
+            intervals[str(gname)] = parse_duration(every)
+        self.max_gap = max_gap = int(self.options.get("max_gap", 8))
+        self.max_count = max_count = int(self.options.get("max_count", 125))
+        self.groups: list[Group] = []
+        for gname in sorted({p.group for p in self.points.values()}):
+            members = [p for p in self.points.values() if p.group == gname]
+            if gname not in intervals:
+                raise BindingError(f"device {device!r}: modbus: unknown poll group {gname!r}")
+            self.groups.append(
+                Group(gname, max(0.01, intervals[gname]), plan(members, max_gap=max_gap, max_count=max_count))
+            )
+        self.line: Line | None = None
+        self.last: dict[str, Any] = {}
+        self.silent_cycles = 0
+        self.malformed = 0
+        self._send: trio.MemorySendChannel[Message] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def connect(self) -> None:
+        if self.line is None:
+            self.line = self.pool.acquire(self.options)
+        async with self.line.lock:
+            await self.line._ensure()
+
+    async def close(self) -> None:
+        line, self.line = self.line, None
+        self._send = None
+        if line is not None:
+            await self.pool.release(line)
+
+    # -- reading --------------------------------------------------------------------------------
+    async def _read_block(self, block: Block) -> list[int] | list[bool]:
+        assert self.line is not None
+        response = await self.line.call(self.device, _request(block, self.unit), self.timeout, self.retries)
+        values = list(response.bits if block.fc in (1, 2) else response.registers)
+        if len(values) < block.count:
+            STATS.malformed += 1
+            self.malformed += 1
+            log.warning(
+                "device %s: malformed modbus reply: %d values for %d requested (fc %d @%d); dropped",
+                self.device, len(values), block.count, block.fc, block.start,
+            )
+            raise ModbusError(f"device {self.device}: short reply")
+        return values
+
+    def _readings(self, block: Block, values: Sequence[Any], ts: float) -> list[Reading]:
+        out = []
+        for p in block.points:
+            try:
+                raw = block.slice(p, [int(v) for v in values])
+                name, value, _ = check_reading(p.name, decode(p, raw))
+            except (ValueError, ValueRefused) as exc:
+                STATS.malformed += 1
+                self.malformed += 1
+                log.warning("device %s: point %s: undecodable modbus value dropped: %s", self.device, p.name, exc)
+                continue
+            self.last[name] = value
+            out.append(Reading(self.device, name, value, ts))
+        return out
+
+    def _stale(self, block: Block, ts: float) -> list[Reading]:
+        return [
+            Reading(self.device, p.name, self.last[p.name], ts, Quality.UNCERTAIN)
+            for p in block.points
+            if p.name in self.last
+        ]
+
+    async def poll(self, blocks: Sequence[Block]) -> list[Reading]:
+        """One cycle over ``blocks``: readings of every point (good, stale or bad)."""
+        out: list[Reading] = []
+        silent = False
+        answered = False
+        for block in blocks:
+            ts = self._clock()
+            if silent:
+                out.extend(self._stale(block, ts))
+                continue
+            try:
+                values = await self._read_block(block)
+            except ModbusTimeout as exc:
+                log.info("device %s: %s", self.device, exc)
+                silent = True  # the unit does not answer: do not wait for it again this cycle
+                out.extend(self._stale(block, ts))
+                continue
+            except ModbusError as exc:
+                answered = True
+                log.warning("device %s: fc %d @%d: %s", self.device, block.fc, block.start, exc)
+                out.extend(Reading(self.device, p.name, None, ts, Quality.BAD) for p in block.points)
+                continue
+            answered = True
+            out.extend(self._readings(block, values, ts))
+        if answered:
+            self.silent_cycles = 0
+        elif silent:
+            self.silent_cycles += 1
+        return out
+
+    async def read(self, points: list[str] | None = None) -> list[Reading]:
+        wanted = set(points or self.points)
+        blocks = plan(
+            [p for n, p in self.points.items() if n in wanted],
+            max_gap=self.max_gap,
+            max_count=self.max_count,
+        )
+        readings = await self.poll(blocks)
+        return [r for r in readings if r.point in wanted]
+
+    async def _run_group(self, group: Group, send: trio.MemorySendChannel[Message]) -> None:
+        next_at = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if now - next_at > LATE_TOLERANCE * group.interval:
+                group.late += 1
+            group.polls += 1
+            for reading in await self.poll(group.blocks):
+                await send.send(reading)
+            if self.silent_cycles >= MAX_FAILURES:
+                raise ModbusTimeout(
+                    f"device {self.device}: unit {self.unit} silent for {self.silent_cycles} "
+                    "poll cycles; reconnecting with backoff"
+                )
+            next_at += group.interval
+            now = trio.current_time()
+            if next_at < now:  # overran: skip the missed slots, keep the phase
+                missed = int((now - next_at) // group.interval) + 1
+                next_at += missed * group.interval
+            await trio.sleep_until(next_at)
+
+    async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
+        self._send = send
+        if len(self.groups) == 1:  # the common case: errors come out unwrapped
+            await self._run_group(self.groups[0], send)
+            return
+        async with trio.open_nursery() as nursery:
+            for group in self.groups:
+                nursery.start_soon(self._run_group, group, send)
+
+    # -- writing --------------------------------------------------------------------------------
+    async def write(self, point: str, value: Any) -> None:
+        p = self.points.get(point)
+        if p is None:
+            raise CommandError(f"device {self.device}: no modbus point {point!r}")
+        if not p.writable:
+            raise CommandError(f"device {self.device}: point {point!r} is read-only")
+        try:
+            regs = encode(p, value)
+        except EncodeError as exc:
+            raise CommandError(str(exc)) from exc
+        assert self.line is not None
+        unit, addr = self.unit, p.address
+        if p.fc == 1:
+            bit = bool(regs[0])
+            if p.write_fc == 5:
+                await self.line.call(self.device, lambda c: c.write_coil(addr, bit, device_id=unit), self.timeout, self.retries)
+            else:
+                await self.line.call(self.device, lambda c: c.write_coils(addr, [bit], device_id=unit), self.timeout, self.retries)
+        else:
+            if p.bit is not None:  # read-modify-write of one bit of a register
+                current = (await self._read_block(Block(3, addr, 1, [p])))[0]
+                mask = 1 << p.bit
+                regs = [(int(current) & ~mask) | (mask if regs[0] else 0)]
+            if p.write_fc == 6:
+                word = regs[0]
+                await self.line.call(self.device, lambda c: c.write_register(addr, word, device_id=unit), self.timeout, self.retries)
+            else:
+                await self.line.call(self.device, lambda c: c.write_registers(addr, regs, device_id=unit), self.timeout, self.retries)
+        # read back to confirm
+        block = Block(p.fc, p.address, p.count, [p])
+        readings = self._readings(block, await self._read_block(block), self._clock())
+        got = readings[0].value if readings else None
+        if not _same(got, value, p):
+            raise CommandError(f"device {self.device}: wrote {point}={value!r}, read back {got!r}")
+        if self._send is not None:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                self._send.send_nowait(readings[0])  # else the next poll reports it
+
+    async def send_command(self, name: str, params: Mapping[str, Any]) -> Any:
+        sets = command_sets(self.model, name, params)
+        if not sets:
+            raise CommandError(
+                f"device {self.device}: command {name!r} sets no property (declare `sets` in the model)"
+            )
+        for prop, value in sets.items():
+            await self.write(prop, value)
+        return {"ok": True, "written": sets}
+
+
+def _same(got: Any, want: Any, p: Point) -> bool:
+    if isinstance(want, bool) or isinstance(got, bool) or isinstance(want, str):
+        return bool(got == want)
+    if isinstance(got, int | float) and isinstance(want, int | float):
+        tol = abs(p.scale) / 2 if p.type not in ("float32", "float64") else 1e-6 * max(1.0, abs(want))
+        if p.type == "float32":
+            tol = max(tol, 1e-6 * max(1.0, abs(want)), abs(p.scale) * 1e-7)
+        return abs(got - want) <= tol + 1e-12
+    return False
+
+
+def _factory(device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext) -> ModbusBinding:
+    return ModbusBinding(device, options, context.models.get(device), context)
+
+
+register_binding("modbus", _factory)
