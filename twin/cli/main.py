@@ -677,6 +677,7 @@ def _register_extensions() -> None:
         "twin.cli.timeseries_cmds",  # query, storage
         "twin.cli.dashboard_cmds",  # dashboard
         "twin.cli.report_cmds",  # report
+        "twin.cli.discover_cmds",  # discover onvif
     ):
         try:
             module = importlib.import_module(mod)

@@ -300,7 +300,7 @@ register_source("srt", SrtSource())
 register_source("hls", HlsSource())
 register_source("sim", SimCameraSource())
 
-_EXTRA_SOURCES: tuple[str, ...] = ()
+_EXTRA_SOURCES: tuple[str, ...] = ("twin.video.onvif",)
 """Modules that register more sources when imported (ONVIF, GB28181 add theirs here)."""
 _loaded = False
 
