@@ -61,8 +61,12 @@ ACCESS_TTL = 15 * 60.0
 REFRESH_TTL = 30 * 86400.0
 
 def load_secret(state_dir: str | Path) -> bytes:
-    """The JWT signing secret, created on first use (0600, in a 0700 state directory)."""
-    path = Path(state_dir) / "jwt.secret"
+    """The JWT signing secret, created on first use (0600, in a 0700 state directory).
+
+    ``TWIN_JWT_SECRET_FILE`` names another file instead: engines of one cluster behind a load
+    balancer share one secret, so a token from any of them is good at all of them."""
+    shared = os.environ.get("TWIN_JWT_SECRET_FILE")
+    path = Path(shared) if shared else Path(state_dir) / "jwt.secret"
     try:
         key = bytes.fromhex(path.read_text().strip())
     except FileNotFoundError:

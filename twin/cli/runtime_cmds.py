@@ -134,6 +134,20 @@ def up(
             help="Dashboard address HOST:PORT with --dashboard (port 0 picks a free one).",
         ),
     ] = "127.0.0.1:0",
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            envvar="TWIN_CLUSTER",
+            help="Run as one of several engines sharing this PostgreSQL registry (the cluster's "
+            "name): devices and scenes are shared out by leases. See README 'Scaling out'.",
+        ),
+    ] = None,
+    cluster_ttl: Annotated[
+        float,
+        typer.Option("--cluster-ttl", help="Cluster lease in seconds: a dead engine's devices "
+                     "and scenes move to the others within it."),
+    ] = 5.0,
     webhook_allow: Annotated[
         str | None,
         typer.Option(
@@ -191,6 +205,15 @@ def up(
     # 2. then the registry and the apply
     reg = _registry(registry, state_dir)
     st = _state()
+    if cluster is not None and getattr(reg, "dialect", "") != "postgresql":
+        reg.close()
+        listeners.close()
+        from twin.errors import TwinError
+
+        raise TwinError(
+            f"--cluster {cluster}: cluster mode needs the PostgreSQL registry (this is {reg.url})",
+            hint="run every engine with --registry postgresql://... on the same database",
+        )
     try:
         from twin.files import private_dir
 
@@ -213,7 +236,17 @@ def up(
         raise
     from twin.control.service import ControlService
 
-    services: list[Any] = [ControlService(webhooks=webhooks)]  # commands, reconciliation, scenes
+    services: list[Any] = []
+    if cluster is not None:
+        from twin.runtime.cluster import ClusterService
+
+        api_addr = ""
+        if listeners.api is not None:
+            host, _, sock = listeners.api
+            api_addr = f"http://{host or '127.0.0.1'}:{sock.getsockname()[1]}"
+        # first: the share of devices and scenes is known before the others start
+        services.append(ClusterService(cluster=cluster, ttl=cluster_ttl, api=api_addr))
+    services.append(ControlService(webhooks=webhooks))  # commands, reconciliation, scenes
     if not no_timeseries:
         from twin.runtime.timeseries_service import TimeSeriesService
 
@@ -300,6 +333,10 @@ def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) 
         ]
     if dashboard_url:
         lines.append(f"  dashboard  {dashboard_url}")
+    cl = engine.service_info.get("cluster")
+    if cl is not None:
+        lines.append(f"  cluster    {cl.cluster}: engine {cl.engine_name} (epoch {cl.epoch}), "
+                     f"{len(cl.members)} live, owns {len(cl.held)} devices+scenes")
     mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
     if mqtt_line:
         lines.append(f"  mqtt       {mqtt_line}")
@@ -636,6 +673,64 @@ def register(app: typer.Typer) -> None:
     app.add_typer(user_app, name="user")
     app.add_typer(token_app, name="token")
     app.add_typer(session_app, name="session")
+    app.add_typer(cluster_app, name="cluster")
 
 
 __all__ = ["register"]
+
+
+# -- cluster ------------------------------------------------------------------------------------------
+cluster_app = typer.Typer(
+    help="Scale-out: engines sharing one PostgreSQL registry (twin up --cluster).",
+    no_args_is_help=True,
+)
+
+
+@cluster_app.command("status")
+def cluster_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The engines of the cluster (lease, load, epoch) and what each owns, read from the
+    registry (works with every engine down)."""
+    import json as _json
+
+    from twin.registry.cluster import ClusterStore
+
+    reg = _registry()
+    store = ClusterStore(reg)
+    store.ensure()
+    members = store.members(include_dead=True)
+    owners = store.owners()
+    counts: dict[str, dict[str, int]] = {}
+    for (kind, _name), (engine, _epoch) in owners.items():
+        per = counts.setdefault(engine, {"Device": 0, "Scene": 0})
+        per[kind] = per.get(kind, 0) + 1
+    if as_json:
+        doc = {
+            "members": [m.to_json() | {"owns": counts.get(m.id, {})} for m in members],
+            "owners": [
+                {"kind": k, "name": n, "engine": e, "epoch": ep}
+                for (k, n), (e, ep) in sorted(owners.items())
+            ],
+        }
+        typer.echo(_json.dumps(doc, indent=2))
+        return
+    c = _console()
+    if not members:
+        c.print("no engines (start some with: twin up --cluster NAME --registry postgresql://...)")
+        return
+    now = time.time()
+    from rich.table import Table
+
+    table = Table("engine", "id", "epoch", "state", "lease", "devices", "scenes", "api")
+    for m in members:
+        own = counts.get(m.id, {})
+        state = "live" if m.alive else "dead"
+        table.add_row(
+            m.name, m.id, str(m.epoch), state, f"{m.lease_until - now:+.1f}s",
+            str(own.get("Device", 0)), str(own.get("Scene", 0)), m.api or "-",
+        )  # fmt: skip
+    c.print(table)
+    free = [f"{k}/{n}" for (k, n), (e, _) in owners.items() if e not in {m.id for m in members}]
+    if free:
+        c.print(f"{len(free)} owned by engines gone from the table")

@@ -34,7 +34,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Protocol
@@ -556,6 +556,12 @@ class Ledger:
         self.listeners: list[Callable[[DeviceCommand], None]] = []
         self.dispatched = 0
         self.finished_keep = 10_000
+        # scale-out (twin/runtime/cluster.py): this engine delivers only the commands of the
+        # devices it owns; ``claim`` inserts the command's claim row before a delivery (False:
+        # another engine has it, or this one's lease has passed: it is not delivered here)
+        self.owns: Callable[[str], bool] = lambda device: True
+        self.claim: Callable[[str], Awaitable[bool]] | None = None
+        self.not_ours = 0
 
     # -- plumbing ----------------------------------------------------------------------------
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -676,6 +682,11 @@ class Ledger:
             batch=batch,
             updated_at=now,
         )
+        if not self.owns(device):
+            # another engine of the cluster delivers it: store it (durably) and let go; its
+            # owner adopts it from the store (``adopt``), ``wait``/``get`` read the store
+            rec, created = await self._call(self.store.insert_command, cmd.record())
+            return DeviceCommand.from_record(rec) if not created else cmd
         if idempotency_key is not None:
             rec, created = await self._call(self.store.insert_command, cmd.record())
             if not created:
@@ -761,11 +772,16 @@ class Ledger:
         return [self.commands.get(r.id) or DeviceCommand.from_record(r) for r in recs]
 
     async def wait(self, command_id: str) -> DeviceCommand:
-        """Wait until the command is terminal; return it."""
+        """Wait until the command is terminal; return it (a command another engine delivers
+        is followed in the store)."""
         cmd = await self.get(command_id)
         while not cmd.terminal:
-            ev = self._done.setdefault(command_id, trio.Event())
-            await ev.wait()
+            if command_id in self.commands:
+                ev = self._done.setdefault(command_id, trio.Event())
+                with trio.move_on_after(1.0):
+                    await ev.wait()
+            else:
+                await trio.sleep(0.2)
             cmd = await self.get(command_id)
         return cmd
 
@@ -894,7 +910,64 @@ class Ledger:
             if not queue:
                 self._queues.pop(device, None)
 
+    async def _claimed(self, cmd: DeviceCommand) -> bool:
+        """Cluster: the claim row is ours (or there is no cluster). A command that is not ours
+        is let go here (its owner delivers it; ``wait`` follows it in the store)."""
+        if self.claim is None:
+            return True
+        try:
+            ok = await self.claim(cmd.id)
+        except Exception as exc:
+            log.warning("command %s: claiming it failed (%s); retrying", cmd.id, exc)
+            cmd.next_attempt = self.clock() + 1.0
+            return False
+        if not ok:
+            self.not_ours += 1
+            log.info("command %s device %s: delivered by another engine", cmd.id, cmd.device)
+            self._let_go(cmd.id)
+        return ok
+
+    def _let_go(self, command_id: str) -> None:
+        cmd = self.commands.pop(command_id, None)
+        if cmd is not None:
+            self._dirty.pop(command_id, None)
+            ev = self._done.pop(command_id, None)
+            if ev is not None:
+                ev.set()  # its waiters go on in the store
+
+    def release(self, devices: Iterable[str]) -> int:
+        """This engine no longer owns ``devices``: stop delivering their open commands (their new
+        owner adopts them from the store). Sent commands keep their outcome there."""
+        gone = set(devices)
+        n = 0
+        for cid in [c.id for c in self.commands.values() if c.device in gone and not c.terminal]:
+            if cid in self._dirty:
+                continue  # written by the next flush first; the next release takes it
+            self._let_go(cid)
+            n += 1
+        for device in gone:
+            self._queues.pop(device, None)
+            self._wake_device(device)
+        return n
+
+    async def adopt(self) -> int:
+        """Take the open commands of the devices this engine owns that it does not track yet
+        (submitted on another engine, or left by an engine that died)."""
+        rows = await self._call(self.store.open_commands, [str(s) for s in TERMINAL])
+        n = 0
+        for r in rows:
+            if r.id in self.commands or not self.owns(r.device):
+                continue
+            cmd = DeviceCommand.from_record(r)
+            if cmd.idempotency_key is not None:
+                self._idem[(cmd.device, cmd.idempotency_key)] = cmd.id
+            self._track(cmd)
+            n += 1
+        return n
+
     async def _deliver(self, cmd: DeviceCommand) -> None:
+        if not await self._claimed(cmd):
+            return
         cmd.attempts += 1
         try:
             result = SENT
@@ -993,6 +1066,8 @@ class Ledger:
         now = self.clock()
         counts = {"resumed": 0, "timed_out": 0, "waiting": 0}
         for r in rows:
+            if not self.owns(r.device):
+                continue  # another engine's (it recovers them)
             cmd = DeviceCommand.from_record(r)
             if cmd.idempotency_key is not None:
                 self._idem[(cmd.device, cmd.idempotency_key)] = cmd.id

@@ -37,11 +37,12 @@ The engine works the same on a real clock (inside ``twin up``) and a virtual one
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -282,8 +283,13 @@ class SceneEngine:
         max_chain: int = 8,
         keep_traces: int = 1000,
         device_site: Callable[[str], str | None] | None = None,
+        gate: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
         self.effects = effects
+        # scale-out: ``gate(scene, event key)`` is True for exactly one engine per trigger
+        # event (twin/runtime/cluster.py); a run it refuses leaves no trace
+        self.gate = gate
+        self.gated = 0
         # the site of a device (None: unknown device); None: sites are not checked at run time
         self.device_site = device_site
         self.timezone = timezone
@@ -391,7 +397,13 @@ class SceneEngine:
             self.statuses[device] = status
             for trig in (*self._by_status.get(device, ()), *self._by_status.get(None, ())):
                 r = trig.step(trig.test(status, previous))
-                info = {"type": "status", "device": device, "status": status, "previous": previous}
+                info = {
+                    "type": "status",
+                    "device": device,
+                    "status": status,
+                    "previous": previous,
+                    "ts": event.get("ts"),
+                }
                 self._edge(trig, r, info, device)
         elif kind == "alarm":
             for atrig in self._alarm:
@@ -403,6 +415,7 @@ class SceneEngine:
                         "device": event.get("device"),
                         "alarm": alarm.get("type"),
                         "severity": alarm.get("severity"),
+                        "ts": event.get("ts"),
                     }
                     self._fire(atrig, info, self._chain_for(str(event.get("device"))))
         if self._state_event is not None:
@@ -616,6 +629,17 @@ class SceneEngine:
         run_id: str,
         done: trio.Event,
     ) -> None:
+        key = event_key(trigger) if self.gate is not None else None
+        if key is not None and self.gate is not None:
+            try:
+                ours = await self.gate(scene.name, key)
+            except Exception as exc:
+                log.warning("scene %s: run %s not started: exactly-once gate: %s", scene.name, run_id, exc)
+                ours = False
+            if not ours:
+                self.gated += 1
+                self._gated_done(rt, run_id, done, scene)
+                return
         trace = self._new_trace(scene, run_id, trigger, chain)
         ctx = RunContext(self, scene, run_id, trigger, (*chain, scene.name), trace)
         self.emit(
@@ -666,6 +690,16 @@ class SceneEngine:
             self._active_runs -= 1
             if self._active_runs == 0:
                 self._idle.set()
+
+    def _gated_done(self, rt: _Runtime, run_id: str, done: trio.Event, scene: Scene) -> None:
+        rt.running.pop(run_id, None)
+        done.set()
+        if rt.queue and scene.mode == "queued" and self._nursery is not None:
+            nxt_trigger, nxt_chain, nxt_id, nxt_done = rt.queue.popleft()
+            self._launch(self.scenes.get(scene.name, scene), rt, nxt_trigger, nxt_chain, nxt_id, nxt_done)
+        self._active_runs -= 1
+        if self._active_runs == 0:
+            self._idle.set()
 
     def _report_crash(self, scene: Scene, exc: BaseException | None) -> None:
         if self.on_crash is None:
@@ -757,6 +791,24 @@ class SceneEngine:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
+
+
+def event_key(trigger: Mapping[str, Any]) -> str | None:
+    """The identity of the event behind an automatic trigger, the same on every engine that
+    sees it (None: a manual or chained run, which is never deduplicated)."""
+    kind = trigger.get("type")
+    parts: tuple[Any, ...]
+    if kind == "device_data":
+        parts = (kind, trigger.get("index"), trigger.get("device"), trigger.get("point"), trigger.get("ts"), trigger.get("for"))
+    elif kind == "status":
+        parts = (kind, trigger.get("index"), trigger.get("device"), trigger.get("status"), trigger.get("ts"))
+    elif kind == "alarm":
+        parts = (kind, trigger.get("index"), trigger.get("device"), trigger.get("alarm"), trigger.get("event"), trigger.get("ts"))
+    elif kind == "schedule" or "at" in trigger:
+        parts = ("schedule", trigger.get("index"), trigger.get("at"))
+    else:
+        return None
+    return json.dumps(parts, default=str, separators=(",", ":"))
 
 
 def manual_triggers(scene: Scene) -> bool:

@@ -157,7 +157,10 @@ class Reconciler:
     async def step(self) -> None:
         now = self.ledger.clock()
         seen: set[tuple[str, str]] = set()
+        owns = getattr(getattr(self.engine, "ownership", None), "owns", None)
         for twin in self.engine.twins.all():
+            if owns is not None and not owns("Device", twin.name):
+                continue  # another engine of the cluster reconciles it
             writable = self._writable(twin.name)
             for prop, want in twin.delta().items():
                 if writable is not None and prop not in writable:
@@ -356,6 +359,9 @@ class ControlService:
     scenes: SceneEngine = field(init=False)
     reconciler: Reconciler = field(init=False)
     _revision: int = -1
+    _owned: int = -1  # the cluster ownership version the scenes and the ledger follow
+    _devices: frozenset[str] = frozenset()
+    adopt_interval: float = 0.5
 
     def _trace_sink(self, trace: dict[str, Any]) -> None:
         record = SceneTrace(
@@ -392,11 +398,20 @@ class ControlService:
 
     def _reload(self) -> None:
         engine = self.engine
-        if engine.revision_number == self._revision:
+        ownership = engine.ownership
+        if engine.revision_number == self._revision and ownership.version == self._owned:
             return
         self._revision = engine.revision_number
+        self._owned = ownership.version
         self.catalog.update(engine.specs)
-        changed = self.scenes.load(engine.specs)
+        specs = engine.specs
+        if ownership.active:  # a cluster: this engine runs its share of the scenes
+            specs = {k: v for k, v in specs.items() if k[0] != "Scene" or ownership.owns(*k)}
+            mine = frozenset(n for k, n in engine.specs if k == "Device" and ownership.owns(k, n))
+            lost, self._devices = self._devices - mine, mine
+            if lost:
+                self.ledger.release(lost)
+        changed = self.scenes.load(specs)
         if changed:
             log.info("scenes: %d loaded (%s changed)", len(self.scenes.scenes), ", ".join(changed))
         self.reconciler.poke()
@@ -405,6 +420,19 @@ class ControlService:
         while True:
             self._reload()
             await trio.sleep(self.reload_interval)
+
+    async def _adopt(self) -> None:
+        """Cluster: take the open commands of owned devices that another engine stored
+        (submitted there, or left by an engine that died)."""
+        while True:
+            await trio.sleep(self.adopt_interval)
+            try:
+                await self.ledger.adopt()
+            except Exception as exc:
+                log.warning("ledger: adopting commands failed: %s", exc)
+
+    async def _scene_gate(self, scene: str, key: str) -> bool:
+        return bool(await self.engine.ownership.scene_gate(scene, key))
 
     def _subscribe(self) -> Any:
         from twin.runtime.bus import Filter
@@ -457,6 +485,10 @@ class ControlService:
         transport = EngineTransport(engine, self.catalog)
         self.ledger = Ledger(engine.registry, transport, self.catalog, clock=engine.config.clock)
         transport.ledger = self.ledger
+        ownership = engine.ownership
+        if ownership.active:
+            self.ledger.owns = lambda device: engine.ownership.owns("Device", device)
+            self.ledger.claim = ownership.claim_command
         self.ledger.listeners.append(self._command_done)
         self.reconciler = Reconciler(engine, self.ledger, interval=self.reconcile_interval)
         engine.desired_listeners.append(lambda device: self.reconciler.poke())
@@ -467,6 +499,7 @@ class ControlService:
             trace_sink=self._trace_sink,
             on_crash=self._scene_crashed,
             device_site=self._device_site,
+            gate=self._scene_gate if ownership.active else None,
         )
         # subscribe before taking the snapshot: device tasks start without waiting for them,
         # so a status change between the snapshot and a later subscription would be lost
@@ -480,6 +513,8 @@ class ControlService:
             self._reload()
             nursery.start_soon(self._pump, sub)
             nursery.start_soon(self._watch)
+            if ownership.active:
+                nursery.start_soon(self._adopt)
             await nursery.start(self.reconciler.run)
             engine.service_info[self.name] = self
             task_status.started(self)

@@ -190,7 +190,14 @@ class DeviceController:
             task_status.started()
             await trio.sleep_forever()
 
-    async def reconcile(self, specs: Mapping[tuple[str, str], Mapping[str, Any]]) -> Changes:
+    async def reconcile(
+        self,
+        specs: Mapping[tuple[str, str], Mapping[str, Any]],
+        *,
+        handover: frozenset[str] = frozenset(),
+    ) -> Changes:
+        """Run one task per Device of ``specs``. ``handover``: devices stopped because another
+        engine of the cluster runs them now (their alarms stay: the new owner carries them)."""
         from twin.runtime.device import DeviceTask
 
         assert self._nursery is not None, "controller not running"
@@ -216,7 +223,7 @@ class DeviceController:
         stopping = [self.tasks.pop(name) for name in (*changes.stop, *changes.restart)]
         await _stop_tasks(stopping)
         for name in changes.stop:
-            self.runtime.device_removed(name)
+            self.runtime.device_removed(name, clear_alarms=name not in handover)
         for name in changes.update:
             self.tasks[name].update(desired[name])
         # Start every new task at once: ``prepare()`` does what a task would do before

@@ -135,9 +135,9 @@ class DeviceRuntime:
     watchdog: Watchdog = field(default_factory=Watchdog)  # run by the DeviceController
     overrides: Any = None  # twin.runtime.overrides.Overrides: runtime desired values
 
-    def device_removed(self, name: str) -> None:
+    def device_removed(self, name: str, *, clear_alarms: bool = True) -> None:
         twin = self.twins.get(name)
-        if twin is not None:
+        if twin is not None and clear_alarms:
             self.monitor.removed(twin)
         self.twins.remove(name)
         self.binding_context.models.pop(name, None)

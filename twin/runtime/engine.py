@@ -40,6 +40,7 @@ from twin.bindings.http import IngestHub
 from twin.errors import TwinError
 from twin.registry.base import Key, Registry, Revision
 from twin.runtime.bus import Bus
+from twin.runtime.cluster import EVERYTHING, Ownership
 from twin.runtime.controllers import Changes, DeviceController, Heartbeat
 from twin.runtime.device import Backoff, DeviceRuntime
 from twin.runtime.metrics import EngineMetrics
@@ -140,6 +141,10 @@ class Engine:
         self.last_changes = Changes()
         self.started_at: float | None = None
         self._reconciled: int | None = None  # revision number the device tasks run
+        # what this engine runs: everything, or its share of a cluster (twin/runtime/cluster.py)
+        self.ownership: Ownership = EVERYTHING
+        self._owned_version = 0  # the ownership version the device tasks run
+        self._settled = trio.Event()
         self._poke = trio.Event()
         self._revision_changed = trio.Event()
         self._lock = trio.Lock()
@@ -163,6 +168,20 @@ class Engine:
         """Wait until the engine runs revision ``number`` or newer."""
         while self.revision_number < number:
             await self._revision_changed.wait()
+
+    def ownership_changed(self) -> None:
+        """The cluster moved devices or scenes to or from this engine: reconcile now."""
+        if self._settled.is_set():
+            self._settled = trio.Event()
+        self.poke()
+
+    async def settled(self) -> None:
+        """Wait until the device tasks match the current ownership (a released device's task
+        has stopped before its owner row is freed for another engine)."""
+        while self._owned_version != self.ownership.version:
+            if self._settled.is_set():
+                self._settled = trio.Event()
+            await self._settled.wait()
 
     def _reported_value(self, device: str, point: str) -> Any:
         twin = self.twins.get(device)
@@ -199,15 +218,23 @@ class Engine:
         """Reconcile the registry's head if it moved. Returns what changed (None: nothing new)."""
         async with self._lock:
             head = await self.rio.call(self.registry.head)
-            if head is None or head.number == self._reconciled:
+            owned = self.ownership.version
+            if head is None or (head.number == self._reconciled and owned == self._owned_version):
                 return None
             if self.revision is not None and head.number == self.revision.number:
                 specs = self.specs  # read at start-up by _read_head
             else:
                 specs = await self.rio.call(self.registry.specs, head.number)
             self.overrides.prune(specs)  # a changed spec value wins over a runtime override
-            changes = await self.controller.reconcile(specs)
+            mine, moved = specs, frozenset[str]()
+            if self.ownership.active:
+                own = self.ownership.owns
+                mine = {k: v for k, v in specs.items() if k[0] != "Device" or own(*k)}
+                moved = frozenset(k[1] for k in specs if k[0] == "Device" and k not in mine)
+            changes = await self.controller.reconcile(mine, handover=moved)
             self._reconciled = head.number
+            self._owned_version = owned
+            self._settled.set()
             self.specs, self.revision, self.last_changes = specs, head, changes
             self.prom.revision.set(head.number)
             self.prom.device_tasks.set(len(self.controller.tasks))

@@ -514,7 +514,11 @@ class TimeSeriesService:
                 chunk: list[Record] = []
                 event: dict[str, Any] | None = first
                 while event is not None:
-                    if event.get("value") is not None and not event.get("logged"):
+                    if (
+                        event.get("value") is not None
+                        and not event.get("logged")
+                        and not event.get("remote")  # another engine's: it stored it
+                    ):
                         try:
                             chunk.append(self.record(event))
                         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -630,10 +634,19 @@ class TimeSeriesService:
             self.last_pass["rollup_skipped"] = skipped
         return self.last_pass
 
+    async def _our_job(self, name: str, seconds: float) -> bool:
+        """A store several engines share (PostgreSQL) is maintained by one of them at a time
+        (a fenced job lease, twin/runtime/cluster.py); a private store always by its engine."""
+        if not str(self.url or "").startswith(("postgresql:", "postgres:")):
+            return True
+        engine = self._engine
+        return engine is None or bool(await engine.ownership.job(f"timeseries:{name}", seconds))
+
     async def _retention_loop(self) -> None:
         while True:
             try:
-                await self.run_retention(rollup=False)
+                if await self._our_job("retention", 3 * self.retention_interval):
+                    await self.run_retention(rollup=False)
             except Exception:
                 log.exception("timeseries: retention pass failed; retrying next interval")
             with trio.move_on_after(self.retention_interval):
@@ -707,6 +720,9 @@ class TimeSeriesService:
                 continue
             await self.flush_barrier()
             ran = True
+            if not await self._our_job("rollup", 60.0):
+                await trio.sleep(self.rollup_retry)  # another engine rolls the shared store up
+                continue
             try:
                 await self.run_rollup()
                 failed = False

@@ -14,6 +14,7 @@ ws         the live WebSocket feed
 timeseries queries, storage, retention
 commands   commands to devices, batches, the devices' HTTP long-poll
 scenes     scenes, running them, their traces
+cluster    the engines of a scale-out cluster and what each owns
 ========== ===================================================================
 """
 
@@ -25,6 +26,7 @@ from twin.api.routes import (
     admin,
     alarms,
     auth,
+    cluster,
     commands,
     credentials,
     devices,
@@ -50,6 +52,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     timeseries.router,
     commands.router,
     scenes.router,
+    cluster.router,
 )
 
 __all__ = ["ROUTERS"]

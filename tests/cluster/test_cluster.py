@@ -1,0 +1,159 @@
+"""Scale-out, as processes on loopback: several ``twin up --cluster`` engines on one PostgreSQL
+schema (twin/runtime/cluster.py). Kill -9 one: its devices and scenes are owned again within
+the lease; a fourth joins and takes a share; every scene trigger event runs once across the
+cluster; no command is claimed for dispatch twice; a partitioned engine stops acting."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from cli.procs import wait_for
+
+from cluster.harness import PG_URL, Proxy, cluster, pg_unavailable
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+ROUNDS = int(os.environ.get("TWIN_CLUSTER_ROUNDS", "1"))
+
+
+@pytest.fixture(autouse=True)
+def _need_postgres() -> None:
+    why = pg_unavailable()
+    if why:
+        if os.environ.get("TWIN_REQUIRE_POSTGRES"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def _shares(owners: dict[tuple[str, str], str]) -> Counter[str]:
+    return Counter(owners.values())
+
+
+def _check_exactly_once(c) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Every scene trigger event ran once; every command was claimed at most once and every
+    command that was delivered was claimed."""
+    traces = c.sql("SELECT scene, trace FROM scene_traces")
+    keys = Counter()
+    for scene, trace in traces:
+        t = trace if isinstance(trace, dict) else json.loads(trace)
+        trig = t["trigger"]
+        keys[(scene, trig.get("device"), trig.get("point"), trig.get("ts"))] += 1
+    dup = {k: n for k, n in keys.items() if n > 1}
+    assert not dup, f"scene runs twice for one event: {list(dup.items())[:5]}"
+    claims = c.sql("SELECT command, count(*) FROM cluster_command_claims GROUP BY command")
+    assert all(n == 1 for _, n in claims)
+    delivered = c.sql(
+        "SELECT id FROM commands WHERE status IN ('sent', 'executing', 'success', 'failed')"
+    )
+    claimed = {cid for cid, _ in claims}
+    unclaimed = [cid for (cid,) in delivered if cid not in claimed]
+    assert not unclaimed, f"delivered without a claim: {unclaimed[:5]}"
+    return {"traces": len(traces), "commands": len(delivered), "claims": len(claims)}
+
+
+def test_three_engines_failover_join_exactly_once(tmp_path: Path) -> None:
+    # 40 keys: rendezvous hashing leaves one of four engines empty with p ~ 4 * 0.75**40
+    with cluster(tmp_path, devices=30, scenes=10, ttl=3.0) as c:
+        keys = 30 + 10
+        a = c.start("a")
+        c.start("b")
+        c.start("c")
+
+        def shared_by_three() -> dict[tuple[str, str], str] | None:
+            o = c.owners()
+            return o if len(o) == keys and len(_shares(o)) == 3 else None
+
+        owners = wait_for(
+            shared_by_three,
+            "the three engines to share the devices and scenes",
+            within=60,
+        )
+        names = c.engine_names()
+        assert sum(_shares(owners).values()) == keys
+        # the API of any engine shows the cluster
+        doc = c.status_json(a)
+        assert len(doc["members"]) == 3 and doc["cluster"] == c.name
+        time.sleep(2)
+        for round_ in range(ROUNDS):
+            victim = "b" if round_ % 2 == 0 else "a"
+            up = c.engines[victim]
+            lost = {k for k, e in c.owners().items() if e == names[up.proc.pid]}
+            assert lost
+            t0 = time.monotonic()
+            c.kill9(victim)
+            wait_for(
+                lambda lost=lost, gone=names[up.proc.pid]: all(
+                    c.owners().get(k) not in (None, gone) for k in lost
+                ),
+                "the killed engine's devices and scenes to be owned again",
+                within=30,
+            )
+            failover = time.monotonic() - t0
+            assert failover < 30
+            print(f"round {round_}: failover of {len(lost)} keys in {failover:.2f} s")
+            new = c.start(victim)  # it comes back (systemd): a join
+            names = c.engine_names()
+            wait_for(
+                lambda pid=new.proc.pid, names=names: _shares(c.owners()).get(
+                    names.get(pid, "?"), 0
+                )
+                > 0
+                and len(c.owners()) == keys,
+                "the rejoined engine to take a share",
+                within=30,
+            )
+        d = c.start("d")  # a fourth engine joins: every engine gets a share
+        names = c.engine_names()
+        wait_for(
+            lambda: len(_shares(o := c.owners())) == 4 and len(o) == keys,
+            "four engines to share the work",
+            within=30,
+        )
+        assert _shares(c.owners())[names[d.proc.pid]] >= 1
+        time.sleep(2)
+        c.stop_all()
+        counts = _check_exactly_once(c)
+        assert counts["traces"] > 0 and counts["commands"] > 0
+        print("exactly once:", counts)
+
+
+def test_partitioned_engine_stops_acting(tmp_path: Path) -> None:
+    """An engine whose PostgreSQL connection is blackholed (no RST) stops owning anything once
+    its lease is gone; the others take its share; nothing runs twice."""
+    from urllib.parse import urlsplit
+
+    pg = urlsplit(PG_URL)
+    with cluster(tmp_path, devices=8, scenes=4, ttl=3.0) as c:
+        proxy = Proxy((pg.hostname or "127.0.0.1", pg.port or 5432))
+        c.proxies.append(proxy)
+        via = c.url.replace(f"{pg.hostname}:{pg.port or 5432}", f"127.0.0.1:{proxy.port}")
+        assert via != c.url
+        c.start("a")
+        p = c.start("p", url=via)
+        wait_for(lambda: len(_shares(o := c.owners())) == 2 and len(o) == 12, "two engines share")
+        names = c.engine_names()
+        assert c.status_json(p)["owns"]["devices"] or c.status_json(p)["owns"]["scenes"]
+        proxy.blackhole()
+        # the partitioned engine drops everything by its own clock (its API still answers) ...
+        wait_for(
+            lambda: not (s := c.status_json(p))["owns"]["devices"] and not s["owns"]["scenes"],
+            "the partitioned engine to stop owning",
+            within=20,
+        )
+        # ... and the other takes it all once the lease passed in the database
+        wait_for(
+            lambda: set(c.owners().values()) == {names[c.engines["a"].proc.pid]}
+            and len(c.owners()) == 12,
+            "the healthy engine to own everything",
+            within=20,
+        )
+        assert c.status_json(p)["stats"]["fenced"] >= 1
+        time.sleep(2)
+        proxy.heal()
+        c.stop_all()
+        _check_exactly_once(c)
