@@ -97,6 +97,7 @@ SPEC_KINDS = (
     "RetentionPolicy",
     "Dashboard",
     "Report",
+    "NotificationRule",
     "EdgeNode",
 )
 ADMIN_KINDS = ("DeviceKey", "User", "Session", "Audit")

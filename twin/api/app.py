@@ -52,7 +52,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         routes=routes,
         public=PUBLIC,
         device_key=(f"{PREFIX}/ingest/",),
-        optional_markers=("/commands", "/scene", "/timeseries"),
+        optional_markers=("/commands", "/scene", "/timeseries", "/reports"),
         text_paths=("/metrics",),
         document_bodies={
             (f"{PREFIX}/devices", "post"): "Device",

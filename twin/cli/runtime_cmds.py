@@ -251,6 +251,9 @@ def up(
         from twin.runtime.timeseries_service import TimeSeriesService
 
         services.append(TimeSeriesService(url=timeseries))
+    from twin.reports.service import ReportService
+
+    services.append(ReportService(webhooks=webhooks))  # report schedules, alarm notifications
     if listeners.api is not None:
         host, port, sock = listeners.api
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))

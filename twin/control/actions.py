@@ -7,6 +7,7 @@
 - {type: wait_for, conditions: [...], timeout: 5m, continue_on_timeout: false}
 - {type: alarm, action: raise, device: fan_01, alarm: overheat, severity: major, message: "..."}
 - {type: webhook, url: "https://...", method: POST, body: {...}, headers: {...}}
+- {type: notify, channels: [{type: email, ...}], subject: "...", message: "..."}
 - {type: scene, scene: other_scene, wait: true}
 - {type: if, conditions: [...], then: [...], else: [...]}
 - {type: choose, options: [{conditions: [...], actions: [...]}], default: [...]}
@@ -231,6 +232,31 @@ class Webhook(Action):
 
 
 @dataclass(eq=False)
+class Notify(Action):
+    """Tell people through the notification channels (email, webhook, MQTT topic, folder) the
+    engine's notification service delivers to (twin.reports.channels)."""
+
+    type: ClassVar[str] = "notify"
+    channels: tuple[dict[str, Any], ...]
+    subject: str
+    message: str
+
+    @classmethod
+    def build(cls, spec: Mapping[str, Any]) -> Notify:
+        return cls(
+            tuple(dict(c) for c in spec.get("channels") or ()),
+            str(spec.get("subject") or ""),
+            str(spec.get("message") or ""),
+            **_common(spec),
+        )
+
+    async def run(self, ctx: RunContext, path: str) -> dict[str, Any]:
+        subject = self.subject or f"[FLUX IoT] scene {ctx.scene}"
+        payload = {"scene": ctx.scene, "trigger": ctx.trigger}
+        return await ctx.effects.notify(self.channels, subject, self.message or subject, payload)
+
+
+@dataclass(eq=False)
 class RunScene(Action):
     type: ClassVar[str] = "scene"
     scene: str
@@ -408,6 +434,7 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any]], Action]] = {
     "wait_for": WaitFor.build,
     "alarm": AlarmAction.build,
     "webhook": Webhook.build,
+    "notify": Notify.build,
     "scene": RunScene.build,
     "if": If.build,
     "choose": Choose.build,

@@ -42,7 +42,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -148,6 +148,11 @@ class Effects(Protocol):
 
     async def webhook(
         self, method: str, url: str, body: Any, headers: Mapping[str, str], seconds: float
+    ) -> dict[str, Any]: ...
+
+    async def notify(
+        self, channels: Sequence[Mapping[str, Any]], subject: str, text: str,
+        payload: Mapping[str, Any],
     ) -> dict[str, Any]: ...
 
 

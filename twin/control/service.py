@@ -23,7 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,11 @@ from twin.spec.refs import value_problem
 
 if TYPE_CHECKING:
     from twin.runtime.engine import Engine
+
+NotifyHook = Callable[
+    [Sequence[Mapping[str, Any]], str, str, Mapping[str, Any]], Awaitable[list[dict[str, Any]]]
+]
+"""``(channels, subject, text, payload) -> one outcome per channel`` (see twin.reports)."""
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +328,19 @@ class EngineEffects:
             publish("cleared", a)
         return {"cleared": [a.id for a in cleared]}
 
+    async def notify(
+        self, channels: Sequence[Mapping[str, Any]], subject: str, text: str,
+        payload: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        hook = self.svc.notify_hook
+        if hook is None:
+            raise StepError("notify: no notification service runs in this engine")
+        outcomes = await hook(channels, subject, text, payload)
+        failed = [o for o in outcomes if o.get("status") != "delivered"]
+        if failed:
+            raise StepError("notify: " + "; ".join(f"{o['target']}: {o['error']}" for o in failed))
+        return {"notified": [o["target"] for o in outcomes]}
+
     async def webhook(
         self, method: str, url: str, body: Any, headers: Mapping[str, str], seconds: float
     ) -> dict[str, Any]:
@@ -352,6 +370,9 @@ class ControlService:
     scene_buffer: int = 10_000
     # where scene webhooks may go (twin.control.webhooks); default: TWIN_WEBHOOK_ALLOW
     webhooks: WebhookPolicy = field(default_factory=WebhookPolicy.from_env)
+    # the scene action `notify`: the notification service registers its sender here at start
+    # (twin.reports.service); None: no notification channels in this engine
+    notify_hook: NotifyHook | None = None
 
     engine: Any = None
     catalog: Catalog = field(default_factory=Catalog)

@@ -29,7 +29,7 @@ import csv
 import datetime as dt
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,15 @@ class RecordingEffects:
         await trio.lowlevel.checkpoint()
         self._line(f"    → webhook {method} {url} {json.dumps(body, default=str)}")
         return {"webhook": url, "sent": False}
+
+    async def notify(
+        self, channels: Sequence[Mapping[str, Any]], subject: str, text: str,
+        payload: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        await trio.lowlevel.checkpoint()
+        where = ", ".join(str(c.get("type")) for c in channels)
+        self._line(f"    → notify {where}: {subject}")
+        return {"notify": where, "sent": False}
 
 
 def static_loops(scenes: Mapping[str, Scene]) -> list[str]:

@@ -9,6 +9,7 @@ A template error at render time (an undefined name, a failing filter) is reporte
 from __future__ import annotations
 
 import html
+import logging
 import math
 import re
 import traceback
@@ -158,6 +159,9 @@ def render_pdf(data: ReportData) -> bytes:
     from weasyprint.text.fonts import FontConfiguration
 
     document = render_html(data)
+    # matplotlib's SVG styles use SVG presentation properties WeasyPrint's CSS parser warns
+    # about one by one (they are applied by its SVG renderer all the same)
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
     fonts = FontConfiguration()
     pdf: bytes = HTML(string=document).write_pdf(font_config=fonts)
     return pdf

@@ -15,6 +15,7 @@ timeseries queries, storage, retention
 commands   commands to devices, batches, the devices' HTTP long-poll
 scenes     scenes, running them, their traces
 cluster    the engines of a scale-out cluster and what each owns
+reports    reports: list, run now, past runs, download their files
 ========== ===================================================================
 """
 
@@ -31,6 +32,7 @@ from twin.api.routes import (
     credentials,
     devices,
     groups,
+    reports,
     scenes,
     specs,
     system,
@@ -53,6 +55,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     commands.router,
     scenes.router,
     cluster.router,
+    reports.router,
 )
 
 __all__ = ["ROUTERS"]
