@@ -157,3 +157,43 @@ def test_partitioned_engine_stops_acting(tmp_path: Path) -> None:
         proxy.heal()
         c.stop_all()
         _check_exactly_once(c)
+
+
+def test_any_engine_serves_any_device(tmp_path: Path) -> None:
+    """Behind a load balancer any engine answers for any device: the live twin and runtime
+    desired values through its owner, commands through the shared ledger, the WebSocket feed
+    through the cross-engine feed (LISTEN/NOTIFY)."""
+    import httpx
+    from websockets.sync.client import connect
+
+    with cluster(tmp_path, devices=8, scenes=0, ttl=3.0) as c:
+        a, b = c.start("a"), c.start("b")
+        wait_for(lambda: len(_shares(o := c.owners())) == 2 and len(o) == 8, "two engines share")
+        names = c.engine_names()
+        theirs = sorted(n for (k, n), e in c.owners().items() if e == names[b.proc.pid])
+        assert theirs
+        dev = theirs[0]
+        auth = {"Authorization": f"Bearer {c.token()}"}
+        with httpx.Client(base_url=a.url, headers=auth, timeout=30) as api:
+            twin = wait_for(
+                lambda: (r := api.get(f"/api/v1/devices/{dev}/twin")).status_code == 200
+                and r.json().get("reported", {}).get("n") is not None
+                and r,
+                f"the twin of {dev} through engine a",
+            )
+            assert twin.headers["x-twin-engine"] == names[b.proc.pid]
+            r = api.post(f"/api/v1/devices/{dev}/commands?wait=20", json={"type": "ping"})
+            assert r.status_code == 201, r.text
+            assert r.json()["status"] == "success", r.json()
+            cid = r.json()["id"]
+            assert c.sql("SELECT engine FROM cluster_command_claims WHERE command = %s", cid)
+        ws_url = a.url.replace("http://", "ws://") + f"/api/v1/ws?devices={dev}"
+        with connect(ws_url, additional_headers=auth, open_timeout=10) as ws:
+            deadline = time.monotonic() + 20
+            got = None
+            while time.monotonic() < deadline and got is None:
+                msg = json.loads(ws.recv(timeout=10))
+                if msg.get("kind") == "reading" and msg.get("device") == dev:
+                    got = msg
+        assert got is not None, "no reading of another engine's device on this engine's feed"
+        assert got.get("remote")

@@ -28,6 +28,7 @@ from twin.api.deps import (
     change,
     metadata_name,
 )
+from twin.api.owner import to_owner
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
 from twin.api.state import ApiState
@@ -381,22 +382,26 @@ async def device_metrics(
     }
 
 
-@router.get("/devices/{device}/twin", tags=["twin"])
-async def device_twin(st: State, p: Viewer, device: str) -> dict[str, Any]:
+@router.get("/devices/{device}/twin", tags=["twin"], response_model=dict[str, Any])
+async def device_twin(request: Request, st: State, p: Viewer, device: str) -> Any:
     authorize(p, policy.READ, device_or_404(st, device))
+    forwarded = await to_owner(st, request, device)  # scale-out: the owner has the live twin
+    if forwarded is not None:
+        return forwarded
     twin = st.engine.twin(device)
     if twin is None:
         raise HTTPException(404, f"device {device!r} is not running")
     return twin.to_json()
 
 
-@router.patch("/devices/{device}/twin/desired", tags=["twin"])
+@router.patch("/devices/{device}/twin/desired", tags=["twin"], response_model=dict[str, Any])
 async def patch_desired(
+    request: Request,
     st: State,
     p: Operator,
     device: str,
     patch: Annotated[dict[str, Any], Body()],
-) -> dict[str, Any]:
+) -> Any:
     """An operator's runtime desired values: ``{property: value}`` (``null`` removes the
     override, so the spec value applies again). Each value is checked like a ``set`` command (a
     writable property of the model, in range) and becomes a runtime override set by
@@ -405,6 +410,9 @@ async def patch_desired(
     authorize(p, policy.OPERATE, device_or_404(st, device))
     if not patch:
         raise HTTPException(422, "the body must map at least one property to a value (or null)")
+    forwarded = await to_owner(st, request, device)  # scale-out: its owner reconciles it
+    if forwarded is not None:
+        return forwarded
     catalog = Catalog(st.engine.specs)
     for prop, value in patch.items():
         if value is not None:
