@@ -160,6 +160,13 @@ class FluxClient:
             body["timeout"] = timeout
         return dict(self._json("POST", f"/devices/{device}/commands", json=body))
 
+    def video_links(self, camera: str) -> dict[str, Any]:
+        """Signed links (HLS, HTTP-FLV, snapshot) a browser's <video> can use directly."""
+        return dict(self._json("GET", f"/video/cameras/{camera}/urls"))
+
+    def video_cameras(self) -> list[dict[str, Any]]:
+        return _items(self._json("GET", "/video/cameras"))
+
     def command(self, cmd_id: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/commands/{cmd_id}"))
 

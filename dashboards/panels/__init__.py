@@ -16,6 +16,7 @@ from dashboards.panels import (
     scenes,
     stat,
     timeseries,
+    video,
 )
 
 Render = Callable[[Ctx, dict[str, Any]], None]
@@ -30,6 +31,7 @@ PANELS: dict[str, Render] = {
     "scenes": scenes.render,
     "history": history.render,
     "markdown": markdown.render,
+    "video": video.render,
 }
 
 LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes"}

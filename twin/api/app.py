@@ -27,7 +27,7 @@ from twin.api import errors, openapi
 from twin.api.deps import MUTATING, PREFIX, PUBLIC
 from twin.api.gatekeeper import Gatekeeper
 from twin.api.limits import BodyLimits
-from twin.api.routes import ROUTERS
+from twin.api.routes import ROUTERS, video
 from twin.api.state import ApiSettings, ApiState
 from twin.runtime.engine import Engine
 
@@ -50,7 +50,7 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
     openapi.install(
         app,
         routes=routes,
-        public=PUBLIC,
+        public=PUBLIC | set(video.SIGNED_PATHS),
         device_key=(f"{PREFIX}/ingest/",),
         optional_markers=("/commands", "/scene", "/timeseries", "/reports"),
         text_paths=("/metrics",),

@@ -25,6 +25,8 @@ from twin.api.state import ApiState
 
 PREFIX = "/api/v1"
 PUBLIC = {f"{PREFIX}/health", f"{PREFIX}/auth/login", f"{PREFIX}/auth/refresh"}
+SIGNED_PREFIX = f"{PREFIX}/video/s/"
+"""Signed video links (twin/api/routes/video.py) carry their own credentials in the path."""
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
 
 

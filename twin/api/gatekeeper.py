@@ -20,7 +20,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
-from twin.api.deps import MUTATING, PREFIX, PUBLIC, bearer
+from twin.api.deps import MUTATING, PREFIX, PUBLIC, SIGNED_PREFIX, bearer
 from twin.api.durable_ingest import hand_in
 from twin.api.state import ApiState
 from twin.bindings.http import DeviceNotRunning, IngestBusy, IngestError, parse_ingest
@@ -147,6 +147,7 @@ class Gatekeeper:
                 )
         public = (
             path in PUBLIC or ingest or path in ("/openapi.json", "/docs", "/docs/oauth2-redirect")
+            or path.startswith(SIGNED_PREFIX)  # a signed video link: the route checks it
         )
         if response is None and not public:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

@@ -33,6 +33,7 @@ PANEL_TYPES = (
     "scenes",
     "history",
     "markdown",
+    "video",
 )
 SELECT_KEYS = ("site", "group", "tag", "device", "type", "model")
 NEEDS_METRIC = {"stat": "metric", "timeseries": "metrics"}

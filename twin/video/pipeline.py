@@ -49,6 +49,17 @@ log = logging.getLogger(__name__)
 FFMPEG = os.environ.get("TWIN_FFMPEG", "ffmpeg")
 
 
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the engine dies (even by SIGKILL), so no
+    ffmpeg outlives its engine (Linux PR_SET_PDEATHSIG; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class PipelineError(BindingError):
     """ffmpeg ended or stalled; the message says why (credentials redacted)."""
 
@@ -315,7 +326,7 @@ class CameraPipeline:
             process = await trio.lowlevel.open_process(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, pass_fds=(jpeg_w, prog_w), env=env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         except OSError as exc:
             os.close(jpeg_r)
@@ -524,7 +535,7 @@ async def run_pusher(name: str, argv: tuple[str, ...]) -> None:
     """A simulated camera's testsrc pusher: raises when it ends (its supervisor restarts it)."""
     with trio.CancelScope():
         result = await trio.run_process(list(argv), check=False, capture_stderr=True,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
     raise PipelineError(f"camera {name}: test-pattern pusher ended ({result.returncode}): "
                         f"{tail[0][:200]}")

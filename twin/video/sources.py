@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import shlex
-import zlib
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -154,9 +154,11 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def sim_port(name: str) -> int:
-    """A stable loopback UDP port of a simulated camera (40000-47999 by name)."""
-    return 40000 + zlib.crc32(name.encode()) % 8000
+def free_udp_port() -> int:
+    """A loopback UDP port nobody uses now (a simulated camera's pusher → pipeline hop)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- the built-in sources -------------------------------------------------------------------
@@ -229,7 +231,7 @@ class SimSource:
         video = binding_options(device, "sim").get("video") or {}
         if not isinstance(video, Mapping):
             video = {}
-        port = int(video.get("port") or sim_port(name))
+        port = int(video.get("port") or free_udp_port())
         size = str(video.get("size", "640x360"))
         fps = int(video.get("fps", 15))
         bitrate = str(video.get("bitrate", "500k"))

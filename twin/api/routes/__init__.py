@@ -16,6 +16,7 @@ commands   commands to devices, batches, the devices' HTTP long-poll
 scenes     scenes, running them, their traces
 cluster    the engines of a scale-out cluster and what each owns
 reports    reports: list, run now, past runs, download their files
+video      cameras: status, signed links, HLS, HTTP-FLV, snapshots, recordings, clips
 ========== ===================================================================
 """
 
@@ -37,6 +38,7 @@ from twin.api.routes import (
     specs,
     system,
     timeseries,
+    video,
     ws,
 )
 
@@ -56,6 +58,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     scenes.router,
     cluster.router,
     reports.router,
+    video.router,
 )
 
 __all__ = ["ROUTERS"]
