@@ -178,4 +178,4 @@ def _load_builtin() -> None:
         return
     _loaded = True
     # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import http, modbus, mqtt, opcua, sim, video  # noqa: F401
+    from twin.bindings import coap, http, modbus, mqtt, opcua, sim, video  # noqa: F401

@@ -148,6 +148,19 @@ def up(
         typer.Option("--cluster-ttl", help="Cluster lease in seconds: a dead engine's devices "
                      "and scenes move to the others within it."),
     ] = 5.0,
+    coap_listen: Annotated[
+        str,
+        typer.Option(
+            "--coap-listen",
+            help="CoAP server for coap push devices, HOST:PORT (UDP; port 0 picks a free one; "
+            "the standard port is 5683).",
+        ),
+    ] = "127.0.0.1:0",
+    coaps_listen: Annotated[
+        str | None,
+        typer.Option("--coaps-listen", help="Also CoAP over DTLS-PSK (coaps://), HOST:PORT."),
+    ] = None,
+    no_coap: Annotated[bool, typer.Option("--no-coap", help="Run without CoAP.")] = False,
     webhook_allow: Annotated[
         str | None,
         typer.Option(
@@ -202,6 +215,18 @@ def up(
         [] if no_mqtt or mqtt_broker else list(mqtt_wss_listen or []),
         dashboard_listen if dashboard and not no_api else None,
     )
+    coap_addrs = None
+    if not no_coap:
+        from twin.runtime.coap_service import reserve_udp
+
+        try:
+            coap_addrs = (
+                reserve_udp(coap_listen, 5683, "coap", "--coap-listen"),
+                reserve_udp(coaps_listen, 5684, "coaps", "--coaps-listen") if coaps_listen else None,
+            )
+        except BaseException:
+            listeners.close()
+            raise
     # 2. then the registry and the apply
     reg = _registry(registry, state_dir)
     st = _state()
@@ -257,6 +282,10 @@ def up(
     if listeners.api is not None:
         host, port, sock = listeners.api
         services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
+    if coap_addrs is not None:
+        from twin.runtime.coap_service import CoapService
+
+        services.append(CoapService(*coap_addrs))
     if listeners.mqtt is not None:
         services.append(listeners.mqtt)
         if path is not None and not mqtt_broker:
@@ -343,6 +372,11 @@ def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) 
     mqtt_line = _describe_mqtt(engine.service_info.get("mqtt"))
     if mqtt_line:
         lines.append(f"  mqtt       {mqtt_line}")
+    from twin.runtime.coap_service import describe as describe_coap
+
+    coap_line = describe_coap(engine.service_info.get("coap"))
+    if coap_line:
+        lines.append(f"  coap       {coap_line}")
     sims = engine.service_info.get("simulators") or {}
     if sims.get("devices"):
         lines.append(f"  simulated  {', '.join(sims['devices'])} (MQTT clients logging in with "
