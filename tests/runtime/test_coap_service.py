@@ -157,6 +157,9 @@ async def test_readings_in_with_coap_client_and_discovery(
             assert err.startswith("4.01"), (out, err)
         await s.wait_reported("meter_01", "temperature", 21.5)
         assert s.svc.stats.unauthorized == 3
+        metrics = s.engine.prom.render().decode()
+        assert 'twin_protocol_requests_total{binding="coap"}' in metrics
+        assert 'twin_protocol_request_seconds_count{binding="coap"}' in metrics
 
 
 @needs_libcoap

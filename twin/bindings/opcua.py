@@ -63,7 +63,7 @@ from typing import Any
 
 import trio
 
-from twin.bindings import aio
+from twin.bindings import aio, protostats
 from twin.bindings.base import (
     BindingContext,
     DeviceEvent,
@@ -83,6 +83,7 @@ log = logging.getLogger(__name__)
 OPCUA_SCHEMA: dict[str, Any] = binding_schema("opcua")
 """JSON Schema of ``spec.binding.opcua``: specs/binding-opcua.schema.json, the one source."""
 
+STATS = protostats.stats("opcua")
 INBOX_MAX = 10_000  # notifications waiting for the device task (beyond: dropped, counted)
 
 
@@ -317,6 +318,7 @@ class OpcUaBinding:
             value = check_value(to_json_value(raw), point)
         except ValueRefused as exc:
             self.refused += 1
+            STATS.malformed += 1
             log.warning("opcua device %s: %s (dropped)", self.device, exc)
             return Reading(self.device, point, None, ts, Quality.BAD)
         if quality is Quality.BAD and raw is None:
@@ -409,6 +411,7 @@ class OpcUaBinding:
             reading = self._reading(name, item.Value, self._clock())
         except Exception as exc:  # a malformed notification: drop it, keep the others
             self.refused += 1
+            STATS.malformed += 1
             log.warning("opcua device %s: notification dropped: %s", self.device, exc)
             return
         if self._push is not None:
@@ -492,21 +495,34 @@ class OpcUaBinding:
 
     # -- the Trio side ---------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:
-        """Run ``fn`` on the asyncio loop; map library errors at this boundary."""
+        """Run ``fn`` on the asyncio loop; map library errors at this boundary; count it in
+        ``/metrics`` (``twin_protocol_*{binding="opcua"}``)."""
         from asyncua import ua
 
+        st = STATS
+        st.requests += 1
+        started = time.perf_counter()
         try:
             with trio.fail_after(self.timeout * 3):
-                return await aio.run(lambda: fn(*args))
+                out = await aio.run(lambda: fn(*args))
+            st.observe(time.perf_counter() - started)
+            return out
         except trio.TooSlowError as exc:
+            st.errors += 1
+            st.timeouts += 1
             raise BindingTimeout(f"opcua device {self.device!r}: {what} timed out") from exc
         except (BindingError, CommandError):
+            st.errors += 1
             raise
         except ua.UaStatusCodeError as exc:
+            st.errors += 1
             raise BindingError(f"opcua device {self.device!r}: {what}: {exc}") from exc
         except TimeoutError as exc:
+            st.errors += 1
+            st.timeouts += 1
             raise BindingTimeout(f"opcua device {self.device!r}: {what} timed out") from exc
         except (OSError, ConnectionError, ua.UaError) as exc:
+            st.errors += 1
             raise BindingConnectError(
                 f"opcua device {self.device!r}: {what}: {type(exc).__name__}: {exc}"
             ) from exc

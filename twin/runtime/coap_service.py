@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from aiocoap.resource import PathCapable
 
-from twin.bindings import aio
+from twin.bindings import aio, protostats
 from twin.bindings.base import Reading
 from twin.bindings.coap import (
     CT_CBOR,
@@ -91,15 +91,6 @@ class CoapStats:
     latency_count: int = 0
 
 
-def _stats_hook() -> Any:
-    """The process-wide per-binding counters for /metrics, when that module exists."""
-    try:
-        from twin.bindings import protostats  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return protostats.stats("coap")
-
-
 class CoapService:
     """Engine service (``twin up --coap-listen``)."""
 
@@ -117,7 +108,7 @@ class CoapService:
         self.max_inflight = max_inflight
         self.hub = CoapHub()
         self.stats = CoapStats()
-        self._proto = _stats_hook()
+        self._proto = protostats.stats("coap")  # /metrics: twin_protocol_*{binding="coap"}
         self.server: _Server | None = None
         self.addresses: list[str] = []
 
@@ -204,18 +195,16 @@ class CoapService:
         if not code.startswith("2"):
             st.errors += 1
         proto = self._proto
-        if proto is not None:
-            proto.requests += 1
-            if not code.startswith("2"):
-                proto.errors += 1
-            proto.observe(elapsed)
+        proto.requests += 1
+        if not code.startswith("2"):
+            proto.errors += 1
+        proto.observe(elapsed)
         if not req.future.done():
             req.future.set_result(answer)
 
     def malformed(self) -> None:
         self.stats.malformed += 1
-        if self._proto is not None:
-            self._proto.malformed += 1
+        self._proto.malformed += 1
 
     async def _authorized(self, keys: Any, req: CoapRequest) -> bool:
         if req.device in req.claims:  # DTLS-PSK: the session is the device's
