@@ -3,9 +3,19 @@
     .venv/bin/python benchmarks/timeseries/run.py                       # 100 x 10 x 1000 = 1 M
     .venv/bin/python benchmarks/timeseries/run.py --devices 1000        # the issue's 10 M
     .venv/bin/python benchmarks/timeseries/run.py --backends lance,influx
+    .venv/bin/python benchmarks/timeseries/run.py --shape realistic --devices 1000
 
-Data: DEVICES x METRICS series, TIMESTAMPS points each, one every --step seconds (default
-90 s, so 1,000 timestamps span 25 h), values a random walk rounded to 0.01.
+Two data shapes (``--shape friendly``, ``realistic`` or ``both``, the default: both in one
+run, side by side):
+
+* friendly: DEVICES x METRICS series, TIMESTAMPS points each, one every --step seconds
+  (default 90 s, so 1,000 timestamps span 25 h), aligned across series, values a random
+  walk rounded to 0.01;
+* realistic (issue 19): the same devices and metrics over the same span, but each series
+  has its own phase and its own millisecond jitter (90 s +- up to 3 s; 1 % of the series
+  report every 10 s), float metrics are full-precision float64 (random walks, sines with
+  noise: not rounded), two metrics are monotonically increasing integer counters and one is
+  a 0/1 state. ~10.8 M points at 1,000 devices.
 
 Per backend:
 * ingest points/s through the public write path (ours: ``BatchedWriter`` fed with readings
@@ -14,7 +24,8 @@ Per backend:
   is not skipped; the clock stops when the writer has stored every point, and the
   maintenance still in progress then is reported as ``ingest_maint_tail_s``; InfluxDB: line
   protocol over HTTP, 5,000 lines per request);
-* bytes per point on disk after compaction;
+* bytes per point on disk after compaction (allocated blocks, as ``du``: st_blocks * 512,
+  for every store; InfluxDB's ``_series`` files are preallocated and mostly empty);
 * p50/p99 latency of one device/metric over 1 h and over 1 day (raw points);
 * time to downsample one day of every series to 1-minute aggregates;
 * a retention pass dropping the oldest 30 %: time and bytes reclaimed.
@@ -59,11 +70,13 @@ T0 = 1_700_006_400.0  # a day boundary
 
 
 def dir_size(path: Path) -> int:
+    """Allocated bytes under ``path`` (``du``): sparse and preallocated files count for
+    what they occupy, not their length."""
     total = 0
     for root, _d, files in os.walk(path):
         for f in files:
             with contextlib.suppress(OSError):
-                total += os.stat(os.path.join(root, f)).st_size
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
     return total
 
 
@@ -91,6 +104,84 @@ class Data:
                     cycle.append((d, m, row[i], ts, 0, "bench", "g1", ","))
                     i += 1
             yield cycle
+
+
+class RealisticData:
+    """Issue 19's realistic shape (see the module docstring). Points are generated per
+    series with numpy, then merged into time order and handed out in cycles of about one
+    point per series, as pollers would deliver them."""
+
+    FLOATS = 7  # m00..m06 float64; m07, m08 counters; m09 0/1
+
+    def __init__(self, devices: int, metrics: int, timestamps: int, step: float) -> None:
+        self.devices = [f"dev{i:05d}" for i in range(devices)]
+        self.metrics = [f"m{i:02d}" for i in range(metrics)]
+        self.step = step
+        span = timestamps * step
+        rng = np.random.default_rng(19)
+        ts_parts, sid_parts, val_parts = [], [], []
+        self.kinds: list[str] = []
+        series = 0
+        for _d in range(devices):
+            for mi in range(metrics):
+                fast = rng.random() < 0.01
+                st = 10.0 if fast else step
+                n = int(span / st)
+                jitter = rng.uniform(0, 1.0 if fast else 3.0)
+                ms = np.rint(
+                    (rng.uniform(0, st) + np.arange(n) * st + rng.uniform(-jitter, jitter, n))
+                    * 1000
+                )
+                ts_parts.append(T0 + np.sort(ms) / 1000)
+                kind = (
+                    "float"
+                    if mi < min(self.FLOATS, metrics - 3) or metrics < 4
+                    else ("counter" if mi < metrics - 1 else "bool")
+                )
+                if kind == "float":
+                    if mi % 2:
+                        v = 20 + np.cumsum(rng.normal(0, 0.05, n))
+                    else:
+                        v = (
+                            50
+                            + 10 * np.sin(np.arange(n) * st / 3600 + rng.uniform(0, 6))
+                            + rng.normal(0, 0.2, n)
+                        )
+                elif kind == "counter":
+                    v = np.cumsum(rng.integers(0, 200, n)).astype(np.float64)
+                else:
+                    v = ((rng.random(n) < 0.02).cumsum() % 2).astype(np.float64)
+                val_parts.append(v)
+                sid_parts.append(np.full(n, series, dtype=np.int32))
+                self.kinds.append(kind)
+                series += 1
+        ts = np.concatenate(ts_parts)
+        order = np.argsort(ts, kind="stable")
+        self.ts = ts[order]
+        self.sid = np.concatenate(sid_parts)[order]
+        self.val = np.concatenate(val_parts)[order]
+        self.points = len(self.ts)
+        self.end = T0 + span
+        self.timestamps = timestamps
+        self.cycle = devices * metrics
+
+    def cycles(self) -> Any:
+        nm = len(self.metrics)
+        is_int = np.array([k != "float" for k in self.kinds])
+        for a in range(0, self.points, self.cycle):
+            sid = self.sid[a : a + self.cycle].tolist()
+            ts = self.ts[a : a + self.cycle].tolist()
+            val = self.val[a : a + self.cycle]
+            vals = [
+                int(x) if i else x
+                for x, i in zip(
+                    val.tolist(), is_int[self.sid[a : a + self.cycle]].tolist(), strict=True
+                )
+            ]
+            yield [
+                (self.devices[s // nm], self.metrics[s % nm], v, t, 0, "bench", "g1", ",")
+                for s, v, t in zip(sid, vals, ts, strict=True)
+            ]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -316,7 +407,7 @@ def bench_influx(data: Data, args: argparse.Namespace, root: Path) -> dict[str, 
         t0 = time.perf_counter()
 
         def send() -> None:
-            c.request("POST", "/write?db=bench&precision=s", "\n".join(lines).encode())
+            c.request("POST", "/write?db=bench&precision=ms", "\n".join(lines).encode())
             r = c.getresponse()
             r.read()
             if r.status != 204:
@@ -325,7 +416,9 @@ def bench_influx(data: Data, args: argparse.Namespace, root: Path) -> dict[str, 
 
         for cycle in data.cycles():
             for d, m, v, ts, _q, _s, _g, _t in cycle:
-                lines.append(f"{m},device={d} value={v} {int(ts)}")
+                # ints as integer fields; floats by repr (shortest exact form)
+                val = f"{v}i" if type(v) is int else repr(v)
+                lines.append(f"{m},device={d} value={val} {round(ts * 1000)}")
                 if len(lines) >= 5000:
                     send()
         if lines:
@@ -345,11 +438,15 @@ def bench_influx(data: Data, args: argparse.Namespace, root: Path) -> dict[str, 
         res["q1h_p50"], res["q1h_p99"], res["q1h_rows"] = time_queries(q, data, 3600, args.queries)
         res["q1d_p50"], res["q1d_p99"], res["q1d_rows"] = time_queries(q, data, 86400, args.queries)
 
+        # each metric into its own measurement: one INTO for all (``FROM /m.*/``) made
+        # metrics of the same device and minute overwrite each other (issue 19)
         t0 = time.perf_counter()
-        inf.query(
-            "SELECT mean(value), min(value), max(value), count(value) INTO bench.autogen.rollup_1m "
-            f"FROM /m.*/ WHERE time >= {int(T0)}s AND time < {int(T0 + 86400)}s GROUP BY time(1m), *"
-        )
+        for m in data.metrics:
+            inf.query(
+                "SELECT mean(value), min(value), max(value), count(value) "
+                f"INTO bench.autogen.rollup_1m_{m} FROM {m} "
+                f"WHERE time >= {int(T0)}s AND time < {int(T0 + 86400)}s GROUP BY time(1m), *"
+            )
         res["downsample_s"] = time.perf_counter() - t0
 
         cutoff = T0 + 0.3 * (data.end - T0)
@@ -379,40 +476,11 @@ ROWS = [
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--devices", type=int, default=100)
-    ap.add_argument("--metrics", type=int, default=10)
-    ap.add_argument("--timestamps", type=int, default=1000)
-    ap.add_argument("--step", type=float, default=90.0, help="seconds between timestamps")
-    ap.add_argument("--batch", type=int, default=50_000, help="writer batch size (points)")
-    ap.add_argument("--queries", type=int, default=50, help="queries per latency figure")
-    ap.add_argument("--backends", default="lance,postgres,influx")
-    ap.add_argument(
-        "--pg-url",
-        default=os.environ.get("TWIN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"),
-    )
-    args = ap.parse_args()
-
-    data = Data(args.devices, args.metrics, args.timestamps, args.step)
-    span_h = (data.end - T0) / 3600
-    print(
-        f"size: {args.devices} devices x {args.metrics} metrics x {args.timestamps} timestamps "
-        f"= {data.points:,} points over {span_h:.1f} h (step {args.step:g} s); writer batch {args.batch:,}"
-    )
+def run_shape(
+    shape: str, data: Any, args: argparse.Namespace, load: Callable[[str], None]
+) -> dict[str, dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    loads: list[str] = []
-
-    def load(label: str) -> None:
-        # the machine is shared: every figure is noted with the load it was taken under
-        one, five, fifteen = os.getloadavg()
-        loads.append(f"{label} {one:.2f}/{five:.2f}/{fifteen:.2f}")
-        print(f"load average {loads[-1]}", flush=True)
-
-    load("start")
     with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp:
         root = Path(tmp)
         if "lance" in backends:
@@ -420,12 +488,11 @@ def main() -> None:
 
             path = root / "lance"
             store = LanceStore(path, compact_every=32, min_free_bytes=0)
-            print("lance: running ...", flush=True)
-            results["lance"] = bench_ours(
-                "lance", store, lambda: dir_size(path / "raw.lance"), data, args
-            )
-            print(f"lance: {json.dumps(results['lance'])}", flush=True)
-            load("after lance")
+            print(f"[{shape}] lance: running ...", flush=True)
+            # the raw tier: the row table, the chunk table and the store's metadata
+            results["lance"] = bench_ours("lance", store, lambda: dir_size(path), data, args)
+            print(f"[{shape}] lance: {json.dumps(results['lance'])}", flush=True)
+            load(f"{shape}, after lance")
         if "postgres" in backends:
             try:
                 from twin.timeseries.postgres import PostgresStore
@@ -434,7 +501,7 @@ def main() -> None:
             except Exception as exc:
                 print(f"postgres: skipped ({exc})")
             else:
-                print(f"postgres: running ... (timescaledb: {pg.timescale})", flush=True)
+                print(f"[{shape}] postgres: running ... (timescaledb: {pg.timescale})", flush=True)
                 try:
                     results["postgres"] = bench_ours(
                         "postgres",
@@ -443,8 +510,8 @@ def main() -> None:
                         data,
                         args,
                     )
-                    print(f"postgres: {json.dumps(results['postgres'])}", flush=True)
-                    load("after postgres")
+                    print(f"[{shape}] postgres: {json.dumps(results['postgres'])}", flush=True)
+                    load(f"{shape}, after postgres")
                 finally:
                     pg.drop_all()
                     pg.close()
@@ -452,15 +519,18 @@ def main() -> None:
             if shutil.which("influxd") is None:
                 print("influxd not found: skipping InfluxDB (apt-get install influxdb)")
             else:
-                print("influx: running ...", flush=True)
+                print(f"[{shape}] influx: running ...", flush=True)
                 (root / "influx").mkdir()
                 results["influx"] = bench_influx(data, args, root / "influx")
-                print(f"influx: {json.dumps(results['influx'])}", flush=True)
-                load("after influx")
+                print(f"[{shape}] influx: {json.dumps(results['influx'])}", flush=True)
+                load(f"{shape}, after influx")
+    return results
 
+
+def print_table(shape: str, results: dict[str, dict[str, Any]]) -> None:
     names = list(results)
     ref = "influx" if "influx" in results else None
-    header = f"{'metric':32}" + "".join(f"{n:>16}" for n in names)
+    header = f"{shape:32}" + "".join(f"{n:>16}" for n in names)
     if ref:
         header += "".join(f"{n + '/influx':>18}" for n in names if n != ref)
     print()
@@ -495,6 +565,64 @@ def main() -> None:
         "\nrows per query / rolled-up rows / dropped / background maintenance during ingest:",
         json.dumps(extras),
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--devices", type=int, default=100)
+    ap.add_argument("--metrics", type=int, default=10)
+    ap.add_argument("--timestamps", type=int, default=1000)
+    ap.add_argument("--step", type=float, default=90.0, help="seconds between timestamps")
+    ap.add_argument("--shape", choices=("friendly", "realistic", "both"), default="both")
+    ap.add_argument("--batch", type=int, default=50_000, help="writer batch size (points)")
+    ap.add_argument("--queries", type=int, default=50, help="queries per latency figure")
+    ap.add_argument("--backends", default="lance,postgres,influx")
+    ap.add_argument(
+        "--pg-url",
+        default=os.environ.get("TWIN_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    args = ap.parse_args()
+
+    loads: list[str] = []
+
+    def load(label: str) -> None:
+        # the machine is shared: every figure is noted with the load it was taken under
+        one, five, fifteen = os.getloadavg()
+        loads.append(f"{label} {one:.2f}/{five:.2f}/{fifteen:.2f}")
+        print(f"load average {loads[-1]}", flush=True)
+
+    shapes = ["friendly", "realistic"] if args.shape == "both" else [args.shape]
+    all_results: dict[str, dict[str, dict[str, Any]]] = {}
+    load("start")
+    for shape in shapes:
+        cls = Data if shape == "friendly" else RealisticData
+        data: Any = cls(args.devices, args.metrics, args.timestamps, args.step)
+        span_h = (data.end - T0) / 3600
+        print(
+            f"[{shape}] {args.devices} devices x {args.metrics} metrics = {data.points:,} points "
+            f"over {span_h:.1f} h (step {args.step:g} s); writer batch {args.batch:,}",
+            flush=True,
+        )
+        all_results[shape] = run_shape(shape, data, args, load)
+        del data
+
+    for shape, results in all_results.items():
+        print_table(shape, results)
+    if len(all_results) > 1:
+        names = sorted({n for r in all_results.values() for n in r})
+        cols = [(sh, n) for sh in all_results for n in names if n in all_results[sh]]
+        print()
+        head = f"{'side by side':32}" + "".join(f"{(sh[:4] + ' ' + n):>18}" for sh, n in cols)
+        print(head)
+        print("-" * len(head))
+        for label, key, fmt, _b in ROWS:
+            line = f"{label:32}"
+            for sh, n in cols:
+                v = all_results[sh][n].get(key)
+                line += f"{fmt.format(v) if v is not None else '-':>18}"
+            print(line)
     print("load average (1/5/15 min):", "; ".join(loads))
 
 

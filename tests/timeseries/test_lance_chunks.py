@@ -290,3 +290,30 @@ def test_store_round_trip_is_bit_exact(
     assert store._table("raw").count_rows() == 1  # everything else is in chunks now
     assert _all(store) == before
     store.close()
+
+
+def test_open_window_rows_merge_when_it_closes(tmp_path: Path) -> None:
+    store = _open(tmp_path / "ts")
+    recs = _records(hours=20, devices=2)
+    first = [r for r in recs if r[3] < T0 + 14 * H]
+    _write(store, first)
+    store.maintain(force=True)  # [12 h, 14 h) of the open window [12, 18) becomes chunk rows
+    assert store._table("raw").count_rows() < 100
+    _write(store, [r for r in recs if r[3] >= T0 + 14 * H])
+    store.maintain(force=True)  # now [12, 18) is closed: one row per series again
+    cat = store._chunks.snapshot()[1]
+    closed = cat.filter(
+        pa.compute.less(cat.column("ts").cast(pa.int64()), int((T0 + 18 * H) * 1e6))
+    )
+    keys = list(
+        zip(*(closed.column(c).to_pylist() for c in ("device", "metric", "ts")), strict=True)
+    )
+    assert len(set(keys)) == len(keys)
+    assert _all(store) == _canon(_raw_of(recs))
+
+
+def _raw_of(recs: list[Record]) -> pa.Table:
+    from twin.timeseries.base import records_to_table
+
+    t = records_to_table(recs)
+    return t.rename_columns([("group" if c == "grp" else c) for c in t.column_names])

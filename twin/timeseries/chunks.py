@@ -227,7 +227,7 @@ def decode_chunks(
     c = np.concatenate(c_parts)
     kind = (c >> 2).astype(np.uint8)
     quality = (c & 3).astype(np.uint8)
-    rep = pa.array(np.repeat(np.arange(m), counts))
+    rep = np.repeat(np.arange(m), counts)
     strs = pa.concat_arrays(s_parts) if any_str else pa.nulls(len(t), pa.string())
     cols = {
         "ts": pa.array(t, pa.int64()).cast(TS_TYPE),
@@ -237,7 +237,11 @@ def decode_chunks(
         "quality": pa.array(quality, pa.uint8()),
     }
     for name in SERIES_COLUMNS:
-        cols[name] = _strings(chunks.column(name)).take(rep)
+        values = chunks.column(name).to_pylist() if m <= 16 else None
+        if values is not None and values.count(values[0]) == m:  # one series (a dashboard)
+            cols[name] = pa.repeat(pa.scalar(values[0], pa.string()), len(t))
+        else:
+            cols[name] = _strings(chunks.column(name)).take(rep)
     return pa.Table.from_arrays([cols[n] for n in RAW_SCHEMA.names], schema=RAW_SCHEMA)
 
 

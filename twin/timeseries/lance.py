@@ -694,17 +694,26 @@ class LanceStore:
         where = f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}"
         ds, snap = self._raw_snapshot(start, end)
         parts = []
+        in_order = False
         if snap is not None:
             rows = self._chunks.select(selector, start, end, snap=snap)
             if rows.num_rows:
                 parts.append(decode_chunks(rows, start, end))
+                # one series' chunks by time (the dashboard's query): no sort needed
+                in_order = rows.num_rows <= 16 and all(
+                    len(set(rows.column(c).to_pylist())) == 1 for c in SERIES_COLUMNS
+                )
+                if in_order:
+                    t = np.asarray(parts[0].column("ts").cast(pa.int64()).to_numpy())
+                    in_order = bool(np.all(t[1:] >= t[:-1]))
         if ds is not None:
             table = _decode_values(ds.to_table(filter=where, columns=self._raw_columns(ds)))
             parts.append(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
+            in_order = False
         if not parts:
             return RAW_SCHEMA.empty_table()
         table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        if table.num_rows > 1:
+        if table.num_rows > 1 and not in_order:
             table = table.sort_by(
                 [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
             )
@@ -956,13 +965,14 @@ class LanceStore:
         note = json.loads(raw)
         lo, hi = note["new"]
         cutoff = note.get("cutoff")
-        undo = False
-        if cutoff is not None:  # a compaction: did its raw delete happen?
+        _ds, cat = self._chunks.snapshot()
+        cids = set(cat.column("cid").to_pylist()) if cat.num_rows else set()
+        if cutoff is not None:  # raw rows moved: were the new rows added, raw deleted?
             tbl = self._table(RAW)
-            undo = tbl is not None and tbl.count_rows(f"ts < {_ts_lit(cutoff)}") > 0
-        else:  # a retention rewrite: did its delete of the old chunks happen?
-            _ds, cat = self._chunks.snapshot()
-            cids = set(cat.column("cid").to_pylist()) if cat.num_rows else set()
+            undo = not any(lo <= c < hi for c in cids) or (
+                tbl is not None and tbl.count_rows(f"ts < {_ts_lit(cutoff)}") > 0
+            )
+        else:  # chunk rows rewritten: were the old ones deleted?
             undo = any(c in cids for c in note["old"])
         if undo:
             self._chunks.delete_cids((lo, hi))
@@ -971,40 +981,57 @@ class LanceStore:
         log.warning("timeseries: %s an interrupted chunk commit", "undid" if undo else "finished")
         self.set_meta(self._PENDING, "")
 
-    def _late_chunks(self, cat: pa.Table, new: pa.Table) -> np.ndarray:
-        """Catalogue offsets of the chunk rows of the same (series, window) as ``new``'s
-        rows: late points are merged into them (one row per series and window again)."""
+    def _to_merge(self, cat: pa.Table, new: pa.Table, closed_us: int) -> np.ndarray:
+        """Catalogue offsets of the chunk rows to merge in this pass: in windows that are
+        closed (start + ``chunk_seconds`` <= ``closed_us``), every row of a (series,
+        window) that gets new points or has more than one row. A closed window then holds
+        one row per series; an open one may hold several (one per pass) until it closes."""
         import pyarrow.compute as pc
 
-        if cat.num_rows == 0 or new.num_rows == 0:
+        if cat.num_rows == 0:
             return np.zeros(0, dtype=np.int64)
         assert self.chunk_seconds is not None
         chunk_us = round(self.chunk_seconds * 1_000_000)
+        cat_w = np.array(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
+        closed = (cat_w + 1) * chunk_us <= closed_us
+        if not closed.any():
+            return np.zeros(0, dtype=np.int64)
 
-        def keys(t: pa.Table, window: pa.Array) -> pa.Array:
+        def keys(t: pa.Table, window: np.ndarray) -> pa.Array:
             cols = [t.column(c).cast(pa.string()) for c in SERIES_COLUMNS]
-            return pc.binary_join_element_wise(*cols, window.cast(pa.string()), "\x1f")
+            return pc.binary_join_element_wise(*cols, pa.array(window).cast(pa.string()), "\x1f")
 
-        new_w = pa.array(
-            np.asarray(new.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
-        )
-        cat_w = pa.array(
-            np.asarray(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
-        )
-        if pc.max(cat_w).as_py() < pc.min(new_w).as_py():
-            return np.zeros(0, dtype=np.int64)  # the common case: only newer windows
-        hit = pc.is_in(keys(cat, cat_w), value_set=pc.unique(keys(new, new_w)))
-        return np.flatnonzero(np.asarray(hit.to_numpy(zero_copy_only=False), dtype=bool))
+        idx = np.flatnonzero(closed)
+        ck = keys(cat.take(pa.array(idx)), cat_w[idx])
+        counts = pc.value_counts(ck)
+        dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+        hit = np.asarray(pc.is_in(ck, value_set=dup).to_numpy(zero_copy_only=False), dtype=bool)
+        if new.num_rows:
+            new_w = (
+                np.array(new.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
+            )
+            if new_w.min() <= cat_w[idx].max():  # else only newer windows: the common case
+                nk = pc.unique(keys(new, new_w))
+                late = pc.is_in(ck, value_set=nk).to_numpy(zero_copy_only=False)
+                hit |= np.asarray(late, dtype=bool)
+        return idx[hit]
 
-    def compact_chunks(self, now: float | None = None) -> int:
-        """Move the raw rows of closed chunk windows into the chunk table; returns the
-        points moved. A window closes ``chunk_grace`` seconds after its end has passed
-        both on the clock and in the data (the newest timestamp written), so a backfill
-        of old data is chunked as it goes and a live window stays in the row layout.
-        Late points (raw rows in a window that has chunks) are merged into its chunks.
+    l0_rows = 1_000_000
+    """The open window's rows older than ``chunk_grace`` become chunk rows once there are
+    this many of them (always under ``maintain(force=True)``): the row layout then holds
+    at most about this many points plus the grace period, and a query of recent data
+    reads chunks too. Such rows are merged into one per series when the window closes."""
+
+    def compact_chunks(self, now: float | None = None, *, force: bool = False) -> int:
+        """Move raw rows older than ``chunk_grace`` (on the clock and in the data: the
+        newest timestamp written) into the chunk table; returns the points moved.
+
+        A window is *closed* once its end is older than that edge: its rows, late points
+        and earlier rows of it are merged into one chunk row per series. Rows of the open
+        window move when ``l0_rows`` of them are due (or ``force``), as additional rows.
         Runs under the maintenance lock (``maintain``) beside the writer: the rows are
-        read and encoded without ``_lock``; the commit takes it and re-counts, and a
-        write into the range meanwhile makes it start over."""
+        read and encoded without ``_lock``; the commit takes it and re-counts, and a write
+        into the range meanwhile makes the pass start over."""
         import lance
 
         if self.chunk_seconds is None:
@@ -1016,25 +1043,32 @@ class LanceStore:
             lo, hi = self._raw_bounds()
             _ds, cat = self._chunks.snapshot()
             uri = str(self._where[RAW] / f"{RAW}.lance")
-        if lo is None or hi is None:
-            return 0
-        newest = hi / 1e6
+        newest = hi / 1e6 if hi is not None else None
         if cat.num_rows:
             import pyarrow.compute as pc
 
-            newest = max(newest, pc.max(cat.column("t_max")).as_py().timestamp())
-        edge = min(time.time() if now is None else now, newest) - self.chunk_grace
-        cutoff = (edge // chunk) * chunk
-        if lo >= round(cutoff * 1e6):
+            t_max = pc.max(cat.column("t_max")).as_py().timestamp()
+            newest = t_max if newest is None else max(newest, t_max)
+        if newest is None:
             return 0
+        edge = min(time.time() if now is None else now, newest) - self.chunk_grace
+        closed = (edge // chunk) * chunk  # windows before this are closed
+        closed_us = round(closed * 1e6)
+        cutoff = edge
+        if lo is None or lo >= round(cutoff * 1e6):
+            lo_merge = self._to_merge(cat, RAW_SCHEMA.empty_table(), closed_us)
+            if lo_merge.size == 0:
+                return 0
         moved = 0
         for _attempt in range(5):
             ds = lance.dataset(uri)
-            # a pass ends at a window edge after ~``compact_rows`` rows (by the ts column)
             pass_end = cutoff
+            if not force and ds.count_rows(f"ts < {_ts_lit(cutoff)}") < self.l0_rows:
+                pass_end = closed  # the open window waits until enough of it is due
+            # a pass ends at a window edge after ~``compact_rows`` rows (by the ts column)
             if ds.count_rows() > self.compact_rows:
                 ts = np.asarray(
-                    ds.to_table(columns=["ts"], filter=f"ts < {_ts_lit(cutoff)}")
+                    ds.to_table(columns=["ts"], filter=f"ts < {_ts_lit(pass_end)}")
                     .column("ts")
                     .cast(pa.int64())
                     .to_numpy(),
@@ -1043,18 +1077,18 @@ class LanceStore:
                 if ts.size > self.compact_rows:
                     ts.sort()
                     at = ts[self.compact_rows] / 1e6
-                    pass_end = min(cutoff, (at // chunk + 1) * chunk)
+                    pass_end = min(pass_end, (at // chunk + 1) * chunk)
             pred = f"ts < {_ts_lit(pass_end)}"
             table = ds.to_table(filter=pred, columns=self._raw_columns(ds))
             n0 = table.num_rows
-            if n0 == 0:
-                break
             new = _decode_values(table).select(RAW_SCHEMA.names).cast(RAW_SCHEMA)
             cds, cat = self._chunks.snapshot()
-            late = self._late_chunks(cat, new)
+            merge = self._to_merge(cat, new, closed_us)
+            if n0 == 0 and merge.size == 0:
+                break
             old_cids: list[int] = []
-            if late.size:
-                old = ChunkTable.with_blobs(cds, cat.take(pa.array(late)), late)
+            if merge.size:
+                old = ChunkTable.with_blobs(cds, cat.take(pa.array(merge)), merge)
                 old_cids = [int(c) for c in old.column("cid").to_pylist()]
                 new = pa.concat_tables([new, decode_chunks(old)])
             rows = build_chunks(new, chunk, self._chunks.next_cid())
@@ -1063,18 +1097,20 @@ class LanceStore:
                 if tbl.count_rows(pred) != n0 or self._chunks.snapshot()[1] is not cat:
                     continue  # written meanwhile: read again
                 self._check_space(self.path)
-                self._commit_chunks(rows, old_cids, pred, pass_end)
-                self._raw_lo = max(self._raw_lo or 0, round(pass_end * 1e6))
-                if tbl.count_rows() == 0:
-                    self._raw_lo = self._raw_hi = None
+                self._commit_chunks(rows, old_cids, pred if n0 else None, pass_end if n0 else None)
+                if n0:
+                    self._raw_lo = max(self._raw_lo or 0, round(pass_end * 1e6))
+                    if tbl.count_rows() == 0:
+                        self._raw_lo = self._raw_hi = None
             moved += n0
             log.info(
-                "timeseries: %d raw points before %s now in %d chunk rows",
+                "timeseries: %d raw points before %s (and %d chunk rows) now in %d chunk rows",
                 n0,
                 pass_end,
+                len(old_cids),
                 rows.num_rows,
             )
-            if pass_end >= cutoff:
+            if pass_end >= cutoff or (pass_end >= closed and not force):
                 break
         return moved
 
@@ -1252,7 +1288,7 @@ class LanceStore:
         keep = self.keep_versions_for if keep is None else keep
         with self._maint_lock:
             try:
-                self.compact_chunks()
+                self.compact_chunks(force=force)
             except Exception as exc:  # maintenance never breaks the write path
                 log.warning("timeseries: chunk compaction failed: %s", exc)
             with self._lock:

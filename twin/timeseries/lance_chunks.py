@@ -35,6 +35,9 @@ class ChunkTable:
         self._lock = threading.Lock()
         self._ds: Any = None
         self._catalog: pa.Table | None = None
+        self._lo = np.zeros(0, dtype=np.int64)
+        self._hi = np.zeros(0, dtype=np.int64)
+        self._by_series: dict[tuple[str, str], np.ndarray] | None = None
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -50,12 +53,33 @@ class ChunkTable:
     def _load(self) -> None:
         import lance
 
+        self._by_series = None
         if not self.exists():
             self._ds = None
             self._catalog = CHUNK_SCHEMA.empty_table().select(META_COLUMNS)
-            return
-        self._ds = lance.dataset(self.uri)
-        self._catalog = self._ds.to_table(columns=META_COLUMNS)
+        else:
+            self._ds = lance.dataset(self.uri)
+            self._catalog = self._ds.to_table(columns=META_COLUMNS).combine_chunks()
+        self._lo = np.array(self._catalog.column("t_min").cast(pa.int64()), dtype=np.int64)
+        self._hi = np.array(self._catalog.column("t_max").cast(pa.int64()), dtype=np.int64)
+
+    def _series_rows(self, cat: pa.Table) -> dict[tuple[str, str], np.ndarray]:
+        """(device, metric) -> catalogue offsets, by ``t_min`` (built once per version:
+        one pass over the catalogue's rows, not over points)."""
+        with self._lock:
+            if self._by_series is not None and cat is self._catalog:
+                return self._by_series
+        order = np.argsort(np.array(cat.column("t_min").cast(pa.int64())), kind="stable")
+        groups: dict[tuple[str, str], list[int]] = {}
+        devs = cat.column("device").to_pylist()
+        mets = cat.column("metric").to_pylist()
+        for i in order.tolist():
+            groups.setdefault((devs[i], mets[i]), []).append(i)
+        out = {k: np.array(v, dtype=np.int64) for k, v in groups.items()}
+        with self._lock:
+            if cat is self._catalog:
+                self._by_series = out
+        return out
 
     def refresh(self) -> None:
         with self._lock:
@@ -76,16 +100,38 @@ class ChunkTable:
         ds, cat = snap if snap is not None else self.snapshot()
         if cat.num_rows == 0:
             return CHUNK_SCHEMA.empty_table() if blobs else cat
-        lo = pc.cast(cat.column("t_min"), pa.int64()).to_numpy()
-        hi = pc.cast(cat.column("t_max"), pa.int64()).to_numpy()
-        mask = (hi >= round(start * 1_000_000)) & (lo < round(end * 1_000_000))
-        if mask.any():
-            mask &= selector_mask(cat, selector)
-        idx = np.flatnonzero(mask)
+        idx = self.offsets(cat, selector, start, end)
         rows = cat.take(pa.array(idx))
         if not blobs:
             return rows
         return self.with_blobs(ds, rows, idx)
+
+    def offsets(self, cat: pa.Table, selector: Selector, start: float, end: float) -> np.ndarray:
+        """Catalogue offsets of ``selector``'s chunk rows with a point in ``[start, end)``;
+        ordered by ``t_min`` per series when the selector names devices and metrics."""
+        with self._lock:
+            same = cat is self._catalog
+            lo, hi = (self._lo, self._hi) if same else (None, None)
+        if lo is None or hi is None:
+            lo = np.array(cat.column("t_min").cast(pa.int64()), dtype=np.int64)
+            hi = np.array(cat.column("t_max").cast(pa.int64()), dtype=np.int64)
+        a, b = round(start * 1_000_000), round(end * 1_000_000)
+        if (
+            selector.devices
+            and selector.metrics
+            and not (selector.sites or selector.groups or selector.tags)
+        ):
+            # the dashboard's query: a lookup, not a scan of the catalogue
+            by = self._series_rows(cat)
+            found = [by[(d, m)] for d in selector.devices for m in selector.metrics if (d, m) in by]
+            if not found:
+                return np.zeros(0, dtype=np.int64)
+            idx = found[0] if len(found) == 1 else np.concatenate(found)
+            return idx[(hi[idx] >= a) & (lo[idx] < b)]
+        mask = (hi >= a) & (lo < b)
+        if mask.any():
+            mask &= selector_mask(cat, selector)
+        return np.flatnonzero(mask)
 
     @staticmethod
     def with_blobs(ds: Any, rows: pa.Table, idx: np.ndarray) -> pa.Table:
@@ -94,7 +140,7 @@ class ChunkTable:
         b = ds.take(idx.tolist(), columns=BLOB_COLUMNS)
         for name in BLOB_COLUMNS:
             rows = rows.append_column(name, b.column(name))
-        return rows.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
+        return rows
 
     def points(self) -> int:
         _ds, cat = self.snapshot()
