@@ -81,12 +81,28 @@ spec:
 """
 
 
-def write_site(root: Path, devices: int, scenes: int, interval: str = "500ms") -> Path:
+HTTP_DEVICE = """\
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {{name: {name}, site: cl}}
+spec:
+  type: sensor
+  model: counter
+  binding: {{http: {{}}}}
+"""
+
+
+def write_site(
+    root: Path, devices: int, scenes: int, interval: str = "500ms", http: int = 0
+) -> Path:
     site = root / "site"
     site.mkdir(parents=True, exist_ok=True)
     text = SITE
     for i in range(devices):
         text += DEVICE.format(name=f"dev{i:02d}", interval=interval)
+    for i in range(http):
+        text += HTTP_DEVICE.format(name=f"http{i:02d}")
     for i in range(scenes):
         text += SCENE.format(
             name=f"scene{i:02d}", device=f"dev{i:02d}", target=f"dev{(i + 1) % devices:02d}"
@@ -157,7 +173,10 @@ class Proxy:
 
 
 class Cluster:
-    def __init__(self, root: Path, devices: int = 12, scenes: int = 6, ttl: float = 3.0) -> None:
+    def __init__(
+        self, root: Path, devices: int = 12, scenes: int = 6, ttl: float = 3.0, http: int = 0,
+        timeseries: bool = False,
+    ) -> None:  # fmt: skip
         import psycopg
 
         self.root = root
@@ -165,7 +184,13 @@ class Cluster:
         self.name = "c" + uuid.uuid4().hex[:6]
         self.url = with_schema(PG_URL, self.schema)
         self.ttl = ttl
-        self.site = write_site(root, devices, scenes)
+        self.site = write_site(root, devices, scenes, http=http)
+        # the shared time-series store: the same database, the cluster's schema
+        self.timeseries = (
+            f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{self.schema}"
+            if timeseries
+            else None
+        )
         self.secret = root / "jwt.secret"
         self.secret.write_text(os.urandom(32).hex())
         self.engines: dict[str, Up] = {}
@@ -181,13 +206,18 @@ class Cluster:
         return cli_env(state, TWIN_JWT_SECRET_FILE=str(self.secret), TWIN_REGISTRY=self.url)
 
     def start(self, name: str, url: str | None = None) -> Up:
+        ts = ["--timeseries", self.timeseries] if self.timeseries else ["--no-timeseries"]
         up = start_up(
             self.env(name), "--registry", url or self.url, "--cluster", self.name,
-            "--cluster-ttl", str(self.ttl), "--listen", "127.0.0.1:0", "--no-mqtt",
-            "--no-timeseries",
+            "--cluster-ttl", str(self.ttl), "--listen", "127.0.0.1:0", "--no-mqtt", *ts,
         )  # fmt: skip
         self.engines[name] = up
         return up
+
+    def device_key(self, device: str) -> str:
+        res = run(self.env("admin"), "device-key", "create", device)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout.strip().splitlines()[-1]
 
     def kill9(self, name: str) -> None:
         up = self.engines.pop(name)

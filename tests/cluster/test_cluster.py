@@ -9,6 +9,7 @@ import json
 import os
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,83 @@ def test_any_engine_serves_any_device(tmp_path: Path) -> None:
                     got = msg
         assert got is not None, "no reading of another engine's device on this engine's feed"
         assert got.get("remote")
+
+
+def test_acknowledged_readings_survive_kill9_of_an_engine(tmp_path: Path) -> None:
+    """HTTP readings sent to every engine of the cluster (each forwards to the device's owner,
+    whose write-ahead log acks them); one engine is killed -9 under load and restarted (its
+    log replays into the shared PostgreSQL store): every acknowledged reading is stored once."""
+    import threading
+
+    import httpx
+
+    with cluster(tmp_path, devices=0, scenes=0, ttl=3.0, http=6, timeseries=True) as c:
+        keys = {f"http{i:02d}": c.device_key(f"http{i:02d}") for i in range(6)}
+        ups = [c.start(n) for n in ("a", "b", "c")]
+        wait_for(lambda: len(_shares(o := c.owners())) == 3 and len(o) == 6, "three share")
+        acked: list[tuple[str, float]] = []
+        refused: Counter[int] = Counter()
+        stop = threading.Event()
+
+        def load(up_index: int) -> None:
+            n = 0
+            with httpx.Client(timeout=10) as http:
+                while not stop.is_set():
+                    targets = [u for u in ups if u.proc.poll() is None]
+                    up = targets[(n + up_index) % len(targets)]
+                    dev = f"http{n % 6:02d}"
+                    ts = 1_800_000_000 + up_index * 1_000_000 + n * 0.001
+                    n += 1
+                    try:
+                        r = http.post(
+                            f"{up.url}/api/v1/ingest/{dev}",
+                            headers={"x-device-key": keys[dev]},
+                            json={"readings": [{"point": "n", "value": n, "ts": ts}]},
+                        )
+                    except httpx.HTTPError:
+                        refused[0] += 1
+                        continue
+                    if r.status_code == 200:
+                        acked.append((dev, ts))
+                    else:
+                        refused[r.status_code] += 1
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        c.kill9("b")
+        time.sleep(4)  # failover under load
+        ups[1] = c.start("b")  # restarted: its write-ahead log replays
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert len(acked) > 100
+        token = c.token()
+        stored: Counter[tuple[str, float]] = Counter()
+
+        def count() -> int:
+            stored.clear()
+            with httpx.Client(base_url=ups[0].url, timeout=60) as api:
+                for dev in keys:
+                    r = api.get(
+                        "/api/v1/timeseries/query",
+                        params={"device": dev, "metric": "n", "from": "1800000000",
+                                "to": "1803000000", "limit": 1_000_000},
+                        headers={"Authorization": f"Bearer {token}"},
+                    )  # fmt: skip
+                    assert r.status_code == 200, r.text
+                    doc = r.json()
+                    col = doc["columns"].index("ts")
+                    for row in doc["rows"]:
+                        when = datetime.fromisoformat(row[col].replace("Z", "+00:00"))
+                        stored[(dev, round(when.timestamp(), 3))] += 1
+            return len(stored)
+
+        want = {(d, round(ts, 3)) for d, ts in acked}
+        wait_for(lambda: want <= set(stored) if count() else False, "acked readings stored", 60)
+        missing = want - set(stored)
+        assert not missing, f"{len(missing)} acknowledged readings lost"
+        assert all(n == 1 for n in stored.values()), "a reading stored twice"
+        print(f"acked {len(acked)}, refused {dict(refused)}, stored {len(stored)}")

@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute
 
 from twin.api.deps import MUTATING, PREFIX, PUBLIC, SIGNED_PREFIX, bearer
 from twin.api.durable_ingest import hand_in
+from twin.api.owner import forward_ingest, owner_api
 from twin.api.state import ApiState
 from twin.bindings.http import DeviceNotRunning, IngestBusy, IngestError, parse_ingest
 from twin.errors import AuthError
@@ -37,7 +38,7 @@ def _json_response(status: int, detail: Any, headers: dict[str, str] | None = No
 
 
 async def ingest_core(
-    st: ApiState, device: str, key: str | None, raw: bytes
+    st: ApiState, device: str, key: str | None, raw: bytes, *, forwarded: bool = False
 ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
     """One ingest call: device key, per-device rate limit, parse, write-ahead log (507 disk
     full / 503 + Retry-After), hand to the device task. Returns (HTTP status, JSON body, extra headers); no I/O once the key is cached."""
@@ -64,6 +65,10 @@ async def ingest_core(
         engine.prom.child(engine.prom.ingest, "invalid").inc()
         engine.prom.refused(device, "http")
         return 422, {"detail": "JSON nested too deeply"}, None
+    if engine.ownership.active and not forwarded and not engine.ownership.owns("Device", device):
+        owner = owner_api(st, device)  # scale-out: the owner logs and acks it
+        if owner is not None:
+            return await forward_ingest(st, device, key, raw, *owner)
     try:
         reply = await hand_in(engine, device, messages)  # write-ahead log before the 2xx
     except WalError as exc:
@@ -194,11 +199,13 @@ class Gatekeeper:
         started = time.perf_counter()
         device = scope["path"][len(INGEST_PREFIX) :]
         key = None
+        forwarded = False
         for name, value in scope["headers"]:
-            if name == b"x-device-key":
+            if name == b"x-twin-forwarded":
+                forwarded = True
+            elif name == b"x-device-key":
                 key = value.decode("latin-1")
-                break
-            if name == b"authorization" and key is None:
+            elif name == b"authorization" and key is None:
                 key = bearer({"authorization": value.decode("latin-1")})
         chunks: list[bytes] = []
         size = 0
@@ -215,7 +222,9 @@ class Gatekeeper:
             chunks.append(chunk)
             more = message.get("more_body", False)
         else:
-            status, body, headers = await ingest_core(self.state, device, key, b"".join(chunks))
+            status, body, headers = await ingest_core(
+                self.state, device, key, b"".join(chunks), forwarded=forwarded
+            )
         payload = json.dumps(body, separators=(",", ":"), default=str).encode()
         raw_headers = [
             (b"content-type", b"application/json"),

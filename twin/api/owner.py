@@ -20,6 +20,46 @@ from twin.api.state import ApiState
 FORWARDED = "x-twin-forwarded"  # a forwarded request is never forwarded again (no loops)
 
 
+def owner_api(st: ApiState, device: str) -> tuple[str, str] | None:
+    """(owner's API base URL, its name) when another engine of the cluster runs ``device``;
+    None when this engine does (or there is no cluster)."""
+    cluster: Any = st.engine.service_info.get("cluster")
+    if cluster is None or cluster.owns("Device", device):
+        return None
+    owner = cluster.owner_of("Device", device)
+    if owner is None or not owner.api or owner.id == cluster.engine_id:
+        return None
+    return owner.api, owner.name
+
+
+_clients: dict[int, httpx.AsyncClient] = {}
+
+
+async def forward_ingest(
+    st: ApiState, device: str, key: str, raw: bytes, base: str, name: str
+) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """Hand one ingest call to the device's owner (its answer is the ack: the owner logged the
+    readings durably before it). Connections to each owner are kept (one client per engine)."""
+    client = _clients.get(id(st))
+    if client is None:
+        client = _clients[id(st)] = httpx.AsyncClient(timeout=10.0)
+    try:
+        resp = await client.post(
+            f"{base}/api/v1/ingest/{device}",
+            content=raw,
+            headers={"x-device-key": key, "content-type": "application/json", FORWARDED: "1"},
+        )
+    except httpx.HTTPError as exc:
+        return 503, {"detail": f"device {device!r} runs on engine {name}, which did not answer: {exc}"}, {"Retry-After": "1"}
+    try:
+        body = resp.json()
+    except ValueError:
+        body = {"detail": resp.text[:300]}
+    extra = {k: v for k, v in resp.headers.items() if k.lower() == "retry-after"}
+    extra["x-twin-engine"] = name
+    return resp.status_code, body if isinstance(body, dict) else {"result": body}, extra
+
+
 async def to_owner(st: ApiState, request: Request, device: str) -> Response | None:
     cluster: Any = st.engine.service_info.get("cluster")
     if cluster is None or cluster.owns("Device", device) or request.headers.get(FORWARDED):
