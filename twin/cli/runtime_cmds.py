@@ -293,6 +293,12 @@ def up(
 
             # the site's simulated MQTT devices (PATH/simulators/), logging in with device keys
             services.append(SimulatorService(path))
+    if path is not None:
+        from twin.runtime.modbus_simulators import ModbusSimulatorService
+
+        # the site's simulated Modbus PLCs (PATH/simulators/*.yaml `modbus:`), polled by the
+        # engine's modbus binding like real ones
+        services.append(ModbusSimulatorService(path))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
     dash: list[Any] = []
     dash_url = None

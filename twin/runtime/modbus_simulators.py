@@ -1,0 +1,84 @@
+"""Simulated Modbus devices of a site, run next to the engine (``twin up SITE``).
+
+``SITE/simulators/*.yaml`` may declare, next to ``mqtt:``, a ``modbus:`` map of device name ->
+simulator options (the ``sim`` binding's waves per point)::
+
+    modbus:
+      boiler_plc_01:
+        interval: 1s
+        points:
+          temperature: {wave: sine, min: 60, max: 85, period: 5m, decimals: 1}
+
+Each must be a Device of the site with a ``modbus`` TCP binding; the simulator serves its
+unit on the binding's host:port (devices sharing a host:port share one simulated gateway),
+with the register layout of the device's point map (twin/sim/modbus_device.py). The engine's
+modbus binding then polls it like a PLC: the demo shows a Modbus device live.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from twin.runtime.simulators import SIMULATORS_DIR
+from twin.runtime.supervisor import supervise
+from twin.spec.yamlload import load_data
+
+log = logging.getLogger(__name__)
+
+
+def load_modbus_simulators(site: Path) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    folder = site / SIMULATORS_DIR
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.y*ml")):
+        doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
+        if isinstance(doc, dict):
+            for device, opts in (doc.get("modbus") or {}).items():
+                out[str(device)] = dict(opts or {})
+    return out
+
+
+@dataclass(repr=False, eq=False)
+class ModbusSimulatorService:
+    site: Path
+    name: str = "modbus-simulators"
+    sims: dict[str, Any] = field(default_factory=dict)
+
+    async def __call__(
+        self, engine: Any, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from twin.sim.modbus_device import ModbusSim, sim_unit
+
+        declared = await trio.to_thread.run_sync(load_modbus_simulators, self.site)
+        gateways: dict[tuple[str, int], list[Any]] = {}
+        for device, opts in sorted(declared.items()):
+            doc = engine.device_doc(device) or {}
+            spec = doc.get("spec") or {}
+            binding = (spec.get("binding") or {}).get("modbus")
+            if not isinstance(binding, dict) or "host" not in binding:
+                log.warning("modbus simulators: %s is not a Device with a modbus TCP binding; skipped", device)
+                continue
+            model = (engine.specs.get(("DeviceModel", str(spec.get("model", "")))) or {}).get("spec")
+            try:
+                unit = sim_unit(device, binding, model, opts)
+            except ValueError as exc:
+                log.warning("modbus simulators: %s: %s; skipped", device, exc)
+                continue
+            key = (str(binding["host"]), int(binding.get("port", 502)))
+            gateways.setdefault(key, []).append(unit)
+        async with trio.open_nursery() as nursery:
+            for (host, port), units in sorted(gateways.items()):
+                sim = ModbusSim(host, port, units)
+                label = f"modbus-sim-{host}:{port}"
+                for u in units:
+                    self.sims[u.device] = sim
+                nursery.start_soon(partial(supervise, sim.run, kind="simulator", name=label,
+                                           supervision=engine.supervision, restart_on_return=True))
+            task_status.started({"devices": sorted(self.sims)})
