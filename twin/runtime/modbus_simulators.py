@@ -79,6 +79,8 @@ class ModbusSimulatorService:
                 label = f"modbus-sim-{host}:{port}"
                 for u in units:
                     self.sims[u.device] = sim
-                nursery.start_soon(partial(supervise, sim.run, kind="simulator", name=label,
-                                           supervision=engine.supervision, restart_on_return=True))
+                # listening before the engine starts the devices that poll it
+                await nursery.start(partial(supervise, sim.run, kind="simulator", name=label,
+                                            supervision=engine.supervision, restart_on_return=True,
+                                            with_status=True))
             task_status.started({"devices": sorted(self.sims)})

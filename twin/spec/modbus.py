@@ -338,7 +338,8 @@ def modbus_problems(loaded: Any) -> list[Any]:
         own = _parsed(doc, base, opts.get("points") or {}, merged, set(merged.get("groups") or {}), problems)
         inherited = {n: p for n, p in model_points.get(str(spec.get("model")), {}).items()
                      if mmap is not None and n not in own}
-        if not own and not inherited:
+        model_missing = bool(spec.get("model")) and (model is None or model.key in invalid)
+        if not own and not inherited and not model_missing:  # else: reported as the model's
             problems.append(doc.problem(("spec", "binding", "modbus"), "no points to poll",
                                         "add points here or under the DeviceModel's spec.modbus"))
         decls = _model_decls(model)
