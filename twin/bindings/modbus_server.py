@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twin.bindings import aio
+from twin.bindings.modbus_codec import encode
 from twin.bindings.protostats import stats
+from twin.spec.modbus import Point
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,17 @@ class RegisterServer:
         }
         self.on_write = on_write
         self._server: Any = None
+
+    def put(self, unit: int, point: Point, value: Any) -> None:
+        """Write ``value`` of ``point`` into ``unit``'s image (from Trio). Raises EncodeError."""
+        table = self.image[unit][point.fc]
+        if point.fc in (1, 2):
+            table[point.address] = bool(value)
+        elif point.bit is not None:
+            mask = 1 << point.bit
+            table[point.address] = (table[point.address] & ~mask) | (mask if value else 0)
+        else:
+            table[point.address : point.address + point.count] = encode(point, value)
 
     def _action(self, unit: int) -> Callable[..., Any]:
         async def action(

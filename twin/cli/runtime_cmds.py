@@ -293,6 +293,9 @@ def up(
 
             # the site's simulated MQTT devices (PATH/simulators/), logging in with device keys
             services.append(SimulatorService(path))
+    from twin.runtime.modbus_server import ModbusServerService
+
+    services.append(ModbusServerService())  # slave mode of the Sites that declare it
     if path is not None:
         from twin.runtime.modbus_simulators import ModbusSimulatorService
 

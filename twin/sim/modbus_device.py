@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from twin.bindings.modbus_codec import EncodeError, encode
+from twin.bindings.modbus_codec import EncodeError
 from twin.bindings.modbus_server import RegisterServer
 from twin.sim.generators import PointGenerator, make_generator
 from twin.spec.modbus import Point, merged_options, parse_point
@@ -53,18 +53,6 @@ def sim_unit(device: str, binding: Mapping[str, Any], model: Mapping[str, Any] |
                    parse_duration(sim.get("interval", "1s")) or 1.0)
 
 
-def put(image: dict[int, list[Any]], p: Point, value: Any) -> None:
-    """Write ``value`` of point ``p`` into a unit's register image."""
-    table = image[p.fc]
-    if p.fc in (1, 2):
-        table[p.address] = bool(value)
-    elif p.bit is not None:
-        mask = 1 << p.bit
-        table[p.address] = (table[p.address] & ~mask) | (mask if value else 0)
-    else:
-        table[p.address : p.address + p.count] = encode(p, value)
-
-
 @dataclass
 class ModbusSim:
     """One simulated gateway (host:port) with its units."""
@@ -79,7 +67,6 @@ class ModbusSim:
     def _tick(self, t: float, first: bool) -> None:
         assert self.server is not None
         for u in self.units:
-            image = self.server.image[u.unit]
             for name, wave in u.waves.items():
                 p = u.points[name]
                 if p.writable and not first:
@@ -88,7 +75,7 @@ class ModbusSim:
                 if p.type in ("int16", "uint16", "int32", "uint32", "int64", "uint64") and p.scale == 1:
                     value = round(value)
                 try:
-                    put(image, p, value)
+                    self.server.put(u.unit, p, value)
                 except (EncodeError, ValueError, TypeError) as exc:
                     log.warning("modbus sim %s: %s: %s", u.device, name, exc)
         self.updates += 1

@@ -385,6 +385,7 @@ def modbus_problems(loaded: Any) -> list[Any]:
                         ("spec", "binding", "modbus", "serial"),
                         f"serial settings {settings} differ from another device on {key[1]} "
                         f"{dict(serial0)}: one port has one baud rate, parity and framing"))
+    problems.extend(server_problems(loaded))
     return problems
 
 
@@ -395,3 +396,55 @@ def _overlap_message(later: Point, earlier: Point) -> str:
         return f"address {p.address}" + (f"-{p.end - 1}" if p.count > 1 else "")
     return (f"{span(later)} ({FC_TABLE[later.fc]}) overlaps point {earlier.name!r} "
             f"({span(earlier)})")
+
+
+def server_problems(loaded: Any) -> list[Any]:
+    """Located problems of every Site's ``spec.modbus_server`` (slave mode): point maps as for
+    a device, each unit's device in this site, points that are the device model's properties
+    or telemetry, writable points only on writable properties, duplicate unit ids."""
+    problems: list[Any] = []
+    devices = loaded.of_kind("Device")
+    models = loaded.of_kind("DeviceModel")
+    for sdoc in loaded.of_kind("Site").values():
+        if sdoc.key in loaded.invalid:
+            continue
+        server = (sdoc.body.get("spec") or {}).get("modbus_server")
+        if not isinstance(server, Mapping):
+            continue
+        seen: set[int] = set()
+        for i, u in enumerate(server.get("units") or []):
+            if not isinstance(u, Mapping):
+                continue
+            base: tuple[str | int, ...] = ("spec", "modbus_server", "units", i)
+            if u.get("unit") in seen:
+                problems.append(sdoc.problem((*base, "unit"), f"unit id {u.get('unit')} is served twice"))
+            seen.add(u.get("unit"))  # type: ignore[arg-type]
+            ddoc = devices.get(str(u.get("device")))
+            if ddoc is None:
+                problems.append(sdoc.problem((*base, "device"), f"unknown Device {u.get('device')!r}"))
+                continue
+            dsite = (ddoc.body.get("metadata") or {}).get("site")
+            if dsite != sdoc.name:
+                problems.append(sdoc.problem((*base, "device"),
+                                             f"Device {ddoc.name!r} belongs to site {dsite!r}, not {sdoc.name!r}",
+                                             "a site's SCADA server exposes only its own devices"))
+            mname = (ddoc.body.get("spec") or {}).get("model")
+            mdoc = models.get(str(mname)) if mname else None
+            spec = (mdoc.body.get("spec") or {}) if mdoc is not None else {}
+            props = spec.get("properties") or {}
+            decls = {**(spec.get("telemetry") or {}), **props}
+            pts = _parsed(sdoc, (*base, "points"), u.get("points") or {}, u, {"default"}, problems)
+            for name, p in pts.items():
+                if mdoc is not None and name not in decls:
+                    problems.append(sdoc.problem((*base, "points", name),
+                                                 f"{name!r} is not a property or telemetry point of model {mdoc.name!r}"))
+                    continue
+                if p.writable and mdoc is not None and (props.get(name) or {}).get("access") not in ("write", "readwrite"):
+                    problems.append(sdoc.problem((*base, "points", name, "access"),
+                                                 f"{name!r} is not a writable property of model {mdoc.name!r}",
+                                                 "a SCADA may write only properties with access: readwrite"))
+                elif name in decls and (msg := model_type_problem(p, decls[name].get("type"))) is not None:
+                    problems.append(sdoc.problem((*base, "points", name, "type"), msg))
+            for later, earlier in overlaps(pts.values()):
+                problems.append(sdoc.problem((*base, "points", later.name), _overlap_message(later, earlier)))
+    return problems
