@@ -93,9 +93,23 @@ spec:
 """
 
 
+MQTT_DEVICE = """\
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {{name: {name}, site: cl}}
+spec:
+  type: sensor
+  model: counter
+  binding:
+    mqtt: {{prefix: "{prefix}/{{device}}", qos: 1}}
+"""
+
+
 def write_site(
-    root: Path, devices: int, scenes: int, interval: str = "500ms", http: int = 0
-) -> Path:
+    root: Path, devices: int, scenes: int, interval: str = "500ms", http: int = 0,
+    mqtt: int = 0, prefix: str = "cl",
+) -> Path:  # fmt: skip
     site = root / "site"
     site.mkdir(parents=True, exist_ok=True)
     text = SITE
@@ -103,6 +117,8 @@ def write_site(
         text += DEVICE.format(name=f"dev{i:02d}", interval=interval)
     for i in range(http):
         text += HTTP_DEVICE.format(name=f"http{i:02d}")
+    for i in range(mqtt):
+        text += MQTT_DEVICE.format(name=f"mq{i:02d}", prefix=prefix)
     for i in range(scenes):
         text += SCENE.format(
             name=f"scene{i:02d}", device=f"dev{i:02d}", target=f"dev{(i + 1) % devices:02d}"
@@ -175,7 +191,7 @@ class Proxy:
 class Cluster:
     def __init__(
         self, root: Path, devices: int = 12, scenes: int = 6, ttl: float = 3.0, http: int = 0,
-        timeseries: bool = False,
+        timeseries: bool = False, mqtt: int = 0, broker: str | None = None,
     ) -> None:  # fmt: skip
         import psycopg
 
@@ -184,7 +200,9 @@ class Cluster:
         self.name = "c" + uuid.uuid4().hex[:6]
         self.url = with_schema(PG_URL, self.schema)
         self.ttl = ttl
-        self.site = write_site(root, devices, scenes, http=http)
+        self.prefix = f"twin-cluster-test/{uuid.uuid4().hex[:8]}"  # its own topics on a shared broker
+        self.broker = broker
+        self.site = write_site(root, devices, scenes, http=http, mqtt=mqtt, prefix=self.prefix)
         # the shared time-series store: the same database, the cluster's schema
         self.timeseries = (
             f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{self.schema}"
@@ -207,9 +225,10 @@ class Cluster:
 
     def start(self, name: str, url: str | None = None) -> Up:
         ts = ["--timeseries", self.timeseries] if self.timeseries else ["--no-timeseries"]
+        mq = ["--mqtt-broker", self.broker] if self.broker else ["--no-mqtt"]
         up = start_up(
             self.env(name), "--registry", url or self.url, "--cluster", self.name,
-            "--cluster-ttl", str(self.ttl), "--listen", "127.0.0.1:0", "--no-mqtt", *ts,
+            "--cluster-ttl", str(self.ttl), "--listen", "127.0.0.1:0", *mq, *ts,
         )  # fmt: skip
         self.engines[name] = up
         return up
