@@ -120,10 +120,11 @@ def test_partials_match_the_numpy_reference(prefix: str, bucket: float) -> None:
         got = s.aggregate("raw", Selector(), start, end, bucket)
         assert got.schema == PARTIAL_SCHEMA
         assert _canon(got) == _canon(expected)
-        # compacted (CLUSTERed by series: rows come out in series order, not time order)
-        assert s._unclustered_closed(4e9)
+        # compacted: closed partitions become series chunks (issue 19), same partials
+        assert s._exec(f"SELECT count(*) FROM {prefix}chunks")[0][0] == 0
         s.reclaim()
-        assert not s._unclustered_closed(4e9)
+        assert s._exec(f"SELECT count(*) FROM {prefix}points")[0][0] == 0
+        assert s._exec(f"SELECT count(*) FROM {prefix}chunks")[0][0] > 0
         assert _canon(s.aggregate("raw", Selector(), start, end, bucket)) == _canon(expected)
         assert s.read_raw(Selector(), 0, 4e9).num_rows == len(_mixed())
         # a tier rolled up again matches partials.combine of the finer tier
@@ -181,7 +182,8 @@ def test_rollup_in_the_server_equals_aggregate_then_replace(prefix: str) -> None
 
 
 def test_retention_drops_whole_partitions_and_cuts_the_rest(prefix: str) -> None:
-    s = _store(prefix, partition_hours=1)
+    # the row partitions' own retention (closed partitions stay rows: no chunks)
+    s = _store(prefix, partition_hours=1, chunks=False)
     try:
         day0 = math.floor(T0 / 3600) * 3600
         recs: list[Record] = [
