@@ -179,6 +179,10 @@ class FluxClient:
     def scenes(self) -> list[dict[str, Any]]:
         return _items(self._json("GET", "/scenes"))
 
+    def cluster(self) -> dict[str, Any]:
+        """The engines of a scale-out cluster and what each owns (``cluster`` null: one)."""
+        return dict(self._json("GET", "/cluster"))
+
     def run_scene(self, name: str) -> dict[str, Any]:
         return dict(self._json("POST", f"/scenes/{name}/execute"))
 

@@ -8,6 +8,7 @@ from typing import Any
 from dashboards.core import Ctx
 from dashboards.panels import (
     alarms,
+    cluster,
     commands,
     devices,
     history,
@@ -32,7 +33,8 @@ PANELS: dict[str, Render] = {
     "history": history.render,
     "markdown": markdown.render,
     "video": video.render,
+    "cluster": cluster.render,
 }
 
-LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes"}
+LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes", "cluster"}
 """Panels that refresh on the dashboard's ``refresh`` interval (history waits for the user)."""

@@ -106,6 +106,7 @@ def test_default_dashboard_when_none_declared(tmp_path: Path) -> None:
         "edge-gateway",
         "energy-meter",
         "air-quality",  # the demo device that speaks MQTT
+        "boiler-modbus",  # the demo PLC that speaks Modbus TCP
     }
     # motion is boolean telemetry: not charted
     cam = next(c for c in charts if c["select"]["model"] == "ip-camera")

@@ -34,6 +34,7 @@ PANEL_TYPES = (
     "history",
     "markdown",
     "video",
+    "cluster",
 )
 SELECT_KEYS = ("site", "group", "tag", "device", "type", "model")
 NEEDS_METRIC = {"stat": "metric", "timeseries": "metrics"}
