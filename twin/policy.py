@@ -62,6 +62,10 @@ happens there. ``twin validate`` reports an action on a device outside the scene
 file and line. A scene without a site is a shared document: only unscoped subjects write it,
 and its actions may reach every site.
 
+Edges: an edge node authenticates with its own key (a device key of the pseudo device
+``edge:<name>``) on ``/api/v1/edge-link/<name>/...`` only; what it uploads is judged by
+:func:`edge_may_report` (data only for the devices its EdgeNode owns).
+
 ``/apply`` judges only the documents its plan creates, updates or deletes (normalised, on the
 stored and the new version): re-applying unchanged shared documents such as the demo's
 ``DeviceModel`` needs no unscoped rights; changing them does.
@@ -315,6 +319,13 @@ def scene_may_act(scene_site: str | None, reach: Iterable[str], device_site: str
     return device_site is not None and (device_site == scene_site or device_site in set(reach))
 
 
+def edge_may_report(edge: str, device: str, owner: str | None) -> bool:
+    """May the edge node ``edge`` (authenticated by its key, ``twin edge-key``) report data
+    for ``device``, owned by the EdgeNode ``owner`` (None: no edge owns it)? Only for the
+    devices it owns: an edge's key never writes another edge's or the cloud's devices."""
+    return owner is not None and owner == edge
+
+
 __all__ = [
     "OPERATE",
     "RANK",
@@ -337,6 +348,7 @@ __all__ = [
     "decide",
     "doc_site",
     "doc_target",
+    "edge_may_report",
     "scene_may_act",
     "scene_reach",
     "user_target",

@@ -51,8 +51,8 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         app,
         routes=routes,
         public=PUBLIC | set(video.SIGNED_PATHS),
-        device_key=(f"{PREFIX}/ingest/",),
-        optional_markers=("/commands", "/scene", "/timeseries", "/reports"),
+        device_key=(f"{PREFIX}/ingest/", f"{PREFIX}/edge-link/"),
+        optional_markers=("/commands", "/scene", "/timeseries", "/reports", "/edge"),
         text_paths=("/metrics",),
         document_bodies={
             (f"{PREFIX}/devices", "post"): "Device",

@@ -29,6 +29,9 @@ from twin.errors import AuthError
 from twin.timeseries.wal import WalError, WalFull
 
 INGEST_PREFIX = f"{PREFIX}/ingest/"
+EDGE_LINK_PREFIX = f"{PREFIX}/edge-link/"
+"""Edge uploads: authenticated by the edge's key in the route (twin/api/routes/edge.py), not
+audited per request (like ingest)."""
 LOGIN = f"{PREFIX}/auth/login"
 MAX_INGEST_BODY = 1 << 20
 
@@ -139,7 +142,7 @@ class Gatekeeper:
                 status_box[0] = message["status"]
             await send(message)
 
-        ingest = path.startswith(f"{PREFIX}/ingest/")
+        ingest = path.startswith(f"{PREFIX}/ingest/") or path.startswith(EDGE_LINK_PREFIX)
         client = (scope.get("client") or ("?", 0))[0]
         response: Response | None = None
         if not ingest and path != f"{PREFIX}/health":

@@ -678,6 +678,7 @@ def _register_extensions() -> None:
         "twin.cli.dashboard_cmds",  # dashboard
         "twin.cli.report_cmds",  # report
         "twin.cli.discover_cmds",  # discover onvif
+        "twin.cli.edge_cmds",  # edge, edge-key
     ):
         try:
             module = importlib.import_module(mod)

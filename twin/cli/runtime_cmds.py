@@ -276,6 +276,9 @@ def up(
         from twin.runtime.timeseries_service import TimeSeriesService
 
         services.append(TimeSeriesService(url=timeseries))
+    from twin.edge.cloud import EdgeCloud
+
+    services.append(EdgeCloud())  # edge uploads, link state (twin/edge/cloud.py)
     from twin.reports.service import ReportService
 
     services.append(ReportService(webhooks=webhooks))  # report schedules, alarm notifications

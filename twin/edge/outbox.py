@@ -56,9 +56,8 @@ from typing import Any
 
 import trio
 
-from twin.errors import StorageError
 from twin.files import private_dir
-from twin.timeseries.wal import _LSN, HEADER, MAX_RECORD, _fsync_dir
+from twin.timeseries.wal import _LSN, HEADER, MAX_RECORD, WalError, WalFull, _fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +68,13 @@ DROPPED = "dropped"
 KINDS = ("telemetry", "status", "command_result", "alarm", "scene_trace")
 
 
-class OutboxError(StorageError):
-    """The outbox cannot take records now (the local ingest answers 503)."""
+class OutboxError(WalError):
+    """The outbox cannot take records now (the local ingest answers 503, MQTT 0x80)."""
 
     retry_after = 5
 
 
-class OutboxFull(OutboxError):
+class OutboxFull(OutboxError, WalFull):
     """The outbox is full and the overflow policy does not allow dropping for this record."""
 
     retry_after = 5

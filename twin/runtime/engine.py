@@ -71,6 +71,9 @@ class EngineConfig:
     clock: Callable[[], float] = time.time
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     """Restart backoff and quarantine of supervised services, engine loops and devices."""
+    edge: str | None = None
+    """Edge mode (``twin edge``): run only the devices this EdgeNode owns. Otherwise (the
+    cloud) devices an EdgeNode owns are left to their edge (``twin/spec/edge_check.py``)."""
 
 
 class Engine:
@@ -226,11 +229,12 @@ class Engine:
             else:
                 specs = await self.rio.call(self.registry.specs, head.number)
             self.overrides.prune(specs)  # a changed spec value wins over a runtime override
-            mine, moved = specs, frozenset[str]()
+            runnable = self._runnable(specs)  # not the devices an edge node runs
+            mine, moved = runnable, frozenset[str]()
             if self.ownership.active:
                 own = self.ownership.owns
-                mine = {k: v for k, v in specs.items() if k[0] != "Device" or own(*k)}
-                moved = frozenset(k[1] for k in specs if k[0] == "Device" and k not in mine)
+                mine = {k: v for k, v in runnable.items() if k[0] != "Device" or own(*k)}
+                moved = frozenset(k[1] for k in runnable if k[0] == "Device" and k not in mine)
             changes = await self.controller.reconcile(mine, handover=moved)
             self._reconciled = head.number
             self._owned_version = owned
@@ -243,6 +247,20 @@ class Engine:
             self._revision_changed.set()
             self._revision_changed = trio.Event()
             return changes
+
+    def _runnable(self, specs: dict[Key, dict[str, Any]]) -> dict[Key, dict[str, Any]]:
+        """The documents whose devices this engine runs (see ``EngineConfig.edge``)."""
+        if self.config.edge is None and not any(k == "EdgeNode" for k, _ in specs):
+            return specs
+        from twin.spec.edge_check import edge_owned
+
+        owner = edge_owned(specs)
+        mine = self.config.edge
+        return {
+            key: doc
+            for key, doc in specs.items()
+            if key[0] != "Device" or owner.get(key[1]) == mine
+        }
 
     async def _watch(self) -> None:
         while True:

@@ -82,7 +82,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -225,6 +225,11 @@ class TimeSeriesService:
     wal: WriteAheadLog | None = field(default=None, init=False)
     replayed: int = field(default=0, init=False)
     """Readings replayed from the write-ahead log at start (duplicates skipped)."""
+    append_hook: Callable[[list[WalReading], Callable[[], Any]], Any] | None = field(
+        default=None, init=False, repr=False
+    )
+    """Edge mode (``twin/edge/agent.py``): ``append_hook(rows, append)`` logs the rows in the
+    outbox too and returns the batch to wait on (both durable before the ingest's ack)."""
     _wal_queue: deque[Entry] = field(default_factory=deque, init=False, repr=False)
     _wal_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
     _cp_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
@@ -397,6 +402,8 @@ class TimeSeriesService:
         ]
         if wal is None or not rows:
             return None
+        if self.append_hook is not None:  # edge mode: the outbox too (twin/edge/agent.py)
+            return self.append_hook(rows, lambda: wal.append(rows)[1])
         return wal.append(rows)[1]
 
     def _wal_committed(self, entries: list[Entry]) -> None:

@@ -17,6 +17,7 @@ scenes     scenes, running them, their traces
 cluster    the engines of a scale-out cluster and what each owns
 reports    reports: list, run now, past runs, download their files
 video      cameras: status, signed links, HLS, HTTP-FLV, snapshots, recordings, clips
+edge       edge nodes: their uplink (edge keys), link state
 ========== ===================================================================
 """
 
@@ -32,6 +33,7 @@ from twin.api.routes import (
     commands,
     credentials,
     devices,
+    edge,
     groups,
     reports,
     scenes,
@@ -59,6 +61,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     cluster.router,
     reports.router,
     video.router,
+    edge.router,
 )
 
 __all__ = ["ROUTERS"]

@@ -1,0 +1,290 @@
+"""The edge agent: the engine service ``twin edge`` adds, which makes an engine an edge node.
+
+::
+
+    edge engine (its own registry + time-series store in the edge's state dir)
+    ├─ devices          only those the EdgeNode owns (EngineConfig.edge)
+    ├─ scenes, commands local: they work with the uplink down
+    └─ edge agent
+       ├─ outbox        <state>/outbox (twin/edge/outbox.py), limits from the EdgeNode spec
+       ├─ tap           pushed readings: in the outbox before the local ack (the time-series
+       │                service's append hook: HTTP 2xx / PUBACK only when both are fsynced);
+       │                polled readings, status changes, alarms (bus), scene traces (the
+       │                scene engine's trace sink), command results (ledger listener) → outbox
+       ├─ uplink        outbox → cloud (twin/edge/uplink.py)
+       └─ spec sync     cloud → local registry: the edge's documents as a new local revision
+                        (atomic: one apply), kept across restarts; the engine hot-reloads
+
+Offline autonomy: the local registry holds the last applied revision, so an edge restarted with
+the uplink down runs exactly what it ran before; the scenes and commands are local.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from twin.edge.outbox import Outbox, OutboxError
+from twin.edge.uplink import Uplink
+from twin.runtime.bus import Filter
+from twin.runtime.timeseries_service import timeseries_of
+from twin.spec.edge_check import overflow_policy, parse_size
+from twin.spec.units import parse_duration
+
+if TYPE_CHECKING:
+    from twin.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+CLOUD_REV_PREFIX = "cloud revision "
+
+
+class _Joined:
+    """Two group-commit batches (the local WAL's and the outbox's) awaited as one: duck-typed
+    like a WAL batch (``done.wait()``, ``error``) for the ingest edges that commit it."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+        self.done = self
+
+    async def wait(self) -> None:
+        await self.a.done.wait()
+        await self.b.done.wait()
+
+    @property
+    def error(self) -> Any:
+        return self.a.error or self.b.error
+
+
+@dataclass
+class EdgeAgent:
+    """The engine service (``engine.service_info["edge"]``)."""
+
+    edge: str
+    cloud_url: str
+    key: str
+    verify: Any = True
+    name: str = "edge"
+    sync_interval: float = 2.0
+    outbox: Outbox | None = field(default=None, init=False)
+    uplink: Uplink | None = field(default=None, init=False)
+    cloud_revision: int | None = field(default=None, init=False)
+    spec_hash: str | None = field(default=None, init=False)
+    lost: int = field(default=0, init=False)
+    """Bus events lost to an overflowing subscription (counted, logged)."""
+    _engine: Engine | None = field(default=None, init=False, repr=False)
+
+    def _spec(self) -> Mapping[str, Any]:
+        assert self._engine is not None
+        doc = self._engine.specs.get(("EdgeNode", self.edge)) or {}
+        return doc.get("spec") or {}
+
+    async def __call__(
+        self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._engine = engine
+        spec = self._spec()
+        buf = spec.get("buffer") or {}
+        drop, never = overflow_policy(spec)
+        box = Outbox(
+            Path(engine.config.state_dir) / "outbox",
+            max_bytes=parse_size(buf["max_bytes"]) if "max_bytes" in buf else None,
+            max_records=buf.get("max_records"),
+            max_age=parse_duration(buf["max_age"]) if "max_age" in buf else None,
+            drop=drop,
+            never=never,
+        )
+        self.outbox = box
+        up = spec.get("uplink") or {}
+        back = up.get("backoff") or {}
+        self.uplink = Uplink(
+            box, self.cloud_url, self.edge, self.key, verify=self.verify,
+            batch=int(up.get("batch", 2000)),
+            interval=parse_duration(up.get("interval", "200ms")),
+            timeout=parse_duration(up.get("timeout", "10s")),
+            backoff_initial=parse_duration(back.get("initial", "500ms")),
+            backoff_max=parse_duration(back.get("max", "30s")),
+            revision=lambda: self.cloud_revision,
+            extra_stats=lambda: {"local_revision": engine.revision_number, "lost": self.lost},
+        )  # fmt: skip
+        self.sync_interval = parse_duration(up.get("sync", self.sync_interval))
+        self.cloud_revision, self.spec_hash = await engine.rio.call(self._local_origin)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(box.run)
+            self._hook(engine)
+            sub = engine.bus.open(Filter.of(kinds=("reading", "status", "alarm")),
+                                  buffer=100_000, name="edge outbox")  # fmt: skip
+            nursery.start_soon(self._tap, sub)
+            await nursery.start(self.uplink.run)
+            nursery.start_soon(self._sync_loop)
+            task_status.started(self)
+
+    # --- up -----------------------------------------------------------------------------
+    def _hook(self, engine: Engine) -> None:
+        box = self.outbox
+        assert box is not None
+        svc = timeseries_of(engine)
+        if svc is not None:
+
+            def hook(rows: list[Any], append: Callable[[], Any]) -> Any:
+                _, ob = box.append("telemetry", [list(r) for r in rows])  # OutboxFull: refused
+                return _Joined(append(), ob)
+
+            svc.append_hook = hook
+        control = engine.service_info.get("control")
+        if control is not None:
+            scenes = getattr(control, "scenes", None)
+            if scenes is not None:
+                sink = scenes.trace_sink
+
+                def trace_sink(trace: dict[str, Any]) -> None:
+                    if sink is not None:
+                        sink(trace)
+                    self.put_soon("scene_trace", {
+                        "run_id": trace.get("run_id"), "scene": trace.get("scene"),
+                        "started_at": trace.get("started_at"),
+                        "finished_at": trace.get("finished_at"), "status": trace.get("status"),
+                        "trace": trace})  # fmt: skip
+
+                scenes.trace_sink = trace_sink
+            ledger = getattr(control, "ledger", None)
+            if ledger is not None:
+                ledger.listeners.append(self._command_done)
+
+    def _command_done(self, cmd: Any) -> None:
+        self.put_soon("command_result", {
+            "id": cmd.id, "device": cmd.device, "type": cmd.type, "status": str(cmd.status),
+            "error": cmd.error, "result": cmd.result, "ts": cmd.updated_at or time.time()})  # fmt: skip
+
+    def put_soon(self, kind: str, body: Any, ts: float | None = None) -> None:
+        """Append without waiting for the fsync (no acknowledgement stands behind it)."""
+        box = self.outbox
+        if box is None:
+            return
+        try:
+            box.append(kind, body, ts)
+        except OutboxError as exc:
+            self.lost += 1
+            log.warning("edge outbox: %s record refused: %s", kind, exc)
+
+    async def _tap(self, sub: Any) -> None:
+        """Bus → outbox: polled readings (pushed ones are in it already: ``logged``), status
+        changes and alarms. Readings arriving together become one telemetry record."""
+        engine = self._engine
+        assert engine is not None
+        while True:
+            try:
+                first = await sub.receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                self.lost += 1
+                log.error("edge outbox: the bus dropped its subscription (too slow); resubscribing")
+                sub = engine.bus.open(sub.filter, buffer=100_000, name="edge outbox")
+                continue
+            events = [first]
+            while len(events) < 5000:
+                try:
+                    events.append(sub.receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            readings = []
+            for ev in events:
+                kind = ev.get("kind")
+                if kind == "reading":
+                    if not ev.get("logged") and ev.get("value") is not None:
+                        readings.append([ev["device"], ev["point"], ev["value"], ev["ts"],
+                                         ev.get("quality", "good")])  # fmt: skip
+                elif kind == "status":
+                    self.put_soon("status", {"device": ev["device"], "status": ev["status"],
+                                             "previous": ev.get("previous"),
+                                             "reason": ev.get("reason")}, ev.get("ts"))  # fmt: skip
+                elif kind == "alarm":
+                    alarm = ev.get("alarm") or {}
+                    self.put_soon("alarm", {
+                        "device": ev.get("device"), "event": ev.get("event"),
+                        "type": alarm.get("type"), "severity": alarm.get("severity"),
+                        "message": alarm.get("message")}, ev.get("ts"))  # fmt: skip
+            if readings:
+                self.put_soon("telemetry", readings)
+
+    # --- down ---------------------------------------------------------------------------
+    def _local_origin(self) -> tuple[int | None, str | None]:
+        """(cloud revision, hash) of the locally applied cloud documents (from the head's
+        message), so a restarted edge reports what it runs before it reaches the cloud."""
+        assert self._engine is not None
+        head = self._engine.registry.head()
+        msg = getattr(head, "message", "") or ""
+        if msg.startswith(CLOUD_REV_PREFIX):
+            rev, _, digest = msg[len(CLOUD_REV_PREFIX) :].partition(" ")
+            if rev.isdigit():
+                return int(rev), digest.strip("()") or None
+        return None, None
+
+    async def _sync_loop(self) -> None:
+        assert self.uplink is not None
+        headers = {"Authorization": f"Bearer {self.key}"}
+        url = f"{self.cloud_url.rstrip('/')}/api/v1/edge-link/{self.edge}/specs"
+        async with httpx.AsyncClient(headers=headers, timeout=10, verify=self.verify) as client:
+            while True:
+                try:
+                    with trio.fail_after(20):
+                        resp = await client.get(url)
+                    if resp.status_code == 200:
+                        await self._apply(resp.json())
+                    else:
+                        log.debug("edge spec sync: %s", resp.status_code)
+                except (httpx.HTTPError, OSError, trio.TooSlowError, ValueError) as exc:
+                    log.debug("edge spec sync failed: %s", exc)
+                await trio.sleep(self.sync_interval)
+
+    async def _apply(self, desired: Mapping[str, Any]) -> None:
+        """Apply the cloud's documents for this edge as one local revision (all or nothing)."""
+        engine = self._engine
+        assert engine is not None
+        digest = str(desired.get("hash"))
+        rev = int(desired.get("revision") or 0)
+        if digest == self.spec_hash:
+            self.cloud_revision = rev if self.cloud_revision is None else self.cloud_revision
+            return
+        from twin.errors import TwinError
+        from twin.spec import validate_specs
+        from twin.spec.apply import apply_specs
+
+        docs = desired.get("documents") or []
+
+        def apply() -> int | None:
+            loaded = validate_specs(docs)
+            result = apply_specs(engine.registry, loaded, prune=True, author=f"cloud:{self.edge}",
+                                 message=f"{CLOUD_REV_PREFIX}{rev} ({digest})", source="edge")  # fmt: skip
+            return result.revision.number if result.revision is not None else None
+
+        try:
+            local = await engine.rio.call(apply)
+        except TwinError as exc:
+            log.error("edge: cloud revision %d not applied (kept the running one): %s", rev, exc)
+            return
+        self.spec_hash, self.cloud_revision = digest, rev
+        log.info("edge: applied cloud revision %d as local revision %s", rev, local)
+        engine.poke()
+
+    def stats(self) -> dict[str, Any]:
+        up = self.uplink
+        return {
+            "edge": self.edge,
+            "cloud": self.cloud_url,
+            "online": bool(up and up.online),
+            "last_ok": up.last_ok if up else None,
+            "last_error": up.last_error if up else None,
+            "cloud_revision": self.cloud_revision,
+            "outbox": self.outbox.stats() if self.outbox else None,
+            "lost": self.lost,
+        }
+
+
+__all__ = ["EdgeAgent"]

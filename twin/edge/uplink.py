@@ -1,0 +1,199 @@
+"""The edge's uplink: drains the outbox to the cloud in batches, reconnects with backoff.
+
+Each round builds one upload of at most ``batch`` records from two runs (see
+``twin/edge/protocol.py``): the **live** run — records appended since the link came back
+(sequence numbers from ``live_from``) — first, up to half the batch, and the **backlog** run
+— the oldest unacknowledged records — filling the rest. So after an outage the backlog drains
+at full batch size while live data reaches the cloud within one round, never behind the
+backlog. The cloud's answer (``acked``, ``covered``) deletes the records from the outbox.
+
+With nothing to send the uplink still uploads an empty batch every ``heartbeat`` seconds: the
+cloud's link state (online, revision, outbox depth and age) stays current.
+
+A failed upload (connection refused or reset, a timeout — a blackholed link —, a 5xx) marks the
+link down and retries after a backoff (``initial`` doubling to ``max``, with jitter); records
+stay in the outbox until acknowledged, so nothing is lost and the cloud's dedup makes the
+re-sends harmless. A 4xx other than 429 (a bad key, an unknown edge) is logged once per
+episode and retried with the maximal backoff: the operator fixes the cloud side, the edge
+keeps buffering.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import trio
+
+from twin.edge.outbox import Outbox
+from twin.edge.protocol import Covered
+
+log = logging.getLogger(__name__)
+
+
+class UplinkError(Exception):
+    def __init__(self, message: str, *, permanent: bool = False, retry_after: float = 0) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+@dataclass
+class Uplink:
+    outbox: Outbox
+    url: str
+    edge: str
+    key: str
+    batch: int = 2000
+    interval: float = 0.2
+    timeout: float = 10.0
+    heartbeat: float = 2.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    verify: Any = True
+    revision: Callable[[], int | None] = lambda: None
+    extra_stats: Callable[[], dict[str, Any]] = dict
+    online: bool = False
+    uploads: int = 0
+    failures: int = 0
+    sent_records: int = 0
+    last_ok: float | None = None
+    last_error: str | None = None
+    covered: Covered = field(default_factory=Covered)
+    live_from: int = 0
+    _wake: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.url.rstrip('/')}/api/v1/edge-link/{self.edge}/batch"
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0))
+        async with httpx.AsyncClient(headers=headers, timeout=timeout, verify=self.verify) as client:
+            task_status.started()
+            delay = self.backoff_initial
+            while True:
+                try:
+                    await self._session(client)
+                except UplinkError as exc:
+                    wait = self.backoff_max if exc.permanent else max(delay, exc.retry_after)
+                    self._down(str(exc))
+                except (httpx.HTTPError, OSError) as exc:
+                    wait = delay
+                    self._down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                await trio.sleep(wait * random.uniform(0.8, 1.2))
+                delay = min(self.backoff_max, delay * 2)
+                if self.online:
+                    delay = self.backoff_initial
+
+    def _down(self, why: str) -> None:
+        self.failures += 1
+        if self.online or self.last_error is None:
+            log.warning("edge uplink to %s down: %s (%d records buffered)", self.url, why,
+                        len(self.outbox))  # fmt: skip
+        self.online = False
+        self.last_error = why
+
+    async def _session(self, client: httpx.AsyncClient) -> None:
+        """Upload rounds until one fails."""
+        self.live_from = self.outbox.next_seq  # records from here on are "live"
+        self.covered = Covered()
+        last_upload = 0.0
+        while True:
+            runs, n = await self._build()
+            now = time.monotonic()
+            if n == 0 and now - last_upload < self.heartbeat and self.online:
+                with trio.move_on_after(self.interval):
+                    await self._next_record()
+                continue
+            await self._upload(client, runs)
+            last_upload = time.monotonic()
+            if n < self.batch // 2:  # caught up: wait a little for records to batch up
+                with trio.move_on_after(self.interval):
+                    await self._next_record()
+
+    async def _next_record(self) -> None:
+        async with trio.open_nursery() as n:
+            async def one() -> None:
+                await self.outbox.wait_for(self.outbox.durable_seq)
+                n.cancel_scope.cancel()
+
+            async def poked() -> None:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                n.cancel_scope.cancel()
+
+            n.start_soon(one)
+            n.start_soon(poked)
+
+    async def _build(self) -> tuple[list[dict[str, Any]], int]:
+        box = self.outbox
+        cov = self.covered
+        acked = box.acked_seq
+        live_start = max(acked, self.live_from - 1)
+        live = [s for s in box.pending(live_start, self.batch) if s not in cov]
+        backlog = [s for s in box.pending(acked, self.batch) if s < self.live_from and s not in cov]
+        if backlog:
+            live = live[: self.batch // 2]
+            backlog = backlog[: self.batch - len(live)]
+        else:
+            live = live[: self.batch]
+        groups = [g for g in (backlog, live) if g]
+        if not groups:
+            return [], 0
+        runs: list[dict[str, Any]] = []
+        for seqs in groups:
+            records = await trio.to_thread.run_sync(box.read, seqs)
+            if not records:
+                continue
+            runs.append({"after": box.previous(records[0][0]),
+                         "records": [list(r) for r in records]})  # fmt: skip
+        return runs, sum(len(r["records"]) for r in runs)
+
+    def stats(self) -> dict[str, Any]:
+        s = self.outbox.stats()
+        s.update(self.extra_stats())
+        return s
+
+    async def _upload(self, client: httpx.AsyncClient, runs: list[dict[str, Any]]) -> None:
+        body = json.dumps({"revision": self.revision(), "stats": self.stats(), "runs": runs},
+                          separators=(",", ":"), default=str).encode()  # fmt: skip
+        with trio.fail_after(self.timeout * 2):  # a blackholed link: no RST, no answer
+            resp = await client.post(self.endpoint, content=body)
+        if resp.status_code == 429 or resp.status_code >= 500:
+            retry = float(resp.headers.get("retry-after") or 0)
+            raise UplinkError(f"cloud answered {resp.status_code}: {_detail(resp)}",
+                              retry_after=retry)  # fmt: skip
+        if resp.status_code >= 400:
+            raise UplinkError(f"cloud refused the upload ({resp.status_code}): {_detail(resp)}",
+                              permanent=True)  # fmt: skip
+        ack = resp.json()
+        self.covered = Covered([(0, int(ack["acked"])), *ack.get("covered", [])])
+        await self.outbox.acked(int(ack["acked"]), [tuple(x) for x in ack.get("covered", [])])
+        self.uploads += 1
+        self.sent_records += int(ack.get("accepted", 0))
+        self.last_ok = time.time()
+        if not self.online:
+            log.info("edge uplink to %s up (%d records to send)", self.url, len(self.outbox))
+        self.online = True
+        self.last_error = None
+
+
+def _detail(resp: httpx.Response) -> str:
+    try:
+        return str(resp.json().get("detail"))
+    except (ValueError, AttributeError):
+        return resp.text[:200]
+
+
+__all__ = ["Uplink", "UplinkError"]
