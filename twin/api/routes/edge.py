@@ -124,15 +124,17 @@ def _visible(st: ApiState, p: Any, edge: str, svc: EdgeCloud) -> bool:
 @router.get("/edges")
 async def list_edges(st: State, p: Viewer) -> EdgeLinks:
     """Link state of every edge node: online, revision, lag, outbox depth, last sync."""
-    svc = _service(st)
+    svc = st.engine.service_info.get("edge")
+    if not isinstance(svc, EdgeCloud):  # an engine without the edge service serves no edges
+        return EdgeLinks(items=[])
     return EdgeLinks(items=[EdgeLinkState(**s) for s in svc.states()
                             if _visible(st, p, s["name"], svc)])  # fmt: skip
 
 
 @router.get("/edges/{edge}")
 async def get_edge(st: State, p: Viewer, edge: str) -> EdgeLinkState:
-    svc = _service(st)
-    if svc.edge_doc(edge) is None and edge not in svc.links:
+    svc = st.engine.service_info.get("edge")
+    if not isinstance(svc, EdgeCloud) or (svc.edge_doc(edge) is None and edge not in svc.links):
         raise HTTPException(404, f"no edge {edge!r}")
     if not _visible(st, p, edge, svc):
         raise HTTPException(404, f"no edge {edge!r}")
