@@ -266,7 +266,8 @@ class Group:
     interval: float
     blocks: list[Block]
     polls: int = 0
-    late: int = 0
+    late: int = 0  # polls that started more than LATE_TOLERANCE x interval late
+    missed: int = 0  # scheduled polls skipped because the previous one overran
 
 
 def _request(block: Block, unit: int) -> Callable[[Any], Awaitable[Any]]:
@@ -436,6 +437,7 @@ class ModbusBinding:
             now = trio.current_time()
             if next_at < now:  # overran: skip the missed slots, keep the phase
                 missed = int((now - next_at) // group.interval) + 1
+                group.missed += missed
                 next_at += missed * group.interval
             await trio.sleep_until(next_at)
 

@@ -1,0 +1,284 @@
+"""Modbus through the asyncio↔Trio bridge, against plain asyncio pymodbus, in one run; and
+polling at scale.
+
+    python benchmarks/protocols/modbus.py [--seconds 5] [--devices 500] [--poll-seconds 20]
+
+1. Requests/s: ``read_holding_registers(0, count=10)`` in a loop on 1 and on 10 connections,
+   (a) plain asyncio (``asyncio.run``, the pymodbus client awaited directly), (b) the same
+   client driven from Trio through ``twin.bindings.aio.run`` (one call per request), (c) the
+   binding's own request path (``Line.call``: fair lock, Trio timeout, metrics). The server is
+   a plain pymodbus server in another process (pinned to the other core when there are two).
+2. Scale: ``--devices`` ModbusBinding devices x 30 points (20 in input registers: 10 float32
+   + 10 int16; 10 holding-register uint16; two coalesced requests per device) polled every
+   second through 50 simulated gateways (10 units each, one shared connection per gateway),
+   in this process pinned to one core. Prints the share of late polls (a poll that starts
+   more than 10 % of its interval late, or a scheduled poll skipped after an overrun),
+   readings/s and the CPU the process used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from twin.bindings import aio  # noqa: E402
+from twin.bindings.modbus import Line, ModbusBinding  # noqa: E402
+
+
+# -- the peer (another process) ----------------------------------------------------------------
+def serve(ports: list[int], units: int) -> None:
+    import logging
+
+    from pymodbus.server import ModbusTcpServer
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    logging.basicConfig(level=logging.CRITICAL)
+
+    async def main() -> None:
+        servers = []
+        for port in ports:
+            devices = [
+                SimDevice(
+                    u,
+                    simdata=(
+                        [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+                        [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+                        [SimData(0, count=64, values=list(range(64)), datatype=DataType.REGISTERS)],
+                        [SimData(0, count=64, values=list(range(64)), datatype=DataType.REGISTERS)],
+                    ),
+                )
+                for u in range(1, units + 1)
+            ]
+            s = ModbusTcpServer(devices, address=("127.0.0.1", port))
+            await s.serve_forever(background=True)
+            servers.append(s)
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [int(s.getsockname()[1]) for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_server(ports: list[int], units: int, cpu: int | None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, __file__, "--serve", ",".join(map(str, ports)), "--units", str(units)]
+    if cpu is not None and hasattr(os, "sched_setaffinity"):
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError("modbus server did not start")
+    return proc
+
+
+def make_client(port: int) -> Any:
+    from pymodbus.client import AsyncModbusTcpClient
+
+    return AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0, reconnect_delay=0)
+
+
+# -- 1. requests/s -------------------------------------------------------------------------------
+def plain_asyncio(port: int, conns: int, seconds: float) -> int:
+    async def main() -> int:
+        clients = [make_client(port) for _ in range(conns)]
+        for c in clients:
+            await c.connect()
+        count = 0
+        stop = time.perf_counter() + seconds
+
+        async def worker(c: Any) -> None:
+            nonlocal count
+            while time.perf_counter() < stop:
+                await c.read_holding_registers(0, count=10, device_id=1)
+                count += 1
+
+        await asyncio.gather(*(worker(c) for c in clients))
+        for c in clients:
+            c.close()
+        return count
+
+    return asyncio.run(main())
+
+
+def bridged(port: int, conns: int, seconds: float, binding_path: bool) -> int:
+    async def main() -> int:
+        count = 0
+        stop = trio.current_time() + seconds
+        if binding_path:
+            # one Line (the binding's shared connection to a gateway) per connection
+            lines = [Line(("tcp", "127.0.0.1", str(port), f"bench{i}"),
+                          {"host": "127.0.0.1", "port": port, "timeout": "5s"}) for i in range(conns)]
+            for line in lines:
+                async with line.lock:
+                    await line._ensure()
+
+            async def worker(line: Line) -> None:
+                nonlocal count
+                while trio.current_time() < stop:
+                    await line.call("bench", lambda c: c.read_holding_registers(0, count=10, device_id=1), 5.0, 0)
+                    count += 1
+
+            async with trio.open_nursery() as n:
+                for line in lines:
+                    n.start_soon(worker, line)
+            for line in lines:
+                await line._drop()
+            return count
+        clients = [await aio.run(lambda: make_client(port)) for _ in range(conns)]
+        for c in clients:
+            await aio.run(c.connect)
+
+        async def rworker(c: Any) -> None:
+            nonlocal count
+            while trio.current_time() < stop:
+                await aio.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
+                count += 1
+
+        async with trio.open_nursery() as n:
+            for c in clients:
+                n.start_soon(rworker, c)
+        for c in clients:
+            await aio.run(c.close)
+        return count
+
+    try:
+        return trio.run(main)
+    finally:
+        aio.shutdown()
+
+
+# -- 2. polling at scale -----------------------------------------------------------------------
+def points30() -> dict[str, Any]:
+    pts: dict[str, Any] = {}
+    for i in range(10):
+        pts[f"f{i}"] = {"register": 30001 + 2 * i, "type": "float32"}
+        pts[f"s{i}"] = {"register": 30021 + i, "type": "int16"}
+        pts[f"h{i}"] = {"register": 40001 + i, "type": "uint16"}
+    return pts
+
+
+def scale(ports: list[int], devices: int, seconds: float) -> dict[str, float]:
+    per_gw = max(1, devices // len(ports))
+
+    async def main() -> dict[str, float]:
+        bindings = []
+        for i in range(devices):
+            port = ports[(i // per_gw) % len(ports)]
+            unit = i % per_gw + 1
+            bindings.append(ModbusBinding(f"dev{i}", {"host": "127.0.0.1", "port": port, "unit": unit,
+                                                      "poll": "1s", "timeout": "1s", "retries": 1,
+                                                      "points": points30()}))
+        send, receive = trio.open_memory_channel[Any](10000)
+        readings = 0
+
+        async def consume() -> None:
+            nonlocal readings
+            async for _ in receive:
+                readings += 1
+
+        for b in bindings:
+            await b.connect()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with trio.move_on_after(seconds):
+            async with trio.open_nursery() as n:
+                n.start_soon(consume)
+                for k, b in enumerate(bindings):
+                    # spread the phases over the second, as a real fleet started over time is
+                    n.start_soon(_delayed, b, send, k / devices)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        polls = sum(g.polls for b in bindings for g in b.groups)
+        late = sum(g.late for b in bindings for g in b.groups)
+        missed = sum(g.missed for b in bindings for g in b.groups)
+        for b in bindings:
+            await b.close()
+        return {"polls": polls, "late": late, "missed": missed, "readings_s": readings / wall, "cpu": cpu / wall,
+                "requests": sum(1 for b in bindings for g in b.groups for _ in g.blocks)}
+
+    try:
+        return trio.run(main)
+    finally:
+        aio.shutdown()
+
+
+async def _delayed(b: ModbusBinding, send: Any, delay: float) -> None:
+    await trio.sleep(delay)
+    await b.subscribe(send)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve")
+    ap.add_argument("--units", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--devices", type=int, default=500)
+    ap.add_argument("--poll-seconds", type=float, default=20.0)
+    ap.add_argument("--skip-scale", action="store_true")
+    args = ap.parse_args()
+    if args.serve:
+        serve([int(p) for p in args.serve.split(",")], args.units)
+        return
+    two_cores = (os.cpu_count() or 1) >= 2 and hasattr(os, "sched_setaffinity")
+    if two_cores:
+        os.sched_setaffinity(0, {0})  # this process (the engine side) on one core
+    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
+    (port,) = free_ports(1)
+    server = start_server([port], 1, 1 if two_cores else None)
+    try:
+        print(f"{'pymodbus read_holding_registers(10)':<40}{'1 conn':>10}{'10 conns':>10}")
+        rows: dict[str, list[float]] = {"plain asyncio": [], "bridge (aio.run)": [], "binding (Line.call)": []}
+        for conns in (1, 10):  # two alternating rounds each (the machine's load moves)
+            got: dict[str, float] = dict.fromkeys(rows, 0.0)
+            for _ in range(2):
+                got["plain asyncio"] += plain_asyncio(port, conns, args.seconds) / args.seconds / 2
+                got["bridge (aio.run)"] += bridged(port, conns, args.seconds, False) / args.seconds / 2
+                got["binding (Line.call)"] += bridged(port, conns, args.seconds, True) / args.seconds / 2
+            for name, v in got.items():
+                rows[name].append(v)
+        for name, vals in rows.items():
+            print(f"{name + ' req/s':<40}{vals[0]:>10,.0f}{vals[1]:>10,.0f}")
+        base = rows["plain asyncio"]
+        for name in ("bridge (aio.run)", "binding (Line.call)"):
+            v = rows[name]
+            print(f"{name + ' / plain':<40}{v[0] / base[0]:>10.2f}{v[1] / base[1]:>10.2f}")
+    finally:
+        server.terminate()
+        server.wait()
+    if args.skip_scale:
+        return
+    ports = free_ports(50)
+    server = start_server(ports, 10, 1 if two_cores else None)
+    try:
+        r = scale(ports, args.devices, args.poll_seconds)
+    finally:
+        server.terminate()
+        server.wait()
+    pct = 100.0 * (r["late"] + r["missed"]) / max(1, r["polls"] + r["missed"])
+    print(f"\n{args.devices} devices x 30 points every 1 s ({r['requests']:.0f} coalesced requests "
+          f"per round, 50 gateways x 10 units), {args.poll_seconds:.0f} s:")
+    print(f"  polls {r['polls']:.0f}, late {r['late']:.0f} + missed {r['missed']:.0f} ({pct:.2f} %), readings/s {r['readings_s']:,.0f}, "
+          f"CPU {100 * r['cpu']:.0f} % of one core")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
