@@ -45,7 +45,7 @@ def sim_camera(name: str, **video: Any) -> dict[str, Any]:
     return camera(name, {"sim": opts})
 
 
-def testsrc_pusher(url: str, fmt: str, *, fps: int = 10, bitrate: str = "300k",
+def start_pusher(url: str, fmt: str, *, fps: int = 10, bitrate: str = "300k",
                    duration: float | None = None) -> subprocess.Popen[bytes]:
     """A real peer: ffmpeg encoding testsrc and pushing it (RTMP: fmt flv; SRT/UDP: mpegts)."""
     argv = ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re",

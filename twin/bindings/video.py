@@ -139,8 +139,11 @@ class CameraBinding:
         assert p is not None
         h = p.health
         starting_too_long = (h.state == "starting" and h.runs > 0 and not p.source.listener
-                             and trio.current_time() - h.started_at > self.opts.stall_timeout)
-        dark = p.streaming and (h.state == "dark" or starting_too_long)
+                             and trio.current_time() - h.started_at > self.opts.first_frame_timeout)
+        # dark from the first failure until frames flow again (a restart in between is not
+        # a recovery)
+        dark = p.streaming and (h.state == "dark" or starting_too_long
+                                or (self._dark and h.state == "starting"))
         if dark and not self._dark:
             reason = h.last_error or f"no video from {p.source.display}"
             await send.send(DeviceEvent(self.device, EventType.FAULT, time.time(),

@@ -25,6 +25,7 @@ deliberately (not a failure).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -49,15 +50,72 @@ log = logging.getLogger(__name__)
 FFMPEG = os.environ.get("TWIN_FFMPEG", "ffmpeg")
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the engine dies (even by SIGKILL), so no
-    ffmpeg outlives its engine (Linux PR_SET_PDEATHSIG; elsewhere nothing)."""
+def _load_prctl() -> Any:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the engine dies (even by SIGKILL), so no
+    ffmpeg outlives its engine (Linux PR_SET_PDEATHSIG). The signal follows the *thread* that
+    forked: :class:`Child` forks from the Trio thread, which lives as long as the engine."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)
+
+
+class Child:
+    """A child process spawned from the calling (Trio) thread — not from a worker thread as
+    ``trio.lowlevel.open_process`` does, whose exit would fire the parent-death signal — and
+    waited for through a pidfd. Pipes are the caller's (FdStream)."""
+
+    def __init__(self, argv: list[str], *, pass_fds: tuple[int, ...] = (),
+                 env: dict[str, str] | None = None, stdout: int | None = None,
+                 stderr: int | None = None) -> None:
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
+            env=env, start_new_session=True, preexec_fn=die_with_parent, close_fds=True,
+        )
+        self.pid = self.popen.pid
+        self._pidfd = os.pidfd_open(self.pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.poll()
+
+    async def wait(self) -> int:
+        if self.popen.poll() is None:
+            await trio.lowlevel.wait_readable(self._pidfd)
+        code = self.popen.wait()
+        return code
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """SIGTERM (ffmpeg closes its outputs), SIGKILL after ``grace`` s; always reaped."""
+        self.signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            await self.wait()
+        if self.popen.poll() is None:
+            self.kill()
+            await self.wait()
 
 
 class PipelineError(BindingError):
@@ -95,6 +153,11 @@ class VideoOptions:
     transcode: Mapping[str, Any] | None = None  # {bitrate, scale}: re-encode to H.264
     substream: Mapping[str, Any] | None = None  # {bitrate, scale}: an extra H.264 rendition
     health_interval: float = 2.0
+
+    @property
+    def first_frame_timeout(self) -> float:
+        """Opening a camera (connect, describe, probe) may take longer than a frame gap."""
+        return max(self.stall_timeout, 10.0)
 
     @classmethod
     def parse(cls, options: Mapping[str, Any]) -> VideoOptions:
@@ -266,7 +329,7 @@ class CameraPipeline:
         self.snapshot_event = trio.Event()
         self.stderr: deque[str] = deque(maxlen=30)
         self._changed = trio.Event()
-        self.process: trio.Process | None = None
+        self.process: Child | None = None
         self.argv: list[str] = []
 
     # -- control ------------------------------------------------------------------------
@@ -282,7 +345,7 @@ class CameraPipeline:
 
     def kill(self) -> None:
         """SIGKILL the running ffmpeg (tests, benchmarks: a crash)."""
-        if self.process is not None and self.process.returncode is None:
+        if self.process is not None:
             self.process.kill()
 
     # -- the loop the supervisor runs ---------------------------------------------------
@@ -322,30 +385,31 @@ class CameraPipeline:
         self.argv = build_command(self.source, self.opts, self.out_dir, recording=self.recording,
                                   flv_fd=1, jpeg_fd=jpeg_w, progress_fd=prog_w)
         env = {**os.environ, "TZ": "UTC"}
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
         try:
-            process = await trio.lowlevel.open_process(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(jpeg_w, prog_w), env=env,
-                start_new_session=True, preexec_fn=die_with_parent,
-            )
+            process = Child(self.argv, pass_fds=(jpeg_w, prog_w), env=env, stdout=out_w,
+                            stderr=err_w)
         except OSError as exc:
-            os.close(jpeg_r)
-            os.close(prog_r)
+            for fd in (jpeg_r, prog_r, out_r, err_r):
+                os.close(fd)
             raise PipelineError(f"camera {self.name}: cannot start ffmpeg: {exc}") from exc
         finally:
-            os.close(jpeg_w)
-            os.close(prog_w)
+            for fd in (jpeg_w, prog_w, out_w, err_w):
+                os.close(fd)
         self.process = process
         jpeg = trio.lowlevel.FdStream(jpeg_r)
         prog = trio.lowlevel.FdStream(prog_r)
+        out = trio.lowlevel.FdStream(out_r)
+        err = trio.lowlevel.FdStream(err_r)
         reason: str | None = None
         deliberate = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_flv, process)
+                nursery.start_soon(self._read_flv, out)
                 nursery.start_soon(self._read_jpeg, jpeg)
                 nursery.start_soon(self._read_progress, prog)
-                nursery.start_soon(self._read_stderr, process)
+                nursery.start_soon(self._read_stderr, err)
 
                 async def changed() -> None:
                     nonlocal deliberate
@@ -366,9 +430,10 @@ class CameraPipeline:
         finally:
             with trio.move_on_after(3) as cleanup:
                 cleanup.shield = True
-                await self._stop(process)
+                await process.stop()
+            process.close()
             self.process = None
-            for stream in (jpeg, prog):
+            for stream in (jpeg, prog, out, err):
                 with trio.move_on_after(1) as s:
                     s.shield = True
                     await stream.aclose()
@@ -383,22 +448,6 @@ class CameraPipeline:
         h.state = "dark"
         raise PipelineError(f"camera {self.name}: {reason}")
 
-    async def _stop(self, process: trio.Process) -> None:
-        if process.returncode is not None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGTERM)  # ffmpeg closes its outputs on SIGTERM
-        except ProcessLookupError:
-            return
-        with trio.move_on_after(2):
-            await process.wait()
-            return
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        await process.wait()
-
     async def _watchdog(self) -> str:
         """Returns why the stream is considered stalled (the run is then ended)."""
         h = self.health
@@ -409,8 +458,9 @@ class CameraPipeline:
             if h.last_frame_at is not None and h.last_frame_at >= h.started_at:
                 if now - h.last_frame_at > self.opts.stall_timeout:
                     return f"stream stalled: no frame for {now - h.last_frame_at:.0f}s"
-            elif not self.source.listener and now - h.started_at > self.opts.stall_timeout:
-                return f"no video from {self.source.display} within {self.opts.stall_timeout:g}s"
+            elif not self.source.listener and now - h.started_at > self.opts.first_frame_timeout:
+                return (f"no video from {self.source.display} within "
+                        f"{self.opts.first_frame_timeout:g}s")
 
     def _frame(self) -> None:
         h = self.health
@@ -420,9 +470,8 @@ class CameraPipeline:
             h.state = "live"
             h.last_error = None
 
-    async def _read_flv(self, process: trio.Process) -> None:
-        assert process.stdout is not None
-        async for chunk in process.stdout:
+    async def _read_flv(self, stream: trio.lowlevel.FdStream) -> None:
+        async for chunk in stream:
             self.health.bytes += len(chunk)
             try:
                 self.hub.feed(bytes(chunk))
@@ -471,10 +520,9 @@ class CameraPipeline:
                         h.frames = frames
                         self._frame()
 
-    async def _read_stderr(self, process: trio.Process) -> None:
-        assert process.stderr is not None
+    async def _read_stderr(self, stream: trio.lowlevel.FdStream) -> None:
         buf = b""
-        async for chunk in process.stderr:
+        async for chunk in stream:
             buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
@@ -533,12 +581,24 @@ async def grab_frame(source: StreamSource, wait: float = 5.0) -> bytes:
 
 async def run_pusher(name: str, argv: tuple[str, ...]) -> None:
     """A simulated camera's testsrc pusher: raises when it ends (its supervisor restarts it)."""
-    with trio.CancelScope():
-        result = await trio.run_process(list(argv), check=False, capture_stderr=True,
-                                        stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-    tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-    raise PipelineError(f"camera {name}: test-pattern pusher ended ({result.returncode}): "
-                        f"{tail[0][:200]}")
+    err_r, err_w = os.pipe()
+    try:
+        child = Child(list(argv), stderr=err_w)
+    finally:
+        os.close(err_w)
+    tail: deque[str] = deque(maxlen=3)
+    try:
+        async with trio.lowlevel.FdStream(err_r) as err:
+            async for chunk in err:
+                tail.extend(chunk.decode("utf-8", "replace").strip().splitlines())
+        code = await child.wait()
+    finally:
+        with trio.move_on_after(3) as cleanup:
+            cleanup.shield = True
+            await child.stop()
+        child.close()
+    raise PipelineError(f"camera {name}: test-pattern pusher ended ({code}): "
+                        f"{(tail[-1] if tail else 'no output')[:200]}")
 
 
 __all__ = ["CameraPipeline", "PipelineError", "StreamHealth", "VideoOptions", "build_command",
