@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -30,7 +31,7 @@ from typing import Annotated, Any
 
 import trio
 from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from twin import policy
@@ -332,9 +333,31 @@ dashboard's player runs on another origin than the API)."""
 
 
 def _file(path: Path, media: str, cache: str) -> Response:
-    if not path.is_file():
-        raise HTTPException(404, f"no file {path.name!r}")
-    return FileResponse(path, media_type=media, headers={"Cache-Control": cache, **CORS})
+    """The file as it is when opened: a playlist ffmpeg replaces (rename) or a recording it
+    is still writing is served consistently (the size taken from the open file)."""
+    try:
+        f = path.open("rb")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise HTTPException(404, f"no file {path.name!r}") from None
+    size = os.fstat(f.fileno()).st_size
+    headers = {"Cache-Control": cache, "Content-Length": str(size), **CORS}
+    if size <= 256 * 1024:
+        with f:
+            return Response(f.read(size), media_type=media, headers=headers)
+
+    async def body() -> AsyncIterator[bytes]:
+        left = size
+        try:
+            while left > 0:
+                chunk = await trio.to_thread.run_sync(f.read, min(left, 256 * 1024))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            f.close()
+
+    return StreamingResponse(body(), media_type=media, headers=headers)
 
 
 FLV_TYPE: dict[int | str, dict[str, Any]] = {200: {"content": {"video/x-flv": {"schema": {"type": "string", "format": "binary"}}},
