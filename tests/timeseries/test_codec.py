@@ -181,3 +181,30 @@ def test_chunk_partials_equal_raw_partials(
         rtol=1e-9,
         equal_nan=True,
     )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        points.filter(lambda p: not isinstance(p[3], str) and abs(float(p[3])) < 1e300), max_size=80
+    ),
+    st.sampled_from([60.0, 3600.0, 7.0]),
+)
+def test_decoded_partials_equal_raw_partials(
+    rows: list[tuple[str, str, int, object, int]], bucket: float
+) -> None:
+    from twin.timeseries.chunks import decoded_partials
+
+    raw = _raw(rows)
+    chunks = build_chunks(raw, 3600.0, first_cid=1)
+    start, end = 1800.0, 2.5 * 86400
+    got = decoded_partials(chunks, start, end, bucket)
+    dec = decode_chunks(chunks, start, end)
+    dec = dec.filter(pa.compute.less(dec.column("quality"), 2))
+    want = raw_partials(dec, bucket) if dec.num_rows else None
+    assert got is not None
+    if want is None:
+        assert got.num_rows == 0
+        return
+    keys = [(k, "ascending") for k in ("device", "metric", "ts")]
+    assert got.sort_by(keys).to_pylist() == want.sort_by(keys).to_pylist()

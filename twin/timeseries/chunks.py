@@ -268,6 +268,46 @@ def stat_partials(chunks: pa.Table, bucket: float) -> pa.Table:
     return pa.Table.from_arrays([cols[n] for n in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)
 
 
+def stat_usable(chunks: pa.Table, start: float, end: float, bucket: float) -> np.ndarray:
+    """Per chunk row: True when its stored partial can stand for its points — it lies
+    whole in one bucket (``whole_in_bucket``) and no chunk of the same series that is
+    decoded instead reaches into that bucket. Stored and decoded partials then never share
+    a (series, bucket), so the caller needs no combine over all the decoded rows (on a
+    rollup that was a second full pass, 1.5 s per million points). Vectorised: one sort of
+    the decoded rows' (series, first bucket), a running max of their last bucket."""
+    whole = whole_in_bucket(chunks, start, end, bucket)
+    if whole.all() or not whole.any():
+        return whole
+    b = max(1, round(bucket * 1_000_000))
+    key = np.zeros(chunks.num_rows, dtype=np.int64)
+    for name in SERIES_COLUMNS:
+        enc = pc.dictionary_encode(_strings(chunks.column(name)))
+        codes = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)
+        key = key * max(1, len(enc.dictionary)) + codes
+        key = np.asarray(
+            pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False),
+            dtype=np.int64,
+        )
+    lo = _i64(chunks.column("t_min")) // b
+    hi = _i64(chunks.column("t_max")) // b
+    base = lo.min()
+    lo, hi = lo - base, hi - base
+    span = int(hi.max()) + 2
+    dec = np.flatnonzero(~whole)
+    order = np.argsort(key[dec] * span + lo[dec], kind="stable")
+    d_start = (key[dec] * span + lo[dec])[order]
+    d_reach = np.maximum.accumulate((key[dec] * span + hi[dec])[order])
+    w = np.flatnonzero(whole)
+    at = key[w] * span + lo[w]
+    i = np.searchsorted(d_start, at, side="right") - 1
+    ok = i >= 0
+    hit = np.zeros(len(w), dtype=bool)
+    hit[ok] = (d_reach[i[ok]] >= at[ok]) & (d_start[i[ok]] // span == key[w][ok])
+    out = whole.copy()
+    out[w[hit]] = False
+    return out
+
+
 def chunk_partials(chunks: pa.Table, start: float, end: float, bucket: float) -> pa.Table:
     """PARTIAL_SCHEMA rows per (bucket, series) over ``[start, end)`` from chunk rows
     (good points only): stored partials where a chunk lies whole in one bucket, decoded
@@ -309,3 +349,86 @@ def selector_mask(table: pa.Table, selector: Selector) -> np.ndarray:
         hit = pc.match_substring(_strings(table.column("tags")), "," + tag + ",")
         mask &= np.asarray(hit.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
     return mask
+
+
+def decoded_partials(chunks: pa.Table, start: float, end: float, bucket: float) -> pa.Table | None:
+    """PARTIAL_SCHEMA rows per (bucket, series) from chunk rows with blobs, straight from
+    the decoded numpy arrays: the series is the chunk's (no per-point string columns to
+    build and re-encode, no sort when the chunks come by series and time, which is how
+    stores hand them over). Good points only. None when a chunk holds strings (the caller
+    then goes through ``decode_chunks`` + ``partials.raw_partials``)."""
+    m = chunks.num_rows
+    if m == 0:
+        return PARTIAL_SCHEMA.empty_table()
+    if chunks.column("s_blob").null_count < m:
+        return None
+    # one code per series over the (few) chunk rows
+    key = np.zeros(m, dtype=np.int64)
+    for name in SERIES_COLUMNS:
+        enc = pc.dictionary_encode(_strings(chunks.column(name)))
+        key = key * max(1, len(enc.dictionary)) + np.asarray(
+            enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64
+        )
+    series = np.asarray(
+        pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False),
+        dtype=np.int64,
+    )
+    lo_us, hi_us = round(start * 1_000_000), round(end * 1_000_000)
+    t_parts, v_parts, s_parts = [], [], []
+    for i, (tb, vb, cb) in enumerate(
+        zip(
+            chunks.column("t_blob").to_pylist(),
+            chunks.column("v_blob").to_pylist(),
+            chunks.column("c_blob").to_pylist(),
+            strict=True,
+        )
+    ):
+        t = codec.decode_ts(tb)
+        v = codec.decode_values(vb)
+        keep = (t >= lo_us) & (t < hi_us)
+        if cb is not None:
+            keep &= (codec.decode_codes(cb) & 3) < 2  # bad quality is skipped
+        if not keep.all():
+            t, v = t[keep], v[keep]
+        t_parts.append(t)
+        v_parts.append(v)
+        s_parts.append(np.full(len(t), series[i], dtype=np.int64))
+    t = np.concatenate(t_parts)
+    n = len(t)
+    if n == 0:
+        return PARTIAL_SCHEMA.empty_table()
+    v = np.concatenate(v_parts)
+    sid = np.concatenate(s_parts)
+    b = max(1, round(bucket * 1_000_000))
+    bidx = t // b
+    bmin = int(bidx.min())
+    nb = int(bidx.max()) - bmin + 1
+    gkey = sid * nb + (bidx - bmin)
+    if n > 1 and not bool(
+        np.all((gkey[1:] > gkey[:-1]) | ((gkey[1:] == gkey[:-1]) & (t[1:] >= t[:-1])))
+    ):
+        order = np.lexsort((t, gkey))
+        t, v, sid, gkey, bidx = t[order], v[order], sid[order], gkey[order], bidx[order]
+    starts = np.flatnonzero(np.r_[True, gkey[1:] != gkey[:-1]])
+    ends = np.r_[starts[1:], n]
+    counts = np.diff(np.r_[starts, n])
+    # the first chunk row of each series gives its names
+    first_row = np.zeros(int(series.max()) + 1, dtype=np.int64)
+    first_row[series[::-1]] = np.arange(m)[::-1]
+    take = pa.array(first_row[sid[starts]])
+    cols: dict[str, pa.Array] = {
+        "ts": pa.array(bidx[starts] * b, pa.int64()).cast(TS_TYPE),
+        "count": pa.array(counts, pa.int64()),
+        "sum": pa.array(np.add.reduceat(v, starts), pa.float64()),
+        "min": pa.array(np.minimum.reduceat(v, starts), pa.float64()),
+        "max": pa.array(np.maximum.reduceat(v, starts), pa.float64()),
+        "first": pa.array(v[starts], pa.float64()),
+        "last": pa.array(v[ends - 1], pa.float64()),
+        "first_str": pa.nulls(len(starts), pa.string()),
+        "last_str": pa.nulls(len(starts), pa.string()),
+        "first_ts": pa.array(t[starts], pa.int64()).cast(TS_TYPE),
+        "last_ts": pa.array(t[ends - 1], pa.int64()).cast(TS_TYPE),
+    }
+    for name in SERIES_COLUMNS:
+        cols[name] = _strings(chunks.column(name)).take(take)
+    return pa.Table.from_arrays([cols[c] for c in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)
