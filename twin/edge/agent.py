@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ import trio
 from twin.edge.outbox import Outbox, OutboxError
 from twin.edge.uplink import Uplink
 from twin.runtime.bus import Filter
+from twin.runtime.supervisor import supervise
 from twin.runtime.timeseries_service import timeseries_of
 from twin.spec.edge_check import overflow_policy, parse_size
 from twin.spec.units import parse_duration
@@ -77,6 +79,7 @@ class EdgeAgent:
     uplink: Uplink | None = field(default=None, init=False)
     cloud_revision: int | None = field(default=None, init=False)
     spec_hash: str | None = field(default=None, init=False)
+    pipelines: dict[str, Any] = field(default_factory=dict, init=False)
     lost: int = field(default=0, init=False)
     """Bus events lost to an overflowing subscription (counted, logged)."""
     _engine: Engine | None = field(default=None, init=False, repr=False)
@@ -124,6 +127,11 @@ class EdgeAgent:
             nursery.start_soon(self._tap, sub)
             await nursery.start(self.uplink.run)
             nursery.start_soon(self._sync_loop)
+            for i, vision in enumerate(spec.get("vision") or []):
+                nursery.start_soon(partial(
+                    supervise, partial(self._vision, engine, vision), kind="vision",
+                    name=str(vision.get("camera", i)), supervision=engine.supervision,
+                    policy=engine.config.restart, restart_on_return=True))  # fmt: skip
             task_status.started(self)
 
     # --- up -----------------------------------------------------------------------------
@@ -212,6 +220,73 @@ class EdgeAgent:
                         "message": alarm.get("message")}, ev.get("ts"))  # fmt: skip
             if readings:
                 self.put_soon("telemetry", readings)
+
+    # --- edge AI ------------------------------------------------------------------------
+    async def _model_file(self, name: str, spec: Mapping[str, Any]) -> Path:
+        """The Model's ONNX file: the declared path when this machine has it, else the copy
+        downloaded from the cloud into ``<state>/models/`` (checked against ``sha256``)."""
+        import hashlib
+
+        engine = self._engine
+        assert engine is not None
+        declared = Path(str(spec["file"]))
+        want = spec.get("sha256")
+        cache = Path(engine.config.state_dir) / "models" / f"{name}.onnx"
+
+        def local() -> Path | None:
+            if declared.is_file():
+                return declared
+            if cache.is_file() and (
+                not want or hashlib.sha256(cache.read_bytes()).hexdigest() == want
+            ):
+                return cache
+            return None
+
+        found = await trio.to_thread.run_sync(local)
+        if found is not None:
+            return found
+        url = f"{self.cloud_url.rstrip('/')}/api/v1/edge-link/{self.edge}/models/{name}"
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {self.key}"},
+                                     timeout=60, verify=self.verify) as client:  # fmt: skip
+            resp = await client.get(url)
+        resp.raise_for_status()
+        data = resp.content
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise ValueError(f"model {name}: the downloaded file does not match its sha256")
+
+        def store() -> None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(cache)
+
+        await trio.to_thread.run_sync(store)
+        return cache
+
+    async def _vision(self, engine: Engine, vision: Mapping[str, Any]) -> None:
+        from twin.edge.vision import CameraPipeline, Detector, MotionGate, parse_size
+
+        model = engine.specs.get(("Model", str(vision["model"])))
+        if model is None:
+            raise ValueError(f"no Model {vision['model']!r} in the running revision")
+        mspec = model.get("spec") or {}
+        path = await self._model_file(str(vision["model"]), mspec)
+        detector = await trio.to_thread.run_sync(Detector, path, mspec)
+        motion = vision.get("motion") or {}
+        w, h = parse_size(str(vision.get("size", "320x180")))
+        source = vision.get("input")
+        if not source:
+            cam = engine.specs.get(("Device", str(vision["camera"]))) or {}
+            binding = (cam.get("spec") or {}).get("binding") or {}
+            source = next((b.get("url") for b in binding.values()
+                           if isinstance(b, dict) and b.get("url")), None)  # fmt: skip
+        if not source:
+            raise ValueError(f"camera {vision['camera']}: no input URL (spec.vision[].input)")
+        pipe = CameraPipeline(str(vision["camera"]), str(source), detector,
+                              MotionGate(int(motion.get("pixel", 25)), float(motion.get("area", 0.01))),
+                              w, h, float(vision.get("fps", 5)))  # fmt: skip
+        self.pipelines[pipe.camera] = pipe
+        await pipe.run(engine)
 
     # --- down ---------------------------------------------------------------------------
     def _local_origin(self) -> tuple[int | None, str | None]:

@@ -127,6 +127,20 @@ def edge_problems(loaded: LoadedSpecs) -> list[Problem]:
                 ("spec", "buffer", "overflow", "never"),
                 f"record kind {kind!r} is both dropped and never dropped",
                 "list each kind in at most one of overflow.drop and overflow.never"))
+        listed = _many(spec.get("models"))
+        owned = owned_devices(doc.body, {d.key: d.body for d in devices.values()})
+        visions: list[Any] = spec["vision"] if isinstance(spec.get("vision"), list) else []
+        for i, v in enumerate(visions):
+            if not isinstance(v, dict):
+                continue
+            cam, model = v.get("camera"), v.get("model")
+            if isinstance(cam, str) and cam not in owned:
+                problems.append(doc.problem(("spec", "vision", i, "camera"),
+                                            f"camera {cam!r} is not a device this edge owns"))
+            if isinstance(model, str) and model not in listed:
+                problems.append(doc.problem(("spec", "vision", i, "model"),
+                                            f"model {model!r} is not in spec.models",
+                                            "list the Model in spec.models to deploy it here"))
         docs = {d.key: d.body for d in devices.values()}
         for dev in sorted(owned_devices(doc.body, docs)):
             other = owner.setdefault(dev, doc.name)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import trio
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from twin import policy
@@ -113,6 +116,25 @@ async def edge_specs(request: Request, st: State, edge: str) -> EdgeSpecs:
     """The documents the edge runs (its EdgeNode, site, devices, scenes, retention, Models)."""
     svc = await _edge_auth(st, request, edge)
     return EdgeSpecs(**svc.desired(edge))
+
+
+@router.get(
+    "/edge-link/{edge}/models/{model}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                      "format": "binary"}}}}},
+)
+async def edge_model(request: Request, st: State, edge: str, model: str) -> FileResponse:
+    """The ONNX file of a Model the edge's EdgeNode lists in spec.models (edge AI)."""
+    svc = await _edge_auth(st, request, edge)
+    doc = svc.edge_doc(edge) or {}
+    if model not in ((doc.get("spec") or {}).get("models") or []):
+        raise HTTPException(404, f"edge {edge!r} does not deploy model {model!r}")
+    mdoc = st.engine.specs.get(("Model", model))
+    path = Path(str(((mdoc or {}).get("spec") or {}).get("file", "")))
+    if mdoc is None or not await trio.to_thread.run_sync(path.is_file):
+        raise HTTPException(404, f"model {model!r} has no file on the cloud engine")
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{model}.onnx")
 
 
 def _visible(st: ApiState, p: Any, edge: str, svc: EdgeCloud) -> bool:
