@@ -349,3 +349,35 @@ def test_validate_locates_opcua_mistakes(tmp_path: Path) -> None:
     ):
         assert expected in text, text
     assert "points.ok" not in text
+
+
+def test_discover_writes_valid_device_and_model_yaml(peer: Peer, tmp_path: Path) -> None:
+    import yaml
+
+    from twin.spec import load_site
+
+    out = tmp_path / "site" / "boiler.yaml"
+    out.parent.mkdir()
+    env = {**os.environ, "TWIN_SECRET_PLC_PASSWORD": "s3cret"}
+    r = subprocess.run(
+        [sys.executable, "-m", "twin.cli.main", "discover", "opcua",
+         peer.endpoint.replace("opc.tcp://", "opcua://"), "--username", "op",
+         "--password-secret", "plc/password", "--site", "plant-x", "-o", str(out)],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "wrote 1 device(s)" in r.stderr
+    docs = list(yaml.safe_load_all(out.read_text()))
+    model, device = docs
+    assert model["spec"]["telemetry"]["temperature"] == {"type": "number"}
+    assert model["spec"]["properties"]["setpoint"] == {"type": "number", "access": "readwrite"}
+    assert model["spec"]["commands"]["add"]["params"]["properties"] == {
+        "a": {"type": "integer"}, "b": {"type": "integer"}}
+    binding = device["spec"]["binding"]["opcua"]
+    assert binding["points"]["counter"] == {"node": "ns=2;s=Boiler.Counter"}
+    assert binding["password"] == {"secret": "plc/password"}  # the reference, never the value
+    assert "s3cret" not in out.read_text()
+    (out.parent / "site.yaml").write_text(
+        "apiVersion: flux.iot/v1\nkind: Site\nmetadata: {name: plant-x}\nspec: {timezone: UTC}\n")
+    loaded = load_site(out.parent)  # valid as written: no SpecError
+    assert ("Device", "boiler") in loaded.documents

@@ -679,6 +679,7 @@ def _register_extensions() -> None:
         "twin.cli.report_cmds",  # report
         "twin.cli.discover_cmds",  # discover onvif
         "twin.cli.edge_cmds",  # edge, edge-key
+        "twin.cli.discover_opcua",  # discover opcua
     ):
         try:
             module = importlib.import_module(mod)

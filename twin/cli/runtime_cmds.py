@@ -161,6 +161,14 @@ def up(
         typer.Option("--coaps-listen", help="Also CoAP over DTLS-PSK (coaps://), HOST:PORT."),
     ] = None,
     no_coap: Annotated[bool, typer.Option("--no-coap", help="Run without CoAP.")] = False,
+    opcua_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--opcua-listen",
+            help="Also serve the twins as an OPC UA server at HOST:PORT (logins: the engine's "
+            "users; methods = commands). Port 0 picks a free one.",
+        ),
+    ] = None,
     webhook_allow: Annotated[
         str | None,
         typer.Option(
@@ -185,7 +193,7 @@ def up(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         force=True,
     )
-    for noisy in ("hypercorn.error", "httpx"):
+    for noisy in ("hypercorn.error", "httpx", "asyncua", "aiocoap"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     console = _console()
     from twin.control.webhooks import WebhookPolicy
@@ -224,6 +232,16 @@ def up(
                 reserve_udp(coap_listen, 5683, "coap", "--coap-listen"),
                 reserve_udp(coaps_listen, 5684, "coaps", "--coaps-listen") if coaps_listen else None,
             )
+        except BaseException:
+            listeners.close()
+            raise
+    opcua_addr = None
+    if opcua_listen:
+        from twin.runtime.mqtt_service import parse_hostport
+
+        host, port = parse_hostport(opcua_listen, 4840)
+        try:
+            opcua_addr = (host, _free_or_raise(host, port, "opcua server", "--opcua-listen"))
         except BaseException:
             listeners.close()
             raise
@@ -289,6 +307,10 @@ def up(
         from twin.runtime.coap_service import CoapService
 
         services.append(CoapService(*coap_addrs))
+    if opcua_addr is not None:
+        from twin.runtime.opcua_service import OpcUaServerService
+
+        services.append(OpcUaServerService(opcua_addr))
     if listeners.mqtt is not None:
         services.append(listeners.mqtt)
         if path is not None and not mqtt_broker:
@@ -389,6 +411,11 @@ def _summary(engine: Any, reg: Any, state_dir: Path, dashboard_url: str | None) 
     coap_line = describe_coap(engine.service_info.get("coap"))
     if coap_line:
         lines.append(f"  coap       {coap_line}")
+    from twin.runtime.opcua_service import describe as describe_opcua
+
+    opcua_line = describe_opcua(engine.service_info.get("opcua-server"))
+    if opcua_line:
+        lines.append(f"  opc ua     {opcua_line}")
     sims = engine.service_info.get("simulators") or {}
     if sims.get("devices"):
         lines.append(f"  simulated  {', '.join(sims['devices'])} (MQTT clients logging in with "

@@ -58,6 +58,20 @@ def load_simulators(site: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def load_section(site: Path, section: str) -> dict[str, dict[str, Any]]:
+    """``{device: options}`` of ``section`` (``coap``, ``opcua``) in ``site/simulators/*.yaml``."""
+    out: dict[str, dict[str, Any]] = {}
+    folder = site / SIMULATORS_DIR
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.y*ml")):
+        doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
+        if isinstance(doc, dict):
+            for device, opts in (doc.get(section) or {}).items():
+                out[str(device)] = dict(opts or {})
+    return out
+
+
 def device_key(registry: Any, device: str, key_dir: Path) -> tuple[str, bool]:
     """The simulated device's key: the stored one, or a new one (stored 0600). Returns
     ``(key, created)``. Runs in a worker thread."""
@@ -94,15 +108,14 @@ class SimulatorService:
         declared = await trio.to_thread.run_sync(load_simulators, self.site)
         info = engine.service_info.get("mqtt") or {}
         addresses = info.get("addresses") or []
-        if not declared or info.get("mode") != "embedded" or not addresses:
-            if declared:
-                log.warning("simulators: %s need the embedded MQTT broker; not started",
-                            ", ".join(sorted(declared)))
-            task_status.started({"devices": []})
-            await trio.sleep_forever()
-        host, _, port = addresses[0].rpartition(":")
+        if declared and (info.get("mode") != "embedded" or not addresses):
+            log.warning("simulators: %s need the embedded MQTT broker; not started",
+                        ", ".join(sorted(declared)))
+            declared = {}
+        host, _, port = addresses[0].rpartition(":") if addresses else ("", "", "0")
         key_dir = self.key_dir or Path(engine.config.state_dir) / SIMULATORS_DIR
         async with trio.open_nursery() as nursery:
+            await self._industrial(engine, nursery, key_dir)
             for device, opts in sorted(declared.items()):
                 doc = engine.device_doc(device)
                 binding = ((doc or {}).get("spec") or {}).get("binding") or {}
@@ -143,3 +156,83 @@ class SimulatorService:
                     )
                 )
             task_status.started({"devices": sorted(self.sims), "keys": str(key_dir)})
+
+    async def _industrial(self, engine: Any, nursery: trio.Nursery, key_dir: Path) -> None:
+        """The site's simulated OPC UA servers and CoAP devices (``opcua:`` / ``coap:`` in
+        ``SITE/simulators/*.yaml``), under the engine's supervisor like the MQTT ones."""
+        from twin.sim.coap_device import CoapDeviceSim
+
+        opcua = await trio.to_thread.run_sync(load_section, self.site, "opcua")
+        coap = await trio.to_thread.run_sync(load_section, self.site, "coap")
+        for device, opts in sorted(opcua.items()):
+            binding = ((engine.device_doc(device) or {}).get("spec") or {}).get("binding") or {}
+            if "opcua" not in binding:
+                log.warning("simulators: %s is not a Device with an opcua binding; skipped", device)
+                continue
+            run = partial(_opcua_server, device, str(binding["opcua"]["endpoint"]), opts)
+            self._start(engine, nursery, device, run)
+        info = engine.service_info.get("coap") or {}
+        coap_url = next((a for a in info.get("addresses") or [] if a.startswith("coap://")), None)
+        if coap and coap_url is None:
+            log.warning("simulators: %s need the CoAP server; not started", ", ".join(sorted(coap)))
+            return
+        for device, opts in sorted(coap.items()):
+            doc = engine.device_doc(device) or {}
+            spec = doc.get("spec") or {}
+            if "coap" not in (spec.get("binding") or {}):
+                log.warning("simulators: %s is not a Device with a coap binding; skipped", device)
+                continue
+            model = engine.specs.get(("DeviceModel", str(spec.get("model", "")))) or {}
+            key, created = await engine.rio.call(device_key, engine.registry, device, key_dir)
+            if created:
+                log.info("simulators: device key for %s created (%s)", device,
+                         key_dir / f"{device}.key")
+            assert coap_url is not None
+            chost, _, cport = coap_url.removeprefix("coap://").rpartition(":")
+            sim = CoapDeviceSim(device, key, _connect_host(chost.strip("[]")), int(cport), opts,
+                                model=model.get("spec") or {})
+            self.sims[device] = sim
+            self._start(engine, nursery, device, sim.run)
+
+    def _start(self, engine: Any, nursery: trio.Nursery, device: str, run: Any) -> None:
+        site = str(((engine.device_doc(device) or {}).get("metadata") or {}).get("site") or "")
+        self.sims.setdefault(device, run)
+        nursery.start_soon(
+            partial(
+                supervise,
+                run,
+                kind="simulator",
+                name=device,
+                site=site,
+                supervision=engine.supervision,
+                restart_on_return=True,
+            )
+        )
+
+
+async def _opcua_server(device: str, endpoint: str, opts: dict[str, Any]) -> None:
+    """A simulated OPC UA server (twin/sim/opcua_server.py) on the asyncio bridge, at the
+    device's endpoint. A taken port (another demo engine serving it already) is logged once and
+    left alone: the device then reads whichever server holds it."""
+    import errno
+    from urllib.parse import urlsplit
+
+    from twin.bindings import aio
+    from twin.sim.opcua_server import SimServer
+    from twin.spec.units import parse_duration
+
+    url = urlsplit(endpoint)
+    points = opts.get("points")
+    sim = SimServer(int(url.port or 4840), host=url.hostname or "127.0.0.1", endpoint=endpoint,
+                    obj=str(opts.get("object", "Boiler")), points=points,
+                    interval=parse_duration(opts.get("interval", "1s")) or 1.0)
+    try:
+        await aio.run(sim.start)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        log.warning("simulators: %s: %s is taken (another engine's simulator?); not started",
+                    device, endpoint)
+        await trio.sleep_forever()
+    log.info("simulators: OPC UA server of %s at %s", device, endpoint)
+    await aio.run(sim.run)

@@ -106,8 +106,9 @@ class SimServer:
         user: str | None = None,
         secure_dir: Path | None = None,
         seed: int = 1,
+        endpoint: str | None = None,
     ) -> None:
-        self.endpoint = f"opc.tcp://{host}:{port}/flux/"
+        self.endpoint = endpoint or f"opc.tcp://{host}:{port}/flux/"
         self.obj_name = obj
         self.interval = interval
         self.user = user
@@ -193,7 +194,8 @@ class SimServer:
             return True
 
         async def fail(parent: Any) -> Any:
-            raise ua.UaStatusCodeError(ua.StatusCodes.BadInvalidState)
+            bad: Any = ua.StatusCodes.BadInvalidState
+            return ua.StatusCode(bad)
 
         def arg(name: str, vtype: ua.VariantType) -> ua.Argument:
             a = ua.Argument()

@@ -1,0 +1,216 @@
+"""CoAP GET/s with aiocoap's client: through the asyncio↔Trio bridge vs plain asyncio, against
+the same aiocoap server, in one run; and POST/s into the engine's CoAP server (readings to the
+write-ahead-log-less device path, device key checked).
+
+    python benchmarks/protocols/coap.py [--seconds 5] [--concurrency 1 10] [--rounds 2]
+
+* server: an aiocoap server in another process with one resource (``GET /v`` -> 8 bytes);
+* plain: ``--concurrency`` asyncio tasks each awaiting ``ctx.request(GET).response`` in a loop;
+* bridge: the same number of Trio tasks each doing ``await aio.run(lambda:
+  ctx.request(GET).response)`` (what :class:`twin.bindings.coap.CoapBinding` does when it
+  polls a device);
+* engine server: ``--concurrency`` plain aiocoap clients POSTing ``{"t": 1.5}`` to
+  ``/d/{device}?k=KEY`` of :class:`twin.runtime.coap_service.CoapService` in an engine in this
+  process (every request crosses the bridge twice and checks the key): requests/s.
+
+Rounds alternate plain/bridge; figures are means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def free_udp() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def serve(port: int) -> None:
+    import aiocoap
+    from aiocoap import resource
+
+    class V(resource.Resource):
+        async def render_get(self, request: Any) -> Any:
+            return aiocoap.Message(payload=b"12345678")
+
+    async def main() -> None:
+        site = resource.Site()
+        site.add_resource(["v"], V())
+        await aiocoap.Context.create_server_context(site, bind=("127.0.0.1", port))
+        print("ready", flush=True)
+        await asyncio.get_running_loop().create_future()
+
+    asyncio.run(main())
+
+
+async def _loop(ctx: Any, uri: str, deadline: float) -> int:
+    from aiocoap import GET, Message
+
+    n = 0
+    while time.perf_counter() < deadline:
+        await ctx.request(Message(code=GET, uri=uri)).response
+        n += 1
+    return n
+
+
+def plain(uri: str, conc: int, seconds: float) -> float:
+    from aiocoap import Context
+
+    async def main() -> float:
+        ctx = await Context.create_client_context()
+        await _loop(ctx, uri, time.perf_counter() + 0.3)  # warm-up
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(_loop(ctx, uri, t0 + seconds) for _ in range(conc)))
+        rate = sum(counts) / (time.perf_counter() - t0)
+        await ctx.shutdown()
+        return rate
+
+    return asyncio.run(main())
+
+
+def bridged(uri: str, conc: int, seconds: float) -> float:
+    import trio
+
+    from twin.bindings import aio
+
+    async def main() -> float:
+        from aiocoap import GET, Context, Message
+
+        create: Any = Context.create_client_context
+        ctx = await aio.run(create)
+        total = 0
+
+        async def worker(deadline: float) -> None:
+            nonlocal total
+            while time.perf_counter() < deadline:
+                req: Any = lambda: ctx.request(Message(code=GET, uri=uri)).response  # noqa: E731
+                await aio.run(req)
+                total += 1
+
+        await worker(time.perf_counter() + 0.3)
+        total = 0
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as n:
+            for _ in range(conc):
+                n.start_soon(worker, t0 + seconds)
+        rate = total / (time.perf_counter() - t0)
+        shutdown: Any = ctx.shutdown
+        await aio.run(shutdown)
+        return rate
+
+    try:
+        return trio.run(main)
+    finally:
+        aio.shutdown()
+
+
+def engine_server(conc: int, seconds: float) -> float:
+    """POST/s into the engine's CoAP server (aiocoap clients in a thread of their own)."""
+    import threading
+
+    import trio
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from runtime.helpers import apply, fast_config, model, running_engine, site
+
+    from twin.registry import open_registry
+    from twin.registry.credentials import create_device_key
+    from twin.runtime.coap_service import CoapService
+
+    tmp = Path(tempfile.mkdtemp())
+    reg = open_registry(None, tmp / "state")
+    dev = {"apiVersion": "flux.iot/v1", "kind": "Device",
+           "metadata": {"name": "m1", "site": "plant-a"},
+           "spec": {"type": "sensor", "model": "th-sensor", "binding": {"coap": {}},
+                    "heartbeat": {"interval": "1s", "timeout": "60s"}}}
+    apply(reg, site(), model(), dev)
+    _, key = create_device_key(reg, "m1")
+    port = free_udp()
+    svc = CoapService(("127.0.0.1", port))
+    uri = f"coap://127.0.0.1:{port}/d/m1?k={key}"
+    out: list[float] = []
+
+    def clients() -> None:
+        from aiocoap import POST, Context, Message
+
+        async def loop(ctx: Any, deadline: float) -> int:
+            n = 0
+            while time.perf_counter() < deadline:
+                msg = Message(code=POST, uri=uri, payload=b'{"temperature": 1.5}')
+                msg.opt.content_format = 50
+                resp = await ctx.request(msg).response
+                assert resp.code.is_successful(), resp
+                n += 1
+            return n
+
+        async def main() -> None:
+            ctx = await Context.create_client_context()
+            await loop(ctx, time.perf_counter() + 0.5)
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(loop(ctx, t0 + seconds) for _ in range(conc)))
+            out.append(sum(counts) / (time.perf_counter() - t0))
+            await ctx.shutdown()
+
+        asyncio.run(main())
+
+    async def main() -> None:
+        async with running_engine(reg, fast_config(state_dir=tmp), [svc]):
+            with trio.fail_after(10):
+                while not svc.hub.running("m1"):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            t = threading.Thread(target=clients)
+            t.start()
+            await trio.to_thread.run_sync(t.join)
+
+    trio.run(main)
+    reg.close()
+    return out[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 10])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        serve(a.serve)
+        return
+    port = free_udp()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("ready")
+        uri = f"coap://127.0.0.1:{port}/v"
+        print(f"aiocoap GET /v, {a.seconds:g} s x {a.rounds} rounds")
+        print(f"{'client':<30}{'GET/s':>10}")
+        for conc in a.concurrency:
+            p = [plain(uri, conc, a.seconds) for _ in range(a.rounds)]
+            b = [bridged(uri, conc, a.seconds) for _ in range(a.rounds)]
+            pm, bm = sum(p) / len(p), sum(b) / len(b)
+            print(f"{f'plain asyncio, {conc} task(s)':<30}{pm:>10,.0f}")
+            print(f"{f'bridge, {conc} Trio task(s)':<30}{bm:>10,.0f}   {bm / pm:.2f}x plain "
+                  "(goal >= 0.8x)")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    for conc in a.concurrency:
+        rate = engine_server(conc, a.seconds)
+        print(f"{f'engine server POST, {conc} client(s)':<30}{rate:>10,.0f} POST/s (key checked, "
+              "device task)")
+
+
+if __name__ == "__main__":
+    main()
