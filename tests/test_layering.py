@@ -17,18 +17,21 @@ TWIN = Path(__file__).resolve().parents[1] / "twin"
 
 # package -> packages it must never import (at run time)
 FORBIDDEN: dict[str, set[str]] = {
-    "files": {"errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime",
+    "files": {"plugins", "errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime",
               "control", "api", "edge", "cli"},
     # the authorization policy: pure, below everything that asks it
-    "policy": {"spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
+    "policy": {"plugins", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
                "api", "edge", "cli"},
-    "errors": {"policy", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
+    "errors": {"plugins", "policy", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
                "api", "edge", "cli"},
-    "spec": {"registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api",
+    "spec": {"plugins", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api",
              "edge", "cli"},
-    "registry": {"timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
-    "timeseries": {"registry", "mqtt", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
-    "mqtt": {"registry", "timeseries", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
+    # plugins (sandboxed codecs, transforms, scene steps): above spec, below bindings
+    "plugins": {"registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api",
+                "edge", "cli"},
+    "registry": {"plugins", "timeseries", "mqtt", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
+    "timeseries": {"plugins", "registry", "mqtt", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
+    "mqtt": {"plugins", "registry", "timeseries", "bindings", "sim", "runtime", "control", "api", "edge", "cli"},
     "bindings": {"registry", "timeseries", "runtime", "control", "api", "edge", "cli"},
     # video (twin/video): camera sources and pipelines, beside the bindings it serves
     "video": {"registry", "timeseries", "mqtt", "runtime", "control", "api", "edge", "cli"},

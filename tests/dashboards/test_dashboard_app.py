@@ -282,4 +282,4 @@ def test_map_says_which_positions_are_approximate(api: FakeApi) -> None:
     at = app(api)
     caption = next(c.value for c in at.caption if "online" in c.value or "offline" in c.value)
     assert "ring" not in caption
-    assert "9 of 16 without spec.location: placed around the site (faded)" in caption
+    assert "10 of 17 without spec.location: placed around the site (faded)" in caption

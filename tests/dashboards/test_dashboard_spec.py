@@ -108,6 +108,7 @@ def test_default_dashboard_when_none_declared(tmp_path: Path) -> None:
         "air-quality",  # the demo device that speaks MQTT
         "boiler-modbus",  # the demo PLC that speaks Modbus TCP
         "boiler",  # the demo device behind an OPC UA server
+        "acme-th8",  # the demo device whose binary payload a Wasm plugin decodes
     }
     # motion is boolean telemetry: not charted
     cam = next(c for c in charts if c["select"]["model"] == "ip-camera")

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import (
     BindingContext,
     DeviceEvent,
@@ -222,6 +223,9 @@ class MqttBinding:
         self.accept_retained = bool(options.get("retained", False))
         self.command_timeout = parse_duration(options.get("command_timeout", "30s")) or 30.0
         self.broker_name = options.get("broker")
+        self.codec: str | None = options.get("codec")  # a Plugin (role codec) decodes payloads
+        self.doc = doc or {}
+        self._memo: tuple[Any, list[Reading]] | None = None  # the last message a codec decoded
         self.context = context
         self._hub = hub
         self._clock: Callable[[], float] = (context.clock if context else None) or time.time
@@ -338,6 +342,13 @@ class MqttBinding:
                 point = levels[self._point_level]
         if not msg.payload:
             return []
+        if self.codec is not None:  # the payload is the codec plugin's business
+            memo = self._memo
+            if memo is not None and memo[0] is msg:  # checked, logged and routed: decode once
+                return list(memo[1])
+            (readings,) = plugin_edge.decode(self.codec, self.device, [msg.payload], now)
+            self._memo = (msg, readings)
+            return list(readings)
         if self.format == "string":
             try:
                 text = msg.payload.decode("utf-8")
@@ -395,9 +406,15 @@ class MqttBinding:
         if msg.retain and not self.accept_retained:
             return []
         try:
-            return self._readings(msg)
+            readings = self._readings(msg)
         except ValueRefused:
             return []
+        # the device's transform runs here, before the log (what is logged is what is stored)
+        models = self.context.models if self.context is not None else {}
+        transform = plugin_edge.transform_of(self.doc, models.get(self.device))
+        if transform is not None and readings:
+            readings = plugin_edge.transform(transform, readings)
+        return readings
 
     def _check_event(self, msg: InMessage) -> str | None:
         try:
@@ -532,12 +549,19 @@ class MqttBinding:
             "params": dict(params),
             "response_topic": self.topics["response"],
         }
+        payload = json.dumps(request, separators=(",", ":"), default=str).encode()
+        if self.codec is not None and plugin_edge.can_encode(self.codec):
+            frame = plugin_edge.encode(self.codec, {"id": cid, "name": name, "params": dict(params)})
+            if frame is None:
+                raise CommandError(f"mqtt device {self.device!r}: codec {self.codec!r} could not "
+                                   f"encode command {name!r}")
+            payload = frame
         send, recv = trio.open_memory_channel[tuple[str, dict[str, Any]]](16)
         self._pending[cid] = send
         try:
             await hub.publish(
                 self.topics["command"],
-                json.dumps(request, separators=(",", ":"), default=str).encode(),
+                payload,
                 self.qos,
                 False,
                 response_topic=self.topics["response"],

@@ -680,6 +680,7 @@ def _register_extensions() -> None:
         "twin.cli.discover_cmds",  # discover onvif
         "twin.cli.edge_cmds",  # edge, edge-key
         "twin.cli.discover_opcua",  # discover opcua
+        "twin.cli.plugin_cmds",  # plugin test, plugin build
     ):
         try:
             module = importlib.import_module(mod)

@@ -129,6 +129,8 @@ def plan_lines(plan: Plan, *, show_kept: bool = True) -> Iterable[Text]:
             head.append("  (not in the files; left alone — use --prune to delete)", style="dim")
         yield head
         for f in change.fields:
+            if f.path[-3:] == ("spec", "module", "data"):
+                continue  # a Plugin's module content: its sha256 line says it changed
             path = format_path(f.path)
             if f.old is MISSING:
                 yield Text(f"    + {path}: {short(f.new)}", style="green")

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import (
     Binding,
     BindingContext,
@@ -32,8 +33,10 @@ from twin.bindings.base import (
     Reading,
     create_binding,
 )
+from twin.bindings.plugins import transform_of
 from twin.bindings.values import TS_MAX, TS_MIN, ValueRefused, check_ts, is_safe
 from twin.errors import BindingError
+from twin.plugins import registry as plugin_registry
 from twin.runtime.bus import Bus
 from twin.runtime.controllers import DeviceConfig, Heartbeat
 from twin.runtime.monitor import Monitor
@@ -41,6 +44,9 @@ from twin.runtime.state import DeviceTwin, ReportedValue, Status, TwinStore
 from twin.runtime.supervisor import RestartPolicy, Supervision, supervise
 
 log = logging.getLogger(__name__)
+
+TRANSFORM_BATCH = 1000
+"""Most readings one transform call gets (what is queued for the device when it runs)."""
 
 
 @dataclass
@@ -134,6 +140,11 @@ class DeviceRuntime:
     initial_status: dict[str, Status] = field(default_factory=dict)  # restored after a restart
     watchdog: Watchdog = field(default_factory=Watchdog)  # run by the DeviceController
     overrides: Any = None  # twin.runtime.overrides.Overrides: runtime desired values
+
+    @staticmethod
+    def plugins_in_thread(name: str) -> bool:
+        """Whether plugin ``name`` is called off the event loop (a Starlark worker round trip)."""
+        return plugin_registry.host().uses_thread(name)
 
     def device_removed(self, name: str, *, clear_alarms: bool = True) -> None:
         twin = self.twins.get(name)
@@ -360,15 +371,40 @@ class DeviceTask:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             async with receive:
-                async for message in receive:
-                    try:
-                        self.handle(message)
-                    except Exception as exc:  # a bug: restart the device (its supervisor)
-                        raise DeviceTaskError(
-                            f"device {self.name}: handling {type(message).__name__} failed: "
-                            f"{type(exc).__name__}: {exc}"
-                        ) from exc
+                async for first in receive:
+                    batch = [first]
+                    transform = transform_of(self.config.doc, self.config.model)
+                    if transform is not None:  # one plugin call per batch of what is queued
+                        while len(batch) < TRANSFORM_BATCH:
+                            try:
+                                batch.append(receive.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        batch = await self._transform(transform, batch)
+                    for message in batch:
+                        try:
+                            self.handle(message)
+                        except Exception as exc:  # a bug: restart the device (its supervisor)
+                            raise DeviceTaskError(
+                                f"device {self.name}: handling {type(message).__name__} failed: "
+                                f"{type(exc).__name__}: {exc}"
+                            ) from exc
             raise SubscriptionEnded(f"device {self.name}: subscription ended")
+
+    async def _transform(self, name: str, batch: list[Message]) -> list[Message]:
+        """The device's transform plugin over the readings of a batch that are not in the
+        write-ahead log yet (logged ones were transformed at their edge, before the log).
+        Wasm runs inline (bounded by its fuel and time limits); Starlark in a worker thread,
+        so the event loop never waits on a script. A failed call marks the readings bad."""
+        readings = [m for m in batch if isinstance(m, Reading) and not m.logged]
+        if not readings:
+            return batch
+        if self.rt.plugins_in_thread(name):
+            out = await trio.to_thread.run_sync(plugin_edge.transform, name, readings)
+        else:
+            out = plugin_edge.transform(name, readings)
+        rest = [m for m in batch if not (isinstance(m, Reading) and not m.logged)]
+        return [*out, *rest]
 
     def _bad_value(self, message: Reading) -> None:
         """A binding let through a value the edges must refuse (twin.bindings.values): count it,

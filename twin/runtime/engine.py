@@ -24,6 +24,7 @@ once everything is up. Cancel the surrounding scope to stop; cleanup is shielded
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,8 @@ from twin.bindings import aio
 from twin.bindings.base import BindingContext
 from twin.bindings.http import IngestHub
 from twin.errors import TwinError
+from twin.plugins import registry as plugin_registry
+from twin.plugins.host import PluginCollector
 from twin.registry.base import Key, Registry, Revision
 from twin.runtime.bus import Bus
 from twin.runtime.cluster import EVERYTHING, Ownership
@@ -48,7 +51,7 @@ from twin.runtime.monitor import Monitor
 from twin.runtime.overrides import Overrides
 from twin.runtime.regio import RegistryIO, RegistryWriter
 from twin.runtime.state import DeviceTwin, Status, TwinStore
-from twin.runtime.supervisor import RestartPolicy, Supervision, supervise
+from twin.runtime.supervisor import ENGINE_DEVICE, RestartPolicy, Supervision, supervise
 from twin.video.service import VideoService
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,15 @@ class Engine:
         self.supervision.raise_alarm = self.monitor.raise_alarm
         self.supervision.clear_alarm = self.monitor.clear_alarm
         self.controller = DeviceController(self.runtime)
+        # plugins (codecs, transforms, scene steps): the process's host, loaded per revision;
+        # a failing plugin raises an alarm on _engine (type plugin_failure:NAME)
+        self.plugins = plugin_registry.host()
+        self.plugins.on_alarm = lambda name, msg: self._on_loop(partial(
+            self.monitor.raise_alarm, ENGINE_DEVICE, f"plugin_failure:{name}", "major", msg))
+        self.plugins.on_clear = lambda name: self._on_loop(partial(
+            self.monitor.clear_alarm, ENGINE_DEVICE, f"plugin_failure:{name}"))
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.prom.registry.register(PluginCollector(self.plugins))
         self.services = list(services)
         self.service_info: dict[str, Any] = {}
         self.revision: Revision | None = None
@@ -203,6 +215,17 @@ class Engine:
         for fn in self.desired_listeners:
             fn(device)
 
+    def _on_loop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the engine's Trio thread (plugin hooks fire from worker threads too)."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:  # another thread: hand it over
+            if self._token is not None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    self._token.run_sync_soon(fn)
+            return
+        fn()
+
     def _on_transition(self, twin: DeviceTwin, old: Status, new: Status) -> None:
         self.prom.child(self.prom.status_transitions, str(new)).inc()
 
@@ -235,6 +258,9 @@ class Engine:
                 own = self.ownership.owns
                 mine = {k: v for k, v in runnable.items() if k[0] != "Device" or own(*k)}
                 moved = frozenset(k[1] for k in runnable if k[0] == "Device" and k not in mine)
+            # new/changed plugin modules are loaded first and swapped in atomically; one that
+            # does not load is refused (logged, load_errors) and the old one keeps running
+            await trio.to_thread.run_sync(self.plugins.sync, specs)
             changes = await self.controller.reconcile(mine, handover=moved)
             self._reconciled = head.number
             self._owned_version = owned
@@ -314,6 +340,7 @@ class Engine:
 
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at = self.config.clock()
+        self._token = trio.lowlevel.current_trio_token()
         try:
             # the asyncio loop (pymodbus, asyncua, aiocoap) starts lazily and stops with us
             async with aio.lifetime(), trio.open_nursery() as nursery:
@@ -364,6 +391,7 @@ class Engine:
                 scope.shield = True
                 self.flush_metrics()
                 await self.writer.drain()
+                self.plugins.close()  # Starlark worker processes end with the engine
 
 
 class EngineCoreError(TwinError):

@@ -7,7 +7,8 @@ topics only; a revoked key is refused and its connection closed). Then it
 
 * publishes ``online`` (retained) on ``flux/{site}/{device}/status``;
 * publishes its points as one JSON object every ``interval`` on ``.../telemetry``
-  (``{"co2": 612.4, "ts": 1733140000.1}``);
+  (``{"co2": 612.4, "ts": 1733140000.1}``), or a binary frame with ``frame:`` (a vendor
+  format a codec plugin decodes, see :func:`binary_frame`);
 * answers commands on ``.../command`` with ``{"id", "status": "success", "result"}`` on the
   request's response topic (or ``.../command/response``), a command named ``fail`` with
   ``failure``;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +40,23 @@ from twin.mqtt.paho_trio import PahoTransport
 from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)
+
+
+def binary_frame(frame: Mapping[str, Any], values: Mapping[str, Any]) -> bytes:
+    """``frame: {prefix: HEX, fields: [{point, type, scale}]}``: the prefix bytes, then each
+    point's value times ``scale`` packed big-endian as struct ``type`` (h, H, i, I, b, B, f, d),
+    clamped to the type's range."""
+    out = bytearray(bytes.fromhex(str(frame.get("prefix", ""))))
+    for f in frame.get("fields") or []:
+        code = str(f.get("type", "h"))
+        raw = float(values.get(str(f["point"])) or 0) * float(f.get("scale", 1))
+        if code in "fd":
+            out += struct.pack(">" + code, raw)
+            continue
+        bits = struct.calcsize(code) * 8
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if code.islower() else (0, (1 << bits) - 1)
+        out += struct.pack(">" + code, max(lo, min(hi, round(raw))))
+    return bytes(out)
 
 
 class MqttDeviceSim:
@@ -69,6 +88,7 @@ class MqttDeviceSim:
         )
         self.hub = MqttHub(self.transport)
         self.transport.hub = self.hub
+        self.frame: Mapping[str, Any] | None = options.get("frame")
         self.published = 0
         self.commands: list[tuple[str, dict[str, Any]]] = []
         self._wake = trio.Event()
@@ -140,7 +160,10 @@ class MqttDeviceSim:
                     online = False
                 if self.connected:
                     values = {r.point: r.value for r in await self.physics.read()}
-                    if await self._publish(self.topics["telemetry"], {**values, "ts": time.time()}):
+                    doc: Any = {**values, "ts": time.time()}
+                    if self.frame is not None:  # a vendor's binary payload (a codec plugin decodes it)
+                        doc = binary_frame(self.frame, values)
+                    if await self._publish(self.topics["telemetry"], doc):
                         self.published += 1
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()

@@ -243,6 +243,9 @@ def _load_site(
                 cache.put(key, [(d.index, d.data) for d in docs])
         if progress is not None:
             progress(i + 1, len(files))
+    from twin.spec.plugins import embed_modules
+
+    problems.extend(embed_modules(loaded))  # module files of Plugin documents, read and hashed
     follow_ons, suppressed = split_follow_ons(reference_problems(loaded), broken)
     problems.extend(follow_ons)
     if problems and strict:

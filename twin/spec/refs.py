@@ -13,6 +13,7 @@ from jsonschema.exceptions import SchemaError
 
 from twin.errors import Problem
 from twin.spec.load import Document, LoadedSpecs
+from twin.spec.plugins import plugin_problems
 from twin.spec.units import parse_duration
 
 
@@ -125,6 +126,7 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
                                             f"parent group {parent.name!r} belongs to site {s2!r}, not {s1!r}"))
         _heartbeat(doc, spec.get("heartbeat"), ("spec", "heartbeat"), problems)
     problems.extend(_group_cycles(groups))
+    problems.extend(plugin_problems(loaded))  # modules compile/parse; codec/transform refs
 
     for doc in models.values():
         if doc.key not in invalid:  # a model's own checks need its schema to hold
