@@ -153,10 +153,10 @@ def test_validate_reports_a_syntax_error_first_and_counts_its_echoes(tmp_path: P
     lines = twin(e, "validate", str(site), code=2).stderr.splitlines()
     assert "models.yaml:13:" in lines[0] and "YAML syntax error" in lines[0], lines
     assert not any("unknown DeviceModel" in line for line in lines), lines
-    assert lines[1] == "✗ 1 problem found (15 follow-on problems suppressed)", lines  # 15 devices
+    assert lines[1] == "✗ 1 problem found (17 follow-on problems suppressed)", lines  # 17 devices
     assert "fix the syntax errors first" in lines[2]
     out = json.loads(twin(e, "validate", str(site), "-o", "json", code=2).stdout)
-    assert out["suppressed"] == 15 and len(out["problems"]) == 1
+    assert out["suppressed"] == 17 and len(out["problems"]) == 1
 
 
 def test_errors_are_one_line_with_hint(env) -> None:
