@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from twin.reports.service import ReportService
 from twin.runtime.timeseries_service import TimeSeriesService
 
 from .conftest import start_api
@@ -31,8 +32,10 @@ async def test_openapi_contract_all_checks(tmp_path: Path) -> None:
     api = None
     try:
         async with trio.open_nursery() as nursery:
-            # with the time-series service, as `twin up` runs it (its routes answer 503 without)
-            api = await start_api(nursery, tmp_path / "state", services=[TimeSeriesService()])
+            # with the time-series and report services, as `twin up` runs them (their routes
+            # answer 503 without)
+            api = await start_api(nursery, tmp_path / "state",
+                                  services=[TimeSeriesService(), ReportService()])
             await _contract(api.url, api.tokens["admin"], tmp_path)
             nursery.cancel_scope.cancel()
     finally:

@@ -67,7 +67,7 @@ h2 { font-size: 12.5pt; color: #0f2d52; margin: 7mm 0 2mm 0; padding-bottom: 1.2
 .meta div span { display: block; color: #9fb3cc; font-size: 7.5pt; text-transform: uppercase; letter-spacing: .05em; }
 .desc { color: #4b5563; margin: 0 0 4mm 0; }
 .stats { display: flex; flex-wrap: wrap; gap: 3mm; margin: 2mm 0 4mm 0; }
-.stat { flex: 1 1 38mm; border: 0.8pt solid #d6dde6; border-radius: 2mm; padding: 3mm 4mm;
+.stat { flex: 1 1 36mm; box-sizing: border-box; border: 0.8pt solid #d6dde6; border-radius: 2mm; padding: 3mm 4mm;
         background: #f6f8fb; break-inside: avoid; }
 .stat .label { color: #5b6674; font-size: 8pt; }
 .stat .value { font-size: 18pt; font-weight: 700; color: #0f2d52; margin-top: 1mm; }
@@ -76,7 +76,7 @@ h2 { font-size: 12.5pt; color: #0f2d52; margin: 7mm 0 2mm 0; padding-bottom: 1.2
 .section { break-inside: auto; }
 .section.break { break-before: page; }
 .chart { break-inside: avoid; margin: 1mm 0 2mm 0; }
-.chart svg { width: 100%; height: auto; }
+.chart svg, .chart img { width: 100%; height: auto; display: block; }
 .note { color: #6b7785; font-size: 7.5pt; margin: 0 0 2mm 0; }
 table { width: 100%; border-collapse: collapse; font-size: 8pt; margin-bottom: 2mm; }
 thead { display: table-header-group; }

@@ -44,6 +44,28 @@ def _local(data: ReportData) -> Callable[[float], datetime]:
     return conv
 
 
+def excel_serial(timezone: str) -> Callable[[float], float]:
+    """Unix seconds -> Excel's serial date of the local wall time (days since 1899-12-30).
+
+    The UTC offset is looked up once per 15-minute slot (zone transitions fall on quarter
+    hours), which makes 100k timestamps cheap; xlsxwriter's ``write_datetime`` would build a
+    datetime per cell."""
+    import zoneinfo
+
+    zone = zoneinfo.ZoneInfo(timezone)
+    offsets: dict[int, float] = {}
+
+    def serial(ts: float) -> float:
+        slot = int(ts // 900)
+        off = offsets.get(slot)
+        if off is None:
+            delta = datetime.fromtimestamp(slot * 900, zone).utcoffset()
+            off = offsets[slot] = delta.total_seconds() if delta is not None else 0.0
+        return (ts + off) / 86400.0 + 25569.0
+
+    return serial
+
+
 def _write_table(
     ws: Any, table: Table, rows: list[list[Any]], start_row: int, fmts: dict[str, Any],
     local: Callable[[float], datetime], tz: str,
@@ -54,16 +76,21 @@ def _write_table(
     for j, (c, k) in enumerate(zip(table.columns, table.kinds, strict=True)):
         ws.set_column(j, j, 20 if k == TIME else max(10, min(40, len(c) + 4)))
     r = start_row + 1
+    serial = excel_serial(tz)
+    write_number, write_string = ws.write_number, ws.write_string
+    tfmt, nfmt = fmts["time"], fmts["num"]
+    kinds = list(enumerate(table.kinds))
     for row in rows:
-        for j, (cell, kind) in enumerate(zip(row, table.kinds, strict=True)):
+        for j, kind in kinds:
+            cell = row[j]
             if cell is None:
                 continue
             if kind == TIME:
-                ws.write_datetime(r, j, local(float(cell)), fmts["time"])
+                write_number(r, j, serial(float(cell)), tfmt)
             elif kind == NUMBER and isinstance(cell, int | float) and not isinstance(cell, bool):
-                ws.write_number(r, j, float(cell), fmts["num"])
+                write_number(r, j, cell, nfmt)
             else:
-                ws.write_string(r, j, str(cell))
+                write_string(r, j, str(cell))
         r += 1
     return r
 
