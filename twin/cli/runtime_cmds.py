@@ -178,6 +178,23 @@ def up(
             "comma-separated (default: none; private addresses only if listed).",
         ),
     ] = None,
+    gb28181: Annotated[
+        str | None,
+        typer.Option(
+            "--gb28181",
+            envvar="TWIN_GB28181",
+            help="Run the GB28181 SIP server on HOST:PORT (UDP + TCP) for gb28181 cameras; "
+            "registration password: secret 'gb28181'.",
+        ),
+    ] = None,
+    gb28181_id: Annotated[
+        str, typer.Option("--gb28181-id", envvar="TWIN_GB28181_ID",
+                          help="The platform's 20-digit SIP id; its first 10 digits: the realm.")
+    ] = "34020000002000000001",
+    gb28181_media_host: Annotated[
+        str, typer.Option("--gb28181-media-host", envvar="TWIN_GB28181_MEDIA_HOST",
+                          help="Address put in SDP offers: where devices send RTP.")
+    ] = "127.0.0.1",
 ) -> None:
     """Apply PATH (if given), then run the engine and the API until Ctrl-C or SIGTERM.
 
@@ -327,6 +344,14 @@ def up(
         # the site's simulated Modbus PLCs (PATH/simulators/*.yaml `modbus:`), polled by the
         # engine's modbus binding like real ones
         services.append(ModbusSimulatorService(path))
+    if gb28181:
+        from twin.video.gb28181.server import Gb28181Config
+        from twin.video.gb28181.service import Gb28181Service, parse_listen
+
+        gb_host, gb_port = parse_listen(gb28181)
+        services.append(Gb28181Service(Gb28181Config(
+            host=gb_host, port=gb_port, server_id=gb28181_id, realm=gb28181_id[:10],
+            media_host=gb28181_media_host)))
     engine = Engine(reg, EngineConfig(state_dir=st.state_dir), services)
     dash: list[Any] = []
     dash_url = None

@@ -302,7 +302,7 @@ register_source("srt", SrtSource())
 register_source("hls", HlsSource())
 register_source("sim", SimCameraSource())
 
-_EXTRA_SOURCES: tuple[str, ...] = ("twin.video.onvif",)
+_EXTRA_SOURCES: tuple[str, ...] = ("twin.video.onvif", "twin.video.gb28181.source")
 """Modules that register more sources when imported (ONVIF, GB28181 add theirs here)."""
 _loaded = False
 
