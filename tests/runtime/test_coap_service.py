@@ -346,3 +346,72 @@ def test_twin_up_with_a_taken_coap_port_says_so(tmp_path: Path) -> None:
         f"error: coap: address 127.0.0.1:{port} is already in use",
         "hint: pick another with --coap-listen HOST:PORT (port 0 picks a free one)",
     ]
+
+
+# -- the coap binding's client modes: the device is a CoAP server -------------------------------
+@pytest.fixture
+def device_server() -> Any:
+    import subprocess
+    import sys
+
+    port = free_udp_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("coap_device_server.py")), str(port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+    yield f"coap://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+async def test_client_modes_poll_observe_write_command(device_server: str) -> None:
+    from twin.bindings.base import Message, Reading
+    from twin.bindings.coap import CoapBinding
+    from twin.errors import BindingError, CommandError
+
+    base = device_server
+    opts = {"mode": "poll", "url": f"{base}/sensors", "interval": "100ms",
+            "points": {"temperature": {"path": "t"}, "humidity": {"path": "rh"},
+                       "missing": {"path": "nope"}},
+            "write_url": f"{base}/config", "command_url": f"{base}/cmd", "timeout": "2s"}
+    b = CoapBinding("dev", opts)
+    await b.connect()
+    try:
+        readings = {r.point: r for r in await b.read()}
+        assert readings["humidity"].value == 40
+        assert isinstance(readings["temperature"].value, float)
+        assert readings["missing"].value is None and str(readings["missing"].quality) == "bad"
+        await b.write("mode", "eco")
+        assert await b.send_command("reboot", {}) == {"done": "reboot"}
+        with pytest.raises(CommandError, match="4.00"):
+            await b.send_command("fail", {})
+    finally:
+        await b.close()
+    # observe: notifications pushed by the device, values rising
+    b = CoapBinding("dev", {**opts, "mode": "observe", "points": {"temperature": {"path": "t"},
+                                                                  "mode": {"path": "mode"}}})
+    await b.connect()
+    got: list[Reading] = []
+    send, recv = trio.open_memory_channel[Message](100)
+    async with trio.open_nursery() as n:
+        n.start_soon(b.subscribe, send)
+        with trio.fail_after(10):
+            async for m in recv:
+                if isinstance(m, Reading) and m.point == "temperature":
+                    got.append(m)
+                    if len(got) >= 4:
+                        break
+        n.cancel_scope.cancel()
+    await b.close()
+    temps = [r.value for r in got]
+    assert temps == sorted(temps) and len(set(temps)) >= 3
+    # a malformed answer is an error of that read, not a crash
+    b = CoapBinding("dev", {"mode": "poll", "url": f"{base}/junk", "timeout": "2s"})
+    await b.connect()
+    try:
+        with pytest.raises(BindingError, match="not JSON"):
+            await b.read()
+        assert b.refused == 1
+    finally:
+        await b.close()
