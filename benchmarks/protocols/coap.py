@@ -197,8 +197,10 @@ def main() -> None:
         print(f"aiocoap GET /v, {a.seconds:g} s x {a.rounds} rounds")
         print(f"{'client':<30}{'GET/s':>10}")
         for conc in a.concurrency:
-            p = [plain(uri, conc, a.seconds) for _ in range(a.rounds)]
-            b = [bridged(uri, conc, a.seconds) for _ in range(a.rounds)]
+            p, b = [], []
+            for _ in range(a.rounds):  # alternating, so that load changes hit both alike
+                p.append(plain(uri, conc, a.seconds))
+                b.append(bridged(uri, conc, a.seconds))
             pm, bm = sum(p) / len(p), sum(b) / len(b)
             print(f"{f'plain asyncio, {conc} task(s)':<30}{pm:>10,.0f}")
             print(f"{f'bridge, {conc} Trio task(s)':<30}{bm:>10,.0f}   {bm / pm:.2f}x plain "

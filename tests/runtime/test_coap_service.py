@@ -384,7 +384,7 @@ async def test_client_modes_poll_observe_write_command(device_server: str) -> No
         assert readings["missing"].value is None and str(readings["missing"].quality) == "bad"
         await b.write("mode", "eco")
         assert await b.send_command("reboot", {}) == {"done": "reboot"}
-        with pytest.raises(CommandError, match="4.00"):
+        with pytest.raises(CommandError, match=r"4\.00"):
             await b.send_command("fail", {})
     finally:
         await b.close()

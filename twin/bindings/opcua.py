@@ -84,7 +84,7 @@ OPCUA_SCHEMA: dict[str, Any] = binding_schema("opcua")
 """JSON Schema of ``spec.binding.opcua``: specs/binding-opcua.schema.json, the one source."""
 
 STATS = protostats.stats("opcua")
-INBOX_MAX = 10_000  # notifications waiting for the device task (beyond: dropped, counted)
+INBOX_MAX = 1_000  # publish responses waiting for the device task (beyond: dropped, counted)
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -232,7 +232,8 @@ class OpcUaBinding:
         self._method_nodes: dict[str, tuple[Any, Any, list[Any], list[str]]] = {}
         self._lost: str | None = None  # set by the status-change callback
         # notifications cross to Trio through the bridge's channel (pushed on the loop thread)
-        self._push: aio.Push[Reading | str] | None = None
+        self._push: aio.Push[list[Reading] | str] | None = None
+        self._batch: list[Reading] = []  # notifications of the publish response being handled
         # Trio side
         self.last_ts: dict[str, float] = {}  # newest reading per point (survives reconnects)
         self.sessions = 0
@@ -414,8 +415,16 @@ class OpcUaBinding:
             STATS.malformed += 1
             log.warning("opcua device %s: notification dropped: %s", self.device, exc)
             return
-        if self._push is not None:
-            self._push(reading)
+        # one crossing per publish response, not per notification: asyncua calls this for
+        # every item of a response in one go, the flush runs right after
+        self._batch.append(reading)
+        if len(self._batch) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch and self._push is not None:
+            self._push(batch)
 
     async def _a_check(self) -> None:
         if self._client is None:
@@ -581,7 +590,8 @@ class OpcUaBinding:
                 async for item in receive:
                     if isinstance(item, str):  # the subscription's status went bad
                         raise BindingConnectError(f"opcua device {self.device!r}: {item}")
-                    await self._send(send, item)
+                    for r in item:
+                        await self._send(send, r)
         finally:
             self.dropped += push.dropped
             self._push = None
