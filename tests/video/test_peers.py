@@ -26,6 +26,7 @@ from twin.runtime.state import Status
 from .helpers import camera, camera_model, free_port, start_pusher, stop
 
 HERE = Path(__file__).resolve().parent
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 FAST = {"stall_timeout": "4s", "health_interval": "0.5s"}
 
 

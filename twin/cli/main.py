@@ -681,6 +681,7 @@ def _register_extensions() -> None:
         "twin.cli.edge_cmds",  # edge, edge-key
         "twin.cli.discover_opcua",  # discover opcua
         "twin.cli.plugin_cmds",  # plugin test, plugin build
+        "twin.cli.video_cmds",  # video recordings, video clip
     ):
         try:
             module = importlib.import_module(mod)

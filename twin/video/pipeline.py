@@ -303,7 +303,10 @@ _NOISE = re.compile(r"^(Input|Output) #|^\s|Last message repeated|^Conversion fa
 def explain(lines: list[str], source: StreamSource) -> str:
     """The most telling of ffmpeg's last error lines, with the credentials redacted."""
     useful = [ln for ln in lines if ln.strip() and not _NOISE.search(ln)]
-    text = useful[-1] if useful else (lines[-1] if lines else "")
+    # "[h264 @ 0x…] non-existing PPS" and the like are decoder chatter: the cause is the
+    # last line that names the input or the failure itself
+    plain = [ln for ln in useful if not re.match(r"^\[[\w:. -]+ @ 0x[0-9a-f]+\]", ln)]
+    text = (plain or useful or lines or [""])[-1]
     text = text.replace(source.url, source.display)
     # a URL with credentials ffmpeg printed in another spelling
     text = re.sub(r"(\w+://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
@@ -442,8 +445,12 @@ class CameraPipeline:
         if deliberate:
             return
         if reason is None:
-            detail = explain(list(self.stderr), self.source) or f"exit status {process.returncode}"
-            reason = f"ffmpeg ended: {detail}"
+            code = process.returncode
+            if code is not None and code < 0:
+                reason = f"ffmpeg killed by signal {-code}"
+            else:
+                detail = explain(list(self.stderr), self.source) or f"exit status {code}"
+                reason = f"ffmpeg ended: {detail}"
         h.last_error = reason
         h.state = "dark"
         raise PipelineError(f"camera {self.name}: {reason}")
@@ -563,7 +570,9 @@ class CameraPipeline:
 async def grab_frame(source: StreamSource, wait: float = 5.0) -> bytes:
     """One JPEG straight from the source (a camera whose pipeline is not running): ffmpeg
     opens the input, decodes the first keyframe and exits."""
-    argv = (ffmpeg.input(source.url, **dict(source.options))
+    opts = {"analyzeduration": "100000", "probesize": "32768", "skip_frame": "nokey",
+            **dict(source.options)}  # the SDP / first keyframe tell all a snapshot needs
+    argv = (ffmpeg.input(source.url, **opts)
             .output("pipe:1", format="image2pipe", vframes=1, **{"c:v": "mjpeg", "q:v": 5})
             .compile(cmd=FFMPEG))
     argv = [argv[0], "-hide_banner", "-nostdin", "-loglevel", "error", *argv[1:]]

@@ -94,10 +94,10 @@ def enforce(rec_dir: Path, *, days: float | None, max_bytes: int | None,
     return removed
 
 
-def export_command(segs: list[Segment], start: float, end: float, out: Path,
+def export_command(segs: list[Segment], start: float, end: float, out: Path, listing_path: Path,
                    ffmpeg: str = "ffmpeg") -> tuple[list[str], str]:
     """ffmpeg argv (concat demuxer, stream copy) cutting ``[start, end]`` out of ``segs`` into
-    ``out`` (.mp4 or .ts), and the concat list it reads from stdin."""
+    ``out`` (.mp4 or .ts), and the concat list it reads from ``listing_path``."""
     if not segs:
         raise ValueError("no recording in that time range")
     first = segs[0].start
@@ -106,8 +106,7 @@ def export_command(segs: list[Segment], start: float, end: float, out: Path,
     offset = max(0.0, start - first)
     duration = max(0.1, end - max(start, first))
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
-            "-f", "concat", "-safe", "0", "-protocol_whitelist", "file,pipe",
-            "-i", "pipe:0", "-ss", f"{offset:.3f}", "-t", f"{duration:.3f}",
+            "-f", "concat", "-safe", "0", "-i", str(listing_path), "-ss", f"{offset:.3f}", "-t", f"{duration:.3f}",
             "-map", "0:v:0", "-c", "copy"]
     if out.suffix == ".mp4":
         argv += ["-movflags", "+faststart"]
@@ -117,10 +116,15 @@ def export_command(segs: list[Segment], start: float, end: float, out: Path,
 def export_clip(rec_dir: Path, start: float, end: float, out: Path, timeout: float = 120) -> Path:
     """Cut ``[start, end]`` into ``out`` (blocking: run it in a worker thread)."""
     segs = in_range(rec_dir, start, end)
-    argv, listing = export_command(segs, start, end, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(argv, input=listing.encode(), capture_output=True, timeout=timeout,
-                            check=False)
+    listing_path = out.with_name(out.name + ".ffconcat")
+    argv, listing = export_command(segs, start, end, out, listing_path)
+    listing_path.write_text(listing, encoding="utf-8")
+    try:
+        result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
+                                stdin=subprocess.DEVNULL)
+    finally:
+        listing_path.unlink(missing_ok=True)
     if result.returncode != 0 or not out.exists():
         tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["?"]
         raise RuntimeError(f"exporting the clip failed: {tail[0][:300]}")

@@ -240,6 +240,16 @@ class SimSource:
         label = name.replace(":", " ").replace("'", "")
         text = (f"drawtext=text='{label} %{{localtime}}':x=10:y=10:fontsize=20:"
                 "fontcolor=white:box=1:boxcolor=black@0.5")
+        out = f"udp://127.0.0.1:{port}?pkt_size=1316"
+        if video.get("file"):  # a recorded H.264 stream, looped as is (no encoding: cheap)
+            pusher: tuple[str, ...] = (
+                "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
+                "-stream_loop", "-1", "-i", str(video["file"]), "-map", "0:v:0", "-c", "copy",
+                "-f", "mpegts", out)
+            display = f"sim:{name} (file {video['file']})"
+            url = f"udp://127.0.0.1:{port}?overrun_nonfatal=1&fifo_size=50000"
+            return StreamSource(url, {"analyzeduration": "500000", "probesize": "500000"},
+                                display=display, listener=True, pusher=pusher)
         pusher = (
             "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
             "-f", "lavfi", "-i", f"{pattern}=size={size}:rate={fps}",
@@ -247,11 +257,11 @@ class SimSource:
             "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
             "-pix_fmt", "yuv420p", "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
             "-b:v", bitrate, "-maxrate", bitrate, "-bufsize", bitrate,
-            "-f", "mpegts", f"udp://127.0.0.1:{port}?pkt_size=1316",
+            "-f", "mpegts", out,
         )
         url = f"udp://127.0.0.1:{port}?overrun_nonfatal=1&fifo_size=50000"
         # the pusher sends a keyframe a second: a second of probing finds the stream
-        probe = {"analyzeduration": "1000000", "probesize": "500000"}
+        probe = {"analyzeduration": "500000", "probesize": "500000"}
         return StreamSource(url, probe, display=f"sim:{name} ({shlex.quote(pattern)} {size}@{fps})",
                             listener=True, pusher=pusher)
 
