@@ -15,7 +15,11 @@
 - {type: sequence, actions: [...]}
 - {type: repeat, count: 3 | while: [...] | until: [...], actions: [...]}
 - {type: stop, reason: "..."}
+- {type: plugin, plugin: NAME, inputs: {t: {device: d1, point: temperature}}}
 ```
+A ``plugin`` action asks a Plugin (role ``action``, twin/plugins) with the same input as a
+plugin condition and runs the actions it returns (any type but ``plugin``; built and checked
+like YAML ones, so the scene's policy applies to them); a plugin that fails fails the step.
 ``set_desired`` takes effect at once (the reconciler converges the device) and is recorded as
 a runtime desired-state override set by ``scene:<name>`` (twin/registry/overrides.py), exactly
 like a PATCH of the twin's desired state through the API: it survives a restart and re-applying
@@ -34,7 +38,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
-from twin.control.conditions import Condition, SceneDefinitionError, build_conditions, check_all
+from twin.control.conditions import (
+    Condition,
+    SceneDefinitionError,
+    build_conditions,
+    check_all,
+    plugin_input,
+)
+from twin.plugins import registry as plugins
 from twin.spec.units import parse_duration
 
 if TYPE_CHECKING:
@@ -427,6 +438,41 @@ class Stop(Action):
         raise StopRun(self.reason, failed=self.error)
 
 
+@dataclass(eq=False)
+class PluginAction(Action):
+    type: ClassVar[str] = "plugin"
+    plugin: str
+    inputs: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def build(cls, spec: Mapping[str, Any]) -> PluginAction:
+        inputs = tuple((str(a), str(r["device"]), str(r["point"]))
+                       for a, r in (spec.get("inputs") or {}).items())
+        return cls(str(spec["plugin"]), inputs, **_common(spec))
+
+    async def run(self, ctx: RunContext, path: str) -> dict[str, Any]:
+        doc = plugin_input(ctx, self.inputs)
+        if plugins.host().uses_thread(self.plugin):
+            result = await trio.to_thread.run_sync(plugins.action, self.plugin, [doc])
+        else:
+            result = plugins.action(self.plugin, [doc])
+        if result is None:
+            raise StepError(f"plugin {self.plugin}: failed ({plugins.host().stats[self.plugin].last_error})")
+        specs = result[0]
+        if isinstance(specs, Mapping):
+            specs = [specs]
+        if not isinstance(specs, list) or not all(isinstance(a, Mapping) for a in specs):
+            raise StepError(f"plugin {self.plugin}: must return a list of actions")
+        if any(a.get("type") == "plugin" for a in specs):
+            raise StepError(f"plugin {self.plugin}: may not return plugin actions")
+        try:
+            actions = build_actions(specs)
+        except (SceneDefinitionError, KeyError, TypeError, ValueError) as exc:
+            raise StepError(f"plugin {self.plugin}: returned an invalid action: {exc}") from None
+        await run_sequence(ctx, actions, f"{path}/plugin")
+        return {"plugin": self.plugin, "actions": [a.get("type") for a in specs]}
+
+
 ACTIONS: dict[str, Callable[[Mapping[str, Any]], Action]] = {
     "command": Command.build,
     "set_desired": SetDesired.build,
@@ -442,6 +488,7 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any]], Action]] = {
     "sequence": Sequence.build,
     "repeat": Repeat.build,
     "stop": Stop.build,
+    "plugin": PluginAction.build,
 }
 
 

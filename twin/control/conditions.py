@@ -9,7 +9,11 @@
 - {type: weekday, days: [sat, sun]}
 - {type: and | or, conditions: [...]}
 - {type: not, conditions: [...]}                                  # none of them holds
+- {type: plugin, plugin: comfort, inputs: {t: {device: d1, point: temperature}}}
 ```
+A ``plugin`` condition asks a Plugin (role ``condition``, twin/plugins) with
+``{"inputs": {alias: value}, "trigger": ..., "now": ISO time}``; a plugin that fails (trap,
+fuel, timeout, ...) is counted and the condition is false.
 Times and weekdays are in the scene's site time zone.
 """
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from twin.errors import TwinError
+from twin.plugins import registry as plugins
 
 
 class SceneDefinitionError(TwinError):
@@ -263,6 +268,41 @@ class Not(And):
         return _record(out, path, self.type, not any(self._results(s, out, path)))
 
 
+def plugin_input(s: StateView, inputs: tuple[tuple[str, str, str], ...]) -> dict[str, Any]:
+    """What a plugin step gets: its inputs' current values, the run's trigger, local time."""
+    return {
+        "inputs": {alias: s.value(device, point) for alias, device, point in inputs},
+        "trigger": getattr(s, "trigger", None),
+        "now": s.local_now().isoformat(),
+    }
+
+
+def _inputs(spec: Mapping[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((str(a), str(r["device"]), str(r["point"]))
+                 for a, r in (spec.get("inputs") or {}).items())
+
+
+@dataclass
+class PluginCondition(Condition):
+    type: ClassVar[str] = "plugin"
+    plugin: str
+    inputs: tuple[tuple[str, str, str], ...]
+
+    @classmethod
+    def build(cls, spec: Mapping[str, Any]) -> PluginCondition:
+        return cls(str(spec["plugin"]), _inputs(spec))
+
+    def test(self, s: StateView, out: list[Evaluation] | None, path: str) -> bool:
+        doc = plugin_input(s, self.inputs)
+        result = plugins.condition(self.plugin, [doc])
+        ok = bool(result and result[0])
+        return _record(out, path, self.type, ok, plugin=self.plugin, inputs=doc["inputs"],
+                       failed=result is None)
+
+    def devices(self) -> set[str]:
+        return {d for _, d, _ in self.inputs}
+
+
 CONDITIONS: dict[str, Callable[[Mapping[str, Any]], Condition]] = {
     "numeric": Numeric.build,
     "state": State.build,
@@ -271,6 +311,7 @@ CONDITIONS: dict[str, Callable[[Mapping[str, Any]], Condition]] = {
     "and": And.build,
     "or": Or.build,
     "not": Not.build,
+    "plugin": PluginCondition.build,
 }
 
 

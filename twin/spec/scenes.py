@@ -34,6 +34,7 @@ class _Checker:
         self.devices = loaded.of_kind("Device")
         self.models = loaded.of_kind("DeviceModel")
         self.scenes = loaded.of_kind("Scene")
+        self.plugins = loaded.of_kind("Plugin")
         self.invalid = loaded.invalid
         self.site = doc_site(doc.body)
         self.reach = scene_reach(doc.body)
@@ -143,6 +144,24 @@ class _Checker:
                 self.point(path, c)
             else:
                 self.model(path, c.get("device"))
+        elif kind == "plugin":
+            self.plugin(path, c, "condition")
+
+    def plugin(self, path: Path, node: dict[str, Any], role: str) -> None:
+        """A plugin step: the Plugin exists with this role; its inputs name known points."""
+        name = node.get("plugin")
+        if isinstance(name, str):
+            target = self.plugins.get(name)
+            if target is None:
+                self.add((*path, "plugin"), f"unknown Plugin {name!r}", _hint(name, list(self.plugins)))
+            elif (target.body.get("spec") or {}).get("role") != role:
+                got = (target.body.get("spec") or {}).get("role")
+                self.add((*path, "plugin"), f"Plugin {name!r} has role {got!r}, not {role!r}")
+        inputs = node.get("inputs")
+        if isinstance(inputs, dict):
+            for alias, ref in inputs.items():
+                if isinstance(ref, dict):
+                    self.point((*path, "inputs", alias), ref)
 
     # -- actions ---------------------------------------------------------------------------
     def actions(self, path: Path, actions: Any) -> None:
@@ -183,6 +202,8 @@ class _Checker:
             self.actions((*path, "default"), a.get("default"))
         elif kind in ("parallel", "sequence"):
             self.actions((*path, "actions"), a.get("actions"))
+        elif kind == "plugin":
+            self.plugin(path, a, "action")
         elif kind == "repeat":
             self.actions((*path, "actions"), a.get("actions"))
             for key in ("while", "until"):
