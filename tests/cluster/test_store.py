@@ -121,3 +121,13 @@ def test_rendezvous_spreads_and_moves_little() -> None:
     assert all(four[k] == "d" for k in moved)  # a join takes keys only to the newcomer
     assert 550 < len(moved) < 950
     assert rendezvous("x", []) is None
+
+
+def test_an_unsent_command_claim_can_be_given_back(store: ClusterStore) -> None:
+    ea, _ = store.register("a", "A", "h", 1, "", 30)
+    eb, _ = store.register("b", "B", "h", 2, "", 30)
+    assert store.claim_command("a", ea, "cmd1")
+    store.unclaim_command("b", eb, "cmd1")  # only its claimer can give it back
+    assert not store.claim_command("b", eb, "cmd1")
+    store.unclaim_command("a", ea, "cmd1")  # a: the device was not connected here
+    assert store.claim_command("b", eb, "cmd1")

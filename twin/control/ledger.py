@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import trio
 from jsonschema import Draft202012Validator
 
-from twin.errors import BindingError, CommandError, NotFoundError
+from twin.errors import BindingConnectError, BindingError, CommandError, NotFoundError
 from twin.registry.base import CommandRecord
 from twin.spec.refs import value_problem
 from twin.spec.select import matches, parse_selector
@@ -561,6 +561,9 @@ class Ledger:
         # another engine has it, or this one's lease has passed: it is not delivered here)
         self.owns: Callable[[str], bool] = lambda device: True
         self.claim: Callable[[str], Awaitable[bool]] | None = None
+        # gives a claim back when the command surely was not sent (the device was not
+        # connected here): its next owner may deliver it
+        self.unclaim: Callable[[str], Awaitable[None]] | None = None
         self.not_ours = 0
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -978,6 +981,11 @@ class Ledger:
         except BindingError as exc:
             if cmd.terminal:
                 return
+            if isinstance(exc, BindingConnectError) and self.unclaim is not None:
+                try:
+                    await self.unclaim(cmd.id)
+                except Exception as uexc:
+                    log.warning("command %s: giving the claim back failed: %s", cmd.id, uexc)
             if exc.temporary:
                 delay = self.retry.delay(cmd.attempts)
                 cmd.next_attempt = self.clock() + delay

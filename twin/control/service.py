@@ -510,6 +510,7 @@ class ControlService:
         if ownership.active:
             self.ledger.owns = lambda device: engine.ownership.owns("Device", device)
             self.ledger.claim = ownership.claim_command
+            self.ledger.unclaim = ownership.unclaim_command
         self.ledger.listeners.append(self._command_done)
         self.reconciler = Reconciler(engine, self.ledger, interval=self.reconcile_interval)
         engine.desired_listeners.append(lambda device: self.reconciler.poke())

@@ -303,6 +303,16 @@ class ClusterStore:
             ).fetchone()
         return row is not None
 
+    def unclaim_command(self, engine: str, epoch: int, command: str) -> None:
+        """Give a claim back: the command was not sent (its device is not connected to this
+        engine), so the device's next owner may deliver it."""
+        with self._tx() as conn:
+            conn.execute(
+                "DELETE FROM cluster_command_claims WHERE command = %s AND engine = %s "
+                "AND epoch = %s",
+                (command, engine, epoch),
+            )
+
     def job(self, engine: str, epoch: int, name: str, seconds: float) -> bool:
         """Take or renew the lease of job ``name`` for ``seconds``: True when this incarnation
         may run it now (one engine at a time, fenced like everything else)."""

@@ -70,6 +70,9 @@ class Ownership:
     async def claim_command(self, command: str) -> bool:
         return True
 
+    async def unclaim_command(self, command: str) -> None:
+        return None
+
 
 EVERYTHING = Ownership()
 
@@ -170,6 +173,10 @@ class ClusterService(Ownership):
         if not ok:
             self.stats.command_refused += 1
         return ok
+
+    async def unclaim_command(self, command: str) -> None:
+        if self.store is not None:
+            await self._db(self.store.unclaim_command, self.engine_id, self.epoch, command)
 
     async def job(self, name: str, seconds: float) -> bool:
         if self.store is None or trio.current_time() > self.deadline:
