@@ -192,6 +192,20 @@ class FluxClient:
     def scene_traces(self, name: str, limit: int = 5) -> list[dict[str, Any]]:
         return _items(self._json("GET", f"/scenes/{name}/traces", params={"limit": limit}))
 
+    # -- reports (twin/api/routes/reports.py) -------------------------------------------------
+    def reports(self) -> list[dict[str, Any]]:
+        return _items(self._json("GET", "/reports"))
+
+    def report_runs(self, name: str, limit: int = 10) -> list[dict[str, Any]]:
+        return _items(self._json("GET", f"/reports/{name}/runs", params={"limit": limit}))
+
+    def run_report(self, name: str, period: str | None = None) -> dict[str, Any]:
+        params = {"period": period} if period else {}
+        return dict(self._json("POST", f"/reports/{name}/run", params=params))
+
+    def report_file(self, run_id: str, filename: str) -> bytes:
+        return self._request("GET", f"/reports/runs/{run_id}/files/{filename}").content
+
 
 def _items(body: Any) -> list[dict[str, Any]]:
     """The list of a list answer: ``items``, ``commands``, ``scenes`` or ``traces``."""

@@ -14,6 +14,7 @@ from dashboards.panels import (
     history,
     map,
     markdown,
+    reports,
     scenes,
     stat,
     timeseries,
@@ -34,6 +35,7 @@ PANELS: dict[str, Render] = {
     "markdown": markdown.render,
     "video": video.render,
     "cluster": cluster.render,
+    "reports": reports.render,
 }
 
 LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes", "cluster"}

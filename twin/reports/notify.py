@@ -262,7 +262,7 @@ class Notifier:
             text="\n".join(lines) + f"\n\nrule {rule.name} · FLUX IoT",
             payload={"event": f"alarm.{event}", "rule": rule.name, "site": rule.site,
                      "alarms": alarms, "held_back": held, "sent_at": self.clock()},
-            name=f"alarm-{event}-{rule.name}-{int(self.clock() * 1000)}",
+            name=f"{int(self.clock() * 1000)}-{rule.name}-alarm-{event}-{first.get('id')}",
         )
 
     def _record(self, rule: Rule, event: str, alarms: list[dict[str, Any]],

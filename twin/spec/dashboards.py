@@ -35,6 +35,7 @@ PANEL_TYPES = (
     "markdown",
     "video",
     "cluster",
+    "reports",
 )
 SELECT_KEYS = ("site", "group", "tag", "device", "type", "model")
 NEEDS_METRIC = {"stat": "metric", "timeseries": "metrics"}
