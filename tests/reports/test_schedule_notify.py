@@ -193,7 +193,7 @@ async def test_scene_notify_action_and_mqtt_channel(tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
             with trio.fail_after(30):
-                while "tell" not in control.scenes.scenes:
+                while "tell" not in control.scenes.scenes:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             run_id = await control.scenes.execute("tell", wait=True)
             trace = reg.scene_trace(str(run_id))
