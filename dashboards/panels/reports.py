@@ -5,6 +5,7 @@ API (issue 16)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import streamlit as st
@@ -22,6 +23,15 @@ def run_line(run: dict[str, Any]) -> str:
     period = (run.get("period") or {}).get("text") or (run.get("period") or {}).get("label", "")
     return (f"{STATUS.get(run['status'], '')} **{run['status']}** · {started} · {period} · "
             f"{run['trigger']}")
+
+
+def fetcher(ctx: Ctx, run_id: str, filename: str) -> Callable[[], bytes]:
+    """The file's bytes, fetched only when the user clicks the download button."""
+
+    def fetch() -> bytes:
+        return ctx.client.report_file(run_id, filename)
+
+    return fetch
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
@@ -70,7 +80,7 @@ def render(ctx: Ctx, panel: dict[str, Any]) -> None:
                 for col, art in zip(cols, run.get("artifacts") or [], strict=False):
                     col.download_button(
                         f"{art['format'].upper()} · {art['bytes']:,} B",
-                        data=lambda r=run["id"], f=art["filename"]: ctx.client.report_file(r, f),
+                        data=fetcher(ctx, str(run["id"]), str(art["filename"])),
                         file_name=art["filename"], mime=art["media_type"],
                         key=f"dl-{run['id']}-{art['filename']}",
                     )
