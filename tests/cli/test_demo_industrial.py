@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from cli.procs import ROOT, cli_env, run, start_up, wait_for
 
 pytestmark = pytest.mark.slow  # one engine with the whole demo: ~30 s
