@@ -71,7 +71,7 @@ def start_smtp(folder: Path) -> Smtp:
             data.password.decode() == PASSWORD
         if ok:
             smtp.logins.append(data.login.decode())
-        return AuthResult(success=ok)
+        return AuthResult(success=ok, handled=False)  # aiosmtpd answers 235 or 535
 
     smtp.controller = Controller(
         Handler(), hostname="127.0.0.1", port=smtp.port, tls_context=ctx,

@@ -126,3 +126,29 @@ async def test_webhook_refused_by_allow_list(site: Path, store: Any, tmp_path: P
         assert d["attempts"] == 1 and "not allowed" in d["error"]
     finally:
         reg.close()
+
+
+async def test_wrong_smtp_password_fails_at_once(site: Path, store: Any, tmp_path: Path) -> None:
+    """A refused login is permanent: no retries, the run says why."""
+    from twin.reports.render import period_of
+
+    smtp = start_smtp(tmp_path)
+    runner, reg = _runner(tmp_path, store)
+    assert runner.context is not None
+    runner.context.secrets = Secrets(environ={"TWIN_SECRET_SMTP_PASSWORD": "wrong"},
+                                     state_dir=tmp_path / "state")
+    try:
+        doc, specs = _doc(site, [
+            {"type": "email", "to": ["ops@example.com"],
+             "smtp": {"host": "127.0.0.1", "port": smtp.port, "ca_file": str(smtp.cert),
+                      "username": USER, "password": {"secret": "smtp_password"}}},
+        ])
+        doc["spec"]["formats"] = ["csv"]
+        run = await runner.run(doc, specs, period_of(doc, specs, DAY, 0), trigger="test")
+        assert run.status == "partial"
+        (d,) = run.deliveries
+        assert d["attempts"] == 1 and "refused the login (535)" in d["error"], d
+        assert smtp.messages == [] and smtp.logins == []
+    finally:
+        smtp.stop()
+        reg.close()

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.runtime.helpers import apply, fast_config, model, sim_device, site
@@ -171,7 +172,7 @@ async def test_quiet_hours_and_escalation(tmp_path: Path) -> None:
     assert sum(m["event"] == "alarm.escalated" for m in _sent(tmp_path)) == 1
 
 
-async def test_scene_notify_action_and_mqtt_channel(tmp_path: Path) -> None:
+async def test_scene_notify_action(tmp_path: Path) -> None:
     scene = {"apiVersion": "flux.iot/v1", "kind": "Scene",
              "metadata": {"name": "tell", "site": "plant-a"},
              "spec": {"triggers": [{"type": "manual"}], "actions": [
@@ -182,13 +183,6 @@ async def test_scene_notify_action_and_mqtt_channel(tmp_path: Path) -> None:
     svc = ReportService(tick=0.05)
     control = ControlService()
     engine = Engine(reg, fast_config(state_dir=tmp_path / "state"), [control, svc])
-    published: list[tuple[str, bytes]] = []
-
-    class Hub:
-        async def publish(self, topic: str, payload: bytes, qos: int = 0,
-                          retain: bool = False) -> None:
-            published.append((topic, payload))
-
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(engine.run)
@@ -206,12 +200,53 @@ async def test_scene_notify_action_and_mqtt_channel(tmp_path: Path) -> None:
             assert len(files) == 1
             body = json.loads(files[0].read_text())
             assert body["subject"] == "hello from a scene" and body["scene"] == "tell"
-            # the mqtt channel publishes through the engine's hub
-            engine.mqtt = Hub()  # type: ignore[attr-defined]
-            out = await svc.notify([{"type": "mqtt", "topic": "plant-a/alerts"}], "s", "t", {})
-            assert out[0]["status"] == "delivered"
-            assert published[0][0] == "plant-a/alerts"
-            assert json.loads(published[0][1])["subject"] == "s"
             nursery.cancel_scope.cancel()
     finally:
+        reg.close()
+
+
+def _mosquitto_up() -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 1883), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.mosquitto
+@pytest.mark.skipif(not _mosquitto_up(), reason="no Mosquitto on 127.0.0.1:1883")
+async def test_mqtt_channel_publishes_through_the_engine_broker_connection(tmp_path: Path
+                                                                         ) -> None:
+    """A rule's mqtt channel publishes through the engine's MQTT connection (here to Mosquitto,
+    the external broker); a paho subscriber receives the alarm."""
+    import uuid
+
+    from tests.mqtt.conftest import Client, run_sync
+    from twin.runtime.mqtt_service import MqttService, MqttServiceConfig
+
+    topic = f"flux-test-{uuid.uuid4().hex[:8]}/alerts"
+    rule = {"apiVersion": "flux.iot/v1", "kind": "NotificationRule",
+            "metadata": {"name": "mq", "site": "plant-a"},
+            "spec": {"channels": [{"type": "mqtt", "topic": topic, "qos": 1}]}}
+    reg = open_registry(None, tmp_path / "state")
+    apply(reg, site(), model(), sim_device("t1"), rule)
+    mqtt = MqttService(MqttServiceConfig(mode="external", broker_host="127.0.0.1",
+                                         broker_port=1883, client_id=f"{topic}-engine"))
+    engine = Engine(reg, fast_config(state_dir=tmp_path / "state"),
+                    [mqtt, ControlService(), ReportService(tick=0.05)])
+    sub = await run_sync(lambda: Client(1883, f"{topic}-sub", v5=True))
+    try:
+        await run_sync(sub.subscribe, topic, 1)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            engine.monitor.raise_alarm("t1", "overheat", "critical", "too hot")
+            msg = await run_sync(sub.messages.get, True, 20)
+            body = json.loads(msg.payload)
+            assert body["event"] == "alarm.raised" and body["alarms"][0]["type"] == "overheat"
+            assert "CRITICAL t1: overheat" in body["subject"]
+            nursery.cancel_scope.cancel()
+    finally:
+        await run_sync(sub.close)
         reg.close()
