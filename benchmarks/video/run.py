@@ -199,9 +199,16 @@ async def main(args: argparse.Namespace) -> None:
                         r = await c.get(f"/api/v1/video/cameras/{names[i % len(names)]}/snapshot")
                         lat.append(time.perf_counter() - t)
                         assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+                    floor = []
+                    for _ in range(50):  # the same server's cheapest route: the HTTP floor
+                        t = time.perf_counter()
+                        await c.get("/api/v1/health")
+                        floor.append(time.perf_counter() - t)
                     print(f"3. rolling snapshot over HTTP: median {statistics.median(lat) * 1000:.1f}"
                           f" ms, p95 {pct(lat, 0.95) * 1000:.1f} ms (50 requests, "
-                          f"{len(r.content) // 1024} KiB JPEG)")
+                          f"{len(r.content) // 1024} KiB JPEG); GET /health on the same server "
+                          f"(peer: the HTTP floor) median {statistics.median(floor) * 1000:.1f} ms "
+                          f"→ ratio {statistics.median(lat) / statistics.median(floor):.2f}")
                     assert gst.stdout is not None
                     await trio.to_thread.run_sync(gst.stdout.readline)
                     src = StreamSource(f"rtsp://127.0.0.1:{rtsp_port}/live",

@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -50,24 +51,19 @@ log = logging.getLogger(__name__)
 FFMPEG = os.environ.get("TWIN_FFMPEG", "ffmpeg")
 
 
-def _load_prctl() -> Any:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return None
+SETPRIV = shutil.which("setpriv")
 
 
-_PRCTL = _load_prctl()
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when the engine dies (even by SIGKILL), so no
-    ffmpeg outlives its engine (Linux PR_SET_PDEATHSIG). The signal follows the *thread* that
-    forked: :class:`Child` forks from the Trio thread, which lives as long as the engine."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)
+def die_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so the child gets SIGKILL when the engine dies (even by SIGKILL), and no
+    ffmpeg outlives its engine: util-linux ``setpriv --pdeathsig KILL`` (PR_SET_PDEATHSIG, kept
+    across exec). Not a Python ``preexec_fn``: that forces a plain fork (and runs every
+    library's at-fork hooks, e.g. lancedb's) where the exec is otherwise a vfork. The signal
+    follows the *thread* that forked: :class:`Child` forks from the Trio thread, which lives as
+    long as the engine."""
+    if SETPRIV is None:  # not Linux: the FLV pipe breaking still ends the camera's ffmpeg
+        return argv
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
 class Child:
@@ -79,8 +75,8 @@ class Child:
                  env: dict[str, str] | None = None, stdout: int | None = None,
                  stderr: int | None = None) -> None:
         self.popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, pass_fds=pass_fds,
-            env=env, start_new_session=True, preexec_fn=die_with_parent, close_fds=True,
+            die_with_parent(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+            pass_fds=pass_fds, env=env, start_new_session=True, close_fds=True,
         )
         self.pid = self.popen.pid
         self._pidfd = os.pidfd_open(self.pid)
