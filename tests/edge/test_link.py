@@ -49,6 +49,25 @@ spec:
     detection_score: {{type: number}}
 ---
 apiVersion: flux.iot/v1
+kind: DeviceModel
+metadata: {{name: fan-model}}
+spec:
+  telemetry: {{current: {{type: number}}}}
+  properties: {{power: {{type: boolean, access: readwrite, default: false}}}}
+  commands:
+    set_state:
+      params: {{type: object, required: [state], properties: {{state: {{type: boolean}}}}}}
+      sets: {{power: {{param: state}}}}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {{name: fan, site: remote, group: edge-devs}}
+spec:
+  type: actuator
+  model: fan-model
+  binding: {{sim: {{interval: 1s, points: {{current: {{wave: random_walk, min: 0, max: 1}}}}}}}}
+---
+apiVersion: flux.iot/v1
 kind: Model
 metadata: {{name: brightness}}
 spec:
@@ -116,8 +135,10 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
             apply_specs(reg, loaded, author="test")
         _, key = create_device_key(creg, link_device("gw-t"))
         cloud_edge = EdgeCloud(offline_after=2.0, check_interval=0.2)
+        cloud_control = ControlService()
         cloud = Engine(creg, fast_config(state_dir=tmp_path / "cloud"),
-                       [TimeSeriesService(), cloud_edge, ApiService("127.0.0.1", 0)])
+                       [cloud_control, TimeSeriesService(), cloud_edge,
+                        ApiService("127.0.0.1", 0)])
         async with trio.open_nursery() as n:
             await n.start(cloud.run)
             port = int(cloud.service_info["api"]["url"].rsplit(":", 1)[1])
@@ -128,7 +149,7 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
             edge = Engine(ereg, fast_config(state_dir=tmp_path / "edge", edge="gw-t"),
                           [ControlService(), TimeSeriesService(), agent])
             await n.start(edge.run)
-            assert sorted(edge.controller.tasks) == ["cam", "meter"]
+            assert sorted(edge.controller.tasks) == ["cam", "fan", "meter"]
             assert not cloud.controller.tasks  # the cloud leaves them to the edge
 
             async def local_alarm() -> bool:
@@ -141,6 +162,15 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
             assert agent.pipelines["cam"].detections >= 1
             link = cloud_edge.link("gw-t").state(0)
             assert not link["online"] and link["uploads"] == 0
+
+            # a command from the cloud while the edge is offline: queued with its ledger state
+            cmd = await cloud_control.ledger.submit("fan", "set_state", {"state": True},
+                                                    command_timeout=60)
+            stale = await cloud_control.ledger.submit("fan", "set_state", {"state": False},
+                                                      command_timeout=0.5)
+            await trio.sleep(1.0)
+            row = await cloud.rio.call(creg.get_command, cmd.id)
+            assert row is not None and row.status == "pending"
 
             proxy.heal()
 
@@ -156,6 +186,18 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
                 return any(a.type == "light_on" for a in rows)
 
             await _until(cloud_alarm, "the alarm forwarded to the cloud")
+
+            async def command_done() -> bool:
+                row = await cloud.rio.call(creg.get_command, cmd.id)
+                return row is not None and row.status == "success"
+
+            await _until(command_done, "the queued command run by the edge, its result up")
+            await cloud_edge.expire_commands()
+            old = await cloud.rio.call(creg.get_command, stale.id)
+            assert old is not None and old.status == "timeout"  # expired as declared
+            ran = [c for c in edge.service_info["control"].ledger.commands.values()
+                   if c.idempotency_key == f"cloud:{cmd.id}"]
+            assert len(ran) == 1 and str(ran[0].status) == "success"
             state = cloud_edge.link("gw-t").state(0)
             assert state["received"]["telemetry"] > 0 and state["revision"] == 1
             assert state["duplicates"] == 0

@@ -38,6 +38,9 @@ from fastapi.responses import JSONResponse
 from twin.spec.inputlimits import InputRefused, loads
 
 APPLY_PATH = "/api/v1/apply"
+EDGE_LINK_PATH = "/api/v1/edge-link/"
+EDGE_UPLOAD_BODY = 16 << 20
+"""Bytes of one edge upload (``twin/edge/uplink.py`` sends at most half of it)."""
 
 
 def _env_bytes(name: str, default: int) -> int:
@@ -63,7 +66,11 @@ class Limits:
                    _env_bytes("TWIN_API_MAX_APPLY_BODY", cls.max_apply_body))
 
     def for_request(self, method: str, path: str) -> int:
-        return self.max_apply_body if method == "POST" and path == APPLY_PATH else self.max_body
+        if method == "POST" and path == APPLY_PATH:
+            return self.max_apply_body
+        if method == "POST" and path.startswith(EDGE_LINK_PATH):
+            return EDGE_UPLOAD_BODY  # an edge's upload: the uplink keeps each under this
+        return self.max_body
 
 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CLOUD_REV_PREFIX = "cloud revision "
+CLOUD_CMD = "cloud:"
+"""Idempotency-key prefix of commands the cloud queued (the local ledger runs each once)."""
 
 
 class _Joined:
@@ -109,7 +111,7 @@ class EdgeAgent:
         back = up.get("backoff") or {}
         self.uplink = Uplink(
             box, self.cloud_url, self.edge, self.key, verify=self.verify,
-            batch=int(up.get("batch", 2000)),
+            batch=int(up.get("batch", 5000)),
             interval=parse_duration(up.get("interval", "200ms")),
             timeout=parse_duration(up.get("timeout", "10s")),
             backoff_initial=parse_duration(back.get("initial", "500ms")),
@@ -167,8 +169,11 @@ class EdgeAgent:
                 ledger.listeners.append(self._command_done)
 
     def _command_done(self, cmd: Any) -> None:
+        if not getattr(cmd, "terminal", True):
+            return  # the cloud gets each command's outcome, not every step
+        key = getattr(cmd, "idempotency_key", None) or ""
         self.put_soon("command_result", {
-            "id": cmd.id, "device": cmd.device, "type": cmd.type, "status": str(cmd.status),
+            "id": key[len(CLOUD_CMD):] if key.startswith(CLOUD_CMD) else cmd.id, "device": cmd.device, "type": cmd.type, "status": str(cmd.status),
             "error": cmd.error, "result": cmd.result, "ts": cmd.updated_at or time.time()})  # fmt: skip
 
     def put_soon(self, kind: str, body: Any, ts: float | None = None) -> None:
@@ -314,9 +319,42 @@ class EdgeAgent:
                         await self._apply(resp.json())
                     else:
                         log.debug("edge spec sync: %s", resp.status_code)
+                    with trio.fail_after(20):
+                        resp = await client.get(url.removesuffix("/specs") + "/commands")
+                    if resp.status_code == 200:
+                        await self._commands(resp.json().get("items") or [])
                 except (httpx.HTTPError, OSError, trio.TooSlowError, ValueError) as exc:
                     log.debug("edge spec sync failed: %s", exc)
                 await trio.sleep(self.sync_interval)
+
+    async def _commands(self, items: list[Mapping[str, Any]]) -> None:
+        """Run the cloud's queued commands on the local ledger, each once (keyed by the cloud's
+        id, durably in the local registry); past their deadline they are reported timed out."""
+        engine = self._engine
+        assert engine is not None
+        control = engine.service_info.get("control")
+        ledger = getattr(control, "ledger", None)
+        if ledger is None:
+            return
+        from twin.errors import TwinError
+
+        now = time.time()
+        for c in items:
+            cid = str(c.get("id"))
+            left = float(c.get("deadline") or 0) - now
+            if left <= 0:
+                self.put_soon("command_result", {"id": cid, "device": c.get("device"),
+                                                 "status": "timeout", "ts": now,
+                                                 "error": "expired before the edge got it"})  # fmt: skip
+                continue
+            try:
+                await ledger.submit(str(c["device"]), str(c["type"]), c.get("params") or {},
+                                    command_timeout=left, idempotency_key=CLOUD_CMD + cid,
+                                    source="cloud")  # fmt: skip
+            except (TwinError, KeyError, ValueError) as exc:
+                self.put_soon("command_result", {"id": cid, "device": c.get("device"),
+                                                 "status": "failed", "ts": now,
+                                                 "error": str(exc)})  # fmt: skip
 
     async def _apply(self, desired: Mapping[str, Any]) -> None:
         """Apply the cloud's documents for this edge as one local revision (all or nothing)."""

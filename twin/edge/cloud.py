@@ -39,13 +39,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from twin import policy
-from twin.bindings.base import Quality, Reading
-from twin.bindings.values import ValueRefused, check_reading
+from twin.bindings.values import ValueRefused, check_point, check_ts, check_value
 from twin.edge.protocol import MAX_INTERVALS, Covered
 from twin.registry.base import SceneTrace
 from twin.runtime.timeseries_service import timeseries_of
 from twin.spec.edge_check import edge_owned
 from twin.timeseries.base import Selector
+from twin.timeseries.wal import WalReading
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MARKER_POINT = "covered"
 OFFLINE_ALARM = "edge_offline"
+_QUALITIES = frozenset(("good", "uncertain", "bad"))
 DOWN_KINDS = ("Site", "DeviceModel", "DeviceGroup", "Device", "Scene", "RetentionPolicy",
               "Model", "EdgeNode")  # fmt: skip
 
@@ -148,6 +149,8 @@ class EdgeCloud:
         self._prom: _Prom | None = None
         self._owner_rev = -1
         self._owner: dict[str, str] = {}
+        self._ok_dev: set[str] = set()
+        self._ok_point: set[str] = set()
 
     async def __call__(
         self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -161,9 +164,18 @@ class EdgeCloud:
                 await svc.flush_barrier()  # the log's replay is in the store: markers included
         for edge in self.edge_names():
             await self._restore(self.link(edge))
+        control = engine.service_info.get("control")
+        ledger = getattr(control, "ledger", None)
+        if ledger is not None:  # commands to an edge's devices wait in the store for the edge
+            theirs = ledger.owns
+            ledger.owns = lambda device: theirs(device) and self.owner_of(device) is None
         task_status.started(self)
+        last_expiry = 0.0
         while True:
             self.check()
+            if time.monotonic() - last_expiry > 5.0:
+                last_expiry = time.monotonic()
+                await self.expire_commands()
             await trio.sleep(self.check_interval)
 
     # --- bookkeeping --------------------------------------------------------------------
@@ -254,8 +266,9 @@ class EdgeCloud:
         link = self.link(edge)
         async with link.lock:
             await self._restore(link)
+            self._ok_dev, self._ok_point = set(), set()
             new = link.covered.copy()
-            readings: list[Reading] = []
+            readings: list[WalReading] = []
             effects: list[tuple[str, Any]] = []
             kinds: Counter[str] = Counter()
             dup = gaps = refused = 0
@@ -297,10 +310,12 @@ class EdgeCloud:
                 await self._effect(edge, what, arg)
             if new.iv != link.covered.iv:
                 now = time.time()
-                readings.append(Reading(marker_device(edge), MARKER_POINT, new.encode(), now))
+                # the new covered set goes into the same log record as the data: one commit
+                readings.append((marker_device(edge), MARKER_POINT, new.encode(), now, "good"))
                 svc = timeseries_of(engine)
-                if svc is None or not await svc.log_readings(readings):
+                if svc is None or svc.wal is None:
                     raise EdgeRefused("the cloud engine runs without a time-series store")
+                await svc.wal.log(readings)
                 link.covered = new
             # link state
             link.last_sync = time.time()
@@ -349,20 +364,28 @@ class EdgeCloud:
             raise ValueError(f"edge {edge} does not own device {device!r}")
         return device
 
-    def _take(self, edge: str, kind: str, ts: float, body: Any, readings: list[Reading],
+    def _take(self, edge: str, kind: str, ts: float, body: Any, readings: list[WalReading],
               effects: list[tuple[str, Any]]) -> int:
-        """Validate one record into readings / registry effects; returns readings refused."""
+        """Validate one record into log rows / registry effects; returns readings refused.
+        Every value is checked (``twin/bindings/values.py``); the device and point name checks
+        are remembered per upload (a batch names the same few series thousands of times)."""
         if kind == "telemetry":
             if not isinstance(body, list):
                 raise ValueError("telemetry body must be a list of readings")
             bad = 0
+            ok_dev, ok_point = self._ok_dev, self._ok_point
             for r in body:
                 try:
                     device, point, value, rts, quality = r
-                    device = self._may(edge, device)
-                    point, value, rts = check_reading(point, value, rts)
-                    readings.append(Reading(device, point, value, float(rts or ts),
-                                            Quality(str(quality))))  # fmt: skip
+                    if device not in ok_dev:
+                        ok_dev.add(self._may(edge, device))
+                    if point not in ok_point:
+                        ok_point.add(check_point(point))
+                    value = check_value(value, point)
+                    rts = check_ts(rts, point) if rts is not None else ts
+                    if quality not in _QUALITIES:
+                        raise ValueError(f"quality {quality!r}")
+                    readings.append((device, point, value, rts, quality))
                 except (ValueError, TypeError, ValueRefused) as exc:
                     log.warning("edge %s: reading %r refused: %s", edge, r, exc)
                     bad += 1
@@ -416,13 +439,65 @@ class EdgeCloud:
                                transitions=(*cmd.transitions, (status, ts)))  # fmt: skip
                 await engine.rio.call(reg.save_commands, [done])
 
-    def _publish(self, readings: list[Reading]) -> None:
+    def _publish(self, readings: list[WalReading]) -> None:
+        """The newest reading of each series in an upload goes on the bus (live views see the
+        current value; a drained hour of backlog is not replayed to every subscriber)."""
         engine = self.engine
         assert engine is not None
+        latest: dict[tuple[str, str], WalReading] = {}
         for r in readings:
-            engine.bus.publish({"kind": "reading", "device": r.device, "site": None,
-                                "groups": (), "ts": r.ts, "point": r.point, "value": r.value,
-                                "quality": str(r.quality), "logged": True})  # fmt: skip
+            key = (r[0], r[1])
+            old = latest.get(key)
+            if old is None or r[3] >= old[3]:
+                latest[key] = r
+        for device, point, value, ts, quality in latest.values():
+            engine.bus.publish({"kind": "reading", "device": device, "site": None,
+                                "groups": (), "ts": ts, "point": point, "value": value,
+                                "quality": quality, "logged": True})  # fmt: skip
+
+    # --- down: commands for the edge's devices ------------------------------------------
+    async def _open_commands(self) -> list[Any]:
+        from twin.control.ledger import TERMINAL
+
+        engine = self.engine
+        assert engine is not None
+        rows = await engine.rio.call(engine.registry.open_commands, [str(t) for t in TERMINAL])
+        return [r for r in rows if self.owner_of(r.device) is not None]
+
+    async def commands_for(self, edge: str) -> list[dict[str, Any]]:
+        """The cloud's open commands to the edge's devices, oldest first (the edge runs each
+        once: its ledger keys them by the cloud's id). A pending one becomes ``sent``."""
+        engine = self.engine
+        assert engine is not None
+        now = time.time()
+        out, moved = [], []
+        for r in await self._open_commands():
+            if self.owner_of(r.device) != edge or r.deadline <= now:
+                continue
+            if r.status == "pending":
+                r = replace(r, status="sent", updated_at=now,
+                            transitions=(*r.transitions, ("sent", now)))  # fmt: skip
+                moved.append(r)
+            out.append({"id": r.id, "device": r.device, "type": r.type, "params": dict(r.params),
+                        "deadline": r.deadline, "created_at": r.created_at,
+                        "status": r.status})  # fmt: skip
+        if moved:
+            await engine.rio.call(engine.registry.save_commands, moved)
+        return out
+
+    async def expire_commands(self) -> None:
+        """Open commands to edge devices past their deadline become ``timeout`` (the edge
+        was offline too long, or never reported): they expire as declared, here too."""
+        engine = self.engine
+        assert engine is not None
+        now = time.time()
+        done = [replace(r, status="timeout", updated_at=now, error="deadline passed before "
+                        "the edge reported an outcome",
+                        transitions=(*r.transitions, ("timeout", now)))
+                for r in await self._open_commands() if r.deadline <= now]  # fmt: skip
+        if done:
+            await engine.rio.call(engine.registry.save_commands, done)
+            log.info("edge: %d commands to edge devices timed out", len(done))
 
     # --- down: the edge's specs ---------------------------------------------------------
     def desired(self, edge: str) -> dict[str, Any]:

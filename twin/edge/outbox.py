@@ -547,6 +547,11 @@ class Outbox:
         out.sort(key=lambda r: r[0])
         return out
 
+    def sizes(self, seq: int) -> int:
+        """Bytes of record ``seq`` on disk (0 when it is gone)."""
+        e = self._index.get(seq)
+        return e.size if e is not None else 0
+
     def oldest_ts(self) -> float | None:
         self._compact_order()
         if self._head < len(self._order):

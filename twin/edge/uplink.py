@@ -50,7 +50,9 @@ class Uplink:
     url: str
     edge: str
     key: str
-    batch: int = 2000
+    batch: int = 5000
+    max_bytes: int = 8 << 20
+    """Record bytes per upload (the cloud takes bodies up to 16 MiB)."""
     interval: float = 0.2
     timeout: float = 10.0
     heartbeat: float = 2.0
@@ -148,6 +150,12 @@ class Uplink:
             backlog = backlog[: self.batch - len(live)]
         else:
             live = live[: self.batch]
+        budget = self.max_bytes
+        sizes = box.sizes
+        live_cut = _fit(live, sizes, budget // 2 if backlog else budget)
+        live = live[:live_cut]
+        budget -= sum(sizes(s) for s in live)
+        backlog = backlog[: _fit(backlog, sizes, budget)]
         groups = [g for g in (backlog, live) if g]
         if not groups:
             return [], 0
@@ -187,6 +195,16 @@ class Uplink:
             log.info("edge uplink to %s up (%d records to send)", self.url, len(self.outbox))
         self.online = True
         self.last_error = None
+
+
+def _fit(seqs: list[int], size: Callable[[int], int], budget: int) -> int:
+    """How many of ``seqs`` fit in ``budget`` bytes (at least one)."""
+    total = 0
+    for i, s in enumerate(seqs):
+        total += size(s)
+        if total > budget and i > 0:
+            return i
+    return len(seqs)
 
 
 def _detail(resp: httpx.Response) -> str:

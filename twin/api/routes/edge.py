@@ -137,6 +137,28 @@ async def edge_model(request: Request, st: State, edge: str, model: str) -> File
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model}.onnx")
 
 
+class EdgeCommand(BaseModel):
+    id: str
+    device: str
+    type: str
+    params: dict[str, Any]
+    deadline: float
+    created_at: float
+    status: str
+
+
+class EdgeCommands(BaseModel):
+    items: list[EdgeCommand]
+
+
+@router.get("/edge-link/{edge}/commands")
+async def edge_commands(request: Request, st: State, edge: str) -> EdgeCommands:
+    """Open commands the cloud holds for the edge's devices (queued while it was offline);
+    their outcomes come back as ``command_result`` records of its uploads."""
+    svc = await _edge_auth(st, request, edge)
+    return EdgeCommands(items=[EdgeCommand(**c) for c in await svc.commands_for(edge)])
+
+
 def _visible(st: ApiState, p: Any, edge: str, svc: EdgeCloud) -> bool:
     doc = svc.edge_doc(edge)
     site = policy.doc_site(doc) if doc is not None else None
