@@ -66,11 +66,11 @@ h2 { font-size: 12.5pt; color: #0f2d52; margin: 7mm 0 2mm 0; padding-bottom: 1.2
 .meta { display: flex; gap: 10mm; margin-top: 4mm; font-size: 9pt; }
 .meta div span { display: block; color: #9fb3cc; font-size: 7.5pt; text-transform: uppercase; letter-spacing: .05em; }
 .desc { color: #4b5563; margin: 0 0 4mm 0; }
-.stats { display: flex; flex-wrap: wrap; gap: 3mm; margin: 2mm 0 4mm 0; }
-.stat { flex: 1 1 36mm; box-sizing: border-box; border: 0.8pt solid #d6dde6; border-radius: 2mm; padding: 3mm 4mm;
+.stats { display: grid; gap: 3mm; margin: 2mm 0 4mm 0; }
+.stat { border: 0.8pt solid #d6dde6; border-radius: 2mm; padding: 3mm 4mm;
         background: #f6f8fb; break-inside: avoid; }
 .stat .label { color: #5b6674; font-size: 8pt; }
-.stat .value { font-size: 18pt; font-weight: 700; color: #0f2d52; margin-top: 1mm; }
+.stat .value { font-size: 15pt; white-space: nowrap; font-weight: 700; color: #0f2d52; margin-top: 1mm; }
 .stat .unit { font-size: 9pt; color: #5b6674; font-weight: 400; }
 .stat .scope { font-size: 7pt; color: #8a95a3; margin-top: 1mm; }
 .section { break-inside: auto; }
@@ -108,7 +108,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 {% if report.description %}<p class="desc">{{ report.description }}</p>{% endif %}
 {% set stats = sections|selectattr('type', 'equalto', 'stat')|list %}
 {% if stats %}
-<div class="stats">
+<div class="stats" style="grid-template-columns: repeat({{ [stats|length, 4]|min }}, 1fr)">
 {% for s in stats %}
   <div class="stat">
     <div class="label">{{ s.title }}</div>
