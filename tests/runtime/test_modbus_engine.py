@@ -45,7 +45,15 @@ def docs(port: int) -> list[dict[str, Any]]:
                                         "poll": "100ms", "timeout": "500ms"}},
                  "desired": {"setpoint": 72.5}},
     }
-    return [site(), boiler, device]
+    ghost = {  # a unit nobody answers for, behind the same gateway
+        "apiVersion": "flux.iot/v1", "kind": "Device",
+        "metadata": {"name": "ghost_01", "site": "plant-a"},
+        "spec": {"type": "industrial", "model": "boiler",
+                 "binding": {"modbus": {"host": "127.0.0.1", "port": port, "unit": 9,
+                                        "poll": "100ms", "timeout": "200ms", "retries": 0}},
+                 "heartbeat": {"interval": "1s", "timeout": "2s"}},
+    }
+    return [site(), boiler, device, ghost]
 
 
 SIM = """\
@@ -89,6 +97,15 @@ async def test_simulated_plc_polled_written_and_commanded(tmp_path: Path) -> Non
             await eventually(lambda: abs(twin.reported["setpoint"].value - 61.3) < 1e-6)
             sim = sims.sims["boiler_01"]
             assert sim.server is not None and sim.server.image[4][3][0] == 613  # in the PLC
+            # the dead unit goes offline; the live one on the same connection keeps reporting
+            ghost = engine.twin("ghost_01")
+            assert ghost is not None
+            await eventually(lambda: ghost.status == Status.OFFLINE)
+            assert not ghost.reported
+            seen = twin.last_seen
+            await eventually(lambda: twin.last_seen is not None and seen is not None
+                             and twin.last_seen > seen)
+            assert twin.status == Status.ONLINE
             metrics = engine.prom.render().decode()
             assert 'twin_protocol_requests_total{binding="modbus"}' in metrics
     finally:

@@ -347,14 +347,17 @@ class ModbusBinding:
         assert self.line is not None
         response = await self.line.call(self.device, _request(block, self.unit), self.timeout, self.retries)
         values = list(response.bits if block.fc in (1, 2) else response.registers)
-        if len(values) < block.count:
+        # registers: exactly what was asked; bits come padded to whole bytes. Anything else is
+        # not the answer to this request (e.g. a late reply to an earlier, timed-out one)
+        wrong = len(values) < block.count if block.fc in (1, 2) else len(values) != block.count
+        if wrong:
             STATS.malformed += 1
             self.malformed += 1
             log.warning(
-                "device %s: malformed modbus reply: %d values for %d requested (fc %d @%d); dropped",
+                "device %s: malformed modbus reply: %d values, %d requested (fc %d @%d); dropped",
                 self.device, len(values), block.count, block.fc, block.start,
             )
-            raise ModbusError(f"device {self.device}: short reply")
+            raise ModbusError(f"device {self.device}: reply of the wrong length")
         return values
 
     def _readings(self, block: Block, values: Sequence[Any], ts: float) -> list[Reading]:
