@@ -360,7 +360,7 @@ def test_discover_writes_valid_device_and_model_yaml(peer: Peer, tmp_path: Path)
     out.parent.mkdir()
     env = {**os.environ, "TWIN_SECRET_PLC_PASSWORD": "s3cret"}
     r = subprocess.run(
-        [sys.executable, "-m", "twin.cli.main", "discover", "opcua",
+        [sys.executable, "-m", "twin.cli.main", "discover",  # the issue's spelling
          peer.endpoint.replace("opc.tcp://", "opcua://"), "--username", "op",
          "--password-secret", "plc/password", "--site", "plant-x", "-o", str(out)],
         capture_output=True, text=True, timeout=60, env=env, check=False,
@@ -377,7 +377,61 @@ def test_discover_writes_valid_device_and_model_yaml(peer: Peer, tmp_path: Path)
     assert binding["points"]["counter"] == {"node": "ns=2;s=Boiler.Counter"}
     assert binding["password"] == {"secret": "plc/password"}  # the reference, never the value
     assert "s3cret" not in out.read_text()
+    from twin.cli.discover_opcua import url_shorthand
+
+    assert url_shorthand(["discover", "opc.tcp://h:1/"]) == ["discover", "opcua", "opc.tcp://h:1/"]
+    assert url_shorthand(["discover", "onvif"]) == ["discover", "onvif"]
     (out.parent / "site.yaml").write_text(
         "apiVersion: flux.iot/v1\nkind: Site\nmetadata: {name: plant-x}\nspec: {timezone: UTC}\n")
     loaded = load_site(out.parent)  # valid as written: no SpecError
     assert ("Device", "boiler") in loaded.documents
+
+
+@pytest.mark.slow  # two server starts: ~20 s
+async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> None:
+    """The subscription ends with a temporary error within a few heartbeats of the server's
+    death (the device task then reconnects with backoff); a new server on the same port is
+    connected to again."""
+    p = start_server(tmp_path / "certs")
+    endpoint = p.endpoint
+    opts = {"endpoint": endpoint, "heartbeat": "300ms", "timeout": "1s",
+            "publishing_interval": "100ms",
+            "points": {"counter": {"node": "ns=2;s=Boiler.Counter"}}}
+    b = OpcUaBinding("boiler", opts)
+    await b.connect()
+    send, recv = trio.open_memory_channel[Message](1000)
+    try:
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with trio.open_nursery() as n:
+                n.start_soon(b.subscribe, send)
+                with trio.fail_after(10):
+                    async for m in recv:
+                        if isinstance(m, Reading):
+                            break
+                p.proc.kill()
+                p.proc.wait(10)
+                with trio.fail_after(15):
+                    async for _ in recv:  # drained until subscribe raises
+                        pass
+        exc: BaseException = info.value
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # as the device task unwraps it
+        assert isinstance(exc, BindingError) and exc.temporary, exc
+    finally:
+        await b.close()
+        if p.proc.poll() is None:
+            p.proc.kill()
+    port = endpoint.rsplit(":", 1)[1].split("/")[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin.sim.opcua_server", "--port", port, "--interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        await b.connect()
+        (r,) = await b.read(["counter"])
+        assert r.quality is Quality.GOOD
+        await b.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

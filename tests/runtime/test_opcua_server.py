@@ -155,6 +155,31 @@ async def test_scada_reads_subscribes_and_calls(tmp_path: Path) -> None:
         for fn in (wrong_password, anonymous):
             t, out = in_asyncio(fn)
             assert await join(t, out) != "connected"
+
+        # a new revision without fan_02 and with fan_03: the address space follows
+        apply(reg, site(), site("plant-b"), fan,
+              sim_device("fan_01", model_="fan", type_="actuator", interval="100ms",
+                         points={"current": {"wave": "constant", "value": 1.5}}),
+              sim_device("fan_03", model_="fan", type_="actuator", interval="100ms",
+                         points={"current": {"wave": "constant", "value": 3}}))
+
+        async def browse() -> list[str]:
+            c = Client(url)
+            c.set_user("op")
+            c.set_password("pw-op")
+            async with c:
+                names = []
+                for folder in await (await c.nodes.objects.get_child("2:Sites")).get_children():
+                    for dev in await folder.get_children():
+                        names.append((await dev.read_browse_name()).Name)
+                return sorted(names)
+
+        with trio.fail_after(20):
+            while True:
+                t, out = in_asyncio(browse)
+                if await join(t, out) == ["fan_01", "fan_03"]:
+                    break
+                await trio.sleep(0.2)
     reg.close()
 
 

@@ -1,4 +1,4 @@
-"""``twin discover opcua ENDPOINT``: browse an OPC UA server and write Device/DeviceModel YAML.
+"""``twin discover opcua://host:port`` (or ``twin discover opcua ENDPOINT``): browse an OPC UA server and write Device/DeviceModel YAML.
 
 ``ENDPOINT`` is ``opcua://host:port[/path]`` or ``opc.tcp://host:port/path``. Each object under
 ``Objects`` becomes a DeviceModel (variables: telemetry, or ``readwrite`` properties when
@@ -69,6 +69,17 @@ def opcua_cmd(
     else:
         output.write_text(text, encoding="utf-8")
         out.err_console.print(f"wrote {n} device(s) and their models to {output}")
+
+
+def url_shorthand(args: list[str]) -> list[str]:
+    """``twin discover opcua://host:port ...`` means ``twin discover opcua opcua://...``."""
+    for i, a in enumerate(args):
+        if a == "discover" and i + 1 < len(args):
+            nxt = args[i + 1]
+            if nxt.startswith(("opcua://", "opc.tcp://")):
+                return [*args[: i + 1], "opcua", *args[i + 1 :]]
+            return args
+    return args
 
 
 def register(app: typer.Typer) -> None:

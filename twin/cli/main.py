@@ -711,6 +711,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning errors into one line plus a hint."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _register_extensions()
+    from twin.cli.discover_opcua import url_shorthand
+
+    argv = url_shorthand(list(argv if argv is not None else sys.argv[1:]))
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:  # click returns typer.Exit's code in this mode

@@ -98,6 +98,7 @@ class OpcUaServerService:
                 await self._sync_devices(engine, ua_server)
                 nursery.start_soon(self._values, engine, ua_server)
                 nursery.start_soon(self._statuses, engine, ua_server)
+                nursery.start_soon(self._reload, engine, ua_server)
                 task_status.started({"endpoint": self.endpoint})
                 log.info("opcua server: %s", self.endpoint)
                 async with receive:
@@ -121,6 +122,12 @@ class OpcUaServerService:
             devices.append((name, site, model))
         add: Callable[[], Any] = partial(ua_server.add_devices, devices)
         await aio.run(add)
+
+    async def _reload(self, engine: Engine, ua_server: _UaServer) -> None:
+        """A new revision: devices added get their objects, devices removed lose them."""
+        while True:
+            await engine.wait_revision(engine.revision_number + 1)
+            await self._sync_devices(engine, ua_server)
 
     async def _values(self, engine: Engine, ua_server: _UaServer) -> None:
         """Readings from the bus -> variables, the latest per point, every 200 ms."""
@@ -302,6 +309,14 @@ class _UaServer:
         from asyncua import ua
 
         idx = self.idx
+        wanted = {name for name, _, _ in devices}
+        for gone in sorted(set(self.devices) - wanted):
+            obj = self.devices.pop(gone)
+            self.models.pop(gone, None)
+            self.status_vars.pop(gone, None)
+            for key in [k for k in self.vars if k[0] == gone]:
+                del self.vars[key]
+            await self.server.delete_nodes([obj], recursive=True)
         for name, site, model in devices:
             if name in self.devices:
                 continue
