@@ -46,6 +46,15 @@ def start_server(certs: Path, *extra: str) -> Peer:
     return Peer(proc, line.split()[1], certs)
 
 
+def restart_on(port: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "twin.sim.opcua_server", "--port", port, "--interval", "0.1"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+    return proc
+
+
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
     p = start_server(tmp_path_factory.mktemp("opcua-certs"), "--user", "op:s3cret")
@@ -422,12 +431,8 @@ async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> 
         if p.proc.poll() is None:
             p.proc.kill()
     port = endpoint.rsplit(":", 1)[1].split("/")[0]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "twin.sim.opcua_server", "--port", port, "--interval", "0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    proc = restart_on(port)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
         await b.connect()
         (r,) = await b.read(["counter"])
         assert r.quality is Quality.GOOD
