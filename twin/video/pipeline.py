@@ -212,17 +212,25 @@ def build_command(
         in_opts["skip_frame"] = "nokey"  # decode keyframes only: the snapshots are nearly free
     inp = ffmpeg.input(source.url, **in_opts)
     video: Any = inp["v:0"]
+    uses = 3 if recording else 2  # FLV, HLS (, recording)
     if opts.transcode is not None:
+        # each output encodes its own copy (ffmpeg-python has no tee): transcoding costs
+        # ``uses`` encoders; it is meant for the odd camera a browser cannot play
         main_codec = _h264(opts.transcode.get("bitrate"))
         if opts.transcode.get("scale"):
-            video = video.filter("scale", *_scale(opts.transcode["scale"]).split(":"))
+            scaled = video.filter("scale", *_scale(opts.transcode["scale"]).split(":"))
+            split = scaled.filter_multi_output("split", uses)
+            streams = [split.stream(i) for i in range(uses)]
+        else:
+            streams = [video] * uses
     else:
         main_codec = {"c:v": "copy"}
+        streams = [video] * uses
     outputs = [
-        ffmpeg.output(video, f"pipe:{flv_fd}", format="flv", flvflags="no_duration_filesize",
-                      **main_codec),
+        ffmpeg.output(streams[0], f"pipe:{flv_fd}", format="flv",
+                      flvflags="no_duration_filesize", **main_codec),
         ffmpeg.output(
-            video, str(out_dir / "hls" / "index.m3u8"), format="hls",
+            streams[1], str(out_dir / "hls" / "index.m3u8"), format="hls",
             hls_time=f"{opts.hls_time:g}", hls_list_size=opts.hls_window,
             hls_flags="delete_segments+omit_endlist+program_date_time+temp_file"
                       "+independent_segments",
@@ -249,7 +257,7 @@ def build_command(
         ))
     if recording:
         outputs.append(ffmpeg.output(
-            video, str(out_dir / "rec" / "%Y%m%dT%H%M%SZ.ts"), format="segment",
+            streams[2], str(out_dir / "rec" / "%Y%m%dT%H%M%SZ.ts"), format="segment",
             segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
             reset_timestamps=1, **main_codec,
         ))

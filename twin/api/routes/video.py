@@ -47,6 +47,7 @@ LINK_TTL = 15 * 60.0
 """Seconds a signed link stays valid (a player asks for fresh links before that)."""
 SIGNED_PATHS = (
     f"{PREFIX}/video/s/{{token}}/{{camera}}/hls/{{file}}",
+    f"{PREFIX}/video/s/{{token}}/{{camera}}/hls-sub/{{file}}",
     f"{PREFIX}/video/s/{{token}}/{{camera}}/live.flv",
     f"{PREFIX}/video/s/{{token}}/{{camera}}/snapshot.jpg",
     f"{PREFIX}/video/s/{{token}}/{{camera}}/files/{{folder}}/{{file}}",
@@ -294,10 +295,21 @@ def _signed(st: ApiState, token: str, camera: str) -> None:
 
 @router.get("/video/s/{token}/{camera}/hls/{file}", response_class=Response, responses=HLS_TYPES)
 async def signed_hls(st: State, token: str, camera: str, file: str) -> Response:
+    return _hls(st, token, camera, "hls", file)
+
+
+@router.get("/video/s/{token}/{camera}/hls-sub/{file}", response_class=Response,
+            responses=HLS_TYPES)
+async def signed_hls_sub(st: State, token: str, camera: str, file: str) -> Response:
+    """The sub-stream rendition (``substream: {scale, bitrate}``)."""
+    return _hls(st, token, camera, "hls-sub", file)
+
+
+def _hls(st: ApiState, token: str, camera: str, folder: str, file: str) -> Response:
     _signed(st, token, camera)
     if not HLS_FILE.match(file):
         raise HTTPException(404, "no such HLS file")
-    path = _video(st).camera_dir(camera) / "hls" / file
+    path = _video(st).camera_dir(camera) / folder / file
     return _file(path, "application/vnd.apple.mpegurl" if file.endswith(".m3u8")
                  else "video/mp2t", cache="no-cache" if file.endswith(".m3u8") else "max-age=60")
 
