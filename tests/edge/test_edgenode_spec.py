@@ -74,3 +74,9 @@ def test_parse_size() -> None:
     assert parse_size(1000) == 1000
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_mqtt_transport_is_refused_for_now(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_site(_site(tmp_path, EDGE.replace("transport: https", "transport: mqtt")))
+    assert any("MQTT uplink transport is not implemented" in str(p) for p in info.value.problems)
