@@ -472,6 +472,7 @@ class LanceStore:
         self._raw_lo: int | None = None
         self._raw_hi: int | None = None
         self._raw_bounds_known = False
+        self._merged_upto = 0  # windows ending before this (us) hold one row per series
         self._recover_chunk_commit()
 
     # --- tables ---------------------------------------------------------------------
@@ -1011,14 +1012,22 @@ class LanceStore:
         chunk_us = round(self.chunk_seconds * 1_000_000)
         cat_w = np.array(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
         closed = (cat_w + 1) * chunk_us <= closed_us
-        if not closed.any():
+        # windows closed since the last pass, and windows that get new (late) points: the
+        # others were merged already (a catalogue of months is not re-keyed every minute)
+        look = closed & ((cat_w + 1) * chunk_us > self._merged_upto)
+        if new.num_rows:
+            new_wins = np.unique(
+                np.array(new.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64) // chunk_us
+            )
+            look |= closed & np.isin(cat_w, new_wins)
+        if not look.any():
             return np.zeros(0, dtype=np.int64)
 
         def keys(t: pa.Table, window: np.ndarray) -> pa.Array:
             cols = [t.column(c).cast(pa.string()) for c in SERIES_COLUMNS]
             return pc.binary_join_element_wise(*cols, pa.array(window).cast(pa.string()), "\x1f")
 
-        idx = np.flatnonzero(closed)
+        idx = np.flatnonzero(look)
         ck = keys(cat.take(pa.array(idx)), cat_w[idx])
         counts = pc.value_counts(ck)
         dup = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
@@ -1075,6 +1084,7 @@ class LanceStore:
         if lo is None or lo >= round(cutoff * 1e6):
             lo_merge = self._to_merge(cat, RAW_SCHEMA.empty_table(), closed_us)
             if lo_merge.size == 0:
+                self._merged_upto = max(self._merged_upto, closed_us)
                 return 0
         moved = 0
         for _attempt in range(5):
@@ -1102,6 +1112,7 @@ class LanceStore:
             cds, cat = self._chunks.snapshot()
             merge = self._to_merge(cat, new, closed_us)
             if n0 == 0 and merge.size == 0:
+                self._merged_upto = max(self._merged_upto, closed_us)
                 break
             old_cids: list[int] = []
             if merge.size:
@@ -1115,6 +1126,8 @@ class LanceStore:
                     continue  # written meanwhile: read again
                 self._check_space(self.path)
                 self._commit_chunks(rows, old_cids, pred if n0 else None, pass_end if n0 else None)
+                if pass_end >= closed:
+                    self._merged_upto = max(self._merged_upto, closed_us)
                 if n0:
                     self._raw_lo = max(self._raw_lo or 0, round(pass_end * 1e6))
                     if tbl.count_rows() == 0:
