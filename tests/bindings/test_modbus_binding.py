@@ -391,3 +391,6 @@ async def test_malformed_replies_are_logged_dropped_and_harm_nobody(
         assert any("bad_plc" in r.getMessage() and "malformed" in r.getMessage() for r in caplog.records)
     else:
         assert bad.silent_cycles == 2  # no frame: the unit is as good as silent
+        assert STATS.malformed >= malformed + 1
+        assert any("bad_plc" in r.getMessage() and "malformed modbus frame" in r.getMessage()
+                   for r in caplog.records)

@@ -111,6 +111,8 @@ class Line:
         self.failures = 0
         self.next_connect = 0.0
         self.requests = 0
+        self.current_device = ""  # whose request is in flight (one at a time per line)
+        self.malformed = 0
 
     def describe(self) -> str:
         return ":".join(self.key[1:3]) if self.key[0] == "tcp" else self.key[1]
@@ -141,7 +143,22 @@ class Line:
             timeout=self.connect_timeout,
             retries=0,
             reconnect_delay=0,
+            trace_packet=self._trace if framer == FramerType.SOCKET else None,
         )
+
+    def _trace(self, sending: bool, data: bytes) -> bytes:  # asyncio thread, every packet
+        """Log (with the device) and count what cannot be a Modbus TCP frame; pymodbus' framer
+        then drops it. A frame starts with the MBAP header: protocol id 0, a length that is
+        at least the unit id and a function code."""
+        if not sending and len(data) >= 6 and (data[2:4] != b"\0\0" or int.from_bytes(data[4:6], "big") < 2):
+            self.malformed += 1
+            STATS.malformed += 1
+            if self.malformed == 1 or self.malformed % 100 == 0:
+                log.warning(
+                    "device %s: malformed modbus frame from %s dropped (%d so far): %s",
+                    self.current_device or "?", self.describe(), self.malformed, data[:24].hex(" "),
+                )
+        return data
 
     async def _ensure(self) -> None:
         """Connected, or BindingConnectError (under the lock)."""
@@ -194,6 +211,7 @@ class Line:
                     STATS.requests += 1
                     self.requests += 1
                     t0 = time.perf_counter()
+                    self.current_device = device
                     response = None
                     try:
                         with trio.move_on_after(timeout):
