@@ -211,28 +211,51 @@ class SimulatorService:
 
 
 async def _opcua_server(device: str, endpoint: str, opts: dict[str, Any]) -> None:
-    """A simulated OPC UA server (twin/sim/opcua_server.py) on the asyncio bridge, at the
-    device's endpoint. A taken port (another demo engine serving it already) is logged once and
-    left alone: the device then reads whichever server holds it."""
-    import errno
+    """A simulated OPC UA server (twin/sim/opcua_server.py) in a child process at the device's
+    endpoint (its start-up costs seconds of CPU: kept off the engine's asyncio loop). A taken
+    port (another demo engine serving it already) is logged once and left alone: the device then
+    reads whichever server holds it. Anything else that ends it is a failure (supervisor)."""
+    import subprocess
+    import sys
     from urllib.parse import urlsplit
 
-    from twin.bindings import aio
-    from twin.sim.opcua_server import SimServer
     from twin.spec.units import parse_duration
 
     url = urlsplit(endpoint)
-    points = opts.get("points")
-    sim = SimServer(int(url.port or 4840), host=url.hostname or "127.0.0.1", endpoint=endpoint,
-                    obj=str(opts.get("object", "Boiler")), points=points,
-                    interval=parse_duration(opts.get("interval", "1s")) or 1.0)
+    interval = parse_duration(opts.get("interval", "1s")) or 1.0
+    cmd = [sys.executable, "-m", "twin.sim.opcua_server", "--port", str(url.port or 4840),
+           "--host", url.hostname or "127.0.0.1", "--endpoint", endpoint,
+           "--object", str(opts.get("object", "Boiler")), "--interval", str(interval)]
+    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = bytearray()
+
+    async def drain() -> None:  # the child's log, last 4 kB kept (a full pipe would block it)
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.receive_some(65536):
+            err.extend(chunk)
+            del err[:-4000]
+
     try:
-        await aio.run(sim.start)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        log.warning("simulators: %s: %s is taken (another engine's simulator?); not started",
-                    device, endpoint)
-        await trio.sleep_forever()
-    log.info("simulators: OPC UA server of %s at %s", device, endpoint)
-    await aio.run(sim.run)
+        assert proc.stdout is not None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            first = await proc.stdout.receive_some(4096)
+            if first.startswith(b"ready"):
+                log.info("simulators: OPC UA server of %s at %s (pid %d)", device, endpoint,
+                         proc.pid)
+            await proc.wait()  # then drain() ends at the pipe's end
+        text = bytes(err)
+        if b"address already in use" in text or b"Errno 98" in text:
+            log.warning("simulators: %s: %s is taken (another engine's simulator?); not started",
+                        device, endpoint)
+            await trio.sleep_forever()
+        tail = text.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"OPC UA simulator of {device} exited ({proc.returncode}): {tail[0]}")
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            with trio.move_on_after(5) as scope:
+                scope.shield = True
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()

@@ -5,7 +5,9 @@ like to any real server. Run it on its own (tests start it in another process)::
 
     python -m twin.sim.opcua_server --port 4841 [--user operator:secret] [--secure CERT_DIR]
 
-or in-process on the asyncio bridge (``twin up`` does that for ``SITE/simulators/opcua.yaml``).
+``twin up`` starts it that way, as a child process, for ``SITE/simulators/opcua.yaml`` (its
+start-up builds the standard address space for seconds of CPU: not on the engine's asyncio
+loop, which the Modbus, OPC UA and CoAP bindings share).
 
 Address space (namespace ``urn:flux-iot:sim``, every NodeId a string ``ns=2;s=<Object>.<Var>``)::
 
@@ -259,6 +261,7 @@ class SimServer:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--endpoint", help="the full endpoint URL (default opc.tcp://HOST:PORT/flux/)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--object", default="Boiler")
     p.add_argument("--interval", type=float, default=0.2)
@@ -267,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sim = SimServer(args.port, host=args.host, obj=args.object, interval=args.interval,
-                    user=args.user, secure_dir=args.secure)
+                    user=args.user, secure_dir=args.secure, endpoint=args.endpoint)
 
     async def go() -> None:
         await sim.start()
