@@ -415,3 +415,43 @@ async def test_client_modes_poll_observe_write_command(device_server: str) -> No
         assert b.refused == 1
     finally:
         await b.close()
+
+
+def test_validate_locates_coap_mistakes(tmp_path: Path) -> None:
+    from twin.errors import SpecError
+    from twin.spec import load_site
+
+    (tmp_path / "site.yaml").write_text("""\
+apiVersion: flux.iot/v1
+kind: Site
+metadata: {name: plant-x}
+spec: {timezone: UTC}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: m1, site: plant-x}
+spec: {type: sensor, binding: {coap: {mode: poll}}}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: m2, site: plant-x}
+spec: {type: sensor, binding: {coap: {url: "coap://10.0.0.5/s", psk: "inline"}}}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: m3, site: plant-x}
+spec: {type: sensor, binding: {coap: {mode: observe, url: "http://x/"}}}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: ok, site: plant-x}
+spec: {type: sensor, binding: {coap: {mode: observe, url: "coap://10.0.0.5/s", format: cbor,
+       points: {t: {path: a.b}}}}}
+""")
+    with pytest.raises(SpecError) as info:
+        load_site(tmp_path)
+    text = "\n".join(str(p) for p in info.value.problems)
+    assert "site.yaml:9:" in text and "Device m1: spec.binding.coap" in text and "'url'" in text
+    assert "Device m2: spec.binding.coap.psk" in text  # a secret reference, never inline
+    assert "Device m3: spec.binding.coap.url" in text and "coap:// URL" in text
+    assert "Device ok" not in text
