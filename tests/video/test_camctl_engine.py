@@ -1,6 +1,6 @@
 """ONVIF and GB28181 cameras in a running engine (real time, real peers): the fake ONVIF
-camera (streaming from GStreamer's RTSP server) goes live and its PTZ moves through the command
-ledger; a sipp GB28181 device registers with the engine's SIP server, its channel goes live
+camera (streaming from GStreamer's RTSP server) goes live, its PTZ moves through the command
+ledger and its PullPoint events become device events; a sipp GB28181 device registers with the engine's SIP server, its channel goes live
 through INVITE + PS over RTP, and the camera bound to it is alarmed when its keepalives stop."""
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from tests.video.test_gb28181 import CHAN, DEV, Device
 from tests.video.test_onvif import HERE, _jpeg
 from twin.control.service import ControlService
 from twin.registry.base import Registry
+from twin.runtime.bus import Filter
 from twin.runtime.state import Status
 from twin.video.gb28181.server import Gb28181Config
 from twin.video.gb28181.service import OFFLINE_ALARM, Gb28181Service
+from twin.video.onvif_events import OnvifEventsService
 
 from .helpers import camera, camera_model
 
@@ -51,8 +53,9 @@ async def test_onvif_camera_live_and_ptz_through_the_ledger(
             "password": {"secret": "cams/gate"}, "health_interval": "0.5s",
             "stall_timeout": "6s"}}))
         control = ControlService(reconcile_interval=0.5)
+        events = OnvifEventsService(poll=0.5, wait_s=1.0)
         config = fast_config(state_dir=tmp_path / "state")
-        async with running_engine(registry, config, services=[control]) as engine:
+        async with running_engine(registry, config, services=[control, events]) as engine:
             gate = engine.twin("gate")
             assert gate is not None
             await eventually(lambda: gate.status == Status.ONLINE
@@ -75,6 +78,15 @@ async def test_onvif_camera_live_and_ptz_through_the_ledger(
                                                               "preset": "42"})
             done = await control.ledger.wait(cmd.id)
             assert str(done.status) == "failed" and "GotoPreset" in (done.error or "")
+            # the camera's events (PullPoint) become the device's events on the bus
+            with engine.bus.subscribe(Filter.of(devices=["gate"], kinds=["event"])) as sub:
+                await eventually(lambda: "gate" in events.pullpoints, within=30)
+                cam.push_event("tns1:RuleEngine/CellMotionDetector/Motion", {"IsMotion": "true"})
+                with trio.fail_after(30):
+                    event = await sub.receive.receive()
+            assert event["site"] == "plant-a" and event["type"] == "event"
+            assert event["data"]["topic"] == "tns1:RuleEngine/CellMotionDetector/Motion"
+            assert event["data"]["data"] == {"IsMotion": "true"}
             await engine.writer.flushed()
 
 

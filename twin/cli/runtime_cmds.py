@@ -344,6 +344,9 @@ def up(
         # the site's simulated Modbus PLCs (PATH/simulators/*.yaml `modbus:`), polled by the
         # engine's modbus binding like real ones
         services.append(ModbusSimulatorService(path))
+    from twin.video.onvif_events import OnvifEventsService
+
+    services.append(OnvifEventsService())  # ONVIF cameras' PullPoint events -> device events
     if gb28181:
         from twin.video.gb28181.server import Gb28181Config
         from twin.video.gb28181.service import Gb28181Service, parse_listen
