@@ -3,6 +3,9 @@ commands through the ledger, and a dark camera that never hurts the others."""
 
 from __future__ import annotations
 
+import http.server
+import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,26 @@ async def test_sim_camera_is_live_and_a_refused_camera_is_dark(
     registry: Registry, tmp_path: Path
 ) -> None:
     refused = free_port()  # nothing listens there
+    # a real HLS peer: cam_ok's own HLS output over plain HTTP, pulled by an `hls` camera
+    hls_dir = tmp_path / "state" / "video" / "cam_ok" / "hls"
+    hls_dir.mkdir(parents=True)
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(hls_dir))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    hls_url = f"http://127.0.0.1:{httpd.server_address[1]}/index.m3u8"
     apply(registry, site(), camera_model(), sim_camera("cam_ok"),
           camera("cam_refused", {"rtsp": {"url": f"rtsp://127.0.0.1:{refused}/live",
-                                          "stall_timeout": "4s", "health_interval": "0.5s"}}))
+                                          "stall_timeout": "4s", "health_interval": "0.5s"}}),
+          camera("cam_hls", {"hls": {"url": hls_url, "stall_timeout": "6s",
+                                     "health_interval": "0.5s"}}))
+    try:
+        await _run(registry, tmp_path)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+async def _run(registry: Registry, tmp_path: Path) -> None:
     control = ControlService(reconcile_interval=0.5)
     config = fast_config(state_dir=tmp_path / "state")
     async with running_engine(registry, config, services=[control]) as engine:
@@ -66,7 +86,24 @@ async def test_sim_camera_is_live_and_a_refused_camera_is_dark(
         cmd = await control.ledger.submit("cam_ok", "start_recording", {})
         assert str((await control.ledger.wait(cmd.id)).status) == "success"
         rec = engine.video.camera_dir("cam_ok") / "rec"
-        await eventually(lambda: any(rec.glob("*.ts")), within=20)
+        await eventually(lambda: any(s.stat().st_size > 20_000 for s in rec.glob("*.ts")),
+                         within=20)
+        # a crash mid-segment (SIGKILL): the MPEG-TS segment written so far is readable
+        pipeline.kill()
+        segment = max(rec.glob("*.ts"))
+        probe = await trio.run_process(
+            ["ffprobe", "-v", "error", "-count_packets", "-show_entries", "stream=nb_read_packets",
+             "-of", "csv=p=0", str(segment)], capture_stdout=True, check=False)
+        assert probe.returncode == 0 and int(probe.stdout.split()[0]) > 0, probe
+        await eventually(lambda: pipeline.health.restarts >= 1
+                         and pipeline.health.state == "live", within=30)
+        # the HLS camera pulls cam_ok's playlist like any HLS source
+        hls_cam = engine.twin("cam_hls")
+        assert hls_cam is not None
+        await eventually(lambda: hls_cam.status == Status.ONLINE
+                         and engine.video.get("cam_hls") is not None
+                         and engine.video.get("cam_hls").health.state == "live",  # type: ignore[union-attr]
+                         within=60)
 
         cmd = await control.ledger.submit("cam_ok", "stop_stream", {})
         assert str((await control.ledger.wait(cmd.id)).status) == "success"
