@@ -112,6 +112,11 @@ async def test_gb28181_channel_live_then_offline_alarm(
                              and cam.reported.get("fps") is not None
                              and cam.reported["fps"].value > 0, within=60)
             assert server.stats.invites >= 1
+            cmd = await control.ledger.submit("gb_gate", "ptz", {"action": "goto_preset",
+                                                                 "preset": 2})
+            done = await control.ledger.wait(cmd.id)  # DeviceControl, answered 200 by sipp
+            assert str(done.status) == "success", done.error
+            assert done.result["ptz_cmd"] == "A50F018200020039"
             assert (tmp_path / "state" / "gb28181" / "discovered.yaml").exists()
             # keepalives stop after 8: the device goes offline, the camera is alarmed
             await eventually(lambda: not server.devices[DEV].online, within=60)

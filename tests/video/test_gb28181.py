@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.video import gb_device
-from twin.errors import BindingConnectError
+from twin.errors import BindingConnectError, CommandError
 from twin.video import sources
 from twin.video.gb28181 import manscdp, sip
 from twin.video.gb28181 import source as gb_source
@@ -175,7 +175,7 @@ class Device:
     """sipp as a GB28181 device (tests/video/sipp/gb_device*.xml)."""
 
     def __init__(self, server: Gb28181Server, tmp_path: Path, pcap: Path, *,
-                 password: str = "pw-28181", keepalives: int = 30) -> None:
+                 password: str = "pw-28181", keepalives: int = 30, tcp: bool = False) -> None:
         uas = (HERE / "sipp" / "gb_device_uas.xml").read_text().replace("@PCAP@", str(pcap))
         (tmp_path / "uas.xml").write_text(uas)
         self.port = free_port()
@@ -186,7 +186,12 @@ class Device:
             "-set", "dev", DEV, "-set", "chan", CHAN, "-set", "realm", REALM,
             "-set", "kas", str(keepalives), "-timeout", "60s", "-nostdin",
             "-trace_err", "-error_file", str(tmp_path / "sipp_errors.log"),
+            "-trace_msg", "-message_file", str(tmp_path / "sipp_messages.log"),
         ]
+        self.messages = tmp_path / "sipp_messages.log"
+        if tcp:  # SIP over TCP: one connection, our requests come back over it
+            self.argv[1] = f"127.0.0.1:{server.tcp_port}"
+            self.argv += ["-t", "t1", "-max_socket", "10"]
         self.proc: trio.Process | None = None
 
     async def __aenter__(self) -> Device:
@@ -355,3 +360,32 @@ async def test_flood_and_garbage_do_not_stop_the_server(server: Gb28181Server, t
                 reply = sip.parse((await udp.recvfrom(65536))[0])
         assert reply.status == 200
         assert device.proc is not None and device.proc.returncode is None
+
+
+async def test_sip_over_tcp_register_keepalive_catalog_ptz(server: Gb28181Server, tmp_path: Path,
+                                                       pcap: Path) -> None:
+    async with Device(server, tmp_path, pcap, keepalives=3, tcp=True) as device:
+        await wait_for(lambda: DEV in server.devices and server.devices[DEV].keepalives >= 2,
+                       "REGISTER + keepalives over TCP")
+        dev = server.devices[DEV]
+        assert dev.transport == "tcp" and dev.conn is not None
+        await wait_for(lambda: CHAN in dev.channels, "Catalog response over TCP")
+        # a request of ours goes back over the device's connection and is answered (200)
+        with trio.fail_after(20):
+            await server.query_catalog(DEV, within=10)
+        # PTZ: MANSCDP DeviceControl to the channel, answered 200 by the device
+        camera = {"metadata": {"name": "gate"}, "spec": {"binding": {"gb28181": {
+            "device_id": DEV, "channel": CHAN}}}}
+        got = await sources.ptz(camera, "gb28181", "move", {"pan": 0.5, "tilt": 0, "zoom": 0})
+        assert got["ptz_cmd"] == "A50F010180000036"  # right at speed 128
+        got = await sources.ptz(camera, "gb28181", "stop", {})
+        assert got["ptz_cmd"] == "A50F0100000000B5"
+        got = await sources.ptz(camera, "gb28181", "goto_preset", {"preset": 3})
+        assert got["ptz_cmd"] == "A50F01820003003A"
+        with pytest.raises(CommandError, match="1-255"):
+            await sources.ptz(camera, "gb28181", "set_preset", {"preset": 0})
+        log = device.messages.read_text(errors="replace")
+        for cmd in ("A50F010180000036", "A50F0100000000B5", "A50F01820003003A"):
+            assert f"<PTZCmd>{cmd}</PTZCmd>" in log  # what the device received
+        assert server.stats.malformed == 0
+

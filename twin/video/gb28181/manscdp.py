@@ -75,4 +75,27 @@ def device_info_query(sn: int, device_id: str) -> bytes:
             ).encode("gb2312")
 
 
-__all__ = ["CONTENT_TYPE", "Manscdp", "ManscdpError", "catalog_query", "parse"]
+# PTZ (GB/T 28181-2016 A.3): 8 bytes, A5 0F <addr> <instruction> <data1> <data2> <zoom|addr hi> <sum>
+PTZ_RIGHT, PTZ_LEFT, PTZ_DOWN, PTZ_UP, PTZ_ZOOM_IN, PTZ_ZOOM_OUT = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+PTZ_SET_PRESET, PTZ_GOTO_PRESET = 0x81, 0x82
+
+
+def ptz_cmd(instruction: int, data1: int = 0, data2: int = 0, zoom_speed: int = 0,
+            address: int = 1) -> str:
+    """The PTZCmd hex string: instruction, pan/tilt speeds (0-255) or preset (data2), zoom speed
+    (0-15); the last byte is the sum of the first seven, modulo 256."""
+    raw = [0xA5, 0x0F, address & 0xFF, instruction & 0xFF, data1 & 0xFF, data2 & 0xFF,
+           ((zoom_speed & 0x0F) << 4) | ((address >> 8) & 0x0F)]
+    raw.append(sum(raw) % 256)
+    return bytes(raw).hex().upper()
+
+
+def device_control(sn: int, channel: str, ptz: str) -> bytes:
+    return ('<?xml version="1.0" encoding="GB2312"?>\r\n<Control>\r\n'
+            f"<CmdType>DeviceControl</CmdType>\r\n<SN>{sn}</SN>\r\n<DeviceID>{channel}</DeviceID>"
+            f"\r\n<PTZCmd>{ptz}</PTZCmd>\r\n<Info>\r\n<ControlPriority>5</ControlPriority>\r\n"
+            "</Info>\r\n</Control>\r\n").encode("gb2312")
+
+
+__all__ = ["CONTENT_TYPE", "Manscdp", "ManscdpError", "catalog_query", "device_control",
+           "parse", "ptz_cmd"]

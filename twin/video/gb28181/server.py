@@ -624,13 +624,15 @@ class Gb28181Server:
                                  f"{within:g} s")
         return pending.response
 
-    async def request_message(self, device_id: str, body: bytes, within: float = 5.0
-                              ) -> sip.SipMessage:
+    async def request_message(self, device_id: str, body: bytes, within: float = 5.0,
+                              target: str | None = None) -> sip.SipMessage:
+        """A MANSCDP MESSAGE to ``target`` (a channel; default: the device) of ``device_id``."""
         dev = self._online(device_id)
-        headers = self._headers(dev.transport, f"<sip:{device_id}@{self.config.realm}>",
+        target = target or device_id
+        headers = self._headers(dev.transport, f"<sip:{target}@{self.config.realm}>",
                                 sip.new_tag(), f"{secrets.token_hex(8)}@flux", 1, "MESSAGE")
         headers.append(("Content-Type", manscdp.CONTENT_TYPE))
-        req = sip.SipMessage(f"MESSAGE sip:{device_id}@{dev.addr[0]}:{dev.addr[1]} SIP/2.0",
+        req = sip.SipMessage(f"MESSAGE sip:{target}@{dev.addr[0]}:{dev.addr[1]} SIP/2.0",
                              headers, body)
         return await self._transaction(dev, req, within)
 
@@ -653,6 +655,14 @@ class Gb28181Server:
         if resp.status != 200:
             raise BindingError(f"gb28181 device {device_id}: Catalog query refused "
                                f"({resp.start[8:]})")
+
+    async def ptz(self, device_id: str, channel: str, ptz_cmd: str, within: float = 5.0) -> None:
+        """A DeviceControl PTZCmd to ``channel`` (BindingError unless the device answers 200)."""
+        resp = await self.request_message(
+            device_id, manscdp.device_control(self.next_sn(), channel, ptz_cmd), within,
+            target=channel)
+        if resp.status != 200:
+            raise BindingError(f"gb28181 device {device_id}: PTZ refused ({resp.start[8:]})")
 
     async def _catalog_quietly(self, device_id: str) -> None:
         try:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from twin.errors import BindingConnectError
+from twin.errors import BindingConnectError, CommandError
+from twin.video.gb28181 import manscdp
 from twin.video.gb28181.server import Gb28181Server
 from twin.video.sources import (
     SecretLookup,
@@ -51,6 +52,56 @@ class Gb28181Source:
                    "analyzeduration": "500000"}
         return StreamSource(feed.url, options,
                             display=f"gb28181:{device_id}/{channel} ({transport})")
+
+
+    async def ptz(self, device: Mapping[str, Any], action: str,
+                  args: Mapping[str, Any]) -> dict[str, Any]:
+        """PTZ through MANSCDP DeviceControl (GB/T 28181 A.3): ``move`` {pan, tilt, zoom in
+        -1..1: direction and speed}, ``stop``, ``goto_preset`` / ``set_preset`` {preset: 1-255}."""
+        o = binding_options(device, "gb28181")
+        server = SERVER
+        if server is None:
+            raise BindingConnectError("the GB28181 SIP server is not running")
+        device_id = str(o["device_id"])
+        channel = str(o.get("channel") or device_id)
+        if action == "move":
+            pan, tilt, zoom = (_unit(args, k) for k in ("pan", "tilt", "zoom"))
+            bits = ((manscdp.PTZ_RIGHT if pan > 0 else manscdp.PTZ_LEFT if pan < 0 else 0)
+                    | (manscdp.PTZ_UP if tilt > 0 else manscdp.PTZ_DOWN if tilt < 0 else 0)
+                    | (manscdp.PTZ_ZOOM_IN if zoom > 0 else manscdp.PTZ_ZOOM_OUT if zoom < 0
+                       else 0))
+            cmd = manscdp.ptz_cmd(bits, round(abs(pan) * 255), round(abs(tilt) * 255),
+                                  round(abs(zoom) * 15))
+            result: dict[str, Any] = {"action": "move", "pan": pan, "tilt": tilt, "zoom": zoom}
+        elif action == "stop":
+            cmd, result = manscdp.ptz_cmd(0), {"action": "stop"}
+        elif action in ("goto_preset", "set_preset"):
+            try:
+                preset = int(args.get("preset"))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise CommandError(f"ptz {action}: needs {{preset: 1-255}} (a number in "
+                                   "GB28181)") from None
+            if not 1 <= preset <= 255:
+                raise CommandError(f"ptz {action}: preset must be 1-255, not {preset}")
+            code = manscdp.PTZ_GOTO_PRESET if action == "goto_preset" else \
+                manscdp.PTZ_SET_PRESET
+            cmd, result = manscdp.ptz_cmd(code, 0, preset), {"action": action, "preset": preset}
+        else:
+            raise CommandError(f"ptz: unknown action {action!r} for a GB28181 camera",
+                               hint="move, stop, goto_preset, set_preset")
+        await server.ptz(device_id, channel, cmd)
+        result["ptz_cmd"] = cmd
+        return result
+
+
+def _unit(args: Mapping[str, Any], key: str) -> float:
+    try:
+        v = float(args.get(key, 0.0))
+    except (TypeError, ValueError):
+        raise CommandError(f"ptz: {key} must be a number in -1..1") from None
+    if not -1.0 <= v <= 1.0:
+        raise CommandError(f"ptz: {key} must be in -1..1, not {v:g}")
+    return v
 
 
 SOURCE = Gb28181Source()
