@@ -440,3 +440,61 @@ async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> 
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+async def test_backfill_after_an_engine_restart_starts_at_the_last_stored_value(
+    peer: Peer, tmp_path: Path
+) -> None:
+    from runtime.helpers import apply, fast_config, running_engine, site
+
+    from twin.registry import open_registry
+    from twin.runtime.timeseries_service import TimeSeriesService
+    from twin.timeseries.base import Selector
+
+    opts = options(peer.endpoint, points={"temperature": {"node": "ns=2;s=Boiler.Temperature"}})
+    device = {
+        "apiVersion": "flux.iot/v1", "kind": "Device",
+        "metadata": {"name": "boiler_01", "site": "plant-a"},
+        "spec": {"type": "industrial", "binding": {"opcua": opts},
+                 "heartbeat": {"interval": "1s", "timeout": "5s"}},
+    }
+    reg = open_registry(None, tmp_path / "state")
+    apply(reg, site(), device)
+
+    def stored(svc: TimeSeriesService | None) -> list[float]:
+        from twin.timeseries.factory import open_store
+
+        store = svc.store if svc is not None else open_store(None, tmp_path)
+        assert store is not None
+        try:
+            t = store.read_raw(Selector.of(devices=["boiler_01"]), 0, time.time() + 10)
+        finally:
+            if svc is None:
+                store.close()
+        return sorted(x.timestamp() for x in t.column("ts").to_pylist())
+
+    svc = TimeSeriesService(flush_interval=0.1)
+    async with running_engine(reg, fast_config(state_dir=tmp_path), [svc]):
+        with trio.fail_after(20):
+            while len(await trio.to_thread.run_sync(stored, svc)) < 5:  # noqa: ASYNC110
+                await trio.sleep(0.2)
+    last = (await trio.to_thread.run_sync(stored, None))[-1]  # what the first engine stored
+    await trio.sleep(1.5)  # the engine is down; the server keeps historizing (every 0.1 s)
+    svc = TimeSeriesService(flush_interval=0.1)
+    async with running_engine(reg, fast_config(state_dir=tmp_path), [svc]) as engine:
+        with trio.fail_after(20):
+            while True:
+                task = engine.controller.tasks.get("boiler_01")
+                b = task.binding if task is not None else None
+                if isinstance(b, OpcUaBinding) and b.backfilled >= 5:
+                    break
+                await trio.sleep(0.1)
+        with trio.fail_after(20):
+            while True:
+                ts = await trio.to_thread.run_sync(stored, svc)
+                gap = [t for t in ts if last < t < last + 1.4]
+                if len(gap) >= 5:
+                    break
+                await trio.sleep(0.2)
+        assert min(t for t in ts if t > last) - last < 0.5  # no hole after the last stored value
+    reg.close()

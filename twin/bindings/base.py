@@ -12,7 +12,7 @@ Bindings are registered by protocol name in :data:`BINDINGS` (a dict, never foun
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -130,6 +130,9 @@ class BindingContext:
     reported: Callable[[str, str], Any] | None = None
     # (device, point) -> the timestamp of its last reported value or None (history backfill)
     last_ts: Callable[[str, str], float | None] | None = None
+    # (device, points, since) -> {point: timestamp of its newest stored value since `since`}
+    # from the time-series store (history backfill after an engine restart)
+    last_stored: Callable[[str, list[str], float], Awaitable[dict[str, float]]] | None = None
     video: Any = None  # twin.video.service.VideoService: camera bindings' pipelines and outputs
 
 

@@ -37,9 +37,10 @@ by the method's InputArguments names (``{"a": 2, "b": 3}``) or positionally (``{
 3]}``), each converted to the argument's declared type; the result is the output argument
 (or ``{name: value}`` for several). A Bad status from the method is a failed command.
 
-**Backfill.** After a reconnect (and at start when the twin already has values) the points
-with history read the server's HistoryRead (raw) from the last value the engine has up to
-now, oldest first, before the subscription starts: an outage leaves no gap in the time series.
+**Backfill.** After a reconnect, and after an engine restart, the points with history read
+the server's HistoryRead (raw) from the last value the engine has (this binding's, the twin's,
+else the newest in the time-series store, ``BindingContext.last_stored``; at most ``max_age``
+back) up to now, oldest first, before the subscription starts: an outage leaves no gap.
 
 The connection is checked every ``heartbeat`` (default 2s; that is also the twin's heartbeat);
 a lost connection is a temporary BindingConnectError: the device task reconnects with backoff.
@@ -555,11 +556,12 @@ class OpcUaBinding:
 
         return list(await self._run(a_read, what="read"))
 
-    def _since(self) -> dict[str, float]:
-        """Per historized point: the newest timestamp the engine has (in this binding, else
-        the twin's reported value)."""
+    async def _since(self) -> dict[str, float]:
+        """Per historized point: the newest timestamp the engine has (in this binding, else the
+        twin's reported value, else the time-series store: after an engine restart)."""
         out = {}
         last_ts = self.context.last_ts
+        missing = []
         for name, p in self.points.items():
             if not p.history:
                 continue
@@ -568,10 +570,15 @@ class OpcUaBinding:
                 ts = last_ts(self.device, name)
             if ts is not None:
                 out[name] = float(ts)
+            else:
+                missing.append(name)
+        if missing and self.context.last_stored is not None:
+            since = self._clock() - self.history_max_age
+            out.update(await self.context.last_stored(self.device, missing, since))
         return out
 
     async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
-        since = self._since()
+        since = await self._since()
         if since:
             backlog = await self._run(self._a_history, since, what="history read")
             if backlog:

@@ -126,6 +126,7 @@ class Engine:
                 clock=self.config.clock,
                 reported=self._reported_value,
                 last_ts=self._reported_ts,
+                last_stored=self._last_stored,
                 video=self.video,
             ),
             backoff=self.config.backoff,
@@ -207,6 +208,41 @@ class Engine:
         twin = self.twins.get(device)
         rv = twin.reported.get(point) if twin is not None else None
         return None if rv is None else rv.ts
+
+    async def _last_stored(self, device: str, points: list[str], since: float) -> dict[str, float]:
+        """Per point, the timestamp of its newest value in the time-series store since
+        ``since`` (none without a store): where a binding's history backfill starts after an
+        engine restart."""
+        from twin.runtime.timeseries_service import timeseries_of
+
+        svc = timeseries_of(self)
+        store = getattr(svc, "store", None)
+        if store is None or not points:
+            return {}
+        now = self.config.clock()
+
+        def query() -> dict[str, float]:
+            import calendar
+
+            from twin.timeseries.base import Selector
+
+            sel = Selector.of(devices=[device], metrics=points)
+            end = now + 1.0
+            table = store.aggregate("raw", sel, since, end, end - since)
+            out: dict[str, float] = {}
+            metrics = table.column("metric").to_pylist()
+            for metric, ts in zip(metrics, table.column("last_ts").to_pylist(), strict=True):
+                if ts is None:
+                    continue
+                t = ts.timestamp() if ts.tzinfo else calendar.timegm(ts.utctimetuple())
+                out[metric] = max(out.get(metric, t), t)
+            return out
+
+        try:
+            return await trio.to_thread.run_sync(query)
+        except Exception as exc:  # a store problem must not keep a device from connecting
+            log.warning("engine: last stored values of %s: %s", device, exc)
+            return {}
 
     def _overrides_changed(self, device: str) -> None:
         task = self.controller.tasks.get(device)
