@@ -158,3 +158,44 @@ async def test_a_new_module_is_hot_swapped_and_a_broken_one_refused(engine: Engi
     await run_sync(dev.publish, t, frame(3), 1)
     await eventually(lambda: count(stored(engine, "good"), "temperaturX") == 2)
     await run_sync(dev.close)
+
+
+async def test_http_push_device_with_codec_and_transform(tmp_path: Path) -> None:
+    """POST /api/v1/ingest/{device}: the body is the device's binary payload, decoded by the
+    binding's codec; the model's transform runs before the write-ahead log."""
+    from tests.api.conftest import start_api
+    from tests.runtime.helpers import sim_device
+
+    push = sim_device("push_th8", binding={"http": {"codec": "acme"}},
+                      heartbeat={"interval": "5s", "timeout": "60s"}, model_="acme-th8")
+    evil = sim_device("push_evil", binding={"http": {"codec": "evil"}},
+                      heartbeat={"interval": "5s", "timeout": "60s"}, model_="acme-th8")
+    docs_ = [site(), th8_model(), push, evil, *[d for d in docs() if d["kind"] == "Plugin"]]
+    async with trio.open_nursery() as nursery:
+        api = await start_api(nursery, tmp_path / "state", docs=docs_,
+                              services=[TimeSeriesService(flush_interval=0.1)])
+        keys = {}
+        async with api.client("admin") as c:
+            for name in ("push_th8", "push_evil"):
+                r = await c.post(f"/api/v1/devices/{name}/keys")
+                assert r.status_code == 201
+                keys[name] = r.json()["key"]
+        await eventually(lambda: api.engine.hub.running("push_th8") and api.engine.hub.running("push_evil"))
+        async with api.client(None) as dev:
+            for i in range(5):
+                r = await dev.post("/api/v1/ingest/push_th8", content=frame(i),
+                                   headers={"X-Device-Key": keys["push_th8"],
+                                            "Content-Type": "application/octet-stream"})
+                assert r.status_code == 200, r.text
+                r = await dev.post("/api/v1/ingest/push_evil", content=frame(i),
+                                   headers={"X-Device-Key": keys["push_evil"]})
+                assert r.status_code == 200, r.text  # accepted, marked bad: never an error
+        await eventually(lambda: count(stored(api.engine, "push_th8"), "dew_point") == 5)
+        rows = stored(api.engine, "push_th8")
+        assert count(rows, "temperature") == 5 and count(rows, "battery") == 5
+        twin = api.engine.twin("push_evil")
+        assert twin is not None
+        await eventually(lambda: "payload" in twin.reported)
+        assert twin.reported["payload"].quality == Quality.BAD
+        nursery.cancel_scope.cancel()
+    api.registry.close()

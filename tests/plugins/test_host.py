@@ -227,3 +227,20 @@ def test_hot_swap_and_a_refused_module_keeps_the_old(host: PluginHost) -> None:
     # removed from the spec set: unloaded
     host.sync({})
     assert "acme" not in host.plugins
+
+
+def test_dense_layout_is_checked() -> None:
+    import struct as st
+
+    from twin.plugins.abi import AbiError
+
+    head = st.pack("<IIH", 0xFFFFFFFF, 1, 1) + b"\x01x"
+    ok = head + st.pack("<IHdd", 0, 0, 0.0, 2.5)
+    assert unpack_readings(ok, 1) == [(0, "x", 2.5, 0.0, True)]
+    assert unpack_readings(head + st.pack("<IHdd", 0, 0, 0.0, float("nan")), 1) == [(0, "x", None, 0.0, False)]
+    for bad in (head + st.pack("<IHdd", 5, 0, 0.0, 1.0),       # input index past the batch
+                head + st.pack("<IHdd", 0, 9, 0.0, 1.0),       # point not in the table
+                head + st.pack("<IHdd", 0, 0, -1.0, 1.0),      # not unix seconds
+                head + b"\x00" * 5):                           # cut short
+        with pytest.raises(AbiError):
+            unpack_readings(bad, 1)

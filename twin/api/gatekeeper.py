@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+import trio
 from fastapi.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 
@@ -24,6 +25,8 @@ from twin.api.deps import MUTATING, PREFIX, PUBLIC, SIGNED_PREFIX, bearer
 from twin.api.durable_ingest import hand_in
 from twin.api.owner import forward_ingest, owner_api
 from twin.api.state import ApiState
+from twin.bindings import plugins as plugin_edge
+from twin.bindings.base import Reading
 from twin.bindings.http import DeviceNotRunning, IngestBusy, IngestError, parse_ingest
 from twin.errors import AuthError
 from twin.timeseries.wal import WalError, WalFull
@@ -58,8 +61,20 @@ async def ingest_core(
         retry = {"Retry-After": str(max(1, math.ceil(wait)))}
         return 429, {"detail": "too many requests for this device"}, retry
     now = time.time()
+    codec, transform = _plugins_of(engine, device)
     try:
-        messages = parse_ingest(device, json.loads(raw or b"{}"), now)
+        if codec is not None:  # the body is the device's own payload: its codec plugin decodes it
+            decoded = await _off_loop(engine, codec, plugin_edge.decode, codec, device, [raw], now)
+            messages: list[Any] = list(decoded[0])
+        else:
+            messages = parse_ingest(device, json.loads(raw or b"{}"), now)
+        if transform is not None:  # before the write-ahead log: what is logged is what is stored
+            readings = [m for m in messages if isinstance(m, Reading)]
+            if readings:
+                rest = [m for m in messages if not isinstance(m, Reading)]
+                readings = await _off_loop(engine, transform, plugin_edge.transform, transform,
+                                           readings)
+                messages = [*readings, *rest]
     except (ValueError, IngestError) as exc:
         engine.prom.child(engine.prom.ingest, "invalid").inc()
         engine.prom.refused(device, "http")
@@ -90,6 +105,26 @@ async def ingest_core(
         twin.metrics.bytes_in += len(raw)
     engine.prom.child(engine.prom.ingest, "ok").inc()
     return 200, reply, None
+
+
+def _plugins_of(engine: Any, device: str) -> tuple[str | None, str | None]:
+    """(codec, transform) plugins of an HTTP push device (``binding.http.codec``; its own or
+    its model's ``transform``)."""
+    doc: dict[str, Any] = engine.device_doc(device) or {}
+    spec: dict[str, Any] = doc.get("spec") or {}
+    binding: Any = spec.get("binding")
+    opts: Any = binding.get("http") if isinstance(binding, dict) else None
+    codec = opts.get("codec") if isinstance(opts, dict) and isinstance(opts.get("codec"), str) else None
+    mname = spec.get("model")
+    mdoc = engine.specs.get(("DeviceModel", mname)) if isinstance(mname, str) else None
+    return codec, plugin_edge.transform_of(doc, (mdoc or {}).get("spec"))
+
+
+async def _off_loop(engine: Any, plugin: str, fn: Any, *args: Any) -> Any:
+    """Call a plugin edge function; a Starlark plugin's worker round trip leaves the loop."""
+    if engine.plugins.uses_thread(plugin):
+        return await trio.to_thread.run_sync(fn, *args)
+    return fn(*args)
 
 
 class Gatekeeper:

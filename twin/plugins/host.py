@@ -42,7 +42,7 @@ from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"fuel": 100_000, "steps": 100_000, "time": 0.1, "wasm_memory": 16 * 1024**2,
+DEFAULTS = {"fuel": 100_000, "steps": 100_000, "time": 0.5, "wasm_memory": 16 * 1024**2,
             "starlark_memory": 128 * 1024**2, "output": 4 * 1024**2, "batch": 1000,
             "alarm_after": 5, "suspend_for": 30.0}
 
@@ -160,7 +160,8 @@ class PluginHost:
         """Make ``plugin`` the one its name runs (atomic: a batch in flight keeps the old)."""
         old = self.plugins.get(plugin.name)
         self.plugins[plugin.name] = plugin
-        self.stats.setdefault(plugin.name, PluginStats())
+        stats = self.stats.setdefault(plugin.name, PluginStats())
+        stats.in_a_row, stats.suspended_until = 0, 0.0  # a new module gets a fresh chance
         log.info("plugin %s: %s module %s loaded (role %s)", plugin.name, plugin.kind,
                  plugin.sha256[:12], plugin.role)
         if old is not None:
@@ -288,6 +289,8 @@ class PluginHost:
         out: list[Decoded] = []
         plugin = self.plugins.get(name)
         step = plugin.batch if plugin is not None else DEFAULTS["batch"]
+        if len(payloads) <= int(step):
+            return self._decode(name, payloads)
         for start in range(0, len(payloads), int(step)):
             chunk = payloads[start:start + int(step)]
             out.extend((i + start, p, v, ts, g) for i, p, v, ts, g in self._decode(name, chunk))

@@ -3,15 +3,16 @@
 ;; An ACME TH-8 sensor sends 8-byte binary frames:
 ;;   0xA5 0x01  int16 BE temperature (0.01 degC)  uint16 BE humidity (0.01 %)  uint16 BE battery (mV)
 ;; decode() turns each frame of a batch into three readings (temperature, humidity, battery
-;; in volts); a frame that is not 8 bytes or has the wrong magic/version gives one bad reading.
+;; in volts) in the dense readings layout; a frame that is not 8 bytes or has the wrong
+;; magic/version gives one bad reading (NaN) on the point "payload".
 ;; Rebuild the .wasm with:  twin plugin build sites/demo/plugins/acme_th.wat
 (module
   (memory (export "memory") 1)
   (global $heap (mut i32) (i32.const 1024))
-  (data (i32.const 16) "temperature")
-  (data (i32.const 32) "humidity")
-  (data (i32.const 48) "battery")
-  (data (i32.const 64) "payload")
+  ;; the dense readings header (flux-abi-1, twin/plugins/abi.py): marker 0xFFFFFFFF, count
+  ;; (filled in), a table of 4 point names; then 22-byte rows (u32 frame, u16 point, f64 ts, f64 value)
+  (data (i32.const 256) "\ff\ff\ff\ff\00\00\00\00\04\00"
+    "\0btemperature" "\08humidity" "\07battery" "\07payload")
 
   ;; make sure [0, end) is inside memory (grow in 64 KiB pages); trap if the cap refuses
   (func $ensure (param $end i32)
@@ -32,20 +33,13 @@
     (call $ensure (global.get $heap))
     (local.get $p))
 
-  ;; one reading: u32 index, u8 type, u8 name_len, name, f64 ts (0 = receipt time), value
-  (func $head (param $o i32) (param $idx i32) (param $type i32) (param $name i32) (param $nlen i32) (result i32)
+  ;; one row: frame index, point (into the header's table), ts 0 (= receipt time), value
+  (func $row (param $o i32) (param $idx i32) (param $point i32) (param $v f64) (result i32)
     (i32.store (local.get $o) (local.get $idx))
-    (i32.store8 offset=4 (local.get $o) (local.get $type))
-    (i32.store8 offset=5 (local.get $o) (local.get $nlen))
-    (memory.copy (i32.add (local.get $o) (i32.const 6)) (local.get $name) (local.get $nlen))
-    (local.set $o (i32.add (i32.add (local.get $o) (i32.const 6)) (local.get $nlen)))
-    (f64.store (local.get $o) (f64.const 0))
-    (i32.add (local.get $o) (i32.const 8)))
-
-  (func $f64 (param $o i32) (param $idx i32) (param $name i32) (param $nlen i32) (param $v f64) (result i32)
-    (local.set $o (call $head (local.get $o) (local.get $idx) (i32.const 0) (local.get $name) (local.get $nlen)))
-    (f64.store (local.get $o) (local.get $v))
-    (i32.add (local.get $o) (i32.const 8)))
+    (i32.store16 offset=4 (local.get $o) (local.get $point))
+    (f64.store offset=6 (local.get $o) (f64.const 0))
+    (f64.store offset=14 (local.get $o) (local.get $v))
+    (i32.add (local.get $o) (i32.const 22)))
 
   (func $u16be (param $p i32) (result i32)
     (i32.or (i32.shl (i32.load8_u (local.get $p)) (i32.const 8)) (i32.load8_u offset=1 (local.get $p))))
@@ -56,9 +50,10 @@
     (local.set $n (i32.load (local.get $ptr)))
     (local.set $in (i32.add (local.get $ptr) (i32.const 4)))
     (local.set $out (global.get $heap))
-    ;; at most 3 readings of 6 + 11 + 16 bytes per frame
-    (call $ensure (i32.add (i32.add (local.get $out) (i32.const 4)) (i32.mul (local.get $n) (i32.const 120))))
-    (local.set $o (i32.add (local.get $out) (i32.const 4)))
+    ;; the 47-byte header, then at most 3 rows of 22 bytes per frame
+    (call $ensure (i32.add (i32.add (local.get $out) (i32.const 47)) (i32.mul (local.get $n) (i32.const 66))))
+    (memory.copy (local.get $out) (i32.const 256) (i32.const 47))
+    (local.set $o (i32.add (local.get $out) (i32.const 47)))
     (block $done
       (loop $next
         (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
@@ -68,22 +63,22 @@
               (i32.eq (local.get $plen) (i32.const 8))
               (i32.eq (call $u16be (local.get $pl)) (i32.const 0xA501)))
           (then
-            (local.set $o (call $f64 (local.get $o) (local.get $i) (i32.const 16) (i32.const 11)
+            (local.set $o (call $row (local.get $o) (local.get $i) (i32.const 0)
               (f64.div (f64.convert_i32_s (i32.extend16_s (call $u16be (i32.add (local.get $pl) (i32.const 2)))))
                        (f64.const 100))))
-            (local.set $o (call $f64 (local.get $o) (local.get $i) (i32.const 32) (i32.const 8)
+            (local.set $o (call $row (local.get $o) (local.get $i) (i32.const 1)
               (f64.div (f64.convert_i32_u (call $u16be (i32.add (local.get $pl) (i32.const 4))))
                        (f64.const 100))))
-            (local.set $o (call $f64 (local.get $o) (local.get $i) (i32.const 48) (i32.const 7)
+            (local.set $o (call $row (local.get $o) (local.get $i) (i32.const 2)
               (f64.div (f64.convert_i32_u (call $u16be (i32.add (local.get $pl) (i32.const 6))))
                        (f64.const 1000))))
             (local.set $count (i32.add (local.get $count) (i32.const 3))))
-          (else
-            (local.set $o (call $head (local.get $o) (local.get $i) (i32.const 4) (i32.const 64) (i32.const 7)))
+          (else  ;; not a TH-8 frame: one bad reading (NaN) for it
+            (local.set $o (call $row (local.get $o) (local.get $i) (i32.const 3) (f64.const nan)))
             (local.set $count (i32.add (local.get $count) (i32.const 1)))))
         (local.set $in (i32.add (local.get $pl) (local.get $plen)))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $next)))
-    (i32.store (local.get $out) (local.get $count))
+    (i32.store offset=4 (local.get $out) (local.get $count))
     (i64.or (i64.shl (i64.extend_i32_u (local.get $out)) (i64.const 32))
             (i64.extend_i32_u (i32.sub (local.get $o) (local.get $out))))))
