@@ -27,6 +27,7 @@ FLV_HEADER_LEN = 9
 TAG_HEADER_LEN = 11
 TAG_AUDIO, TAG_VIDEO, TAG_SCRIPT = 8, 9, 18
 MAX_TAG = 16 * 1024 * 1024
+MAX_GOP_TAGS = 4000  # ~2.5 min at 25 fps: longer GOPs are not cached (viewers wait)
 
 
 class FlvError(ValueError):
@@ -173,6 +174,8 @@ class FlvHub:
                 continue  # no keyframe yet in this run: nothing decodable to cache
             if not tag.sequence_header:
                 self.gop.append(tag)
+                if len(self.gop) > MAX_GOP_TAGS:  # a camera without keyframes: cache nothing
+                    self.gop = []
             self._fan_out(tag.encode())
 
     def _fan_out(self, chunk: bytes) -> None:
