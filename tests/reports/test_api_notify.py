@@ -100,6 +100,18 @@ async def test_api_run_download_and_alarm_notifications(tmp_path: Path) -> None:
                 api.engine.monitor.clear_alarm("t1", "overheat")
                 await _wait(lambda: _async(any(b["event"] == "alarm.resolved"
                                                for b in rec.bodies)))
+                # what was sent, with each channel's answer, through the API
+                async def settled() -> Any:
+                    r = await c.get("/api/v1/notifications", headers=viewer)
+                    assert r.status_code == 200, r.text
+                    return r if all(e["deliveries"] for e in r.json()["items"]) else None
+
+                r = await _wait(settled)
+                events = [e["event"] for e in r.json()["items"]]
+                assert events[:3] == ["resolved", "escalated", "raised"], events
+                assert all(d["status"] == "delivered"
+                           for e in r.json()["items"] for d in e["deliveries"])
+                assert r.json()["counts"]["escalated"] == 1
                 # a minor alarm does not match min_severity: major
                 n = len(rec.bodies)
                 api.engine.monitor.raise_alarm("t2", "dusty", "minor", "dust")

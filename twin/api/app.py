@@ -52,7 +52,9 @@ def create_app(engine: Engine, settings: ApiSettings | None = None) -> FastAPI:
         routes=routes,
         public=PUBLIC | set(video.SIGNED_PATHS),
         device_key=(f"{PREFIX}/ingest/", f"{PREFIX}/edge-link/"),
-        optional_markers=("/commands", "/scene", "/timeseries", "/reports", "/edge"),
+        optional_markers=(
+            "/commands", "/scene", "/timeseries", "/reports", "/notifications", "/edge"
+        ),
         text_paths=("/metrics",),
         document_bodies={
             (f"{PREFIX}/devices", "post"): "Device",

@@ -15,7 +15,7 @@ timeseries queries, storage, retention
 commands   commands to devices, batches, the devices' HTTP long-poll
 scenes     scenes, running them, their traces
 cluster    the engines of a scale-out cluster and what each owns
-reports    reports: list, run now, past runs, download their files
+reports    reports: list, run now, past runs, download their files; recent notifications
 video      cameras: status, signed links, HLS, HTTP-FLV, snapshots, recordings, clips
 edge       edge nodes: their uplink (edge keys), link state
 ========== ===================================================================
@@ -60,6 +60,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     scenes.router,
     cluster.router,
     reports.router,
+    reports.notifications_router,
     video.router,
     edge.router,
 )

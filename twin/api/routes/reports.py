@@ -186,3 +186,41 @@ async def download(request: Request, p: Viewer, run_id: str, filename: str) -> R
         raise HTTPException(404, f"the file {filename!r} of run {run_id} is gone") from None
     return Response(data, media_type=str(art.get("media_type") or "application/octet-stream"),
                     headers={"Content-Disposition": attachment(filename)})
+
+
+notifications_router = APIRouter(prefix=f"{PREFIX}/notifications", tags=["reports"])
+
+
+class NotificationEntry(BaseModel):
+    rule: str
+    event: str  # raised | escalated | resolved | suppressed | throttled
+    at: float
+    alarms: list[dict[str, Any]]
+    deliveries: list[Delivery]
+
+
+class NotificationList(BaseModel):
+    items: list[NotificationEntry]
+    counts: dict[str, int]
+
+
+@notifications_router.get("")
+async def recent_notifications(request: Request, p: Viewer, limit: Limit = 50
+                               ) -> NotificationList:
+    """The latest notification messages of this engine (newest first, in memory: the last
+    200), each with what every channel answered: retries and failures are visible here."""
+    svc = _service(request)
+    notifier = svc.notifier
+    if notifier is None:
+        raise HTTPException(503, "notifications are not running on this engine")
+    rules = notifier.rules
+    items = []
+    for entry in reversed(notifier.recent):
+        rule = rules.get(str(entry["rule"]))
+        site = rule.site if rule is not None else None
+        if not policy.allows(p, policy.READ, old=policy.Target.of("NotificationRule", site)):
+            continue
+        items.append(NotificationEntry.model_validate(entry))
+        if len(items) >= limit:
+            break
+    return NotificationList(items=items, counts=dict(notifier.counts))
