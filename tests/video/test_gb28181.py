@@ -244,11 +244,19 @@ async def test_sipp_device_registers_catalog_keepalive_live_view_bye(
         for k, v in src.options.items():
             argv += [f"-{k}", str(v)]
         argv += ["-i", src.url, "-an", "-frames:v", "20", "-f", "framemd5", "-"]
-        proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                      check=False)
-        assert proc.returncode == 0, proc.stderr.decode()[-400:]
-        frames = [ln for ln in proc.stdout.decode().splitlines() if not ln.startswith("#")]
-        assert len(frames) == 20  # decoded video from sipp's RTP
+        procs: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def view() -> None:
+            procs.append(await trio.run_process(argv, capture_stdout=True,
+                                                capture_stderr=True, check=False))
+
+        async with trio.open_nursery() as nursery:  # two viewers at once: one INVITE
+            nursery.start_soon(view)
+            nursery.start_soon(view)
+        for proc in procs:
+            assert proc.returncode == 0, proc.stderr.decode()[-400:]
+            frames = [ln for ln in proc.stdout.decode().splitlines() if not ln.startswith("#")]
+            assert len(frames) == 20  # decoded video from sipp's RTP
         assert server.stats.invites == 1
         session = next(iter(server.sessions.values()))
         assert session.depack.received > 0 and session.ps.keyframes >= 1

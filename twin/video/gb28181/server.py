@@ -62,6 +62,8 @@ class Gb28181Config:
     block_for: float = 10.0
     invite_timeout: float = 10.0
     linger: float = 3.0
+    max_devices: int = 100_000
+    """Registrations beyond this are refused (503): memory stays bounded."""
     auto_catalog: bool = True
     discovered_file: Path | None = None
     """Where channels learnt from Catalog responses are written as Device YAML proposals."""
@@ -246,6 +248,7 @@ class Feed:
         self.port = 0
         self.last_error: str | None = None
         self.session: Session | None = None
+        self.lock = trio.Lock()  # readers connecting together share one INVITE
 
     @property
     def url(self) -> str:
@@ -441,6 +444,10 @@ class Gb28181Server:
             self.stats.malformed += 1
             log.info("gb28181: bad %s from %s:%d: %s", msg.method, *addr, exc)
             reply = msg.response(400, "Bad Request", to_tag=sip.new_tag())
+        except Exception:  # a bug met by one peer's request: that request fails, not the server
+            self.stats.malformed += 1
+            log.exception("gb28181: %s from %s:%d failed", msg.method, *addr)
+            reply = msg.response(500, "Server Internal Error", to_tag=sip.new_tag())
         if reply is not None:
             await self._reply(reply, transport, addr, peer)
 
@@ -449,8 +456,8 @@ class Gb28181Server:
         nonce = secrets.token_hex(16)
         now = time.monotonic()
         self._nonces[nonce] = now
-        if len(self._nonces) > 10_000:
-            self._nonces = {n: t for n, t in self._nonces.items() if now - t < 300}
+        if len(self._nonces) > 10_000:  # bounded: keep the newest half
+            self._nonces = dict(list(self._nonces.items())[-5_000:])
         value = f'Digest realm="{self.config.realm}", nonce="{nonce}", algorithm=MD5'
         if stale:
             value += ", stale=true"
@@ -498,6 +505,10 @@ class Gb28181Server:
         else:
             dev = self.devices.get(device_id)
             fresh = dev is None or not dev.online
+            if dev is None and len(self.devices) >= self.config.max_devices:
+                log.warning("gb28181: device %s refused: %d devices registered already",
+                            device_id, len(self.devices))
+                return msg.response(503, "Service Unavailable", to_tag=sip.new_tag())
             if dev is None:
                 dev = self.devices[device_id] = GbDevice(
                     device_id, transport, addr, contact, now + expires, now, registered_at=now)
@@ -825,15 +836,16 @@ class Gb28181Server:
 
     async def _feed_reader(self, feed: Feed, stream: trio.SocketStream) -> None:
         async with stream:
-            session = feed.session
-            if session is None or session.ended.is_set():
-                try:
-                    session = await self._nursery_start(feed)
-                except BindingError as exc:
-                    feed.last_error = str(exc)
-                    log.warning("gb28181: %s", exc)
-                    return
-                feed.session = session
+            async with feed.lock:
+                session = feed.session
+                if session is None or session.ended.is_set():
+                    try:
+                        session = await self._nursery_start(feed)
+                    except BindingError as exc:
+                        feed.last_error = str(exc)
+                        log.warning("gb28181: %s", exc)
+                        return
+                    feed.session = session
             feed.last_error = None
             send, recv = trio.open_memory_channel[bytes](512 + 4096)
             reader = _Reader(send)
