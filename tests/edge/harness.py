@@ -84,10 +84,11 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "TWIN_SECRETS_FILE": "/nonexistent"}
 
 
-def twin(state: Path, *args: str) -> str:
+def twin(state: Path, *args: str, env: dict[str, str] | None = None) -> str:
     """Run one CLI command against ``state``; its stdout."""
     out = subprocess.run([sys.executable, "-m", "twin.cli", "--state-dir", str(state), *args],
-                         capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+                         capture_output=True, text=True, env={**_env(), **(env or {})},
+                         timeout=120)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"twin {' '.join(args)}: {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out.stdout

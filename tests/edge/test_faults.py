@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from .harness import Producer, Rig, account, rig
+from .harness import Producer, Rig, account, rig, twin
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,23 @@ async def _scenario(tmp: Path, fault, seconds: float = 6.0, **kw) -> tuple[Rig, 
 
 
 async def test_link_cut_under_load(tmp_path: Path) -> None:
+    shown: list[str] = []
+
     async def fault(r: Rig, prod: Producer) -> None:
         await trio.sleep(1.5)
         r.proxy.cut()
         await trio.sleep(2.0)
+        shown.append(await trio.to_thread.run_sync(_status, r))  # buffering, cloud says...
         r.proxy.heal()
 
     _, _, acc = await _scenario(tmp_path, fault)
     _exact(acc)
+    assert "gw-t" in shown[0] and "revision" in shown[0]
+
+
+def _status(r: Rig) -> str:
+    return twin(r.cloud_state, "edge-status", "--server", r.cloud_url,
+                env={"TWIN_TOKEN": r.token, "COLUMNS": "200"})
 
 
 async def test_blackhole_no_rst(tmp_path: Path) -> None:

@@ -155,9 +155,49 @@ def edge_key(name: Annotated[str, typer.Argument(help="EdgeNode name.")]) -> Non
     typer.echo(secret)
 
 
+def edge_status(
+    server: Annotated[str | None, typer.Option("--server", envvar="TWIN_SERVER",
+                                               help="The cloud engine's API URL.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Link state of every edge node, from the cloud engine: online, the revision it runs,
+    lag, outbox depth, records dropped by its overflow policy, last sync."""
+    import json
+    import time
+
+    from twin.cli.control_cmds import _api
+
+    items = _api(server, "GET", "/edges").get("items") or []
+    if as_json:
+        typer.echo(json.dumps(items, indent=2))
+        return
+    from rich.table import Table
+
+    from twin.cli import output
+
+    if not items:
+        output.console.print("no edge nodes (kind: EdgeNode) on this engine")
+        return
+    table = Table("edge", "link", "revision", "acked seq", "outbox", "lag", "dropped",
+                  "duplicates", "last sync")  # fmt: skip
+    now = time.time()
+    for e in items:
+        lag = e.get("lag_s")
+        last = e.get("last_sync")
+        table.add_row(
+            e["name"], "online" if e["online"] else "[red]offline[/red]",
+            str(e.get("revision") or "-"), str(e.get("acked")), str(e.get("outbox_depth")),
+            "-" if lag is None else f"{lag:.1f}s",
+            str(sum((e.get("dropped_at_edge") or {}).values())), str(e.get("duplicates")),
+            "never" if last is None else f"{now - last:.1f}s ago",
+        )  # fmt: skip
+    output.console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     app.command("edge")(edge)
     app.command("edge-key")(edge_key)
+    app.command("edge-status")(edge_status)
 
 
 __all__ = ["register"]
