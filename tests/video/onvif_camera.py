@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import hashlib
 import os
 import socket
@@ -82,6 +83,8 @@ class FakeOnvifCamera:
     ptz: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     presets: dict[str, str] = field(default_factory=lambda: {"1": "home"})
     events: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    clock_offset: float = 0.0
+    """The camera's clock minus the real one (s): WS-Security tokens must be stamped in it."""
     auth_failures: int = 0
     probes: int = 0
     endpoint: str = field(default_factory=lambda: f"urn:uuid:{uuid.uuid4()}")
@@ -240,6 +243,14 @@ class FakeOnvifCamera:
         created = token.findtext("wsu:Created", namespaces=NS) or ""
         if user != self.username or password is None:
             return False
+        try:  # a token not created within a minute of the camera's clock is refused
+            stamp = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
+        except ValueError:
+            return False
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=datetime.UTC)
+        if abs(stamp.timestamp() - (time.time() + self.clock_offset)) > 60:
+            return False
         if (password.get("Type") or "").endswith("#PasswordDigest"):
             digest = base64.b64encode(hashlib.sha1(
                 base64.b64decode(nonce) + created.encode() + self.password.encode()
@@ -281,7 +292,7 @@ class FakeOnvifCamera:
         return (found.text or "") if found is not None else ""
 
     def op_GetSystemDateAndTime(self, req: Any) -> str:
-        t = time.gmtime()
+        t = time.gmtime(time.time() + self.clock_offset)
         return ("<tds:GetSystemDateAndTimeResponse><tds:SystemDateAndTime>"
                 "<tt:DateTimeType>NTP</tt:DateTimeType><tt:DaylightSavings>false"
                 "</tt:DaylightSavings><tt:UTCDateTime><tt:Time>"

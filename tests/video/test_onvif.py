@@ -216,3 +216,14 @@ def test_cli_discover_writes_valid_device_yaml(camera: FakeOnvifCamera, tmp_path
     assert proc.returncode == 1
     assert "no ONVIF camera answered" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_ws_security_in_the_camera_clock(rtsp_url: str) -> None:
+    """A camera whose clock is 2 h ahead refuses tokens stamped in ours: the client asks its
+    time first (GetSystemDateAndTime) and stamps in the camera's clock."""
+    with FakeOnvifCamera(auth="wsse", stream_uri=rtsp_url, clock_offset=7200.0) as cam:
+        src = await sources.resolve_source(_device(cam), "onvif",
+                                           _Secrets(**{"cams/gate": "secret"}))
+        assert src.display == rtsp_url
+        assert cam.calls[0] == "GetSystemDateAndTime" and cam.auth_failures == 0
+

@@ -17,9 +17,11 @@ once per process and shared by every camera.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,13 @@ from urllib.parse import urlsplit
 
 import trio
 
-from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
+from twin.errors import (
+    BindingConnectError,
+    BindingError,
+    BindingTimeout,
+    CommandError,
+    TwinError,
+)
 from twin.video.sources import (
     SecretLookup,
     StreamSource,
@@ -127,7 +135,9 @@ class OnvifCamera:
             wsse = None
             if self.username:
                 session.auth = HTTPDigestAuth(self.username, self.password or "")
-                wsse = UsernameToken(self.username, self.password or "", use_digest=True)
+                wsse = _camera_clock_token(UsernameToken)(self.username, self.password or "",
+                                                          use_digest=True)
+                wsse.camera = self
             transport = Transport(session=session, timeout=self.timeout,
                                   operation_timeout=self.timeout)
             client = Client(_document(filename), wsse=wsse, transport=transport,
@@ -163,11 +173,33 @@ class OnvifCamera:
             if addr:
                 self._xaddrs[kind] = str(addr)
 
+    clock_offset: float | None = None
+    """Camera clock minus ours (s), from ``GetSystemDateAndTime``: WS-Security ``Created``
+    times are stamped in the camera's clock (cameras refuse tokens off by minutes)."""
+
+    def sync_clock(self) -> float:
+        if self.clock_offset is None:
+            self.clock_offset = 0.0  # also if the camera will not say: try our own clock
+            try:
+                got = self.call("device", "GetSystemDateAndTime")
+                utc = got.UTCDateTime
+                camera = datetime.datetime(int(utc.Date.Year), int(utc.Date.Month),
+                                           int(utc.Date.Day), int(utc.Time.Hour),
+                                           int(utc.Time.Minute), int(utc.Time.Second),
+                                           tzinfo=datetime.UTC).timestamp()
+                self.clock_offset = camera - time.time()
+            except (TwinError, AttributeError, TypeError, ValueError) as exc:
+                log.info("ONVIF %s:%d: no camera time (%s): using ours", self.host, self.port,
+                         exc)
+        return self.clock_offset
+
     def call(self, kind: str, operation: str, _xaddr: str | None = None, **kwargs: Any) -> Any:
         """One SOAP call; library errors mapped to :class:`OnvifError` at this boundary."""
         import requests
         import zeep.exceptions
 
+        if self.clock_offset is None and self.username and operation != "GetSystemDateAndTime":
+            self.sync_clock()
         try:
             return getattr(self.service(kind, _xaddr), operation)(**kwargs)
         except zeep.exceptions.Fault as exc:
@@ -284,6 +316,26 @@ class OnvifCamera:
 
     def unsubscribe(self, pullpoint: str) -> None:
         self.call("pullpoint", "Unsubscribe", _xaddr=pullpoint)
+
+
+_token_classes: dict[type, type] = {}
+
+
+def _camera_clock_token(base: type) -> Any:
+    """zeep's UsernameToken stamping ``Created`` in the camera's clock (see ``sync_clock``)."""
+    cls = _token_classes.get(base)
+    if cls is None:
+        class CameraClockToken(base):
+            camera: OnvifCamera | None = None
+
+            def _create_password_digest(self) -> Any:
+                offset = self.camera.clock_offset if self.camera is not None else None
+                self.created = datetime.datetime.now(datetime.UTC).replace(tzinfo=None) + \
+                    datetime.timedelta(seconds=offset or 0.0)
+                return super()._create_password_digest()
+
+        cls = _token_classes[base] = CameraClockToken
+    return cls
 
 
 def _notification(msg: Any) -> dict[str, Any]:
