@@ -498,3 +498,19 @@ async def test_backfill_after_an_engine_restart_starts_at_the_last_stored_value(
                 await trio.sleep(0.2)
         assert min(t for t in ts if t > last) - last < 0.5  # no hole after the last stored value
     reg.close()
+
+
+async def test_deadband_filters_small_changes(peer: Peer) -> None:
+    """An absolute deadband wider than the variable's swing: the server sends the first value
+    only, while a point without deadband keeps changing."""
+    opts = options(peer.endpoint, points={
+        "temperature": {"node": "ns=2;s=Boiler.Temperature", "deadband": 1000},
+        "counter": {"node": "ns=2;s=Boiler.Counter"},
+    })
+    b = OpcUaBinding("boiler", opts)
+    await b.connect()
+    try:
+        msgs = await collect(b, lambda g: len(readings(g, "counter")) >= 10)
+    finally:
+        await b.close()
+    assert len(readings(msgs, "temperature")) == 1
