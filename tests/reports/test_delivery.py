@@ -96,7 +96,7 @@ async def test_unreachable_smtp_retries_then_fails_visibly(site: Path, store: An
             {"type": "folder", "path": str(tmp_path / "out")},
         ])
         run = await runner.run(doc, specs, period_of(doc, specs, DAY, 0), trigger="test")
-        assert run.status == "partial"
+        assert run.status == "partial"  # the folder got the files
         email = next(d for d in run.deliveries if d["channel"] == "email")
         assert email["status"] == "failed" and email["attempts"] == 3
         assert f"127.0.0.1:{port}" in email["error"] and "Connection refused" in email["error"]
@@ -108,6 +108,13 @@ async def test_unreachable_smtp_retries_then_fails_visibly(site: Path, store: An
         assert len(list((tmp_path / "out").iterdir())) == 2
         stored = reg.report_runs("daily-zh")
         assert stored[0].id == run.id and stored[0].status == "partial"
+        # e-mail the only channel: the run fails, with the reason; the files are still kept
+        doc["spec"]["delivery"] = doc["spec"]["delivery"][:1]
+        doc["spec"]["formats"] = ["csv"]
+        run = await runner.run(doc, specs, period_of(doc, specs, DAY, 0), trigger="test")
+        assert run.status == "failed" and run.error is not None
+        assert "Connection refused" in run.error and run.deliveries[0]["attempts"] == 3
+        assert (await trio.Path(run.artifacts[0]["path"]).read_bytes()).startswith(b"PK")
     finally:
         reg.close()
 
@@ -145,7 +152,7 @@ async def test_wrong_smtp_password_fails_at_once(site: Path, store: Any, tmp_pat
         ])
         doc["spec"]["formats"] = ["csv"]
         run = await runner.run(doc, specs, period_of(doc, specs, DAY, 0), trigger="test")
-        assert run.status == "partial"
+        assert run.status == "failed"
         (d,) = run.deliveries
         assert d["attempts"] == 1 and "refused the login (535)" in d["error"], d
         assert smtp.messages == [] and smtp.logins == []

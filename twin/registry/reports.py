@@ -1,8 +1,8 @@
 """Report runs: one row per run of a report (``twin report run --deliver``, the API, the
 engine's schedule), with its status, the files it produced and each delivery's outcome.
 
-Status: ``running`` → ``success`` | ``partial`` (files produced, a delivery failed after its
-retries) | ``failed`` (no files: the reason in ``error``). The files themselves live in the
+Status: ``running`` → ``success`` | ``partial`` (files produced, some delivery failed after
+its retries) | ``failed`` (no files, or every delivery failed: the reason in ``error``). The files themselves live in the
 state directory (``reports/<run id>/``); the row names them.
 """
 

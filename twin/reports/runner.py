@@ -1,7 +1,8 @@
 """One run of a report: record it, gather and render (in a worker thread), keep the files in
 the state directory, deliver them through every channel (each retried on its own), and record
-the outcome — ``success``, ``partial`` (files made, a delivery failed after its retries: the
-files stay downloadable, nothing is lost) or ``failed`` (with the reason).
+the outcome — ``success``, ``partial`` (files made, some delivery failed after its retries) or
+``failed`` (no file could be made, or every delivery failed; ``error`` says why). The files of
+a run are kept in any case (downloadable; nothing is lost).
 """
 
 from __future__ import annotations
@@ -144,9 +145,11 @@ class ReportRunner:
                 nursery.start_soon(one, i, channel)
         outcomes.sort(key=lambda o: o["index"])
         failed = [o for o in outcomes if o["status"] != "delivered"]
+        status = "success"
+        if failed:  # the files are kept either way: downloadable, nothing lost
+            status = "failed" if len(failed) == len(outcomes) else "partial"
         run = replace(
-            run, deliveries=tuple(outcomes), finished_at=time.time(),
-            status="partial" if failed else "success",
+            run, deliveries=tuple(outcomes), finished_at=time.time(), status=status,
             error="; ".join(f"{o['target']}: {o['error']}" for o in failed) or None,
         )
         await self._save(run)
