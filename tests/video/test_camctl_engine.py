@@ -17,6 +17,7 @@ from tests.video import gb_device
 from tests.video.onvif_camera import FakeOnvifCamera
 from tests.video.test_gb28181 import CHAN, DEV, Device
 from tests.video.test_onvif import HERE, _jpeg
+from twin.cli.discover_cmds import discover_onvif
 from twin.control.service import ControlService
 from twin.registry.base import Registry
 from twin.runtime.bus import Filter
@@ -47,11 +48,17 @@ async def test_onvif_camera_live_and_ptz_through_the_ledger(
         registry: Registry, tmp_path: Path, rtsp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TWIN_SECRET_CAMS_GATE", "secret")
-    with FakeOnvifCamera(auth="digest", stream_uri=rtsp_url, snapshot=_jpeg()) as cam:
-        apply(registry, site(), camera_model(), camera("gate", {"onvif": {
-            "host": "127.0.0.1", "port": cam.port, "username": "admin",
-            "password": {"secret": "cams/gate"}, "health_interval": "0.5s",
-            "stall_timeout": "6s"}}))
+    with FakeOnvifCamera(auth="digest", stream_uri=rtsp_url, snapshot=_jpeg(),
+                         name="gate") as cam:
+        # discover (unicast WS-Discovery probe) -> Device YAML -> applied (+ a model, which
+        # discovery cannot know, and faster health reports for the test)
+        docs, warnings = await discover_onvif([("127.0.0.1", cam.discovery_port)], 1.0,
+                                              "admin", "secret", "cams/gate", "plant-a", "")
+        assert not warnings and [d["metadata"]["name"] for d in docs] == ["gate"]
+        doc = docs[0]
+        doc["spec"]["model"] = "cam-model"
+        doc["spec"]["binding"]["onvif"].update(health_interval="0.5s", stall_timeout="6s")
+        apply(registry, site(), camera_model(), doc)
         control = ControlService(reconcile_interval=0.5)
         events = OnvifEventsService(poll=0.5, wait_s=1.0)
         config = fast_config(state_dir=tmp_path / "state")
