@@ -68,3 +68,27 @@ async def test_substream_rendition_is_written(tmp_path: Path) -> None:
                 await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
     assert pipeline.snapshot is not None  # one rendition more, the rest as before
+
+
+async def test_snapshot_url_of_the_camera(tmp_path: Path) -> None:
+    import http.server
+    import threading
+    from functools import partial
+
+    from twin.bindings.video import fetch_jpeg
+
+    (tmp_path / "snap.jpg").write_bytes(b"\xff\xd8" + b"\0" * 100 + b"\xff\xd9")
+    (tmp_path / "page.html").write_text("<html>not a picture</html>")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        got = await fetch_jpeg(f"{base}/snap.jpg", 5)
+        assert got is not None and got.startswith(b"\xff\xd8")
+        assert await fetch_jpeg(f"{base}/page.html", 5) is None
+        assert await fetch_jpeg(f"{base}/missing.jpg", 5) is None
+        assert await fetch_jpeg(f"http://127.0.0.1:{free_port()}/x.jpg", 5) is None
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
