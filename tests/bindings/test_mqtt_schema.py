@@ -51,8 +51,9 @@ spec:
 
 
 def _site(tmp_path: Path, devices: str) -> Path:
-    for name in ("site.yaml", "models.yaml"):
+    for name in ("site.yaml", "models.yaml", "plugins.yaml"):  # a model names a plugin
         shutil.copy(DEMO / name, tmp_path / name)
+    shutil.copytree(DEMO / "plugins", tmp_path / "plugins")
     (tmp_path / "devices.yaml").write_text(devices)
     return tmp_path
 

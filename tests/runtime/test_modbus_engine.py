@@ -111,3 +111,28 @@ async def test_simulated_plc_polled_written_and_commanded(tmp_path: Path) -> Non
     finally:
         reg.close()
     assert not aio.DEFAULT.running  # the engine stopped the asyncio loop with it
+
+
+async def test_a_simulator_whose_port_is_taken_is_one_log_line(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Another program holds the simulated PLC's port: the engine starts anyway, the simulator
+    logs why it is not running, and the device is simply unreachable."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    site_dir = tmp_path / "site"
+    (site_dir / "simulators").mkdir(parents=True)
+    (site_dir / "simulators" / "modbus.yaml").write_text(SIM, encoding="utf-8")
+    reg = open_registry(None, tmp_path / "state")
+    apply(reg, *docs(port))
+    sims = ModbusSimulatorService(site_dir)
+    try:
+        async with running_engine(reg, fast_config(state_dir=tmp_path / "state"),
+                                  [ControlService(), sims]) as engine:
+            assert engine.service_info["modbus-simulators"]["devices"] == []
+            assert engine.twin("boiler_01") is not None  # the device task runs (unreachable)
+        assert any("not started" in r.getMessage() and str(port) in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        holder.close()
+        reg.close()

@@ -79,8 +79,22 @@ class ModbusSimulatorService:
                 label = f"modbus-sim-{host}:{port}"
                 for u in units:
                     self.sims[u.device] = sim
-                # listening before the engine starts the devices that poll it
-                await nursery.start(partial(supervise, sim.run, kind="simulator", name=label,
-                                            supervision=engine.supervision, restart_on_return=True,
-                                            with_status=True))
+                # listening before the engine starts the devices that poll it; a simulator that
+                # cannot listen (the port is taken) is one log line, never the engine's end: its
+                # devices show offline like any unreachable PLC
+                try:
+                    await nursery.start(partial(supervise, sim.run, kind="simulator", name=label,
+                                                supervision=engine.supervision,
+                                                restart_on_return=True, with_status=True))
+                except Exception as exc:  # OSError: address in use, or the server's own error
+                    leaf: BaseException = exc
+                    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                        leaf = leaf.exceptions[0]
+                    log.error(
+                        "modbus simulator %s:%d (%s) not started: %s; its devices stay offline "
+                        "(hint: free the port or change the binding's port in the site)",
+                        host, port, ", ".join(u.device for u in units), leaf,
+                    )
+                    for u in units:
+                        self.sims.pop(u.device, None)
             task_status.started({"devices": sorted(self.sims)})
