@@ -176,7 +176,8 @@ class FlvHub:
                 self.gop.append(tag)
                 if len(self.gop) > MAX_GOP_TAGS:  # a camera without keyframes: cache nothing
                     self.gop = []
-            self._fan_out(tag.encode())
+            if self.viewers:  # nobody watching: only the cache is kept
+                self._fan_out(tag.encode())
 
     def _fan_out(self, chunk: bytes) -> None:
         for viewer in list(self.viewers):
