@@ -175,8 +175,9 @@ class Device:
     """sipp as a GB28181 device (tests/video/sipp/gb_device*.xml)."""
 
     def __init__(self, server: Gb28181Server, tmp_path: Path, pcap: Path, *,
-                 password: str = "pw-28181", keepalives: int = 30, tcp: bool = False) -> None:
-        uas = (HERE / "sipp" / "gb_device_uas.xml").read_text().replace("@PCAP@", str(pcap))
+                 password: str = "pw-28181", keepalives: int = 30, tcp: bool = False,
+                 uas_file: str = "gb_device_uas.xml") -> None:
+        uas = (HERE / "sipp" / uas_file).read_text().replace("@PCAP@", str(pcap))
         (tmp_path / "uas.xml").write_text(uas)
         self.port = free_port()
         self.argv = [
@@ -396,4 +397,17 @@ async def test_sip_over_tcp_register_keepalive_catalog_ptz(server: Gb28181Server
         for cmd in ("A50F010180000036", "A50F0100000000B5", "A50F01820003003A"):
             assert f"<PTZCmd>{cmd}</PTZCmd>" in log  # what the device received
         assert server.stats.malformed == 0
+
+
+async def test_refused_invite_closes_the_feed_with_the_reason(server: Gb28181Server,
+                                                             tmp_path: Path, pcap: Path) -> None:
+    async with Device(server, tmp_path, pcap, uas_file="gb_device_busy.xml"):
+        await wait_for(lambda: DEV in server.devices, "REGISTER")
+        feed = await server.open_feed(DEV, CHAN, "udp")
+        stream = await trio.open_tcp_stream("127.0.0.1", feed.port)
+        with trio.fail_after(20):
+            assert await stream.receive_some() == b""  # closed: ffmpeg ends, is restarted
+        await stream.aclose()
+        assert feed.last_error is not None and "486 Busy Here" in feed.last_error
+        assert not server.sessions and server.devices[DEV].online
 

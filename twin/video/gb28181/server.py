@@ -24,6 +24,7 @@ a TCP connection is closed. Nothing a peer sends can end the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import socket
@@ -289,8 +290,14 @@ class Gb28181Server:
             raise BindingConnectError(f"gb28181: cannot bind UDP {cfg.host}:{cfg.port}: {exc}"
                                       ) from exc
         self.udp_port = udp.getsockname()[1]
-        listeners = await trio.open_tcp_listeners(cfg.port if cfg.port else self.udp_port,
-                                                  host=cfg.host)
+        try:  # TCP on the same port number as UDP (devices are configured with one)
+            listeners = await trio.open_tcp_listeners(self.udp_port, host=cfg.host)
+        except OSError as exc:
+            if cfg.port:
+                udp.close()
+                raise BindingConnectError(f"gb28181: cannot listen on TCP {cfg.host}:{cfg.port}: "
+                                          f"{exc}") from exc
+            listeners = await trio.open_tcp_listeners(0, host=cfg.host)  # port 0: any free one
         self.tcp_port = listeners[0].socket.getsockname()[1]
         self._udp = udp
         try:
@@ -773,6 +780,13 @@ class Gb28181Server:
                              self._sdp(session, session.rtp_port))
         session.invited_at = time.monotonic()
         resp = await self._transaction(dev, req, self.config.invite_timeout)
+        if resp.status >= 300:  # a failure is ACKed too (RFC 3261 17.1.1.3), in its transaction
+            ack = sip.SipMessage(f"ACK {target} SIP/2.0", [
+                (k, v) for k, v in req.headers if k.lower() in ("via", "from", "call-id",
+                                                                "max-forwards")]
+                + [("To", resp.header("to") or to), ("CSeq", f"{session.cseq} ACK")])
+            with contextlib.suppress(BindingConnectError):
+                await self._send(ack.encode(), dev.transport, dev.addr, dev.conn)
         if resp.status != 200:
             raise BindingConnectError(f"gb28181 device {dev.id}: INVITE of channel "
                                       f"{session.channel} refused ({resp.start[8:]})")
