@@ -197,5 +197,10 @@ async def test_http_push_device_with_codec_and_transform(tmp_path: Path) -> None
         assert twin is not None
         await eventually(lambda: "payload" in twin.reported)
         assert twin.reported["payload"].quality == Quality.BAD
+        async with api.client("viewer") as c:  # status per plugin
+            rows = {r["name"]: r for r in (await c.get("/api/v1/plugins")).json()}
+        assert rows["acme"]["kind"] == "wasm" and rows["acme"]["items"] >= 5
+        assert rows["evil"]["failures"]["fuel"] >= 1 and rows["evil"]["last_error"]
+        assert rows["derive"]["kind"] == "starlark" and rows["derive"]["calls"] >= 1
         nursery.cancel_scope.cancel()
     api.registry.close()

@@ -173,3 +173,21 @@ def test_plugin_build_rebuilds_the_demo_codec(tmp_path: Path, env: dict[str, str
     bad.write_text("(module (func (export \"f\") (i32.add)))")
     res = cli(env, "plugin", "build", str(bad), code=1)
     assert "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_malformed_documents_do_not_break_the_plugin_checks() -> None:
+    """Documents that failed their schema are still checked for references: any shape."""
+    from twin.spec import validate_specs
+
+    docs = [
+        {"apiVersion": "flux.iot/v1", "kind": "Device", "metadata": {"name": "d"}, "spec": []},
+        {"apiVersion": "flux.iot/v1", "kind": "DeviceModel", "metadata": {"name": "m"}, "spec": "x"},
+        {"apiVersion": "flux.iot/v1", "kind": "Plugin", "metadata": {"name": "p"}, "spec": [1]},
+        {"apiVersion": "flux.iot/v1", "kind": "Device", "metadata": {"name": "e"},
+         "spec": {"type": "sensor", "binding": {"mqtt": {"codec": "p"}}, "transform": "p"}},
+        {"apiVersion": "flux.iot/v1", "kind": "Scene", "metadata": {"name": "s"},
+         "spec": {"triggers": [{"type": "manual"}], "actions": [{"type": "plugin", "plugin": "p"}]}},
+    ]
+    with pytest.raises(SpecError) as err:
+        validate_specs(docs)
+    assert all(p.message for p in err.value.problems)

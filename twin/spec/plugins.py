@@ -126,7 +126,7 @@ def plugin_problems(loaded: LoadedSpecs) -> list[Problem]:
     for doc in plugins.values():
         if doc.key in loaded.invalid:
             continue
-        spec = doc.body.get("spec") or {}
+        spec = _mapping(doc.body.get("spec"))
         field = module_kind(spec)
         try:
             data = module_bytes(spec)
@@ -148,14 +148,14 @@ def plugin_problems(loaded: LoadedSpecs) -> list[Problem]:
             problems.append(doc.problem(path, f"unknown Plugin {name!r}",
                                         f"define a kind: Plugin named {name!r} with role: {role}"))
             return
-        got = (target.body.get("spec") or {}).get("role")
+        got = _mapping(target.body.get("spec")).get("role")
         if got != role:
             problems.append(doc.problem(path, f"Plugin {name!r} has role {got!r}, not {role!r}"))
 
     for doc in loaded.of_kind("DeviceModel").values():
-        ref(doc, ("spec", "transform"), (doc.body.get("spec") or {}).get("transform"), "transform")
+        ref(doc, ("spec", "transform"), _mapping(doc.body.get("spec")).get("transform"), "transform")
     for doc in loaded.of_kind("Device").values():
-        spec = doc.body.get("spec") or {}
+        spec = _mapping(doc.body.get("spec"))
         ref(doc, ("spec", "transform"), spec.get("transform"), "transform")
         binding = spec.get("binding")
         if isinstance(binding, Mapping):
@@ -163,6 +163,12 @@ def plugin_problems(loaded: LoadedSpecs) -> list[Problem]:
                 if isinstance(opts, Mapping) and "codec" in opts:
                     ref(doc, ("spec", "binding", proto, "codec"), opts["codec"], "codec")
     return problems
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    """``value`` if it is a mapping, else empty (documents that failed their schema are
+    still checked for references, and may hold anything)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 def check_module(field: str, data: bytes, spec: Mapping[str, Any]) -> str | None:

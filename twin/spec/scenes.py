@@ -154,8 +154,8 @@ class _Checker:
             target = self.plugins.get(name)
             if target is None:
                 self.add((*path, "plugin"), f"unknown Plugin {name!r}", _hint(name, list(self.plugins)))
-            elif (target.body.get("spec") or {}).get("role") != role:
-                got = (target.body.get("spec") or {}).get("role")
+            elif not isinstance(target.body.get("spec"), dict) or target.body["spec"].get("role") != role:
+                got = target.body["spec"].get("role") if isinstance(target.body.get("spec"), dict) else None
                 self.add((*path, "plugin"), f"Plugin {name!r} has role {got!r}, not {role!r}")
         inputs = node.get("inputs")
         if isinstance(inputs, dict):

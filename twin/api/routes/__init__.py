@@ -18,6 +18,7 @@ cluster    the engines of a scale-out cluster and what each owns
 reports    reports: list, run now, past runs, download their files; recent notifications
 video      cameras: status, signed links, HLS, HTTP-FLV, snapshots, recordings, clips
 edge       edge nodes: their uplink (edge keys), link state
+plugins    loaded plugins, refused modules, their counters
 ========== ===================================================================
 """
 
@@ -35,6 +36,7 @@ from twin.api.routes import (
     devices,
     edge,
     groups,
+    plugins,
     reports,
     scenes,
     specs,
@@ -63,6 +65,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     reports.notifications_router,
     video.router,
     edge.router,
+    plugins.router,
 )
 
 __all__ = ["ROUTERS"]
