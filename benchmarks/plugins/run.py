@@ -109,11 +109,33 @@ def bench_transform(host: PluginHost, seconds: float) -> None:
         host.transform("derive", rows[:1])
         done1 += 1
     wall1 = done1 / (time.perf_counter() - t0)
+    # peer: the same script in this process (no memory containment: a script allocating without
+    # bound would take the engine down), with the same JSON crossing and cancellation callback
+    import json
+
+    import starlark as sl
+
+    from twin.plugins.starlark_worker import SHIM, Budget
+
+    glb = sl.Globals.extended_by([sl.LibraryExtension.Json, sl.LibraryExtension.StructType])
+    mod = sl.Module()
+    sl.eval(mod, sl.parse("p.star", DERIVE_STAR.read_text() + SHIM % '"transform": transform'), glb)
+    frozen = mod.freeze()
+    text = json.dumps([{"point": p, "value": v, "ts": t} for p, v, t in rows])
+
+    def inproc() -> int:
+        opts = sl.EvalOptions(check_cancelled=Budget(10**9, 10.0).cancelled)
+        json.loads(frozen.call_with(opts, "flux_shim_call", "transform", text, {}).value)
+        return len(rows)
+
+    cpu_in, _ = measure(inproc, seconds)
     print("2. Starlark transform (dew point, batches of 1,000 readings, worker process)")
     print(f"   batches of 1,000 : {cpu:>12,.0f} readings/s per CPU s (host + worker; {n_out} out "
           f"per 1,000 in); wall {wall:,.0f}/s   goal >= 50,000")
     print(f"   one per call     : {wall1:>12,.0f} readings/s wall (batching x{wall / wall1:.0f}; "
           "a worker round trip per call)")
+    print(f"   peer: in-process starlark-pyo3, no memory cap: {cpu_in:,.0f} readings/s per CPU s "
+          f"(the worker costs {(1 - cpu / cpu_in) * 100:.0f} %)")
 
 
 def _ingest_round(good: Any, other: Any, msgs: list[Any], omsgs: list[Any], recvs: Any) -> int:

@@ -126,6 +126,17 @@ class PluginHost:
         self.on_alarm: AlarmHook | None = None
         self.on_clear: ClearHook | None = None
         self.prom: Any = None  # an object with plugin_call(name, outcome, items, micros)
+        self._users = 0  # engines running on this host (a process may run several)
+
+    def acquire(self) -> None:
+        """An engine starts using the host."""
+        self._users += 1
+
+    def release(self) -> None:
+        """An engine stopped: the last one closes the plugins (Starlark workers end)."""
+        self._users = max(0, self._users - 1)
+        if self._users == 0:
+            self.close()
 
     # -- loading -------------------------------------------------------------------------
     def sync(self, specs: Mapping[tuple[str, str], Mapping[str, Any]]) -> dict[str, str]:
@@ -140,7 +151,10 @@ class PluginHost:
                 continue
             try:
                 plugin = build(name, spec)
-            except PluginFailure as exc:
+            except Exception as exc:  # PluginFailure, or anything odd in a spec: refused, logged
+                if not isinstance(exc, PluginFailure):
+                    log.exception("plugin %s: loading failed", name)
+                    exc = PluginFailure("load", f"{type(exc).__name__}: {exc}")
                 errors[name] = str(exc)
                 self.load_errors[name] = str(exc)
                 log.error("plugin %s: refused the new module (%s); %s", name, exc,

@@ -377,6 +377,7 @@ class Engine:
     async def run(self, *, task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED) -> None:
         self.started_at = self.config.clock()
         self._token = trio.lowlevel.current_trio_token()
+        self.plugins.acquire()
         try:
             # the asyncio loop (pymodbus, asyncua, aiocoap) starts lazily and stops with us
             async with aio.lifetime(), trio.open_nursery() as nursery:
@@ -427,7 +428,7 @@ class Engine:
                 scope.shield = True
                 self.flush_metrics()
                 await self.writer.drain()
-                self.plugins.close()  # Starlark worker processes end with the engine
+                self.plugins.release()  # the last engine of the process ends the Starlark workers
 
 
 class EngineCoreError(TwinError):
