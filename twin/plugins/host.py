@@ -170,6 +170,15 @@ class PluginHost:
                 old.module.close()
         return errors
 
+    def changed(self, specs: Mapping[tuple[str, str], Mapping[str, Any]]) -> bool:
+        """Whether :meth:`sync` has anything to do for this spec set (cheap: no loading)."""
+        wanted = {name: doc.get("spec") or {} for (kind, name), doc in specs.items()
+                  if kind == "Plugin"}
+        if set(wanted) != set(self._fingerprints) | set(self.load_errors) or \
+                any(n not in wanted for n in self.plugins):
+            return True
+        return any(self._fingerprints.get(n) != _fingerprint(s) for n, s in wanted.items())
+
     def swap(self, plugin: Plugin) -> None:
         """Make ``plugin`` the one its name runs (atomic: a batch in flight keeps the old)."""
         old = self.plugins.get(plugin.name)

@@ -296,7 +296,8 @@ class Engine:
                 moved = frozenset(k[1] for k in runnable if k[0] == "Device" and k not in mine)
             # new/changed plugin modules are loaded first and swapped in atomically; one that
             # does not load is refused (logged, load_errors) and the old one keeps running
-            await trio.to_thread.run_sync(self.plugins.sync, specs)
+            if self.plugins.changed(specs):  # (through rio: tracked like a registry call)
+                await self.rio.call(self.plugins.sync, specs)
             changes = await self.controller.reconcile(mine, handover=moved)
             self._reconciled = head.number
             self._owned_version = owned
