@@ -27,6 +27,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import selectors
 import shutil
 import socket
 import struct
@@ -104,10 +105,13 @@ def generator(
     rate: float,
     window: int,
     out: Any,
+    ready: Any = None,
 ) -> None:
     """One load process: its devices round-robin, QoS 1 with ``window`` un-acked in flight per
     connection (PUBACKs are 4 bytes: counted, not parsed)."""
     conns = [device_conn(port, d, k) for d, k in devices]  # blocking sends, polled acks
+    if ready is not None:  # every process connected (key checks are slow): the load starts now
+        ready.wait()
     head = ("{" + ",".join(f'"p{i}":{i}.5' for i in range(points)) + ',"ts":').encode()
     topics = [f"flux/e2e/{d}/telemetry".encode() for d, _ in devices]
     inflight = [0] * len(conns)
@@ -116,10 +120,14 @@ def generator(
     pid = 0
     start = time.monotonic()
     end = start + seconds
+    sel = selectors.DefaultSelector()
+    for k, s in enumerate(conns):
+        sel.register(s, selectors.EVENT_READ, k)
     while True:
         now = time.monotonic()
         if now >= end:
             break
+        sent_before = sent
         # one pass: every connection gets what its window allows (one message each pass)
         for k, s in enumerate(conns):
             if rate and sent >= (time.monotonic() - start) * rate:
@@ -134,6 +142,10 @@ def generator(
             if qos:
                 inflight[k] += 1
         if qos:  # then collect the PUBACKs that arrived (4 bytes each: counted)
+            if sent == sent_before:
+                # every window is full: sleep until an ack arrives (polling here would burn
+                # the CPU the engine needs on a small machine, and measure that instead)
+                sel.select(min(0.05, max(0.0, end - time.monotonic())))
             for k, s in enumerate(conns):
                 try:
                     data = pending[k] + s.recv(65536, socket.MSG_DONTWAIT)
@@ -143,6 +155,7 @@ def generator(
                 pending[k] = data[n * 4 :]
                 inflight[k] -= n
                 acked += n
+    sel.close()
     # drain the acks still in flight (bounded)
     deadline = time.monotonic() + 10
     for k, s in enumerate(conns):
@@ -331,6 +344,25 @@ def main() -> None:
             time.sleep(0.2)
         s.close()
 
+    devs = sorted(keys.items())
+    devs = [(d, k) for d, k in devs if d != "probe"]
+    shares = [devs[i :: args.procs] for i in range(args.procs)]
+    q: Any = mp.Queue()
+    per_proc = args.rate / args.procs if args.rate else 0.0
+    ready = mp.Barrier(sum(1 for share in shares if share) + 1)
+    procs = [
+        mp.Process(
+            target=generator,
+            args=(port, share, args.points, args.qos, args.seconds, per_proc, args.window, q,
+                  ready),
+        )
+        for share in shares
+        if share
+    ]
+    w0 = written()
+    for p in procs:
+        p.start()
+    ready.wait()  # measured from when every device is connected
     spy = None
     if args.profile:
         if shutil.which("py-spy") is None:
@@ -341,24 +373,9 @@ def main() -> None:
              "--duration", str(int(args.seconds) + 1), "--nonblocking", "-o", str(spy_out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    devs = sorted(keys.items())
-    devs = [(d, k) for d, k in devs if d != "probe"]
-    shares = [devs[i :: args.procs] for i in range(args.procs)]
-    q: Any = mp.Queue()
-    per_proc = args.rate / args.procs if args.rate else 0.0
-    procs = [
-        mp.Process(
-            target=generator,
-            args=(port, share, args.points, args.qos, args.seconds, per_proc, args.window, q),
-        )
-        for share in shares
-        if share
-    ]
-    w0, c0, t0 = written(), cpu_seconds(up.pid), time.monotonic()
+    c0, t0 = cpu_seconds(up.pid), time.monotonic()
     th = threading.Thread(target=probe)
     th.start()
-    for p in procs:
-        p.start()
     results = [q.get(timeout=args.seconds + 120) for _ in procs]
     for p in procs:
         p.join()
@@ -406,6 +423,8 @@ def main() -> None:
         print("stages (py-spy samples of the engine):")
         for stage, share in stage_shares((tmp / "profile.txt").read_text()).items():
             print(f"  {stage:18} {share * 100:5.1f} %")
+        if os.environ.get("E2E_PROFILE_OUT"):  # the raw py-spy samples, for a closer look
+            shutil.copy(tmp / "profile.txt", os.environ["E2E_PROFILE_OUT"])
     shutil.rmtree(tmp, ignore_errors=True)
 
 

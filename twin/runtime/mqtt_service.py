@@ -379,12 +379,36 @@ def durability_hook(engine: Any, hub: Any) -> Any:
     broker's business (it has already acknowledged when the engine sees the message)."""
     import dataclasses
 
+    from twin.bindings.base import Reading
     from twin.mqtt.hub import in_message
     from twin.runtime.timeseries_service import timeseries_of
     from twin.timeseries.wal import WalBusy, WalError, WalFull
 
     def code(exc: WalError) -> int:
         return 0x97 if isinstance(exc, WalFull | WalBusy) else 0x80
+
+    class Durable:
+        """The held acknowledgement's gate: ``poll`` answers at once once the group commit
+        settled (the broker then needs no Trio checkpoint per acknowledgement); awaiting it
+        waits for the commit."""
+
+        __slots__ = ("batch", "wal")
+
+        def __init__(self, wal: Any, batch: Any) -> None:
+            self.wal, self.batch = wal, batch
+
+        def poll(self) -> int | None:
+            batch = self.batch
+            if not batch.done.is_set():
+                return None
+            return 0 if batch.error is None else code(batch.error)
+
+        async def __call__(self) -> int:
+            try:
+                await self.wal.commit(self.batch)
+            except WalError as exc:
+                return code(exc)
+            return 0
 
     def hook(_principal: Any, msg: Any) -> Any:
         svc = timeseries_of(engine)
@@ -398,19 +422,15 @@ def durability_hook(engine: Any, hub: Any) -> Any:
             return code(exc)
         if batch is None:
             return None
-        wal = svc.wal
+        # marked as logged (the store takes them from the log, not from the bus); built
+        # directly: dataclasses.replace per reading was ~9 % of the engine's CPU here
         logged = [
-            dataclasses.replace(r, logged=True) if r.value is not None else r for r in readings
+            Reading(r.device, r.point, r.value, r.ts, r.quality, True)
+            if r.value is not None and type(r) is Reading
+            else dataclasses.replace(r, logged=True) if r.value is not None else r
+            for r in readings
         ]
-
-        async def wait() -> int:
-            try:
-                await wal.commit(batch)
-            except WalError as exc:
-                return code(exc)
-            return 0
-
-        return dataclasses.replace(msg, logged=logged), wait
+        return dataclasses.replace(msg, logged=logged), Durable(svc.wal, batch)
 
     return hook
 
