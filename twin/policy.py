@@ -40,6 +40,7 @@ RetentionPolicy, EdgeNode
 Scene                      viewer   operator  operator; admin when ``spec.reach`` lets
                                               it act in other sites (see below)
                                               (a retention pass: admin)
+Plugin                     viewer   —         admin (it runs code in the engine, sandboxed)
 Alarm                      viewer   operator  —
 Command                    viewer   operator  —
 DeviceKey                  admin    —         admin
@@ -112,6 +113,8 @@ REQUIRED: dict[tuple[str, Verb], str] = {
     **{(k, OPERATE): "operator" for k in SPEC_KINDS},
     **{(k, WRITE): "operator" for k in SPEC_KINDS},
     ("RetentionPolicy", OPERATE): "admin",  # a retention pass deletes data
+    ("Plugin", READ): "viewer",
+    ("Plugin", WRITE): "admin",  # code the engine runs (sandboxed): codecs, transforms, scene steps
     ("Alarm", READ): "viewer",
     ("Alarm", OPERATE): "operator",
     ("Command", READ): "viewer",

@@ -202,5 +202,19 @@ async def test_http_push_device_with_codec_and_transform(tmp_path: Path) -> None
         assert rows["acme"]["kind"] == "wasm" and rows["acme"]["items"] >= 5
         assert rows["evil"]["failures"]["fuel"] >= 1 and rows["evil"]["last_error"]
         assert rows["derive"]["kind"] == "starlark" and rows["derive"]["calls"] >= 1
+        # writing a Plugin through the API (twin apply --server) takes an admin: it is code
+        current = [d for d in docs_]
+        newer = plugin("acme", acme_wasm().replace(b"temperature", b"temperaturX"))
+        body = {"documents": [newer if d["metadata"]["name"] == "acme" else d for d in current]}
+        async with api.client("oper") as c:
+            assert (await c.post("/api/v1/apply", json=body)).status_code == 403
+        async with api.client("admin") as c:
+            r = await c.post("/api/v1/apply", json=body)
+            assert r.status_code == 200, r.text
+        broken = plugin("acme", b"\x00asm\x01\x00\x00\x00junk")
+        async with api.client("admin") as c:  # a module that does not compile: refused, 422
+            r = await c.post("/api/v1/apply", json={"documents": [
+                broken if d["metadata"]["name"] == "acme" else d for d in current]})
+            assert r.status_code == 422 and "not a valid WebAssembly module" in r.text
         nursery.cancel_scope.cancel()
     api.registry.close()
