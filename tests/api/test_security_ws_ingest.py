@@ -36,6 +36,8 @@ PUBLIC = {
     "/api/v1/auth/refresh",
     "/api/v1/ingest/{device}",
     "/api/v1/ingest/{device}/commands/{command_id}",
+    # edge nodes authenticate with their own edge key (tests/edge)
+    "/api/v1/edge-link/{edge}/batch",
 }
 BELOW = {"operator": "viewer", "admin": "oper"}
 # objects of site plant-a (oper_b is scoped to plant-b)
@@ -47,6 +49,8 @@ FILL = {
     "token_id": "t",
     "alarm_id": "1",
     "command_id": "c",
+    "edge": "edge-1",
+    "camera": "cam-1",
 }
 
 
