@@ -112,7 +112,7 @@ async def test_gb28181_channel_live_then_offline_alarm(
         assert server is not None
         cam = engine.twin("gb_gate")
         assert cam is not None
-        async with Device(server, tmp_path, pcap, keepalives=8):
+        async with Device(server, tmp_path, pcap, keepalives=600):
             await eventually(lambda: DEV in server.devices, within=30)
             # the camera connects once the device is registered: INVITE, PS over RTP, live
             await eventually(lambda: cam.status == Status.ONLINE
@@ -125,11 +125,11 @@ async def test_gb28181_channel_live_then_offline_alarm(
             assert str(done.status) == "success", done.error
             assert done.result["ptz_cmd"] == "A50F018200020039"
             assert (tmp_path / "state" / "gb28181" / "discovered.yaml").exists()
-            # keepalives stop after 8: the device goes offline, the camera is alarmed
-            await eventually(lambda: not server.devices[DEV].online, within=60)
-            await engine.writer.flushed()
-            await eventually(lambda: any(
-                a.type == OFFLINE_ALARM for a in registry.alarms(device="gb_gate",
-                                                                  states=["active"])),
-                within=10)
+        # the device is gone (sipp killed): no more keepalives -> offline -> camera alarmed
+        await eventually(lambda: not server.devices[DEV].online, within=60)
+        await engine.writer.flushed()
+        await eventually(lambda: any(
+            a.type == OFFLINE_ALARM for a in registry.alarms(device="gb_gate",
+                                                              states=["active"])),
+            within=10)
     await trio.lowlevel.checkpoint()
