@@ -918,6 +918,8 @@ class PostgresStore:
             sql += f" LIMIT {int(limit)}"
         import psycopg
 
+        if limit is None:
+            return self._read_both(selector, start, end)
         with self._lock:
             try:
                 # one snapshot of both layouts: a compaction commits between them atomically
@@ -956,6 +958,53 @@ class PostgresStore:
             [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
         )
         return table.slice(0, limit) if limit is not None else table
+
+    def _read_both(self, selector: Selector, start: float, end: float) -> pa.Table:
+        """``read_raw`` without a limit (a dashboard's query): the rows and the chunks in
+        one statement — one snapshot of both layouts in one round trip (a transaction
+        with two queries took five: ~2.6 ms a query, measured)."""
+        a, b, where = _us(start), _us(end), selector.sql(sql_quote)
+        names = "s.device, s.site, s.grp, s.tags, s.metric"
+        sql = (
+            f"SELECT p.ts, {names}, p.value, p.value_str, p.kind, p.quality, "
+            "NULL::bytea, NULL::bytea, NULL::bytea, NULL::bytea "
+            f"FROM {self._t(RAW)} p JOIN {self._series} s ON s.id = p.series_id "
+            f"WHERE p.ts >= {a} AND p.ts < {b} AND {where} "
+            f"UNION ALL SELECT c.t_min, {names}, NULL, NULL, NULL, NULL, "
+            "c.t_blob, c.v_blob, c.c_blob, c.s_blob "
+            f"FROM {self._t(CHUNKS)} c JOIN {self._series} s ON s.id = c.series_id "
+            f"WHERE c.t_max >= {a} AND c.t_min < {b} AND {where}"
+        )
+        with self._lock:
+            rows = self._exec(sql)
+        point_rows = [r[:10] for r in rows if r[10] is None]
+        chunk_rows = [r for r in rows if r[10] is not None]
+        parts = []
+        if point_rows:
+            cols = list(zip(*point_rows, strict=True))
+            arrays = [pa.array(cols[0], pa.int64()).cast(TS_TYPE)]
+            arrays += [
+                pa.array(c, type=f.type)
+                for c, f in zip(cols[1:], list(RAW_SCHEMA)[1:], strict=True)
+            ]
+            parts.append(pa.Table.from_arrays(arrays, schema=RAW_SCHEMA))
+        if chunk_rows:
+            c = list(zip(*chunk_rows, strict=True))
+            data: dict[str, pa.Array] = {
+                name: pa.array(c[1 + i], pa.string())
+                for i, name in enumerate(("device", "site", "grp", "tags", "metric"))
+            }
+            for i, name in enumerate(("t_blob", "v_blob", "c_blob", "s_blob")):
+                data[name] = pa.array(
+                    [None if x is None else bytes(x) for x in c[10 + i]], pa.binary()
+                )
+            parts.append(decode_chunks(pa.table(data), start, end))
+        if not parts:
+            return RAW_SCHEMA.empty_table()
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        return table.sort_by(
+            [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+        )
 
     def _chunk_where(self, selector: Selector, start: float, end: float) -> str:
         return f"t_max >= {_us(start)} AND t_min < {_us(end)} AND {self._series_filter(selector)}"
