@@ -80,6 +80,12 @@ from twin.spec.bindings import binding_schema
 from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)
+# asyncua logs a lost connection from inside its publish loop as an ERROR with a traceback
+# ("Publish iteration crashed; retrying") — the binding reports the same loss itself, as one
+# line with the device and the backoff (a server that stops is not a bug of ours)
+# (and "close_session raised during disconnect" with a traceback when the server went first)
+for _noisy in ("asyncua.client.ua_session", "asyncua.client.client"):
+    logging.getLogger(_noisy).setLevel(logging.CRITICAL)
 
 OPCUA_SCHEMA: dict[str, Any] = binding_schema("opcua")
 """JSON Schema of ``spec.binding.opcua``: specs/binding-opcua.schema.json, the one source."""

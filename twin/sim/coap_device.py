@@ -37,6 +37,10 @@ from twin.spec.units import parse_duration
 log = logging.getLogger(__name__)
 
 
+class _NotYet(Exception):
+    """The engine does not serve this device (yet)."""
+
+
 class CoapDeviceSim:
     def __init__(
         self,
@@ -105,6 +109,16 @@ class CoapDeviceSim:
         self._wake.set()  # report what changed at once
 
     async def _observe(self) -> None:
+        """Observe the device's command resource; 4.04 (the engine has not started this
+        device's task yet: simulators start before the devices) is retried quietly."""
+        while True:
+            try:
+                await self._observe_once()
+            except _NotYet as exc:
+                log.debug("sim %s: %s; observing again in 1 s", self.device, exc)
+                await trio.sleep(1.0)
+
+    async def _observe_once(self) -> None:
         from aiocoap import Code, Message
 
         push, receive = aio.channel(64)
@@ -124,14 +138,21 @@ class CoapDeviceSim:
             finally:
                 push.close()
 
+        missing = None
         async with trio.open_nursery() as nursery, receive:
             nursery.start_soon(pump)
             async for resp in receive:
+                if resp.code == Code.NOT_FOUND:
+                    missing = f"observation of {self.base}/cmd: {resp.code}"
+                    nursery.cancel_scope.cancel()
+                    break
                 if not resp.code.is_successful():
                     raise RuntimeError(f"observation of {self.base}/cmd: {resp.code}")
                 state = decode_payload(resp.payload, resp.opt.content_format)
                 if isinstance(state, Mapping):
                     await self._apply(state)
+        if missing is not None:
+            raise _NotYet(missing)
         raise RuntimeError(f"observation of {self.base}/cmd ended")
 
     async def run(self, *, task_status: trio.TaskStatus[CoapDeviceSim] = trio.TASK_STATUS_IGNORED) -> None:
