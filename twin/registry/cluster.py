@@ -334,6 +334,13 @@ class ClusterStore:
         with self._tx() as conn, conn.cursor() as cur:
             cur.executemany("SELECT pg_notify(%s, %s)", [(channel, p) for p in payloads])
 
+    def sender(self) -> Any:
+        """A dedicated autocommit connection for ``pg_notify`` (one round trip per batch, no
+        transaction around it); the caller closes it."""
+        import psycopg
+
+        return psycopg.connect(self.registry._conninfo, autocommit=True)
+
     def listen(self, channel: str) -> Any:
         """A dedicated autocommit connection LISTENing on ``channel`` (the caller iterates
         ``conn.notifies(timeout=...)`` in a thread and closes it)."""

@@ -41,7 +41,7 @@ class Feed:
         origin: str,
         *,
         channel: str = "twin_feed",
-        batch_delay: float = 0.005,
+        batch_delay: float = 0.0,
         buffer: int = 50_000,
     ) -> None:
         self.engine = engine
@@ -54,6 +54,7 @@ class Feed:
         self.received = 0
         self.bad = 0
         self.notifies = 0
+        self._conn: Any = None
 
     # -- out ----------------------------------------------------------------------------------
     def _encode(self, events: list[dict[str, Any]]) -> list[str]:
@@ -81,6 +82,24 @@ class Feed:
     def _frame(self, parts: list[str]) -> str:
         return '{"o":' + json.dumps(self.origin) + ',"e":[' + ",".join(parts) + "]}"
 
+    def _notify(self, payloads: list[str]) -> None:
+        """Send on the dedicated connection (opened on first use, again after an error)."""
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            conn = self._conn = self.store.sender()
+        try:
+            with conn.cursor() as cur:
+                if len(payloads) == 1:
+                    cur.execute("SELECT pg_notify(%s, %s)", (self.channel, payloads[0]))
+                else:
+                    cur.executemany(
+                        "SELECT pg_notify(%s, %s)", [(self.channel, p) for p in payloads]
+                    )
+        except Exception:
+            self._conn = None
+            conn.close()
+            raise
+
     async def _out(self) -> None:
         bus = self.engine.bus
         while True:
@@ -88,8 +107,9 @@ class Feed:
             try:
                 while True:
                     first = await sub.receive.receive()
-                    await trio.sleep(self.batch_delay)
-                    batch = [first]
+                    if self.batch_delay:
+                        await trio.sleep(self.batch_delay)
+                    batch = [first]  # and whatever queued while the last batch was sent
                     while True:
                         try:
                             batch.append(sub.receive.receive_nowait())
@@ -100,7 +120,7 @@ class Feed:
                         continue
                     payloads = self._encode(events)
                     try:
-                        await trio.to_thread.run_sync(self.store.notify, self.channel, payloads)
+                        await trio.to_thread.run_sync(self._notify, payloads)
                         self.sent += len(events)
                         self.notifies += len(payloads)
                     except Exception as exc:
@@ -165,10 +185,15 @@ class Feed:
             stop.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._out)
-            await nursery.start(self._in)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._out)
+                await nursery.start(self._in)
+                task_status.started()
+        finally:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                conn.close()
 
     def stats(self) -> dict[str, int]:
         return {
