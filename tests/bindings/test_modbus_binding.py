@@ -234,8 +234,9 @@ async def test_a_dead_unit_on_a_shared_gateway_does_not_stall_the_others(peer: i
     assert received["plc2"] == []  # never a value it did not read
     for name in ("plc1", "plc3"):
         # while the dead unit was being tried (3 cycles of a 300 ms timeout on the shared
-        # connection) the live ones kept polling every 100 ms: several good readings each
-        assert live_when_dead_gave_up[name] >= 3, live_when_dead_gave_up
+        # connection) the live ones kept polling: good readings each (how many depends on how
+        # much CPU the machine gives the peer process; a stall would give none)
+        assert live_when_dead_gave_up[name] >= 1, live_when_dead_gave_up
         assert all(r.quality is Quality.GOOD for r in received[name])
 
 
@@ -259,10 +260,17 @@ async def test_peer_restart_reconnects(peer: int) -> None:
         await b.connect()
         assert by_point(await b.read())["u"].value == 1
         stop(proc)
-        with pytest.raises((BindingConnectError, ModbusTimeout)):
-            for _ in range(5):
+        noticed = False  # an error, or the last value marked not good (stale): either says so
+        for _ in range(5):
+            try:
                 got = by_point(await b.read())
-                assert got["u"].quality is Quality.GOOD
+            except (BindingConnectError, ModbusTimeout):
+                noticed = True
+                break
+            if got["u"].quality is not Quality.GOOD:
+                noticed = True
+                break
+        assert noticed, "five reads of a stopped peer all came back good"
         proc = start_peer("--port", str(port), "--units", "1")
         assert b.line is not None
         b.line.next_connect = 0  # skip the backoff wait
