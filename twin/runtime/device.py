@@ -372,14 +372,18 @@ class DeviceTask:
             nursery.start_soon(pump)
             async with receive:
                 async for first in receive:
+                    # everything queued, in one turn: a receive per message is a checkpoint,
+                    # so one message per scheduling round while a binding (e.g. the MQTT
+                    # hub, 256 messages per round) fills the bounded channel: it overflowed
+                    # (and dropped) at a fraction of the rate the task can handle
                     batch = [first]
+                    while len(batch) < TRANSFORM_BATCH:
+                        try:
+                            batch.append(receive.receive_nowait())
+                        except trio.WouldBlock:
+                            break
                     transform = transform_of(self.config.doc, self.config.model)
                     if transform is not None:  # one plugin call per batch of what is queued
-                        while len(batch) < TRANSFORM_BATCH:
-                            try:
-                                batch.append(receive.receive_nowait())
-                            except trio.WouldBlock:
-                                break
                         batch = await self._transform(transform, batch)
                     for message in batch:
                         try:
