@@ -52,8 +52,9 @@ def _twin(tmp_path: Path, *args: str) -> str:
 def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    for name in ("site.yaml", "models.yaml"):
+    for name in ("site.yaml", "models.yaml", "plugins.yaml"):  # a demo model names a plugin
         shutil.copy(ROOT / "sites" / "demo" / name, site / name)
+    shutil.copytree(ROOT / "sites" / "demo" / "plugins", site / "plugins")
     (site / "devices.yaml").write_text(DEVICES)
     _twin(tmp_path, "apply", str(site))
     key = _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
@@ -125,8 +126,9 @@ def test_twin_up_wss_listener_and_max_keep_alive(tmp_path: Path) -> None:
 
     site = tmp_path / "site"
     site.mkdir()
-    for name in ("site.yaml", "models.yaml"):
+    for name in ("site.yaml", "models.yaml", "plugins.yaml"):  # a demo model names a plugin
         shutil.copy(ROOT / "sites" / "demo" / name, site / name)
+    shutil.copytree(ROOT / "sites" / "demo" / "plugins", site / "plugins")
     (site / "devices.yaml").write_text(DEVICES)
     _twin(tmp_path, "apply", str(site))
     key = _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
