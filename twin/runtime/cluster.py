@@ -107,7 +107,6 @@ class ClusterService(Ownership):
         self.epoch = 0
         self.version = 0
         self.held: set[Key] = set()
-        self._releasing: set[Key] = set()  # given up here, rows not freed yet
         self.members: list[Member] = []
         self.deadline = 0.0  # trio clock: owning nothing after this
         self.stats = ClusterStats()
@@ -240,7 +239,6 @@ class ClusterService(Ownership):
                 self.epoch,
             )
             self._set_held(set())
-            self._releasing.clear()  # the old epoch's rows are free for the others anyway
             await self._register()
             return
         self.deadline = sent + self.ttl - 0.25
@@ -254,18 +252,9 @@ class ClusterService(Ownership):
         if give:
             # stop running them first, then free the rows: never two owners at once
             self._set_held(self.held - set(give))
-            self._releasing.update(give)
-        self._releasing -= want  # wanted here again before they were freed (a newcomer left)
-        if self._releasing:
-            # freed only once the engine runs without them; a reload that fails (or a database
-            # call that times out) leaves them for the next beat instead of stuck forever
-            with trio.move_on_after(self.ttl / 2) as waited:
-                await self.engine.settled()
-            if not waited.cancelled_caught:
-                free = sorted(self._releasing)
-                await self._db(store.release, self.engine_id, self.epoch, free)
-                self._releasing.difference_update(free)
-                self.stats.released += len(free)
+            await self.engine.settled()
+            await self._db(store.release, self.engine_id, self.epoch, give)
+            self.stats.released += len(give)
         take = want - self.held
         if take:
             held = await self._db(store.claim, self.engine_id, self.epoch, sorted(take))
