@@ -376,3 +376,39 @@ async def test_services_can_be_restarted_in_the_same_engine(
                 nursery.cancel_scope.cancel()
         assert seen[0] == seen[1]
         assert ts.store is None  # closed with its run; reopened by the next one
+
+
+async def test_a_known_failure_is_one_log_line_a_bug_keeps_its_traceback(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TwinError (a camera that refuses, a peer that times out) says what went wrong: each
+    retry is one line, its traceback only at debug; any other exception is a bug and is logged
+    with its traceback."""
+    from twin.errors import BindingError
+
+    sup = Alarms().supervision()
+    errors: list[Exception] = [BindingError("camera cam1: ffmpeg ended: Connection refused"),
+                               ValueError("a bug")]
+
+    async def child() -> None:
+        if errors:
+            raise errors.pop(0)
+
+    caplog.set_level("INFO", logger="twin.runtime.supervisor")
+    await supervise(child, kind="camera", name="cam1", supervision=sup, policy=POLICY, site="s1")
+    failed = [r for r in caplog.records if "failed (" in r.getMessage()]
+    assert [r.getMessage() for r in failed] == [
+        "camera cam1 (site s1) failed (1 in a row): BindingError: camera cam1: ffmpeg ended: "
+        "Connection refused; restarting in 1.0s",
+        "camera cam1 (site s1) failed (2 in a row): ValueError: a bug; restarting in 2.0s",
+    ]
+    assert failed[0].exc_info is None
+    assert failed[1].exc_info is not None and failed[1].exc_info[0] is ValueError
+    assert not [r for r in caplog.records if r.levelname == "DEBUG"]  # not enabled at INFO
+
+    caplog.clear()
+    caplog.set_level("DEBUG", logger="twin.runtime.supervisor")
+    errors.append(BindingError("stalled"))
+    await supervise(child, kind="camera", name="cam1", supervision=sup, policy=POLICY)
+    debug = [r for r in caplog.records if r.levelname == "DEBUG"]
+    assert len(debug) == 1 and debug[0].exc_info is not None
