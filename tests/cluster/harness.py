@@ -265,6 +265,28 @@ class Cluster:
         )
         return {(str(k), str(n)): str(e) for k, n, e in rows}
 
+    def balanced(self, keys: int) -> dict[tuple[str, str], str] | None:
+        """The owners once all ``keys`` are held and each by its rendezvous owner among the
+        live engines (the cluster has settled), else None. With few keys an engine may rightly
+        own nothing (6 keys on 3 engines: p ~ 0.26), so tests wait for this, not for a share
+        per engine."""
+        from twin.registry.cluster import rendezvous
+
+        live = dict(
+            self.sql(
+                "SELECT id, name FROM cluster_engines "
+                "WHERE lease_until > EXTRACT(EPOCH FROM clock_timestamp())"
+            )
+        )
+        owners = self.owners()
+        if len(owners) != keys:
+            return None
+        ids = sorted(live)
+        for (kind, name), engine in owners.items():
+            if live.get(rendezvous(f"{kind}/{name}", ids)) != engine:
+                return None
+        return owners
+
     def engine_names(self) -> dict[int, str]:
         """pid → engine name (the registry's, ``host-pid``)."""
         return {int(p): str(n) for p, n in self.sql("SELECT pid, name FROM cluster_engines")}
