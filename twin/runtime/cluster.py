@@ -107,6 +107,7 @@ class ClusterService(Ownership):
         self.epoch = 0
         self.version = 0
         self.held: set[Key] = set()
+        self._releasing: set[Key] = set()  # given up here, rows not freed yet
         self.members: list[Member] = []
         self.deadline = 0.0  # trio clock: owning nothing after this
         self.stats = ClusterStats()
@@ -185,7 +186,7 @@ class ClusterService(Ownership):
             return bool(
                 await self._db(self.store.job, self.engine_id, self.epoch, name, seconds)
             )
-        except (trio.TooSlowError, Exception) as exc:
+        except Exception as exc:  # TooSlowError too: the job waits for the next round
             log.warning("cluster: job lease %s: %s", name, exc)
             return False
 
@@ -239,6 +240,7 @@ class ClusterService(Ownership):
                 self.epoch,
             )
             self._set_held(set())
+            self._releasing.clear()  # the old epoch's rows are free for the others anyway
             await self._register()
             return
         self.deadline = sent + self.ttl - 0.25
@@ -252,9 +254,18 @@ class ClusterService(Ownership):
         if give:
             # stop running them first, then free the rows: never two owners at once
             self._set_held(self.held - set(give))
-            await self.engine.settled()
-            await self._db(store.release, self.engine_id, self.epoch, give)
-            self.stats.released += len(give)
+            self._releasing.update(give)
+        self._releasing -= want  # wanted here again before they were freed (a newcomer left)
+        if self._releasing:
+            # freed only once the engine runs without them; a reload that fails (or a database
+            # call that times out) leaves them for the next beat instead of stuck forever
+            with trio.move_on_after(self.ttl / 2) as waited:
+                await self.engine.settled()
+            if not waited.cancelled_caught:
+                free = sorted(self._releasing)
+                await self._db(store.release, self.engine_id, self.epoch, free)
+                self._releasing.difference_update(free)
+                self.stats.released += len(free)
         take = want - self.held
         if take:
             held = await self._db(store.claim, self.engine_id, self.epoch, sorted(take))
@@ -271,7 +282,7 @@ class ClusterService(Ownership):
                 if trio.current_time() >= reap_at:
                     reap_at = trio.current_time() + 10 * self.ttl
                     await self._db(self.store.reap)
-            except (trio.TooSlowError, Exception) as exc:
+            except Exception as exc:  # TooSlowError too: retried next beat
                 self.stats.failed_beats += 1
                 log.warning("cluster %s: heartbeat failed: %s", self.cluster, exc)
             await trio.sleep(self.ttl / 5)
@@ -288,6 +299,10 @@ class ClusterService(Ownership):
                     self.engine_name,
                     len(self.held),
                 )
+                # if the lease is still ours when the database answers again, the next beat
+                # takes back what rendezvous gives it and frees the rest (else rows this
+                # engine no longer runs would stay held while it renews)
+                self._releasing |= self.held
                 self._set_held(set())
 
     def status(self) -> dict[str, Any]:
