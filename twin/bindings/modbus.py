@@ -17,6 +17,10 @@ binding:
       temperature: {register: 30001, type: float32, scale: 0.1, unit: degC}
       setpoint:    {register: 40010, type: int16, access: readwrite}
       firmware:    {register: 40100, type: string, count: 8, group: slow}
+    # a vendor's register layout as a plugin (kind: Plugin, role: codec) instead of points:
+    codec: acme-regs          # decode(raw bytes of the frame) -> readings; encode(command) -> frame
+    frame: [{register: 40001, count: 4}, {register: 30101, count: 2}]   # read every poll
+    command: {register: 40100}                # where encoded command frames are written (FC 16)
 ```
 Point maps are parsed and checked by :mod:`twin.spec.modbus` (the same code ``twin validate``
 runs); values are encoded by :mod:`twin.bindings.modbus_codec`.
@@ -42,6 +46,14 @@ How it runs
     with the point's write function code (5/6/15/16; a bit field is read-modify-written), and
     read it back: a different read-back fails the command. A command writes what its model's
     ``sets`` declares (``set_speed {value: 40}`` → the ``speed`` point).
+  * A codec device: each poll of the default group reads the ``frame`` blocks (one request
+    each) and hands their registers as bytes (each register big-endian, as on the wire, blocks
+    concatenated in order) to the codec's ``decode`` as one payload; what it returns are the
+    readings. A failed decode (trap, fuel, malformed output…) is one ``bad`` reading
+    (``payload``), a unit that does not answer repeats the last decoded readings as
+    ``uncertain``, an exception reply makes them ``bad`` — the poll schedule goes on either
+    way. A command (with ``command``) is the codec's ``encode`` of ``{id, name, params}``:
+    the frame's bytes become registers written from ``command.register`` with FC 16.
 """
 
 from __future__ import annotations
@@ -56,13 +68,23 @@ from typing import Any
 import trio
 
 from twin.bindings import aio
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import BindingContext, Message, Quality, Reading, register_binding
 from twin.bindings.modbus_codec import Block, EncodeError, decode, encode, plan
 from twin.bindings.protostats import stats
 from twin.bindings.values import ValueRefused, check_reading
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.commands import command_sets
-from twin.spec.modbus import Point, PointError, line_key, merged_options, parse_point
+from twin.spec.modbus import (
+    MAX_WRITE_REGISTERS,
+    Point,
+    PointError,
+    line_key,
+    merged_options,
+    parse_command_register,
+    parse_frame_block,
+    parse_point,
+)
 from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)
@@ -286,6 +308,7 @@ class Group:
     polls: int = 0
     late: int = 0  # polls that started more than LATE_TOLERANCE x interval late
     missed: int = 0  # scheduled polls skipped because the previous one overran
+    frame: bool = False  # this group also reads the codec's frame
 
 
 def _request(block: Block, unit: int) -> Callable[[Any], Awaitable[Any]]:
@@ -324,9 +347,18 @@ class ModbusBinding:
                 name: parse_point(name, spec, self.options)
                 for name, spec in (self.options.get("points") or {}).items()
             }
+            # a codec's frame: raw register blocks, decoded by a plugin (twin/bindings/plugins.py)
+            self.codec: str | None = options.get("codec")
+            self.frame = [Block(*parse_frame_block(b), []) for b in (options.get("frame") or [])]
+            cmd = options.get("command")
+            self.command_address = parse_command_register(cmd) if isinstance(cmd, Mapping) else None
         except PointError as exc:
             raise BindingError(f"device {device!r}: modbus point map: {exc}") from exc
-        if not self.points:
+        if self.frame and self.codec is None:
+            raise BindingError(f"device {device!r}: modbus: frame without a codec")
+        if not self.frame:
+            self.codec = None
+        if not self.points and not self.frame:
             raise BindingError(f"device {device!r}: modbus: no points to poll")
         intervals = {"default": parse_duration(self.options.get("poll", "1s"))}
         for gname, every in (self.options.get("groups") or {}).items():
@@ -334,13 +366,17 @@ class ModbusBinding:
         self.max_gap = max_gap = int(self.options.get("max_gap", 8))
         self.max_count = max_count = int(self.options.get("max_count", 125))
         self.groups: list[Group] = []
-        for gname in sorted({p.group for p in self.points.values()}):
+        names = {p.group for p in self.points.values()} | ({"default"} if self.frame else set())
+        for gname in sorted(names):
             members = [p for p in self.points.values() if p.group == gname]
             if gname not in intervals:
                 raise BindingError(f"device {device!r}: modbus: unknown poll group {gname!r}")
             self.groups.append(
-                Group(gname, max(0.01, intervals[gname]), plan(members, max_gap=max_gap, max_count=max_count))
+                Group(gname, max(0.01, intervals[gname]), plan(members, max_gap=max_gap, max_count=max_count),
+                      frame=gname == "default" and bool(self.frame))
             )
+        self.frame_last: list[Reading] = []  # the codec's last good readings (repeated when stale)
+        self.decode_failures = 0
         self.line: Line | None = None
         self.last: dict[str, Any] = {}
         self.silent_cycles = 0
@@ -400,11 +436,14 @@ class ModbusBinding:
             if p.name in self.last
         ]
 
-    async def poll(self, blocks: Sequence[Block]) -> list[Reading]:
-        """One cycle over ``blocks``: readings of every point (good, stale or bad)."""
+    async def poll(self, blocks: Sequence[Block], *, frame: bool = False) -> list[Reading]:
+        """One cycle over ``blocks`` (and the codec's frame): readings of every point (good,
+        stale or bad)."""
         out: list[Reading] = []
         silent = False
         answered = False
+        if frame and self.frame:
+            silent, answered = await self._poll_frame(out)
         for block in blocks:
             ts = self._clock()
             if silent:
@@ -430,6 +469,36 @@ class ModbusBinding:
             self.silent_cycles += 1
         return out
 
+    async def _poll_frame(self, out: list[Reading]) -> tuple[bool, bool]:
+        """Read the frame's blocks and decode them with the codec (appended to ``out``).
+        Returns (silent, answered) like a block of points."""
+        assert self.codec is not None
+        ts = self._clock()
+        regs: list[int] = []
+        for block in self.frame:
+            try:
+                regs.extend(int(v) for v in await self._read_block(block))
+            except ModbusTimeout as exc:
+                log.info("device %s: %s", self.device, exc)
+                out.extend(Reading(r.device, r.point, r.value, ts, Quality.UNCERTAIN)
+                           for r in self.frame_last)
+                return True, False
+            except ModbusError as exc:
+                log.warning("device %s: frame fc %d @%d: %s", self.device, block.fc, block.start, exc)
+                out.extend(Reading(self.device, r.point, None, ts, Quality.BAD) for r in self.frame_last)
+                if not self.frame_last:
+                    out.append(Reading(self.device, plugin_edge.BAD_POINT, None, ts, Quality.BAD))
+                return False, True
+        payload = b"".join((r & 0xFFFF).to_bytes(2, "big") for r in regs)
+        (readings,) = await plugin_edge.decode_off_loop(self.codec, self.device, [payload], ts)
+        good = [r for r in readings if r.quality is Quality.GOOD]
+        if good:
+            self.frame_last = good
+        if len(good) < len(readings):
+            self.decode_failures += 1
+        out.extend(readings)
+        return False, True
+
     async def read(self, points: list[str] | None = None) -> list[Reading]:
         wanted = set(points or self.points)
         blocks = plan(
@@ -437,8 +506,13 @@ class ModbusBinding:
             max_gap=self.max_gap,
             max_count=self.max_count,
         )
-        readings = await self.poll(blocks)
-        return [r for r in readings if r.point in wanted]
+        # the codec's points are known only once decoded: any name that is not a mapped point
+        # (or no names at all) reads the frame too
+        frame = bool(self.frame) and (points is None or any(p not in self.points for p in points))
+        readings = await self.poll(blocks, frame=frame)
+        if points is None:
+            return readings
+        return [r for r in readings if r.point in set(points)]
 
     async def _run_group(self, group: Group, send: trio.MemorySendChannel[Message]) -> None:
         next_at = trio.current_time()
@@ -447,7 +521,7 @@ class ModbusBinding:
             if now - next_at > LATE_TOLERANCE * group.interval:
                 group.late += 1
             group.polls += 1
-            for reading in await self.poll(group.blocks):
+            for reading in await self.poll(group.blocks, frame=group.frame):
                 await send.send(reading)
             if self.silent_cycles >= MAX_FAILURES:
                 raise ModbusTimeout(
@@ -511,6 +585,8 @@ class ModbusBinding:
                 self._send.send_nowait(readings[0])  # else the next poll reports it
 
     async def send_command(self, name: str, params: Mapping[str, Any]) -> Any:
+        if self.codec is not None and self.command_address is not None:
+            return await self._codec_command(name, params)
         sets = command_sets(self.model, name, params)
         if not sets:
             raise CommandError(
@@ -519,6 +595,29 @@ class ModbusBinding:
         for prop, value in sets.items():
             await self.write(prop, value)
         return {"ok": True, "written": sets}
+
+
+    async def _codec_command(self, name: str, params: Mapping[str, Any]) -> Any:
+        """The codec's ``encode`` of the command, written as registers (FC 16)."""
+        assert self.codec is not None and self.command_address is not None
+        if not plugin_edge.can_encode(self.codec):
+            raise CommandError(f"device {self.device}: codec {self.codec!r} has no encode")
+        frame = await plugin_edge.encode_off_loop(self.codec, {"name": name, "params": dict(params)})
+        if frame is None:
+            raise CommandError(f"device {self.device}: codec {self.codec!r} could not encode "
+                               f"command {name!r}")
+        if not frame or len(frame) > 2 * MAX_WRITE_REGISTERS:
+            raise CommandError(f"device {self.device}: codec {self.codec!r} made a {len(frame)}-byte "
+                               f"frame for {name!r} (1-{2 * MAX_WRITE_REGISTERS} bytes fit one write)")
+        if len(frame) % 2:
+            frame += b"\x00"
+        regs = [int.from_bytes(frame[i:i + 2], "big") for i in range(0, len(frame), 2)]
+        if self.line is None:
+            raise BindingConnectError(f"device {self.device}: not connected")
+        unit, addr = self.unit, self.command_address
+        await self.line.call(self.device, lambda c: c.write_registers(addr, regs, device_id=unit),
+                             self.timeout, self.retries)
+        return {"ok": True, "registers": len(regs), "address": addr}
 
 
 def _same(got: Any, want: Any, p: Point) -> bool:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import trio
+
 from twin.bindings.base import Quality, Reading
 from twin.bindings.values import ValueRefused, check_reading, check_ts
 from twin.plugins import registry as plugins
@@ -67,6 +69,37 @@ def can_encode(codec: str) -> bool:
 def encode(codec: str, command: Mapping[str, Any]) -> bytes | None:
     """A command ``{"id", "name", "params"}`` as the codec's frame; None when it failed."""
     return plugins.encode_command(codec, command)
+
+
+async def decode_off_loop(codec: str, device: str, payloads: Sequence[bytes], now: float
+                          ) -> list[list[Reading]]:
+    """:func:`decode` from a Trio task: a Starlark codec's worker round trip leaves the event
+    loop (a thread); a Wasm codec runs inline, bounded by its fuel and time limits."""
+    if plugins.host().uses_thread(codec):
+        return await trio.to_thread.run_sync(decode, codec, device, payloads, now)
+    return decode(codec, device, payloads, now)
+
+
+async def encode_off_loop(codec: str, command: Mapping[str, Any]) -> bytes | None:
+    """:func:`encode` from a Trio task (Starlark in a thread, like :func:`decode_off_loop`)."""
+    if plugins.host().uses_thread(codec):
+        return await trio.to_thread.run_sync(encode, codec, command)
+    return encode(codec, command)
+
+
+async def transform_off_loop(name: str, readings: Sequence[Reading]) -> list[Reading]:
+    if plugins.host().uses_thread(name):
+        return await trio.to_thread.run_sync(transform, name, readings)
+    return transform(name, readings)
+
+
+def frame_quality(decoded: Sequence[Reading], quality: Quality) -> list[Reading]:
+    """Readings a codec decoded from a frame the peer flagged ``quality`` (e.g. an OPC UA
+    Uncertain status): good ones take that quality, bad ones stay bad."""
+    if quality is Quality.GOOD:
+        return list(decoded)
+    return [Reading(r.device, r.point, r.value, r.ts, quality) if r.quality is Quality.GOOD else r
+            for r in decoded]
 
 
 def transform(name: str, readings: Sequence[Reading]) -> list[Reading]:

@@ -17,6 +17,15 @@ answered. A cloud killed at any point either has both (the edge's re-send is ski
 duplicates) or neither (the re-send is stored). At start (or an edge's first upload) the set
 is rebuilt from the stored ``covered`` readings (after the log's replay).
 
+**Bounded.** Each marker holds the edge's whole covered set (an ack floor and at most
+``MAX_INTERVALS`` intervals above it), and marker timestamps increase with the set per edge
+(``max(now, last + 1 ms)``, also across restarts: the last is restored), so the newest marker
+in the store contains every older one. Every ``compact_interval`` s the older markers are
+deleted (:meth:`EdgeCloud.compact`): the series holds one marker plus those written since,
+and a restart reads that much, however long the edge has been uploading. A marker still in the
+log but not in the store is newer than every stored one, so none is deleted before its
+successor is stored; a replayed log re-adding an older marker only adds a subset.
+
 **Link state** per edge: online/offline (no upload for ``offline_after`` s → offline, the alarm
 ``edge_offline`` on the pseudo device ``edge:<name>``), the revision it runs, lag (age of the
 oldest record still in its outbox, as it reports), outbox depth, records dropped by its
@@ -44,7 +53,7 @@ from twin.edge.protocol import MAX_INTERVALS, Covered
 from twin.registry.base import SceneTrace
 from twin.runtime.timeseries_service import timeseries_of
 from twin.spec.edge_check import edge_owned
-from twin.timeseries.base import Selector
+from twin.timeseries.base import RAW, Selector, to_epoch
 from twin.timeseries.wal import WalReading
 
 if TYPE_CHECKING:
@@ -92,6 +101,10 @@ class EdgeLink:
     refused: int = 0
     uploads: int = 0
     online: bool = False
+    marker_ts: float = 0.0
+    """Timestamp of the newest covered marker (stored or in the log)."""
+    markers: int = 0
+    """Markers written since the last compaction."""
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     def state(self, now: float) -> dict[str, Any]:
@@ -141,9 +154,11 @@ class EdgeCloud:
 
     name = "edge"
 
-    def __init__(self, *, offline_after: float = 15.0, check_interval: float = 1.0) -> None:
+    def __init__(self, *, offline_after: float = 15.0, check_interval: float = 1.0,
+                 compact_interval: float = 60.0) -> None:  # fmt: skip
         self.offline_after = offline_after
         self.check_interval = check_interval
+        self.compact_interval = compact_interval
         self.links: dict[str, EdgeLink] = {}
         self.engine: Engine | None = None
         self._prom: _Prom | None = None
@@ -170,12 +185,15 @@ class EdgeCloud:
             theirs = ledger.owns
             ledger.owns = lambda device: theirs(device) and self.owner_of(device) is None
         task_status.started(self)
-        last_expiry = 0.0
+        last_expiry = last_compact = time.monotonic()
         while True:
             self.check()
             if time.monotonic() - last_expiry > 5.0:
                 last_expiry = time.monotonic()
                 await self.expire_commands()
+            if time.monotonic() - last_compact > self.compact_interval:
+                last_compact = time.monotonic()
+                await self.compact()
             await trio.sleep(self.check_interval)
 
     # --- bookkeeping --------------------------------------------------------------------
@@ -209,15 +227,48 @@ class EdgeCloud:
         svc = timeseries_of(self.engine)
         store = svc.store if svc is not None else None
         if store is not None:
-            sel = Selector.of(devices=marker_device(link.name), metrics=MARKER_POINT)
-            table = await trio.to_thread.run_sync(store.read_raw, sel, 0.0, time.time() + 86400 * 366)
+            table = await trio.to_thread.run_sync(self._markers, store, link.name)
             for text in table.column("value_str").to_pylist():
                 if isinstance(text, str):
                     link.covered.union(Covered.decode(text))
+            if table.num_rows:
+                link.marker_ts = max(to_epoch(t) for t in table.column("ts").to_pylist())
+            link.markers = table.num_rows
         link.restored = True
         if link.covered.acked or link.covered.above():
             log.info("edge %s: resuming at seq %d (%s)", link.name, link.covered.acked,
                      link.covered.encode())  # fmt: skip
+
+    @staticmethod
+    def _markers(store: Any, edge: str) -> Any:
+        sel = Selector.of(devices=marker_device(edge), metrics=MARKER_POINT)
+        return store.read_raw(sel, 0.0, max(time.time(), 4e9))
+
+    async def compact(self) -> int:
+        """Delete every stored covered marker older than the newest stored one (it contains
+        them); returns how many were deleted."""
+        assert self.engine is not None
+        svc = timeseries_of(self.engine)
+        store = svc.store if svc is not None else None
+        if store is None:
+            return 0
+        deleted = 0
+        for link in list(self.links.values()):
+            if not link.restored or link.markers <= 1:
+                continue
+            async with link.lock:
+                table = await trio.to_thread.run_sync(self._markers, store, link.name)
+                if table.num_rows <= 1:
+                    continue
+                newest = max(to_epoch(t) for t in table.column("ts").to_pylist())
+                sel = Selector.of(devices=marker_device(link.name), metrics=MARKER_POINT)
+                # markers are >= 1 ms apart: the newest is kept whatever the rounding
+                n = await trio.to_thread.run_sync(store.delete_before, RAW, sel, newest - 0.0005)
+                deleted += n
+                link.markers = max(1, link.markers - n)
+        if deleted:
+            log.debug("edge: compacted %d covered markers", deleted)
+        return deleted
 
     def check(self, now: float | None = None) -> None:
         """Online/offline transitions (alarm), gauges."""
@@ -309,7 +360,8 @@ class EdgeCloud:
             for what, arg in effects:  # idempotent registry writes, before the commit
                 await self._effect(edge, what, arg)
             if new.iv != link.covered.iv:
-                now = time.time()
+                # newer than every marker before it, so the newest stored one holds them all
+                now = max(time.time(), link.marker_ts + 0.001)
                 # the new covered set goes into the same log record as the data: one commit
                 readings.append((marker_device(edge), MARKER_POINT, new.encode(), now, "good"))
                 svc = timeseries_of(engine)
@@ -317,6 +369,8 @@ class EdgeCloud:
                     raise EdgeRefused("the cloud engine runs without a time-series store")
                 await svc.wal.log(readings)
                 link.covered = new
+                link.marker_ts = now
+                link.markers += 1
             # link state
             link.last_sync = time.time()
             link.uploads += 1

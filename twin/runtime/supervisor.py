@@ -36,6 +36,8 @@ from typing import Any
 
 import trio
 
+from twin.errors import TwinError
+
 log = logging.getLogger(__name__)
 
 ENGINE_DEVICE = "_engine"
@@ -98,6 +100,10 @@ class Supervision:
         key = (kind, name)
         self.failures[key] = self.failures.get(key, 0) + 1
         where = f"{kind} {name}" + (f" (site {site})" if site else "")
+        # a TwinError says what went wrong in its message (a camera that refuses, a peer that
+        # times out): one line per retry, the traceback only at debug. Anything else is a bug:
+        # its traceback is logged with the line.
+        known = isinstance(exc, TwinError)
         log.error(
             "%s failed (%d in a row): %s: %s; restarting in %.1fs",
             where,
@@ -105,8 +111,10 @@ class Supervision:
             type(exc).__name__,
             exc,
             delay,
-            exc_info=exc,
+            exc_info=None if known else exc,
         )
+        if known and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s failure traceback", where, exc_info=exc)
         if self.prom is not None:
             self._safe(lambda: self.prom.child(self.prom.supervised_failures, kind, name).inc())
         device, type_ = self.alarm_of(kind, name)

@@ -195,6 +195,38 @@ def parse_point(name: str, spec: Mapping[str, Any], defaults: Mapping[str, Any] 
     )
 
 
+MAX_WRITE_REGISTERS = 123  # per write request (FC 16)
+
+
+def parse_frame_block(spec: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(read fc, 0-based address, count)`` of one block of a codec's frame
+    (``{register: 40001, count: 4}``): registers only (FC 3/4), no bit fields."""
+    fc, address, bit = parse_register(spec.get("register"))
+    if fc in BIT_FC:
+        raise PointError(f"{FC_TABLE[fc]} are bits: a codec's frame is registers "
+                         "(3xxxx input, 4xxxx holding)", "register")
+    if bit is not None:
+        raise PointError("a frame block is whole registers, not a bit field", "register")
+    count = spec.get("count", 1)
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_REGISTERS:
+        raise PointError(f"count must be 1-{MAX_REGISTERS} registers (one request)", "count")
+    if address + count - 1 > 65535:
+        raise PointError(f"address {address} + {count} registers runs past 65535", "count")
+    return fc, address, count
+
+
+def parse_command_register(spec: Mapping[str, Any]) -> int:
+    """The 0-based holding register where a codec's encoded command frames are written."""
+    fc, address, bit = parse_register(spec.get("register"))
+    if fc != 3 or bit is not None:
+        raise PointError("commands are written to holding registers (4xxxx, whole registers)",
+                         "register")
+    if address + MAX_WRITE_REGISTERS - 1 > 65535:
+        raise PointError(f"a command frame of up to {MAX_WRITE_REGISTERS} registers from here "
+                         "runs past 65535", "register")
+    return address
+
+
 def overlaps(points: Iterable[Point]) -> list[tuple[Point, Point]]:
     """``(later, earlier)`` pairs of points (in the given order) whose addresses overlap in the
     same table. Bit fields of one register overlap only when they name the same bit; a bit
@@ -261,7 +293,8 @@ def model_type_problem(point: Point, declared: str | None) -> str | None:
 
 __all__ = [
     "FC_TABLE", "MAX_BITS", "MAX_REGISTERS", "ORDERS", "SIZES", "TYPES", "Point", "PointError",
-    "line_key", "merged_options", "model_type_problem", "overlaps", "parse_point", "parse_register",
+    "line_key", "merged_options", "model_type_problem", "overlaps", "parse_command_register",
+    "parse_frame_block", "parse_point", "parse_register",
 ]
 
 
@@ -339,7 +372,8 @@ def modbus_problems(loaded: Any) -> list[Any]:
         inherited = {n: p for n, p in model_points.get(str(spec.get("model")), {}).items()
                      if mmap is not None and n not in own}
         model_missing = bool(spec.get("model")) and (model is None or model.key in invalid)
-        if not own and not inherited and not model_missing:  # else: reported as the model's
+        has_frame = _frame_problems(doc, opts, problems)
+        if not own and not inherited and not model_missing and not has_frame:  # else: the model's
             problems.append(doc.problem(("spec", "binding", "modbus"), "no points to poll",
                                         "add points here or under the DeviceModel's spec.modbus"))
         decls = _model_decls(model)
@@ -387,6 +421,37 @@ def modbus_problems(loaded: Any) -> list[Any]:
                         f"{dict(serial0)}: one port has one baud rate, parity and framing"))
     problems.extend(server_problems(loaded))
     return problems
+
+
+def _frame_problems(doc: Any, opts: Mapping[str, Any], problems: list[Any]) -> bool:
+    """A codec's frame (``codec``, ``frame``, ``command``): each block parses, and they come
+    together. True when the device has a frame to poll."""
+    base = ("spec", "binding", "modbus")
+    frame = opts.get("frame")
+    codec = opts.get("codec")
+    if codec is not None and not frame:
+        problems.append(doc.problem((*base, "codec"), "a codec needs frame: the registers it decodes",
+                                    "e.g. frame: [{register: 40001, count: 4}]"))
+    if frame and codec is None:
+        problems.append(doc.problem((*base, "frame"), "frame without a codec: nothing decodes it",
+                                    "name a Plugin with role: codec in codec:"))
+    if opts.get("command") is not None and codec is None:
+        problems.append(doc.problem((*base, "command"), "command without a codec: nothing encodes it"))
+    for i, block in enumerate(frame if isinstance(frame, list) else []):
+        if not isinstance(block, Mapping):
+            continue
+        try:
+            parse_frame_block(block)
+        except PointError as exc:
+            path = (*base, "frame", i, exc.field) if exc.field in block else (*base, "frame", i)
+            problems.append(doc.problem(path, str(exc)))
+    cmd = opts.get("command")
+    if isinstance(cmd, Mapping):
+        try:
+            parse_command_register(cmd)
+        except PointError as exc:
+            problems.append(doc.problem((*base, "command", "register"), str(exc)))
+    return bool(frame) or codec is not None  # a codec without frame is reported above
 
 
 def _overlap_message(later: Point, earlier: Point) -> str:
