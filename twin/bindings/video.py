@@ -11,7 +11,7 @@ spec:
       transport: tcp                    # or udp
       username: admin
       password: {secret: plant-a/cam-gate}
-      record: {enabled: true, segment: 60s, retention: {days: 7, size_gb: 20}}
+      record: {enabled: true, segment: 10s, pre_roll: 5s, retention: {days: 7, size_gb: 20}}
       substream: {scale: 640x360, bitrate: 500k}   # optional H.264 rendition (transcoded)
       stall_timeout: 10s
 ```
@@ -23,8 +23,9 @@ cannot open it, it stalls, it sends garbage) reports a fault with the reason (``
 …``): status ``fault`` and an alarm, like any device, cleared when frames flow again.
 
 Commands (through the command ledger): ``start_stream``, ``stop_stream``, ``take_snapshot``
-(result: the saved image's reference), ``start_recording``, ``stop_recording``, ``ptz``
-(dispatched to the source; "camera has no PTZ" otherwise).
+(result: the saved image's reference), ``start_recording``, ``stop_recording`` (ffmpeg runs on:
+recording keeps the spool's segments, ``twin/video/spool.py``), ``ptz`` (dispatched to the
+source; "camera has no PTZ" otherwise).
 """
 
 from __future__ import annotations

@@ -9,8 +9,10 @@ HLS                   ``<camera dir>/hls/index.m3u8``: short segments (default 1
                       window of 6, sequence numbers from the epoch (monotonic over restarts)
 snapshot              keyframes only (``-skip_frame nokey``) as MJPEG to a pipe: the newest
                       JPEG is kept in memory (served in microseconds)
-recording             ``<camera dir>/rec/<UTC start>.ts``: MPEG-TS segments (readable after a
-                      SIGKILL, unlike a plain MP4), only while recording is on
+spool                 ``<camera dir>/spool/<UTC start>.ts``: MPEG-TS segments (readable after
+                      a SIGKILL, unlike a plain MP4), always; recording keeps them by linking
+                      them into ``rec/`` (``spool.py``): no restart to start or stop it; the
+                      camera's own stream (copy, even with ``transcode``)
 sub-stream            optional ``substream: {scale, bitrate}``: an H.264 HLS rendition in
                       ``hls-sub/``
 progress              ``-progress`` to a pipe every 0.5 s: frames, bytes (health + watchdog)
@@ -19,8 +21,8 @@ progress              ``-progress`` to a pipe every 0.5 s: frames, bytes (health
 :meth:`CameraPipeline.run` runs ffmpeg again and again: it returns nothing and raises
 :class:`PipelineError` when ffmpeg ends by itself or stalls (no new frame for
 ``stall_timeout``), so the engine's supervisor (``twin/runtime/supervisor.py``, handed in by the
-binding) restarts it with backoff. Turning the stream off or recording on/off restarts ffmpeg
-deliberately (not a failure).
+binding) restarts it with backoff. Turning the stream off ends ffmpeg deliberately (not a
+failure); recording on/off only changes which spool segments are kept.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ import ffmpeg
 import trio
 
 from twin.errors import BindingError
+from twin.video import spool
 from twin.video.flvhub import FlvError, FlvHub
+from twin.video.recordings import NAME_FORMAT
 from twin.video.sources import StreamSource
 
 log = logging.getLogger(__name__)
@@ -114,6 +118,11 @@ class Child:
             await self.wait()
 
 
+KEEP_EVERY = 0.5
+"""Seconds between two passes of the spool keeper (a segment is linked within this of its
+start; what ffmpeg wrote before the link is in it all the same)."""
+
+
 class PipelineError(BindingError):
     """ffmpeg ended or stalled; the message says why (credentials redacted)."""
 
@@ -142,7 +151,8 @@ class VideoOptions:
     hls_window: int = 6
     snapshot: bool = True
     record: bool = False
-    segment: float = 60.0
+    segment: float = 10.0  # spool/recording segment length (cut at the next keyframe)
+    pre_roll: float = 0.0  # seconds before start_recording that are kept (from the spool)
     retention_days: float | None = None
     retention_bytes: int | None = None
     stall_timeout: float = 10.0
@@ -167,7 +177,8 @@ class VideoOptions:
             hls_window=int(hls.get("window", 6)),
             snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
             record=bool(rec.get("enabled", False)),
-            segment=_seconds(rec.get("segment"), 60.0),
+            segment=_seconds(rec.get("segment"), 10.0),
+            pre_roll=_seconds(rec.get("pre_roll"), 0.0),
             retention_days=(float(retention["days"]) if retention.get("days") is not None
                             else None),
             retention_bytes=_size_bytes(retention.get("size_gb")),
@@ -200,7 +211,6 @@ def build_command(
     opts: VideoOptions,
     out_dir: Path,
     *,
-    recording: bool,
     flv_fd: int | str = 1,
     jpeg_fd: int | None = None,
     progress_fd: int | None = None,
@@ -215,7 +225,7 @@ def build_command(
         in_opts.setdefault("skip_loop_filter", "all")
     inp = ffmpeg.input(source.url, **in_opts)
     video: Any = inp["v:0"]
-    uses = 3 if recording else 2  # FLV, HLS (, recording)
+    uses = 2  # FLV, HLS (the spool copies the camera's own stream, transcoded or not)
     if opts.transcode is not None:
         # each output encodes its own copy (ffmpeg-python has no tee): transcoding costs
         # ``uses`` encoders; it is meant for the odd camera a browser cannot play
@@ -258,12 +268,11 @@ def build_command(
             hls_segment_filename=str(out_dir / "hls-sub" / "%d.ts"),
             **_h264(opts.substream.get("bitrate", "500k")),
         ))
-    if recording:
-        outputs.append(ffmpeg.output(
-            streams[2], str(out_dir / "rec" / "%Y%m%dT%H%M%SZ.ts"), format="segment",
-            segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
-            reset_timestamps=1, **main_codec,
-        ))
+    outputs.append(ffmpeg.output(
+        inp["v:0"], str(out_dir / "spool" / f"{NAME_FORMAT}.ts"), format="segment",
+        segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
+        reset_timestamps=1, **{"c:v": "copy"},
+    ))
     argv = ffmpeg.merge_outputs(*outputs).compile(cmd=FFMPEG)
     head = [argv[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
     if progress_fd is not None:
@@ -334,6 +343,7 @@ class CameraPipeline:
         self.health = StreamHealth()
         self.streaming = streaming
         self.recording = opts.record
+        self.keep_since = time.time() - opts.pre_roll  # spool segments ending later are kept
         self.snapshot: bytes | None = None
         self.snapshot_wall: float | None = None
         self.snapshot_event = trio.Event()
@@ -349,9 +359,36 @@ class CameraPipeline:
             self._changed.set()
 
     def set_recording(self, on: bool) -> None:
-        if on != self.recording:
-            self.recording = on
-            self._changed.set()
+        """Keep spool segments from now (minus the pre-roll) on, or stop keeping them; ffmpeg
+        runs on. The segment being written is linked at once: it is recorded when this
+        returns."""
+        if on == self.recording:
+            return
+        self.recording = on
+        if on:
+            self.keep_since = time.time() - self.opts.pre_roll
+            self._keep()
+
+    def _keep(self) -> None:
+        try:
+            spool.keep(self.out_dir / "spool", self.out_dir / "rec", self.keep_since,
+                       ongoing=self.process is not None)
+        except OSError as exc:
+            log.warning("camera %s (site %s): keeping recording segments failed: %s", self.name,
+                        self.site, exc)
+
+    async def _keeper(self) -> None:
+        """While ffmpeg runs: link new spool segments while recording, prune the spool."""
+        while True:
+            if self.recording:
+                await trio.to_thread.run_sync(self._keep)
+            try:
+                await trio.to_thread.run_sync(spool.prune, self.out_dir / "spool",
+                                              self.opts.pre_roll, time.time())
+            except OSError as exc:
+                log.warning("camera %s (site %s): pruning the spool failed: %s", self.name,
+                            self.site, exc)
+            await trio.sleep(KEEP_EVERY)
 
     def kill(self) -> None:
         """SIGKILL the running ffmpeg (tests, benchmarks: a crash)."""
@@ -370,8 +407,9 @@ class CameraPipeline:
             await self.run_once()
 
     def _prepare_dirs(self) -> None:
-        for sub in ("hls", "rec", "snapshots", "hls-sub"):
+        for sub in ("hls", "rec", "spool", "snapshots", "hls-sub"):
             (self.out_dir / sub).mkdir(parents=True, exist_ok=True)
+        spool.release_kept(self.out_dir / "spool")
         for old in (self.out_dir / "hls").iterdir():  # a previous run's live window
             if old.suffix in (".ts", ".m3u8", ".tmp"):
                 old.unlink(missing_ok=True)
@@ -392,8 +430,7 @@ class CameraPipeline:
         self.stderr.clear()
         jpeg_r, jpeg_w = os.pipe()
         prog_r, prog_w = os.pipe()
-        self.argv = build_command(self.source, self.opts, self.out_dir, recording=self.recording,
-                                  flv_fd=1, jpeg_fd=jpeg_w, progress_fd=prog_w)
+        self.argv = build_command(self.source, self.opts, self.out_dir, flv_fd=1, jpeg_fd=jpeg_w, progress_fd=prog_w)
         env = {**os.environ, "TZ": "UTC"}
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -420,6 +457,7 @@ class CameraPipeline:
                 nursery.start_soon(self._read_jpeg, jpeg)
                 nursery.start_soon(self._read_progress, prog)
                 nursery.start_soon(self._read_stderr, err)
+                nursery.start_soon(self._keeper)
 
                 async def changed() -> None:
                     nonlocal deliberate

@@ -1,7 +1,7 @@
 """Recordings: MPEG-TS segments per camera, listed by time, exported as clips, kept by retention.
 
-A camera's ffmpeg writes ``<camera dir>/rec/<UTC start, %Y%m%dT%H%M%SZ>.ts`` while recording is
-on (``twin/video/pipeline.py``). A segment's start is its name; its end is the next segment's
+A camera's recordings are ``<camera dir>/rec/<UTC start, %Y%m%dT%H%M%SZ>.ts``: the segments of
+its ffmpeg's spool kept while recording is on (``twin/video/spool.py``). A segment's start is its name; its end is the next segment's
 start when that follows on (or its file's modification time). MPEG-TS needs no trailer: a
 segment cut off by a SIGKILL is still readable up to its last packet.
 
@@ -35,7 +35,8 @@ class Segment:
 
 def parse_start(name: str) -> float | None:
     try:
-        return float(calendar.timegm(time.strptime(name.removesuffix(".ts"), NAME_FORMAT)))
+        stem = name.removesuffix(".ts").split("-", 1)[0]  # "-N": a second segment that second
+        return float(calendar.timegm(time.strptime(stem, NAME_FORMAT)))
     except ValueError:
         return None
 
