@@ -125,6 +125,44 @@ async def test_reads_clock_values_in_all_four_float_orders(peer: int) -> None:
     assert got["di"].value is True
 
 
+def test_read_quality_good_stale_bad() -> None:
+    """A peer that stops answering (SIGSTOP) after a good read: the next read re-reports the
+    last good values as stale; an address the unit refuses is bad (no value)."""
+    import signal
+
+    port = free_port()
+    proc = start_peer("--port", str(port), "--units", "1")
+
+    async def main() -> tuple[dict[str, Reading], dict[str, Reading], dict[str, Reading]]:
+        pts = {"neg": CLOCK_POINTS["neg"], "unit_hr": CLOCK_POINTS["unit_hr"]}
+        b = binding(port, unit=1, points=pts)
+        refused = binding(port, unit=1, points={"far": {"register": 49001}})
+        await b.connect()
+        await refused.connect()
+        try:
+            good = by_point(await b.read())
+            bad = by_point(await refused.read())
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                stale = by_point(await b.read())
+            finally:
+                proc.send_signal(signal.SIGCONT)
+        finally:
+            await refused.close()
+            await b.close()
+        return good, stale, bad
+
+    try:
+        good, stale, bad = trio.run(main)
+    finally:
+        stop(proc)
+    assert {r.quality for r in good.values()} == {Quality.GOOD}
+    assert {k: (r.value, r.quality) for k, r in stale.items()} == {
+        "neg": (-1, Quality.STALE), "unit_hr": (1, Quality.STALE)}
+    assert stale["neg"].ts >= good["neg"].ts
+    assert bad["far"].quality is Quality.BAD and bad["far"].value is None
+
+
 async def test_coalesced_into_few_requests(peer: int) -> None:
     b = binding(peer, unit=3)
     await b.connect()

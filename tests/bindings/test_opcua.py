@@ -248,7 +248,8 @@ def test_value_mapping() -> None:
     from asyncua import ua
 
     assert status_quality(ua.StatusCode(0)) is Quality.GOOD
-    assert status_quality(ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)) is Quality.UNCERTAIN
+    assert status_quality(ua.StatusCode(ua.StatusCodes.UncertainLastUsableValue)) is Quality.STALE
+    assert status_quality(ua.StatusCode(ua.StatusCodes.UncertainSensorNotAccurate)) is Quality.UNCERTAIN
     assert status_quality(ua.StatusCode(ua.StatusCodes.BadCommunicationError)) is Quality.BAD
     assert to_json_value(ua.LocalizedText("hi")) == "hi"
     assert to_json_value(b"\x01\x02") == "0102"

@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -388,6 +389,34 @@ async def test_client_modes_poll_observe_write_command(device_server: str) -> No
             await b.send_command("fail", {})
     finally:
         await b.close()
+    # read quality when polling: a value older than 3 poll intervals is stale; a poll that
+    # fails re-reports the last good values as stale, then ends the session
+    from twin.bindings.base import BindingContext, Quality
+
+    late = CoapBinding("dev", {**opts, "points": {"temperature": {"path": "t"}}},
+                       BindingContext(clock=lambda: time.time() + 10))
+    await late.connect()
+    try:
+        (old,) = await late.read()
+        assert old.quality is Quality.STALE and isinstance(old.value, float)
+    finally:
+        await late.close()
+    b = CoapBinding("dev", {**opts, "points": {"humidity": {"path": "rh"}}, "timeout": "300ms"})
+    await b.connect()
+    sent: list[Message] = []
+    try:
+        (good,) = await b.read()
+        assert good.quality is Quality.GOOD and good.value == 40
+        b.url = f"coap://127.0.0.1:{free_udp_port()}/sensors"  # nobody answers there
+        send, recv = trio.open_memory_channel[Message](100)
+        with pytest.raises(BindingError, match=r"GET .*sensors"):  # unreachable or timed out
+            await b.subscribe(send)
+        send.close()
+        sent = [m async for m in recv]
+    finally:
+        await b.close()
+    assert [(r.point, r.value, r.quality) for r in sent if isinstance(r, Reading)] == [
+        ("humidity", 40, Quality.STALE)]
     # observe: notifications pushed by the device, values rising
     b = CoapBinding("dev", {**opts, "mode": "observe", "points": {"temperature": {"path": "t"},
                                                                   "mode": {"path": "mode"}}})

@@ -131,6 +131,23 @@ def test_bad_quality_is_skipped_by_aggregates(store: TimeSeriesStore) -> None:
     assert t.to_pylist()[0]["max"] == 4
 
 
+def test_stale_points_are_raw_but_not_aggregated(store: TimeSeriesStore) -> None:
+    """Quality 3 (stale: the last good value re-reported after a failed poll) is stored and read
+    back raw with its flag; aggregates count good and uncertain points only."""
+    recs = series("d1", "temp", 6, step=1.0, start=1_700_000_040.0)
+    recs[1] = (*recs[1][:4], int(Quality.UNCERTAIN), *recs[1][5:])  # type: ignore[assignment]
+    recs[4] = (*recs[4][:2], recs[3][2], recs[4][3], int(Quality.STALE), *recs[4][5:])  # type: ignore[assignment]
+    recs[5] = (*recs[5][:2], recs[3][2], recs[5][3], int(Quality.STALE), *recs[5][5:])  # type: ignore[assignment]
+    store.write_records(recs)
+    raw = store.query(TimeSeriesQuery(1_700_000_040.0, 1_700_000_100.0)).to_pylist()
+    assert [r["quality"] for r in sorted(raw, key=lambda r: r["ts"])] == [0, 1, 0, 0, 3, 3]
+    t = store.query(
+        TimeSeriesQuery(1_700_000_040.0, 1_700_000_100.0, bucket=60, aggregates=("count", "max"))
+    )
+    assert t.to_pylist()[0]["count"] == 4
+    assert t.to_pylist()[0]["max"] == 3
+
+
 def test_selectors_and_group_by(store: TimeSeriesStore) -> None:
     store.write_records(
         series(

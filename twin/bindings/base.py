@@ -23,9 +23,22 @@ if TYPE_CHECKING:
 
 
 class Quality(enum.StrEnum):
+    """How far a reading can be trusted (stored with it: twin/timeseries/base.py)."""
+
     GOOD = "good"
-    UNCERTAIN = "uncertain"  # also "stale": the last good value repeated after a failed poll
+    UNCERTAIN = "uncertain"
+    """The source says the value may be wrong (an OPC UA ``Uncertain*`` status, a video
+    stream that is not live)."""
+    STALE = "stale"
+    """The last good value again, not a new observation: a poll failed or timed out, or the
+    value is older than its poll interval x ``STALE_AFTER`` (OPC UA
+    ``UncertainLastUsableValue``)."""
     BAD = "bad"
+    """A read or decoding error: no usable value."""
+
+
+STALE_AFTER = 3
+"""A polled value whose own timestamp is older than this many poll intervals is stale."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,10 @@ Two modes:
   and observes its commands and desired values, and answers commands.
 * ``poll`` / ``observe``: the device is a CoAP *server*; the engine GETs ``url`` every
   ``interval`` (poll) or observes it (RFC 7641: the device pushes every change), PUTs writes to
-  ``write_url`` and POSTs commands to ``command_url``.
+  ``write_url`` and POSTs commands to ``command_url``. Read quality when polling: a poll
+  that fails re-reports the last good values as ``stale`` (then the device reconnects with
+  backoff); a value whose own ``ts`` is older than ``interval`` x 3 is ``stale``; a point
+  missing from the answer or refused is ``bad``.
 
 ```yaml
 binding:
@@ -64,6 +67,7 @@ import trio
 
 from twin.bindings import aio
 from twin.bindings.base import (
+    STALE_AFTER,
     BindingContext,
     DeviceEvent,
     EventType,
@@ -353,6 +357,7 @@ class CoapBinding:
         self._ctx: Any = None  # aiocoap client context (asyncio thread)
         self.refused = 0
         self.requests = 0
+        self.last: dict[str, Any] = {}  # point -> last good value (re-reported stale)
 
     # -- push ------------------------------------------------------------------------------
     def _hub(self) -> CoapHub:
@@ -408,7 +413,12 @@ class CoapBinding:
         if self.mode == "observe":
             await self._observe(send)
         while True:
-            readings = await self.read()
+            try:
+                readings = await self.read()
+            except BindingError:
+                for r in self._stale():  # then the device task reconnects with backoff
+                    await send.send(r)
+                raise
             for r in readings:
                 await send.send(r)
             if not readings:
@@ -498,6 +508,10 @@ class CoapBinding:
         raw_ts = doc.get("ts")
         if isinstance(raw_ts, int | float) and not isinstance(raw_ts, bool) and math.isfinite(raw_ts):
             ts = float(raw_ts) / 1000.0 if raw_ts > 1e11 else float(raw_ts)
+        # a polled device that answers with a value older than a few poll intervals is
+        # repeating what it had, not observing
+        quality = (Quality.STALE if self.mode == "poll" and now - ts > STALE_AFTER * self.interval
+                   else Quality.GOOD)  # fmt: skip
         for point, path in wanted.items():
             try:
                 value = check_value(_extract(doc, path), point)
@@ -514,8 +528,15 @@ class CoapBinding:
                     check_data({"v": value}, point)
                 except ValueRefused:
                     continue
-            out.append(Reading(self.device, point, value, ts))
+            if quality is Quality.GOOD:
+                self.last[point] = value
+            out.append(Reading(self.device, point, value, ts, quality))
         return out
+
+    def _stale(self) -> list[Reading]:
+        """The last good values again, flagged stale (a poll failed)."""
+        now = self._clock()
+        return [Reading(self.device, p, v, now, Quality.STALE) for p, v in self.last.items()]
 
     async def read(self, points: list[str] | None = None) -> list[Reading]:
         if self.mode == "push":

@@ -33,7 +33,7 @@ How it runs
     Trio lock, with the serial inter-frame delay between them.
   * Each poll group runs on its own fixed-rate schedule; its points are coalesced into as few
     requests as possible. A request that fails is retried; a unit that does not answer skips
-    the rest of its cycle (its points are reported ``uncertain`` = stale: the last good value
+    the rest of its cycle (its points are reported ``stale``: the last good value
     again), and after ``max_failures`` (3) silent cycles its session ends: the device task
     reconnects it with backoff while the other units on the line keep their schedule (a dead
     unit costs the line at most ``timeout * (retries+1)`` per backoff period). A Modbus
@@ -431,7 +431,7 @@ class ModbusBinding:
 
     def _stale(self, block: Block, ts: float) -> list[Reading]:
         return [
-            Reading(self.device, p.name, self.last[p.name], ts, Quality.UNCERTAIN)
+            Reading(self.device, p.name, self.last[p.name], ts, Quality.STALE)
             for p in block.points
             if p.name in self.last
         ]

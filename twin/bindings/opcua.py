@@ -130,14 +130,19 @@ def to_json_value(v: Any, depth: int = 0) -> Any:
     return str(v)[:1024]
 
 
+_LAST_USABLE = 0x40900000
+"""StatusCode ``UncertainLastUsableValue`` (OPC UA Part 4, 7.39; info bits masked off)."""
+
+
 def status_quality(code: Any) -> Quality:
-    """OPC UA StatusCode (top two bits: 00 good, 01 uncertain, 1x bad) as a Quality."""
+    """OPC UA StatusCode (top two bits: 00 good, 01 uncertain, 1x bad) as a Quality;
+    ``UncertainLastUsableValue`` (the server repeats the last value it had) is stale."""
     value = int(getattr(code, "value", code) or 0)
     severity = (value >> 30) & 0b11
     if severity == 0:
         return Quality.GOOD
     if severity == 1:
-        return Quality.UNCERTAIN
+        return Quality.STALE if value & 0xFFFF0000 == _LAST_USABLE else Quality.UNCERTAIN
     return Quality.BAD
 
 

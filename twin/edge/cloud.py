@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 MARKER_POINT = "covered"
 OFFLINE_ALARM = "edge_offline"
-_QUALITIES = frozenset(("good", "uncertain", "bad"))
+_QUALITIES = frozenset(("good", "uncertain", "bad", "stale"))
 DOWN_KINDS = ("Site", "DeviceModel", "DeviceGroup", "Device", "Scene", "RetentionPolicy",
               "Model", "EdgeNode")  # fmt: skip
 

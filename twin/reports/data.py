@@ -19,7 +19,7 @@ from twin.registry.base import Key, Registry
 from twin.reports.model import NUMBER, TEXT, TIME, ReportData, SectionData, Series, Table
 from twin.spec.dashboards import as_list, model_points, panel_metrics, select_devices
 from twin.spec.periods import Period
-from twin.timeseries.base import Selector, TimeSeriesQuery, TimeSeriesStore
+from twin.timeseries.base import Quality, Selector, TimeSeriesQuery, TimeSeriesStore
 
 MAX_LINES = 8
 """A chart with more series than this shows their mean with a min-max band instead."""
@@ -247,7 +247,7 @@ class Gatherer:
             rows.append([
                 _ts(cols["ts"][i]), cols["device"][i], cols["metric"][i],
                 v if v is not None else cols["value_str"][i],
-                ("good", "uncertain", "bad")[int(cols["quality"][i] or 0)],
+                Quality(int(cols["quality"][i] or 0)).name.lower(),
             ])
         rows.sort(key=lambda r: (r[1], r[2], r[0]))
         s.table = Table(["time", "device", "metric", "value", "quality"],

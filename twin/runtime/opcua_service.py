@@ -12,7 +12,8 @@ Address space (namespace ``urn:flux-iot:twins``; every NodeId a string)::
                                     out: result (String, JSON)
 
 Variables are read-only here and carry each reading's value, source timestamp and a StatusCode
-from its quality (good / uncertain / bad; ``BadWaitingForInitialData`` until the first value).
+from its quality (good / uncertain / bad; stale as ``UncertainLastUsableValue``;
+``BadWaitingForInitialData`` until the first value).
 Clients subscribe to them as to any PLC. Writing desired state is a command (``set``) through
 the REST API or a method.
 
@@ -403,7 +404,7 @@ class _UaServer:
         from asyncua import ua
 
         codes = {"good": ua.StatusCodes.Good, "uncertain": ua.StatusCodes.Uncertain,
-                 "bad": ua.StatusCodes.Bad}
+                 "stale": ua.StatusCodes.UncertainLastUsableValue, "bad": ua.StatusCodes.Bad}
         for (device, point), (value, ts, quality) in batch.items():
             if device not in self.devices:
                 continue

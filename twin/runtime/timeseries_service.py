@@ -109,7 +109,7 @@ STORAGE_DEVICE = "_storage"
 DISK_ALARM = "disk_nearly_full"
 WAL_ALARM = "wal_write_failed"
 
-_QUALITY = {"good": 0, "uncertain": 1, "bad": 2}
+_QUALITY = {q.name.lower(): int(q) for q in Quality}
 
 
 class _Prom:

@@ -16,8 +16,11 @@ A binding produces ``Reading(device, point, value, ts, quality)``; the device sp
   ``LIKE '%,hvac,%'`` on either backend, and group-by-tag parses it.
 * numbers and bools go to ``value`` (float64; bools as 0/1 so ``avg`` is a duty cycle),
   strings to ``value_str``; ``kind`` says which (0 number, 1 bool, 2 string).
-* ``quality`` is 0 good, 1 uncertain, 2 bad. Aggregates and downsampling skip bad points;
-  raw queries return them with their flag.
+* ``quality`` is 0 good, 1 uncertain, 2 bad, 3 stale (the last good value re-reported after a
+  failed poll; added later, so older data has 0-2 only). Aggregates and downsampling skip bad
+  and stale points (``quality < 2``: a stale point repeats an observation already counted, and
+  would drag an average towards the frozen value during an outage); raw queries return every
+  point with its flag.
 
 Aggregates travel as *partials* (count, sum, min, max, first/last with their times) per
 ``(bucket, series)``, the shape that downsampling tiers store. Partials combine exactly,
@@ -44,6 +47,7 @@ class Quality(IntEnum):
     GOOD = 0
     UNCERTAIN = 1
     BAD = 2
+    STALE = 3  # after BAD so that ``quality < 2`` (what aggregates keep) skips it
 
     @classmethod
     def parse(cls, value: Quality | int | str | None) -> Quality:
