@@ -2,7 +2,7 @@
 the same aiocoap server, in one run; and POST/s into the engine's CoAP server (readings to the
 write-ahead-log-less device path, device key checked).
 
-    python benchmarks/protocols/coap.py [--seconds 5] [--concurrency 1 10] [--rounds 2]
+    python benchmarks/protocols/coap.py [--seconds 1] [--concurrency 1 10] [--rounds 10]
 
 * server: an aiocoap server in another process with one resource (``GET /v`` -> 8 bytes);
 * plain: ``--concurrency`` asyncio tasks each awaiting ``ctx.request(GET).response`` in a loop;
@@ -13,13 +13,15 @@ write-ahead-log-less device path, device key checked).
   ``/d/{device}?k=KEY`` of :class:`twin.runtime.coap_service.CoapService` in an engine in this
   process (every request crosses the bridge twice and checks the key): requests/s.
 
-Rounds alternate plain/bridge; figures are means.
+Rounds interleave bridge, plain, bridge, plain, ... (``rounds.py``): medians, the ratio per
+round, and process CPU time per GET.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -27,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import Round, report
 
 
 def free_udp() -> int:
@@ -53,60 +58,59 @@ def serve(port: int) -> None:
     asyncio.run(main())
 
 
-async def _loop(ctx: Any, uri: str, deadline: float) -> int:
+async def _loop(ctx: Any, uri: str, deadline: float, r: Round) -> None:
     from aiocoap import GET, Message
 
-    n = 0
-    while time.perf_counter() < deadline:
+    while (t := time.perf_counter()) < deadline:
         await ctx.request(Message(code=GET, uri=uri)).response
-        n += 1
-    return n
+        r.count(t)
 
 
-def plain(uri: str, conc: int, seconds: float) -> float:
+def plain(uri: str, conc: int, seconds: float) -> Round:
     from aiocoap import Context
 
-    async def main() -> float:
+    async def main() -> Round:
         ctx = await Context.create_client_context()
-        await _loop(ctx, uri, time.perf_counter() + 0.3)  # warm-up
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(_loop(ctx, uri, t0 + seconds) for _ in range(conc)))
-        rate = sum(counts) / (time.perf_counter() - t0)
+        await _loop(ctx, uri, time.perf_counter() + 0.2, Round())  # warm-up
+        r = Round()
+        r.start()
+        deadline = time.perf_counter() + seconds
+        await asyncio.gather(*(_loop(ctx, uri, deadline, r) for _ in range(conc)))
+        r.stop()
         await ctx.shutdown()
-        return rate
+        return r
 
     return asyncio.run(main())
 
 
-def bridged(uri: str, conc: int, seconds: float) -> float:
+def bridged(uri: str, conc: int, seconds: float) -> Round:
     import trio
 
     from twin.bindings import aio
 
-    async def main() -> float:
+    async def main() -> Round:
         from aiocoap import GET, Context, Message
 
         create: Any = Context.create_client_context
         ctx = await aio.run(create)
-        total = 0
 
-        async def worker(deadline: float) -> None:
-            nonlocal total
-            while time.perf_counter() < deadline:
+        async def worker(deadline: float, r: Round) -> None:
+            while (t := time.perf_counter()) < deadline:
                 req: Any = lambda: ctx.request(Message(code=GET, uri=uri)).response  # noqa: E731
                 await aio.run(req)
-                total += 1
+                r.count(t)
 
-        await worker(time.perf_counter() + 0.3)
-        total = 0
-        t0 = time.perf_counter()
+        await worker(time.perf_counter() + 0.2, Round())  # warm-up
+        r = Round()
+        r.start()
+        deadline = time.perf_counter() + seconds
         async with trio.open_nursery() as n:
             for _ in range(conc):
-                n.start_soon(worker, t0 + seconds)
-        rate = total / (time.perf_counter() - t0)
+                n.start_soon(worker, deadline, r)
+        r.stop()
         shutdown: Any = ctx.shutdown
         await aio.run(shutdown)
-        return rate
+        return r
 
     try:
         return trio.run(main)
@@ -179,9 +183,9 @@ def engine_server(conc: int, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 10])
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -194,23 +198,19 @@ def main() -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("ready")
         uri = f"coap://127.0.0.1:{port}/v"
-        print(f"aiocoap GET /v, {a.seconds:g} s x {a.rounds} rounds")
-        print(f"{'client':<30}{'GET/s':>10}")
+        print(f"aiocoap GET /v, rounds of {a.seconds:g} s per mode, interleaved; "
+              f"load average {os.getloadavg()[0]:.2f}")
         for conc in a.concurrency:
-            p, b = [], []
-            for _ in range(a.rounds):  # alternating, so that load changes hit both alike
-                p.append(plain(uri, conc, a.seconds))
-                b.append(bridged(uri, conc, a.seconds))
-            pm, bm = sum(p) / len(p), sum(b) / len(b)
-            print(f"{f'plain asyncio, {conc} task(s)':<30}{pm:>10,.0f}")
-            print(f"{f'bridge, {conc} Trio task(s)':<30}{bm:>10,.0f}   {bm / pm:.2f}x plain "
-                  "(goal >= 0.8x)")
+            rounds = [(bridged(uri, conc, a.seconds), plain(uri, conc, a.seconds))
+                      for _ in range(a.rounds)]
+            report(f"GET /v, {conc} caller(s)", ("bridge (Trio, aio.run)", "plain asyncio"),
+                   rounds, "GET")
     finally:
         proc.terminate()
         proc.wait(10)
     for conc in a.concurrency:
         rate = engine_server(conc, a.seconds)
-        print(f"{f'engine server POST, {conc} client(s)':<30}{rate:>10,.0f} POST/s (key checked, "
+        print(f"{f'engine server POST, {conc} client(s)':<34}{rate:>10,.0f} POST/s (key checked, "
               "device task)")
 
 

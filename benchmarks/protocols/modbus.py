@@ -1,13 +1,15 @@
 """Modbus through the asyncio↔Trio bridge, against plain asyncio pymodbus, in one run; and
 polling at scale.
 
-    python benchmarks/protocols/modbus.py [--seconds 5] [--devices 500] [--poll-seconds 20]
+    python benchmarks/protocols/modbus.py [--seconds 1] [--rounds 10] [--devices 500] [--poll-seconds 20]
 
 1. Requests/s: ``read_holding_registers(0, count=10)`` in a loop on 1 and on 10 connections,
    (a) plain asyncio (``asyncio.run``, the pymodbus client awaited directly), (b) the same
    client driven from Trio through ``twin.bindings.aio.run`` (one call per request), (c) the
    binding's own request path (``Line.call``: fair lock, Trio timeout, metrics). The server is
    a plain pymodbus server in another process (pinned to the other core when there are two).
+   Rounds of ``--seconds`` interleave the modes (bridge, binding, plain, bridge, ...;
+   ``rounds.py``): medians, each round's ratio to plain, and process CPU time per request.
 2. Scale: ``--devices`` ModbusBinding devices x 30 points (20 in input registers: 10 float32
    + 10 int16; 10 holding-register uint16; two coalesced requests per device) polled every
    second through 50 simulated gateways (10 units each, one shared connection per gateway),
@@ -32,6 +34,9 @@ import trio
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rounds import Round, report  # noqa: E402
 
 from twin.bindings import aio  # noqa: E402
 from twin.bindings.modbus import Line, ModbusBinding  # noqa: E402
@@ -98,32 +103,34 @@ def make_client(port: int) -> Any:
 
 
 # -- 1. requests/s -------------------------------------------------------------------------------
-def plain_asyncio(port: int, conns: int, seconds: float) -> int:
-    async def main() -> int:
+def plain_asyncio(port: int, conns: int, seconds: float) -> Round:
+    async def main() -> Round:
         clients = [make_client(port) for _ in range(conns)]
         for c in clients:
             await c.connect()
-        count = 0
-        stop = time.perf_counter() + seconds
+        r = Round()
 
-        async def worker(c: Any) -> None:
-            nonlocal count
-            while time.perf_counter() < stop:
+        async def worker(c: Any, stop: float) -> None:
+            while (t := time.perf_counter()) < stop:
                 await c.read_holding_registers(0, count=10, device_id=1)
-                count += 1
+                r.count(t)
 
-        await asyncio.gather(*(worker(c) for c in clients))
+        await asyncio.gather(*(worker(c, time.perf_counter() + 0.1) for c in clients))  # warm-up
+        r = Round()
+        r.start()
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(worker(c, stop) for c in clients))
+        r.stop()
         for c in clients:
             c.close()
-        return count
+        return r
 
     return asyncio.run(main())
 
 
-def bridged(port: int, conns: int, seconds: float, binding_path: bool) -> int:
-    async def main() -> int:
-        count = 0
-        stop = trio.current_time() + seconds
+def bridged(port: int, conns: int, seconds: float, binding_path: bool) -> Round:
+    async def main() -> Round:
+        r = Round()
         if binding_path:
             # one Line (the binding's shared connection to a gateway) per connection
             lines = [Line(("tcp", "127.0.0.1", str(port), f"bench{i}"),
@@ -132,34 +139,42 @@ def bridged(port: int, conns: int, seconds: float, binding_path: bool) -> int:
                 async with line.lock:
                     await line._ensure()
 
-            async def worker(line: Line) -> None:
-                nonlocal count
-                while trio.current_time() < stop:
+            async def worker(line: Line, stop: float) -> None:
+                while (t := time.perf_counter()) < stop:
                     await line.call("bench", lambda c: c.read_holding_registers(0, count=10, device_id=1), 5.0, 0)
-                    count += 1
+                    r.count(t)
 
-            async with trio.open_nursery() as n:
-                for line in lines:
-                    n.start_soon(worker, line)
+            for warm in (True, False):
+                r = Round()
+                r.start()
+                stop = time.perf_counter() + (0.1 if warm else seconds)
+                async with trio.open_nursery() as n:
+                    for line in lines:
+                        n.start_soon(worker, line, stop)
+                r.stop()
             for line in lines:
                 await line._drop()
-            return count
+            return r
         clients = [await aio.run(lambda: make_client(port)) for _ in range(conns)]
         for c in clients:
             await aio.run(c.connect)
 
-        async def rworker(c: Any) -> None:
-            nonlocal count
-            while trio.current_time() < stop:
+        async def rworker(c: Any, stop: float) -> None:
+            while (t := time.perf_counter()) < stop:
                 await aio.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
-                count += 1
+                r.count(t)
 
-        async with trio.open_nursery() as n:
-            for c in clients:
-                n.start_soon(rworker, c)
+        for warm in (True, False):
+            r = Round()
+            r.start()
+            stop = time.perf_counter() + (0.1 if warm else seconds)
+            async with trio.open_nursery() as n:
+                for c in clients:
+                    n.start_soon(rworker, c, stop)
+            r.stop()
         for c in clients:
             await aio.run(c.close)
-        return count
+        return r
 
     try:
         return trio.run(main)
@@ -229,7 +244,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve")
     ap.add_argument("--units", type=int, default=1)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--poll-seconds", type=float, default=20.0)
     ap.add_argument("--skip-scale", action="store_true")
@@ -244,22 +260,12 @@ def main() -> None:
     (port,) = free_ports(1)
     server = start_server([port], 1, 1 if two_cores else None)
     try:
-        print(f"{'pymodbus read_holding_registers(10)':<40}{'1 conn':>10}{'10 conns':>10}")
-        rows: dict[str, list[float]] = {"plain asyncio": [], "bridge (aio.run)": [], "binding (Line.call)": []}
-        for conns in (1, 10):  # two alternating rounds each (the machine's load moves)
-            got: dict[str, float] = dict.fromkeys(rows, 0.0)
-            for _ in range(2):
-                got["plain asyncio"] += plain_asyncio(port, conns, args.seconds) / args.seconds / 2
-                got["bridge (aio.run)"] += bridged(port, conns, args.seconds, False) / args.seconds / 2
-                got["binding (Line.call)"] += bridged(port, conns, args.seconds, True) / args.seconds / 2
-            for name, v in got.items():
-                rows[name].append(v)
-        for name, vals in rows.items():
-            print(f"{name + ' req/s':<40}{vals[0]:>10,.0f}{vals[1]:>10,.0f}")
-        base = rows["plain asyncio"]
-        for name in ("bridge (aio.run)", "binding (Line.call)"):
-            v = rows[name]
-            print(f"{name + ' / plain':<40}{v[0] / base[0]:>10.2f}{v[1] / base[1]:>10.2f}")
+        for conns in (1, 10):
+            rounds = [(bridged(port, conns, args.seconds, False), bridged(port, conns, args.seconds, True),
+                       plain_asyncio(port, conns, args.seconds)) for _ in range(args.rounds)]
+            report(f"pymodbus read_holding_registers(0, count=10), {conns} connection(s), "
+                   f"{args.seconds:g} s per round",
+                   ("bridge (aio.run)", "binding (Line.call)", "plain asyncio"), rounds)
     finally:
         server.terminate()
         server.wait()
