@@ -49,6 +49,8 @@ def peer() -> Iterator[int]:
 @pytest.fixture(autouse=True)
 def plugins() -> Iterator[None]:
     host = registry.host()
+    host.sync({})
+    host.stats.clear()  # counts of earlier tests' plugins of the same name
     errors = host.sync({
         ("Plugin", "acme"): plugin("acme", acme_wasm()),
         ("Plugin", "lvl"): plugin("lvl", LEVEL_CODEC, starlark=True),

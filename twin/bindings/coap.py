@@ -21,7 +21,21 @@ binding:
   coap: {mode: observe, url: "coap://10.0.0.31/sensors", interval: 30s,
          points: {temperature: {path: t}}, write_url: "coap://10.0.0.31/config",
          command_url: "coap://10.0.0.31/cmd", timeout: 5s}
+binding:
+  coap: {codec: acme-th8}                    # push: the body is the device's own binary frame
+binding:
+  coap: {mode: observe, url: "coap://10.0.0.31/frame", codec: acme-th8,
+         command_url: "coap://10.0.0.31/cmd"}
 ```
+
+**Codec** (``codec``: a Plugin with role codec, instead of ``format`` and ``points``): the
+payload is the device's own format, any Content-Format. Push: each POST/PUT body to
+``/d/{device}`` is one payload for the codec's ``decode`` (then the device's transform, then
+the write-ahead log, then 2.04). Poll/observe: each answer or notification is one payload;
+notifications that arrive together are decoded in one plugin call. Commands to
+``command_url`` are the codec's ``encode`` of ``{name, params}`` (Content-Format 42); the
+answer is JSON/CBOR if it is, else ``{"payload": hex}``. A codec that fails gives a ``bad``
+reading (``payload``), never a stalled binding.
 
 Push protocol (resources of the engine's server; payloads JSON, Content-Format 50, or CBOR, 60;
 the answer uses the request's Accept, else its Content-Format, else JSON)::
@@ -66,6 +80,7 @@ from typing import Any
 import trio
 
 from twin.bindings import aio
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import (
     STALE_AFTER,
     BindingContext,
@@ -89,6 +104,7 @@ COAP_SCHEMA: dict[str, Any] = binding_schema("coap")
 """JSON Schema of ``spec.binding.coap``: specs/binding-coap.schema.json, the one source."""
 
 CT_TEXT = 0
+CT_OCTETS = 42
 CT_JSON = 50
 CT_CBOR = 60
 MAX_PAYLOAD = 64 * 1024  # one assembled request body
@@ -184,6 +200,7 @@ class _Slot:
     desired: dict[str, Any] = field(default_factory=dict)
     commands: dict[str, dict[str, Any]] = field(default_factory=dict)
     waiters: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
+    codec: str | None = None
 
 
 class CoapHub:
@@ -205,8 +222,17 @@ class CoapHub:
     def running(self, device: str) -> bool:
         return device in self._slots
 
-    def attach(self, device: str, send: trio.MemorySendChannel[Message], psk: bytes | None) -> None:
-        self._slots[device] = _Slot(send, psk)
+    def codecs(self) -> dict[str, str]:
+        """Running devices whose payloads a codec decodes (their bodies are not JSON/CBOR)."""
+        return {d: s.codec for d, s in self._slots.items() if s.codec is not None}
+
+    def codec(self, device: str) -> str | None:
+        slot = self._slots.get(device)
+        return slot.codec if slot is not None else None
+
+    def attach(self, device: str, send: trio.MemorySendChannel[Message], psk: bytes | None,
+               codec: str | None = None) -> None:
+        self._slots[device] = _Slot(send, psk, codec=codec)
         self.ingest.attach(device, send)
         if psk:
             self.psk[device] = psk
@@ -350,6 +376,7 @@ class CoapBinding:
         self.timeout = parse_duration(options.get("timeout", "5s")) or 5.0
         self.command_timeout = parse_duration(options.get("command_timeout", "30s")) or 30.0
         self.format = CT_CBOR if options.get("format") == "cbor" else CT_JSON
+        self.codec: str | None = options.get("codec")  # a Plugin (role codec) decodes payloads
         self.points = {
             str(k): str((v or {}).get("path", k)) for k, v in (options.get("points") or {}).items()
         }
@@ -405,7 +432,7 @@ class CoapBinding:
     async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
         if self.mode == "push":
             hub = self._hub()
-            hub.attach(self.device, send, self._psk())
+            hub.attach(self.device, send, self._psk(), self.codec)
             try:
                 await trio.sleep_forever()
             finally:
@@ -448,6 +475,16 @@ class CoapBinding:
             )
         if not self.command_url:
             raise CommandError(f"coap device {self.device!r}: no command_url configured")
+        if self.codec is not None and plugin_edge.can_encode(self.codec):
+            frame = await plugin_edge.encode_off_loop(self.codec, {"name": name, "params": dict(params)})
+            if frame is None:
+                raise CommandError(f"coap device {self.device!r}: codec {self.codec!r} could not "
+                                   f"encode command {name!r}")
+            try:
+                _, answer = await self._request("POST", str(self.command_url), frame=frame)
+            except BindingError as exc:
+                raise CommandError(str(exc)) from exc
+            return answer
         try:
             _, doc = await self._request(
                 "POST", str(self.command_url), {"name": name, "params": dict(params)}
@@ -470,7 +507,10 @@ class CoapBinding:
         except coap_error.Error as exc:
             raise BindingError(f"coap device {self.device!r}: {what}: {exc}") from exc
 
-    async def _request(self, method: str, url: str, body: Any = None) -> tuple[str, Any]:
+    async def _request(self, method: str, url: str, body: Any = None, *,
+                       frame: bytes | None = None, raw: bool = False) -> tuple[str, Any]:
+        """``(code, answer)``: the answer decoded (JSON/CBOR), or its bytes with ``raw``.
+        ``frame``: a codec's bytes to send as they are (Content-Format 42)."""
         import asyncio
 
         from aiocoap import Code
@@ -479,9 +519,14 @@ class CoapBinding:
         ctx = self._ctx
         if ctx is None:
             raise BindingConnectError(f"coap device {self.device!r}: not connected")
-        payload = b"" if body is None else encode_payload(body, self.format)
+        if frame is not None:
+            payload = frame
+        else:
+            payload = b"" if body is None else encode_payload(body, self.format)
         msg = CoapMessage(code=getattr(Code, method), uri=url, payload=payload)
-        if body is not None:
+        if frame is not None:
+            msg.opt.content_format = CT_OCTETS
+        elif body is not None:
             msg.opt.content_format = self.format
         self.requests += 1
 
@@ -493,9 +538,13 @@ class CoapBinding:
         if not resp.code.is_successful():
             text = resp.payload.decode("utf-8", "replace")[:200]
             raise BindingError(f"coap device {self.device!r}: {method} {url} -> {code} {text}")
+        if raw:
+            return code, bytes(resp.payload)
         try:
             return code, decode_payload(resp.payload, resp.opt.content_format)
         except PayloadError as exc:
+            if frame is not None:  # a codec device's answer to a command: its own bytes
+                return code, {"payload": bytes(resp.payload).hex()}
             self.refused += 1
             raise BindingError(f"coap device {self.device!r}: {method} {url}: {exc}") from exc
 
@@ -543,6 +592,11 @@ class CoapBinding:
             await trio.lowlevel.checkpoint()
             return []
         assert self.url is not None
+        if self.codec is not None:
+            _, payload = await self._request("GET", str(self.url), raw=True)
+            (readings,) = await plugin_edge.decode_off_loop(self.codec, self.device, [payload],
+                                                            self._clock())
+            return readings if points is None else [r for r in readings if r.point in points]
         _, doc = await self._request("GET", str(self.url))
         readings = self._readings(doc, self._clock())
         return readings if points is None else [r for r in readings if r.point in points]
@@ -578,6 +632,9 @@ class CoapBinding:
                     raise BindingConnectError(
                         f"coap device {self.device!r}: observation of {url} ended: {resp.code}"
                     )
+                if self.codec is not None:  # what arrived together: one plugin call
+                    await self._decode_notifications(resp, receive, send)
+                    continue
                 try:
                     doc = decode_payload(resp.payload, resp.opt.content_format)
                 except PayloadError as exc:
@@ -588,6 +645,31 @@ class CoapBinding:
                 for r in readings:
                     await send.send(r)
             raise BindingConnectError(f"coap device {self.device!r}: observation of {url} ended")
+
+    async def _decode_notifications(self, first: Any, receive: trio.MemoryReceiveChannel[Any],
+                                    send: trio.MemorySendChannel[Message]) -> None:
+        """``first`` and the notifications queued behind it, decoded by the codec in one call
+        (a non-2.xx one ends the observation after the ones before it are passed on)."""
+        assert self.codec is not None
+        payloads = [bytes(first.payload)]
+        ended = None
+        while len(payloads) < 1000:
+            try:
+                resp = receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if not resp.code.is_successful():
+                ended = resp
+                break
+            payloads.append(bytes(resp.payload))
+        decoded = await plugin_edge.decode_off_loop(self.codec, self.device, payloads, self._clock())
+        for readings in decoded:
+            for r in readings:
+                await send.send(r)
+        if ended is not None:
+            raise BindingConnectError(
+                f"coap device {self.device!r}: observation of {self.url} ended: {ended.code}"
+            )
 
 
 def _factory(

@@ -18,6 +18,7 @@ binding:
       temperature: {node: "ns=2;s=Boiler.Temperature", deadband: 0.2}
       pressure:    {path: "2:Boiler/2:Pressure", sampling_interval: 1s}
       setpoint:    {node: "ns=2;s=Boiler.Setpoint"}           # writable: desired state
+      frame:       {node: "ns=2;s=Boiler.Frame", codec: acme-th8}   # a ByteString: a codec decodes it
     methods:                       # commands -> OPC UA methods (through the command ledger)
       reset: {object: "ns=2;s=Boiler", method: "2:Reset"}
       add:   {object: "2:Boiler", method: "ns=2;s=Boiler.Add"}
@@ -36,6 +37,15 @@ variable's own data type. Commands call the configured method on its object; par
 by the method's InputArguments names (``{"a": 2, "b": 3}``) or positionally (``{"args": [2,
 3]}``), each converted to the argument's declared type; the result is the output argument
 (or ``{name: value}`` for several). A Bad status from the method is a failed command.
+
+**Codec points.** A point with ``codec`` (a Plugin with role codec) is a vendor blob — a
+ByteString variable (a String is taken as its UTF-8 bytes): each value goes to the codec's
+``decode`` as one payload, and the readings it returns (named by the codec) take the value's
+timestamp (unless the codec gives one) and an Uncertain status; a Bad status or another type
+is a ``bad`` reading of the point, with no codec call. The values of one publish response are
+decoded in one plugin call, on the Trio side (a Starlark codec in a thread), never on the
+asyncio loop the bindings share; a failing codec is a ``bad`` reading (``payload``). History
+backfill and reads go through the codec the same way.
 
 **Backfill.** After a reconnect, and after an engine restart, the points with history read
 the server's HistoryRead (raw) from the last value the engine has (this binding's, the twin's,
@@ -65,6 +75,7 @@ from typing import Any
 import trio
 
 from twin.bindings import aio, protostats
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import (
     BindingContext,
     DeviceEvent,
@@ -194,6 +205,17 @@ class _Point:
     deadband: float
     deadband_type: int  # 1 absolute, 2 percent
     history: bool
+    codec: str | None = None
+
+
+@dataclasses.dataclass
+class RawFrame:
+    """A codec point's value before its codec decoded it (never leaves the binding)."""
+
+    point: str
+    payload: bytes
+    ts: float
+    quality: Quality
 
 
 class OpcUaBinding:
@@ -232,6 +254,7 @@ class OpcUaBinding:
                 float(p.get("deadband", 0.0)),
                 2 if p.get("deadband_type") == "percent" else 1,
                 bool(p.get("history", self.backfill)),
+                p.get("codec") if isinstance(p.get("codec"), str) else None,
             )
         self.methods: dict[str, Mapping[str, Any]] = dict(options.get("methods") or {})
         self._clock: Callable[[], float] = self.context.clock or time.time
@@ -244,8 +267,8 @@ class OpcUaBinding:
         self._method_nodes: dict[str, tuple[Any, Any, list[Any], list[str]]] = {}
         self._lost: str | None = None  # set by the status-change callback
         # notifications cross to Trio through the bridge's channel (pushed on the loop thread)
-        self._push: aio.Push[list[Reading] | str] | None = None
-        self._batch: list[Reading] = []  # notifications of the publish response being handled
+        self._push: aio.Push[list[Reading | RawFrame] | str] | None = None
+        self._batch: list[Reading | RawFrame] = []  # notifications of the publish response being handled
         # Trio side
         self.last_ts: dict[str, float] = {}  # newest reading per point (survives reconnects)
         self.sessions = 0
@@ -321,12 +344,26 @@ class OpcUaBinding:
             except (Exception, asyncio.CancelledError) as exc:  # the peer may be gone already
                 log.debug("opcua device %s: disconnect: %s", self.device, exc)
 
-    def _reading(self, point: str, dv: Any, now: float) -> Reading:
+    def _reading(self, point: str, dv: Any, now: float) -> Reading | RawFrame:
         """A DataValue as a Reading, its value checked by twin.bindings.values (a refused one
-        is a bad reading without a value, logged with the device)."""
+        is a bad reading without a value, logged with the device); a codec point's bytes as a
+        RawFrame (see :meth:`_decoded`)."""
         quality = status_quality(dv.StatusCode)
         ts = _unix(dv.SourceTimestamp) or _unix(dv.ServerTimestamp) or now
         raw = dv.Value.Value if dv.Value is not None else None
+        p = self.points.get(point)
+        if p is not None and p.codec is not None:
+            if quality is Quality.BAD or raw is None:
+                return Reading(self.device, point, None, ts, Quality.BAD)
+            if isinstance(raw, str):
+                raw = raw.encode("utf-8")
+            if not isinstance(raw, bytes | bytearray):
+                self.refused += 1
+                STATS.malformed += 1
+                log.warning("opcua device %s: point %s has codec %s but its value is a %s, not a "
+                            "ByteString (bad)", self.device, point, p.codec, type(raw).__name__)
+                return Reading(self.device, point, None, ts, Quality.BAD)
+            return RawFrame(point, bytes(raw), ts, quality)
         try:
             value = check_value(to_json_value(raw), point)
         except ValueRefused as exc:
@@ -338,8 +375,8 @@ class OpcUaBinding:
             value = None
         return Reading(self.device, point, value, ts, quality)
 
-    async def _a_history(self, since: dict[str, float]) -> list[Reading]:
-        out: list[Reading] = []
+    async def _a_history(self, since: dict[str, float]) -> list[Reading | RawFrame]:
+        out: list[Reading | RawFrame] = []
         now = self._clock()
         end = dt.datetime.now(dt.UTC)
         for name, start_ts in since.items():
@@ -558,14 +595,42 @@ class OpcUaBinding:
             await self._run(self._a_close, what="close")
         self._push = None
 
+    async def _decoded(self, items: list[Reading | RawFrame]) -> list[Reading]:
+        """Readings, with every codec point's frame replaced by what its codec decoded (one
+        plugin call per codec for all the frames of ``items``), in order."""
+        frames: dict[str, list[RawFrame]] = {}
+        for item in items:
+            if isinstance(item, RawFrame):
+                codec = self.points[item.point].codec
+                assert codec is not None
+                frames.setdefault(codec, []).append(item)
+        if not frames:
+            return [r for r in items if isinstance(r, Reading)]
+        decoded: dict[int, list[Reading]] = {}
+        for codec, batch in frames.items():
+            out = await plugin_edge.decode_off_loop(codec, self.device, [f.payload for f in batch],
+                                                    [f.ts for f in batch])
+            for f, readings in zip(batch, out, strict=True):
+                decoded[id(f)] = plugin_edge.frame_quality(readings, f.quality)
+                prev = self.last_ts.get(f.point)
+                if prev is None or f.ts > prev:  # backfill resumes from the frame's time
+                    self.last_ts[f.point] = f.ts
+        result: list[Reading] = []
+        for item in items:
+            if isinstance(item, RawFrame):
+                result.extend(decoded[id(item)])
+            else:
+                result.append(item)
+        return result
+
     async def read(self, points: list[str] | None = None) -> list[Reading]:
         names = list(self.points) if points is None else [p for p in points if p in self.points]
 
-        async def a_read() -> list[Reading]:
+        async def a_read() -> list[Reading | RawFrame]:
             now = self._clock()
             return [self._reading(n, await self._nodes[n].read_data_value(), now) for n in names]
 
-        return list(await self._run(a_read, what="read"))
+        return await self._decoded(list(await self._run(a_read, what="read")))
 
     async def _since(self) -> dict[str, float]:
         """Per historized point: the newest timestamp the engine has (in this binding, else the
@@ -591,7 +656,7 @@ class OpcUaBinding:
     async def subscribe(self, send: trio.MemorySendChannel[Message]) -> None:
         since = await self._since()
         if since:
-            backlog = await self._run(self._a_history, since, what="history read")
+            backlog = await self._decoded(await self._run(self._a_history, since, what="history read"))
             if backlog:
                 log.info(
                     "opcua device %s: backfilling %d value(s) from history", self.device, len(backlog)
@@ -608,7 +673,7 @@ class OpcUaBinding:
                 async for item in receive:
                     if isinstance(item, str):  # the subscription's status went bad
                         raise BindingConnectError(f"opcua device {self.device!r}: {item}")
-                    for r in item:
+                    for r in await self._decoded(item):
                         await self._send(send, r)
         finally:
             self.dropped += push.dropped

@@ -52,12 +52,15 @@ def _reading(device: str, point: str, value: Any, ts: float, good: bool) -> Read
     return Reading(device, point, value, ts)
 
 
-def decode(codec: str, device: str, payloads: Sequence[bytes], now: float) -> list[list[Reading]]:
-    """Each payload's readings (a payload the codec could not decode: one bad reading)."""
+def decode(codec: str, device: str, payloads: Sequence[bytes], now: float | Sequence[float]
+           ) -> list[list[Reading]]:
+    """Each payload's readings (a payload the codec could not decode: one bad reading).
+    ``now``: the timestamp of readings the codec gives none — one for all, or per payload."""
     out: list[list[Reading]] = [[] for _ in payloads]
     for index, point, value, ts, good in plugins.decode_batch(codec, payloads):
         if 0 <= index < len(out):
-            out[index].append(_reading(device, point, value, _ts(ts, now), good))
+            default = now if isinstance(now, float | int) else now[index]
+            out[index].append(_reading(device, point, value, _ts(ts, default), good))
     return out
 
 
@@ -71,8 +74,8 @@ def encode(codec: str, command: Mapping[str, Any]) -> bytes | None:
     return plugins.encode_command(codec, command)
 
 
-async def decode_off_loop(codec: str, device: str, payloads: Sequence[bytes], now: float
-                          ) -> list[list[Reading]]:
+async def decode_off_loop(codec: str, device: str, payloads: Sequence[bytes],
+                          now: float | Sequence[float]) -> list[list[Reading]]:
     """:func:`decode` from a Trio task: a Starlark codec's worker round trip leaves the event
     loop (a thread); a Wasm codec runs inline, bounded by its fuel and time limits."""
     if plugins.host().uses_thread(codec):

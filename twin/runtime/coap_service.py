@@ -13,6 +13,10 @@ Here: how it runs.
   answers 2.04.
 * Observers of ``/d/{device}/cmd`` are notified from the Trio side whenever the device's
   desired values or pending commands change (:class:`twin.bindings.coap.CoapHub`).
+* A push device with a ``codec`` (a Plugin): its bodies are not decoded as JSON/CBOR; the
+  Trio side hands the raw bytes to the codec (a Starlark one in a thread). Every push body's
+  readings then go through the device's transform (its own or its model's) *before* the
+  write-ahead log, as HTTP ingest does: what is acknowledged is what is stored.
 * ``listen`` is plain UDP (``coap://``); ``dtls_listen`` adds ``coaps://`` with DTLS-PSK
   (aiocoap's tinydtls server; needs the DTLSSocket package). A port that is taken is a
   :class:`~twin.errors.PortInUseError` (one line and a hint) at start.
@@ -38,10 +42,12 @@ import trio
 from aiocoap.resource import PathCapable
 
 from twin.bindings import aio, protostats
+from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import Reading
 from twin.bindings.coap import (
     CT_CBOR,
     CT_JSON,
+    MAX_PAYLOAD,
     CoapHub,
     PayloadError,
     attach_hub,
@@ -79,6 +85,7 @@ class CoapRequest:
     )
     size: int = 0
     started: float = field(default_factory=time.perf_counter)
+    raw: bytes = b""  # the payload as received (a codec device's body)
 
 
 @dataclass
@@ -143,6 +150,7 @@ class CoapService:
 
         def on_attach() -> None:
             server.devices = hub.devices()  # read by /.well-known/core (a new list each time)
+            server.codecs = hub.codecs()  # bodies not to decode as JSON/CBOR (a new dict)
 
         hub.on_change = on_change
         hub.on_attach = on_attach
@@ -220,6 +228,11 @@ class CoapService:
         """The Trio side of one request: ``(CoAP code, body)``."""
         hub = self.hub
         device = req.device
+        codec = hub.codec(device) if req.kind == "ingest" else None
+        if codec is not None and len(req.raw) > MAX_PAYLOAD:
+            req.body = PayloadError("4.13", f"payload of {len(req.raw)} bytes (at most {MAX_PAYLOAD})")
+        elif codec is not None:
+            req.body = None  # the codec's business, not JSON's
         if isinstance(req.body, PayloadError):  # undecodable: counted and logged, after auth
             if not await self._authorized(keys, req):
                 self.stats.unauthorized += 1
@@ -251,13 +264,24 @@ class CoapService:
                 return "4.04", {"detail": f"no pending command {doc.get('id')!r}"}
             return "2.04", {"ok": True}
         # readings
+        now = engine.config.clock()
+        messages: list[Any]
         try:
-            messages = ingest_messages(device, req.body, engine.config.clock())
+            if codec is not None:  # a failed decode is a bad reading, stored as such
+                messages = list((await plugin_edge.decode_off_loop(codec, device, [req.raw], now))[0])
+            else:
+                messages = ingest_messages(device, req.body, now)
         except (IngestError, ValueError) as exc:
             self.malformed()
             engine.prom.refused(device, "coap")
             log.warning("coap device %s: payload refused: %s", device, exc)
             return "4.00", {"detail": str(exc)}
+        transform = _transform_of(engine, device)
+        if transform is not None:  # before the write-ahead log: what is logged is what is stored
+            readings = [m for m in messages if isinstance(m, Reading)]
+            if readings:
+                rest = [m for m in messages if not isinstance(m, Reading)]
+                messages = [*await plugin_edge.transform_off_loop(transform, readings), *rest]
         try:
             accepted = await self._hand_in(engine, device, messages)
         except WalError as exc:
@@ -290,6 +314,14 @@ class CoapService:
             for m in messages
         ]
         return int((await ingest.deliver(device, logged))["accepted"])
+
+
+def _transform_of(engine: Engine, device: str) -> str | None:
+    """The transform plugin of a push device (its own ``spec.transform``, else its model's)."""
+    doc = engine.device_doc(device) or {}
+    mname = (doc.get("spec") or {}).get("model")
+    mdoc = engine.specs.get(("DeviceModel", mname)) if isinstance(mname, str) else None
+    return plugin_edge.transform_of(doc, (mdoc or {}).get("spec"))
 
 
 def reserve_udp(text: str, default_port: int, what: str, option: str) -> tuple[str, int]:
@@ -350,6 +382,7 @@ class _Server:
         self.psk = psk
         self.contexts: list[Any] = []
         self.devices: list[str] = []
+        self.codecs: dict[str, str] = {}  # push devices whose bodies a codec decodes
         self.observers: dict[str, set[Any]] = {}
         self.states: dict[str, Any] = {}
 
@@ -489,12 +522,13 @@ class _DeviceSite(PathCapable):
         if accept not in (CT_JSON, CT_CBOR):
             accept = CT_CBOR if ct == CT_CBOR and accept is None else CT_JSON
         body: Any = None
-        if kind != "state":
+        if kind != "state" and not (kind == "ingest" and device in self.server.codecs):
             try:
                 body = decode_payload(request.payload, None if ct is None else int(ct))
             except PayloadError as exc:
                 body = exc  # decided on the Trio side (after the key check)
-        req = CoapRequest(kind, device, key, claims, body, size=len(request.payload))
+        req = CoapRequest(kind, device, key, claims, body, size=len(request.payload),
+                          raw=bytes(request.payload))
         self.server.push(req)
         try:
             code, answer = await asyncio.wait_for(asyncio.wrap_future(req.future), ANSWER_TIMEOUT)

@@ -18,6 +18,9 @@ Address space (namespace ``urn:flux-iot:sim``, every NodeId a string ``ns=2;s=<O
         2:Setpoint      Double   writable (read/write), starts at 70
         2:Running       Boolean  writable, starts true
         2:Status        String   "ok" / "stopped"
+        2:Frame         ByteString  an ACME TH-8 frame (8 bytes: a5 01, int16 BE temperature
+                                 in 0.01 degC, uint16 BE humidity 0.01 %, uint16 BE mV), per tick
+        2:Junk          ByteString  b"junk" (not a TH-8 frame)
         2:Reset()                          Counter := 0; returns Boolean true
         2:Add(a Int32, b Int32) -> Int32
         2:SetSetpoint(value Double) -> Boolean  (Setpoint := value)
@@ -36,6 +39,7 @@ import asyncio
 import logging
 import math
 import random
+import struct
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -172,6 +176,8 @@ class SimServer:
             await var("Setpoint", 70.0, ua.VariantType.Double, writable=True)
             await var("Running", True, ua.VariantType.Boolean, writable=True)
             await var("Status", "ok", ua.VariantType.String)
+            await var("Frame", th8_frame(70.0, 45.0), ua.VariantType.ByteString)
+            await var("Junk", b"junk", ua.VariantType.ByteString)
             await self._methods(obj, idx)
         first = next(iter(self.vars.values()))
         await s.historize_node_data_change(first, period=None, count=10_000)  # type: ignore[arg-type]
@@ -243,6 +249,8 @@ class SimServer:
         await self.vars["Counter"].write_value(ua.Variant(self.counter, ua.VariantType.Int64))
         await self.vars["Status"].write_value(
             ua.Variant("ok" if running else "stopped", ua.VariantType.String))
+        await self.vars["Frame"].write_value(
+            ua.Variant(th8_frame(temp, 40.0 + self.counter % 20), ua.VariantType.ByteString))
 
     async def run(self) -> None:
         """Start (when not yet) and tick until cancelled; stops the server at the end."""
@@ -256,6 +264,12 @@ class SimServer:
             if self.started:
                 self.started = False
                 await self.server.stop()
+
+
+def th8_frame(temp: float, humidity: float, millivolts: int = 3000) -> bytes:
+    """A vendor blob for codec tests: the ACME TH-8 frame (sites/demo/plugins/acme_th.wat)."""
+    t = max(-32768, min(32767, round(temp * 100)))
+    return b"\xa5\x01" + struct.pack(">hHH", t, round(humidity * 100), millivolts)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -162,6 +162,12 @@ def plugin_problems(loaded: LoadedSpecs) -> list[Problem]:
             for proto, opts in binding.items():
                 if isinstance(opts, Mapping) and "codec" in opts:
                     ref(doc, ("spec", "binding", proto, "codec"), opts["codec"], "codec")
+                points = opts.get("points") if isinstance(opts, Mapping) else None
+                if proto == "opcua" and isinstance(points, Mapping):  # codec points (ByteString)
+                    for pname, popts in points.items():
+                        if isinstance(popts, Mapping) and "codec" in popts:
+                            ref(doc, ("spec", "binding", proto, "points", pname, "codec"),
+                                popts["codec"], "codec")
     return problems
 
 
