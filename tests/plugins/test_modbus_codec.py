@@ -224,3 +224,34 @@ spec:
     assert "site.yaml:28" in text and "a codec needs frame" in text, text
     assert "unknown Plugin 'nothere'" in text, text
     assert len(problems) == 4, text
+
+
+async def test_a_silent_unit_re_reports_the_decoded_readings_stale_a_refused_frame_is_bad() -> None:
+    import signal
+
+    port = free_port()
+    proc = start_peer("--port", str(port), "--units", "1")
+    try:
+        await put(port, 40051, th8(21.5, 45.12, 3011))
+        b = codec_device(port, "acme")
+        refused = codec_device(port, "acme", frame=[{"register": 49001, "count": 4}])
+        await b.connect()
+        await refused.connect()
+        try:
+            good = by_point(await b.read())
+            bad = await refused.read()
+            proc.send_signal(signal.SIGSTOP)
+            try:
+                stale = by_point(await b.read())
+            finally:
+                proc.send_signal(signal.SIGCONT)
+        finally:
+            await refused.close()
+            await b.close()
+    finally:
+        stop(proc)
+    assert {r.quality for r in good.values()} == {Quality.GOOD}
+    assert {p: (r.value, r.quality) for p, r in stale.items()} == {
+        "temperature": (21.5, Quality.STALE), "humidity": (45.12, Quality.STALE),
+        "battery": (3.011, Quality.STALE)}
+    assert [(r.point, r.value, r.quality) for r in bad] == [("payload", None, Quality.BAD)]

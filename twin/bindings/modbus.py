@@ -51,7 +51,7 @@ How it runs
     concatenated in order) to the codec's ``decode`` as one payload; what it returns are the
     readings. A failed decode (trap, fuel, malformed output…) is one ``bad`` reading
     (``payload``), a unit that does not answer repeats the last decoded readings as
-    ``uncertain``, an exception reply makes them ``bad`` — the poll schedule goes on either
+    ``stale``, an exception reply makes them ``bad`` — the poll schedule goes on either
     way. A command (with ``command``) is the codec's ``encode`` of ``{id, name, params}``:
     the frame's bytes become registers written from ``command.register`` with FC 16.
 """
@@ -375,7 +375,7 @@ class ModbusBinding:
                 Group(gname, max(0.01, intervals[gname]), plan(members, max_gap=max_gap, max_count=max_count),
                       frame=gname == "default" and bool(self.frame))
             )
-        self.frame_last: list[Reading] = []  # the codec's last good readings (repeated when stale)
+        self.frame_last: list[Reading] = []  # the codec's last good readings (re-reported stale)
         self.decode_failures = 0
         self.line: Line | None = None
         self.last: dict[str, Any] = {}
@@ -480,7 +480,7 @@ class ModbusBinding:
                 regs.extend(int(v) for v in await self._read_block(block))
             except ModbusTimeout as exc:
                 log.info("device %s: %s", self.device, exc)
-                out.extend(Reading(r.device, r.point, r.value, ts, Quality.UNCERTAIN)
+                out.extend(Reading(r.device, r.point, r.value, ts, Quality.STALE)
                            for r in self.frame_last)
                 return True, False
             except ModbusError as exc:
