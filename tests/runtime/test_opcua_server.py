@@ -69,7 +69,7 @@ async def test_scada_reads_subscribes_and_calls(tmp_path: Path) -> None:
     reg.put_user(User("op", hash_secret("pw-op"), "operator", ("plant-a",)))
     reg.put_user(User("viewer", hash_secret("pw-v"), "viewer"))
     port = free_port()
-    svc = OpcUaServerService(("127.0.0.1", port))
+    svc = OpcUaServerService(("127.0.0.1", port), policies=["None"])  # None: declared
     control = ControlService(reconcile_interval=0.1)
     url = f"opc.tcp://127.0.0.1:{port}/flux/"
     async with running_engine(reg, fast_config(state_dir=tmp_path), [control, svc]) as engine:
@@ -181,6 +181,137 @@ async def test_scada_reads_subscribes_and_calls(tmp_path: Path) -> None:
                     break
                 await trio.sleep(0.2)
     reg.close()
+
+
+def make_cert(tmp: Path, name: str, uri: str) -> tuple[Path, Path]:
+    """A self-signed RSA-2048 application certificate and key (PEM files), made with
+    cryptography as any OPC UA client vendor's tool would."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=True,
+                                     key_encipherment=True, data_encipherment=True,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / f"{name}.pem", tmp / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_basic256sha256_with_certificates_from_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's certificate and key come from secrets; it offers Basic256Sha256 Sign and
+    SignAndEncrypt only (None not declared). A client with its own certificate connects in both
+    modes and logs in as an engine user; a client without security is refused."""
+    from asyncua import Client, ua
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    srv_cert, srv_key = make_cert(tmp_path, "engine", "urn:flux-iot:engine")
+    cli_cert, cli_key = make_cert(tmp_path, "scada", "urn:example:scada")
+    monkeypatch.setenv("TWIN_SECRET_OPCUA_CERT", srv_cert.read_text())
+    monkeypatch.setenv("TWIN_SECRET_OPCUA_KEY", srv_key.read_text())
+    reg = open_registry(None, tmp_path / "state")
+    apply(reg, site(), model(), sim_device("t_01", interval="100ms",
+                                           points={"temperature": {"wave": "constant", "value": 4.5}}))
+    reg.put_user(User("op", hash_secret("pw-op"), "operator", ("plant-a",)))
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}/flux/"
+    svc = OpcUaServerService(("127.0.0.1", port), certificate_secret="opcua/cert",
+                             key_secret="opcua/key")
+    async with running_engine(reg, fast_config(state_dir=tmp_path), [svc]) as engine:
+        assert engine.service_info["opcua-server"]["security"] == [
+            "Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]
+
+        async def endpoints() -> list[tuple[str, int, bytes]]:
+            c = Client(url)
+            eps = await c.connect_and_get_server_endpoints()
+            return [(e.SecurityPolicyUri.rsplit("#", 1)[-1], int(e.SecurityMode),
+                     bytes(e.ServerCertificate)) for e in eps]
+
+        def secure(mode: str) -> Any:
+            async def read() -> Any:
+                c = Client(url)
+                c.application_uri = "urn:example:scada"
+                await c.set_security_string(f"Basic256Sha256,{mode},{cli_cert},{cli_key}")
+                c.set_user("op")
+                c.set_password("pw-op")
+                async with c:
+                    node = c.get_node("ns=2;s=t_01.temperature")
+                    for _ in range(50):
+                        dv = await node.read_data_value(raise_on_bad_status=False)
+                        if dv.StatusCode.is_good():
+                            return dv.Value.Value
+                        await asyncio.sleep(0.1)
+                    return None
+            return read
+
+        async def plain() -> str:
+            c = Client(url)
+            c.set_user("op")
+            c.set_password("pw-op")
+            try:
+                async with c:
+                    return "connected"
+            except Exception as exc:
+                return type(exc).__name__
+
+        t, out = in_asyncio(endpoints)
+        eps = await join(t, out)
+        der = x509.load_pem_x509_certificate(srv_cert.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        assert {(p, m) for p, m, _ in eps} == {
+            ("Basic256Sha256", int(ua.MessageSecurityMode.Sign)),
+            ("Basic256Sha256", int(ua.MessageSecurityMode.SignAndEncrypt))}
+        assert {c for _, _, c in eps} == {der}  # the certificate from the secret
+        for mode in ("SignAndEncrypt", "Sign"):
+            t, out = in_asyncio(secure(mode))
+            assert await join(t, out) == 4.5
+        t, out = in_asyncio(plain)
+        assert await join(t, out) != "connected"
+    reg.close()
+
+
+def test_security_settings(tmp_path: Path) -> None:
+    """Without certificate secrets a self-signed certificate is made once in the state
+    directory (key 0600) and reused; None is offered only when listed; typos are refused."""
+    import stat
+
+    from twin.errors import TwinError
+    from twin.runtime.opcua_security import server_security
+
+    a = server_security(state_dir=tmp_path)
+    b = server_security(state_dir=tmp_path)
+    assert a.secure and a.certificate and a.certificate == b.certificate
+    assert "None" not in a.policies
+    key = tmp_path / "opcua" / "server-key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert server_security(["None"]).certificate is None
+    with pytest.raises(TwinError, match="unknown security policy"):
+        server_security(["Basic256"], state_dir=tmp_path)
+    with pytest.raises(TwinError, match="needs its private key"):
+        server_security(certificate_secret="x", state_dir=tmp_path)
 
 
 @pytest.mark.parametrize("dummy", [0])

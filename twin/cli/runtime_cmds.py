@@ -169,6 +169,23 @@ def up(
             "users; methods = commands). Port 0 picks a free one.",
         ),
     ] = None,
+    opcua_security: Annotated[
+        str,
+        typer.Option(
+            "--opcua-security",
+            help="Security policies the OPC UA server offers, comma-separated: "
+            "Basic256Sha256_SignAndEncrypt, Basic256Sha256_Sign, None (None only if listed).",
+        ),
+    ] = "Basic256Sha256_SignAndEncrypt,Basic256Sha256_Sign",
+    opcua_certificate: Annotated[
+        str | None,
+        typer.Option("--opcua-certificate", help="Secret NAME holding the OPC UA server's "
+                     "certificate (PEM); default: a self-signed one in STATE_DIR/opcua."),
+    ] = None,
+    opcua_private_key: Annotated[
+        str | None,
+        typer.Option("--opcua-private-key", help="Secret NAME holding its private key (PEM)."),
+    ] = None,
     webhook_allow: Annotated[
         str | None,
         typer.Option(
@@ -258,6 +275,9 @@ def up(
 
         host, port = parse_hostport(opcua_listen, 4840)
         try:
+            from twin.runtime.opcua_security import parse_policies
+
+            parse_policies(opcua_security)  # a typo fails before anything starts
             opcua_addr = (host, _free_or_raise(host, port, "opcua server", "--opcua-listen"))
         except BaseException:
             listeners.close()
@@ -327,7 +347,9 @@ def up(
     if opcua_addr is not None:
         from twin.runtime.opcua_service import OpcUaServerService
 
-        services.append(OpcUaServerService(opcua_addr))
+        services.append(OpcUaServerService(
+            opcua_addr, policies=opcua_security.split(","), certificate_secret=opcua_certificate,
+            key_secret=opcua_private_key))
     if listeners.mqtt is not None:
         services.append(listeners.mqtt)
         if path is not None and not mqtt_broker:

@@ -17,6 +17,9 @@ from its quality (good / uncertain / bad; stale as ``UncertainLastUsableValue``;
 Clients subscribe to them as to any PLC. Writing desired state is a command (``set``) through
 the REST API or a method.
 
+**Security**: Basic256Sha256 SignAndEncrypt and Sign by default, ``None`` only when declared;
+the certificate from secrets or a self-signed one kept in the state directory
+(:mod:`twin.runtime.opcua_security`).
 **Logins** are the engine's users (``twin user add``): username/password, anonymous refused.
 **Methods** are commands in the ledger (``source: opcua:<user>``), allowed by the one policy
 (:mod:`twin.policy`: ``operate`` on ``Command`` in the device's site, i.e. an operator of that
@@ -38,7 +41,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -47,6 +50,12 @@ import trio
 
 from twin.bindings import aio
 from twin.errors import CommandError, PortInUseError, TwinError
+from twin.runtime.opcua_security import (
+    DEFAULT_POLICIES,
+    ServerSecurity,
+    parse_policies,
+    server_security,
+)
 
 if TYPE_CHECKING:
     from twin.runtime.engine import Engine
@@ -75,8 +84,13 @@ class OpcUaServerService:
     name = "opcua-server"
 
     def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 4840), *,
-                 command_timeout: float = 60.0) -> None:
+                 command_timeout: float = 60.0, security: ServerSecurity | None = None,
+                 policies: Sequence[str] = DEFAULT_POLICIES, certificate_secret: str | None = None,
+                 key_secret: str | None = None) -> None:
         self.listen = listen
+        self.security = security  # None: resolved at start from the rest (twin.runtime.opcua_security)
+        self.policies = parse_policies(policies)
+        self.secrets = (certificate_secret, key_secret)
         self.command_timeout = command_timeout
         self.endpoint = f"opc.tcp://{listen[0]}:{listen[1]}/flux/"
         self.calls = 0
@@ -87,7 +101,13 @@ class OpcUaServerService:
     ) -> None:
         push, receive = aio.channel(256)
         users = _Users(engine.registry)
-        ua_server = _UaServer(self.endpoint, users, push)
+        security = self.security
+        if security is None:
+            security = await trio.to_thread.run_sync(partial(
+                server_security, self.policies, certificate_secret=self.secrets[0],
+                key_secret=self.secrets[1], state_dir=engine.config.state_dir,
+                hostname=self.listen[0]))
+        ua_server = _UaServer(self.endpoint, users, push, security)
         start: Callable[[], Any] = ua_server.start
         stop: Callable[[], Any] = ua_server.stop
         try:
@@ -104,8 +124,9 @@ class OpcUaServerService:
                 nursery.start_soon(self._values, engine, ua_server)
                 nursery.start_soon(self._statuses, engine, ua_server)
                 nursery.start_soon(self._reload, engine, ua_server)
-                task_status.started({"endpoint": self.endpoint})
-                log.info("opcua server: %s", self.endpoint)
+                task_status.started({"endpoint": self.endpoint,
+                                     "security": list(security.policies)})
+                log.info("opcua server: %s (%s)", self.endpoint, ", ".join(security.policies))
                 async with receive:
                     async for req in receive:
                         nursery.start_soon(self._call, engine, req)
@@ -274,8 +295,10 @@ _TYPES = {"number": "Double", "integer": "Int64", "boolean": "Boolean", "string"
 class _UaServer:
     """Everything here runs on the asyncio thread."""
 
-    def __init__(self, endpoint: str, users: _Users, push: aio.Push[Any]) -> None:
+    def __init__(self, endpoint: str, users: _Users, push: aio.Push[Any],
+                 security: ServerSecurity) -> None:
         self.endpoint = endpoint
+        self.security = security
         self.users = users
         self.push = push
         self.server: Any = None
@@ -294,7 +317,11 @@ class _UaServer:
         await s.set_application_uri("urn:flux-iot:engine")
         s.set_endpoint(self.endpoint)
         s.set_server_name("FLUX IoT engine")
-        s.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=_Rules())  # type: ignore[arg-type]
+        sec = self.security
+        if sec.certificate is not None and sec.private_key is not None:
+            await s.load_certificate(sec.certificate)  # DER
+            await s.load_private_key(sec.private_key)  # DER (PKCS#8)
+        s.set_security_policy(sec.policy_types(), permission_ruleset=_Rules())  # type: ignore[arg-type]
         s.set_identity_tokens([ua.UserNameIdentityToken])
         self.idx = await s.register_namespace(NAMESPACE)
         self.root = await s.nodes.objects.add_object(f"ns={self.idx};s=Sites",
@@ -438,4 +465,6 @@ class _UaServer:
 def describe(info: Any) -> str | None:
     if not info:
         return None
-    return f"{info['endpoint']}   (logins: the engine's users; methods = commands)"
+    security = ", ".join(info.get("security") or ())
+    return (f"{info['endpoint']}   ({security + '; ' if security else ''}logins: the engine's "
+            "users; methods = commands)")
