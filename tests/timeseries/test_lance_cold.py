@@ -56,13 +56,17 @@ def test_tiers_live_in_the_cold_directory(tmp_path: Path) -> None:
     mgr = RetentionManager(store, [_policy()])
     mgr.downsample(now=T0 + HOURS * 3600)
     assert sorted(p.name for p in hot.glob("*.lance")) == ["raw.lance"]
-    assert sorted(p.name for p in cold.glob("*.lance")) == ["agg_3600s.lance", "agg_600s.lance"]
+    # tiers are stored as partial chunks (``partial_chunks.py``)
+    assert sorted(p.name for p in cold.glob("*.lance")) == [
+        "agg_3600s_chunks.lance",
+        "agg_600s_chunks.lance",
+    ]
     assert (hot / "meta.json").exists() and not (cold / "meta.json").exists()
     assert store.tiers() == ["agg_3600s", "agg_600s", "raw"]
-    assert store.table_path("agg_600s") == cold / "agg_600s.lance"
+    assert store.table_path("agg_600s") == cold / "agg_600s_chunks.lance"
     stats = {t.tier: t for t in store.stats().tiers}
-    assert stats["agg_600s"].rows == HOURS * 6 * 3 and stats["agg_600s"].bytes > 0
-    assert stats["agg_3600s"].rows == HOURS * 3 and stats["raw"].rows == HOURS * 60 * 3
+    assert stats["agg_600s"].points == HOURS * 6 * 3 and stats["agg_600s"].bytes > 0
+    assert stats["agg_3600s"].points == HOURS * 3 and stats["raw"].rows == HOURS * 60 * 3
     assert _hourly_counts(store) == [60] * HOURS
 
     # expiry across both directories: raw keeps 2 h, the 10 m tier 3 h, the 1 h tier all
@@ -72,8 +76,8 @@ def test_tiers_live_in_the_cold_directory(tmp_path: Path) -> None:
     assert raw.num_rows == 2 * 60 * 3
     assert min(t.timestamp() for t in raw.column("ts").to_pylist()) >= now - 2 * 3600
     stats = {t.tier: t for t in store.stats().tiers}
-    assert stats["agg_600s"].rows == 3 * 6 * 3
-    assert stats["agg_3600s"].rows == HOURS * 3
+    assert stats["agg_600s"].points == 3 * 6 * 3
+    assert stats["agg_3600s"].points == HOURS * 3
     # the answer is the same from whichever tier/directory holds each hour
     assert _hourly_counts(store) == [60] * HOURS
 
@@ -89,15 +93,15 @@ def test_existing_tier_tables_are_used_where_they_are(tmp_path: Path) -> None:
     plain = LanceStore(hot, min_free_bytes=0)
     plain.write_records(_records())
     RetentionManager(plain, [_policy("inf")]).downsample(now=T0 + 3 * 3600)
-    assert (hot / "agg_600s.lance").exists()
+    assert (hot / "agg_600s_chunks.lance").exists()
     plain.close()
 
     store = LanceStore(hot, cold_path=cold, min_free_bytes=0)
     RetentionManager(store, [_policy("inf")]).downsample(now=T0 + HOURS * 3600)
     # agg_600s stays (and grows) in the hot directory; no second copy appears in the cold one
-    assert not (cold / "agg_600s.lance").exists()
-    assert store.table_path("agg_600s") == hot / "agg_600s.lance"
-    assert {t.tier: t.rows for t in store.stats().tiers}["agg_600s"] == HOURS * 6 * 3
+    assert not (cold / "agg_600s_chunks.lance").exists()
+    assert store.table_path("agg_600s") == hot / "agg_600s_chunks.lance"
+    assert {t.tier: t.points for t in store.stats().tiers}["agg_600s"] == HOURS * 6 * 3
     assert _hourly_counts(store) == [60] * HOURS
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lance
 import lancedb
 import pyarrow as pa
 
@@ -16,6 +17,7 @@ from twin.timeseries.base import (
     records_to_table,
 )
 from twin.timeseries.lance import LANCE_PARTIAL_SCHEMA, LANCE_RAW_SCHEMA, LanceStore
+from twin.timeseries.partial_chunks import PCHUNK_SCHEMA
 from twin.timeseries.retention import RetentionManager, RetentionPolicy
 
 T0 = 1_700_006_400.0  # a day (and hour) boundary
@@ -53,9 +55,11 @@ def test_new_tables_use_the_compressed_layout(tmp_path: Path) -> None:
     raw = db.open_table("raw").schema
     assert raw.field("ts").metadata == LANCE_RAW_SCHEMA.field("ts").metadata
     assert b"lance-encoding:compression" in raw.field("ts").metadata
-    tier = db.open_table("agg_600s").schema
-    for name in ("ts", "first_ts", "last_ts"):
-        assert tier.field(name).metadata == LANCE_PARTIAL_SCHEMA.field(name).metadata
+    # tiers: one row per series and rollup window (``partial_chunks.py``), no row table
+    tier = lance.dataset(str(tmp_path / "ts" / "agg_600s_chunks.lance"))
+    assert tier.schema == PCHUNK_SCHEMA
+    assert tier.count_rows() == 3  # three series, one window
+    assert not (tmp_path / "ts" / "agg_600s.lance").exists()
 
 
 def test_store_created_in_the_old_plain_layout_still_works(tmp_path: Path) -> None:
@@ -274,16 +278,15 @@ def _partial_rows(sums: list[float | None]) -> pa.Table:
     )
 
 
-def test_tier_partials_use_the_decimal_layout_exactly(tmp_path: Path) -> None:
+def test_tier_partials_round_trip_exactly_as_chunks(tmp_path: Path) -> None:
     import math
 
     sums = [60.39, 20.1, -0.0, 1 / 3, 1e300, None, 0.30000000000000004, 7.0, math.inf]
     rows = _partial_rows(sums)
     store = LanceStore(tmp_path / "ts", min_free_bytes=0)
     store.replace_partials("agg_600s", Selector(), T0, T0 + 600 * len(sums), rows)
-    disk = lancedb.connect(str(tmp_path / "ts")).open_table("agg_600s").to_lance()
-    assert {f"{c}_dec" for c in ("sum", "min", "max", "first", "last")} <= set(disk.schema.names)
-    assert disk.to_table(columns=["sum_dec"]).column("sum_dec").null_count < len(sums)
+    disk = lance.dataset(str(tmp_path / "ts" / "agg_600s_chunks.lance"))
+    assert disk.count_rows() == 1  # one series, one window
     back = store.aggregate("agg_600s", Selector(), T0, T0 + 600 * len(sums), 600.0).sort_by("ts")
     for name in ("sum", "min", "max", "first", "last"):
         got, want = back.column(name).to_pylist(), rows.column(name).to_pylist()
@@ -298,11 +301,25 @@ def test_tier_table_of_the_previous_layout_still_works(tmp_path: Path) -> None:
     path.mkdir()
     previous = pa.schema([f for f in LANCE_PARTIAL_SCHEMA if not f.name.endswith(("_dec", "_exp"))])
     db = lancedb.connect(str(path))
-    db.create_table("agg_600s", schema=previous)
+    # rows of the row layout: three 10-minute partials from T0, and two later ones
+    old = _partial_rows([1.0, 2.0, 3.0, 4.0, 5.0])
+    db.create_table(
+        "agg_600s",
+        data=old.cast(pa.schema([f.remove_metadata() for f in old.schema])).cast(previous),
+    )
     store = LanceStore(path, min_free_bytes=0)
     rows = _partial_rows([1.5, 2.25, None])
     store.replace_partials("agg_600s", Selector(), T0, T0 + 1800, rows)
     assert "sum_dec" not in db.open_table("agg_600s").schema.names
-    back = store.aggregate("agg_600s", Selector(), T0, T0 + 1800, 600.0).sort_by("ts")
-    assert back.column("sum").to_pylist() == [1.5, 2.25, None]
-    assert back.column("count").to_pylist() == [3, 3, 3]
+    # the window's old rows are gone from the row table, the new partials are chunks
+    assert db.open_table("agg_600s").count_rows() == 2
+    assert store.tiers() == ["agg_600s"]
+    back = store.aggregate("agg_600s", Selector(), T0, T0 + 3000, 600.0).sort_by("ts")
+    assert back.column("sum").to_pylist() == [1.5, 2.25, None, 4.0, 5.0]
+    assert back.column("count").to_pylist() == [3, 3, 3, 3, 3]
+    assert store.earliest("agg_600s", Selector(), T0 + 3000) == T0
+    assert {t.tier: t.points for t in store.stats().tiers}["agg_600s"] == 5
+    # retention reaches both layouts
+    assert store.delete_before("agg_600s", Selector(), T0 + 2400) == 4
+    back = store.aggregate("agg_600s", Selector(), T0, T0 + 3000, 600.0)
+    assert back.column("sum").to_pylist() == [5.0]

@@ -203,10 +203,10 @@ KILLED_CHILD = textwrap.dedent(
 
     retention.MAX_BUCKETS_PER_STEP = 30  # half an hour per step
     store = LanceStore(sys.argv[1], min_free_bytes=0)
-    original = LanceStore.replace_partials
+    original = LanceStore._replace_tier  # what rollup and replace_partials both run
     calls = [0]
 
-    def replace_partials(self, tier, sel, a, b, rows):
+    def replace_tier(self, tier, sel, a, b, rows):
         calls[0] += 1
         if calls[0] == 2:  # second step: delete the window's rows, then hang until killed
             original(self, tier, sel, a, b, rows.slice(0, 0))
@@ -214,7 +214,7 @@ KILLED_CHILD = textwrap.dedent(
             time.sleep(600)
         original(self, tier, sel, a, b, rows)
 
-    LanceStore.replace_partials = replace_partials
+    LanceStore._replace_tier = replace_tier
     pol = RetentionPolicy.from_doc({
         "apiVersion": "flux.iot/v1", "kind": "RetentionPolicy",
         "metadata": {"name": "p", "site": "plant-a"},

@@ -320,7 +320,7 @@ def records_to_table(records: Sequence[Record]) -> pa.Table:
     micros = np.round(np.asarray(ts, dtype=np.float64) * 1_000_000).astype(np.int64)
     table = pa.Table.from_arrays(
         [
-            pa.array(micros).cast(TS_TYPE),
+            pa.array(micros, TS_TYPE),
             pa.array(device, pa.string()),
             pa.array(site, pa.string()),
             pa.array(grp, pa.string()),

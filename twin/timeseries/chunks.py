@@ -149,9 +149,9 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
 
     rows = order[starts]
     cols: dict[str, pa.Array] = {
-        "ts": pa.array(window[rows] * chunk_us, pa.int64()).cast(TS_TYPE),
-        "t_min": pa.array(t[starts], pa.int64()).cast(TS_TYPE),
-        "t_max": pa.array(t[ends - 1], pa.int64()).cast(TS_TYPE),
+        "ts": pa.array(window[rows] * chunk_us, TS_TYPE),
+        "t_min": pa.array(t[starts], TS_TYPE),
+        "t_max": pa.array(t[ends - 1], TS_TYPE),
         "n": pa.array(ends - starts, pa.int64()),
         "count": pa.array(cnt, pa.int64()),
         "sum": pa.array(sums, pa.float64(), mask=nnum == 0),
@@ -161,8 +161,8 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
         "last": pa.array(lv, pa.float64(), mask=np.isnan(lv)),
         "first_str": pc.if_else(pa.array(none), pa.nulls(len(fr), pa.string()), scol.take(fr)),
         "last_str": pc.if_else(pa.array(none), pa.nulls(len(lr), pa.string()), scol.take(lr)),
-        "first_ts": pa.array(t[fr], pa.int64(), mask=none).cast(TS_TYPE),
-        "last_ts": pa.array(t[lr], pa.int64(), mask=none).cast(TS_TYPE),
+        "first_ts": pa.array(t[fr], TS_TYPE, mask=none),
+        "last_ts": pa.array(t[lr], TS_TYPE, mask=none),
         "cid": pa.array(np.arange(first_cid, first_cid + len(starts)), pa.int64()),
         "t_blob": pa.array(t_blobs, pa.binary()),
         "v_blob": pa.array(v_blobs, pa.binary()),
@@ -230,7 +230,7 @@ def decode_chunks(
     rep = np.repeat(np.arange(m), counts)
     strs = pa.concat_arrays(s_parts) if any_str else pa.nulls(len(t), pa.string())
     cols = {
-        "ts": pa.array(t, pa.int64()).cast(TS_TYPE),
+        "ts": pa.array(t, TS_TYPE),
         "value": pa.array(v, pa.float64(), mask=kind == 2),
         "value_str": strs,
         "kind": pa.array(kind, pa.uint8()),
@@ -260,7 +260,7 @@ def stat_partials(chunks: pa.Table, bucket: float) -> pa.Table:
     chunks = chunks.filter(pc.greater(chunks.column("count"), 0))
     b = max(1, round(bucket * 1_000_000))
     ts = (_i64(chunks.column("t_min")) // b) * b
-    cols: dict[str, pa.Array | pa.ChunkedArray] = {"ts": pa.array(ts, pa.int64()).cast(TS_TYPE)}
+    cols: dict[str, pa.Array | pa.ChunkedArray] = {"ts": pa.array(ts, TS_TYPE)}
     for name in SERIES_COLUMNS:
         cols[name] = _strings(chunks.column(name))
     for name in STAT_COLUMNS:
@@ -351,12 +351,16 @@ def selector_mask(table: pa.Table, selector: Selector) -> np.ndarray:
     return mask
 
 
-def decoded_partials(chunks: pa.Table, start: float, end: float, bucket: float) -> pa.Table | None:
+def decoded_partials(
+    chunks: pa.Table, start: float, end: float, bucket: float, *, dictionary: bool = False
+) -> pa.Table | None:
     """PARTIAL_SCHEMA rows per (bucket, series) from chunk rows with blobs, straight from
     the decoded numpy arrays: the series is the chunk's (no per-point string columns to
     build and re-encode, no sort when the chunks come by series and time, which is how
     stores hand them over). Good points only. None when a chunk holds strings (the caller
-    then goes through ``decode_chunks`` + ``partials.raw_partials``)."""
+    then goes through ``decode_chunks`` + ``partials.raw_partials``). ``dictionary``: the
+    series columns come dictionary-encoded over the chunk rows' names (no per-row strings:
+    what a rollup into a chunked tier wants)."""
     m = chunks.num_rows
     if m == 0:
         return PARTIAL_SCHEMA.empty_table()
@@ -417,7 +421,7 @@ def decoded_partials(chunks: pa.Table, start: float, end: float, bucket: float) 
     first_row[series[::-1]] = np.arange(m)[::-1]
     take = pa.array(first_row[sid[starts]])
     cols: dict[str, pa.Array] = {
-        "ts": pa.array(bidx[starts] * b, pa.int64()).cast(TS_TYPE),
+        "ts": pa.array(bidx[starts] * b, TS_TYPE),
         "count": pa.array(counts, pa.int64()),
         "sum": pa.array(np.add.reduceat(v, starts), pa.float64()),
         "min": pa.array(np.minimum.reduceat(v, starts), pa.float64()),
@@ -426,9 +430,16 @@ def decoded_partials(chunks: pa.Table, start: float, end: float, bucket: float) 
         "last": pa.array(v[ends - 1], pa.float64()),
         "first_str": pa.nulls(len(starts), pa.string()),
         "last_str": pa.nulls(len(starts), pa.string()),
-        "first_ts": pa.array(t[starts], pa.int64()).cast(TS_TYPE),
-        "last_ts": pa.array(t[ends - 1], pa.int64()).cast(TS_TYPE),
+        "first_ts": pa.array(t[starts], TS_TYPE),
+        "last_ts": pa.array(t[ends - 1], TS_TYPE),
     }
     for name in SERIES_COLUMNS:
-        cols[name] = _strings(chunks.column(name)).take(take)
+        if dictionary:
+            cols[name] = pa.DictionaryArray.from_arrays(
+                pa.array(first_row[sid[starts]].astype(np.int32)), _strings(chunks.column(name))
+            )
+        else:
+            cols[name] = _strings(chunks.column(name)).take(take)
+    if dictionary:
+        return pa.table({c: cols[c] for c in PARTIAL_SCHEMA.names})
     return pa.Table.from_arrays([cols[c] for c in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)

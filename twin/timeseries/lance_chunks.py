@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twin.timeseries.base import Selector
-from twin.timeseries.chunks import BLOB_COLUMNS, CHUNK_SCHEMA, META_COLUMNS, selector_mask
+from twin.timeseries.chunks import CHUNK_SCHEMA, selector_mask
 
 CHUNKS = "raw_chunks"
 
@@ -29,9 +29,19 @@ class ChunkTable:
     """The chunk dataset and its in-memory catalogue. Thread-safe for readers; writers
     (the store's maintenance and retention) are serialised by the store."""
 
-    def __init__(self, path: Path) -> None:
-        self.uri = str(path / f"{CHUNKS}.lance")
-        self.path = path / f"{CHUNKS}.lance"
+    def __init__(
+        self,
+        path: Path,
+        name: str = CHUNKS,
+        schema: pa.Schema = CHUNK_SCHEMA,
+    ) -> None:
+        """``name``/``schema``: the raw table's chunks by default; a downsampling tier's
+        partial chunks (``<tier>_chunks``, ``partial_chunks.PCHUNK_SCHEMA``) otherwise."""
+        self.uri = str(path / f"{name}.lance")
+        self.path = path / f"{name}.lance"
+        self.schema = schema
+        self.meta_columns = [n for n in schema.names if not n.endswith("_blob")]
+        self.blob_columns = [n for n in schema.names if n.endswith("_blob")]
         self._lock = threading.Lock()
         self._ds: Any = None
         self._catalog: pa.Table | None = None
@@ -56,10 +66,10 @@ class ChunkTable:
         self._by_series = None
         if not self.exists():
             self._ds = None
-            self._catalog = CHUNK_SCHEMA.empty_table().select(META_COLUMNS)
+            self._catalog = self.schema.empty_table().select(self.meta_columns)
         else:
             self._ds = lance.dataset(self.uri)
-            self._catalog = self._ds.to_table(columns=META_COLUMNS).combine_chunks()
+            self._catalog = self._ds.to_table(columns=self.meta_columns).combine_chunks()
         self._lo = np.array(self._catalog.column("t_min").cast(pa.int64()), dtype=np.int64)
         self._hi = np.array(self._catalog.column("t_max").cast(pa.int64()), dtype=np.int64)
 
@@ -99,12 +109,12 @@ class ChunkTable:
         ``snapshot()``) when given."""
         ds, cat = snap if snap is not None else self.snapshot()
         if cat.num_rows == 0:
-            return CHUNK_SCHEMA.empty_table() if blobs else cat
+            return self.schema.empty_table() if blobs else cat
         idx = self.offsets(cat, selector, start, end)
         rows = cat.take(pa.array(idx))
         if not blobs:
             return rows
-        return self.with_blobs(ds, rows, idx)
+        return self.blobs(ds, rows, idx, cat)
 
     def offsets(self, cat: pa.Table, selector: Selector, start: float, end: float) -> np.ndarray:
         """Catalogue offsets of ``selector``'s chunk rows with a point in ``[start, end)``;
@@ -134,13 +144,26 @@ class ChunkTable:
         return np.flatnonzero(mask)
 
     @staticmethod
-    def with_blobs(ds: Any, rows: pa.Table, idx: np.ndarray) -> pa.Table:
+    def with_blobs(
+        ds: Any,
+        rows: pa.Table,
+        idx: np.ndarray,
+        schema: pa.Schema = CHUNK_SCHEMA,
+    ) -> pa.Table:
+        """``rows`` (catalogue rows at offsets ``idx``) with their blobs taken from ``ds``."""
         if len(idx) == 0:
-            return CHUNK_SCHEMA.empty_table()
-        b = ds.take(idx.tolist(), columns=BLOB_COLUMNS)
-        for name in BLOB_COLUMNS:
+            return schema.empty_table()
+        names = [n for n in schema.names if n.endswith("_blob")]
+        b = ds.take(idx.tolist(), columns=names)
+        for name in names:
             rows = rows.append_column(name, b.column(name))
         return rows
+
+    def blobs(
+        self, ds: Any, rows: pa.Table, idx: np.ndarray, cat: pa.Table | None = None
+    ) -> pa.Table:
+        """``with_blobs`` with this table's schema."""
+        return self.with_blobs(ds, rows, idx, self.schema)
 
     def points(self) -> int:
         _ds, cat = self.snapshot()
@@ -156,9 +179,9 @@ class ChunkTable:
 
         if rows.num_rows == 0:
             return
-        rows = rows.select(CHUNK_SCHEMA.names).cast(CHUNK_SCHEMA)
+        rows = rows.select(self.schema.names).cast(self.schema)
         mode = "append" if self.exists() else "create"
-        lance.write_dataset(rows, self.uri, schema=CHUNK_SCHEMA, mode=mode)
+        lance.write_dataset(rows, self.uri, schema=self.schema, mode=mode)
         self.refresh()
 
     def delete_cids(self, cids: list[int] | tuple[int, int]) -> None:

@@ -161,7 +161,7 @@ def _build(
         return col.take(pa.array(rows)).cast(pa.string())
 
     cols: dict[str, pa.Array] = {
-        "ts": pa.array((bidx[first_rows]) * bucket_us, pa.int64()).cast(TS_TYPE),
+        "ts": pa.array((bidx[first_rows]) * bucket_us, TS_TYPE),
     }
     for name in SERIES_COLUMNS:
         codes, dictionary = parts[name]
@@ -178,8 +178,8 @@ def _build(
     cols["last"] = pa.array(lv, pa.float64(), mask=np.isnan(lv))
     cols["first_str"] = strings(first_str, first_rows)
     cols["last_str"] = strings(last_str, last_rows)
-    cols["first_ts"] = pa.array(first_t[first_rows], pa.int64()).cast(TS_TYPE)
-    cols["last_ts"] = pa.array(last_t[last_rows], pa.int64()).cast(TS_TYPE)
+    cols["first_ts"] = pa.array(first_t[first_rows], TS_TYPE)
+    cols["last_ts"] = pa.array(last_t[last_rows], TS_TYPE)
     return pa.Table.from_arrays([cols[n] for n in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)
 
 

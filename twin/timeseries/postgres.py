@@ -935,7 +935,7 @@ class PostgresStore:
         parts = []
         if rows:
             cols = list(zip(*rows, strict=True))
-            arrays = [pa.array(cols[0], pa.int64()).cast(TS_TYPE)]
+            arrays = [pa.array(cols[0], TS_TYPE)]
             arrays += [
                 pa.array(c, type=f.type)
                 for c, f in zip(cols[1:], list(RAW_SCHEMA)[1:], strict=True)
@@ -982,7 +982,7 @@ class PostgresStore:
         parts = []
         if point_rows:
             cols = list(zip(*point_rows, strict=True))
-            arrays = [pa.array(cols[0], pa.int64()).cast(TS_TYPE)]
+            arrays = [pa.array(cols[0], TS_TYPE)]
             arrays += [
                 pa.array(c, type=f.type)
                 for c, f in zip(cols[1:], list(RAW_SCHEMA)[1:], strict=True)
@@ -1136,7 +1136,7 @@ class PostgresStore:
             return pa.array(a, pa.float64(), mask=np.isnan(a))
 
         cols: dict[str, Any] = {
-            "ts": pa.array(p.ts).cast(TS_TYPE),
+            "ts": pa.array(p.ts, TS_TYPE),
             "count": pa.array(p.count),
             "sum": f64(p.sum),
             "min": f64(p.min),
@@ -1149,8 +1149,8 @@ class PostgresStore:
             "last_str": pa.array(p.last_str, pa.string())
             if p.last_str is not None
             else pa.nulls(len(p.ts), pa.string()),
-            "first_ts": pa.array(p.first_ts).cast(TS_TYPE),
-            "last_ts": pa.array(p.last_ts).cast(TS_TYPE),
+            "first_ts": pa.array(p.first_ts, TS_TYPE),
+            "last_ts": pa.array(p.last_ts, TS_TYPE),
             **series,
         }
         table = pa.Table.from_arrays([cols[n] for n in PARTIAL_SCHEMA.names], schema=PARTIAL_SCHEMA)

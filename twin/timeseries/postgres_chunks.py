@@ -95,7 +95,7 @@ def points_table(
     empty = pa.repeat(pa.scalar("", pa.string()), n)
     return pa.Table.from_arrays(
         [
-            pa.array(ts, pa.int64()).cast(TS_TYPE),
+            pa.array(ts, TS_TYPE),
             pa.array(sid, pa.int64()).cast(pa.string()),
             empty,
             empty,
@@ -128,7 +128,7 @@ def fetch(cur: Any, table: str, where: str, *, blobs: bool) -> pa.Table:
         elif name in ("site", "grp", "tags", "metric"):
             out[name] = empty
         elif name in _TS_COLS:
-            out[name] = pa.array(data[name], pa.int64()).cast(TS_TYPE)
+            out[name] = pa.array(data[name], TS_TYPE)
         elif name in BLOB_COLUMNS:
             if not blobs:
                 continue

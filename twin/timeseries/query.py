@@ -237,7 +237,7 @@ def apply_fill(
     grid_cols = {
         k: pc.take(group_rows.column(k), np.repeat(np.arange(n_groups), n_ts)) for k in keys
     }
-    grid_cols["ts"] = pa.array(np.tile(grid_us, n_groups), pa.int64()).cast(TS_TYPE)
+    grid_cols["ts"] = pa.array(np.tile(grid_us, n_groups), TS_TYPE)
     grid = pa.table(grid_cols)
     full = grid.join(table, ["ts", *keys], join_type="left outer")
     full = full.sort_by([(k, "ascending") for k in keys] + [("ts", "ascending")])
