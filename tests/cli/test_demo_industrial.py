@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,30 @@ from cli.procs import ROOT, cli_env, run, start_up, wait_for
 pytestmark = pytest.mark.slow  # one engine with the whole demo: ~30 s
 
 
+def hold(port: int) -> socket.socket | None:
+    """Listen on 127.0.0.1:``port`` (as another program would), or None if someone else does."""
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    s.listen(1)
+    return s
+
+
 def test_demo_opcua_and_coap_devices_live(tmp_path: Path) -> None:
+    """Also with the demo's declared simulator ports (Modbus 15020, OPC UA 48400) taken by
+    another program: the simulators serve on free ports and the devices follow them."""
+    holders = [h for h in (hold(15020), hold(48400)) if h is not None]
+    try:
+        _demo_live(tmp_path, len(holders) == 2)
+    finally:
+        for h in holders:
+            h.close()
+
+
+def _demo_live(tmp_path: Path, held: bool) -> None:
     env = cli_env(tmp_path / "state")
     up = start_up(env, str(ROOT / "sites" / "demo"), "--listen", "127.0.0.1:0",
                   "--mqtt-listen", "127.0.0.1:0", "--no-timeseries")
@@ -40,6 +64,8 @@ def test_demo_opcua_and_coap_devices_live(tmp_path: Path) -> None:
 
         boiler = wait_for(lambda: live("boiler_01", "temperature"), "boiler_01 online", 90)
         assert {"pressure", "counter", "setpoint", "running"} <= set(boiler["reported"])
+        plc = wait_for(lambda: live("boiler_plc_01", "water_temp"), "boiler_plc_01 online", 60)
+        assert plc["reported"]["water_temp"]["quality"] == "good"
         meter = wait_for(lambda: live("meter_coap_01", "power_kw"), "meter_coap_01 online", 60)
         assert {"energy_kwh", "voltage"} <= set(meter["reported"])
         # a command through the ledger runs the boiler's OPC UA method SetSetpoint
@@ -55,3 +81,8 @@ def test_demo_opcua_and_coap_devices_live(tmp_path: Path) -> None:
             assert "</d/meter_coap_01>" in out
     finally:
         assert up.stop() == 0, up.output[-3000:]
+    if held:  # one line each, naming the port used instead
+        assert re.search(r"modbus simulator 127\.0\.0\.1:15020 .*taken; serving on port \d+",
+                         up.output), up.output[-3000:]
+        assert re.search(r"boiler_01: port 48400 is taken; its OPC UA server is at "
+                         r"opc\.tcp://127\.0\.0\.1:\d+", up.output), up.output[-3000:]

@@ -113,9 +113,9 @@ async def test_simulated_plc_polled_written_and_commanded(tmp_path: Path) -> Non
     assert not aio.DEFAULT.running  # the engine stopped the asyncio loop with it
 
 
-async def test_a_simulator_whose_port_is_taken_is_one_log_line(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
-    """Another program holds the simulated PLC's port: the engine starts anyway, the simulator
-    logs why it is not running, and the device is simply unreachable."""
+async def test_a_simulator_whose_port_is_taken_serves_on_a_free_one(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Another program holds the simulated PLC's declared port: the simulator serves on a free
+    port instead (one log line), and the device's binding learns it and polls it."""
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
@@ -129,10 +129,15 @@ async def test_a_simulator_whose_port_is_taken_is_one_log_line(tmp_path: Path, c
     try:
         async with running_engine(reg, fast_config(state_dir=tmp_path / "state"),
                                   [ControlService(), sims]) as engine:
-            assert engine.service_info["modbus-simulators"]["devices"] == []
-            assert engine.twin("boiler_01") is not None  # the device task runs (unreachable)
-        assert any("not started" in r.getMessage() and str(port) in r.getMessage()
-                   for r in caplog.records)
+            assert engine.service_info["modbus-simulators"]["devices"] == ["boiler_01"]
+            moved = engine.runtime.binding_context.endpoints["boiler_01"]["port"]
+            assert moved != port
+            twin = engine.twin("boiler_01")
+            assert twin is not None
+            await eventually(lambda: "water_temp" in twin.reported)
+            assert twin.reported["water_temp"].value == 64.25
+        taken = [r.getMessage() for r in caplog.records if "taken" in r.getMessage()]
+        assert len(taken) == 1 and str(port) in taken[0] and str(moved) in taken[0], taken
     finally:
         holder.close()
         reg.close()

@@ -147,6 +147,9 @@ class BindingContext:
     # from the time-series store (history backfill after an engine restart)
     last_stored: Callable[[str, list[str], float], Awaitable[dict[str, float]]] | None = None
     video: Any = None  # twin.video.service.VideoService: camera bindings' pipelines and outputs
+    # device -> binding options learnt at run time, over the declared ones: a site simulator
+    # whose declared port was taken serves on a free one (twin/runtime/simulators.py)
+    endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]
@@ -176,6 +179,8 @@ def create_binding(device_doc: Mapping[str, Any], context: BindingContext | None
     _load_builtin()
     name = str(device_doc["metadata"]["name"])
     protocol, options = binding_protocol(device_doc)
+    if context is not None and name in context.endpoints:
+        options = {**options, **context.endpoints[name]}
     factory = BINDINGS.get(protocol)
     if factory is None:
         raise BindingError(

@@ -10,7 +10,8 @@ simulator options (the ``sim`` binding's waves per point)::
           temperature: {wave: sine, min: 60, max: 85, period: 5m, decimals: 1}
 
 Each must be a Device of the site with a ``modbus`` TCP binding; the simulator serves its
-unit on the binding's host:port (devices sharing a host:port share one simulated gateway),
+unit on the binding's host:port (devices sharing a host:port share one simulated gateway;
+when that port is taken, on a free port that the devices' bindings are told, with one log line),
 with the register layout of the device's point map (twin/sim/modbus_device.py). The engine's
 modbus binding then polls it like a PLC: the demo shows a Modbus device live.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from twin.runtime.simulators import SIMULATORS_DIR
+from twin.runtime.simulators import SIMULATORS_DIR, port_for
 from twin.runtime.supervisor import supervise
 from twin.spec.yamlload import load_data
 
@@ -74,7 +75,16 @@ class ModbusSimulatorService:
             key = (str(binding["host"]), int(binding.get("port", 502)))
             gateways.setdefault(key, []).append(unit)
         async with trio.open_nursery() as nursery:
-            for (host, port), units in sorted(gateways.items()):
+            for (host, asked), units in sorted(gateways.items()):
+                # a taken port (another program, another demo engine) is not assumed free:
+                # the gateway serves on a free one and its devices' bindings are told
+                port = await trio.to_thread.run_sync(port_for, host, asked)
+                if port != asked:
+                    for u in units:
+                        engine.runtime.binding_context.endpoints[u.device] = {"port": port}
+                    log.warning("modbus simulator %s:%d (%s): the port is taken; serving on "
+                                "port %d instead (its devices poll that)", host, asked,
+                                ", ".join(u.device for u in units), port)
                 sim = ModbusSim(host, port, units)
                 label = f"modbus-sim-{host}:{port}"
                 for u in units:

@@ -72,6 +72,23 @@ def load_section(site: Path, section: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def port_for(host: str, port: int) -> int:
+    """``port`` when a TCP listener can bind ``host:port`` now, else a free port on ``host``
+    (a site simulator must not assume its declared port is free: another program, or another
+    demo engine, may hold it). The caller tells the device's binding the port it got
+    (``BindingContext.endpoints``)."""
+    import socket
+
+    for candidate in (port, 0):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, candidate))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    return port  # cannot bind at all: the simulator's own start reports why
+
+
 def device_key(registry: Any, device: str, key_dir: Path) -> tuple[str, bool]:
     """The simulated device's key: the stored one, or a new one (stored 0600). Returns
     ``(key, created)``. Runs in a worker thread."""
@@ -160,6 +177,8 @@ class SimulatorService:
     async def _industrial(self, engine: Any, nursery: trio.Nursery, key_dir: Path) -> None:
         """The site's simulated OPC UA servers and CoAP devices (``opcua:`` / ``coap:`` in
         ``SITE/simulators/*.yaml``), under the engine's supervisor like the MQTT ones."""
+        from urllib.parse import urlsplit, urlunsplit
+
         from twin.sim.coap_device import CoapDeviceSim
 
         opcua = await trio.to_thread.run_sync(load_section, self.site, "opcua")
@@ -169,7 +188,17 @@ class SimulatorService:
             if "opcua" not in binding:
                 log.warning("simulators: %s is not a Device with an opcua binding; skipped", device)
                 continue
-            run = partial(_opcua_server, device, str(binding["opcua"]["endpoint"]), opts)
+            endpoint = str(binding["opcua"]["endpoint"])
+            url = urlsplit(endpoint)
+            declared = url.port or 4840
+            port = await trio.to_thread.run_sync(port_for, url.hostname or "127.0.0.1", declared)
+            if port != declared:
+                netloc = url.netloc.rsplit(":", 1)[0] if url.port else url.netloc
+                endpoint = urlunsplit(url._replace(netloc=f"{netloc}:{port}"))
+                engine.runtime.binding_context.endpoints[device] = {"endpoint": endpoint}
+                log.warning("simulators: %s: port %d is taken; its OPC UA server is at %s "
+                            "instead (the device connects there)", device, declared, endpoint)
+            run = partial(_opcua_server, device, endpoint, opts)
             self._start(engine, nursery, device, run)
         info = engine.service_info.get("coap") or {}
         coap_url = next((a for a in info.get("addresses") or [] if a.startswith("coap://")), None)
