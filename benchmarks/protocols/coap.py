@@ -2,7 +2,7 @@
 the same aiocoap server, in one run; and POST/s into the engine's CoAP server (readings to the
 write-ahead-log-less device path, device key checked).
 
-    python benchmarks/protocols/coap.py [--seconds 1] [--concurrency 1 10] [--rounds 10]
+    python benchmarks/protocols/coap.py [--slices 100] [--slice 0.1] [--concurrency 1 10]
 
 * server: an aiocoap server in another process with one resource (``GET /v`` -> 8 bytes);
 * plain: ``--concurrency`` asyncio tasks each awaiting ``ctx.request(GET).response`` in a loop;
@@ -13,8 +13,9 @@ write-ahead-log-less device path, device key checked).
   ``/d/{device}?k=KEY`` of :class:`twin.runtime.coap_service.CoapService` in an engine in this
   process (every request crosses the bridge twice and checks the key): requests/s.
 
-Rounds interleave bridge, plain, bridge, plain, ... (``rounds.py``): medians, the ratio per
-round, and process CPU time per GET.
+Both clients are set up once and take turns in short slices (bridge, plain, bridge, ...;
+``rounds.py``): pooled rates, their ratio, per-slice ratios, process CPU time per GET. The
+engine-server figure runs ``--seconds`` per client count.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rounds import Round, report
+from rounds import PlainLoop, Round, interleave, report
 
 
 def free_udp() -> int:
@@ -66,56 +67,60 @@ async def _loop(ctx: Any, uri: str, deadline: float, r: Round) -> None:
         r.count(t)
 
 
-def plain(uri: str, conc: int, seconds: float) -> Round:
-    from aiocoap import Context
-
-    async def main() -> Round:
-        ctx = await Context.create_client_context()
-        await _loop(ctx, uri, time.perf_counter() + 0.2, Round())  # warm-up
-        r = Round()
-        r.start()
-        deadline = time.perf_counter() + seconds
-        await asyncio.gather(*(_loop(ctx, uri, deadline, r) for _ in range(conc)))
-        r.stop()
-        await ctx.shutdown()
-        return r
-
-    return asyncio.run(main())
-
-
-def bridged(uri: str, conc: int, seconds: float) -> Round:
+def measure(uri: str, conc: int, slices: int, slice_s: float) -> list[list[Round]]:
+    """Bridge and plain clients set up once, then interleaved slices (rounds.py)."""
     import trio
 
     from twin.bindings import aio
 
-    async def main() -> Round:
+    plain_loop = PlainLoop()
+
+    async def main() -> list[list[Round]]:
         from aiocoap import GET, Context, Message
 
         create: Any = Context.create_client_context
-        ctx = await aio.run(create)
+        pctx = await plain_loop.run(create)
+        bctx = await aio.run(create)
 
-        async def worker(deadline: float, r: Round) -> None:
-            while (t := time.perf_counter()) < deadline:
-                req: Any = lambda: ctx.request(Message(code=GET, uri=uri)).response  # noqa: E731
-                await aio.run(req)
-                r.count(t)
+        async def plain_slice(secs: float) -> Round:
+            async def go() -> Round:
+                r = Round()
+                r.start()
+                deadline = time.perf_counter() + secs
+                await asyncio.gather(*(_loop(pctx, uri, deadline, r) for _ in range(conc)))
+                r.stop()
+                return r
 
-        await worker(time.perf_counter() + 0.2, Round())  # warm-up
-        r = Round()
-        r.start()
-        deadline = time.perf_counter() + seconds
-        async with trio.open_nursery() as n:
-            for _ in range(conc):
-                n.start_soon(worker, deadline, r)
-        r.stop()
-        shutdown: Any = ctx.shutdown
+            return await plain_loop.run(go)  # type: ignore[no-any-return]
+
+        async def bridge_slice(secs: float) -> Round:
+            async def worker(deadline: float) -> None:
+                while (t := time.perf_counter()) < deadline:
+                    req: Any = lambda: bctx.request(Message(code=GET, uri=uri)).response  # noqa: E731
+                    await aio.run(req)
+                    r.count(t)
+
+            r = Round()
+            r.start()
+            deadline = time.perf_counter() + secs
+            async with trio.open_nursery() as n:
+                for _ in range(conc):
+                    n.start_soon(worker, deadline)
+            r.stop()
+            return r
+
+        await interleave([bridge_slice, plain_slice], 3, slice_s)  # warm-up
+        rounds = await interleave([bridge_slice, plain_slice], slices, slice_s)
+        await plain_loop.run(pctx.shutdown)
+        shutdown: Any = bctx.shutdown
         await aio.run(shutdown)
-        return r
+        return rounds
 
     try:
         return trio.run(main)
     finally:
         aio.shutdown()
+        plain_loop.close()
 
 
 def engine_server(conc: int, seconds: float) -> float:
@@ -183,9 +188,10 @@ def engine_server(conc: int, seconds: float) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 10])
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--slice", type=float, default=0.1, help="seconds per slice")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -198,11 +204,10 @@ def main() -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("ready")
         uri = f"coap://127.0.0.1:{port}/v"
-        print(f"aiocoap GET /v, rounds of {a.seconds:g} s per mode, interleaved; "
-              f"load average {os.getloadavg()[0]:.2f}")
+        print(f"aiocoap GET /v, {a.slices} slices of {a.slice * 1000:g} ms per mode, "
+              f"interleaved; load average {os.getloadavg()[0]:.2f}")
         for conc in a.concurrency:
-            rounds = [(bridged(uri, conc, a.seconds), plain(uri, conc, a.seconds))
-                      for _ in range(a.rounds)]
+            rounds = measure(uri, conc, a.slices, a.slice)
             report(f"GET /v, {conc} caller(s)", ("bridge (Trio, aio.run)", "plain asyncio"),
                    rounds, "GET")
     finally:

@@ -1,15 +1,16 @@
 """Modbus through the asyncio↔Trio bridge, against plain asyncio pymodbus, in one run; and
 polling at scale.
 
-    python benchmarks/protocols/modbus.py [--seconds 1] [--rounds 10] [--devices 500] [--poll-seconds 20]
+    python benchmarks/protocols/modbus.py [--slices 100] [--slice 0.1] [--devices 500] [--poll-seconds 20]
 
 1. Requests/s: ``read_holding_registers(0, count=10)`` in a loop on 1 and on 10 connections,
    (a) plain asyncio (``asyncio.run``, the pymodbus client awaited directly), (b) the same
    client driven from Trio through ``twin.bindings.aio.run`` (one call per request), (c) the
    binding's own request path (``Line.call``: fair lock, Trio timeout, metrics). The server is
    a plain pymodbus server in another process (pinned to the other core when there are two).
-   Rounds of ``--seconds`` interleave the modes (bridge, binding, plain, bridge, ...;
-   ``rounds.py``): medians, each round's ratio to plain, and process CPU time per request.
+   Each mode is set up once (its own connections), then they take turns in short slices
+   (bridge, binding, plain, bridge, ...; ``rounds.py``): pooled rates, their ratio to plain,
+   per-slice ratios, and process CPU time per request.
 2. Scale: ``--devices`` ModbusBinding devices x 30 points (20 in input registers: 10 float32
    + 10 int16; 10 holding-register uint16; two coalesced requests per device) polled every
    second through 50 simulated gateways (10 units each, one shared connection per gateway),
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rounds import Round, report  # noqa: E402
+from rounds import PlainLoop, Round, interleave, report  # noqa: E402
 
 from twin.bindings import aio  # noqa: E402
 from twin.bindings.modbus import Line, ModbusBinding  # noqa: E402
@@ -103,83 +104,94 @@ def make_client(port: int) -> Any:
 
 
 # -- 1. requests/s -------------------------------------------------------------------------------
-def plain_asyncio(port: int, conns: int, seconds: float) -> Round:
-    async def main() -> Round:
-        clients = [make_client(port) for _ in range(conns)]
-        for c in clients:
-            await c.connect()
-        r = Round()
+def measure(port: int, conns: int, slices: int, slice_s: float) -> list[list[Round]]:
+    """The three modes set up once (their own connections each), then interleaved slices."""
+    plain_loop = PlainLoop()
 
-        async def worker(c: Any, stop: float) -> None:
-            while (t := time.perf_counter()) < stop:
-                await c.read_holding_registers(0, count=10, device_id=1)
-                r.count(t)
+    async def main() -> list[list[Round]]:
+        async def p_connect() -> list[Any]:
+            clients = [make_client(port) for _ in range(conns)]
+            for c in clients:
+                await c.connect()
+            return clients
 
-        await asyncio.gather(*(worker(c, time.perf_counter() + 0.1) for c in clients))  # warm-up
-        r = Round()
-        r.start()
-        stop = time.perf_counter() + seconds
-        await asyncio.gather(*(worker(c, stop) for c in clients))
-        r.stop()
-        for c in clients:
-            c.close()
-        return r
+        pclients = await plain_loop.run(p_connect)
+        bclients = [await aio.run(lambda: make_client(port)) for _ in range(conns)]
+        for c in bclients:
+            await aio.run(c.connect)
+        # one Line (the binding's shared connection to a gateway) per connection
+        lines = [Line(("tcp", "127.0.0.1", str(port), f"bench{i}"),
+                      {"host": "127.0.0.1", "port": port, "timeout": "5s"}) for i in range(conns)]
+        for line in lines:
+            async with line.lock:
+                await line._ensure()
 
-    return asyncio.run(main())
+        async def plain_slice(secs: float) -> Round:
+            async def worker(c: Any, stop: float, r: Round) -> None:
+                while (t := time.perf_counter()) < stop:
+                    await c.read_holding_registers(0, count=10, device_id=1)
+                    r.count(t)
 
+            async def go() -> Round:
+                r = Round()
+                r.start()
+                stop = time.perf_counter() + secs
+                await asyncio.gather(*(worker(c, stop, r) for c in pclients))
+                r.stop()
+                return r
 
-def bridged(port: int, conns: int, seconds: float, binding_path: bool) -> Round:
-    async def main() -> Round:
-        r = Round()
-        if binding_path:
-            # one Line (the binding's shared connection to a gateway) per connection
-            lines = [Line(("tcp", "127.0.0.1", str(port), f"bench{i}"),
-                          {"host": "127.0.0.1", "port": port, "timeout": "5s"}) for i in range(conns)]
-            for line in lines:
-                async with line.lock:
-                    await line._ensure()
+            return await plain_loop.run(go)  # type: ignore[no-any-return]
 
+        async def bridge_slice(secs: float) -> Round:
+            async def worker(c: Any, stop: float) -> None:
+                while (t := time.perf_counter()) < stop:
+                    await aio.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
+                    r.count(t)
+
+            r = Round()
+            r.start()
+            stop = time.perf_counter() + secs
+            async with trio.open_nursery() as n:
+                for c in bclients:
+                    n.start_soon(worker, c, stop)
+            r.stop()
+            return r
+
+        async def binding_slice(secs: float) -> Round:
             async def worker(line: Line, stop: float) -> None:
                 while (t := time.perf_counter()) < stop:
                     await line.call("bench", lambda c: c.read_holding_registers(0, count=10, device_id=1), 5.0, 0)
                     r.count(t)
 
-            for warm in (True, False):
-                r = Round()
-                r.start()
-                stop = time.perf_counter() + (0.1 if warm else seconds)
-                async with trio.open_nursery() as n:
-                    for line in lines:
-                        n.start_soon(worker, line, stop)
-                r.stop()
-            for line in lines:
-                await line._drop()
-            return r
-        clients = [await aio.run(lambda: make_client(port)) for _ in range(conns)]
-        for c in clients:
-            await aio.run(c.connect)
-
-        async def rworker(c: Any, stop: float) -> None:
-            while (t := time.perf_counter()) < stop:
-                await aio.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
-                r.count(t)
-
-        for warm in (True, False):
             r = Round()
             r.start()
-            stop = time.perf_counter() + (0.1 if warm else seconds)
+            stop = time.perf_counter() + secs
             async with trio.open_nursery() as n:
-                for c in clients:
-                    n.start_soon(rworker, c, stop)
+                for line in lines:
+                    n.start_soon(worker, line, stop)
             r.stop()
-        for c in clients:
+            return r
+
+        modes = [bridge_slice, binding_slice, plain_slice]
+        await interleave(modes, 3, slice_s)  # warm-up
+        rounds = await interleave(modes, slices, slice_s)
+        for line in lines:
+            await line._drop()
+        for c in bclients:
             await aio.run(c.close)
-        return r
+
+        async def p_close() -> None:
+            for c in pclients:
+                c.close()
+
+        await plain_loop.run(p_close)
+        return rounds
 
     try:
         return trio.run(main)
     finally:
         aio.shutdown()
+        plain_loop.close()
 
 
 # -- 2. polling at scale -----------------------------------------------------------------------
@@ -244,8 +256,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve")
     ap.add_argument("--units", type=int, default=1)
-    ap.add_argument("--seconds", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--slice", type=float, default=0.1, help="seconds per slice")
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--poll-seconds", type=float, default=20.0)
     ap.add_argument("--skip-scale", action="store_true")
@@ -261,10 +273,9 @@ def main() -> None:
     server = start_server([port], 1, 1 if two_cores else None)
     try:
         for conns in (1, 10):
-            rounds = [(bridged(port, conns, args.seconds, False), bridged(port, conns, args.seconds, True),
-                       plain_asyncio(port, conns, args.seconds)) for _ in range(args.rounds)]
+            rounds = measure(port, conns, args.slices, args.slice)
             report(f"pymodbus read_holding_registers(0, count=10), {conns} connection(s), "
-                   f"{args.seconds:g} s per round",
+                   f"{args.slice * 1000:g} ms slices",
                    ("bridge (aio.run)", "binding (Line.call)", "plain asyncio"), rounds)
     finally:
         server.terminate()

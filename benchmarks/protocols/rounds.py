@@ -1,21 +1,31 @@
-"""Interleaved A/B rounds for the bridge benchmarks (``modbus.py``, ``coap.py``).
+"""Interleaved A/B measurement for the bridge benchmarks (``modbus.py``, ``coap.py``).
 
-On a shared, loaded machine one long run per mode measures the load as much as the mode: the
-other engineers' jobs come and go within seconds. So each benchmark runs many short rounds,
-alternating the modes (bridge, plain, bridge, plain, ...), takes the ratio **per round** (two
-neighbours in time saw about the same load), and reports the median of those ratios, the
-median rate of each mode, and the process CPU time per request (``time.process_time``: every
-thread of the process, so the bridge's asyncio thread is counted), which depends much less on
-how long the process waited for a core than the rate does. Per-request latencies give p50
-and p99 per mode: a closed-loop caller's rate is the inverse of its mean latency, and the p50
-ratio is that comparison without the few requests that waited for a core (the p99).
+On a shared, loaded machine one run per mode measures the load as much as the mode: the other
+engineers' jobs come and go within a second, and a mode measured for 5 s after another saw
+different load (earlier CoAP runs here scattered 0.49-5.35x). Rounds of 1 s, alternating, were
+not enough either (neighbouring rounds still differed 0.3-3.6x: the load changes faster, and
+each round paid a new loop, thread, socket and connection). So:
+
+* every mode is set up **once** and stays live: the bridged clients on the bridge's asyncio
+  thread (``twin.bindings.aio``), the plain ones on a plain asyncio loop in a thread of its own
+  (:class:`PlainLoop`, the same library awaited directly, as a plain asyncio program would);
+* the modes then take turns in short **slices** (default 100 ms: bridge, plain, bridge, plain,
+  ...), many of them, so both see the same load to within a fraction of a second;
+* figures: each mode's total requests / total time over its slices (the pooled rate), their
+  ratio, the median of the per-pair ratios, and the process CPU time per request
+  (``time.process_time``: all threads; during a slice only that mode's threads work).
 """
 
 from __future__ import annotations
 
+import asyncio
 import statistics
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+import trio
 
 SLOW = 0.5
 """A request slower than this (seconds) is counted apart: on UDP it is a retransmission (CoAP
@@ -23,14 +33,13 @@ waits ACK_TIMEOUT = 2-3 s before resending a lost confirmable message)."""
 
 
 class Round:
-    """One measured round of one mode: requests, wall and process CPU seconds, slow requests."""
+    """One measured slice of one mode: requests, wall and process CPU seconds, slow ones."""
 
     def __init__(self) -> None:
         self.n = 0
         self.slow = 0
         self.wall = 0.0
         self.cpu = 0.0
-        self.lat: list[float] = []  # seconds, every request of the round
         self._t0 = self._c0 = 0.0
 
     def start(self) -> None:
@@ -41,51 +50,66 @@ class Round:
 
     def count(self, began: float) -> None:
         """One request done that began at ``began`` (``time.perf_counter()``)."""
-        took = time.perf_counter() - began
         self.n += 1
-        self.slow += took > SLOW
-        self.lat.append(took)
+        self.slow += time.perf_counter() - began > SLOW
 
     @property
     def rate(self) -> float:
         return self.n / self.wall if self.wall else 0.0
 
-    @property
-    def cpu_us(self) -> float:
-        return self.cpu / self.n * 1e6 if self.n else 0.0
+
+class PlainLoop:
+    """A plain asyncio event loop in a thread of its own: the baseline's home."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="plain-asyncio", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``coro`` on the loop; block this (non-Trio) thread for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    async def run(self, coro_fn: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        """From Trio: run ``coro_fn()`` on the loop, waiting in a worker thread (idle)."""
+        return await trio.to_thread.run_sync(lambda: self.call(coro_fn()))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
 
 
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
+async def interleave(
+    modes: Sequence[Callable[[float], Awaitable[Round]]], slices: int, slice_s: float
+) -> list[list[Round]]:
+    """``slices`` turns of every mode in order, each ``mode(slice_s)`` -> its Round."""
+    out: list[list[Round]] = []
+    for _ in range(slices):
+        out.append([await mode(slice_s) for mode in modes])
+    return out
 
 
-def report(
-    title: str, modes: Sequence[str], rounds: Sequence[Sequence[Round]], unit: str = "req"
-) -> None:
-    """Print medians per mode and each mode's per-round ratio to the last mode (the plain
-    asyncio baseline)."""
+def report(title: str, names: Sequence[str], rounds: Sequence[Sequence[Round]], unit: str = "req") -> dict[str, float]:
+    """Print pooled rates, CPU per request and ratios to the last mode (the plain baseline);
+    returns ``{name: pooled ratio to the baseline}``."""
     med = statistics.median
-    print(f"\n{title}: {len(rounds)} interleaved rounds")
-    print(
-        f"  {'mode':<26}{unit + '/s median':>14}{'CPU µs/' + unit:>13}"
-        f"{'latency p50':>13}{'p99 (ms)':>9}{'slow':>6}"
-    )
-    lat = []
-    for k, name in enumerate(modes):
-        rs = [r[k] for r in rounds]
-        lat.append([x for r in rs for x in r.lat])
-        print(
-            f"  {name:<26}{med(r.rate for r in rs):>14,.0f}{med(r.cpu_us for r in rs):>13,.0f}"
-            f"{_pct(lat[k], 0.5) * 1e3:>13.2f}{_pct(lat[k], 0.99) * 1e3:>9.2f}"
-            f"{sum(r.slow for r in rs):>6}"
-        )
-    base = len(modes) - 1
-    for k, name in enumerate(modes[:-1]):
-        ratios = [r[k].rate / r[base].rate for r in rounds if r[base].rate]
-        cpu = [r[k].cpu_us / r[base].cpu_us for r in rounds if r[base].cpu_us]
-        print(
-            f"  {name} / {modes[base]}: median {med(ratios):.2f}x (goal >= 0.8x), per round "
-            f"{' '.join(f'{x:.2f}' for x in ratios)}; CPU per {unit} {med(cpu):.2f}x; "
-            f"p50 latency {modes[base]}/{name} {_pct(lat[base], 0.5) / _pct(lat[k], 0.5):.2f}x"
-        )
+    print(f"\n{title}: {len(rounds)} slices per mode, interleaved")
+    print(f"  {'mode':<26}{unit + '/s (pooled)':>16}{'CPU µs/' + unit:>13}{'slow':>6}")
+    pooled, cpu = [], []
+    for k, name in enumerate(names):
+        n = sum(r[k].n for r in rounds)
+        wall = sum(r[k].wall for r in rounds)
+        pooled.append(n / wall if wall else 0.0)
+        cpu.append(sum(r[k].cpu for r in rounds) / n * 1e6 if n else 0.0)
+        print(f"  {name:<26}{pooled[k]:>16,.0f}{cpu[k]:>13,.0f}{sum(r[k].slow for r in rounds):>6}")
+    base = len(names) - 1
+    ratios: dict[str, float] = {}
+    for k, name in enumerate(names[:-1]):
+        per = sorted(r[k].rate / r[base].rate for r in rounds if r[base].rate)
+        q = [per[int(f * (len(per) - 1))] for f in (0.1, 0.5, 0.9)] if per else [0, 0, 0]
+        ratios[name] = pooled[k] / pooled[base] if pooled[base] else 0.0
+        print(f"  {name} / {names[base]}: {ratios[name]:.2f}x pooled (goal >= 0.8x); per slice pair "
+              f"median {med(per) if per else 0:.2f}x (p10 {q[0]:.2f}, p90 {q[2]:.2f}); CPU per "
+              f"{unit} {cpu[k] / cpu[base] if cpu[base] else 0:.2f}x")
+    return ratios
