@@ -317,3 +317,28 @@ def _raw_of(recs: list[Record]) -> pa.Table:
 
     t = records_to_table(recs)
     return t.rename_columns([("group" if c == "grp" else c) for c in t.column_names])
+
+
+def test_blobs_taken_by_fragment_match_a_dataset_take(tmp_path: Path) -> None:
+    """``ChunkTable.blobs`` takes from each fragment by its live-row offset: over several
+    fragments with deleted rows, in any order and with repeats, it returns what a dataset
+    ``take`` returns."""
+    from twin.timeseries.chunks import META_COLUMNS
+
+    store = LanceStore(tmp_path / "ts", min_free_bytes=0, chunk_seconds=3600)
+    for seed in (1, 2, 3):  # late points merged into closed chunks: more fragments
+        store.write_records(_records(9, seed=seed))
+        store.compact_chunks(now=T0 + 40 * 86400, force=True)
+    table = store._chunks
+    _ds, cat = table.snapshot()
+    table.delete_cids([int(c) for c in cat.column("cid").to_pylist()[1::5]])
+    ds, cat = table.snapshot()
+    assert len(ds.get_fragments()) > 1
+    assert any(f.metadata.deletion_file is not None for f in ds.get_fragments())
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        idx = rng.integers(0, cat.num_rows, rng.integers(1, 12))
+        rows = cat.take(pa.array(idx)).select(META_COLUMNS)
+        fast = table.blobs(ds, rows, idx, cat)
+        plain = lance_chunks.ChunkTable.with_blobs(ds, rows, idx)
+        assert fast.equals(plain)

@@ -48,6 +48,11 @@ class ChunkTable:
         self._lo = np.zeros(0, dtype=np.int64)
         self._hi = np.zeros(0, dtype=np.int64)
         self._by_series: dict[tuple[str, str], np.ndarray] | None = None
+        # per catalogue row: its fragment and its offset among that fragment's live rows
+        # (``blobs`` takes from the fragment: half the cost of a dataset ``take``)
+        self._frag = np.zeros(0, dtype=np.int64)
+        self._local = np.zeros(0, dtype=np.int64)
+        self._fragments: dict[int, Any] = {}
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -69,7 +74,17 @@ class ChunkTable:
             self._catalog = self.schema.empty_table().select(self.meta_columns)
         else:
             self._ds = lance.dataset(self.uri)
-            self._catalog = self._ds.to_table(columns=self.meta_columns).combine_chunks()
+            cat = self._ds.to_table(columns=self.meta_columns, with_row_address=True)
+            cat = cat.combine_chunks()
+            addr = np.asarray(cat.column("_rowaddr").to_numpy(), dtype=np.uint64)
+            self._catalog = cat.drop_columns(["_rowaddr"])
+            # scanned in order: fragment by fragment, live rows in order
+            frag = (addr >> np.uint64(32)).astype(np.int64)
+            pos = np.arange(len(frag), dtype=np.int64)
+            first = np.r_[True, frag[1:] != frag[:-1]] if len(frag) else np.zeros(0, bool)
+            self._frag = frag
+            self._local = pos - np.maximum.accumulate(np.where(first, pos, 0))
+            self._fragments = {f.fragment_id: f for f in self._ds.get_fragments()}
         self._lo = np.array(self._catalog.column("t_min").cast(pa.int64()), dtype=np.int64)
         self._hi = np.array(self._catalog.column("t_max").cast(pa.int64()), dtype=np.int64)
 
@@ -162,8 +177,34 @@ class ChunkTable:
     def blobs(
         self, ds: Any, rows: pa.Table, idx: np.ndarray, cat: pa.Table | None = None
     ) -> pa.Table:
-        """``with_blobs`` with this table's schema."""
-        return self.with_blobs(ds, rows, idx, self.schema)
+        """``with_blobs``; when ``cat`` is the current catalogue, taken fragment by
+        fragment (a one-series read takes from one fragment: ~0.2 ms instead of ~0.4 ms
+        for a dataset ``take``, measured)."""
+        with self._lock:
+            current = cat is not None and cat is self._catalog and ds is self._ds
+            frag, local, fragments = self._frag, self._local, self._fragments
+        if not current or len(idx) == 0:
+            return self.with_blobs(ds, rows, idx, self.schema)
+        fids = frag[idx]
+        parts = []
+        order = []
+        for fid in np.unique(fids).tolist():
+            at = np.flatnonzero(fids == fid)
+            # a fragment takes strictly increasing offsets
+            u, inv = np.unique(local[idx[at]], return_inverse=True)
+            got = fragments[fid].take(u.tolist(), columns=self.blob_columns)
+            if len(u) != len(at) or bool((inv != np.arange(len(at))).any()):
+                got = got.take(pa.array(inv))
+            parts.append(got)
+            order.append(at)
+        b = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+        if len(parts) > 1:
+            inverse = np.empty(len(idx), dtype=np.int64)
+            inverse[np.concatenate(order)] = np.arange(len(idx))
+            b = b.take(pa.array(inverse))
+        for name in self.blob_columns:
+            rows = rows.append_column(name, b.column(name))
+        return rows
 
     def points(self) -> int:
         _ds, cat = self.snapshot()
