@@ -6,15 +6,19 @@ The load generator is deliberately cheap: raw sockets, packets pre-encoded once,
 messages so receivers count bytes instead of parsing, one process per publisher.
 Scenarios (MQTT 3.1.1, 127.0.0.1 only):
 
-* qos0 fan-in   10 publishers -> 1 subscriber on ``bench/#``, delivered messages/s
-* qos1 fan-in   same with QoS 1 both ways (publishers pipeline 200 un-acked, subscriber acks)
+* qos0 fan-in   10 publishers (10 processes, ``--batch`` messages per write) -> 1 subscriber
+                on ``bench/#``, delivered messages/s
+* qos1 fan-in   same with QoS 1 both ways (publishers pipeline ``--window`` un-acked,
+                subscriber acks)
 * fan-out       1 publisher -> 100 subscribers, delivered messages/s (sum over subscribers)
 * latency       publish -> receive p50/p99 at a fixed 5,000 msg/s
 * idle          broker RSS growth with N idle connections
 * drain         1,000 QoS 1 messages queued for an offline persistent ``mosquitto_sub``
                 (3.1.1 and 5.0), the time the reconnecting client takes to receive them all
 
-The broker's CPU (user+sys seconds per wall second, from /proc) is reported for each run.
+The broker's CPU (user+sys seconds per wall second, from /proc) is reported for each run, and
+for fan-in the generator's own CPU in the window (``gen``): the broker is the bottleneck when
+the generator's processes sit blocked on full sockets (low ``gen``) while the broker is busy.
 """
 
 from __future__ import annotations
@@ -162,9 +166,13 @@ def publisher(
     payload: int,
     out: Any,
     ready: Any = None,
+    batch: int = 1000,
+    window: int = 1000,
 ) -> None:
+    """One publishing connection in its own process: QoS 0 writes ``batch`` pre-encoded
+    messages per ``sendall`` (pipelined: one syscall per batch); QoS 1 keeps up to ``window``
+    un-acked messages in flight and tops the window up by a quarter at a time."""
     s = connect(port, f"pub{idx}")
-    batch = 100
     # one encode, then patch the packet id in: 65,535 codec calls per process took seconds on a
     # busy 2-CPU machine and made publishers miss the whole measurement window
     tmpl = c.encode(c.Publish(f"bench/{idx}", b"x" * payload, qos, packet_id=1 if qos else None), 4)
@@ -180,18 +188,19 @@ def publisher(
     start = _await_start(start)
     while time.time() < start:
         time.sleep(0.001)
+    cpu0 = _own_cpu()
     end = start + seconds
     sent = 0
-    window = 200
     acked = 0
     pid = 0
+    step = max(1, window // 4)
     s.setblocking(True)
     while time.time() < end:
         if qos == 0:
             s.sendall(blob0)
             sent += batch
             continue
-        n = min(50, window - (sent - acked))
+        n = min(step, window - (sent - acked))
         if n > 0:
             chunk = b"".join(pkts[(pid + i) % 65535] for i in range(n))
             pid = (pid + n) % 65535
@@ -200,7 +209,13 @@ def publisher(
         data = s.recv(65536)
         acked += len(data) // 4  # PUBACK is 4 bytes
     s.close()
-    out.put(sent)
+    out.put((sent, _own_cpu() - cpu0))
+
+
+def _own_cpu() -> float:
+    """This process's CPU seconds (user + sys): the generator's cost is reported too."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def subscriber(
@@ -210,6 +225,7 @@ def subscriber(
     subscribe(s, flt, qos)
     ready.put(1)
     start = _await_start(start)
+    cpu0 = _own_cpu()
     s.settimeout(0.2)
     end = start + seconds
     counted = 0
@@ -243,7 +259,7 @@ def subscriber(
         if start <= now <= end:
             counted += len(data)
     s.close()
-    out.put(counted // pkt_len)
+    out.put((counted // pkt_len, _own_cpu() - cpu0))
 
 
 def fanout_subs(
@@ -276,7 +292,9 @@ def fanout_subs(
 PAYLOAD = 16
 
 
-def run_fanin(b: BrokerProc, qos: int, seconds: float) -> dict[str, float]:
+def run_fanin(
+    b: BrokerProc, qos: int, seconds: float, batch: int = 1000, window: int = 1000
+) -> dict[str, float]:
     qp: Any = mp.Queue()
     qs: Any = mp.Queue()
     ready: Any = mp.Queue()
@@ -290,7 +308,10 @@ def run_fanin(b: BrokerProc, qos: int, seconds: float) -> dict[str, float]:
     sub.start()
     ready.get(timeout=60)
     pubs = [
-        mp.Process(target=publisher, args=(b.port, i, qos, seconds, start, PAYLOAD, qp, ready))
+        mp.Process(
+            target=publisher,
+            args=(b.port, i, qos, seconds, start, PAYLOAD, qp, ready, batch, window),
+        )
         for i in range(10)
     ]
     for p in pubs:
@@ -303,11 +324,15 @@ def run_fanin(b: BrokerProc, qos: int, seconds: float) -> dict[str, float]:
     cpu0 = b.cpu()
     time.sleep(seconds)
     cpu = (b.cpu() - cpu0) / seconds
-    sent = sum(qp.get(timeout=30) for _ in pubs)
-    got = qs.get(timeout=30)
+    pub_results = [qp.get(timeout=30) for _ in pubs]
+    sent = sum(n for n, _ in pub_results)
+    got, sub_cpu = qs.get(timeout=30)
     for p in [*pubs, sub]:
         p.join(10)
-    return {"msgs": got / seconds, "sent": sent / seconds, "cpu": cpu}
+    # the generator's CPU in the window (publishers + subscriber) says whether the broker
+    # or the generator was the limit
+    gen = (sum(cp for _, cp in pub_results) + sub_cpu) / seconds
+    return {"msgs": got / seconds, "sent": sent / seconds, "cpu": cpu, "gen_cpu": gen}
 
 
 def run_fanout(b: BrokerProc, seconds: float, nsubs: int = 100) -> dict[str, float]:
@@ -481,14 +506,16 @@ def main() -> int:
     ap.add_argument("--idle", type=int, default=10_000)
     ap.add_argument("--only", choices=["flux", "mosquitto"], default=None)
     ap.add_argument("--scenario", help="run only the scenarios whose name contains this text")
+    ap.add_argument("--batch", type=int, default=1000, help="fan-in QoS 0: messages per write")
+    ap.add_argument("--window", type=int, default=1000, help="fan-in QoS 1: un-acked per publisher")
     args = ap.parse_args()
     raise_fd_limit()
     if shutil.which("mosquitto") is None and args.only != "flux":
         print("mosquitto not found on PATH", file=sys.stderr)
         return 1
     scenarios: list[tuple[str, Callable[[BrokerProc], dict[str, float]]]] = [
-        ("qos0 fan-in 10->1", lambda b: run_fanin(b, 0, args.seconds)),
-        ("qos1 fan-in 10->1", lambda b: run_fanin(b, 1, args.seconds)),
+        ("qos0 fan-in 10->1", lambda b: run_fanin(b, 0, args.seconds, batch=args.batch)),
+        ("qos1 fan-in 10->1", lambda b: run_fanin(b, 1, args.seconds, window=args.window)),
         ("fan-out 1->100", lambda b: run_fanout(b, args.seconds)),
         ("latency @5k/s", lambda b: run_latency(b)),
         (f"idle x{args.idle}", lambda b: run_idle(b, args.idle)),
@@ -526,7 +553,8 @@ def main() -> int:
                 return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
             if "median" in r:
                 return f"{r['median']:.3f} s (best {r['best']:.3f}, {int(r['got'])} got)"
-            return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}"
+            gen = f" gen {r['gen_cpu']:.2f}" if "gen_cpu" in r else ""
+            return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}{gen}"
 
         if "msgs" in f and "msgs" in m and m["msgs"]:
             ratio = f"{f['msgs'] / m['msgs']:.2f}x"
