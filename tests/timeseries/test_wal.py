@@ -3,9 +3,13 @@ corrupt records, a full disk (``/dev/full``), the backlog bound, file modes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
+import struct
+import zlib
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,7 @@ import trio.testing
 from twin.timeseries.wal import (
     HEADER,
     MAGIC,
+    MAGIC_V1,
     WalBusy,
     WalFull,
     WalReading,
@@ -101,6 +106,55 @@ async def test_checkpoint_truncates_and_survives_reopen(tmp_path: Path) -> None:
     await wal2.checkpoint(30)
     assert wal2.segment_files() == []
     assert WriteAheadLog(tmp_path / "wal").open() == []
+
+
+async def test_a_format_1_log_left_by_an_older_version_replays(tmp_path: Path) -> None:
+    """Format 1 (JSON payloads) written out by hand, as the previous version wrote it: it
+    replays, and the reopened log appends format 2 to a new segment; both replay."""
+    d = tmp_path / "wal"
+    d.mkdir()
+    out = bytearray(MAGIC_V1)
+    for lsn in (1, 2, 3):
+        payload = json.dumps([list(reading(lsn)), list(reading(lsn, "d2"))]).encode()
+        lsn_b = struct.pack("<Q", lsn)
+        out += struct.pack("<IIQ", len(payload), zlib.crc32(payload, zlib.crc32(lsn_b)), lsn)
+        out += payload
+    (d / f"{1:020d}.wal").write_bytes(bytes(out))
+    wal = WriteAheadLog(d)
+    entries = wal.open()
+    assert entries == [(i, [reading(i), reading(i, "d2")]) for i in (1, 2, 3)]
+    async with trio.open_nursery() as nursery:
+        await run_wal(wal, nursery)
+        assert await wal.log([reading(4)]) == 4
+        nursery.cancel_scope.cancel()
+    old, new = wal.segment_files()
+    assert old.read_bytes().startswith(MAGIC_V1) and new.read_bytes().startswith(MAGIC)
+    assert [e[1] for e in WriteAheadLog(d).open()] == [e[1] for e in entries] + [[reading(4)]]
+
+
+async def test_values_keep_their_type_and_odd_ones_are_logged_as_text(tmp_path: Path) -> None:
+    class Name(str):
+        pass
+
+    when = datetime(2026, 1, 2, tzinfo=UTC)
+    plain: list[WalReading] = [
+        ("d1", "on", True, 1.5, "good"),
+        ("d1", "count", 2**70, 2.5, "good"),
+        ("d1", "label", "héllo", 3.5, "uncertain"),
+        ("d1", "temp", -0.25, 4.5, "bad"),
+    ]
+    odd: list[WalReading] = [(Name("d1"), "when", when, 5.5, "good")]
+    wal = WriteAheadLog(tmp_path / "wal")
+    wal.open()
+    async with trio.open_nursery() as nursery:
+        await run_wal(wal, nursery)
+        await wal.log(plain)
+        await wal.log(odd)
+        nursery.cancel_scope.cancel()
+    first, second = (readings for _, readings in WriteAheadLog(tmp_path / "wal").open())
+    assert first == plain and [type(r[2]) for r in first] == [bool, int, str, float]
+    assert second == [("d1", "when", str(when), 5.5, "good")]
+    assert type(second[0][0]) is str
 
 
 async def test_torn_tail_stops_the_segment_and_is_logged(
