@@ -39,7 +39,7 @@ Every codec is lossless to the bit: decoding gives back the very bit patterns en
 from __future__ import annotations
 
 import numpy as np
-from pcodec import ChunkConfig
+from pcodec import ChunkConfig, DeltaSpec
 from pcodec import standalone as pco
 
 CONST, RLE, DECIMAL, FLOAT, EMPTY = 0, 1, 2, 3, 4
@@ -66,19 +66,92 @@ def _unpco(b: bytes | memoryview) -> np.ndarray:
 # --- timestamps ---------------------------------------------------------------------------
 
 
+GRID = 5
+_NO_DELTA = {
+    level: ChunkConfig(compression_level=level, delta_spec=DeltaSpec.no_op()) for level in range(13)
+}
+
+
+def _uvarint(x: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = x & 0x7F
+        x >>= 7
+        if x:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_uvarint(b: bytes | memoryview, i: int) -> tuple[int, int]:
+    x = shift = 0
+    while True:
+        byte = b[i]
+        i += 1
+        x |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return x, i
+
+
+def _zigzag(x: int) -> bytes:
+    return _uvarint(x * 2 if x >= 0 else -x * 2 - 1)
+
+
+def _read_zigzag(b: bytes | memoryview, i: int) -> tuple[int, int]:
+    x, i = _read_uvarint(b, i)
+    return (x // 2 if x % 2 == 0 else -(x + 1) // 2), i
+
+
+def _grid(t: np.ndarray, level: int) -> bytes | None:
+    """``GRID``: the timestamps as their distance from a regular grid. A poller's clock
+    ticks every ``step`` with jitter: with ``g`` the common multiple of the offsets from
+    the first timestamp (1000 for milliseconds) and ``u = (t - t[0]) / g``, the grid is
+    ``rint(i * u[-1] / (n - 1))`` and what is stored is ``t[0]``, ``g``, ``u[-1]`` and
+    the residuals (pcodec, no delta): for uniform jitter of +-J ms that is ~log2(2J*1000)
+    bits a point, where delta-of-delta coding pays for the difference of two jitters.
+    Realistic shape: 1.81 -> 1.57 bytes/point (measured, issue 19). None where it does not
+    apply (fewer than 8 points, all equal, offsets beyond 2**52 grid units)."""
+    n = t.size
+    if n < 8 or int(t.min()) < -(1 << 62) or int(t.max()) > (1 << 62):
+        return None
+    d = t - t[0]
+    g = int(np.gcd.reduce(d))
+    if g <= 0:
+        return None
+    u = d // g
+    if int(np.abs(u).max()) >= 1 << 52:
+        return None
+    last = int(u[-1])
+    r = u - np.rint(np.arange(n) * (last / (n - 1))).astype(np.int64)
+    body = bytes(pco.simple_compress(np.ascontiguousarray(r), _NO_DELTA[level]))
+    return bytes([GRID]) + _zigzag(int(t[0])) + _uvarint(g) + _zigzag(last) + body
+
+
 def encode_ts(t: np.ndarray, level: int = LEVEL) -> bytes:
-    """int64 microseconds (any order, duplicates allowed) -> bytes. pcodec finds the
-    delta order itself (delta-of-delta for regular series) and the common multiple
-    (1000 for millisecond timestamps)."""
+    """int64 microseconds (any order, duplicates allowed) -> bytes: the smaller of
+    pcodec over the timestamps (it finds the delta order itself, delta-of-delta for
+    regular series, and the common multiple: 1000 for milliseconds) and ``_grid``."""
     t = np.asarray(t, dtype=np.int64)
     if t.size == 0:
         return bytes([EMPTY])
-    return bytes([FLOAT]) + _pco(t, level)
+    plain = bytes([FLOAT]) + _pco(t, level)
+    grid = _grid(t, level)
+    return grid if grid is not None and len(grid) < len(plain) else plain
 
 
 def decode_ts(b: bytes | memoryview) -> np.ndarray:
     if b[0] == EMPTY:
         return np.zeros(0, dtype=np.int64)
+    if b[0] == GRID:
+        t0, i = _read_zigzag(b, 1)
+        g, i = _read_uvarint(b, i)
+        last, i = _read_zigzag(b, i)
+        r = np.asarray(_unpco(b[i:]), dtype=np.int64)
+        n = r.size
+        u = r + np.rint(np.arange(n) * (last / (n - 1))).astype(np.int64)
+        return t0 + u * g
     return np.asarray(_unpco(b[1:]), dtype=np.int64)
 
 
