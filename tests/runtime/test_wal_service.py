@@ -4,6 +4,7 @@ an alarm, a store that falls behind makes ingest answer 503 with Retry-After."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from runtime.helpers import apply, eventually, fast_config, model, sim_device, site
@@ -119,6 +121,40 @@ async def test_replay_at_start_skips_readings_the_store_already_has(
         assert service.wal is not None and service.wal.checkpointed == 10
         assert stored(service) == [("temperature", T0 + i) for i in range(10)]
         assert [p.name for p in service.wal.segment_files()] == []
+
+
+async def test_replay_keeps_the_good_readings_of_a_record_with_a_bad_one(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    apply(registry, site(), model(), push_device())
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    wal = WriteAheadLog(state / "wal")
+    wal.open()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wal.run)
+        await wal.log([
+            ("p1", "temperature", 1.5, T0, "good"),
+            ("p1", "humidity", 40, int(T0) + 1, "uncertain"),  # an int value and timestamp
+            ("p1", "temperature", 2.5, "not a time", "good"),
+            ("p1", "pressure", 3.5),  # too short
+            ("p1", "label", "ok", T0 + 3, "good"),
+        ])  # fmt: skip
+        nursery.cancel_scope.cancel()
+    service = TimeSeriesService(flush_interval=0.1)
+    with caplog.at_level(logging.WARNING, logger="twin.runtime.timeseries_service"):
+        async with engine_with_api(registry, state, service):
+            assert service.replayed == 3
+            assert stored(service) == [
+                ("humidity", T0 + 1), ("label", T0 + 3), ("temperature", T0)
+            ]  # fmt: skip
+            assert service.store is not None
+            t = service.store.read_raw(Selector.of(devices="p1"), 0, 2e9)
+            rows = {(m, q) for m, q in zip(
+                t.column("metric").to_pylist(), t.column("quality").to_pylist(), strict=True
+            )}  # fmt: skip
+            assert ("humidity", 1) in rows  # uncertain
+    assert caplog.text.count("bad WAL reading") == 2
 
 
 async def test_disk_full_answers_507_with_an_alarm_then_recovers(

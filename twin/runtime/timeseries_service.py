@@ -110,6 +110,7 @@ DISK_ALARM = "disk_nearly_full"
 WAL_ALARM = "wal_write_failed"
 
 _QUALITY = {q.name.lower(): int(q) for q in Quality}
+_PLAIN_VALUES = frozenset({float, int, bool, str, type(None)})
 
 
 class _Prom:
@@ -375,6 +376,43 @@ class TimeSeriesService:
             value = str(value)
         return (str(device), str(point), value, float(ts), quality, site, group, tags)
 
+    def records_of(self, readings: Sequence[Sequence[Any]], out: list[Record]) -> None:
+        """:meth:`record_of` for one write-ahead log record's readings, appended to ``out``:
+        the device's tags looked up once per run of readings of the same device (a record is
+        usually one message of one device) and plain types passed through without a call
+        each (``record_of`` per reading was ~10 % of the engine's samples under MQTT load).
+        A reading that does not convert is logged and skipped, the others kept."""
+        start = len(out)
+        quality_of = _QUALITY.get
+        last: Any = None
+        site = group = tags = ""
+        try:
+            for device, point, value, ts, q in readings:
+                if device != last:
+                    site, group, tags = self._device_tags(device)
+                    last = device
+                if type(value) not in _PLAIN_VALUES and not isinstance(
+                    value, bool | int | float | str
+                ):
+                    value = str(value)
+                out.append((
+                    device if type(device) is str else str(device),
+                    point if type(point) is str else str(point),
+                    value,
+                    ts if type(ts) is float else float(ts),
+                    quality_of(q, 0) if isinstance(q, str) else int(Quality.parse(q)),
+                    site,
+                    group,
+                    tags,
+                ))  # fmt: skip
+        except (KeyError, TypeError, ValueError, IndexError):
+            del out[start:]  # again reading by reading: log the bad ones, keep the rest
+            for r in readings:
+                try:
+                    out.append(self.record_of(r))
+                except (KeyError, TypeError, ValueError, IndexError) as exc:
+                    log.warning("timeseries: bad WAL reading %r: %s", r, exc)
+
     # --- write-ahead log ----------------------------------------------------------------
     async def log_readings(self, readings: Sequence[Any]) -> bool:
         """Log ``Reading``s durably (group commit) before an edge acknowledges them.
@@ -424,11 +462,7 @@ class TimeSeriesService:
                 while queue and len(chunk) < self.batch_size:
                     lsn, readings = queue.popleft()
                     last = lsn
-                    for r in readings:
-                        try:
-                            chunk.append(self.record_of(r))
-                        except (KeyError, TypeError, ValueError, IndexError) as exc:
-                            log.warning("timeseries: bad WAL reading %r: %s", r, exc)
+                    self.records_of(readings, chunk)
                 await writer.write_many(chunk, wal_pos=last)
                 self.accepted += len(chunk)
 
@@ -440,11 +474,7 @@ class TimeSeriesService:
             return
         records: list[Record] = []
         for _lsn, readings in entries:
-            for r in readings:
-                try:
-                    records.append(self.record_of(r))
-                except (KeyError, TypeError, ValueError, IndexError) as exc:
-                    log.warning("timeseries: bad WAL reading %r: %s", r, exc)
+            self.records_of(readings, records)
         try:
             fresh = await trio.to_thread.run_sync(_not_stored, store, records)
         except StorageError as exc:
