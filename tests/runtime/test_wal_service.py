@@ -133,11 +133,14 @@ async def test_replay_keeps_the_good_readings_of_a_record_with_a_bad_one(
     wal.open()
     async with trio.open_nursery() as nursery:
         await nursery.start(wal.run)
+        bad: list[Any] = [
+            ("p1", "temperature", 2.5, "not a time", "good"),
+            ("p1", "pressure", 3.5),  # too short
+        ]
         await wal.log([
             ("p1", "temperature", 1.5, T0, "good"),
             ("p1", "humidity", 40, int(T0) + 1, "uncertain"),  # an int value and timestamp
-            ("p1", "temperature", 2.5, "not a time", "good"),
-            ("p1", "pressure", 3.5),  # too short
+            *bad,
             ("p1", "label", "ok", T0 + 3, "good"),
         ])  # fmt: skip
         nursery.cancel_scope.cancel()
