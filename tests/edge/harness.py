@@ -248,11 +248,16 @@ async def wait_http(url: str, limit: float = 60.0, proc: Proc | None = None) -> 
 
 @dataclass
 class Rig:
-    """A cloud and an edge on loopback, the proxy between them (edge → proxy → cloud)."""
+    """A cloud and an edge on loopback, the proxy between them (edge → proxy → cloud).
+
+    ``transport``: ``https`` (the cloud's API; plain HTTP on loopback), ``mqtt`` (the cloud's
+    embedded broker: edge → proxy → broker → cloud) or ``mosquitto`` (an external Mosquitto
+    the cloud engine is connected to: edge → proxy → Mosquitto ↔ cloud)."""
 
     tmp: Path
     batch: int = 500
     buffer: str = "    max_bytes: 256MB"
+    transport: str = "https"
     site: Path = field(init=False)
     cloud_state: Path = field(init=False)
     edge_state: Path = field(init=False)
@@ -265,15 +270,33 @@ class Rig:
     edge_key: str = ""
     device_keys: dict[str, str] = field(default_factory=dict)
 
+    mqtt_port: int = field(init=False)
+    mosquitto: Proc | None = field(init=False, default=None)
+
     def __post_init__(self) -> None:
         self.site = write_site(self.tmp / "site", batch=self.batch, buffer=self.buffer)
         self.cloud_state = self.tmp / "cloud"
         self.edge_state = self.tmp / "edge"
-        self.cloud_port, self.edge_port = free_port(), free_port()
-        self.proxy = Proxy(self.cloud_port)
+        self.cloud_port, self.edge_port, self.mqtt_port = free_port(), free_port(), free_port()
+        mqtt = ["--no-mqtt"]
+        if self.transport == "mqtt":
+            mqtt = ["--mqtt-listen", f"127.0.0.1:{self.mqtt_port}"]
+        elif self.transport == "mosquitto":
+            mqtt = ["--mqtt-broker", f"127.0.0.1:{self.mqtt_port}"]
+            conf = self.tmp / "mosquitto.conf"
+            conf.write_text(f"listener {self.mqtt_port} 127.0.0.1\nallow_anonymous true\n"
+                            "persistence false\nmax_inflight_messages 0\n")  # fmt: skip
+            self.mosquitto = Proc(["mosquitto", "-c", str(conf)], self.tmp / "mosquitto.log")
+        self.proxy = Proxy(self.cloud_port if self.transport == "https" else self.mqtt_port)
         self.cloud = Proc([sys.executable, "-m", "twin.cli", "--state-dir", str(self.cloud_state),
-                           "up", "--listen", f"127.0.0.1:{self.cloud_port}", "--no-mqtt",
-                           "--log-level", "warning"], self.tmp / "cloud.log")  # fmt: skip
+                           "up", "--listen", f"127.0.0.1:{self.cloud_port}", *mqtt,
+                           "--no-coap", "--log-level", "warning"],
+                          self.tmp / "cloud.log")  # fmt: skip
+
+    @property
+    def uplink_url(self) -> str:
+        scheme = "http" if self.transport == "https" else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.proxy.port}"
 
     async def start(self, nursery: trio.Nursery) -> None:
         twin(self.cloud_state, "apply", str(self.site))
@@ -285,10 +308,12 @@ class Rig:
             self.device_keys[dev] = twin(self.edge_state, "device-key", "create", dev).strip().splitlines()[-1]
         await nursery.start(self.proxy.serve)
         self.edge = Proc([sys.executable, "-m", "twin.cli", "edge", str(self.site),
-                          "--cloud", f"http://127.0.0.1:{self.proxy.port}", "--name", "gw-t",
+                          "--cloud", self.uplink_url, "--name", "gw-t",
                           "--key", self.edge_key, "--listen", f"127.0.0.1:{self.edge_port}",
                           "--state-dir", str(self.edge_state), "--log-level", "warning"],
                          self.tmp / "edge.log")  # fmt: skip
+        if self.mosquitto is not None:
+            self.mosquitto.start()
         self.cloud.start()
         self.edge.start()
         await self.wait_cloud()
@@ -313,7 +338,7 @@ class Rig:
         await wait_http(f"{self.edge_url}/api/v1/health", proc=self.edge)
 
     def close(self) -> None:
-        for p in (getattr(self, "edge", None), getattr(self, "cloud", None)):
+        for p in (getattr(self, "edge", None), getattr(self, "cloud", None), self.mosquitto):
             if p is not None:
                 p.stop()
 

@@ -76,7 +76,10 @@ def test_parse_size() -> None:
         parse_size("lots")
 
 
-def test_mqtt_transport_is_refused_for_now(tmp_path: Path) -> None:
+def test_mqtt_transport_needs_a_broker_url(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_site(_site(tmp_path, EDGE.replace("transport: https", "transport: mqtt")))
-    assert any("MQTT uplink transport is not implemented" in str(p) for p in info.value.problems)
+    assert any("does not fit transport 'mqtt'" in str(p) for p in info.value.problems)
+    mqtt = EDGE.replace("transport: https", "transport: mqtt").replace(
+        "http://127.0.0.1:8080", "mqtts://127.0.0.1:8883")
+    assert ("EdgeNode", "gw-1") in load_site(_site(tmp_path / "m", mqtt)).documents

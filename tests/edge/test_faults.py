@@ -55,7 +55,12 @@ async def _scenario(tmp: Path, fault, seconds: float = 6.0, **kw) -> tuple[Rig, 
                          "duplicates_skipped": link["duplicates"]}  # fmt: skip
 
 
-async def test_link_cut_under_load(tmp_path: Path) -> None:
+MQTT = pytest.mark.parametrize("transport", ["https", "mqtt"])
+"""Scenarios run over both uplink transports: the cloud's API, and its embedded MQTT broker."""
+
+
+@pytest.mark.parametrize("transport", ["https", "mqtt", "mosquitto"])
+async def test_link_cut_under_load(tmp_path: Path, transport: str) -> None:
     shown: list[str] = []
 
     async def fault(r: Rig, prod: Producer) -> None:
@@ -65,7 +70,7 @@ async def test_link_cut_under_load(tmp_path: Path) -> None:
         shown.append(await trio.to_thread.run_sync(_status, r))  # buffering, cloud says...
         r.proxy.heal()
 
-    _, _, acc = await _scenario(tmp_path, fault)
+    _, _, acc = await _scenario(tmp_path, fault, transport=transport)
     _exact(acc)
     assert "gw-t" in shown[0] and "revision" in shown[0]
 
@@ -75,14 +80,15 @@ def _status(r: Rig) -> str:
                 env={"TWIN_TOKEN": r.token, "COLUMNS": "200"})
 
 
-async def test_blackhole_no_rst(tmp_path: Path) -> None:
+@MQTT
+async def test_blackhole_no_rst(tmp_path: Path, transport: str) -> None:
     async def fault(r: Rig, prod: Producer) -> None:
         await trio.sleep(1.5)
         r.proxy.blackhole()
         await trio.sleep(5.0)  # longer than the uplink's timeout: it must notice by itself
         r.proxy.heal()
 
-    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0)
+    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0, transport=transport)
     _exact(acc)
 
 
@@ -100,7 +106,8 @@ async def test_slow_and_reset(tmp_path: Path) -> None:
     _exact(acc)
 
 
-async def test_kill_9_edge_between_outbox_write_and_ack(tmp_path: Path) -> None:
+@MQTT
+async def test_kill_9_edge_between_outbox_write_and_ack(tmp_path: Path, transport: str) -> None:
     async def fault(r: Rig, prod: Producer) -> None:
         await trio.sleep(2.0)
         r.edge.kill9()  # uploads in flight, records appended but not acknowledged
@@ -108,11 +115,12 @@ async def test_kill_9_edge_between_outbox_write_and_ack(tmp_path: Path) -> None:
         r.edge.start()
         await r.wait_edge()
 
-    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0)
+    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0, transport=transport)
     _exact(acc)
 
 
-async def test_kill_9_cloud(tmp_path: Path) -> None:
+@MQTT
+async def test_kill_9_cloud(tmp_path: Path, transport: str) -> None:
     async def fault(r: Rig, prod: Producer) -> None:
         for _ in range(2):
             await trio.sleep(1.5)
@@ -121,7 +129,7 @@ async def test_kill_9_cloud(tmp_path: Path) -> None:
             r.cloud.start()
             await r.wait_cloud()
 
-    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0)
+    _, _, acc = await _scenario(tmp_path, fault, seconds=8.0, transport=transport)
     _exact(acc)
 
 

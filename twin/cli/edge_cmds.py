@@ -21,8 +21,10 @@ from twin.errors import TwinError
 
 def edge(
     site: Annotated[Path, typer.Argument(help="Site folder (applied on the first start).")],
-    cloud: Annotated[str, typer.Option("--cloud", envvar="TWIN_EDGE_CLOUD",
-                                       help="The cloud engine's API URL, e.g. http://127.0.0.1:8080.")],
+    cloud: Annotated[str | None, typer.Option(
+        "--cloud", envvar="TWIN_EDGE_CLOUD",
+        help="The cloud: its API URL (http(s)://HOST:PORT) or an MQTT broker it is connected "
+        "to (mqtt(s)://HOST:PORT); default the EdgeNode's uplink.url.")] = None,
     name: Annotated[str | None, typer.Option("--name", help="The EdgeNode to run "
                                              "(default: the only one in SITE_DIR).")] = None,
     key: Annotated[str | None, typer.Option("--key", envvar="TWIN_EDGE_KEY",
@@ -56,6 +58,12 @@ def edge(
         raise TwinError(f"no EdgeNode {name!r} in {site}",
                         hint=f"known: {', '.join(sorted(edges)) or 'none'}")
     doc = edges[name].body
+    uplink = (doc.get("spec") or {}).get("uplink") or {}
+    cloud = cloud or uplink.get("url")
+    if not cloud:
+        raise TwinError("no cloud to connect to", hint="--cloud URL or the EdgeNode's uplink.url")
+    if ca is None and uplink.get("ca"):
+        ca = Path(str(uplink["ca"]))
     st = state
     st.state_dir = state_dir or Path(".twin-edge") / name
     st.registry_url = None

@@ -29,10 +29,10 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import trio
 
 from twin.edge.outbox import Outbox, OutboxError
+from twin.edge.transport import LinkDown, Transport, open_transport
 from twin.edge.uplink import Uplink
 from twin.runtime.bus import Filter
 from twin.runtime.supervisor import supervise
@@ -79,6 +79,8 @@ class EdgeAgent:
     sync_interval: float = 2.0
     outbox: Outbox | None = field(default=None, init=False)
     uplink: Uplink | None = field(default=None, init=False)
+    transport: Transport | None = field(default=None, init=False)
+    """HTTP(S) or MQTT (``mqtt://``, ``mqtts://``), by the cloud URL (twin/edge/transport.py)."""
     cloud_revision: int | None = field(default=None, init=False)
     spec_hash: str | None = field(default=None, init=False)
     pipelines: dict[str, Any] = field(default_factory=dict, init=False)
@@ -109,8 +111,13 @@ class EdgeAgent:
         self.outbox = box
         up = spec.get("uplink") or {}
         back = up.get("backoff") or {}
+        backoff = (parse_duration(back.get("initial", "500ms")),
+                   parse_duration(back.get("max", "30s")))  # fmt: skip
+        self.transport = open_transport(self.cloud_url, self.edge, self.key, verify=self.verify,
+                                        backoff=backoff)  # fmt: skip
         self.uplink = Uplink(
             box, self.cloud_url, self.edge, self.key, verify=self.verify,
+            transport=self.transport,
             batch=int(up.get("batch", 5000)),
             interval=parse_duration(up.get("interval", "200ms")),
             timeout=parse_duration(up.get("timeout", "10s")),
@@ -250,12 +257,11 @@ class EdgeAgent:
         found = await trio.to_thread.run_sync(local)
         if found is not None:
             return found
-        url = f"{self.cloud_url.rstrip('/')}/api/v1/edge-link/{self.edge}/models/{name}"
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {self.key}"},
-                                     timeout=60, verify=self.verify) as client:  # fmt: skip
-            resp = await client.get(url)
-        resp.raise_for_status()
-        data = resp.content
+        assert self.transport is not None
+        resp = await self.transport.request(f"models/{name}", limit=60)
+        if resp.status != 200 or not isinstance(resp.body, bytes):
+            raise ValueError(f"model {name}: the cloud answered {resp.status}: {resp.detail}")
+        data = resp.body
         if want and hashlib.sha256(data).hexdigest() != want:
             raise ValueError(f"model {name}: the downloaded file does not match its sha256")
 
@@ -307,25 +313,21 @@ class EdgeAgent:
         return None, None
 
     async def _sync_loop(self) -> None:
-        assert self.uplink is not None
-        headers = {"Authorization": f"Bearer {self.key}"}
-        url = f"{self.cloud_url.rstrip('/')}/api/v1/edge-link/{self.edge}/specs"
-        async with httpx.AsyncClient(headers=headers, timeout=10, verify=self.verify) as client:
-            while True:
-                try:
-                    with trio.fail_after(20):
-                        resp = await client.get(url)
-                    if resp.status_code == 200:
-                        await self._apply(resp.json())
-                    else:
-                        log.debug("edge spec sync: %s", resp.status_code)
-                    with trio.fail_after(20):
-                        resp = await client.get(url.removesuffix("/specs") + "/commands")
-                    if resp.status_code == 200:
-                        await self._commands(resp.json().get("items") or [])
-                except (httpx.HTTPError, OSError, trio.TooSlowError, ValueError) as exc:
-                    log.debug("edge spec sync failed: %s", exc)
-                await trio.sleep(self.sync_interval)
+        link = self.transport
+        assert link is not None
+        while True:
+            try:
+                resp = await link.request("specs", limit=10)
+                if resp.status == 200 and isinstance(resp.body, dict):
+                    await self._apply(resp.body)
+                else:
+                    log.debug("edge spec sync: %s %s", resp.status, resp.detail)
+                resp = await link.request("commands", limit=10)
+                if resp.status == 200 and isinstance(resp.body, dict):
+                    await self._commands(resp.body.get("items") or [])
+            except (LinkDown, ValueError, TypeError, KeyError) as exc:
+                log.debug("edge spec sync failed: %s", exc)
+            await trio.sleep(self.sync_interval)
 
     async def _commands(self, items: list[Mapping[str, Any]]) -> None:
         """Run the cloud's queued commands on the local ledger, each once (keyed by the cloud's

@@ -26,6 +26,12 @@ and a restart reads that much, however long the edge has been uploading. A marke
 log but not in the store is newer than every stored one, so none is deleted before its
 successor is stored; a replayed log re-adding an older marker only adds a subset.
 
+**Transports.** The API routes (``twin/api/routes/edge.py``) and, when the engine runs MQTT
+(its embedded broker or an external one), the requests on ``flux/_edge/+/req``
+(``twin/edge/mqtt_link.py``): the same operations, answered on ``flux/_edge/<edge>/resp``
+once done — an upload's answer only once its records are durably stored. The edge's key is in
+each request and checked here (as the API checks its bearer key), whichever broker carried it.
+
 **Link state** per edge: online/offline (no upload for ``offline_after`` s → offline, the alarm
 ``edge_offline`` on the pseudo device ``edge:<name>``), the revision it runs, lag (age of the
 oldest record still in its outbox, as it reports), outbox depth, records dropped by its
@@ -35,6 +41,7 @@ and the bus (``{"kind": "event", "type": "edge_link", ...}``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -43,6 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -50,6 +58,7 @@ import trio
 from twin import policy
 from twin.bindings.values import ValueRefused, check_point, check_ts, check_value
 from twin.edge.protocol import MAX_INTERVALS, Covered
+from twin.mqtt.topics import EDGE_LINK_ROOT, edge_link_topics
 from twin.registry.base import SceneTrace
 from twin.runtime.timeseries_service import timeseries_of
 from twin.spec.edge_check import edge_owned
@@ -166,6 +175,9 @@ class EdgeCloud:
         self._owner: dict[str, str] = {}
         self._ok_dev: set[str] = set()
         self._ok_point: set[str] = set()
+        self._keys: Any = None
+        self._keys_rev = -1
+        self.mqtt_dropped = 0
 
     async def __call__(
         self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -184,7 +196,12 @@ class EdgeCloud:
         if ledger is not None:  # commands to an edge's devices wait in the store for the edge
             theirs = ledger.owns
             ledger.owns = lambda device: theirs(device) and self.owner_of(device) is None
-        task_status.started(self)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._mqtt_loop)
+            task_status.started(self)
+            await self._loop()
+
+    async def _loop(self) -> None:
         last_expiry = last_compact = time.monotonic()
         while True:
             self.check()
@@ -195,6 +212,126 @@ class EdgeCloud:
                 last_compact = time.monotonic()
                 await self.compact()
             await trio.sleep(self.check_interval)
+
+    # --- MQTT: requests through the engine's broker connection -------------------------
+    async def _mqtt_loop(self) -> None:
+        """Route ``flux/_edge/+/req`` on the engine's MQTT hub (again when the MQTT service
+        restarted with a new one); a few workers answer the requests."""
+        engine = self.engine
+        assert engine is not None
+        send, recv = trio.open_memory_channel[tuple[Any, Any]](256)
+        routed: Any = None
+
+        def on_request(hub: Any) -> Any:
+            def handler(msg: Any) -> None:
+                try:
+                    send.send_nowait((hub, msg))
+                except trio.WouldBlock:  # the edge gets no reply, times out and re-sends
+                    self.mqtt_dropped += 1
+
+            return handler
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(self._mqtt_worker, recv.clone())
+            while True:
+                hub = getattr(engine, "mqtt", None)
+                if hub is not None and hub is not routed:
+                    try:
+                        await hub.route(f"{EDGE_LINK_ROOT}/+/req", on_request(hub), qos=1)
+                        routed = hub
+                    except Exception as exc:  # an external broker not reachable yet
+                        log.debug("edge: MQTT route not subscribed yet: %s", exc)
+                await trio.sleep(0.5 if routed is None else 2.0)
+
+    async def _mqtt_worker(self, recv: Any) -> None:
+        async for hub, msg in recv:
+            try:
+                await self._mqtt_request(hub, msg)
+            except Exception:  # bad input from a peer never stops the service
+                log.exception("edge: MQTT request on %s failed", msg.topic)
+
+    async def _key_ok(self, edge: str, key: Any) -> bool:
+        assert self.engine is not None
+        if not isinstance(key, str) or not key.startswith("dk_"):
+            return False
+        from twin.registry.credentials import DeviceKeyVerifier
+
+        if self._keys is None:
+            self._keys = DeviceKeyVerifier(self.engine.registry)
+        rev = self.engine.revision_number
+        if rev != self._keys_rev:  # a deleted and re-created edge: its old keys are gone
+            self._keys_rev = rev
+            await trio.to_thread.run_sync(self._keys.sweep)
+        ok = self._keys.cached(link_device(edge), key)
+        if ok is None:
+            ok = await trio.to_thread.run_sync(self._keys.verify, link_device(edge), key)
+        return bool(ok)
+
+    async def _mqtt_request(self, hub: Any, msg: Any) -> None:
+        from twin.timeseries.wal import WalError
+
+        parts = msg.topic.split("/")
+        if len(parts) != 4:
+            return
+        edge = parts[2]
+        try:
+            req = json.loads(msg.payload)
+            rid = str(req["id"])
+            op = str(req["op"])
+        except (ValueError, TypeError, KeyError, RecursionError):
+            log.warning("edge %s: an MQTT request that is not one skipped", edge)
+            return
+        status: int = 200
+        body: Any = None
+        extra: dict[str, Any] = {}
+        if not await self._key_ok(edge, req.get("key")):
+            status, body = 401, {"detail": "missing or invalid edge key (twin edge-key NAME)"}
+        elif self.edge_doc(edge) is None:
+            status, body = 404, {"detail": f"no EdgeNode {edge!r} in the running revision"}
+        elif op == "batch":
+            payload = req.get("body")
+            try:
+                if not isinstance(payload, dict):
+                    raise EdgeRefused("an upload is a JSON object with 'runs'")
+                body = await self.ingest(edge, payload)
+            except EdgeRefused as exc:
+                status, body = 422, {"detail": str(exc)}
+            except WalError as exc:
+                status, body = 503, {"detail": f"not stored, retry later: {exc}"}
+                extra["retry_after"] = exc.retry_after
+        elif op == "specs":
+            body = self.desired(edge)
+        elif op == "commands":
+            body = {"items": await self.commands_for(edge)}
+        elif op.startswith("models/"):
+            found = await self.model_file(edge, op[len("models/") :])
+            if found is None:
+                status, body = 404, {"detail": f"edge {edge!r} has no model {op[7:]!r} here"}
+            else:
+                data = await trio.to_thread.run_sync(found.read_bytes)
+                body, extra["encoding"] = base64.b64encode(data).decode(), "base64"
+        else:
+            status, body = 400, {"detail": f"unknown operation {op!r}"}
+        reply = json.dumps({"id": rid, "status": status, "body": body, **extra},
+                           separators=(",", ":"), default=str).encode()  # fmt: skip
+        _, resp_topic = edge_link_topics(edge)
+        try:
+            await hub.publish(resp_topic, reply, qos=1)
+        except Exception as exc:  # the broker went away: the edge times out and re-sends
+            log.debug("edge %s: MQTT reply not sent: %s", edge, exc)
+
+    async def model_file(self, edge: str, model: str) -> Path | None:
+        """The ONNX file of a Model the edge's EdgeNode deploys (None: not one, or no file)."""
+        assert self.engine is not None
+        doc = self.edge_doc(edge) or {}
+        if model not in ((doc.get("spec") or {}).get("models") or []):
+            return None
+        mdoc = self.engine.specs.get(("Model", model))
+        path = Path(str(((mdoc or {}).get("spec") or {}).get("file", "")))
+        if mdoc is None or not await trio.to_thread.run_sync(path.is_file):
+            return None
+        return path
 
     # --- bookkeeping --------------------------------------------------------------------
     def edge_names(self) -> list[str]:

@@ -10,6 +10,9 @@ backlog. The cloud's answer (``acked``, ``covered``) deletes the records from th
 With nothing to send the uplink still uploads an empty batch every ``heartbeat`` seconds: the
 cloud's link state (online, revision, outbox depth and age) stays current.
 
+The upload goes through a transport (``twin/edge/transport.py``: HTTPS, or MQTT through a
+broker — the same operations, the same acknowledgement by sequence number).
+
 A failed upload (connection refused or reset, a timeout — a blackholed link —, a 5xx) marks the
 link down and retries after a backoff (``initial`` doubling to ``max``, with jitter); records
 stay in the outbox until acknowledged, so nothing is lost and the cloud's dedup makes the
@@ -28,11 +31,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import trio
 
 from twin.edge.outbox import Outbox
 from twin.edge.protocol import Covered
+from twin.edge.transport import LinkDown, Transport, open_transport
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ class Uplink:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     verify: Any = True
+    transport: Transport | None = None
+    """Default: :func:`~twin.edge.transport.open_transport` of ``url`` (HTTP(S) or MQTT)."""
     revision: Callable[[], int | None] = lambda: None
     extra_stats: Callable[[], dict[str, Any]] = dict
     online: bool = False
@@ -71,28 +76,27 @@ class Uplink:
     live_from: int = 0
     _wake: trio.Event = field(default_factory=trio.Event)
 
-    @property
-    def endpoint(self) -> str:
-        return f"{self.url.rstrip('/')}/api/v1/edge-link/{self.edge}/batch"
-
     def poke(self) -> None:
         self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
-        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 5.0))
-        async with httpx.AsyncClient(headers=headers, timeout=timeout, verify=self.verify) as client:
+        if self.transport is None:
+            self.transport = open_transport(self.url, self.edge, self.key, verify=self.verify,
+                                            backoff=(self.backoff_initial, self.backoff_max))  # fmt: skip
+        link = self.transport
+        async with trio.open_nursery() as nursery:
+            await nursery.start(link.run)
             task_status.started()
             delay = self.backoff_initial
             while True:
                 try:
-                    await self._session(client)
+                    await self._session(link)
                 except UplinkError as exc:
                     wait = self.backoff_max if exc.permanent else max(delay, exc.retry_after)
                     self._down(str(exc))
-                except (httpx.HTTPError, OSError) as exc:
+                except LinkDown as exc:
                     wait = delay
-                    self._down(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+                    self._down(str(exc))
                 await trio.sleep(wait * random.uniform(0.8, 1.2))
                 delay = min(self.backoff_max, delay * 2)
                 if self.online:
@@ -106,7 +110,7 @@ class Uplink:
         self.online = False
         self.last_error = why
 
-    async def _session(self, client: httpx.AsyncClient) -> None:
+    async def _session(self, client: Transport) -> None:
         """Upload rounds until one fails."""
         self.live_from = self.outbox.next_seq  # records from here on are "live"
         self.covered = Covered()
@@ -173,26 +177,27 @@ class Uplink:
         s.update(self.extra_stats())
         return s
 
-    async def _upload(self, client: httpx.AsyncClient, runs: list[dict[str, Any]]) -> None:
+    async def _upload(self, client: Transport, runs: list[dict[str, Any]]) -> None:
         body = json.dumps({"revision": self.revision(), "stats": self.stats(), "runs": runs},
                           separators=(",", ":"), default=str).encode()  # fmt: skip
-        with trio.fail_after(self.timeout * 2):  # a blackholed link: no RST, no answer
-            resp = await client.post(self.endpoint, content=body)
-        if resp.status_code == 429 or resp.status_code >= 500:
-            retry = float(resp.headers.get("retry-after") or 0)
-            raise UplinkError(f"cloud answered {resp.status_code}: {_detail(resp)}",
-                              retry_after=retry)  # fmt: skip
-        if resp.status_code >= 400:
-            raise UplinkError(f"cloud refused the upload ({resp.status_code}): {_detail(resp)}",
+        resp = await client.request("batch", body, limit=self.timeout)
+        if resp.status == 429 or resp.status >= 500:
+            raise UplinkError(f"cloud answered {resp.status}: {resp.detail}",
+                              retry_after=resp.retry_after)  # fmt: skip
+        if resp.status >= 400:
+            raise UplinkError(f"cloud refused the upload ({resp.status}): {resp.detail}",
                               permanent=True)  # fmt: skip
-        ack = resp.json()
+        ack = resp.body
+        if not isinstance(ack, dict) or not isinstance(ack.get("acked"), int):
+            raise UplinkError(f"the cloud's answer is not an acknowledgement: {resp.detail}")
         self.covered = Covered([(0, int(ack["acked"])), *ack.get("covered", [])])
         await self.outbox.acked(int(ack["acked"]), [tuple(x) for x in ack.get("covered", [])])
         self.uploads += 1
         self.sent_records += int(ack.get("accepted", 0))
         self.last_ok = time.time()
         if not self.online:
-            log.info("edge uplink to %s up (%d records to send)", self.url, len(self.outbox))
+            log.info("edge uplink to %s up (%d records to send)", client.description,
+                     len(self.outbox))  # fmt: skip
         self.online = True
         self.last_error = None
 
@@ -205,13 +210,6 @@ def _fit(seqs: list[int], size: Callable[[int], int], budget: int) -> int:
         if total > budget and i > 0:
             return i
     return len(seqs)
-
-
-def _detail(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("detail"))
-    except (ValueError, AttributeError):
-        return resp.text[:200]
 
 
 __all__ = ["Uplink", "UplinkError"]

@@ -17,6 +17,15 @@ from typing import Any
 
 from twin.mqtt.codec import ProtocolError, ReasonCode
 
+EDGE_LINK_ROOT = "flux/_edge"
+"""Edge uplinks over MQTT (``twin/edge/mqtt_link.py``): an edge publishes its requests on
+``flux/_edge/<edge>/req`` and the cloud answers on ``flux/_edge/<edge>/resp``."""
+
+
+def edge_link_topics(edge: str) -> tuple[str, str]:
+    """(request topic, response topic) of the edge ``edge``."""
+    return f"{EDGE_LINK_ROOT}/{edge}/req", f"{EDGE_LINK_ROOT}/{edge}/resp"
+
 
 def validate_topic_name(topic: str) -> None:
     if not topic or "+" in topic or "#" in topic:

@@ -4,12 +4,15 @@ Authentication (``Broker(authenticate=...)``), tried in this order:
 
 1. **Client certificate** (mutual TLS): the certificate's CN names a Device with an ``mqtt``
    binding → that device (``cert_devices=True``; the TLS layer already verified the chain).
-2. **Device key**: user name = device name, password = a device key (``dk_...``, the same keys
+2. **Edge key**: user name = ``edge:<name>`` of an EdgeNode in the spec, password = its uplink
+   key (``twin edge-key NAME``: a device key of the pseudo device ``edge:<name>``); it may
+   publish on ``flux/_edge/<name>/req`` and subscribe to ``flux/_edge/<name>/resp`` only.
+3. **Device key**: user name = device name, password = a device key (``dk_...``, the same keys
    as HTTP ingest, verified by the very same :class:`twin.registry.credentials.DeviceKeyVerifier`:
    argon2 once, then a SHA-256 cache whose entries are trusted for at most 10 s without being
    confirmed against the registry, so a revoked key is refused within 10 s).
-3. **User**: user name and password of an API user (argon2 ``verify_secret``).
-4. Anonymous clients only with ``allow_anonymous=True`` (then they may do nothing but what
+4. **User**: user name and password of an API user (argon2 ``verify_secret``).
+5. Anonymous clients only with ``allow_anonymous=True`` (then they may do nothing but what
    ``anonymous_role`` allows; default: nothing).
 
 Authorisation (``Broker(authorize=...)``), derived from the running spec
@@ -67,7 +70,7 @@ REVALIDATE_INTERVAL = 5.0
 
 @dataclass(frozen=True)
 class MqttPrincipal:
-    kind: str  # device | user | anonymous | engine
+    kind: str  # device | edge | user | anonymous | engine
     name: str
     role: str = ""  # users: viewer | operator | admin
     sites: tuple[str, ...] = ()
@@ -202,6 +205,19 @@ class RegistryAuth:
             secret = password.decode("utf-8")
         except UnicodeDecodeError:
             return None
+        if username.startswith("edge:") and secret.startswith("dk_"):
+            edge = username[len("edge:") :]
+            if ("EdgeNode", edge) not in self.specs():
+                return None
+            now = self.clock()
+            ok = self.keys.cached(username, secret, now)
+            if ok is None:
+                ok = await trio.to_thread.run_sync(self.keys.verify, username, secret, now)
+            if not ok:
+                return None
+            from twin.registry.credentials import sha256
+
+            return MqttPrincipal("edge", edge, via="key", key_digest=sha256(secret))
         if self.device_acl(username) is not None and secret.startswith("dk_"):
             specs = self.specs()
             if specs is not self._swept_specs:
@@ -242,6 +258,10 @@ class RegistryAuth:
 
     # -- revocation -------------------------------------------------------------------------
     def _still_valid(self, p: MqttPrincipal, users: Mapping[str, Any]) -> bool:
+        if p.kind == "edge":
+            return ("EdgeNode", p.name) in self.specs() and self.keys.cached_digest(
+                f"edge:{p.name}", p.key_digest
+            ) is True
         if p.kind == "device":
             if self.device_acl(p.name) is None:
                 return False
@@ -319,6 +339,11 @@ class RegistryAuth:
         if action == "subscribe" and topic.startswith("$share/"):
             parts = topic.split("/", 2)
             flt = parts[2] if len(parts) == 3 else topic
+        if p.kind == "edge":
+            from twin.mqtt.topics import edge_link_topics
+
+            req, resp = edge_link_topics(p.name)
+            return topic == (req if action == "publish" else resp)
         if p.kind == "device":
             acl = self.device_acl(p.name)
             if acl is None:

@@ -129,10 +129,12 @@ def edge_problems(loaded: LoadedSpecs) -> list[Problem]:
                 "list each kind in at most one of overflow.drop and overflow.never"))
         up: dict[str, Any] = spec["uplink"] if isinstance(spec.get("uplink"), dict) else {}
         url: str = up["url"] if isinstance(up.get("url"), str) else ""
-        if up.get("transport") == "mqtt" or url.startswith("mqtt"):
-            problems.append(doc.problem(("spec", "uplink"),
-                                        "the MQTT uplink transport is not implemented yet",
-                                        "use transport: https with the cloud engine's API URL"))
+        transport = up.get("transport", "mqtt" if url.startswith("mqtt") else "https")
+        if url and (transport == "mqtt") != url.startswith("mqtt"):
+            problems.append(doc.problem(
+                ("spec", "uplink", "url"), f"uplink url {url!r} does not fit transport {transport!r}",
+                "transport: mqtt takes mqtt://BROKER:1883 or mqtts://BROKER:8883; https the "
+                "cloud engine's API URL"))  # fmt: skip
         listed = _many(spec.get("models"))
         owned = owned_devices(doc.body, {d.key: d.body for d in devices.values()})
         visions: list[Any] = spec["vision"] if isinstance(spec.get("vision"), list) else []
