@@ -108,6 +108,25 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, p
 
 
+def check_tls(certfile: str | None, keyfile: str | None) -> None:
+    """A certificate and key that load together, or a TwinError saying what is wrong."""
+    if certfile is None and keyfile is None:
+        return
+    if not certfile or not keyfile:
+        raise TwinError("HTTPS needs both --certfile and --keyfile")
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise TwinError(f"cannot read the TLS certificate or key: {exc}") from None
+    except ssl.SSLError as exc:
+        raise TwinError(f"the TLS certificate {certfile} and key {keyfile} do not load "
+                        f"together: {exc.reason or exc}",
+                        hint="is the key the certificate's own (and both PEM)?") from None  # fmt: skip
+
+
 @dataclass
 class ApiService:
     """``Engine(..., services=[ApiService(host, port, settings)])``"""
@@ -119,6 +138,10 @@ class ApiService:
     sock: socket.socket | None = (
         None  # already bound (see bind_socket): fail early, not in the tree
     )
+    certfile: str | None = None
+    """HTTPS: the certificate chain (PEM) and its key; checked before the engine starts
+    (:func:`check_tls`)."""
+    keyfile: str | None = None
 
     async def __call__(
         self, engine: Engine, *, task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED
@@ -126,7 +149,8 @@ class ApiService:
         sock = self.sock if self.sock is not None else bind_socket(self.host, self.port)
         actual = sock.getsockname()[1]
         host = f"[{self.host}]" if ":" in self.host else self.host
-        url = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{actual}"
+        scheme = "https" if self.certfile else "http"
+        url = f"{scheme}://{'127.0.0.1' if self.host in ('0.0.0.0', '') else host}:{actual}"
         tolerate_h2_data_after_close()
         settings = self.settings or ApiSettings(state_dir=engine.config.state_dir)
         app = create_app(engine, settings)
@@ -137,6 +161,8 @@ class ApiService:
         config.keep_alive_timeout = 30.0
         config.websocket_ping_interval = 20.0
         config.websocket_max_message_size = ws.MAX_MESSAGE  # incoming: auth and subscribe only
+        if self.certfile:
+            config.certfile, config.keyfile = self.certfile, self.keyfile
 
         async def serve() -> None:
             await worker_serve(
@@ -144,7 +170,7 @@ class ApiService:
                 # with its TypedDict events: the same ASGI 3 protocol, a stub gap only
                 wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi"),
                 config,
-                sockets=Sockets([], [sock], []),
+                sockets=Sockets([sock], [], []) if self.certfile else Sockets([], [sock], []),
             )
 
         # a restart (the engine's supervisor) binds the same port again: the socket handed in

@@ -56,6 +56,13 @@ def up(
             help="API address HOST:PORT (port 0 picks a free one).",
         ),
     ] = "127.0.0.1:8080",
+    certfile: Annotated[
+        Path | None, typer.Option("--certfile", help="Serve the API over HTTPS: certificate "
+                                  "chain (PEM); needs --keyfile.")
+    ] = None,
+    keyfile: Annotated[
+        Path | None, typer.Option("--keyfile", help="The HTTPS certificate's key (PEM).")
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="Where local state lives.")
     ] = None,
@@ -98,6 +105,11 @@ def up(
         list[str] | None,
         typer.Option("--mqtt-wss-listen", help="Embedded broker: MQTT over secure WebSocket "
                      "HOST:PORT (repeatable; needs --mqtt-certfile and --mqtt-keyfile)."),
+    ] = None,
+    mqtt_tls_listen: Annotated[
+        list[str] | None,
+        typer.Option("--mqtt-tls-listen", help="Embedded broker: MQTT over TLS HOST:PORT "
+                     "(repeatable; needs --mqtt-certfile and --mqtt-keyfile)."),
     ] = None,
     mqtt_certfile: Annotated[
         Path | None, typer.Option("--mqtt-certfile", help="Embedded broker's certificate (PEM).")
@@ -219,9 +231,11 @@ def up(
     port is one line with a hint and leaves the registry untouched.
     """
     from twin.api.app import ApiSettings
-    from twin.api.server import ApiService
+    from twin.api.server import ApiService, check_tls
     from twin.runtime.engine import Engine, EngineConfig
 
+    certs = (str(certfile) if certfile else None, str(keyfile) if keyfile else None)
+    check_tls(*certs)  # a wrong certificate or key: one line, before anything starts
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -242,19 +256,22 @@ def up(
             from twin.runtime.mqtt_service import cli_service
 
             ctx = None
-            if mqtt_wss_listen:
-                ctx = server_ssl_context(mqtt_certfile, mqtt_keyfile, None, "--mqtt-wss-listen")
+            if mqtt_wss_listen or mqtt_tls_listen:
+                ctx = server_ssl_context(mqtt_certfile, mqtt_keyfile, None,
+                                         "--mqtt-tls-listen" if mqtt_tls_listen
+                                         else "--mqtt-wss-listen")  # fmt: skip
             # binds the embedded broker's port now: a taken port is one line + hint
             return cli_service(
                 mqtt_listen, mqtt_broker, share_group=mqtt_share_group,
-                wss_listen=mqtt_wss_listen, ssl_context=ctx, max_keep_alive=mqtt_max_keep_alive,
+                wss_listen=mqtt_wss_listen, tls_listen=mqtt_tls_listen, ssl_context=ctx,
+                max_keep_alive=mqtt_max_keep_alive,
                 server_topic_aliases=mqtt_server_topic_aliases,
             )  # fmt: skip
 
     listeners = _bind_listeners(
         None if no_api else listen,
         mqtt,
-        [] if no_mqtt or mqtt_broker else list(mqtt_wss_listen or []),
+        [] if no_mqtt or mqtt_broker else [*(mqtt_wss_listen or []), *(mqtt_tls_listen or [])],
         dashboard_listen if dashboard and not no_api else None,
     )
     coap_addrs = None
@@ -339,7 +356,8 @@ def up(
     services.append(ReportService(webhooks=webhooks))  # report schedules, alarm notifications
     if listeners.api is not None:
         host, port, sock = listeners.api
-        services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock))
+        services.append(ApiService(host, port, ApiSettings(state_dir=st.state_dir), sock=sock,
+                                   certfile=certs[0], keyfile=certs[1]))  # fmt: skip
     if coap_addrs is not None:
         from twin.runtime.coap_service import CoapService
 

@@ -443,6 +443,7 @@ def cli_service(
     username: str | None = None,
     password: str | None = None,
     wss_listen: list[str] | None = None,
+    tls_listen: list[str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
     max_keep_alive: int = 0,
     server_topic_aliases: bool = False,
@@ -464,11 +465,14 @@ def cli_service(
         )
     host, port = parse_hostport(listen)
     wss = [parse_hostport(x, 8084) for x in wss_listen or []]
-    if wss and ssl_context is None:
-        raise TwinError("--mqtt-wss-listen needs --mqtt-certfile and --mqtt-keyfile")
+    tls = [parse_hostport(x, 8883) for x in tls_listen or []]
+    if (wss or tls) and ssl_context is None:
+        raise TwinError("--mqtt-wss-listen and --mqtt-tls-listen need --mqtt-certfile and "
+                        "--mqtt-keyfile")  # fmt: skip
     sock = bind_listener(host, port)
     return MqttService(MqttServiceConfig(
-        listen=[(host, port)], sockets=[sock], wss_listen=wss, ssl_context=ssl_context,
+        listen=[(host, port)], sockets=[sock], wss_listen=wss, tls_listen=tls,
+        ssl_context=ssl_context,
         max_keep_alive=max_keep_alive, server_topic_aliases=server_topic_aliases))
 
 
@@ -477,6 +481,7 @@ def describe(info: dict[str, Any] | None) -> str | None:
     if not info:
         return None
     wss = "".join(f", {u}" for u in info.get("wss") or [])
+    wss += "".join(f", mqtts://{a}" for a in info.get("tls") or [])
     if info.get("mode") == "external":
         state = "connected" if info.get("connected") else "connecting (retrying with backoff)"
         share = f", shared group {info['share_group']}" if info.get("share_group") else ""
