@@ -118,7 +118,7 @@ def describe(exc: BaseException) -> str:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         text = str(e)
-        if text and text not in parts:
+        if text and not any(text in p or p in text for p in parts):
             parts.append(text)
         e = e.__cause__ or e.__context__
     return f"{type(exc).__name__}: {' — '.join(parts)}" if parts else type(exc).__name__
