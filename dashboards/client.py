@@ -183,6 +183,10 @@ class FluxClient:
         """The engines of a scale-out cluster and what each owns (``cluster`` null: one)."""
         return dict(self._json("GET", "/cluster"))
 
+    def edges(self) -> list[dict[str, Any]]:
+        """Link state of every edge node (online, revision, lag, outbox, last sync)."""
+        return _items(self._json("GET", "/edges"))
+
     def run_scene(self, name: str) -> dict[str, Any]:
         return dict(self._json("POST", f"/scenes/{name}/execute"))
 

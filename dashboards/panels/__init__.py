@@ -11,6 +11,7 @@ from dashboards.panels import (
     cluster,
     commands,
     devices,
+    edges,
     history,
     map,
     markdown,
@@ -35,8 +36,9 @@ PANELS: dict[str, Render] = {
     "markdown": markdown.render,
     "video": video.render,
     "cluster": cluster.render,
+    "edges": edges.render,
     "reports": reports.render,
 }
 
-LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes", "cluster"}
+LIVE = {"map", "stat", "timeseries", "alarms", "devices", "commands", "scenes", "cluster", "edges"}
 """Panels that refresh on the dashboard's ``refresh`` interval (history waits for the user)."""

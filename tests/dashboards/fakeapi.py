@@ -43,6 +43,7 @@ class FakeApi:
         self.executed: list[str] = []
         self.puts: list[dict[str, Any]] = []
         self.control = True  # False: 503 like an engine without the control service
+        self.edges: list[dict[str, Any]] = []
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -68,6 +69,8 @@ class FakeApi:
         role = request.headers.get("authorization", "").removeprefix("Bearer tok-")
         if role not in ("viewer", "operator", "admin"):
             return httpx.Response(401, json={"detail": "missing bearer token"})
+        if path == "/edges":
+            return httpx.Response(200, json={"items": self.edges})
         if path == "/devices":
             return httpx.Response(200, json={"items": self.devices, "total": len(self.devices)})
         if path.startswith("/alarms"):

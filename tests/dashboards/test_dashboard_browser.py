@@ -294,3 +294,29 @@ def test_admin_scene_toggles_show_whole_names(stack: dict[str, str], browser: ob
         # the whole name is drawn: not clipped, no ellipsis
         assert label.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), name
     page.close()  # type: ignore[attr-defined]
+
+
+def test_edges_page_shows_each_edge_link(stack: dict[str, str], browser: object) -> None:
+    """The ``edges`` panel: an EdgeNode applied to the engine shows up, offline (it never
+    synced), with its outbox and last sync. Last in this module: the EdgeNode (it owns no
+    device) raises an ``edge_offline`` alarm the other tests do not expect."""
+    api = stack["api"]
+    admin = httpx.post(f"{api}/api/v1/auth/login",
+                       json={"username": "admin", "password": "secret123"}).json()["access_token"]  # fmt: skip
+    headers = {"Authorization": f"Bearer {admin}"}
+    doc = {"apiVersion": "flux.iot/v1", "kind": "EdgeNode",
+           "metadata": {"name": "gw-x", "site": "plant-a"},
+           "spec": {"devices": {"tag": ["edge-only"]}, "uplink": {"url": "mqtt://127.0.0.1:1883"}}}  # fmt: skip
+    r = httpx.post(f"{api}/api/v1/apply", json={"documents": [doc]}, headers=headers)
+    assert r.status_code == 200, r.text
+    edges = f"{api}/api/v1/edges"
+    _until(lambda: [e["name"] for e in httpx.get(edges, headers=headers).json()["items"]] == ["gw-x"])
+    page = _login(browser, stack["url"], "viewer")
+    page.get_by_text("Edges", exact=True).first.click()  # type: ignore[attr-defined]
+    page.get_by_text(re.compile(r"offline: gw-x")).wait_for(timeout=30_000)  # type: ignore[attr-defined]
+    grid = page.locator("[data-testid=stDataFrame] [role=gridcell]")  # type: ignore[attr-defined]
+    _until(lambda: "gw-x" in grid.all_inner_texts())
+    cells = grid.all_inner_texts()
+    assert "offline" in cells and "never" in cells, cells
+    _shot(page, "edges")
+    page.close()  # type: ignore[attr-defined]

@@ -36,6 +36,7 @@ PANEL_TYPES = (
     "video",
     "cluster",
     "reports",
+    "edges",
 )
 SELECT_KEYS = ("site", "group", "tag", "device", "type", "model")
 NEEDS_METRIC = {"stat": "metric", "timeseries": "metrics"}
