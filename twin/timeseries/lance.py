@@ -777,8 +777,9 @@ class LanceStore:
             if rows.num_rows:
                 parts.append(decode_chunks(rows, start, end))
                 # one series' chunks by time (the dashboard's query): no sort needed
-                in_order = rows.num_rows <= 16 and all(
-                    len(set(rows.column(c).to_pylist())) == 1 for c in SERIES_COLUMNS
+                in_order = rows.num_rows == 1 or (
+                    rows.num_rows <= 16
+                    and all(len(set(rows.column(c).to_pylist())) == 1 for c in SERIES_COLUMNS)
                 )
                 if in_order:
                     t = np.asarray(parts[0].column("ts").cast(pa.int64()).to_numpy())

@@ -185,6 +185,12 @@ class ChunkTable:
             frag, local, fragments = self._frag, self._local, self._fragments
         if not current or len(idx) == 0:
             return self.with_blobs(ds, rows, idx, self.schema)
+        if len(idx) == 1:  # the common one-series read: one row, no bookkeeping
+            i = int(idx[0])
+            b = fragments[int(frag[i])].take([int(local[i])], columns=self.blob_columns)
+            for name in self.blob_columns:
+                rows = rows.append_column(name, b.column(name))
+            return rows
         fids = frag[idx]
         parts = []
         order = []
