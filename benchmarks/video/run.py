@@ -14,7 +14,10 @@ the system python3-gi) is the source of the on-demand snapshot. Prints:
    and, for reference, the pushers (the stand-in cameras, not part of a pipeline);
 2. restart after SIGKILL of a camera's ffmpeg: until the next frame arrives (5 kills);
 3. snapshot latency: the rolling snapshot over HTTP (GET /video/cameras/{c}/snapshot, 50
-   requests), and on demand from the RTSP camera (connect, describe, first keyframe, 5 runs);
+   requests); on demand from the RTSP camera with its stream off (twin/video/snapshots.py): a
+   one-shot ffmpeg (connect, describe, first keyframe), the warm snapshot session (its first
+   request starts it; the next ones within ``snapshot.warm``), and a snapshot URL (the fake
+   ONVIF camera's HTTP server, Digest auth);
 4. HTTP-FLV time to first frame: request sent → first keyframe bytes received (10 viewers,
    loopback, measured at the client; server side is below that);
 5. HLS glass-to-player estimate: newest segment's age (EXT-X-PROGRAM-DATE-TIME vs now) plus
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import random
 import signal
 import socket
 import statistics
@@ -98,7 +102,8 @@ async def main(args: argparse.Namespace) -> None:
     from twin.api.state import ApiSettings
     from twin.registry import open_registry
     from twin.runtime.engine import Engine, EngineConfig
-    from twin.video.pipeline import grab_frame
+    from twin.video import snapshots
+    from twin.video.pipeline import CameraPipeline, VideoOptions, grab_frame
     from twin.video.sources import StreamSource
 
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)")
@@ -213,27 +218,56 @@ async def main(args: argparse.Namespace) -> None:
                     await trio.to_thread.run_sync(gst.stdout.readline)
                     src = StreamSource(f"rtsp://127.0.0.1:{rtsp_port}/live",
                                        {"rtsp_transport": "tcp"})
-                    async def on_demand() -> list[float]:
+
+                    async def timed(fn: Any, n: int, gap: float = 0.0) -> list[float]:
                         out = []
-                        for _ in range(5):
+                        for _ in range(n):
                             t = time.perf_counter()
-                            await grab_frame(src, 10)
+                            await fn()
                             out.append(time.perf_counter() - t)
+                            await trio.sleep(gap * random.random())  # off the GOP's beat
                         return out
 
-                    cold = await on_demand()  # the server starts its encoder per session
+                    cold = await timed(lambda: grab_frame(src, 10), 5)
                     # a camera encodes all the time: keep one session open (shared media)
                     watcher = subprocess.Popen(  # noqa: ASYNC220
                         ["ffmpeg", "-loglevel", "quiet", "-rtsp_transport", "tcp", "-i",
                          src.url, "-c", "copy", "-f", "null", "-"], stdin=subprocess.DEVNULL)
                     await trio.sleep(3)
-                    warm = await on_demand()
+                    one_shot = await timed(lambda: grab_frame(src, 10), 10, 1.0)
+                    # the warm snapshot session of a camera whose stream is off: the first
+                    # request starts it (a fresh session per round: warm 1 s, then 1.5 s idle)
+                    off = CameraPipeline("rtsp_off", src, VideoOptions.parse(
+                        {"snapshot": {"warm": "1s"}}), state / "rtsp_off", streaming=False)
+                    nursery.start_soon(off.run)
+                    first, again = [], []
+                    for _ in range(5):
+                        first += await timed(lambda: snapshots.take(off, 10), 1)
+                        again += await timed(lambda: snapshots.take(off, 10), 4, 0.2)
+                        await trio.sleep(1.5 + random.random())
+                        assert off.process is None
                     watcher.terminate()
                     watcher.wait()
-                    print(f"   on demand from RTSP (GStreamer server, 320x180, GOP 1 s): "
-                          f"encoder running (like a camera) median {statistics.median(warm):.2f} s,"
-                          f" max {max(warm):.2f} s; encoder started per session median "
-                          f"{statistics.median(cold):.2f} s")
+                    # the camera's own snapshot URL (ONVIF GetSnapshotUri), Digest auth
+                    from tests.video.onvif_camera import FakeOnvifCamera
+
+                    jpeg = (state / "rtsp_off" / "snapshots")
+                    with FakeOnvifCamera(auth="digest", snapshot=off.snapshot or b"") as onvif:
+                        url_src = StreamSource(src.url, src.options, snapshot_url=(
+                            f"http://admin:secret@127.0.0.1:{onvif.port}/snapshot.jpg"))
+                        by_url = CameraPipeline("url", url_src, VideoOptions(), jpeg,
+                                                streaming=False)
+                        via_url = await timed(lambda: snapshots.take(by_url, 10), 10)
+                    print(f"   on demand from RTSP (GStreamer server, 320x180, GOP 1 s, encoder "
+                          f"running like a camera's): one-shot ffmpeg median "
+                          f"{statistics.median(one_shot):.2f} s, max {max(one_shot):.2f} s (10);"
+                          f" warm session: first request (starts it) median "
+                          f"{statistics.median(first):.2f} s, max {max(first):.2f} s (5), next "
+                          f"requests median {statistics.median(again) * 1000:.1f} ms, max "
+                          f"{max(again) * 1000:.1f} ms (20); camera snapshot URL (HTTP, Digest) "
+                          f"median {statistics.median(via_url) * 1000:.1f} ms (10); one-shot with"
+                          f" the server's encoder started per session median "
+                          f"{statistics.median(cold):.2f} s (5)")
 
                     # 4. HTTP-FLV time to first frame
                     from twin.video.flvhub import FlvParser

@@ -76,7 +76,7 @@ async def test_snapshot_url_of_the_camera(tmp_path: Path) -> None:
     import threading
     from functools import partial
 
-    from twin.bindings.video import fetch_jpeg
+    from twin.video.snapshots import fetch_jpeg
 
     (tmp_path / "snap.jpg").write_bytes(b"\xff\xd8" + b"\0" * 100 + b"\xff\xd9")
     (tmp_path / "page.html").write_text("<html>not a picture</html>")

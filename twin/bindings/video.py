@@ -49,40 +49,14 @@ from twin.bindings.base import (
 )
 from twin.bindings.values import check_reading
 from twin.errors import BindingError, CommandError
-from twin.video import recordings, sources
-from twin.video.pipeline import CameraPipeline, VideoOptions, grab_frame, run_pusher
+from twin.video import recordings, snapshots, sources
+from twin.video.pipeline import CameraPipeline, VideoOptions, run_pusher
 from twin.video.service import VideoService
 
 log = logging.getLogger(__name__)
 
 RETENTION_EVERY = 60.0
 """Seconds between two retention passes over a camera's recordings."""
-
-
-async def fetch_jpeg(url: str, wait: float) -> bytes | None:
-    """A JPEG from the camera's snapshot URL (ONVIF ``GetSnapshotUri``); credentials in the URL
-    answer a Digest challenge (what ONVIF cameras ask). None when no JPEG comes back."""
-    from urllib.parse import unquote, urlsplit, urlunsplit
-
-    import httpx
-
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    auth: httpx.Auth | None = None
-    if parts.username:
-        auth = httpx.DigestAuth(unquote(parts.username), unquote(parts.password or ""))
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        url = urlunsplit(parts._replace(netloc=netloc))
-    try:
-        async with httpx.AsyncClient(timeout=wait, auth=auth) as client:
-            resp = await client.get(url)
-    except httpx.HTTPError as exc:
-        log.warning("snapshot URL on %s failed: %s", host, exc)
-        return None
-    if resp.status_code != 200 or not resp.content.startswith(b"\xff\xd8"):
-        log.warning("snapshot URL on %s answered %s", host, resp.status_code)
-        return None
-    return resp.content
 
 
 class CameraBinding:
@@ -267,26 +241,16 @@ class CameraBinding:
                                 "stop_recording, ptz")
 
     async def take_snapshot(self, wait: float = 5.0) -> dict[str, Any]:
-        """Save the newest keyframe (or one straight from the source) and return its
-        reference: ``{image, url, bytes, ts, source}``."""
+        """Save a picture (``twin/video/snapshots.py``: the rolling keyframe, the camera's
+        snapshot URL, the warm snapshot session or a one-shot grab) and return its reference:
+        ``{image, url, bytes, ts, source}``."""
         p = self.pipeline
         assert p is not None
-        image = None
-        origin = "rolling"
-        if p.streaming and p.health.state == "live":
-            image = await p.wait_snapshot(wait)
-            ts = p.snapshot_wall or time.time()
-        if image is None and p.source.snapshot_url:
-            image = await fetch_jpeg(p.source.snapshot_url, wait)  # the camera's own JPEG
-            origin = "camera"
-            ts = time.time()
-        if image is None:
-            origin = "source"
-            try:
-                image = await grab_frame(p.source, wait)
-            except BindingError as exc:
-                raise CommandError(f"camera {self.device}: {exc}") from exc
-            ts = time.time()
+        try:
+            shot = await snapshots.take(p, wait)
+        except BindingError as exc:
+            raise CommandError(f"camera {self.device}: {exc}") from exc
+        image, ts, origin = shot.image, shot.ts, shot.source
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ts)) + f"{ts % 1:.3f}"[1:] + "Z"
         name = f"{stamp}.jpg"
         folder = p.out_dir / "snapshots"

@@ -37,7 +37,7 @@ import subprocess
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,7 @@ class VideoOptions:
     hls_time: float = 1.0
     hls_window: int = 6
     snapshot: bool = True
+    snapshot_warm: float = 60.0  # stream off: an on-demand snapshot keeps a session this long
     record: bool = False
     segment: float = 10.0  # spool/recording segment length (cut at the next keyframe)
     pre_roll: float = 0.0  # seconds before start_recording that are kept (from the spool)
@@ -176,6 +177,8 @@ class VideoOptions:
             hls_time=_seconds(hls.get("segment"), 1.0),
             hls_window=int(hls.get("window", 6)),
             snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
+            snapshot_warm=_seconds(snap.get("warm") if isinstance(snap, Mapping) else None,
+                                   60.0),
             record=bool(rec.get("enabled", False)),
             segment=_seconds(rec.get("segment"), 10.0),
             pre_roll=_seconds(rec.get("pre_roll"), 0.0),
@@ -214,10 +217,17 @@ def build_command(
     flv_fd: int | str = 1,
     jpeg_fd: int | None = None,
     progress_fd: int | None = None,
+    snapshot_only: bool = False,
 ) -> list[str]:
-    """The camera's ffmpeg argv (see the module docstring for the outputs)."""
-    decode_all = opts.transcode is not None or opts.substream is not None
+    """The camera's ffmpeg argv (see the module docstring for the outputs); ``snapshot_only``:
+    the keyframe JPEGs alone (the warm snapshot session of a camera whose stream is off)."""
     in_opts: dict[str, Any] = dict(source.options)
+    if snapshot_only:
+        opts = replace(opts, snapshot=True, transcode=None, substream=None)
+        # the SDP / first keyframe tell all a JPEG needs: no 5 s of default probing
+        in_opts.setdefault("analyzeduration", "100000")
+        in_opts.setdefault("probesize", "32768")
+    decode_all = opts.transcode is not None or opts.substream is not None
     if opts.snapshot and not decode_all:
         in_opts["skip_frame"] = "nokey"  # decode keyframes only: the snapshots are nearly free
         # one decoder thread (no thread pool per keyframe), no deblocking: half the decode cost
@@ -239,7 +249,7 @@ def build_command(
     else:
         main_codec = {"c:v": "copy"}
         streams = [video] * uses
-    outputs = [
+    outputs: list[Any] = [] if snapshot_only else [
         ffmpeg.output(streams[0], f"pipe:{flv_fd}", format="flv",
                       flvflags="no_duration_filesize", **main_codec),
         ffmpeg.output(
@@ -268,11 +278,12 @@ def build_command(
             hls_segment_filename=str(out_dir / "hls-sub" / "%d.ts"),
             **_h264(opts.substream.get("bitrate", "500k")),
         ))
-    outputs.append(ffmpeg.output(
-        inp["v:0"], str(out_dir / "spool" / f"{NAME_FORMAT}.ts"), format="segment",
-        segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
-        reset_timestamps=1, **{"c:v": "copy"},
-    ))
+    if not snapshot_only:
+        outputs.append(ffmpeg.output(
+            inp["v:0"], str(out_dir / "spool" / f"{NAME_FORMAT}.ts"), format="segment",
+            segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
+            reset_timestamps=1, **{"c:v": "copy"},
+        ))
     argv = ffmpeg.merge_outputs(*outputs).compile(cmd=FFMPEG)
     head = [argv[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
     if progress_fd is not None:
@@ -347,6 +358,14 @@ class CameraPipeline:
         self.snapshot: bytes | None = None
         self.snapshot_wall: float | None = None
         self.snapshot_event = trio.Event()
+        # the warm snapshot session (stream off): its own health, kept until _warm_until
+        self.session = StreamHealth(state="stopped")
+        self._warm_until = 0.0  # trio.current_time()
+        self._session_wall = 0.0  # time.time() the current/last session started
+        self._session_error: tuple[float, str] | None = None  # (time.time(), why it failed)
+        self._mode: str | None = None  # "stream" | "snapshot" while ffmpeg runs
+        self._waiting = 0  # requests waiting for the session's first keyframe
+        self._h = self.health  # the health the running ffmpeg updates
         self.stderr: deque[str] = deque(maxlen=30)
         self._changed = trio.Event()
         self.process: Child | None = None
@@ -372,23 +391,28 @@ class CameraPipeline:
     def _keep(self) -> None:
         try:
             spool.keep(self.out_dir / "spool", self.out_dir / "rec", self.keep_since,
-                       ongoing=self.process is not None)
+                       ongoing=self._mode == "stream")
         except OSError as exc:
             log.warning("camera %s (site %s): keeping recording segments failed: %s", self.name,
                         self.site, exc)
 
     async def _keeper(self) -> None:
-        """While ffmpeg runs: link new spool segments while recording, prune the spool."""
+        """While ffmpeg runs: link new spool segments while recording (every KEEP_EVERY s),
+        prune the spool (every half segment). Linking comes first: nothing to keep is pruned."""
+        prune_every = max(1.0, self.opts.segment / 2)
+        pruned = -prune_every
         while True:
             if self.recording:
                 await trio.to_thread.run_sync(self._keep)
-            try:
-                await trio.to_thread.run_sync(spool.prune, self.out_dir / "spool",
-                                              self.opts.pre_roll, time.time())
-            except OSError as exc:
-                log.warning("camera %s (site %s): pruning the spool failed: %s", self.name,
-                            self.site, exc)
-            await trio.sleep(KEEP_EVERY)
+            if trio.current_time() - pruned >= prune_every:
+                pruned = trio.current_time()
+                try:
+                    await trio.to_thread.run_sync(spool.prune, self.out_dir / "spool",
+                                                  self.opts.pre_roll, time.time())
+                except OSError as exc:
+                    log.warning("camera %s (site %s): pruning the spool failed: %s", self.name,
+                                self.site, exc)
+            await trio.sleep(KEEP_EVERY if self.recording else prune_every)
 
     def kill(self) -> None:
         """SIGKILL the running ffmpeg (tests, benchmarks: a crash)."""
@@ -398,13 +422,16 @@ class CameraPipeline:
     # -- the loop the supervisor runs ---------------------------------------------------
     async def run(self) -> None:
         while True:
-            if not self.streaming:
-                self.health.state = "stopped"
-                self.health.fps = self.health.bitrate_kbps = 0.0
-                self._changed = trio.Event()
-                await self._changed.wait()
+            if self.streaming:
+                await self.run_once()
                 continue
-            await self.run_once()
+            self.health.state = "stopped"
+            self.health.fps = self.health.bitrate_kbps = 0.0
+            if trio.current_time() < self._warm_until:
+                await self.run_once(snapshot_only=True)
+                continue
+            self._changed = trio.Event()
+            await self._changed.wait()
 
     def _prepare_dirs(self) -> None:
         for sub in ("hls", "rec", "spool", "snapshots", "hls-sub"):
@@ -414,23 +441,32 @@ class CameraPipeline:
             if old.suffix in (".ts", ".m3u8", ".tmp"):
                 old.unlink(missing_ok=True)
 
-    async def run_once(self) -> None:
-        """One ffmpeg run: returns after a deliberate restart, PipelineError otherwise."""
+    async def run_once(self, *, snapshot_only: bool = False) -> None:
+        """One ffmpeg run: returns after a deliberate restart, PipelineError otherwise.
+        ``snapshot_only``: the warm snapshot session (keyframe JPEGs alone) of a camera whose
+        stream is off, until ``_warm_until``; its failure goes to the snapshot's requester
+        (:meth:`session_snapshot`), not to the supervisor."""
         await trio.to_thread.run_sync(self._prepare_dirs)
         self._changed = trio.Event()
-        h = self.health
-        if h.runs:
+        h = self.session if snapshot_only else self.health
+        self._h = h
+        if h.runs and not snapshot_only:
             h.restarts += 1
         h.runs += 1
         h.frames = h.bytes = 0
         h._window.clear()
         h.state = "starting"
         h.started_at = trio.current_time()
-        self.hub.restart()
+        if snapshot_only:
+            self._session_wall = time.time()
+        else:
+            self.hub.restart()
         self.stderr.clear()
         jpeg_r, jpeg_w = os.pipe()
         prog_r, prog_w = os.pipe()
-        self.argv = build_command(self.source, self.opts, self.out_dir, flv_fd=1, jpeg_fd=jpeg_w, progress_fd=prog_w)
+        self.argv = build_command(self.source, self.opts, self.out_dir, flv_fd=1,
+                                  jpeg_fd=jpeg_w, progress_fd=prog_w,
+                                  snapshot_only=snapshot_only)
         env = {**os.environ, "TZ": "UTC"}
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -445,6 +481,7 @@ class CameraPipeline:
             for fd in (jpeg_w, prog_w, out_w, err_w):
                 os.close(fd)
         self.process = process
+        self._mode = "snapshot" if snapshot_only else "stream"
         jpeg = trio.lowlevel.FdStream(jpeg_r)
         prog = trio.lowlevel.FdStream(prog_r)
         out = trio.lowlevel.FdStream(out_r)
@@ -457,7 +494,20 @@ class CameraPipeline:
                 nursery.start_soon(self._read_jpeg, jpeg)
                 nursery.start_soon(self._read_progress, prog)
                 nursery.start_soon(self._read_stderr, err)
-                nursery.start_soon(self._keeper)
+                if not snapshot_only:
+                    nursery.start_soon(self._keeper)
+
+                async def expire() -> None:  # the warm session ends when nobody asked for long
+                    nonlocal deliberate
+                    # extended by each request; never while a request waits for its keyframe
+                    while trio.current_time() < self._warm_until or self._waiting:  # noqa: ASYNC110
+                        await trio.sleep(max(0.01, min(0.25, self._warm_until
+                                                       - trio.current_time())))
+                    deliberate = True
+                    nursery.cancel_scope.cancel()
+
+                if snapshot_only:
+                    nursery.start_soon(expire)
 
                 async def changed() -> None:
                     nonlocal deliberate
@@ -481,6 +531,8 @@ class CameraPipeline:
                 await process.stop()
             process.close()
             self.process = None
+            self._mode = None
+            self._h = self.health
             for stream in (jpeg, prog, out, err):
                 with trio.move_on_after(1) as s:
                     s.shield = True
@@ -498,11 +550,16 @@ class CameraPipeline:
                 reason = f"ffmpeg ended: {detail}"
         h.last_error = reason
         h.state = "dark"
+        if snapshot_only:  # the requester hears it; no retry until someone asks again
+            self._session_error = (time.time(), reason)
+            self._warm_until = 0.0
+            self._wake_snapshot()
+            return
         raise PipelineError(f"camera {self.name}: {reason}")
 
     async def _watchdog(self) -> str:
         """Returns why the stream is considered stalled (the run is then ended)."""
-        h = self.health
+        h = self._h
         while True:
             await trio.sleep(0.5)
             now = trio.current_time()
@@ -515,7 +572,7 @@ class CameraPipeline:
                         f"{self.opts.first_frame_timeout:g}s")
 
     def _frame(self) -> None:
-        h = self.health
+        h = self._h
         h.last_frame_at = trio.current_time()
         h.last_frame_wall = time.time()
         if h.state != "live":
@@ -551,12 +608,11 @@ class CameraPipeline:
                     break
                 self.snapshot = bytes(buf[start:end + 2])
                 self.snapshot_wall = time.time()
-                event, self.snapshot_event = self.snapshot_event, trio.Event()
-                event.set()
+                self._wake_snapshot()
                 del buf[:end + 2]
 
     async def _read_progress(self, stream: trio.lowlevel.FdStream) -> None:
-        h = self.health
+        h = self._h
         buf = b""
         async for chunk in stream:
             buf += chunk
@@ -585,6 +641,42 @@ class CameraPipeline:
                 buf = b""
 
     # -- snapshots ----------------------------------------------------------------------
+    def _wake_snapshot(self) -> None:
+        event, self.snapshot_event = self.snapshot_event, trio.Event()
+        event.set()
+
+    async def session_snapshot(self, wait: float) -> bytes:
+        """A keyframe of a camera whose stream is off, from its warm snapshot session: the
+        newest one at once while the session runs; otherwise the session is started (ffmpeg,
+        connect, the first keyframe: what a one-shot grab costs) and kept
+        ``snapshot_warm`` s after this request, so the next snapshots are instant."""
+        self._warm_until = max(self._warm_until, trio.current_time() + self.opts.snapshot_warm)
+        # a keyframe of the running session (not a stalled one: its watchdog ends it then)
+        if (self._mode == "snapshot" and self.snapshot is not None
+                and (self.snapshot_wall or 0) >= self._session_wall
+                and time.time() - (self.snapshot_wall or 0) < self.opts.stall_timeout):
+            return self.snapshot
+        asked = time.time()
+        if self._mode is None:
+            self._changed.set()  # run() is idle: start the session
+        self._waiting += 1
+        try:
+            with trio.move_on_after(wait):
+                while True:
+                    await self.snapshot_event.wait()
+                    if self._session_error is not None and self._session_error[0] >= asked:
+                        raise PipelineError(f"snapshot from {self.source.display} failed: "
+                                            f"{self._session_error[1]}")
+                    fresh = max(asked if self._mode != "snapshot" else 0.0, self._session_wall)
+                    if self.snapshot is not None and (self.snapshot_wall or 0) >= fresh:
+                        # kept ``snapshot_warm`` s from the answer on
+                        self._warm_until = max(self._warm_until,
+                                               trio.current_time() + self.opts.snapshot_warm)
+                        return self.snapshot
+        finally:
+            self._waiting -= 1
+        raise PipelineError(f"no frame from {self.source.display} within {wait:g}s")
+
     async def wait_snapshot(self, wait: float) -> bytes | None:
         """The rolling snapshot, or the next one within ``wait`` s."""
         if self.snapshot is not None:
