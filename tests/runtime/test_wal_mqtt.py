@@ -116,3 +116,35 @@ async def test_full_disk_mqtt5_puback_0x97_and_mqtt311_no_ack(
     await run_sync(v3.c.loop_stop)
     # what was acknowledged is stored; what was refused is not
     await eventually(lambda: stored_values(svc) == [1.0, 3.0])
+
+
+async def test_acks_are_held_while_the_store_is_behind_the_log(
+    registry: Registry, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Back-pressure: past ``ack_backlog`` readings logged and not yet stored, a durable
+    publish's PUBACK waits for the store (the device's window fills and it slows down);
+    the store's next flush and checkpoint release it."""
+    apply(registry, site(), model(), mqtt_device("d1"))
+    # the writer flushes only when 3 readings are waiting (never by time here)
+    svc = TimeSeriesService(batch_size=3, flush_interval=3600, ack_backlog=1, ack_hold_max=3600)
+    mqtt = MqttService(MqttServiceConfig(listen=[("127.0.0.1", 0)], sys_interval=0))
+    eng = Engine(registry, fast_config(state_dir=tmp_path / "state"), [svc, mqtt])
+    await nursery.start(eng.run)
+    await subscribed(eng, "d1")
+    _, key = create_device_key(registry, "d1")
+    dev = await run_sync(lambda: Client(port(eng), "d1", username="d1", password=key, v5=True))
+    t = topics("d1")["telemetry"]
+    # one reading logged, not more than ack_backlog: acknowledged at once
+    await run_sync(dev.publish, t, json.dumps({"temperature": 1, "ts": 1.7e9}), 1)
+    assert svc.acks_held == 0
+    acks = Acks(dev)
+    second = dev.c.publish(t, json.dumps({"temperature": 2, "ts": 1.7e9 + 1}), 1)
+    await eventually(lambda: svc.acks_held >= 1)
+    assert svc.wal is not None and svc.wal.durable_lsn >= 2  # durable, and still held
+    assert acks.q.empty() and not second.is_published()
+    # the third reading fills the writer's batch: flush, checkpoint, the backlog is gone
+    third = dev.c.publish(t, json.dumps({"temperature": 3, "ts": 1.7e9 + 2}), 1)
+    got = {await run_sync(lambda: acks.q.get(timeout=WAIT)) for _ in range(2)}
+    assert got == {(second.mid, 0), (third.mid, 0)}
+    assert stored_values(svc) == [1.0, 2.0, 3.0]
+    await run_sync(dev.close)

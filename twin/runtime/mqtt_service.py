@@ -390,24 +390,31 @@ def durability_hook(engine: Any, hub: Any) -> Any:
     class Durable:
         """The held acknowledgement's gate: ``poll`` answers at once once the group commit
         settled (the broker then needs no Trio checkpoint per acknowledgement); awaiting it
-        waits for the commit."""
+        waits for the commit, then — back-pressure — while the store is behind the log
+        (``TimeSeriesService.caught_up``): the device's window of un-acked messages fills
+        and it publishes no faster than the store takes readings, so the publish →
+        queryable lag stays bounded instead of growing under saturation."""
 
-        __slots__ = ("batch", "wal")
+        __slots__ = ("batch", "svc")
 
-        def __init__(self, wal: Any, batch: Any) -> None:
-            self.wal, self.batch = wal, batch
+        def __init__(self, svc: Any, batch: Any) -> None:
+            self.svc, self.batch = svc, batch
 
         def poll(self) -> int | None:
             batch = self.batch
             if not batch.done.is_set():
                 return None
-            return 0 if batch.error is None else code(batch.error)
+            if batch.error is not None:
+                return code(batch.error)
+            return None if self.svc.behind() else 0
 
         async def __call__(self) -> int:
+            svc = self.svc
             try:
-                await self.wal.commit(self.batch)
+                await svc.wal.commit(self.batch)
             except WalError as exc:
                 return code(exc)
+            await svc.caught_up()
             return 0
 
     def hook(_principal: Any, msg: Any) -> Any:
@@ -430,7 +437,7 @@ def durability_hook(engine: Any, hub: Any) -> Any:
             else dataclasses.replace(r, logged=True) if r.value is not None else r
             for r in readings
         ]
-        return dataclasses.replace(msg, logged=logged), Durable(svc.wal, batch)
+        return dataclasses.replace(msg, logged=logged), Durable(svc, batch)
 
     return hook
 

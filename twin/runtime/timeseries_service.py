@@ -211,6 +211,15 @@ class TimeSeriesService:
     wal_max_backlog: int = 500_000
     """Readings logged but not yet in the store before ingest is refused (503)."""
     wal_segment_bytes: int = 4 << 20
+    ack_backlog: int | None = None
+    """Back-pressure for the embedded MQTT broker: while more readings than this (default
+    twice ``batch_size``) are logged but not yet in the store, QoS >= 1 acknowledgements are
+    held (:meth:`caught_up`): a device's window of un-acked messages fills and it slows down
+    to what the store takes, instead of the publish → queryable lag growing without bound
+    (up to ``wal_max_backlog``, where publishes are refused). 0: acknowledge at once."""
+    ack_hold_max: float = 10.0
+    """Longest an acknowledgement is held for back-pressure (the readings are durable: a
+    store that is down must not stall every device's session forever)."""
     replay_wait: float = 30.0
     name: str = "timeseries"
 
@@ -225,6 +234,8 @@ class TimeSeriesService:
     """Readings the pump handed to the writer (the rollup's flush barrier)."""
     wal: WriteAheadLog | None = field(default=None, init=False)
     replayed: int = field(default=0, init=False)
+    acks_held: int = field(default=0, init=False)
+    """Acknowledgements held for back-pressure (:meth:`caught_up`)."""
     """Readings replayed from the write-ahead log at start (duplicates skipped)."""
     append_hook: Callable[[list[WalReading], Callable[[], Any]], Any] | None = field(
         default=None, init=False, repr=False
@@ -244,6 +255,7 @@ class TimeSeriesService:
     _policies_changed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
     _rollup_wake: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
     _flushed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+    _caught_up: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
 
     # --- service entry ------------------------------------------------------------------
     async def __call__(
@@ -510,6 +522,28 @@ class TimeSeriesService:
                     log.error("timeseries: WAL checkpoint failed: %s; retrying", exc)
                     await trio.sleep(1.0)
                     self._cp_wake.set()
+                    continue
+                # the backlog shrank: held acknowledgements look again (see caught_up)
+                self._caught_up.set()
+                self._caught_up = trio.Event()
+
+    def behind(self) -> bool:
+        """More readings logged and not yet in the store than ``ack_backlog``."""
+        wal = self.wal
+        limit = 2 * self.batch_size if self.ack_backlog is None else self.ack_backlog
+        return wal is not None and limit > 0 and wal.backlog > limit
+
+    async def caught_up(self) -> bool:
+        """Wait while the store is :meth:`behind` (at most ``ack_hold_max`` seconds): an
+        ingest edge holds its acknowledgement here, after the readings are durable, so its
+        peers slow down to the store's pace. Returns whether it had to wait."""
+        if not self.behind():
+            return False
+        self.acks_held += 1
+        with trio.move_on_after(self.ack_hold_max):
+            while self.behind():
+                await self._caught_up.wait()
+        return True
 
     def _wal_state(self, ok: bool, message: str) -> None:
         engine = self._engine
