@@ -400,8 +400,8 @@ def test_discover_writes_valid_device_and_model_yaml(peer: Peer, tmp_path: Path)
 @pytest.mark.slow  # two server starts: ~20 s
 async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> None:
     """The subscription ends with a temporary error within a few heartbeats of the server's
-    death (the device task then reconnects with backoff); a new server on the same port is
-    connected to again."""
+    death (the device task then reconnects with backoff), after re-reporting the last good
+    value as stale; a new server on the same port is connected to again."""
     p = start_server(tmp_path / "certs")
     endpoint = p.endpoint
     opts = {"endpoint": endpoint, "heartbeat": "300ms", "timeout": "1s",
@@ -410,6 +410,7 @@ async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> 
     b = OpcUaBinding("boiler", opts)
     await b.connect()
     send, recv = trio.open_memory_channel[Message](1000)
+    after: list[Reading] = []
     try:
         with pytest.raises(BaseExceptionGroup) as info:
             async with trio.open_nursery() as n:
@@ -417,16 +418,21 @@ async def test_a_server_that_dies_is_noticed_and_reconnected(tmp_path: Path) -> 
                 with trio.fail_after(10):
                     async for m in recv:
                         if isinstance(m, Reading):
+                            after.append(m)
                             break
                 p.proc.kill()
                 p.proc.wait(10)
                 with trio.fail_after(15):
-                    async for _ in recv:  # drained until subscribe raises
-                        pass
+                    async for m in recv:  # drained until subscribe raises
+                        if isinstance(m, Reading):
+                            after.append(m)
         exc: BaseException = info.value
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]  # as the device task unwraps it
         assert isinstance(exc, BindingError) and exc.temporary, exc
+        good = [r for r in after if r.quality is Quality.GOOD]
+        assert after[-1].quality is Quality.STALE and after[-1].point == "counter"
+        assert good and after[-1].value == good[-1].value  # the last good value again
     finally:
         await b.close()
         if p.proc.poll() is None:

@@ -93,7 +93,7 @@ points = st.tuples(
     st.sampled_from(["temp", "state"]),
     st.integers(0, 3 * 86400 * 10**6),  # three days of microseconds
     st.one_of(float_bits.filter(lambda x: x == x), st.booleans(), st.text(max_size=5)),
-    st.sampled_from([0, 0, 0, 1, 2]),
+    st.sampled_from([0, 0, 0, 1, 2, 3]),  # good, uncertain, bad, stale
 )
 
 

@@ -271,6 +271,7 @@ class OpcUaBinding:
         self._batch: list[Reading | RawFrame] = []  # notifications of the publish response being handled
         # Trio side
         self.last_ts: dict[str, float] = {}  # newest reading per point (survives reconnects)
+        self.last_good: dict[str, Any] = {}  # last good value per point (re-reported stale)
         self.sessions = 0
         self.refused = 0
         self.dropped = 0
@@ -675,12 +676,23 @@ class OpcUaBinding:
                         raise BindingConnectError(f"opcua device {self.device!r}: {item}")
                     for r in await self._decoded(item):
                         await self._send(send, r)
+        except BaseException as exc:
+            leaf = exc
+            while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, BindingError):  # the server is gone: what we had is stale now
+                now = self._clock()
+                for point, value in self.last_good.items():
+                    await send.send(Reading(self.device, point, value, now, Quality.STALE))
+            raise
         finally:
             self.dropped += push.dropped
             self._push = None
 
     async def _send(self, send: trio.MemorySendChannel[Message], r: Reading) -> None:
         self.notifications += 1
+        if r.quality is Quality.GOOD:
+            self.last_good[r.point] = r.value
         prev = self.last_ts.get(r.point)
         if prev is None or r.ts > prev:
             self.last_ts[r.point] = r.ts

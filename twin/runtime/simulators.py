@@ -241,9 +241,10 @@ class SimulatorService:
 
 async def _opcua_server(device: str, endpoint: str, opts: dict[str, Any]) -> None:
     """A simulated OPC UA server (twin/sim/opcua_server.py) in a child process at the device's
-    endpoint (its start-up costs seconds of CPU: kept off the engine's asyncio loop). A taken
-    port (another demo engine serving it already) is logged once and left alone: the device then
-    reads whichever server holds it. Anything else that ends it is a failure (supervisor)."""
+    endpoint (its start-up costs seconds of CPU: kept off the engine's asyncio loop). The
+    caller moved it to a free port if the declared one was taken (``port_for``); a port taken
+    after that check (a race) is logged once and left alone. Anything else that ends it is a
+    failure (supervisor)."""
     import subprocess
     import sys
     from urllib.parse import urlsplit
