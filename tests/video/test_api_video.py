@@ -36,8 +36,20 @@ async def test_signed_links_serve_hls_flv_and_snapshot(tmp_path: Path) -> None:
                 r = await c.get("/api/v1/video/cameras/cam1/snapshot")
                 assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
                 links = (await c.get("/api/v1/video/cameras/cam1/urls")).json()
+                # recordings of every readable camera by time range (twin query --recordings)
+                assert pipeline is not None
+                pipeline.set_recording(True)  # the segment being written is kept at once
+                r = await c.get("/api/v1/video/recordings", params={"start": 0})
+                assert r.status_code == 200
+                [run] = r.json()["items"]
+                assert run["camera"] == "cam1" and run["site"] == "plant-a"
+                assert run["segments"] >= 1 and run["first"].endswith(".ts")
+                r = await c.get("/api/v1/video/recordings",
+                                params={"start": 0, "camera": "other"})
+                assert r.json()["items"] == []
             async with api.client("oper_b") as c:  # another site's operator sees nothing
                 assert (await c.get("/api/v1/video/cameras")).json()["items"] == []
+                assert (await c.get("/api/v1/video/recordings")).json()["items"] == []
                 assert (await c.get("/api/v1/video/cameras/cam1/urls")).status_code == 403
             async with api.client(None) as c:  # a <video> tag: no Authorization header
                 await eventually(lambda: (api.engine.video.camera_dir("cam1") / "hls" /

@@ -97,3 +97,36 @@ def test_cli_lists_and_cuts(tmp_path: Path, rec_dir: Path) -> None:
               str(out), env=env)
     assert r.returncode == 1 and "no recording of cam1" in r.stderr
     assert "hint: twin video recordings" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_runs_merge_back_to_back_segments(rec_dir: Path) -> None:
+    [run] = rec.runs(rec.segments(rec_dir))
+    assert (run.start, run.end, run.segments) == (T0, T0 + 6, 3)
+    assert run.size == sum(s.size for s in rec.segments(rec_dir))
+    later = rec.Segment(Path("x.ts"), T0 + 60, T0 + 70, 5)
+    assert [r.start for r in rec.runs([*rec.segments(rec_dir), later])] == [T0, T0 + 60]
+
+
+def test_twin_query_lists_recordings_per_camera(tmp_path: Path, rec_dir: Path) -> None:
+    state = tmp_path / "state"
+    for cam in ("cam1", "cam2"):
+        (state / "video" / cam).mkdir(parents=True)
+        (state / "video" / cam / "rec").symlink_to(rec_dir)
+    (state / "video" / "cam3").mkdir()  # a camera that never recorded
+    env = {"TWIN_STATE_DIR": str(state), "COLUMNS": "200"}
+    r = _twin("query", "--recordings", "--from", str(T0 + 1), "--to", str(T0 + 3), "-o", "json",
+              env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    items = json.loads(r.stdout)["items"]
+    assert [(i["camera"], i["start"], i["end"], i["segments"]) for i in items] == [
+        ("cam1", T0, T0 + 4, 2), ("cam2", T0, T0 + 4, 2)]
+    r = _twin("query", "--recordings", "--device", "cam2", "--from", str(T0), "-o", "csv",
+              env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("camera,site,start,end") and len(lines) == 2
+    assert lines[1].startswith(f"cam2,,{T0},{T0 + 6},6.0,3,")
+    r = _twin("query", "--recordings", "--from", str(T0), env=env)  # the table
+    assert r.returncode == 0 and "cam1" in r.stdout and "2 recording(s)" in r.stderr
+    r = _twin("query", "temperature", "--recordings", env=env)
+    assert r.returncode == 1 and "no metrics" in r.stderr

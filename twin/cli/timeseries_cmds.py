@@ -188,8 +188,27 @@ def query(
             help="Store URL: postgresql://... (default: LanceDB in the state dir).",
         ),
     ] = None,
+    recordings: Annotated[
+        bool,
+        typer.Option(
+            "--recordings",
+            help="Camera recordings in the range instead (per camera; --device/--site filter).",
+        ),
+    ] = False,
 ) -> None:
-    """Query the time series: raw points, or aggregates per --every bucket; export them."""
+    """Query the time series: raw points, or aggregates per --every bucket; export them.
+    With --recordings: the cameras' recordings overlapping the range."""
+    if recordings:
+        if metric or group or tag or every or agg or compare or trend:
+            raise TwinError(
+                "--recordings lists camera recordings: no metrics, --group, --tag, --every, "
+                "--agg, --compare or --trend",
+                hint="twin query --recordings --device CAM --from -1d",
+            )
+        from twin.cli.video_cmds import query_recordings
+
+        query_recordings(start, end, device, site, str(output), out, server)
+        return
     from twin.timeseries.request import QueryRequest, render, table_json
 
     if output in BINARY and out is None and sys.stdout.isatty():

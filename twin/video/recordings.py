@@ -69,6 +69,36 @@ def segments(rec_dir: Path) -> list[Segment]:
     return out
 
 
+@dataclass(frozen=True)
+class Run:
+    """Back-to-back segments: one recording from start_recording to stop_recording."""
+
+    start: float
+    end: float
+    segments: int
+    size: int
+    first: str  # the first segment's file name
+
+    def to_json(self, camera: str, site: str | None = None) -> dict[str, Any]:
+        return {"camera": camera, "site": site, "start": self.start, "end": self.end,
+                "duration": round(self.end - self.start, 3), "segments": self.segments,
+                "bytes": self.size, "first": self.first}
+
+
+def runs(segs: list[Segment], gap: float = 2.0) -> list[Run]:
+    """``segs`` (oldest first) merged into recordings: a segment starting within ``gap`` s of
+    the previous one's end continues it."""
+    out: list[Run] = []
+    for seg in segs:
+        if out and seg.start - out[-1].end <= gap:
+            last = out[-1]
+            out[-1] = Run(last.start, max(last.end, seg.end), last.segments + 1,
+                          last.size + seg.size, last.first)
+        else:
+            out.append(Run(seg.start, seg.end, 1, seg.size, seg.path.name))
+    return out
+
+
 def in_range(rec_dir: Path, start: float | None = None, end: float | None = None) -> list[Segment]:
     """Segments overlapping ``[start, end]`` (either open)."""
     return [s for s in segments(rec_dir)
@@ -132,5 +162,5 @@ def export_clip(rec_dir: Path, start: float, end: float, out: Path, timeout: flo
     return out
 
 
-__all__ = ["Segment", "enforce", "export_clip", "export_command", "in_range", "parse_start",
-           "segments"]
+__all__ = ["Run", "Segment", "enforce", "export_clip", "export_command", "in_range", "parse_start",
+           "runs", "segments"]

@@ -130,6 +130,21 @@ class RecordingList(BaseModel):
     items: list[Recording]
 
 
+class RecordingRun(BaseModel):
+    camera: str
+    site: str | None = None
+    start: float
+    end: float
+    duration: float
+    segments: int
+    bytes: int
+    first: str
+
+
+class RecordingRunList(BaseModel):
+    items: list[RecordingRun]
+
+
 class ClipRequest(BaseModel):
     start: float = Field(allow_inf_nan=False, ge=0, le=1e11, description="unix seconds")
     end: float = Field(allow_inf_nan=False, ge=0, le=1e11, description="unix seconds")
@@ -252,6 +267,34 @@ async def camera_recordings(
         Recording(**s.to_json(camera), url=f"{SIGNED_PREFIX}{token}/{camera}/files/rec/{s.path.name}")
         for s in segs
     ])
+
+
+@router.get("/video/recordings")
+async def all_recordings(
+    st: State, p: Viewer,
+    start: Annotated[float | None, Query(allow_inf_nan=False, description="unix seconds")] = None,
+    end: Annotated[float | None, Query(allow_inf_nan=False, description="unix seconds")] = None,
+    camera: Annotated[list[str] | None, Query(description="cameras (default: all)")] = None,
+    site: Annotated[list[str] | None, Query(description="sites (default: all)")] = None,
+) -> RecordingRunList:
+    """Recordings (back-to-back segments merged) overlapping ``[start, end]`` of every camera
+    the caller may read, by camera then time (``twin query --recordings``)."""
+    video = _video(st)
+    found: list[RecordingRun] = []
+    for key, doc in sorted(st.engine.specs.items()):
+        if key[0] != "Device" or (doc.get("spec") or {}).get("type") != "camera":
+            continue
+        if camera and key[1] not in camera:
+            continue
+        cam_site = policy.doc_site(doc)
+        if site and cam_site not in site:
+            continue
+        if not policy.allows(p, policy.READ, old=policy.doc_target(doc)):
+            continue
+        rec = video.camera_dir(key[1]) / "rec"
+        segs = await trio.to_thread.run_sync(partial(recordings.in_range, rec, start, end))
+        found += [RecordingRun(**r.to_json(key[1], cam_site)) for r in recordings.runs(segs)]
+    return RecordingRunList(items=found)
 
 
 @router.post("/video/cameras/{camera}/clips")
