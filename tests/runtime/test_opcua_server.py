@@ -222,14 +222,21 @@ async def test_basic256sha256_with_certificates_from_secrets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The server's certificate and key come from secrets; it offers Basic256Sha256 Sign and
-    SignAndEncrypt only (None not declared). A client with its own certificate connects in both
-    modes and logs in as an engine user; a client without security is refused."""
+    SignAndEncrypt only (None not declared). A client whose certificate is in the trust
+    directory connects in both modes and logs in as an engine user; a client with another
+    certificate, and a client without security, are refused."""
+    import shutil
+
     from asyncua import Client, ua
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
     srv_cert, srv_key = make_cert(tmp_path, "engine", "urn:flux-iot:engine")
     cli_cert, cli_key = make_cert(tmp_path, "scada", "urn:example:scada")
+    bad_cert, bad_key = make_cert(tmp_path, "intruder", "urn:example:scada")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    shutil.copy(cli_cert, trust / "scada.pem")
     monkeypatch.setenv("TWIN_SECRET_OPCUA_CERT", srv_cert.read_text())
     monkeypatch.setenv("TWIN_SECRET_OPCUA_KEY", srv_key.read_text())
     reg = open_registry(None, tmp_path / "state")
@@ -239,7 +246,7 @@ async def test_basic256sha256_with_certificates_from_secrets(
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}/flux/"
     svc = OpcUaServerService(("127.0.0.1", port), certificate_secret="opcua/cert",
-                             key_secret="opcua/key")
+                             key_secret="opcua/key", trust_dir=trust)
     async with running_engine(reg, fast_config(state_dir=tmp_path), [svc]) as engine:
         assert engine.service_info["opcua-server"]["security"] == [
             "Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign"]
@@ -250,11 +257,11 @@ async def test_basic256sha256_with_certificates_from_secrets(
             return [(e.SecurityPolicyUri.rsplit("#", 1)[-1], int(e.SecurityMode),
                      bytes(e.ServerCertificate)) for e in eps]
 
-        def secure(mode: str) -> Any:
+        def secure(mode: str, cert: Path = cli_cert, key: Path = cli_key) -> Any:
             async def read() -> Any:
                 c = Client(url)
                 c.application_uri = "urn:example:scada"
-                await c.set_security_string(f"Basic256Sha256,{mode},{cli_cert},{cli_key}")
+                await c.set_security_string(f"Basic256Sha256,{mode},{cert},{key}")
                 c.set_user("op")
                 c.set_password("pw-op")
                 async with c:
@@ -290,6 +297,11 @@ async def test_basic256sha256_with_certificates_from_secrets(
             assert await join(t, out) == 4.5
         t, out = in_asyncio(plain)
         assert await join(t, out) != "connected"
+        t, out = in_asyncio(secure("SignAndEncrypt", bad_cert, bad_key))
+        with pytest.raises(Exception) as refused:  # asyncua refuses it in its own words
+            await join(t, out)
+        assert "Untrusted" in repr(refused.value) or "SecurityChecks" in repr(refused.value), (
+            refused.value)
     reg.close()
 
 

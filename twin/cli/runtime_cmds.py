@@ -198,6 +198,11 @@ def up(
         str | None,
         typer.Option("--opcua-private-key", help="Secret NAME holding its private key (PEM)."),
     ] = None,
+    opcua_trust: Annotated[
+        Path | None,
+        typer.Option("--opcua-trust", help="Directory of trusted OPC UA client certificates "
+                     "(PEM/DER); default: any client certificate (a login is still required)."),
+    ] = None,
     webhook_allow: Annotated[
         str | None,
         typer.Option(
@@ -367,7 +372,7 @@ def up(
 
         services.append(OpcUaServerService(
             opcua_addr, policies=opcua_security.split(","), certificate_secret=opcua_certificate,
-            key_secret=opcua_private_key))
+            key_secret=opcua_private_key, trust_dir=opcua_trust))
     if listeners.mqtt is not None:
         services.append(listeners.mqtt)
         if path is not None and not mqtt_broker:

@@ -12,9 +12,10 @@ like every ``{secret: ...}``). Without them the engine makes a self-signed certi
 ``STATE_DIR/opcua/server-cert.der`` and ``server-key.pem`` (0600), and reuses it, so that clients
 that pinned it keep trusting it. Its application URI is ``urn:flux-iot:engine``.
 
-Client application certificates are not pinned: any client certificate completes the secure
-channel, and every session must still log in as an engine user (username/password, anonymous
-refused). A trust list of client certificates is not built.
+Client application certificates: with ``--opcua-trust DIR`` only the certificates in ``DIR``
+(``*.pem``/``*.der``, read at start) complete a secure channel, checked for validity dates and
+application URI too; without it any client certificate does. Either way every session must
+log in as an engine user (username/password, anonymous refused).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ServerSecurity:
     policies: tuple[str, ...] = DEFAULT_POLICIES
     certificate: bytes | None = None
     private_key: bytes | None = None
+    trust_dir: Path | None = None  # trusted client certificates; None: any
 
     @property
     def secure(self) -> bool:
@@ -123,12 +125,23 @@ def server_security(
     key_secret: str | None = None,
     state_dir: Path | None = None,
     hostname: str = "localhost",
+    trust_dir: Path | None = None,
 ) -> ServerSecurity:
     """Resolve the server's security (blocking: file and secret reads, maybe an RSA key)."""
+    import dataclasses
+
+    names = parse_policies(policies)
+    if trust_dir is not None and not trust_dir.is_dir():
+        raise TwinError(f"opcua server: trusted client certificates: {trust_dir} is not a directory")
+    sec = _resolve(names, certificate_secret, key_secret, state_dir, hostname)
+    return dataclasses.replace(sec, trust_dir=trust_dir)
+
+
+def _resolve(names: tuple[str, ...], certificate_secret: str | None, key_secret: str | None,
+             state_dir: Path | None, hostname: str) -> ServerSecurity:
     from twin.files import private_dir
     from twin.spec.secrets import Secrets, env_name
 
-    names = parse_policies(policies)
     sec = ServerSecurity(names)
     if not sec.secure:
         return sec

@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -86,11 +87,12 @@ class OpcUaServerService:
     def __init__(self, listen: tuple[str, int] = ("127.0.0.1", 4840), *,
                  command_timeout: float = 60.0, security: ServerSecurity | None = None,
                  policies: Sequence[str] = DEFAULT_POLICIES, certificate_secret: str | None = None,
-                 key_secret: str | None = None) -> None:
+                 key_secret: str | None = None, trust_dir: Path | None = None) -> None:
         self.listen = listen
         self.security = security  # None: resolved at start from the rest (twin.runtime.opcua_security)
         self.policies = parse_policies(policies)
         self.secrets = (certificate_secret, key_secret)
+        self.trust_dir = trust_dir
         self.command_timeout = command_timeout
         self.endpoint = f"opc.tcp://{listen[0]}:{listen[1]}/flux/"
         self.calls = 0
@@ -106,7 +108,7 @@ class OpcUaServerService:
             security = await trio.to_thread.run_sync(partial(
                 server_security, self.policies, certificate_secret=self.secrets[0],
                 key_secret=self.secrets[1], state_dir=engine.config.state_dir,
-                hostname=self.listen[0]))
+                hostname=self.listen[0], trust_dir=self.trust_dir))
         ua_server = _UaServer(self.endpoint, users, push, security)
         start: Callable[[], Any] = ua_server.start
         stop: Callable[[], Any] = ua_server.stop
@@ -321,6 +323,15 @@ class _UaServer:
         if sec.certificate is not None and sec.private_key is not None:
             await s.load_certificate(sec.certificate)  # DER
             await s.load_private_key(sec.private_key)  # DER (PKCS#8)
+        if sec.trust_dir is not None:
+            from asyncua.crypto.truststore import TrustStore
+            from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+            store = TrustStore([sec.trust_dir], [])
+            await store.load()
+            opts = (CertificateValidatorOptions.TIME_RANGE | CertificateValidatorOptions.URI
+                    | CertificateValidatorOptions.PEER_CLIENT | CertificateValidatorOptions.TRUSTED)
+            s.set_certificate_validator(CertificateValidator(opts, store))  # type: ignore[arg-type]
         s.set_security_policy(sec.policy_types(), permission_ruleset=_Rules())  # type: ignore[arg-type]
         s.set_identity_tokens([ua.UserNameIdentityToken])
         self.idx = await s.register_namespace(NAMESPACE)
