@@ -226,6 +226,9 @@ class MqttBinding:
         self.codec: str | None = options.get("codec")  # a Plugin (role codec) decodes payloads
         self.doc = doc or {}
         self._memo: tuple[Any, list[Reading]] | None = None  # the last message a codec decoded
+        # what the broker's payload check (MQTT 5, QoS >= 1) parsed, for the durability hook
+        # asked right after it about the same publish: (payload, topic, readings)
+        self._checked: tuple[bytes, str, list[Reading]] | None = None
         self.context = context
         self._hub = hub
         self._clock: Callable[[], float] = (context.clock if context else None) or time.time
@@ -395,20 +398,26 @@ class MqttBinding:
     # MQTT 5 device gets PUBACK 0x99 (payload format invalid) for what would be refused here
     def _check_readings(self, msg: InMessage) -> str | None:
         try:
-            self._readings(msg)
+            readings = self._readings(msg)
         except ValueRefused as exc:
+            self._checked = None
             return str(exc)
+        self._checked = (msg.payload, msg.topic, readings)
         return None
 
     def _durable_readings(self, msg: InMessage) -> list[Reading]:
         """For the write-ahead log: the readings ``_on_telemetry`` would pass on (none when
         it would refuse or ignore the message)."""
+        checked, self._checked = self._checked, None
         if msg.retain and not self.accept_retained:
             return []
-        try:
-            readings = self._readings(msg)
-        except ValueRefused:
-            return []
+        if checked is not None and checked[0] is msg.payload and checked[1] == msg.topic:
+            readings = checked[2]  # the same publish, just checked: parsed once, not twice
+        else:
+            try:
+                readings = self._readings(msg)
+            except ValueRefused:
+                return []
         # the device's transform runs here, before the log (what is logged is what is stored)
         models = self.context.models if self.context is not None else {}
         transform = plugin_edge.transform_of(self.doc, models.get(self.device))
