@@ -331,7 +331,7 @@ class _UaServer:
             await store.load()
             opts = (CertificateValidatorOptions.TIME_RANGE | CertificateValidatorOptions.URI
                     | CertificateValidatorOptions.PEER_CLIENT | CertificateValidatorOptions.TRUSTED)
-            s.set_certificate_validator(CertificateValidator(opts, store))  # type: ignore[arg-type]
+            s.set_certificate_validator(CertificateValidator(opts, store))
         s.set_security_policy(sec.policy_types(), permission_ruleset=_Rules())  # type: ignore[arg-type]
         s.set_identity_tokens([ua.UserNameIdentityToken])
         self.idx = await s.register_namespace(NAMESPACE)
