@@ -1,6 +1,7 @@
 """The uplink over TLS with per-edge keys: HTTPS and MQTT over TLS against a CA the test makes
-(``cryptography``), readings stored in the cloud; a certificate from another CA, a wrong edge
-key and a certificate with the wrong key are each one clear error."""
+(``cryptography``) — readings stored in the cloud, the revision synced down, a command queued
+in the cloud run by the edge and its result back up; a certificate from another CA, a wrong
+edge key and a certificate with the wrong key are each one clear error."""
 
 from __future__ import annotations
 
@@ -44,10 +45,28 @@ spec:
   binding: {sim: {interval: 100ms, points: {level: {wave: random_walk, min: 0, max: 10}}}}
 ---
 apiVersion: flux.iot/v1
+kind: DeviceModel
+metadata: {name: fan-model}
+spec:
+  properties: {power: {type: boolean, access: readwrite, default: false}}
+  commands:
+    set_state:
+      params: {type: object, required: [state], properties: {state: {type: boolean}}}
+      sets: {power: {param: state}}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: fan, site: remote}
+spec:
+  type: actuator
+  model: fan-model
+  binding: {sim: {interval: 1s, points: {}}}
+---
+apiVersion: flux.iot/v1
 kind: EdgeNode
 metadata: {name: gw-s, site: remote}
 spec:
-  devices: {names: [meter]}
+  devices: {names: [meter, fan]}
   uplink: {url: "https://127.0.0.1:1", interval: 50ms, timeout: 2s,
            backoff: {initial: 100ms, max: 500ms}, sync: 500ms}
 """
@@ -131,7 +150,8 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
             apply_specs(reg, loaded, author="test")
         _, key = create_device_key(creg, link_device("gw-s"))
         cloud_edge = EdgeCloud(offline_after=2.0, check_interval=0.2)
-        services: list[Any] = [TimeSeriesService(), cloud_edge]
+        cloud_control = ControlService()
+        services: list[Any] = [cloud_control, TimeSeriesService(), cloud_edge]
         if mqtt:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(pki["cert"], pki["key"])
@@ -187,6 +207,20 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
 
                 await _until(stored, "readings over TLS")
                 await _until(lambda: cloud_edge.link("gw-s").revision == 1, "the spec sync")
+                cmd = await cloud_control.ledger.submit("fan", "set_state", {"state": True},
+                                                        command_timeout=60)  # fmt: skip
+                done: list[str] = []
+
+                async def poll() -> None:
+                    while True:
+                        row = await cloud.rio.call(creg.get_command, cmd.id)
+                        done[:] = [str(row.status) if row else ""]
+                        await trio.sleep(0.2)
+
+                async with trio.open_nursery() as pn:
+                    pn.start_soon(poll)
+                    await _until(lambda: done == ["success"], "the command down and its result up")
+                    pn.cancel_scope.cancel()
                 assert agent.uplink is not None and agent.uplink.online
                 assert cloud_edge.link("gw-s").refused == 0
                 en.cancel_scope.cancel()
