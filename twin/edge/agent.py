@@ -35,6 +35,7 @@ from twin.edge.outbox import Outbox, OutboxError
 from twin.edge.transport import LinkDown, Transport, open_transport
 from twin.edge.uplink import Uplink
 from twin.runtime.bus import Filter
+from twin.runtime.gc_freeze import keep_frozen
 from twin.runtime.supervisor import supervise
 from twin.runtime.timeseries_service import timeseries_of
 from twin.spec.edge_check import overflow_policy, parse_size
@@ -77,6 +78,10 @@ class EdgeAgent:
     verify: Any = True
     name: str = "edge"
     sync_interval: float = 2.0
+    freeze_gc: bool = True
+    """Move what is alive once the engine is up out of the collector's way
+    (``twin/runtime/gc_freeze.py``)."""
+    freeze_settle: float = 5.0
     outbox: Outbox | None = field(default=None, init=False)
     uplink: Uplink | None = field(default=None, init=False)
     transport: Transport | None = field(default=None, init=False)
@@ -136,6 +141,8 @@ class EdgeAgent:
             nursery.start_soon(self._tap, sub)
             await nursery.start(self.uplink.run)
             nursery.start_soon(self._sync_loop)
+            if self.freeze_gc:  # short full collections: local scenes react in milliseconds
+                nursery.start_soon(keep_frozen, engine, self.freeze_settle)
             for i, vision in enumerate(spec.get("vision") or []):
                 nursery.start_soon(partial(
                     supervise, partial(self._vision, engine, vision), kind="vision",
