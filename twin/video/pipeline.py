@@ -5,6 +5,8 @@ The camera's input (``twin/video/sources.py``) is read once and written to sever
 
 ====================  ======================================================================
 FLV                   ``pipe`` (stdout) → the in-process HTTP-FLV hub (``flvhub.py``)
+audio                 the camera's audio, if it has one, copied into FLV, HLS and the spool
+                      (``audio: false`` drops it; FLV drops an audio codec it cannot carry)
 HLS                   ``<camera dir>/hls/index.m3u8``: short segments (default 1 s), a live
                       window of 6, sequence numbers from the epoch (monotonic over restarts)
 snapshot              keyframes only (``-skip_frame nokey``) as MJPEG to a pipe: the newest
@@ -151,6 +153,7 @@ class VideoOptions:
     hls_window: int = 6
     snapshot: bool = True
     snapshot_warm: float = 60.0  # stream off: an on-demand snapshot keeps a session this long
+    audio: bool = True  # copy the camera's audio stream (if any) to FLV, HLS and recordings
     record: bool = False
     segment: float = 10.0  # spool/recording segment length (cut at the next keyframe)
     pre_roll: float = 0.0  # seconds before start_recording that are kept (from the spool)
@@ -179,6 +182,7 @@ class VideoOptions:
             snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
             snapshot_warm=_seconds(snap.get("warm") if isinstance(snap, Mapping) else None,
                                    60.0),
+            audio=bool(options.get("audio", True)),
             record=bool(rec.get("enabled", False)),
             segment=_seconds(rec.get("segment"), 10.0),
             pre_roll=_seconds(rec.get("pre_roll"), 0.0),
@@ -218,6 +222,7 @@ def build_command(
     jpeg_fd: int | None = None,
     progress_fd: int | None = None,
     snapshot_only: bool = False,
+    flv_with_audio: bool = True,
 ) -> list[str]:
     """The camera's ffmpeg argv (see the module docstring for the outputs); ``snapshot_only``:
     the keyframe JPEGs alone (the warm snapshot session of a camera whose stream is off)."""
@@ -249,16 +254,21 @@ def build_command(
     else:
         main_codec = {"c:v": "copy"}
         streams = [video] * uses
+    # the camera's audio (if it has any: the map is optional) is copied as it is
+    audio: list[Any] = [inp["a:0?"]] if opts.audio else []
+    copy_audio = {"c:a": "copy"} if opts.audio else {}
+    flv_audio = audio if flv_with_audio else []
     outputs: list[Any] = [] if snapshot_only else [
-        ffmpeg.output(streams[0], f"pipe:{flv_fd}", format="flv",
-                      flvflags="no_duration_filesize", **main_codec),
+        ffmpeg.output(streams[0], *flv_audio, f"pipe:{flv_fd}", format="flv",
+                      flvflags="no_duration_filesize", **main_codec,
+                      **(copy_audio if flv_audio else {})),
         ffmpeg.output(
-            streams[1], str(out_dir / "hls" / "index.m3u8"), format="hls",
+            streams[1], *audio, str(out_dir / "hls" / "index.m3u8"), format="hls",
             hls_time=f"{opts.hls_time:g}", hls_list_size=opts.hls_window,
             hls_flags="delete_segments+omit_endlist+program_date_time+temp_file"
                       "+independent_segments",
             hls_start_number_source="epoch",
-            hls_segment_filename=str(out_dir / "hls" / "%d.ts"), **main_codec,
+            hls_segment_filename=str(out_dir / "hls" / "%d.ts"), **main_codec, **copy_audio,
         ),
     ]
     if opts.snapshot and jpeg_fd is not None:
@@ -280,9 +290,9 @@ def build_command(
         ))
     if not snapshot_only:
         outputs.append(ffmpeg.output(
-            inp["v:0"], str(out_dir / "spool" / f"{NAME_FORMAT}.ts"), format="segment",
+            inp["v:0"], *audio, str(out_dir / "spool" / f"{NAME_FORMAT}.ts"), format="segment",
             segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
-            reset_timestamps=1, **{"c:v": "copy"},
+            reset_timestamps=1, **{"c:v": "copy"}, **copy_audio,
         ))
     argv = ffmpeg.merge_outputs(*outputs).compile(cmd=FFMPEG)
     head = [argv[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
@@ -323,6 +333,9 @@ class StreamHealth:
             self.fps = round(max(0, self.frames - f0) / dt, 2)
             self.bitrate_kbps = round(max(0, self.bytes - b0) * 8 / dt / 1000, 1)
 
+
+_FLV_REFUSES = re.compile(r"^\[flv @ [^\]]+\] (Audio codec .* not compatible|FLV does not "
+                          r"support sample rate)")
 
 _NOISE = re.compile(r"^(Input|Output) #|^\s|Last message repeated|^Conversion failed")
 
@@ -366,6 +379,9 @@ class CameraPipeline:
         self._mode: str | None = None  # "stream" | "snapshot" while ffmpeg runs
         self._waiting = 0  # requests waiting for the session's first keyframe
         self._h = self.health  # the health the running ffmpeg updates
+        # FLV takes AAC (and G.711, or MP3 at its rates) only: a camera whose audio FLV refuses
+        # streams FLV without it (HLS and recordings keep it), decided by ffmpeg's own refusal
+        self.flv_audio = opts.audio
         self.stderr: deque[str] = deque(maxlen=30)
         self._changed = trio.Event()
         self.process: Child | None = None
@@ -466,7 +482,7 @@ class CameraPipeline:
         prog_r, prog_w = os.pipe()
         self.argv = build_command(self.source, self.opts, self.out_dir, flv_fd=1,
                                   jpeg_fd=jpeg_w, progress_fd=prog_w,
-                                  snapshot_only=snapshot_only)
+                                  snapshot_only=snapshot_only, flv_with_audio=self.flv_audio)
         env = {**os.environ, "TZ": "UTC"}
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -541,6 +557,13 @@ class CameraPipeline:
                 h.state = "dark" if not deliberate else h.state
         if deliberate:
             return
+        refused = [ln for ln in self.stderr if _FLV_REFUSES.search(ln)]
+        if reason is None and self.flv_audio and not snapshot_only and refused:
+            self.flv_audio = False
+            log.warning("camera %s (site %s): FLV cannot carry this camera's audio (%s): "
+                        "HTTP-FLV without audio; HLS and recordings keep it", self.name,
+                        self.site, refused[-1].split("] ", 1)[-1])
+            return  # run() starts it again at once (one restart), not a failure
         if reason is None:
             code = process.returncode
             if code is not None and code < 0:

@@ -138,7 +138,7 @@ def export_command(segs: list[Segment], start: float, end: float, out: Path, lis
     duration = max(0.1, end - max(start, first))
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", "-y",
             "-f", "concat", "-safe", "0", "-i", str(listing_path), "-ss", f"{offset:.3f}", "-t", f"{duration:.3f}",
-            "-map", "0:v:0", "-c", "copy"]
+            "-map", "0:v:0", "-map", "0:a:0?", "-c", "copy"]
     if out.suffix == ".mp4":
         argv += ["-movflags", "+faststart"]
     return [*argv, str(out)], listing
@@ -154,6 +154,12 @@ def export_clip(rec_dir: Path, start: float, end: float, out: Path, timeout: flo
     try:
         result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
                                 stdin=subprocess.DEVNULL)
+        if result.returncode != 0 and b"codec not currently supported" in result.stderr:
+            # an audio codec the container cannot hold (G.711 in MP4): the clip without it
+            at = argv.index("0:a:0?")
+            argv = argv[:at - 1] + argv[at + 1:]
+            result = subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
+                                    stdin=subprocess.DEVNULL)
     finally:
         listing_path.unlink(missing_ok=True)
     if result.returncode != 0 or not out.exists():

@@ -244,7 +244,8 @@ class SimSource:
         if video.get("file"):  # a recorded H.264 stream, looped as is (no encoding: cheap)
             pusher: tuple[str, ...] = (
                 "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
-                "-stream_loop", "-1", "-i", str(video["file"]), "-map", "0:v:0", "-c", "copy",
+                "-stream_loop", "-1", "-i", str(video["file"]), "-map", "0:v:0", "-map", "0:a:0?",
+                "-c", "copy",
                 "-f", "mpegts", out)
             display = f"sim:{name} (file {video['file']})"
             url = f"udp://127.0.0.1:{port}?overrun_nonfatal=1&fifo_size=50000"
