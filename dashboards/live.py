@@ -157,12 +157,15 @@ class LiveFeed:
                 if kind == "reading":
                     device = str(ev.get("device"))
                     ts = float(ev.get("ts") or 0.0)
+                    quality = ev.get("quality")
+                    if quality == "stale":  # the last value again, the device was not heard
+                        continue  # (and queries leave stale readings out, as bad ones)
                     if ts > self.last_seen.get(device, 0.0):
                         self.last_seen[device] = ts
                     v = ev.get("value")
                     if isinstance(v, bool) or not isinstance(v, int | float):
                         continue
-                    if not math.isfinite(v) or ev.get("quality") == "bad":
+                    if not math.isfinite(v) or quality == "bad":
                         continue  # queries leave bad readings out too
                     self.seq += 1
                     self._ring.append((self.seq, device, str(ev.get("point")), ts, float(v)))

@@ -40,12 +40,13 @@ def test_feed_keeps_numbers_status_and_alarm_versions() -> None:
     feed.ingest([
         reading("a", "t", 10.0, 1.5), reading("a", "s", 11.0, "on"), reading("b", "t", 12.0, True),
         reading("b", "t", 13.0, 9.0, "bad"),
+        reading("b", "t", 13.5, 1.5, "stale"),  # the binding repeating b's last value
         {"kind": "status", "device": "a", "status": "offline", "ts": 14.0},
         {"kind": "alarm", "device": "a", "event": "raised", "ts": 14.0},
     ])  # fmt: skip
     out, c1, complete = feed.since(c0)
     assert complete and [(r[1], r[2], r[4]) for r in out] == [("a", "t", 1.5)]
-    assert feed.last_seen == {"a": 11.0, "b": 13.0}  # any reading counts as seen
+    assert feed.last_seen == {"a": 11.0, "b": 13.0}  # any reading but a stale one is a sighting
     assert feed.alarm_version == 1
     devices = [{"name": "a", "status": "online", "last_seen": 5.0}, {"name": "c", "status": "x"}]
     shown = feed.overlay(devices, fetched_at=13.5)

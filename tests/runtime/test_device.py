@@ -8,7 +8,14 @@ from typing import Any
 
 import trio
 
-from twin.bindings.base import BindingContext, DeviceEvent, EventType, Message, Reading
+from twin.bindings.base import (
+    BindingContext,
+    DeviceEvent,
+    EventType,
+    Message,
+    Quality,
+    Reading,
+)
 from twin.errors import BindingConnectError
 from twin.registry.base import Registry
 from twin.runtime.bus import Bus
@@ -96,6 +103,30 @@ async def test_offline_detected_exactly_at_the_deadline(autojump_clock: Any) -> 
     ops = len(writer)  # status x2, raise alarm, clear nothing (was never active)
     assert ops == 3
     assert math.isinf(task.deadline)
+
+
+async def test_stale_readings_do_not_keep_a_silent_device_online(autojump_clock: Any) -> None:
+    """A binding re-reporting the last good value as stale (the device did not answer) updates
+    the twin's value and quality, but is not the device being heard: offline comes at the same
+    deadline as without them."""
+    binding = ScriptedBinding("dev", [1.0, 2.0, 3.0])  # then silent; timeout 3s
+    rt, _ = make_runtime(binding)
+    seen: list[tuple[float, str]] = []
+    rt.monitor.on_transition = lambda twin, old, new: seen.append((trio.current_time(), str(new)))
+    task = DeviceTask(config(), rt)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rt.watchdog.run)
+        await nursery.start(task.run)
+        await trio.sleep(4)
+        last_seen = task.twin.last_seen
+        for _ in range(2):  # at 4 s and 5 s
+            task.handle(Reading("dev", "temperature", 3.0, trio.current_time(), Quality.STALE))
+            await trio.sleep(1)
+        assert task.twin.reported["temperature"].quality is Quality.STALE
+        assert task.twin.last_seen == last_seen
+        await trio.sleep(15)
+        nursery.cancel_scope.cancel()
+    assert seen == [(1.0, "online"), (6.0, "offline")]
 
 
 async def test_backoff_grows_then_connects(autojump_clock: Any) -> None:

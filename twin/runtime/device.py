@@ -30,6 +30,7 @@ from twin.bindings.base import (
     DeviceEvent,
     EventType,
     Message,
+    Quality,
     Reading,
     create_binding,
 )
@@ -442,10 +443,11 @@ class DeviceTask:
                 self._bad_value(message)
                 return
             twin.reported[message.point] = ReportedValue(message.value, message.ts, message.quality)
-            m.last_latency = max(0.0, now - message.ts)
             if self._readings_counter is not None:
                 self._readings_counter.inc()
-            self._seen()
+            if message.quality is not Quality.STALE:  # stale: the binding speaks, not the device
+                m.last_latency = max(0.0, now - message.ts)
+                self._seen()
             event = {
                 "kind": "reading",
                 "device": self.name,
