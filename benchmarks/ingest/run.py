@@ -13,7 +13,8 @@ store (every acknowledged reading must be there). ``--batches`` 1 is hypercorn's
 cost plus the write-ahead log's group commit; larger batches share one commit among more
 readings. Prints figures; no thresholds. The machine is shared: compare only back-to-back runs
 and read the printed load average. ``--variants wal,nowal --repeat 2`` alternates the engine
-with and without the write-ahead log in one command (the WAL's own cost, back to back).
+with and without the write-ahead log in one command (the WAL's own cost, back to back);
+``--servers hypercorn,door`` alternates hypercorn alone with the front door (issue 20).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ from bench_api import collect, cpu_self, make_keys, pct, run_load  # noqa: E402
 
 async def main(args: argparse.Namespace) -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    servers = [v.strip() for v in args.servers.split(",") if v.strip()]
     for r in range(args.repeat):
         for variant in variants:
-            print(f"-- {variant} (run {r + 1} of {args.repeat})")
-            await one_run(args, wal=variant != "nowal")
+            for server in servers:
+                print(f"-- {variant}, {server} (run {r + 1} of {args.repeat})")
+                await one_run(args, wal=variant != "nowal", door=server == "door")
 
 
-async def one_run(args: argparse.Namespace, *, wal: bool) -> None:
+async def one_run(args: argparse.Namespace, *, wal: bool, door: bool = True) -> None:
     from runtime.helpers import apply, fast_config, model, sim_device, site
 
     from twin.api import auth
@@ -71,7 +74,11 @@ async def one_run(args: argparse.Namespace, *, wal: bool) -> None:
             keys[name] = f"{auth.KEY_PREFIX}{kid}_{secret}"
     big = Rate(1e9, 1e9)
     settings = ApiSettings(
-        state_dir=state, rate_per_token=big, rate_per_client=big, rate_ingest_per_device=big
+        state_dir=state,
+        rate_per_token=big,
+        rate_per_client=big,
+        rate_ingest_per_device=big,
+        front_door=door,
     )
     ts = TimeSeriesService(**({} if wal else {"wal_enabled": False}))
     engine = Engine(
@@ -144,6 +151,13 @@ if __name__ == "__main__":
         default="wal",
         help="wal (default), nowal (the same engine without the write-ahead log: its 2xx are "
         "not durable), or both alternating: wal,nowal",
+    )
+    ap.add_argument(
+        "--servers",
+        default="door",
+        help="door (default: ingest answered by twin/api/frontdoor.py), hypercorn (hypercorn "
+        "serves every request, the gatekeeper's ASGI ingest path), or both alternating: "
+        "hypercorn,door",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating")
     trio.run(main, ap.parse_args())

@@ -1,4 +1,5 @@
-"""The REST + WebSocket API (FastAPI), served by hypercorn's Trio worker inside the engine.
+"""The REST + WebSocket API (FastAPI), served by hypercorn on Trio inside the engine, behind
+the front door that answers ``POST /api/v1/ingest/{device}`` itself (twin/api/frontdoor.py).
 
 :func:`create_app` composes the parts, each in a module named after it:
 

@@ -233,21 +233,14 @@ class Gatekeeper:
             st.engine.writer.put(lambda r: r.audit(actor, action, target, str(status), now, detail))
 
     async def _ingest(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """The hot path, in plain ASGI (no routing, dependencies or response classes)."""
+        """The hot path, in plain ASGI (no routing, dependencies or response classes); the
+        front door (twin/api/frontdoor.py) answers the same requests through
+        :func:`answer_ingest` without ASGI."""
         started = time.perf_counter()
-        device = scope["path"][len(INGEST_PREFIX) :]
-        key = None
-        forwarded = False
-        for name, value in scope["headers"]:
-            if name == b"x-twin-forwarded":
-                forwarded = True
-            elif name == b"x-device-key":
-                key = value.decode("latin-1")
-            elif name == b"authorization" and key is None:
-                key = bearer({"authorization": value.decode("latin-1")})
         chunks: list[bytes] = []
         size = 0
         more = True
+        raw: bytes | None = None
         while more:
             message = await receive()
             if message["type"] != "http.request":
@@ -255,26 +248,56 @@ class Gatekeeper:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_INGEST_BODY:
-                status, body, headers = 413, {"detail": "body too large"}, None
                 break
             chunks.append(chunk)
             more = message.get("more_body", False)
         else:
-            status, body, headers = await ingest_core(
-                self.state, device, key, b"".join(chunks), forwarded=forwarded
-            )
-        payload = json.dumps(body, separators=(",", ":"), default=str).encode()
-        raw_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-        ]
-        if status == 401:
-            raw_headers.append((b"www-authenticate", b"DeviceKey"))
-        for k, v in (headers or {}).items():
-            raw_headers.append((k.lower().encode(), v.encode()))
+            raw = b"".join(chunks)
+        device = scope["path"][len(INGEST_PREFIX) :]
+        status, raw_headers, payload = await answer_ingest(
+            self.state, device, scope["headers"], raw, started
+        )
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": payload})
-        prom = self.state.engine.prom
-        route = f"{PREFIX}/ingest/{{device}}"
-        prom.child(prom.api_requests, "POST", route, str(status)).inc()
-        prom.child(prom.api_latency, "POST", route).observe(time.perf_counter() - started)
+
+
+_INGEST_ROUTE = f"{PREFIX}/ingest/{{device}}"
+
+
+async def answer_ingest(
+    st: ApiState,
+    device: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    raw: bytes | None,
+    started: float,
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """``POST /api/v1/ingest/{device}`` from its request headers (ASGI: lower-case names) and
+    body (None: larger than :data:`MAX_INGEST_BODY`, 413): :func:`ingest_core`, then the
+    response's status, headers and JSON body, counted in ``/metrics``. The one implementation
+    of the route, for the gatekeeper's ASGI path and the front door alike."""
+    key = None
+    forwarded = False
+    for name, value in headers:
+        if name == b"x-twin-forwarded":
+            forwarded = True
+        elif name == b"x-device-key":
+            key = value.decode("latin-1")
+        elif name == b"authorization" and key is None:
+            key = bearer({"authorization": value.decode("latin-1")})
+    if raw is None:
+        status, body, extra = 413, {"detail": "body too large"}, None
+    else:
+        status, body, extra = await ingest_core(st, device, key, raw, forwarded=forwarded)
+    payload = json.dumps(body, separators=(",", ":"), default=str).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    if status == 401:
+        raw_headers.append((b"www-authenticate", b"DeviceKey"))
+    for k, v in (extra or {}).items():
+        raw_headers.append((k.lower().encode(), v.encode()))
+    prom = st.engine.prom
+    prom.child(prom.api_requests, "POST", _INGEST_ROUTE, str(status)).inc()
+    prom.child(prom.api_latency, "POST", _INGEST_ROUTE).observe(time.perf_counter() - started)
+    return status, raw_headers, payload

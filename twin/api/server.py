@@ -1,4 +1,5 @@
-"""Serve the API with hypercorn's Trio worker, as an engine service.
+"""Serve the API as an engine service: hypercorn on Trio, behind the front door that answers
+ingest itself (twin/api/frontdoor.py).
 
 The listening socket is bound here (not by hypercorn) so that a taken port becomes one clear
 :class:`~twin.errors.PortInUseError`, and port 0 picks a free port whose URL is reported through
@@ -15,15 +16,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
 from hypercorn.utils import wrap_app
 
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
 from twin.api.app import ApiSettings, create_app
+from twin.api.frontdoor import serve as serve_http
 from twin.api.routes import ws
+from twin.api.state import ApiState
 from twin.errors import PortInUseError, TwinError
 from twin.runtime.engine import Engine
 from twin.runtime.supervisor import supervise
@@ -165,12 +167,16 @@ class ApiService:
             config.certfile, config.keyfile = self.certfile, self.keyfile
 
         async def serve() -> None:
-            await worker_serve(
+            await serve_http(
                 # FastAPI is typed with starlette's Scope/Receive/Send (MutableMappings), hypercorn
                 # with its TypedDict events: the same ASGI 3 protocol, a stub gap only
                 wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi"),
                 config,
-                sockets=Sockets([sock], [], []) if self.certfile else Sockets([], [sock], []),
+                sock,
+                cast("ApiState", app.state),  # create_app's Gatekeeper: its ApiState
+                # HTTPS: hypercorn alone (TLS handshake, ALPN, HTTP/2 are its own)
+                front_door=settings.front_door and not self.certfile,
+                tls=bool(self.certfile),
             )
 
         # a restart (the engine's supervisor) binds the same port again: the socket handed in

@@ -44,12 +44,15 @@ class ApiSettings:
     login_backoff_cap: float = 900.0
     login_audit_window: float = 60.0  # failed logins: one audit row per user/address/window
     body_limits: Limits = field(default_factory=Limits.from_env)
+    # ingest answered by twin/api/frontdoor.py before hypercorn (False: hypercorn serves all)
+    front_door: bool = True
 
 
 class ApiState:
     def __init__(self, engine: Engine, settings: ApiSettings) -> None:
         self.engine = engine
         self.settings = settings
+        self.front_door: Any = None  # the FrontDoor answering this API's connections, if any
         self.secret = auth.load_secret(settings.state_dir)
         self.by_token = RateLimiter(settings.rate_per_token)
         self.by_client = RateLimiter(settings.rate_per_client)
