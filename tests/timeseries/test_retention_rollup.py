@@ -206,13 +206,13 @@ KILLED_CHILD = textwrap.dedent(
     original = LanceStore._replace_tier  # what rollup and replace_partials both run
     calls = [0]
 
-    def replace_tier(self, tier, sel, a, b, rows):
+    def replace_tier(self, tier, sel, a, b, rows, built=None):
         calls[0] += 1
         if calls[0] == 2:  # second step: delete the window's rows, then hang until killed
             original(self, tier, sel, a, b, rows.slice(0, 0))
             print("deleted", a, flush=True)
             time.sleep(600)
-        original(self, tier, sel, a, b, rows)
+        original(self, tier, sel, a, b, rows, built)
 
     LanceStore._replace_tier = replace_tier
     pol = RetentionPolicy.from_doc({

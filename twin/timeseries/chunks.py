@@ -351,6 +351,20 @@ def selector_mask(table: pa.Table, selector: Selector) -> np.ndarray:
     return mask
 
 
+def series_ids(chunks: pa.Table) -> np.ndarray:
+    """One id per series over chunk rows (ids in order of first appearance)."""
+    key = np.zeros(chunks.num_rows, dtype=np.int64)
+    for name in SERIES_COLUMNS:
+        enc = pc.dictionary_encode(_strings(chunks.column(name)))
+        key = key * max(1, len(enc.dictionary)) + np.asarray(
+            enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64
+        )
+    return np.asarray(
+        pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False),
+        dtype=np.int64,
+    )
+
+
 def decoded_partials(
     chunks: pa.Table, start: float, end: float, bucket: float, *, dictionary: bool = False
 ) -> pa.Table | None:
@@ -366,17 +380,7 @@ def decoded_partials(
         return PARTIAL_SCHEMA.empty_table()
     if chunks.column("s_blob").null_count < m:
         return None
-    # one code per series over the (few) chunk rows
-    key = np.zeros(m, dtype=np.int64)
-    for name in SERIES_COLUMNS:
-        enc = pc.dictionary_encode(_strings(chunks.column(name)))
-        key = key * max(1, len(enc.dictionary)) + np.asarray(
-            enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64
-        )
-    series = np.asarray(
-        pc.dictionary_encode(pa.array(key)).indices.to_numpy(zero_copy_only=False),
-        dtype=np.int64,
-    )
+    series = series_ids(chunks)
     lo_us, hi_us = round(start * 1_000_000), round(end * 1_000_000)
     t_parts, v_parts, s_parts = [], [], []
     for i, (tb, vb, cb) in enumerate(

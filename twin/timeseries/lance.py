@@ -87,6 +87,7 @@ the previous version intact (the data files it wrote are orphans that cleanup re
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -125,6 +126,7 @@ from twin.timeseries.partial_chunks import (
     PMETA_COLUMNS,
     build_partial_chunks,
     decode_partial_chunks,
+    from_raw_chunks,
     within,
 )
 
@@ -1024,24 +1026,86 @@ class LanceStore:
     ) -> int:
         """``replace_partials(tier, ..., aggregate(source, ..., bucket))`` without building
         the partials' string columns (what ``RetentionManager.downsample`` calls when a
-        store has it); the number of partial rows written."""
-        rows = self._partials(source, selector, start, end, bucket, dictionary=True)
+        store has it); the number of partial rows written. From raw chunks alone (every
+        closed window: the common case) the partial chunks are built series by series
+        (``partial_chunks.from_raw_chunks``); otherwise through ``_partials``."""
+        built = None
+        if source == RAW and self.chunk_seconds is not None:
+            built = self._rollup_raw_chunks(selector, start, end, bucket)
+        if built is not None:
+            n = int(np.sum(built.column("n").to_numpy())) if built.num_rows else 0
+            rows = PARTIAL_SCHEMA.empty_table()
+        else:
+            rows = self._partials(source, selector, start, end, bucket, dictionary=True)
+            n = rows.num_rows
         with self._lock:
-            if rows.num_rows == 0 and tier not in self.tiers():
+            if n == 0 and tier not in self.tiers():
                 return 0  # nothing to replace, no empty tier
-            self._replace_tier(tier, selector, start, end, rows)
-        return rows.num_rows
+            self._replace_tier(tier, selector, start, end, rows, built)
+        return n
+
+    def _rollup_raw_chunks(
+        self, selector: Selector, start: float, end: float, bucket: float
+    ) -> pa.Table | None:
+        """PCHUNK_SCHEMA rows (``cid`` unset) of ``selector``'s partials in ``[start, end)``
+        when every raw point there is in chunks and none is a string; else None. The chunk
+        rows are read in groups of whole series of ~``aggregate_rows`` points."""
+        from twin.timeseries import chunks as ck
+
+        ds, snap = self._raw_snapshot(start, end)
+        if ds is not None:
+            return None  # rows of an open window: the general path merges them
+        if snap is None:
+            return PCHUNK_SCHEMA.empty_table()
+        cds, cat = snap
+        meta = self._chunks.select(selector, start, end, blobs=False, snap=snap)
+        if meta.num_rows == 0:
+            return PCHUNK_SCHEMA.empty_table()
+        order = np.asarray(
+            pa.compute.sort_indices(
+                meta, sort_keys=[(c, "ascending") for c in (*SERIES_COLUMNS, "t_min")]
+            ).to_numpy(),
+            dtype=np.int64,
+        )
+        meta = meta.take(pa.array(order))
+        offsets = self._catalog_offsets(cat, meta)
+        sid = ck.series_ids(meta)
+        n = np.asarray(meta.column("n").to_numpy(), dtype=np.int64)
+        firsts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+        cum = np.r_[0, np.cumsum(n)]
+        cuts = [0]
+        for i in firsts[1:].tolist():  # per series, not per point
+            if cum[i] - cum[cuts[-1]] >= self.aggregate_rows:
+                cuts.append(i)
+        cuts.append(meta.num_rows)
+        parts = []
+        for a, b in itertools.pairwise(cuts):
+            rows = self._chunks.blobs(
+                cds, meta.slice(a, b - a).select(ck.META_COLUMNS), offsets[a:b], cat
+            )
+            part = from_raw_chunks(rows, start, end, bucket, start, 0)
+            if part is None:
+                return None
+            parts.append(part)
+        return pa.concat_tables(parts) if len(parts) > 1 else parts[0]
 
     _TIER_PENDING = "pchunk_commit:"
 
     def _replace_tier(
-        self, tier: str, selector: Selector, start: float, end: float, rows: pa.Table
+        self,
+        tier: str,
+        selector: Selector,
+        start: float,
+        end: float,
+        rows: pa.Table,
+        built: pa.Table | None = None,
     ) -> None:
         """See ``replace_partials``; the caller holds ``_lock``. A tier table of the row
         layout (a store from before) loses its rows in the window first; then the chunk
         rows are swapped: the new ones added, the old ones in the window deleted (rows
         reaching outside it are rewritten without it), crash-safe through a note in
-        ``meta.json`` (``_recover_tier_commits``)."""
+        ``meta.json`` (``_recover_tier_commits``). ``built``: the window's partial chunks
+        already encoded (``rollup``; ``rows`` is then empty)."""
         ct = self._pchunks(tier)
         self._check_space(ct.path.parent)
         pred = f"{_ts_pred(start, end)} AND {selector.sql(sql_quote)}"
@@ -1068,12 +1132,18 @@ class LanceStore:
                         new.append(dec.filter(pa.array(out)))
         res = _tier_resolution(tier)
         cid = ct.next_cid()
-        built = []
+        encoded = []
+        if built is not None and built.num_rows:
+            k = built.num_rows
+            i = built.schema.get_field_index("cid")
+            ids = pa.array(np.arange(cid, cid + k), pa.int64())
+            encoded.append(built.set_column(i, built.schema.field(i), ids))
+            cid += k
         for part in new:
             ws = start if part is rows else _min_ts(part)
-            built.append(build_partial_chunks(part, ws, res, cid))
-            cid += built[-1].num_rows
-        add = pa.concat_tables(built) if built else PCHUNK_SCHEMA.empty_table()
+            encoded.append(build_partial_chunks(part, ws, res, cid))
+            cid += encoded[-1].num_rows
+        add = pa.concat_tables(encoded) if encoded else PCHUNK_SCHEMA.empty_table()
         if add.num_rows == 0 and not old_cids:
             return
         first = int(add.column("cid")[0].as_py()) if add.num_rows else 0
