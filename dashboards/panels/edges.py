@@ -49,7 +49,8 @@ def rows(items: list[dict[str, Any]], now: float | None = None) -> list[dict[str
 def summary(table: list[dict[str, Any]]) -> str:
     offline = [str(r["edge"]) for r in table if r["link"] == "offline"]
     behind = sum(r["outbox"] for r in table)
-    line = f"{len(table)} edges · {len(table) - len(offline)} online"
+    n = len(table)
+    line = f"{n} edge{'' if n == 1 else 's'} · {n - len(offline)} online"
     if offline:
         line += f" · **offline: {', '.join(offline)}**"
     return line + f" · {behind} records waiting in outboxes"
