@@ -32,6 +32,10 @@ from twin.runtime.timeseries_service import TimeSeriesService
 from twin.spec import load_site
 from twin.spec.apply import apply_specs
 
+from .tinymodel import build
+
+pytest.importorskip("onnx")
+
 SITE = """\
 apiVersion: flux.iot/v1
 kind: Site
@@ -63,10 +67,19 @@ spec:
   binding: {sim: {interval: 1s, points: {}}}
 ---
 apiVersion: flux.iot/v1
+kind: Model
+metadata: {name: brightness}
+spec:
+  file: MODEL
+  input: {shape: [1, 3, 18, 32]}
+  labels: [dark, bright]
+---
+apiVersion: flux.iot/v1
 kind: EdgeNode
 metadata: {name: gw-s, site: remote}
 spec:
   devices: {names: [meter, fan]}
+  models: [brightness]
   uplink: {url: "https://127.0.0.1:1", interval: 50ms, timeout: 2s,
            backoff: {initial: 100ms, max: 500ms}, sync: 500ms}
 """
@@ -142,7 +155,8 @@ async def _until(pred: Any, what: str, limit: float = 30.0) -> None:
 async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
     folder = tmp_path / "site"
     folder.mkdir()
-    (folder / "site.yaml").write_text(SITE)
+    model = build(tmp_path / "m.onnx")
+    (folder / "site.yaml").write_text(SITE.replace("MODEL", str(model)))
     loaded = load_site(folder)
     creg, ereg = open_registry(None, tmp_path / "cloud"), open_registry(None, tmp_path / "edge")
     try:
@@ -221,6 +235,12 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
                     pn.start_soon(poll)
                     await _until(lambda: done == ["success"], "the command down and its result up")
                     pn.cancel_scope.cancel()
+                # a Model's file comes down the same link (base64 in the MQTT reply)
+                assert agent.transport is not None
+                reply = await agent.transport.request("models/brightness", limit=10)
+                assert reply.status == 200 and reply.body == model.read_bytes()
+                reply = await agent.transport.request("models/other", limit=10)
+                assert reply.status == 404
                 assert agent.uplink is not None and agent.uplink.online
                 assert cloud_edge.link("gw-s").refused == 0
                 en.cancel_scope.cancel()
