@@ -123,6 +123,7 @@ def generator(
     sel = selectors.DefaultSelector()
     for k, s in enumerate(conns):
         sel.register(s, selectors.EVENT_READ, k)
+    closed: set[int] = set()
     while True:
         now = time.monotonic()
         if now >= end:
@@ -133,7 +134,7 @@ def generator(
             if rate and sent >= (time.monotonic() - start) * rate:
                 time.sleep(0.001)
                 break
-            if qos and inflight[k] >= window:
+            if (qos and inflight[k] >= window) or k in closed:
                 continue
             payload = head + b"%.6f}" % time.time()
             pid = pid % 65535 + 1
@@ -147,10 +148,20 @@ def generator(
                 # the CPU the engine needs on a small machine, and measure that instead)
                 sel.select(min(0.05, max(0.0, end - time.monotonic())))
             for k, s in enumerate(conns):
+                if k in closed:
+                    continue
                 try:
-                    data = pending[k] + s.recv(65536, socket.MSG_DONTWAIT)
+                    got = s.recv(65536, socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
+                except OSError:
+                    got = b""
+                if not got:  # the broker closed it (e.g. a refused publish in 3.1.1)
+                    closed.add(k)
+                    sel.unregister(s)
+                    inflight[k] = window  # nothing more is sent on it
+                    continue
+                data = pending[k] + got
                 n = len(data) // 4
                 pending[k] = data[n * 4 :]
                 inflight[k] -= n
@@ -161,8 +172,11 @@ def generator(
     for k, s in enumerate(conns):
         s.settimeout(max(0.1, deadline - time.monotonic()))
         try:
-            while inflight[k] > 0:
-                data = pending[k] + s.recv(65536)
+            while inflight[k] > 0 and k not in closed:
+                got = s.recv(65536)
+                if not got:  # closed by the broker: its un-acked messages stay un-acked
+                    break
+                data = pending[k] + got
                 n = len(data) // 4
                 pending[k] = data[n * 4 :]
                 inflight[k] -= n
@@ -170,6 +184,9 @@ def generator(
         except (TimeoutError, OSError):
             pass
         s.close()
+    if closed:
+        print(f"generator: the broker closed {len(closed)} of {len(conns)} connections",
+              file=sys.stderr, flush=True)  # fmt: skip
     out.put((sent, acked if qos else sent))
 
 
