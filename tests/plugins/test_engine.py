@@ -218,3 +218,62 @@ async def test_http_push_device_with_codec_and_transform(tmp_path: Path) -> None
             assert r.status_code == 422 and "not a valid WebAssembly module" in r.text
         nursery.cancel_scope.cancel()
     api.registry.close()
+
+
+def _mqtt_str(s: str) -> bytes:
+    return struct.pack("!H", len(s.encode())) + s.encode()
+
+
+def _mqtt_frame(kind: int, body: bytes) -> bytes:
+    n, out = len(body), bytearray()
+    while True:
+        b, n = n % 128, n // 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes([kind]) + bytes(out) + body
+
+
+async def test_what_arrives_together_is_decoded_in_one_codec_call(engine: Engine, registry: Registry) -> None:
+    """A device writes 300 QoS 1 publishes in one go: the codec is called for what each socket
+    read holds (before the write-ahead log), not once per message; every frame is acknowledged,
+    decoded and stored; a lone publish afterwards goes through alone. (QoS 0 and delivery-side
+    batching: tests/plugins/test_mqtt_batch.py.)"""
+    _, key = create_device_key(registry, "good")
+    t = topics("good")["telemetry"]
+    stats = engine.plugins.stats["acme"]
+    calls0, items0 = stats.calls, stats.items
+
+    def burst() -> int:
+        import socket
+
+        s = socket.create_connection(("127.0.0.1", port(engine)))
+        try:
+            connect = _mqtt_str("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 60) + \
+                _mqtt_str("burst") + _mqtt_str("good") + _mqtt_str(key)
+            s.sendall(_mqtt_frame(0x10, connect))
+            assert s.recv(4) == b"\x20\x02\x00\x00"
+            s.sendall(b"".join(_mqtt_frame(0x32, _mqtt_str(t) + struct.pack("!H", i + 1) + frame(i))
+                               for i in range(300)))
+            acks = b""
+            while len(acks) < 300 * 4:  # every publish acknowledged (after the WAL)
+                chunk = s.recv(65536)
+                assert chunk, "the broker closed the connection"
+                acks += chunk
+            assert acks == b"".join(b"\x40\x02" + struct.pack("!H", i + 1) for i in range(300))
+            s.sendall(b"\xe0\x00")  # DISCONNECT
+            return len(acks)
+        finally:
+            s.close()
+
+    await run_sync(burst)
+    await eventually(lambda: count(stored(engine, "good"), "temperature") == 300)
+    temps = [v for m, v, _ in stored(engine, "good") if m == "temperature"]
+    assert sorted(temps) == [(2000 + i) / 100 for i in range(300)]
+    assert stats.items - items0 == 300 and not stats.failures
+    assert stats.calls - calls0 <= 300 // 4, (stats.calls - calls0)  # not one per message
+    # a lone message: decoded and stored by itself, nothing waits for company
+    dev = await run_sync(lambda: Client(port(engine), "good", username="good", password=key))
+    await run_sync(dev.publish, t, frame(300), 1)
+    await eventually(lambda: count(stored(engine, "good"), "temperature") == 301)
+    assert stats.items - items0 == 301
+    await run_sync(dev.close)

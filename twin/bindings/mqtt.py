@@ -58,7 +58,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -84,6 +84,7 @@ from twin.bindings.values import (
     check_ts,
 )
 from twin.errors import BindingConnectError, BindingError, CommandError
+from twin.plugins import registry as plugins_registry
 
 if TYPE_CHECKING:
     from twin.mqtt.hub import InMessage, MqttHub, Route
@@ -229,6 +230,9 @@ class MqttBinding:
         # what the broker's payload check (MQTT 5, QoS >= 1) parsed, for the durability hook
         # asked right after it about the same publish: (payload, topic, readings)
         self._checked: tuple[bytes, str, list[Reading]] | None = None
+        # decoded ahead, with others that arrived together (prefetch_many): payload id ->
+        # (payload, readings); the payload object is kept, so an id is never reused meanwhile
+        self._prefetched: dict[int, tuple[bytes, list[Reading]]] = {}
         self.context = context
         self._hub = hub
         self._clock: Callable[[], float] = (context.clock if context else None) or time.time
@@ -294,6 +298,7 @@ class MqttBinding:
                     self.qos,
                     check=self._check_readings,
                     readings=self._durable_readings,
+                    prefetch=self if self.codec is not None else None,
                 )
             )
             if t["state"] != t["telemetry"]:
@@ -304,6 +309,7 @@ class MqttBinding:
                         self.qos,
                         check=self._check_readings,
                         readings=self._durable_readings,
+                        prefetch=self if self.codec is not None else None,
                     )
                 )
             routes.append(
@@ -346,6 +352,9 @@ class MqttBinding:
         if not msg.payload:
             return []
         if self.codec is not None:  # the payload is the codec plugin's business
+            ahead = self._prefetched.get(id(msg.payload))
+            if ahead is not None and ahead[0] is msg.payload:  # decoded with others
+                return list(ahead[1])
             memo = self._memo
             if memo is not None and memo[0] is msg:  # checked, logged and routed: decode once
                 return list(memo[1])
@@ -389,6 +398,38 @@ class MqttBinding:
         if self._point_level is not None and set(flat) == {"value"}:
             return [self._reading(point, flat["value"], ts)]
         return [self._reading(p, v, ts) for p, v in flat.items()]
+
+    # -- decoding what arrived together (twin.mqtt.hub.Prefetcher) ----------------------------
+    def prefetch_key(self, msg: InMessage) -> str | None:
+        """The codec, for a message this binding will decode (not one the broker's durability
+        hook already decoded and logged, nor an empty one)."""
+        if self.codec is None or msg.logged is not None or not msg.payload:
+            return None
+        return self.codec
+
+    @staticmethod
+    def prefetch_many(items: Sequence[tuple[Any, InMessage]]) -> None:
+        """One codec call for the messages of several devices (``items`` share the codec);
+        each binding remembers its messages' readings until :meth:`forget`."""
+        first = items[0][0]
+        codec = first.codec
+        now = first._clock()
+        payloads = [msg.payload for _, msg in items]
+        rows: list[list[tuple[str, Any, float, bool]]] = [[] for _ in payloads]
+        decoded = plugins_registry.decode_batch_or_none(codec, payloads)
+        if decoded is None:  # a payload broke the call: each is decoded alone when handled,
+            return           # so one device's poisonous frame does not spoil the others'
+        for index, point, value, ts, good in decoded:
+            if 0 <= index < len(rows):
+                rows[index].append((point, value, ts, good))
+        for (owner, msg), mine in zip(items, rows, strict=True):
+            readings = plugin_edge.readings_of(owner.device, mine, now)
+            owner._prefetched[id(msg.payload)] = (msg.payload, readings)
+
+    def forget(self, msg: InMessage) -> None:
+        entry = self._prefetched.get(id(msg.payload))
+        if entry is not None and entry[0] is msg.payload:
+            del self._prefetched[id(msg.payload)]
 
     def _reading(self, point: str, value: Any, ts: float) -> Reading:
         point, value, _ = check_reading(point, value)

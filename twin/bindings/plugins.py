@@ -64,6 +64,13 @@ def decode(codec: str, device: str, payloads: Sequence[bytes], now: float | Sequ
     return out
 
 
+def readings_of(device: str, rows: Sequence[tuple[str, Any, float, bool]], now: float) -> list[Reading]:
+    """One payload's decoded rows ``(point, value, ts, good)`` as checked readings of
+    ``device`` (what :func:`decode` makes of them; for a caller that decoded the payloads of
+    several devices in one call)."""
+    return [_reading(device, point, value, _ts(ts, now), good) for point, value, ts, good in rows]
+
+
 def can_encode(codec: str) -> bool:
     plugin = plugins.host().get(codec)
     return plugin is not None and plugin.module.has("encode")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -59,6 +60,22 @@ Readings = Callable[[InMessage], "list[Any]"]
 """Why a message would be refused by its route's handler (None: acceptable)."""
 
 
+class Prefetcher(Protocol):
+    """A route's handler that can decode many messages at once, ahead of their one-by-one
+    handling (the MQTT binding with a codec: one plugin call for what arrived together)."""
+
+    def prefetch_key(self, msg: InMessage) -> str | None:
+        """What groups ``msg`` with others for one call (the codec's name), or None: nothing
+        to do ahead for it."""
+
+    def prefetch_many(self, items: Sequence[tuple[Any, InMessage]]) -> None:
+        """Decode ``(owner, msg)`` pairs of one key together; each owner remembers its own
+        (never raises for what a message holds)."""
+
+    def forget(self, msg: InMessage) -> None:
+        """Drop what was remembered for ``msg`` (its handling is over)."""
+
+
 class Transport(Protocol):
     """What the hub needs from a connection to a broker."""
 
@@ -88,6 +105,7 @@ class Route:
     qos: int = 1
     check: Check | None = None
     readings: Readings | None = None
+    prefetch: Prefetcher | None = None
 
 
 @dataclass
@@ -125,12 +143,14 @@ class MqttHub:
         *,
         check: Check | None = None,
         readings: Readings | None = None,
+        prefetch: Prefetcher | None = None,
     ) -> Route:
         """Hand messages matching ``flt`` to ``handler``; ``check`` (optional) tells the
         embedded broker, before it acknowledges a publish, whether the handler would refuse
         it (see :meth:`check`); ``readings`` (optional) gives the readings the handler would
-        take from a message, for the write-ahead log (see :meth:`readings`)."""
-        r = Route(flt, handler, qos, check, readings)
+        take from a message, for the write-ahead log (see :meth:`readings`); ``prefetch``
+        (optional) decodes messages that arrived together in one go (see :meth:`prefetch`)."""
+        r = Route(flt, handler, qos, check, readings, prefetch)
         async with self._lock:
             self.tree.add(flt, id(r), r)
             self.stats.routes += 1
@@ -208,6 +228,46 @@ class MqttHub:
                 log.exception("mqtt hub: readings of %s failed", r.flt)
         return out
 
+    def prefetch(self, msgs: Sequence[InMessage]) -> list[tuple[Any, InMessage]]:
+        """Before messages that arrived together are handled one by one (a socket read's
+        publishes, a delivery queue drained in one turn): let their routes' prefetchers decode
+        them in one call per key (a codec: one plugin call instead of one per message). Nothing
+        waits for more to arrive, so a lone message costs what it did. Returns the pairs to
+        :meth:`forget` once the messages are handled. Never raises."""
+        groups: dict[str, list[tuple[Any, InMessage]]] = {}
+        tree = self.tree
+        for msg in msgs:
+            for _flt, _key, r in tree.match(msg.topic):
+                p = r.prefetch
+                if p is None:
+                    continue
+                try:
+                    key = p.prefetch_key(msg)
+                except Exception:
+                    log.exception("mqtt hub: prefetch key of %s failed", r.flt)
+                    continue
+                if key is not None:
+                    groups.setdefault(key, []).append((p, msg))
+        pairs: list[tuple[Any, InMessage]] = []
+        for items in groups.values():
+            if len(items) < 2:
+                continue  # decoded when handled, as before
+            try:
+                items[0][0].prefetch_many(items)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception("mqtt hub: prefetch failed (messages are decoded one by one)")
+            pairs.extend(items)
+        return pairs
+
+    @staticmethod
+    def forget(pairs: Sequence[tuple[Any, InMessage]]) -> None:
+        for owner, msg in pairs:
+            try:
+                owner.forget(msg)
+            except Exception:
+                log.exception("mqtt hub: forgetting a prefetched message failed")
+
     def refused(self, device: str, reason: str) -> None:
         """A binding refused a message of ``device`` (bad values): count and report it."""
         self.stats.refused += 1
@@ -272,6 +332,19 @@ class EmbeddedTransport:
 
         self.hub: MqttHub | None = None
         self.client = LocalClient(broker, self._on_message, client_id=client_id)
+        self.client.on_batch = self._on_batch
+
+    def _on_batch(self, msgs: Sequence[tuple[Message, bool]]) -> Callable[[], None] | None:
+        """The delivery queue's messages of one turn, before they are dispatched: decode the
+        ones that need it together (:meth:`MqttHub.prefetch`; what is decoded is remembered
+        by the payload object, which the dispatched message carries too)."""
+        hub = self.hub
+        if hub is None:
+            return None
+        pairs = hub.prefetch([in_message(m, retained) for m, retained in msgs])
+        if not pairs:
+            return None
+        return partial(hub.forget, pairs)
 
     def _on_message(self, msg: Message, retained: bool) -> None:
         if self.hub is not None:

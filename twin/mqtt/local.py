@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -27,6 +27,9 @@ from twin.mqtt.topics import matches, parse_shared
 log = logging.getLogger(__name__)
 
 OnMessage = Callable[[Message, bool], None]
+OnBatch = Callable[[Sequence[tuple[Message, bool]]], "Callable[[], None] | None"]
+"""``on_batch(messages)``: the (message, retained) pairs about to be handed to ``on_message`` in
+one turn; may return a callable run once they have been (e.g. to drop what it prepared)."""
 """``on_message(message, retained)``: ``retained`` is the RETAIN flag as a subscriber sees it
 (set for retained messages sent on subscribe, clear for live ones unless retain-as-published)."""
 
@@ -47,6 +50,7 @@ class LocalClient:
         self.client_id = client_id or f"$flux-engine-{secrets.token_hex(4)}"
         self.session = Session(self.client_id, version=c.MQTT_5, max_queued=max_queued)
         self.wake = trio.Event()  # the broker sets it when it queues a message for us
+        self.on_batch: OnBatch | None = None
         self.closing = False
 
     # the broker calls these on a session's ``conn``
@@ -73,15 +77,30 @@ class LocalClient:
                 self.wake = trio.Event()
                 n = 0
                 while s.queue:
-                    out = s.popleft()
-                    if out.msg.expired():
-                        continue
+                    # what is queued (up to 256 a turn): handed to on_batch first, so the
+                    # subscriber can decode it together, then delivered one by one
+                    batch: list[Outgoing] = []
+                    while s.queue and len(batch) < 256:
+                        out = s.popleft()
+                        if not out.msg.expired():
+                            batch.append(out)
+                    done = None
+                    if self.on_batch is not None and len(batch) > 1:
+                        try:
+                            done = self.on_batch([(o.msg, o.retain) for o in batch])
+                        except Exception:
+                            log.exception("mqtt: local subscriber's batch hook failed")
                     try:
-                        self.on_message(out.msg, out.retain)
-                    except Exception:
-                        log.exception("mqtt: local subscriber failed on %s", out.msg.topic)
-                    n += 1
-                    if n % 256 == 0:
+                        for out in batch:
+                            try:
+                                self.on_message(out.msg, out.retain)
+                            except Exception:
+                                log.exception("mqtt: local subscriber failed on %s", out.msg.topic)
+                    finally:
+                        if done is not None:
+                            done()
+                    n += len(batch)
+                    if s.queue:
                         await trio.lowlevel.checkpoint()
                 b.stats.messages_sent += n
         finally:

@@ -309,19 +309,36 @@ class PluginHost:
     def decode(self, name: str, payloads: Sequence[bytes]) -> list[Decoded]:
         """Payloads -> readings ``(index, point, value, ts, good)``; on failure one bad
         reading ``(i, "", None, 0.0, False)`` per payload."""
+        return self._decode_chunks(name, payloads, None)
+
+    def decode_or_none(self, name: str, payloads: Sequence[bytes]) -> list[Decoded] | None:
+        """:meth:`decode`, but None when a call failed (trap, fuel, ...): for a caller that
+        batched payloads of several sources and then decodes them one by one, so that one
+        source's poisonous payload does not make the others' readings bad."""
+        failed: list[bool] = []
+        out = self._decode_chunks(name, payloads, failed)
+        return None if failed else out
+
+    def _decode_chunks(self, name: str, payloads: Sequence[bytes], failed: list[bool] | None
+                       ) -> list[Decoded]:
         out: list[Decoded] = []
         plugin = self.plugins.get(name)
         step = plugin.batch if plugin is not None else DEFAULTS["batch"]
         if len(payloads) <= int(step):
-            return self._decode(name, payloads)
+            return self._decode(name, payloads, failed)
         for start in range(0, len(payloads), int(step)):
             chunk = payloads[start:start + int(step)]
-            out.extend((i + start, p, v, ts, g) for i, p, v, ts, g in self._decode(name, chunk))
+            out.extend((i + start, p, v, ts, g) for i, p, v, ts, g in self._decode(name, chunk, failed))
+            if failed:
+                break
         return out
 
-    def _decode(self, name: str, payloads: Sequence[bytes]) -> list[Decoded]:
+    def _decode(self, name: str, payloads: Sequence[bytes], failures: list[bool] | None = None
+                ) -> list[Decoded]:
         plugin = self.plugins.get(name)
         failed = [(i, "", None, 0.0, False) for i in range(len(payloads))]
+        if failures is not None:  # filled in below if the call fails; emptied when it did not
+            failures.append(True)
         if plugin is None or plugin.kind == "wasm":
             res = self.run(name, "decode", [pack_records(payloads)], len(payloads))
             if res is None:
@@ -332,6 +349,8 @@ class PluginHost:
                 self.output_failed(name, exc)
                 return failed
             self.ok(name)
+            if failures is not None:
+                failures.pop()
             return decoded
         text = json.dumps([list(p) for p in payloads], separators=(",", ":"))
         res = self.run(name, "decode", [text], len(payloads))
@@ -343,6 +362,8 @@ class PluginHost:
             self.output_failed(name, exc)
             return failed
         self.ok(name)
+        if failures is not None:
+            failures.pop()
         return decoded
 
     def encode(self, name: str, commands: Sequence[Mapping[str, Any]]) -> list[bytes] | None:

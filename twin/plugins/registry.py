@@ -36,6 +36,11 @@ def decode_batch(name: str, payloads: Sequence[bytes]) -> list[Decoded]:
     return HOST.decode(name, payloads)
 
 
+def decode_batch_or_none(name: str, payloads: Sequence[bytes]) -> list[Decoded] | None:
+    """:func:`decode_batch`, None when the plugin call failed (see PluginHost.decode_or_none)."""
+    return HOST.decode_or_none(name, payloads)
+
+
 def encode_command(name: str, command: Mapping[str, Any]) -> bytes | None:
     frames = HOST.encode(name, [command])
     return frames[0] if frames else None

@@ -324,6 +324,8 @@ class MqttService:
                     self.broker.payload_check = lambda _principal, msg: hub.check(in_message(msg))
                     # QoS >= 1: PUBACK / PUBREC only once the readings are in the WAL
                     self.broker.durability = durability_hook(engine, hub)
+                    # what arrived together is decoded together (codec plugins: one call)
+                    self.broker.prefetch = prefetch_hook(self.broker, hub)
                 await nursery.start(transport.run)
                 if cfg.mode == "external":
                     info["connected"] = transport.connected
@@ -438,6 +440,25 @@ def durability_hook(engine: Any, hub: Any) -> Any:
             for r in readings
         ]
         return dataclasses.replace(msg, logged=logged), Durable(svc, batch)
+
+    return hook
+
+
+def prefetch_hook(broker: Any, hub: Any) -> Any:
+    """The embedded broker's ``Broker.prefetch``: the QoS >= 1 publishes of one socket read
+    that this connection may publish are decoded together by their devices' codecs
+    (:meth:`MqttHub.prefetch`) before the payload check and the durability hook ask for their
+    readings one by one; QoS 0 ones are batched where they are delivered (the engine's
+    LocalClient drains its queue in one turn)."""
+    from functools import partial
+
+    from twin.mqtt.hub import InMessage
+
+    def hook(principal: Any, pubs: list[Any]) -> Any:
+        msgs = [InMessage(p.topic, p.payload, p.qos, bool(p.retain)) for p in pubs
+                if broker.authorize(principal, "publish", p.topic)]
+        pairs = hub.prefetch(msgs) if len(msgs) > 1 else []
+        return partial(hub.forget, pairs) if pairs else None
 
     return hook
 
