@@ -209,6 +209,17 @@ async def test_oversized_and_unusual_requests_go_to_hypercorn(door: Any) -> None
         if status == 413:
             assert json.loads(body) == {"detail": "body too large"}
         assert fd.handed == handed + 1 and fd.served == served
+    # bare LF line ends (h11 takes them), in two writes: hypercorn's, answered alike
+    lf = request("push1", b"{}", key).replace(b"\r\n", b"\n")
+    port = int(api.url.rsplit(":", 1)[1])
+    handed = fd.handed
+    async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+        cut = lf.index(b"\n") + 3
+        await s.send_all(lf[:cut])
+        # the door hands it over before the head is complete
+        await eventually(lambda: fd.handed > handed)
+        await s.send_all(lf[cut:])
+        assert (await read_response(s, bytearray()))[0] == 200
     # a malformed request: hypercorn's own 400
     [(got, _, _)] = await exchange(api, b"POST /api/v1/ingest/push1 HTTP/1.1\r\n\r\n", via="door")
     assert got == 400

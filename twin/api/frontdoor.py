@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 RECV = 65536
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size: a longer head goes to it (431/400)
 
+_START = b"POST " + INGEST_PREFIX.encode()
 _REQUEST_LINE = re.compile(
     rb"POST " + re.escape(INGEST_PREFIX.encode()) + rb"([A-Za-z0-9._~-]+) HTTP/1\.1"
 )
@@ -174,7 +175,12 @@ class FrontDoor:
         while True:
             end = buf.find(b"\r\n\r\n")
             while end < 0:
-                if len(buf) > MAX_HEAD:
+                if (
+                    len(buf) > MAX_HEAD
+                    or not _START.startswith(buf[: len(_START)])  # another route, TLS, HTTP/2
+                    or buf.count(b"\n") != buf.count(b"\r\n")  # bare LF line ends (h11 takes them)
+                ):
+                    # hypercorn answers what is not an ingest request as soon as it can tell
                     return await self._hand_off(stream, buf)
                 if buf:
                     data = await sock.recv(RECV)
