@@ -4,7 +4,9 @@
 rate limiting (429 + Retry-After), Prometheus accounting, and the audit log of every mutating
 call. ``POST /api/v1/ingest/{device}`` never reaches FastAPI: :meth:`Gatekeeper._ingest`
 serves it in plain ASGI (device key, per-device rate limit, parse, write-ahead log, hand to the
-device task: ``durable_ingest.hand_in``; 2xx only once the readings are on disk).
+device task: ``durable_ingest.hand_in``; 2xx only once the readings are on disk), through
+:func:`answer_ingest`, which the front door (twin/api/frontdoor.py) calls too for the ingest
+requests it answers before hypercorn.
 Authorization (403) is the policy's, asked by each route.
 """
 
