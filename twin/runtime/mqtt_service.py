@@ -37,8 +37,9 @@ import math
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -325,7 +326,7 @@ class MqttService:
                     # QoS >= 1: PUBACK / PUBREC only once the readings are in the WAL
                     self.broker.durability = durability_hook(engine, hub)
                     # what arrived together is decoded together (codec plugins: one call)
-                    self.broker.prefetch = prefetch_hook(self.broker, hub)
+                    self.broker.prefetch = prefetch_hook(self.broker, hub, partial(_logs, engine))
                 await nursery.start(transport.run)
                 if cfg.mode == "external":
                     info["connected"] = transport.connected
@@ -444,17 +445,26 @@ def durability_hook(engine: Any, hub: Any) -> Any:
     return hook
 
 
-def prefetch_hook(broker: Any, hub: Any) -> Any:
+def _logs(engine: Any) -> bool:
+    """Whether the durability hook logs readings (decodes payloads) before the ack."""
+    from twin.runtime.timeseries_service import timeseries_of
+
+    svc = timeseries_of(engine)
+    return svc is not None and svc.wal is not None
+
+
+def prefetch_hook(broker: Any, hub: Any, reader_decodes: Callable[[], bool]) -> Any:
     """The embedded broker's ``Broker.prefetch``: the QoS >= 1 publishes of one socket read
     that this connection may publish are decoded together by their devices' codecs
-    (:meth:`MqttHub.prefetch`) before the payload check and the durability hook ask for their
-    readings one by one; QoS 0 ones are batched where they are delivered (the engine's
+    (:meth:`MqttHub.prefetch`) before the durability hook asks for their readings one by one
+    — when it does (``reader_decodes``: a write-ahead log; without one they are decoded where
+    they are delivered). QoS 0 ones are batched where they are delivered (the engine's
     LocalClient drains its queue in one turn)."""
-    from functools import partial
-
     from twin.mqtt.hub import InMessage
 
     def hook(principal: Any, pubs: list[Any]) -> Any:
+        if not reader_decodes():
+            return None
         msgs = [InMessage(p.topic, p.payload, p.qos, bool(p.retain)) for p in pubs
                 if broker.authorize(principal, "publish", p.topic)]
         pairs = hub.prefetch(msgs) if len(msgs) > 1 else []
