@@ -192,6 +192,9 @@ class ChunkTable:
                 rows = rows.append_column(name, b.column(name))
             return rows
         fids = frag[idx]
+        if bool((fids != fids[0]).any()):
+            # rows in several fragments: one dataset take beats a take per fragment
+            return self.with_blobs(ds, rows, idx, self.schema)
         parts = []
         order = []
         for fid in np.unique(fids).tolist():
