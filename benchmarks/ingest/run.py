@@ -99,6 +99,10 @@ async def one_run(args: argparse.Namespace, *, wal: bool, door: bool = True) -> 
         args.batch = 1
         procs, q, _ = run_load(host, port, jobs, args, "warm", 600)  # type: ignore[misc]
         await collect(procs, q)  # argon2 once per key, then the key cache
+        if args.gc_freeze:  # as the edge agent does (twin/runtime/gc_freeze.py)
+            from twin.runtime.gc_freeze import freeze
+
+            print(f"gc: {freeze()} objects frozen")
         acked = args.devices  # warm-up: one reading per device
         for batch in [int(b) for b in args.batches.split(",")]:
             args.batch = batch
@@ -158,6 +162,12 @@ if __name__ == "__main__":
         help="door (default: ingest answered by twin/api/frontdoor.py), hypercorn (hypercorn "
         "serves every request, the gatekeeper's ASGI ingest path), or both alternating: "
         "hypercorn,door",
+    )
+    ap.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() the engine's heap after the warm-up (full collections scan only what "
+        "was allocated since)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs of each variant, alternating")
     trio.run(main, ap.parse_args())
