@@ -177,27 +177,37 @@ def unpack_specs(blob: bytes) -> dict[Key, dict[str, Any]]:
 
 def _filtered(
     select: str,
-    equal: Mapping[str, Any],
-    any_of: tuple[str, Sequence[str] | None],
     order: str,
-    limit: int,
+    equal: Mapping[str, Any],
+    any_of: tuple[str, Sequence[Any] | None] | None,
+    since: tuple[str, float | None] | None,
+    limit: int | None,
 ) -> tuple[str, list[Any]] | None:
     """``select`` with ``col = ?`` for each non-None value of ``equal``, ``col IN (...)`` for
-    ``any_of`` (None: no filter; empty: matches nothing, so None is returned), order and limit."""
+    ``any_of`` (None: no filter; empty: matches nothing, so None is returned), ``col >= ?`` for
+    ``since`` (None: no filter), then ``order`` and ``limit`` (None: no limit)."""
     clauses: list[str] = []
     params: list[Any] = []
     for col, value in equal.items():
         if value is not None:
             clauses.append(f"{col} = ?")
             params.append(value)
-    col, values = any_of
-    if values is not None:
+    if any_of is not None and any_of[1] is not None:
+        col, values = any_of
         if not values:
             return None
         clauses.append(f"{col} IN ({', '.join('?' * len(values))})")
         params += list(values)
+    if since is not None and since[1] is not None:
+        clauses.append(f"{since[0]} >= ?")
+        params.append(since[1])
     where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    return f"{select}{where} ORDER BY {order} LIMIT ?", [*params, limit]
+    sql = f"{select}{where} ORDER BY {order}"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return sql, params
+
 
 class SQLRegistry:
     """Dialect-independent core. Subclasses implement the ``_`` hooks below."""
@@ -318,6 +328,24 @@ class SQLRegistry:
 
     def _one(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._exec(conn, sql, params).fetchone()
+
+    def _select(
+        self,
+        select: str,
+        order: str,
+        *,
+        equal: Mapping[str, Any] | None = None,
+        any_of: tuple[str, Sequence[Any] | None] | None = None,
+        since: tuple[str, float | None] | None = None,
+        limit: int | None = None,
+    ) -> list[Any]:
+        """The rows of ``select`` filtered and ordered as ``_filtered`` says, in a read
+        transaction (no rows when ``any_of`` lists no values)."""
+        query = _filtered(select, order, equal or {}, any_of, since, limit)
+        if query is None:
+            return []
+        with self._tx(write=False) as conn:
+            return self._all(conn, *query)
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Any]:
@@ -623,15 +651,13 @@ class SQLRegistry:
     def status_history(
         self, device: str, *, since: float | None = None, limit: int = 100
     ) -> list[StatusChange]:
-        sql = "SELECT device_id, status, timestamp, metadata FROM device_status_history WHERE device_id = ?"
-        params: list[Any] = [device]
-        if since is not None:
-            sql += " AND timestamp >= ?"
-            params.append(since)
-        sql += " ORDER BY timestamp DESC, id DESC LIMIT ?"
-        params.append(limit)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            "SELECT device_id, status, timestamp, metadata FROM device_status_history",
+            "timestamp DESC, id DESC",
+            equal={"device_id": device},
+            since=("timestamp", since),
+            limit=limit,
+        )
         return [StatusChange(d, s, float(t), self._json_out(m) or {}) for d, s, t, m in rows]
 
     def last_status_changes(self, names: Sequence[str] | None = None) -> dict[str, StatusChange]:
@@ -676,23 +702,14 @@ class SQLRegistry:
         since: float | None = None,
         limit: int = 1000,
     ) -> list[MetricSample]:
-        sql = (
-            "SELECT device_id, metric_name, metric_value, timestamp FROM device_metrics "
-            "WHERE device_id = ?"
+        rows = self._select(
+            "SELECT device_id, metric_name, metric_value, timestamp FROM device_metrics",
+            "timestamp DESC, id DESC",
+            equal={"device_id": device},
+            any_of=("metric_name", names),
+            since=("timestamp", since),
+            limit=limit,
         )
-        params: list[Any] = [device]
-        if names is not None:
-            if not names:
-                return []
-            sql += f" AND metric_name IN ({', '.join('?' * len(names))})"
-            params += list(names)
-        if since is not None:
-            sql += " AND timestamp >= ?"
-            params.append(since)
-        sql += " ORDER BY timestamp DESC, id DESC LIMIT ?"
-        params.append(limit)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
         return [MetricSample(d, n, float(v), float(t)) for d, n, v, t in rows]
 
     # -- alarms ----------------------------------------------------------------------------
@@ -761,13 +778,13 @@ class SQLRegistry:
         states: Sequence[str] | None = None,
         limit: int = 100,
     ) -> list[Alarm]:
-        query = _filtered(f"SELECT {_ALARM_COLS} FROM alarms", {"device": device},
-                          ("state", states), "id DESC", limit)
-        if query is None:
-            return []
-        sql, params = query
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            f"SELECT {_ALARM_COLS} FROM alarms",
+            "id DESC",
+            equal={"device": device},
+            any_of=("state", states),
+            limit=limit,
+        )
         return [_alarm(r) for r in rows]
 
     # -- users, sessions, device keys, audit ------------------------------------------------
@@ -889,13 +906,9 @@ class SQLRegistry:
             )
 
     def sessions(self, user: str | None = None) -> list[Session]:
-        sql = f"SELECT {_SESSION_COLS} FROM sessions"
-        params: tuple[Any, ...] = ()
-        if user is not None:
-            sql += " WHERE user_name = ?"
-            params = (user,)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql + " ORDER BY created_at, id", params)
+        rows = self._select(
+            f"SELECT {_SESSION_COLS} FROM sessions", "created_at, id", equal={"user_name": user}
+        )
         return [_session(r) for r in rows]
 
     def add_api_token(self, token: ApiToken) -> None:
@@ -917,13 +930,9 @@ class SQLRegistry:
         return None if row is None else _api_token(row)
 
     def api_tokens(self, user: str | None = None) -> list[ApiToken]:
-        sql = f"SELECT {_TOKEN_COLS} FROM api_tokens"
-        params: tuple[Any, ...] = ()
-        if user is not None:
-            sql += " WHERE user_name = ?"
-            params = (user,)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql + " ORDER BY created_at, id", params)
+        rows = self._select(
+            f"SELECT {_TOKEN_COLS} FROM api_tokens", "created_at, id", equal={"user_name": user}
+        )
         return [_api_token(r) for r in rows]
 
     def revoke_api_token(self, token_id: str, timestamp: float) -> bool:
@@ -991,15 +1000,9 @@ class SQLRegistry:
             )
 
     def audit_log(self, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
-        sql = f"SELECT {_AUDIT_COLS} FROM audit_log"
-        params: list[Any] = []
-        if actor is not None:
-            sql += " WHERE actor = ?"
-            params.append(actor)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            f"SELECT {_AUDIT_COLS} FROM audit_log", "id DESC", equal={"actor": actor}, limit=limit
+        )
         return [
             AuditEntry(int(i), float(t), a, ac, tg, r, self._json_out(d) or {})
             for i, t, a, ac, tg, r, d in rows
@@ -1098,13 +1101,13 @@ class SQLRegistry:
         batch: str | None = None,
         limit: int = 100,
     ) -> list[CommandRecord]:
-        query = _filtered(f"SELECT {_COMMAND_COLS} FROM commands",
-                          {"device": device, "batch": batch}, ("status", statuses), "seq DESC", limit)
-        if query is None:
-            return []
-        sql, params = query
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            f"SELECT {_COMMAND_COLS} FROM commands",
+            "seq DESC",
+            equal={"device": device, "batch": batch},
+            any_of=("status", statuses),
+            limit=limit,
+        )
         return [self._command(r) for r in rows]
 
     def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]:
@@ -1143,15 +1146,10 @@ class SQLRegistry:
         return SceneTrace(r, s, float(st), _opt_float(fin), status, self._json_out(body) or {})
 
     def scene_traces(self, scene: str | None = None, *, limit: int = 20) -> list[SceneTrace]:
-        sql = f"SELECT {_TRACE_COLS} FROM scene_traces"
-        params: list[Any] = []
-        if scene is not None:
-            sql += " WHERE scene = ?"
-            params.append(scene)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            f"SELECT {_TRACE_COLS} FROM scene_traces", "id DESC", equal={"scene": scene},
+            limit=limit,
+        )
         return [self._trace(r) for r in rows]
 
     def scene_trace(self, run_id: str) -> SceneTrace | None:
@@ -1191,14 +1189,11 @@ class SQLRegistry:
             return bool(cur.rowcount)
 
     def overrides(self, device: str | None = None) -> list[DesiredOverride]:
-        sql = "SELECT device, property, value, set_by, set_at, spec_json FROM desired_overrides"
-        params: list[Any] = []
-        if device is not None:
-            sql += " WHERE device = ?"
-            params.append(device)
-        sql += " ORDER BY device, property"
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            "SELECT device, property, value, set_by, set_at, spec_json FROM desired_overrides",
+            "device, property",
+            equal={"device": device},
+        )
         return [
             DesiredOverride(d, p, json.loads(v), by, float(at), sj)
             for d, p, v, by, at, sj in rows
@@ -1228,15 +1223,10 @@ class SQLRegistry:
 
     def report_runs(self, report: str | None = None, *, limit: int = 50) -> list[ReportRun]:
         """Newest first."""
-        sql = f"SELECT {self._RUN_COLS} FROM report_runs"
-        params: list[Any] = []
-        if report is not None:
-            sql += " WHERE report = ?"
-            params.append(report)
-        sql += " ORDER BY started_at DESC, id DESC LIMIT ?"
-        params.append(limit)
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, params)
+        rows = self._select(
+            f"SELECT {self._RUN_COLS} FROM report_runs", "started_at DESC, id DESC",
+            equal={"report": report}, limit=limit,
+        )
         return [_report_run(r) for r in rows]
 
     def report_run(self, run_id: str) -> ReportRun | None:
