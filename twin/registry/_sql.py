@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ConflictError, NotFoundError, RegistryError
+from . import migrations
 from .base import (
     Alarm,
     ApiToken,
@@ -309,6 +310,10 @@ class SQLRegistry:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+    def schema_version(self) -> int:
+        with self._tx(write=False) as conn:
+            return migrations.version(conn)
 
     def _q(self, sql: str) -> str:
         out = self._sql_cache.get(sql)

@@ -15,6 +15,11 @@ normalised spec set, zlib-compressed canonical JSON). Times are unix seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import RegistryError
+
 SQLITE: list[list[str]] = [
     # 1: initial schema
     [
@@ -444,3 +449,26 @@ POSTGRES: list[list[str]] = [
 
 SCHEMA_VERSION = len(SQLITE)
 assert len(POSTGRES) == SCHEMA_VERSION, "every migration must exist for both dialects"
+
+
+def version(conn: Any) -> int:
+    """The schema version recorded in ``schema_version`` (0: none applied yet)."""
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def upgrade(conn: Any, where: str, steps: Sequence[Sequence[str]], record: str) -> None:
+    """Inside the caller's locked transaction: apply each of ``steps`` (this dialect's list)
+    the registry at ``where`` lacks, recording each with ``record`` (one parameter: the
+    version). A registry newer than this program is refused."""
+    current = version(conn)
+    if current > SCHEMA_VERSION:
+        raise RegistryError(
+            f"registry {where} has schema version {current}, newer than this "
+            f"program's {SCHEMA_VERSION}",
+            hint="upgrade flux-iot",
+        )
+    for number in range(current + 1, SCHEMA_VERSION + 1):
+        for stmt in steps[number - 1]:
+            conn.execute(stmt)
+        conn.execute(record, (number,))

@@ -161,22 +161,12 @@ class PostgresRegistry(SQLRegistry):
                     "CREATE TABLE IF NOT EXISTS schema_version ("
                     "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
                 )
-                row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-                current = int(row[0] or 0)
-                if current > migrations.SCHEMA_VERSION:
-                    raise RegistryError(
-                        f"registry {self.url} has schema version {current}, newer than this "
-                        f"program's {migrations.SCHEMA_VERSION}",
-                        hint="upgrade flux-iot",
-                    )
-                for number in range(current + 1, migrations.SCHEMA_VERSION + 1):
-                    for stmt in migrations.POSTGRES[number - 1]:
-                        conn.execute(stmt)
-                    conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number,))
+                migrations.upgrade(
+                    conn,
+                    self.url,
+                    migrations.POSTGRES,
+                    "INSERT INTO schema_version (version) VALUES (%s)",
+                )
         except psycopg.Error as exc:
             raise RegistryError(f"registry {self.url}: {_first_line(exc)}") from exc
 
-    def schema_version(self) -> int:
-        with self._tx(write=False) as conn:
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)

@@ -104,24 +104,10 @@ class SQLiteRegistry(SQLRegistry):
                 "CREATE TABLE IF NOT EXISTS schema_version ("
                 "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-            current = int(row[0] or 0)
-            if current > migrations.SCHEMA_VERSION:
-                raise RegistryError(
-                    f"registry {self.path} has schema version {current}, newer than this "
-                    f"program's {migrations.SCHEMA_VERSION}",
-                    hint="upgrade flux-iot",
-                )
-            for number in range(current + 1, migrations.SCHEMA_VERSION + 1):
-                for stmt in migrations.SQLITE[number - 1]:
-                    conn.execute(stmt)
-                conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) "
-                    "VALUES (?, strftime('%s', 'now'))",
-                    (number,),
-                )
-
-    def schema_version(self) -> int:
-        with self._tx(write=False) as conn:
-            row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        return int(row[0] or 0)
+            migrations.upgrade(
+                conn,
+                str(self.path),
+                migrations.SQLITE,
+                "INSERT INTO schema_version (version, applied_at) "
+                "VALUES (?, strftime('%s', 'now'))",
+            )
