@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from twin.plugins.abi import (
     AbiError,
@@ -40,6 +40,7 @@ from twin.plugins.wasm import WasmLimits, WasmModule
 from twin.spec.plugins import module_bytes, module_kind, parse_size
 from twin.spec.units import parse_duration
 
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"fuel": 100_000, "steps": 100_000, "time": 0.5, "wasm_memory": 16 * 1024**2,
@@ -298,6 +299,26 @@ class PluginHost:
             plugin.module.close()  # fresh instance next time
         self._failed(name, stats, PluginFailure("abi", str(exc)), 0, plugin=plugin)
 
+    def _call(
+        self,
+        name: str,
+        entry: str,
+        batch: Any,
+        items: int,
+        parse: Callable[[Any], _T],
+        errors: tuple[type[Exception], ...] = (AbiError,),
+    ) -> _T | None:
+        """:meth:`run` ``entry`` on one encoded batch and ``parse`` its raw output; None when
+        the call failed or ``parse`` raised one of ``errors`` (counted as an ABI failure)."""
+        res = self.run(name, entry, [batch], items)
+        if res is None:
+            return None
+        try:
+            return parse(res[0])
+        except errors as exc:
+            self.output_failed(name, exc)
+            return None
+
     def _metric(self, name: str, outcome: str, items: int, micros: float) -> None:
         if self.prom is not None:
             try:
@@ -339,27 +360,15 @@ class PluginHost:
         failed = [(i, "", None, 0.0, False) for i in range(len(payloads))]
         if failures is not None:  # filled in below if the call fails; emptied when it did not
             failures.append(True)
+        n = len(payloads)
         if plugin is None or plugin.kind == "wasm":
-            res = self.run(name, "decode", [pack_records(payloads)], len(payloads))
-            if res is None:
-                return failed
-            try:
-                decoded = unpack_readings(res[0], len(payloads))
-            except AbiError as exc:
-                self.output_failed(name, exc)
-                return failed
-            self.ok(name)
-            if failures is not None:
-                failures.pop()
-            return decoded
-        text = json.dumps([list(p) for p in payloads], separators=(",", ":"))
-        res = self.run(name, "decode", [text], len(payloads))
-        if res is None:
-            return failed
-        try:
-            decoded = _starlark_decoded(res[0], len(payloads))
-        except AbiError as exc:
-            self.output_failed(name, exc)
+            decoded = self._call(
+                name, "decode", pack_records(payloads), n, lambda raw: unpack_readings(raw, n)
+            )
+        else:
+            text = json.dumps([list(p) for p in payloads], separators=(",", ":"))
+            decoded = self._call(name, "decode", text, n, lambda raw: _starlark_decoded(raw, n))
+        if decoded is None:
             return failed
         self.ok(name)
         if failures is not None:
@@ -370,24 +379,20 @@ class PluginHost:
         """Commands ``{"name", "params"}`` -> frames; None when the plugin failed."""
         plugin = self.plugins.get(name)
         texts = [json.dumps(dict(c), separators=(",", ":"), default=str) for c in commands]
+        frames: list[bytes] | None
         if plugin is None or plugin.kind == "wasm":
-            res = self.run(name, "encode", [pack_records([t.encode() for t in texts])], len(texts))
-            if res is None:
-                return None
-            try:
-                frames = unpack_records(res[0])
-            except AbiError as exc:
-                self.output_failed(name, exc)
-                return None
+            frames = self._call(
+                name, "encode", pack_records([t.encode() for t in texts]), len(texts),
+                unpack_records,
+            )
         else:
-            res = self.run(name, "encode", ["[" + ",".join(texts) + "]"], len(texts))
-            if res is None:
-                return None
-            try:
-                frames = [_frame(x) for x in res[0]] if isinstance(res[0], list) else []
-            except (TypeError, ValueError) as exc:
-                self.output_failed(name, exc)
-                return None
+            frames = self._call(
+                name, "encode", "[" + ",".join(texts) + "]", len(texts),
+                lambda raw: [_frame(x) for x in raw] if isinstance(raw, list) else [],
+                (TypeError, ValueError),
+            )
+        if frames is None:
+            return None
         if len(frames) != len(commands):
             self.output_failed(name, AbiError(f"{len(frames)} frames for {len(commands)} commands"))
             return None
@@ -399,48 +404,36 @@ class PluginHost:
         """Readings ``(point, value, ts)`` -> readings ``(index, point, value, ts, good)``
         (index: the input reading it derives from); None when the plugin failed."""
         plugin = self.plugins.get(name)
+        n = len(readings)
         if plugin is None or plugin.kind == "wasm":
-            res = self.run(name, "transform", [pack_readings(readings)], len(readings))
-            if res is None:
-                return None
-            try:
-                out = unpack_readings(res[0], len(readings))
-            except AbiError as exc:
-                self.output_failed(name, exc)
-                return None
+            out = self._call(
+                name, "transform", pack_readings(readings), n, lambda raw: unpack_readings(raw, n)
+            )
+        else:
+            text = json.dumps([{"point": p, "value": v, "ts": ts} for p, v, ts in readings],
+                              separators=(",", ":"), default=str)
+            out = self._call(name, "transform", text, n, lambda raw: _starlark_readings(raw, n))
+        if out is not None:
             self.ok(name)
-            return out
-        text = json.dumps([{"point": p, "value": v, "ts": ts} for p, v, ts in readings],
-                          separators=(",", ":"), default=str)
-        res = self.run(name, "transform", [text], len(readings))
-        if res is None:
-            return None
-        try:
-            result = _starlark_readings(res[0], len(readings))
-        except AbiError as exc:
-            self.output_failed(name, exc)
-            return None
-        self.ok(name)
-        return result
+        return out
 
     def call_json(self, name: str, entry: str, inputs: Sequence[Any]) -> list[Any] | None:
         """condition / action: JSON inputs -> JSON outputs (one per input); None on failure."""
         plugin = self.plugins.get(name)
         texts = [json.dumps(x, separators=(",", ":"), default=str) for x in inputs]
+        outs: list[Any] | None
         if plugin is None or plugin.kind == "wasm":
-            res = self.run(name, entry, [pack_records([t.encode() for t in texts])], len(texts))
-            if res is None:
-                return None
-            try:
-                outs = [json.loads(r) for r in unpack_records(res[0])]
-            except (AbiError, ValueError) as exc:
-                self.output_failed(name, exc)
-                return None
+            outs = self._call(
+                name, entry, pack_records([t.encode() for t in texts]), len(texts),
+                lambda raw: [json.loads(r) for r in unpack_records(raw)], (AbiError, ValueError),
+            )
         else:
-            res = self.run(name, entry, ["[" + ",".join(texts) + "]"], len(texts))
-            if res is None:
-                return None
-            outs = res[0] if isinstance(res[0], list) else []
+            outs = self._call(
+                name, entry, "[" + ",".join(texts) + "]", len(texts),
+                lambda raw: raw if isinstance(raw, list) else [],
+            )
+        if outs is None:
+            return None
         if len(outs) != len(inputs):
             self.output_failed(name, AbiError(f"{len(outs)} results for {len(inputs)} inputs"))
             return None
