@@ -117,9 +117,10 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
     scol = _strings(table.column("value_str")).take(pa.array(order))
     has_str = np.asarray(scol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
-    # the partial over good points per chunk (what ``partials.raw_partials`` computes)
+    # the partial over good points per chunk (what ``partials.raw_partials`` computes:
+    # a NaN value counts as a point but, like a string, not as a number)
     good = quality < 2
-    num = good & v_valid
+    num = good & v_valid & ~np.isnan(v)
     cnt = np.add.reduceat(good.astype(np.int64), starts)
     nnum = np.add.reduceat(num.astype(np.int64), starts)
     sums = np.add.reduceat(np.where(num, v, 0.0), starts)
@@ -365,6 +366,33 @@ def series_ids(chunks: pa.Table) -> np.ndarray:
     )
 
 
+def nan_stats(
+    v: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """``sum``/``min``/``max``/``first``/``last`` per group ``[starts, ends)`` of ``v``,
+    each with its null mask (None: no nulls), as the row path (``partials.raw_partials``)
+    has them: a NaN value is a point without a number — left out of sum/min/max (null
+    where a group has no other), and a NaN first/last value is null."""
+    first, last = v[starts], v[ends - 1]
+    nan = np.isnan(v)
+    if not nan.any():  # the common case: plain reductions, no masks
+        return {
+            "sum": (np.add.reduceat(v, starts), None),
+            "min": (np.minimum.reduceat(v, starts), None),
+            "max": (np.maximum.reduceat(v, starts), None),
+            "first": (first, None),
+            "last": (last, None),
+        }
+    none = np.logical_and.reduceat(nan, starts)
+    return {
+        "sum": (np.add.reduceat(np.where(nan, 0.0, v), starts), none),
+        "min": (np.fmin.reduceat(v, starts), none),
+        "max": (np.fmax.reduceat(v, starts), none),
+        "first": (first, np.isnan(first)),
+        "last": (last, np.isnan(last)),
+    }
+
+
 def decoded_partials(
     chunks: pa.Table, start: float, end: float, bucket: float, *, dictionary: bool = False
 ) -> pa.Table | None:
@@ -420,6 +448,7 @@ def decoded_partials(
     starts = np.flatnonzero(np.r_[True, gkey[1:] != gkey[:-1]])
     ends = np.r_[starts[1:], n]
     counts = np.diff(np.r_[starts, n])
+    stats = nan_stats(v, starts, ends)
     # the first chunk row of each series gives its names
     first_row = np.zeros(int(series.max()) + 1, dtype=np.int64)
     first_row[series[::-1]] = np.arange(m)[::-1]
@@ -427,11 +456,7 @@ def decoded_partials(
     cols: dict[str, pa.Array] = {
         "ts": pa.array(bidx[starts] * b, TS_TYPE),
         "count": pa.array(counts, pa.int64()),
-        "sum": pa.array(np.add.reduceat(v, starts), pa.float64()),
-        "min": pa.array(np.minimum.reduceat(v, starts), pa.float64()),
-        "max": pa.array(np.maximum.reduceat(v, starts), pa.float64()),
-        "first": pa.array(v[starts], pa.float64()),
-        "last": pa.array(v[ends - 1], pa.float64()),
+        **{c: pa.array(a, pa.float64(), mask=m) for c, (a, m) in stats.items()},
         "first_str": pa.nulls(len(starts), pa.string()),
         "last_str": pa.nulls(len(starts), pa.string()),
         "first_ts": pa.array(t[starts], TS_TYPE),

@@ -315,7 +315,7 @@ def from_raw_chunks(
         return PCHUNK_SCHEMA.empty_table()
     if rows.column("s_blob").null_count < m:
         return None
-    from twin.timeseries.chunks import series_ids
+    from twin.timeseries.chunks import nan_stats, series_ids
 
     sid = series_ids(rows)
     bounds = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1], True])
@@ -331,6 +331,7 @@ def from_raw_chunks(
     ft_b: list[bytes] = []
     f_b: list[bytes] = []
     x_b: list[bytes | None] = []
+    m_b: list[bytes | None] = []
     firsts: list[int] = []
     meta_min: list[int] = []
     meta_max: list[int] = []
@@ -362,7 +363,22 @@ def from_raw_chunks(
         starts = np.flatnonzero(np.r_[True, bidx[1:] != bidx[:-1]])
         ends = np.r_[starts[1:], t.size]
         count = ends - starts
-        first, last = v[starts], v[ends - 1]
+        multi = np.flatnonzero(count > 1)
+        mcode = None
+        if multi.size or np.isnan(v).any():
+            # sum/min/max/last where a bucket has more than one point, NaN values as the
+            # row path has them (no number: null where a bucket has no other; rare)
+            stats = nan_stats(v, starts, ends)
+            fl = {c: a if m is None else np.where(m, 0.0, a) for c, (a, m) in stats.items()}
+            if any(m is not None for _a, m in stats.values()):
+                mcode = np.full(starts.size, _ALL_SET, dtype=np.int64)
+                for j, c in enumerate(_NULLABLE):
+                    m = stats[c][1] if c in stats else None
+                    if m is not None:
+                        mcode &= ~(m.astype(np.int64) << j)
+        else:
+            fl = {"first": v[starts]}
+        first = fl["first"]
         ft, lt = t[starts], t[ends - 1]
         k = starts.size
         t_b.append(b"\0")  # bucket starts = first_ts floored: derived
@@ -373,24 +389,17 @@ def from_raw_chunks(
             n_b.append(codec.encode_values(count.astype(np.float64), _L))
         ft_b.append(codec.encode_ts(ft, _L))
         f_b.append(codec.encode_values(first, _L))
-        multi = np.flatnonzero(count > 1)
-        if multi.size:
-            extra = {
-                "last": last,
-                "sum": np.add.reduceat(v, starts),
-                "min": np.minimum.reduceat(v, starts),
-                "max": np.maximum.reduceat(v, starts),
-            }
+        m_b.append(None if mcode is None else codec.encode_codes(mcode))
+        idx = multi
+        if len(fl) > 1:
             fb = first.view(np.int64)
             differs = lt != ft
             for c in _EXTRA:
-                differs |= extra[c].view(np.int64) != fb
+                differs |= fl[c].view(np.int64) != fb
             idx = np.flatnonzero(differs)
-        else:
-            idx = multi
         if idx.size:
             parts = [codec.encode_ts(idx, _L), codec.encode_ts(lt[idx], _L)]
-            parts += [codec.encode_values(extra[c][idx], _L) for c in _EXTRA]
+            parts += [codec.encode_values(fl[c][idx], _L) for c in _EXTRA]
             x_b.append(_pack(parts))
         else:
             x_b.append(None)
@@ -414,7 +423,7 @@ def from_raw_chunks(
         "ft_blob": pa.array(ft_b, pa.binary()),
         "f_blob": pa.array(f_b, pa.binary()),
         "x_blob": pa.array(x_b, pa.binary()),
-        "m_blob": pa.nulls(r, pa.binary()),
+        "m_blob": pa.array(m_b, pa.binary()),
         "s_blob": pa.nulls(r, pa.binary()),
     }
     for name in SERIES_COLUMNS:
