@@ -7,7 +7,63 @@ from typing import Any
 
 import trio
 
+from tests.runtime.helpers import model
 from twin.control.ledger import SENT, Catalog, DeviceCommand, Ledger, MemoryStore
+
+
+def fan_model(*, speed: bool = False, sets: bool = False, **commands: Any) -> dict[str, Any]:
+    """The fan DeviceModel of the engine tests: ``current`` telemetry, a ``power`` property
+    (and ``speed`` 0-100 when asked), a ``set_state {state: boolean}`` command (declaring that
+    it sets ``power`` when ``sets``), then ``commands``."""
+    properties: dict[str, Any] = {"power": {"type": "boolean", "access": "readwrite"}}
+    if speed:
+        properties["speed"] = {"type": "integer", "min": 0, "max": 100, "access": "readwrite"}
+    set_state: dict[str, Any] = {
+        "params": {
+            "type": "object",
+            "required": ["state"],
+            "properties": {"state": {"type": "boolean"}},
+        }
+    }
+    if sets:
+        set_state["sets"] = {"power": {"param": "state"}}
+    return model(
+        "fan",
+        telemetry={"current": {"type": "number"}},
+        properties=properties,
+        commands={"set_state": set_state, **commands},
+    )
+
+
+def fan_on_when_hot(*more_actions: dict[str, Any]) -> dict[str, Any]:
+    """The Scene that turns fan_01 on (``set_state``, waiting for the device) when
+    temp_sensor_01 reads above 30, then runs ``more_actions``."""
+    return {
+        "apiVersion": "flux.iot/v1",
+        "kind": "Scene",
+        "metadata": {"name": "fan-on-when-hot", "site": "plant-a"},
+        "spec": {
+            "triggers": [
+                {
+                    "type": "device_data",
+                    "device": "temp_sensor_01",
+                    "point": "temperature",
+                    "operator": ">",
+                    "value": 30,
+                }
+            ],
+            "actions": [
+                {
+                    "type": "command",
+                    "device": "fan_01",
+                    "command": "set_state",
+                    "params": {"state": True},
+                    "wait": True,
+                },
+                *more_actions,
+            ],
+        },
+    }
 
 
 def docs() -> dict[tuple[str, str], dict[str, Any]]:
@@ -106,4 +162,4 @@ def make_ledger(
     return ledger, store, transport
 
 
-__all__ = ["SENT", "FakeTransport", "docs", "make_ledger"]
+__all__ = ["SENT", "FakeTransport", "docs", "fan_model", "fan_on_when_hot", "make_ledger"]

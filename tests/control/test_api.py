@@ -22,6 +22,8 @@ from twin.control.service import ControlService
 from twin.registry import open_registry
 from twin.runtime.engine import Engine
 
+from .helpers import fan_model
+
 USERS = {"admin": "admin", "oper": "operator", "viewer": "viewer"}
 
 
@@ -35,25 +37,10 @@ class Served:
 
 
 def docs() -> list[dict[str, Any]]:
-    fan = model(
-        "fan",
-        telemetry={"current": {"type": "number"}},
-        properties={"power": {"type": "boolean", "access": "readwrite"}},
-        commands={
-            "set_state": {
-                "params": {
-                    "type": "object",
-                    "required": ["state"],
-                    "properties": {"state": {"type": "boolean"}},
-                }
-            },
-            "reboot": {},
-        },
-    )
     return [
         site(),
         model(),
-        fan,
+        fan_model(reboot={}),
         sim_device("t1", interval="200ms", tags=["hvac"]),
         sim_device(
             "fan_01",

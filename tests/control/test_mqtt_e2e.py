@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.control.helpers import fan_model, fan_on_when_hot
 from tests.mqtt.conftest import Client, run_sync
 from tests.runtime.helpers import apply, eventually, fast_config, model, site
 from twin.api.auth import create_device_key
@@ -37,45 +38,8 @@ def mqtt_device(name: str, model_: str, type_: str) -> dict[str, Any]:
     }
 
 
-FAN = model(
-    "fan",
-    telemetry={"current": {"type": "number"}},
-    properties={"power": {"type": "boolean", "access": "readwrite"}},
-    commands={
-        "set_state": {
-            "params": {
-                "type": "object",
-                "required": ["state"],
-                "properties": {"state": {"type": "boolean"}},
-            }
-        }
-    },
-)
-SCENE = {
-    "apiVersion": "flux.iot/v1",
-    "kind": "Scene",
-    "metadata": {"name": "fan-on-when-hot", "site": "plant-a"},
-    "spec": {
-        "triggers": [
-            {
-                "type": "device_data",
-                "device": "temp_sensor_01",
-                "point": "temperature",
-                "operator": ">",
-                "value": 30,
-            }
-        ],
-        "actions": [
-            {
-                "type": "command",
-                "device": "fan_01",
-                "command": "set_state",
-                "params": {"state": True},
-                "wait": True,
-            }
-        ],
-    },
-}
+FAN = fan_model()
+SCENE = fan_on_when_hot()
 
 
 def fan_firmware(dev: Client, v5: bool, stop: threading.Event, executed: list[Any]) -> None:

@@ -14,7 +14,6 @@ import trio
 from runtime.helpers import (
     eventually,
     fast_config,
-    model,
     running_engine,
     sim_device,
     site,
@@ -27,26 +26,10 @@ from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.spec.plan import make_plan
 
+from .helpers import fan_model
+
 
 def fan_docs(speed: int = 40) -> list[dict[str, Any]]:
-    fan_model = model(
-        "fan",
-        telemetry={"current": {"type": "number"}},
-        properties={
-            "power": {"type": "boolean", "access": "readwrite"},
-            "speed": {"type": "integer", "min": 0, "max": 100, "access": "readwrite"},
-        },
-        commands={
-            "set_state": {
-                "params": {
-                    "type": "object",
-                    "required": ["state"],
-                    "properties": {"state": {"type": "boolean"}},
-                },
-                "sets": {"power": {"param": "state"}},
-            }
-        },
-    )
     fan = sim_device(
         "fan_01",
         model_="fan",
@@ -55,7 +38,7 @@ def fan_docs(speed: int = 40) -> list[dict[str, Any]]:
         points={"current": {"wave": "constant", "value": 1}},
         desired={"power": False, "speed": speed},
     )
-    return [site(), fan_model, fan]
+    return [site(), fan_model(speed=True, sets=True), fan]
 
 
 def _apply(reg: Registry, docs: list[dict[str, Any]]) -> int | None:

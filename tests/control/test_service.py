@@ -15,57 +15,17 @@ from twin.errors import BindingError
 from twin.registry import open_registry
 from twin.runtime.state import ReportedValue, TwinStore
 
-from .helpers import make_ledger
+from .helpers import fan_model, fan_on_when_hot, make_ledger
 
 
 def fan_site() -> list[dict[str, Any]]:
-    fan_model = model(
-        "fan",
-        telemetry={"current": {"type": "number"}},
-        properties={
-            "power": {"type": "boolean", "access": "readwrite"},
-            "speed": {"type": "integer", "min": 0, "max": 100, "access": "readwrite"},
-        },
-        commands={
-            "set_state": {
-                "params": {
-                    "type": "object",
-                    "required": ["state"],
-                    "properties": {"state": {"type": "boolean"}},
-                }
-            }
-        },
+    scene = fan_on_when_hot(
+        {"type": "set_desired", "device": "fan_01", "property": "speed", "value": 80}
     )
-    scene = {
-        "apiVersion": "flux.iot/v1",
-        "kind": "Scene",
-        "metadata": {"name": "fan-on-when-hot", "site": "plant-a"},
-        "spec": {
-            "triggers": [
-                {
-                    "type": "device_data",
-                    "device": "temp_sensor_01",
-                    "point": "temperature",
-                    "operator": ">",
-                    "value": 30,
-                }
-            ],
-            "actions": [
-                {
-                    "type": "command",
-                    "device": "fan_01",
-                    "command": "set_state",
-                    "params": {"state": True},
-                    "wait": True,
-                },
-                {"type": "set_desired", "device": "fan_01", "property": "speed", "value": 80},
-            ],
-        },
-    }
     return [
         site(),
         model(),
-        fan_model,
+        fan_model(speed=True),
         sim_device(
             "temp_sensor_01",
             interval="100ms",

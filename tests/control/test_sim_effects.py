@@ -14,26 +14,17 @@ from twin.control.service import ControlService, EngineEffects
 from twin.registry import open_registry
 from twin.sim.effects import Response, make_effects
 
+from .helpers import fan_model
+
 
 def plant() -> list[dict[str, Any]]:
-    fan_model = model(
-        "fan",
-        telemetry={"current": {"type": "number"}},
-        properties={
-            "power": {"type": "boolean", "access": "readwrite"},
-            "speed": {"type": "integer", "min": 0, "max": 100, "access": "readwrite"},
-        },
-        commands={
-            "set_state": {
-                "params": {"type": "object", "required": ["state"],
-                           "properties": {"state": {"type": "boolean"}}},
-                "sets": {"power": {"param": "state"}},
-            },
-            "set_value": {
-                "params": {"type": "object", "required": ["value"],
-                           "properties": {"value": {"type": "integer"}}},
-                "sets": {"speed": {"param": "value"}},
-            },
+    fan_ = fan_model(
+        speed=True,
+        sets=True,
+        set_value={
+            "params": {"type": "object", "required": ["value"],
+                       "properties": {"value": {"type": "integer"}}},
+            "sets": {"speed": {"param": "value"}},
         },
     )
     plc_model = model(
@@ -75,7 +66,7 @@ def plant() -> list[dict[str, Any]]:
                          "params": {"state": True}}],
         },
     }
-    return [site(), model(), fan_model, plc_model, fan, room, plc, scene]
+    return [site(), model(), fan_, plc_model, fan, room, plc, scene]
 
 
 def value(engine: Any, device: str, point: str) -> Any:
