@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import queue
+import signal
 import socket
+import subprocess
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -189,3 +191,28 @@ class Raw:
 
 async def run_sync(fn: Any, *args: Any) -> Any:
     return await trio.to_thread.run_sync(fn, *args)
+
+
+def roundtrip(cl: paho.Client, port: int, topic: str, payload: bytes = b"hello") -> bytes:
+    """Connect ``cl``, subscribe to ``topic``, publish ``payload`` there: what came back."""
+    got: queue.Queue[bytes] = queue.Queue()
+    cl.on_message = lambda _c, _u, m: got.put(bytes(m.payload))
+    cl.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic, 1)
+    cl.on_subscribe = lambda c, *_: c.publish(topic, payload, 1)
+    cl.connect("127.0.0.1", port)
+    cl.loop_start()
+    try:
+        return got.get(timeout=WAIT)
+    finally:
+        cl.disconnect()
+        cl.loop_stop()
+
+
+def interrupt(proc: subprocess.Popen[Any]) -> None:
+    """Stop a ``twin`` process as Ctrl-C does; kill it if it has not ended 20 s later."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -6,7 +6,6 @@ Real paho-mqtt clients against the real `twin broker` process."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from twin.bindings.mqtt import device_topics
 from twin.registry import open_registry
 from twin.registry.base import Registry
 
-from .conftest import Client
+from .conftest import Client, interrupt
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "password123"
@@ -78,12 +77,7 @@ def port(tmp_path: Path, keys: dict[str, str]) -> Iterator[int]:
         assert line.startswith("mqtt 127.0.0.1:"), line
         yield int(line.rsplit(":", 1)[1])
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 def reason(cl: Client) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import signal
 import socket
 import ssl
 import subprocess
@@ -25,23 +24,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from twin.mqtt.broker import Broker, BrokerConfig
 from twin.runtime.mqtt_auth import RegistryAuth
 
-from .conftest import WAIT, run_sync
+from .conftest import WAIT, interrupt, roundtrip, run_sync
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _roundtrip(cl: paho.Client, port: int, topic: str) -> bytes:
-    got: queue.Queue[bytes] = queue.Queue()
-    cl.on_message = lambda _c, _u, m: got.put(bytes(m.payload))
-    cl.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(topic, 1)
-    cl.on_subscribe = lambda c, *_: c.publish(topic, b"hello", 1)
-    cl.connect("127.0.0.1", port)
-    cl.loop_start()
-    try:
-        return got.get(timeout=WAIT)
-    finally:
-        cl.disconnect()
-        cl.loop_stop()
 
 
 async def test_websocket_listener(nursery: trio.Nursery) -> None:
@@ -52,7 +37,7 @@ async def test_websocket_listener(nursery: trio.Nursery) -> None:
     def scenario() -> bytes:
         cl = paho.Client(CallbackAPIVersion.VERSION2, client_id="ws", transport="websockets")
         cl.ws_set_options(path="/mqtt")
-        return _roundtrip(cl, port, "ws/t")
+        return roundtrip(cl, port, "ws/t")
 
     assert await run_sync(scenario) == b"hello"
 
@@ -167,7 +152,7 @@ def test_twin_broker_cli(tmp_path: Path) -> None:
         assert line.startswith("mqtt 127.0.0.1:"), line
         port = int(line.rsplit(":", 1)[1])
         cl = paho.Client(CallbackAPIVersion.VERSION2, client_id="cli")
-        assert _roundtrip(cl, port, "cli/t") == b"hello"
+        assert roundtrip(cl, port, "cli/t") == b"hello"
         # a second broker on the same port: one line and a hint, exit code 1
         with socket.create_connection(("127.0.0.1", port)):
             pass
@@ -178,12 +163,7 @@ def test_twin_broker_cli(tmp_path: Path) -> None:
         assert lines[0] == f"error: mqtt: address 127.0.0.1:{port} is already in use", err
         assert lines[1].startswith("hint: ") and "--listen" in lines[1]
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 @pytest.mark.parametrize("bad", ["nonsense:port"])
@@ -247,12 +227,7 @@ def test_twin_broker_wss_and_max_keep_alive(tmp_path: Path) -> None:
         rc, props = _wss_connack(int(lines[1].rsplit(":", 1)[1]), ca_file)
         assert not rc.is_failure and props.ServerKeepAlive == 7
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
     # wss without a certificate: one line, before anything starts
     p = _twin(tmp_path, "broker", "--wss-listen", "127.0.0.1:0", "--no-auth")
     _, err = p.communicate(timeout=60)

@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from twin.mqtt.broker import Broker, BrokerConfig
 
-from .conftest import WAIT, run_sync
+from .conftest import roundtrip, run_sync
 
 
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
@@ -53,21 +53,9 @@ async def test_tls_listener(nursery: trio.Nursery, tmp_path: Path) -> None:
     port = b.tls_addresses[0][1]
 
     def scenario() -> bytes:
-        import queue
-
-        got: queue.Queue[bytes] = queue.Queue()
         cl = paho.Client(CallbackAPIVersion.VERSION2, client_id="tls")
         cl.tls_set(ca_certs=str(cert))
         cl.tls_insecure_set(True)  # certificate is for "localhost", we dial 127.0.0.1
-        cl.on_message = lambda _c, _u, m: got.put(bytes(m.payload))
-        cl.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe("tls/t", 1)
-        cl.on_subscribe = lambda c, *_: c.publish("tls/t", b"secure", 1)
-        cl.connect("127.0.0.1", port)
-        cl.loop_start()
-        try:
-            return got.get(timeout=WAIT)
-        finally:
-            cl.disconnect()
-            cl.loop_stop()
+        return roundtrip(cl, port, "tls/t", b"secure")
 
     assert await run_sync(scenario) == b"secure"

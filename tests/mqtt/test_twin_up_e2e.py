@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import WAIT, Client
+from .conftest import WAIT, Client, interrupt
 from .test_listeners_cli import ROOT
 
 DEVICES = """\
@@ -48,8 +47,8 @@ def _twin(tmp_path: Path, *args: str) -> str:
     return out.stdout
 
 
-@pytest.mark.slow
-def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
+def _demo_with_mq1(tmp_path: Path) -> str:
+    """Apply the demo site plus the MQTT device mq1; mq1's new device key."""
     site = tmp_path / "site"
     site.mkdir()
     for name in ("site.yaml", "models.yaml", "plugins.yaml"):  # a demo model names a plugin
@@ -57,7 +56,12 @@ def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "sites" / "demo" / "plugins", site / "plugins")
     (site / "devices.yaml").write_text(DEVICES)
     _twin(tmp_path, "apply", str(site))
-    key = _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
+    return _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
+    key = _demo_with_mq1(tmp_path)
     _twin(tmp_path, "user", "add", "admin", "--role", "admin", "--password", "adminpass1")
     token = _twin(tmp_path, "token", "create", "admin").strip().splitlines()[-1]
     proc = subprocess.Popen(
@@ -112,26 +116,14 @@ def test_twin_up_embedded_broker_end_to_end(tmp_path: Path) -> None:
         assert "twin_mqtt_clients_connected 1.0" in metrics
         dev.close()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
 
 
 @pytest.mark.slow
 def test_twin_up_wss_listener_and_max_keep_alive(tmp_path: Path) -> None:
     from .test_listeners_cli import _server_cert, _wss_connack
 
-    site = tmp_path / "site"
-    site.mkdir()
-    for name in ("site.yaml", "models.yaml", "plugins.yaml"):  # a demo model names a plugin
-        shutil.copy(ROOT / "sites" / "demo" / name, site / name)
-    shutil.copytree(ROOT / "sites" / "demo" / "plugins", site / "plugins")
-    (site / "devices.yaml").write_text(DEVICES)
-    _twin(tmp_path, "apply", str(site))
-    key = _twin(tmp_path, "device-key", "create", "mq1").strip().splitlines()[-1]
+    key = _demo_with_mq1(tmp_path)
     ca_file, cert, keyfile = _server_cert(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "twin.cli", "--state-dir", str(tmp_path / "st"), "up", "--no-api",
@@ -153,9 +145,4 @@ def test_twin_up_wss_listener_and_max_keep_alive(tmp_path: Path) -> None:
         rc, props = _wss_connack(wss, ca_file, "mq1", key)
         assert not rc.is_failure and props.ServerKeepAlive == 9
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
