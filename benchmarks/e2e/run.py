@@ -284,6 +284,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=20, help="QoS 1: un-acked per connection")
     ap.add_argument("--rate", type=float, default=0.0, help="messages/s in total (0: max)")
     ap.add_argument("--profile", action="store_true", help="py-spy the engine (pip py-spy)")
+    ap.add_argument("--gil", action="store_true",
+                    help="--profile: only samples of the thread holding the GIL (py-spy --gil)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="twin-e2e-"))
@@ -387,7 +389,8 @@ def main() -> None:
         spy_out = tmp / "profile.txt"
         spy = subprocess.Popen(
             ["py-spy", "record", "--pid", str(up.pid), "--format", "raw", "--rate", "200",
-             "--duration", str(int(args.seconds) + 1), "--nonblocking", "-o", str(spy_out)],
+             "--duration", str(int(args.seconds) + 1), "--nonblocking", "-o", str(spy_out),
+             *(["--gil"] if args.gil else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     c0, t0 = cpu_seconds(up.pid), time.monotonic()

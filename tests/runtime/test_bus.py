@@ -42,3 +42,22 @@ async def test_filters() -> None:
         except trio.WouldBlock:
             pass
     assert len(bus) == 0
+
+
+async def test_unlogged_filter_skips_readings_already_in_the_write_ahead_log() -> None:
+    bus = Bus()
+    with (
+        bus.subscribe(Filter.of(kinds=["reading"], unlogged=True)) as store_pump,
+        bus.subscribe(Filter.of(kinds=["reading"])) as everyone,
+    ):
+        bus.publish(ev(1))
+        bus.publish({**ev(2), "logged": True})
+        bus.publish(ev(3))
+        got = []
+        while True:
+            try:
+                got.append(store_pump.receive.receive_nowait()["i"])
+            except trio.WouldBlock:
+                break
+        assert got == [1, 3]
+        assert [everyone.receive.receive_nowait()["i"] for _ in range(3)] == [1, 2, 3]

@@ -493,6 +493,14 @@ class ControlService:
             try:
                 async for event in sub.receive:
                     self._feed(event)
+                    # what is queued already, in the same turn: a receive per event is a Trio
+                    # checkpoint, a scheduling round per reading under MQTT load
+                    while True:
+                        try:
+                            event = sub.receive.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break  # closed: the async for's next receive ends the loop
+                        self._feed(event)
             finally:
                 self.engine.bus.close(sub)
             log.warning("scenes: fell behind the bus and were dropped; resubscribing")

@@ -28,6 +28,9 @@ class Filter:
     groups: frozenset[str] | None = None
     devices: frozenset[str] | None = None
     kinds: frozenset[str] | None = None
+    unlogged: bool = False
+    """Only events not marked ``"logged": true`` (readings already in the write-ahead log:
+    the time-series service stores those from the log, so the bus need not queue them)."""
 
     @classmethod
     def of(
@@ -36,14 +39,17 @@ class Filter:
         groups: Iterable[str] | None = None,
         devices: Iterable[str] | None = None,
         kinds: Iterable[str] | None = None,
+        unlogged: bool = False,
     ) -> Filter:
         def fz(v: Iterable[str] | None) -> frozenset[str] | None:
             return None if v is None else frozenset(v)
 
-        return cls(fz(sites), fz(groups), fz(devices), fz(kinds))
+        return cls(fz(sites), fz(groups), fz(devices), fz(kinds), unlogged)
 
     def matches(self, event: dict[str, Any]) -> bool:
         if self.kinds is not None and event["kind"] not in self.kinds:
+            return False
+        if self.unlogged and event.get("logged"):
             return False
         if self.devices is not None and event.get("device") not in self.devices:
             return False

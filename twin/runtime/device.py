@@ -195,6 +195,7 @@ class DeviceTask:
         self.attempts = 0
         self._rng = random.Random(zlib.crc32(config.name.encode()))
         self._readings_counter: Any = None
+        self._uncounted = 0
         self.bad_values = 0  # values dropped here (an edge failed to refuse them)
         self.twin = self._init_twin()
 
@@ -386,14 +387,17 @@ class DeviceTask:
                     transform = transform_of(self.config.doc, self.config.model)
                     if transform is not None:  # one plugin call per batch of what is queued
                         batch = await self._transform(transform, batch)
-                    for message in batch:
-                        try:
-                            self.handle(message)
-                        except Exception as exc:  # a bug: restart the device (its supervisor)
-                            raise DeviceTaskError(
-                                f"device {self.name}: handling {type(message).__name__} failed: "
-                                f"{type(exc).__name__}: {exc}"
-                            ) from exc
+                    try:
+                        for message in batch:
+                            try:
+                                self.handle(message)
+                            except Exception as exc:  # a bug: restart the device (supervisor)
+                                raise DeviceTaskError(
+                                    f"device {self.name}: handling {type(message).__name__} "
+                                    f"failed: {type(exc).__name__}: {exc}"
+                                ) from exc
+                    finally:
+                        self._count()
             raise SubscriptionEnded(f"device {self.name}: subscription ended")
 
     async def _transform(self, name: str, batch: list[Message]) -> list[Message]:
@@ -429,6 +433,13 @@ class DeviceTask:
                 self.bad_values,
             )
 
+    def _count(self) -> None:
+        """The readings :meth:`handle` took since the last call → the /metrics counter."""
+        if self._uncounted:
+            if self._readings_counter is not None:
+                self._readings_counter.inc(self._uncounted)
+            self._uncounted = 0
+
     # -- the hot path ------------------------------------------------------------------------
     def handle(self, message: Message, size: int = 0) -> None:
         twin = self.twin
@@ -443,8 +454,7 @@ class DeviceTask:
                 self._bad_value(message)
                 return
             twin.reported[message.point] = ReportedValue(message.value, message.ts, message.quality)
-            if self._readings_counter is not None:
-                self._readings_counter.inc()
+            self._uncounted += 1  # on /metrics per batch (_count): Counter.inc is ~0.5 us
             if message.quality is not Quality.STALE:  # stale: the binding speaks, not the device
                 m.last_latency = max(0.0, now - message.ts)
                 self._seen()

@@ -387,6 +387,8 @@ def durability_hook(engine: Any, hub: Any) -> Any:
     from twin.runtime.timeseries_service import timeseries_of
     from twin.timeseries.wal import WalBusy, WalError, WalFull
 
+    _set_logged = object.__setattr__  # Reading is frozen (see the hook)
+
     def code(exc: WalError) -> int:
         return 0x97 if isinstance(exc, WalFull | WalBusy) else 0x80
 
@@ -432,14 +434,18 @@ def durability_hook(engine: Any, hub: Any) -> Any:
             return code(exc)
         if batch is None:
             return None
-        # marked as logged (the store takes them from the log, not from the bus); built
-        # directly: dataclasses.replace per reading was ~9 % of the engine's CPU here
-        logged = [
-            Reading(r.device, r.point, r.value, r.ts, r.quality, True)
-            if r.value is not None and type(r) is Reading
-            else dataclasses.replace(r, logged=True) if r.value is not None else r
-            for r in readings
-        ]
+        # marked as logged (the store takes them from the log, not from the bus). In place:
+        # these readings were made for this publish and are now in the log's batch, so the
+        # mark is true wherever they are referenced; building a frozen Reading again per
+        # reading cost ~0.9 us (a few % of the engine at 40k readings/s)
+        logged = []
+        for r in readings:
+            if r.value is not None:
+                if type(r) is Reading:
+                    _set_logged(r, "logged", True)
+                else:
+                    r = dataclasses.replace(r, logged=True)
+            logged.append(r)
         return dataclasses.replace(msg, logged=logged), Durable(svc, batch)
 
     return hook

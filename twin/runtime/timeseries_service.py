@@ -57,7 +57,8 @@ acknowledged reading survives ``kill -9``. This service owns the log:
   record above the checkpoint goes to the writer, then the service waits (up to
   ``replay_wait`` s) until it is flushed and checkpointed.
 * **Feed**: each committed batch goes to the writer in LSN order (``wal_pos``); those readings
-  reach the bus marked ``"logged": true`` and the pump skips them (stored once, not twice).
+  reach the bus marked ``"logged": true`` and the pump's subscription does not take them
+  (``Filter.unlogged``: stored once, not twice, and not queued for nothing).
 * **Truncate**: after each flush the writer reports the highest WAL position it stored; the
   checkpointer records it durably and the log drops the segments below it.
 * **Duplicates**: a crash between a store write and its checkpoint replays readings the store
@@ -111,6 +112,9 @@ WAL_ALARM = "wal_write_failed"
 
 _QUALITY = {q.name.lower(): int(q) for q in Quality}
 _PLAIN_VALUES = frozenset({float, int, bool, str, type(None)})
+_READINGS = Filter.of(kinds=["reading"], unlogged=True)
+"""The pump's subscription: readings not in the write-ahead log (those come from the log;
+the bus does not even queue them for the pump)."""
 
 
 class _Prom:
@@ -264,9 +268,7 @@ class TimeSeriesService:
         self._engine = engine
         state_dir = engine.config.state_dir
         # subscribe first: readings published while the store opens are buffered, not lost
-        sub = engine.bus.open(
-            Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
-        )
+        sub = engine.bus.open(_READINGS, buffer=self.bus_buffer, name="timeseries")
         owned = self.store is None
         if self.store is None:
             self.store = await trio.to_thread.run_sync(
@@ -578,9 +580,7 @@ class TimeSeriesService:
                     log.error(
                         "timeseries: writer fell behind the bus; readings were lost; resubscribing"
                     )
-                    sub = engine.bus.open(
-                        Filter.of(kinds=["reading"]), buffer=self.bus_buffer, name="timeseries"
-                    )
+                    sub = engine.bus.open(_READINGS, buffer=self.bus_buffer, name="timeseries")
                     continue
                 chunk: list[Record] = []
                 event: dict[str, Any] | None = first
