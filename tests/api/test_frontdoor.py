@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,23 @@ HEALTH = b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n"
 Response = tuple[int, dict[str, str], bytes]
 
 
+Door = tuple[Api, dict[str, str], TimeSeriesService]
+
+
 @pytest.fixture
-async def door(tmp_path: Path) -> AsyncIterator[tuple[Api, dict[str, str], TimeSeriesService]]:
+async def door(tmp_path: Path) -> AsyncIterator[Door]:
+    async with open_door(tmp_path) as d:
+        yield d
+
+
+@asynccontextmanager
+async def open_door(tmp_path: Path, **settings_kw: Any) -> AsyncIterator[Door]:
     settings = ApiSettings(
         state_dir=tmp_path / "state",
         rate_per_token=Rate(10_000, 10_000),
         rate_per_client=Rate(10_000, 10_000),
         rate_ingest_per_device=Rate(0.01, 40),  # 40 requests per device, then 429
+        **settings_kw,
     )
     docs = [
         *demo_docs(),
@@ -308,3 +319,155 @@ def test_what_the_door_serves() -> None:
         12,
         True,
     )
+
+
+# --- slow and too many clients, bad requests: only that connection ---------------------------
+
+@pytest.fixture
+async def guarded(tmp_path: Path) -> AsyncIterator[Door]:
+    async with open_door(
+        tmp_path, request_head_timeout=0.5, request_body_timeout=0.5, max_connections=4
+    ) as d:
+        yield d
+
+
+def port_of(api: Api) -> int:
+    return int(api.url.rsplit(":", 1)[1])
+
+
+async def closed_after(stream: trio.SocketStream, buf: bytearray) -> Response:
+    """The one answer left on a connection the server closes after it."""
+    answer = await read_response(stream, buf)
+    assert answer[1]["connection"] == "close"
+    with trio.fail_after(30):  # a bound on a hang, not a timing assertion
+        assert buf == b"" and await stream.receive_some(100) == b""
+    return answer
+
+
+async def test_half_sent_requests_get_408_and_only_theirs_close(guarded: Door) -> None:
+    api, keys, _ = guarded
+    fd = door_of(api)
+    key = f"X-Device-Key: {keys['push1']}"
+    good = request("push1", b'{"values": {"temperature": 2}}', key)
+    port = port_of(api)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as keeper:
+        kbuf = bytearray()
+        await keeper.send_all(good)
+        assert (await read_response(keeper, kbuf))[0] == 200
+        cases = [
+            (good[: good.index(b"\r\n\r\n")], "head"),  # the head never ends
+            (good[:-5], "body"),  # the body stops 5 bytes short of its Content-Length
+            (good + good[:40], "head"),  # a pipelined second request stops half-way
+        ]
+        for data, what in cases:
+            timed_out = fd.timed_out
+            async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+                await s.send_all(data)
+                buf = bytearray()
+                if what == "head" and data.startswith(good):
+                    assert (await read_response(s, buf))[0] == 200
+                status, headers, body = await closed_after(s, buf)
+                assert status == 408, body
+                assert json.loads(body) == {
+                    "detail": f"request {what} not received within 0.5 s"
+                }
+                assert "date" in headers and headers["content-type"] == "application/json"
+            assert fd.timed_out == timed_out + 1
+            # the other connection was never disturbed
+            await keeper.send_all(good)
+            assert (await read_response(keeper, kbuf))[0] == 200
+
+
+async def test_a_trickled_head_is_cut_off(guarded: Door) -> None:
+    """Slowloris: a byte every 50 ms keeps every read short, the head never completes; the
+    deadline runs from the head's first byte."""
+    api, keys, _ = guarded
+    fd = door_of(api)
+    data = request("push1", b"{}", f"X-Device-Key: {keys['push1']}", "X-Pad: " + "a" * 2000)
+    async with await trio.open_tcp_stream("127.0.0.1", port_of(api)) as s:
+
+        async def trickle() -> None:
+            try:
+                for i in range(len(data)):
+                    await s.send_all(data[i : i + 1])
+                    await trio.sleep(0.05)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            buf = bytearray()
+            status, _, body = await read_response(s, buf)
+            nursery.cancel_scope.cancel()
+        assert status == 408, body
+        assert fd.timed_out == 1 and fd.served == 0
+
+
+async def test_connections_above_the_cap_get_503(guarded: Door) -> None:
+    api, keys, _ = guarded
+    fd = door_of(api)
+    port = port_of(api)
+    good = request("push1", b"{}", f"X-Device-Key: {keys['push1']}")
+    await eventually(lambda: fd.connections == 0)  # the fixture's own HTTP client is gone
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(4)]
+    try:
+        await held[0].send_all(HEALTH)  # one of them handed to hypercorn: it counts too
+        assert (await read_response(held[0], bytearray()))[0] == 200
+        await eventually(lambda: fd.connections == 4)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+            await s.send_all(good)
+            status, headers, body = await closed_after(s, bytearray())
+        assert status == 503 and headers["retry-after"] == "1"
+        assert json.loads(body) == {
+            "detail": "too many open connections (limit 4); try again"
+        }
+        assert fd.refused == 1
+        # the held connections still work
+        for h in held[1:]:
+            await h.send_all(good)
+            assert (await read_response(h, bytearray()))[0] == 200
+    finally:
+        for h in held:
+            await h.aclose()
+    await eventually(lambda: fd.connections == 0)
+    [(status, _, _)] = await exchange(api, good, via="door")
+    assert status == 200
+
+
+async def test_bad_requests_close_only_their_connection(door: Door) -> None:
+    api, keys, _ = door
+    key = f"X-Device-Key: {keys['push1']}"
+    good = request("push1", b'{"values": {"temperature": 3}}', key)
+    bad = [
+        (b"POST /api/v1/ingest/push1 HTTP/1.1\r\nHost t\r\n\r\n", 400),  # malformed field
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40, None),  # TLS hello
+        (b"BREW /pot HTTP/1.1\r\n\r\n", 400),
+        (request("push1", b"{}", key, "X-Pad: " + "a" * 100_000), 431),  # a 100 KB head
+        (request("push1", b"{}", key, length=-5), 400),
+    ]
+    port = port_of(api)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as keeper:
+        kbuf = bytearray()
+        for data, status in bad:
+            s = await trio.open_tcp_stream("127.0.0.1", port)
+            async with s, trio.open_nursery() as nursery:
+                nursery.start_soon(s.send_all, data)
+                buf = bytearray()
+                if status is not None:
+                    got, _, body = await read_response(s, buf)
+                    assert got == status, (data[:40], body)
+                with trio.fail_after(30):  # then the connection ends (a bound on a hang)
+                    try:
+                        while await s.receive_some(65536):
+                            pass
+                    except trio.BrokenResourceError:
+                        pass  # reset: the server closed with bytes of ours unread
+                nursery.cancel_scope.cancel()
+            await keeper.send_all(good)
+            assert (await read_response(keeper, kbuf))[0] == 200
+        # a body above the limit: 413, and this connection goes on (hypercorn reads the body)
+        big = request("push1", b"{" + b" " * MAX_INGEST_BODY + b"}", key)
+        [(s413, _, _), (s200, _, _)] = await exchange(api, big + good, 2, via="door")
+        assert (s413, s200) == (413, 200)
+        await keeper.send_all(good)
+        assert (await read_response(keeper, kbuf))[0] == 200

@@ -17,6 +17,16 @@ forwarding, write-ahead log before the 2xx, ``/metrics``). The response carries 
 hypercorn would send (``date``, ``server``, ``Connection: close`` when the client asked).
 Keep-alive and pipelining: requests are answered one after the other, in order.
 
+**Slow and too many clients.** A request head must be complete within
+``request_head_timeout`` of its first byte and its body within ``request_body_timeout`` of the
+head (ApiSettings): otherwise the door answers ``408`` with ``Connection: close`` (a client that
+sends half a request — slowloris — holds its connection no longer than that; an idle keep-alive
+connection is closed after hypercorn's ``keep_alive_timeout``). Above ``max_connections``
+open connections (the door's and those it handed to hypercorn) a new connection is answered
+``503`` with ``Retry-After`` and closed before anything of it is read. After such an answer the
+door stops writing, reads what the client still sends for up to :data:`LINGER` seconds (so
+closing does not reset the connection before the client read the answer) and closes it.
+
 At the first request that is anything else (another route, a WebSocket, HTTP/2 or HTTP/1.0, an
 oversized, chunked or malformed request) the connection — with the bytes already read — goes
 to hypercorn's own connection handler and stays there; so every other answer, the 400s of
@@ -25,7 +35,9 @@ malformed requests included, is hypercorn's, and the route still lives in FastAP
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +58,7 @@ log = logging.getLogger(__name__)
 
 RECV = 65536
 MAX_HEAD = 16 * 1024  # hypercorn's h11_max_incomplete_size: a longer head goes to it (431/400)
+LINGER = 2.0  # after a 408/503: how long the door drains the client's bytes before closing
 
 _START = b"POST " + INGEST_PREFIX.encode()
 _REQUEST_LINE = re.compile(
@@ -137,6 +150,9 @@ class FrontDoor:
         self.state = state
         self.hand_off = hand_off
         self.keep_alive = config.keep_alive_timeout
+        self.head_timeout = state.settings.request_head_timeout
+        self.body_timeout = state.settings.request_body_timeout
+        self.max_connections = state.settings.max_connections
         self.server = (
             b"server: hypercorn-h11\r\n" if config.include_server_header else b""
         )  # what hypercorn's HTTP/1.1 answers carry: the same to the client
@@ -145,6 +161,9 @@ class FrontDoor:
         self._tail = b""
         self.served = 0  # requests answered here (tests, benchmarks)
         self.handed = 0  # connections handed to hypercorn
+        self.connections = 0  # open now (the door's and the handed ones)
+        self.refused = 0  # connections answered 503: max_connections were open
+        self.timed_out = 0  # requests answered 408: head or body too slow
 
     def _date_server(self) -> bytes:
         now = int(time.time())
@@ -153,7 +172,46 @@ class FrontDoor:
             self._second, self._tail = now, date + self.server
         return self._tail
 
+    def _answer(
+        self,
+        status: int,
+        out: list[tuple[bytes, bytes]],
+        payload: bytes,
+        close: bool,
+    ) -> bytes:
+        parts = [b"HTTP/1.1 %d \r\n" % status]
+        parts += [b"%s: %s\r\n" % kv for kv in out]
+        parts.append(self._date_server())
+        if close:
+            parts.append(b"Connection: close\r\n")
+        parts += (b"\r\n", payload)
+        return b"".join(parts)
+
+    def _error(self, status: int, detail: str, *extra: tuple[bytes, bytes]) -> bytes:
+        """A closing JSON error answer of the door's own (408, 503)."""
+        payload = json.dumps({"detail": detail}, separators=(",", ":")).encode()
+        out = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(payload)),
+            *extra,
+        ]
+        return self._answer(status, out, payload, close=True)
+
     async def __call__(self, stream: trio.SocketStream) -> None:
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            await self._last_word(
+                stream,
+                self._error(
+                    503,
+                    f"too many open connections (limit {self.max_connections}); try again",
+                    (b"retry-after", b"1"),
+                ),
+            )
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        self.connections += 1
         handed = False
         try:
             handed = await self._serve(stream)
@@ -162,9 +220,30 @@ class FrontDoor:
         except Exception:  # never the server's end: one connection's
             log.exception("api: front door failed on a connection")
         finally:
+            self.connections -= 1
             if not handed:
                 with trio.CancelScope(shield=True):
                     await stream.aclose()
+
+    async def _last_word(self, stream: trio.SocketStream, data: bytes) -> None:
+        """Send a closing answer, stop writing, drain the client's bytes for up to LINGER s
+        (closing with unread bytes would reset the connection, and the client could lose the
+        answer); the caller closes."""
+        with trio.move_on_after(LINGER):
+            try:
+                await stream.send_all(data)
+                await stream.send_eof()
+                while await stream.receive_some(RECV):
+                    pass
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    async def _too_slow(self, stream: trio.SocketStream, what: str, seconds: float) -> bool:
+        self.timed_out += 1
+        await self._last_word(
+            stream, self._error(408, f"request {what} not received within {seconds:g} s")
+        )
+        return False
 
     async def _serve(self, stream: trio.SocketStream) -> bool:
         """Answer ingest requests until the peer closes (False) or hypercorn takes the
@@ -174,6 +253,8 @@ class FrontDoor:
         st = self.state
         while True:
             end = buf.find(b"\r\n\r\n")
+            # a head (already begun, e.g. pipelined) must be complete within head_timeout
+            deadline = trio.current_time() + self.head_timeout if buf else math.inf
             while end < 0:
                 if (
                     len(buf) > MAX_HEAD
@@ -183,11 +264,15 @@ class FrontDoor:
                     # hypercorn answers what is not an ingest request as soon as it can tell
                     return await self._hand_off(stream, buf)
                 if buf:
-                    data = await sock.recv(RECV)
+                    with trio.move_on_at(deadline) as late:
+                        data = await sock.recv(RECV)
+                    if late.cancelled_caught:
+                        return await self._too_slow(stream, "head", self.head_timeout)
                 else:
                     data = b""
                     with trio.move_on_after(self.keep_alive):
                         data = await sock.recv(RECV)
+                    deadline = trio.current_time() + self.head_timeout
                 if not data:
                     # idle (keep-alive timeout) or closed; a half-sent request: hypercorn's
                     return bool(buf) and await self._hand_off(stream, buf)
@@ -198,8 +283,12 @@ class FrontDoor:
                 return await self._hand_off(stream, buf)
             device, headers, length, close = request
             stop = end + 4 + length
+            deadline = trio.current_time() + self.body_timeout
             while len(buf) < stop:
-                data = await sock.recv(max(RECV, stop - len(buf)))
+                with trio.move_on_at(deadline) as late:
+                    data = await sock.recv(max(RECV, stop - len(buf)))
+                if late.cancelled_caught:
+                    return await self._too_slow(stream, "body", self.body_timeout)
                 if not data:
                     return await self._hand_off(stream, buf)
                 buf += data
@@ -207,13 +296,7 @@ class FrontDoor:
             raw = bytes(buf[end + 4 : stop])
             del buf[:stop]
             status, out, payload = await answer_ingest(st, device, headers, raw, started)
-            parts = [b"HTTP/1.1 %d \r\n" % status]
-            parts += [b"%s: %s\r\n" % kv for kv in out]
-            parts.append(self._date_server())
-            if close:
-                parts.append(b"Connection: close\r\n")
-            parts += (b"\r\n", payload)
-            data = b"".join(parts)
+            data = self._answer(status, out, payload, close)
             self.served += 1
             while data:
                 sent = await sock.send(data)

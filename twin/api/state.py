@@ -46,6 +46,12 @@ class ApiSettings:
     body_limits: Limits = field(default_factory=Limits.from_env)
     # ingest answered by twin/api/frontdoor.py before hypercorn (False: hypercorn serves all)
     front_door: bool = True
+    # the front door's guards against slow or too many clients (twin/api/frontdoor.py): a
+    # request head not complete this long after its first byte, or a body not complete this
+    # long after its head, is a 408; above max_connections open connections a new one gets 503
+    request_head_timeout: float = 10.0
+    request_body_timeout: float = 30.0
+    max_connections: int = 2048
 
 
 class ApiState:
