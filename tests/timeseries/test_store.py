@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -82,6 +83,19 @@ def test_records_to_table_kinds() -> None:
     assert t.column("kind").to_pylist() == [1, 0, 2]
     assert t.column("value").to_pylist() == [1.0, 3.0, None]
     assert t.column("value_str").to_pylist() == [None, None, "on"]
+
+
+def test_records_to_table_numeric_fast_path_matches_the_general_one() -> None:
+    """Floats, ints and bools only go through the C-speed path; a string sends the batch
+    through the general loop: both give the same kinds and bit-identical values."""
+    vals: list[float] = [1.5, 7, True, False, 2**60 + 1, -0.0, 10**20, 5e-324]
+    recs = [("d", "m", v, T0 + i, 0, "", "", ",") for i, v in enumerate(vals)]
+    fast = records_to_table(recs)
+    general = records_to_table([*recs, ("d", "m", "on", T0 + 99, 0, "", "", ",")])
+    assert fast.column("kind").to_pylist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert fast.equals(general.slice(0, len(vals)))
+    bits = np.asarray(fast.column("value").to_numpy()).view(np.uint64)
+    assert bits.tolist() == np.array([float(v) for v in vals]).view(np.uint64).tolist()
 
 
 def test_write_and_read_raw(store: TimeSeriesStore) -> None:
