@@ -140,3 +140,17 @@ def test_mqtt_payload_refusals_name_the_point() -> None:
     for payload in (b"nan", b"1e999", b"1" + b"0" * 30):
         with pytest.raises(ValueRefused):
             raw._readings(InMessage("x", payload))
+
+
+def test_a_point_name_accepted_once_is_still_judged_by_other_limits() -> None:
+    from twin.bindings.values import Limits, check_point
+
+    name = "a-rather-long-point-name"
+    assert check_point(name) == name  # accepted (and remembered) under the default limits
+    assert check_point(name) == name
+    with pytest.raises(ValueRefused):
+        check_point(name, Limits(max_point=8))
+    with pytest.raises(ValueRefused):
+        check_point("bad name")  # refused names are never remembered
+    with pytest.raises(ValueRefused):
+        check_point("bad name")

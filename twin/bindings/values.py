@@ -75,8 +75,17 @@ def _printable(text: str, limit: int = 80) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
+_GOOD_POINTS: set[str] = set()
+"""Point names :func:`check_point` accepted under ``DEFAULT_LIMITS`` (a device sends the same
+few names in every message: a set lookup instead of the regular expression each time);
+emptied when it reaches ``_GOOD_POINTS_MAX`` (names come from peers)."""
+_GOOD_POINTS_MAX = 100_000
+
+
 def check_point(point: Any, limits: Limits = DEFAULT_LIMITS) -> str:
     """A valid point name, or ValueRefused."""
+    if type(point) is str and point in _GOOD_POINTS and limits is DEFAULT_LIMITS:
+        return point
     if not isinstance(point, str):
         raise ValueRefused(str(point)[:80], "a point name must be a string")
     if not point or len(point) > limits.max_point or not POINT_RE.fullmatch(point):
@@ -84,6 +93,10 @@ def check_point(point: Any, limits: Limits = DEFAULT_LIMITS) -> str:
             _printable(point),
             f"invalid point name (1-{limits.max_point} characters: letters, digits, _ . - : /)",
         )
+    if limits is DEFAULT_LIMITS and type(point) is str:
+        if len(_GOOD_POINTS) >= _GOOD_POINTS_MAX:
+            _GOOD_POINTS.clear()
+        _GOOD_POINTS.add(point)
     return point
 
 

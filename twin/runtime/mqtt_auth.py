@@ -107,6 +107,10 @@ def _covered(allowed: str, flt: str) -> bool:
     return matches(allowed, flt)
 
 
+_MAY_PUBLISH_MAX = 100_000
+"""Bound of ``RegistryAuth._may_publish`` (emptied when full: topics chosen by peers)."""
+
+
 class RegistryAuth:
     def __init__(
         self,
@@ -133,13 +137,16 @@ class RegistryAuth:
         self.stats: Counter[str] = Counter()  # auth_failed, denied_publish, denied_subscribe
         self._acl_src: Any = None
         self._acl: dict[str, DeviceAcl] = {}
+        self._may_publish: dict[tuple[str, str], bool] = {}
+        """(device, topic) → the ACL's answer, for the specs of ``_acl`` (a device publishes
+        to the same few topics: its telemetry is one publish ACL check per message)."""
         self._swept_specs: Any = None
 
     # -- ACLs from the spec -----------------------------------------------------------------
     def device_acl(self, device: str) -> DeviceAcl | None:
         specs = self.specs()
         if specs is not self._acl_src:
-            self._acl_src, self._acl = specs, {}
+            self._acl_src, self._acl, self._may_publish = specs, {}, {}
         acl = self._acl.get(device)
         if acl is None:
             doc = specs.get(("Device", device))
@@ -349,7 +356,14 @@ class RegistryAuth:
             if acl is None:
                 return False
             if action == "publish":
-                return any(matches(a, topic) for a in acl.publish)
+                key = (p.name, topic)
+                ok = self._may_publish.get(key)
+                if ok is None:
+                    ok = any(matches(a, topic) for a in acl.publish)
+                    if len(self._may_publish) >= _MAY_PUBLISH_MAX:
+                        self._may_publish.clear()
+                    self._may_publish[key] = ok
+                return ok
             return any(_covered(a, flt) for a in acl.subscribe)
         # users: twin.policy decides (a subscription reads, a publish to a device's command
         # and desired topics operates that device; other topics are an unscoped admin's)
