@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from cli.procs import CLI, ROOT, start_up
 
 
 def test_describe_shows_live_twin(tmp_path: Path) -> None:
     env = {**os.environ, "TWIN_STATE_DIR": str(tmp_path / "state"), "TWIN_AUTHOR": "tester"}
     env.pop("TWIN_REGISTRY", None)
-    cli = [sys.executable, "-m", "twin.cli"]
-    up = subprocess.Popen([*cli, "up", str(ROOT / "sites" / "demo"), "--listen", "127.0.0.1:0",
-                           "--mqtt-listen", "127.0.0.1:0"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+    up = start_up(env, str(ROOT / "sites" / "demo"), "--listen", "127.0.0.1:0",
+                  "--mqtt-listen", "127.0.0.1:0")
+    url = up.url
     try:
-        url = None
-        lines = []
-        deadline = time.monotonic() + 120
-        assert up.stdout is not None
-        while url is None and time.monotonic() < deadline:
-            line = up.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"api\s+(http://127\.0\.0\.1:\d+)/api/v1", line)
-            if m:
-                url = m.group(1)
-        assert url, "".join(lines)
-        run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
+        run = lambda *a: subprocess.run([*CLI, *a], env=env, capture_output=True, text=True, timeout=60)  # noqa: E731
         assert run("user", "add", "ops", "--role", "operator", "--password", "long enough pw").returncode == 0
         token = run("token", "create", "ops").stdout.strip().splitlines()[-1]
         env["TWIN_TOKEN"] = token
@@ -94,8 +77,4 @@ def test_describe_shows_live_twin(tmp_path: Path) -> None:
         assert 450 <= aq["twin"]["reported"]["co2"]["value"] <= 1100, aq["twin"]
         assert aq["twin"]["status"] == "online"
     finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        up.stop()

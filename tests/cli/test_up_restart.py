@@ -4,56 +4,15 @@ was (device statuses, alarms, users and tokens live in the state dir)."""
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from cli.procs import wait_for
+from cli.procs import CLI, ROOT, start_up, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = [sys.executable, "-m", "twin.cli"]
-
-
-def _start(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str, list[str]]:
-    up = subprocess.Popen(
-        [*CLI, "up", *args, "--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    lines: list[str] = []
-    url = None
-    deadline = time.monotonic() + 120
-    assert up.stdout is not None
-    while url is None and time.monotonic() < deadline:
-        line = up.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"api\s+(http://127\.0\.0\.1:\d+)/api/v1", line)
-        if m:
-            url = m.group(1)
-    if url is None:
-        up.kill()
-        raise AssertionError("twin up printed no API URL:\n" + "".join(lines))
-    return up, url, lines
-
-
-def _stop(up: subprocess.Popen[str]) -> int:
-    up.send_signal(signal.SIGINT)
-    try:
-        return up.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        up.kill()
-        up.wait()
-        raise AssertionError("twin up did not stop within 60 s of SIGINT") from None
+FREE_PORTS = ("--listen", "127.0.0.1:0", "--mqtt-listen", "127.0.0.1:0")
 
 
 def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
@@ -64,7 +23,8 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
     def run(*a: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, *a], env=env, capture_output=True, text=True, timeout=60)
 
-    up, url, _ = _start(env, str(ROOT / "sites" / "demo"))
+    up = start_up(env, str(ROOT / "sites" / "demo"), *FREE_PORTS)
+    url = up.url
     try:
         added = run("user", "add", "ops", "--role", "operator", "--password", "long enough pw")
         assert added.returncode == 0, added.stderr
@@ -101,11 +61,12 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
             assert [(a["type"], a["severity"]) for a in alarms] == [("fault", "critical")]
             before = {d: status(d) for d in ("fan_01", "door_sensor_01")}
     finally:
-        code = _stop(up)
+        code = up.stop()
     assert code == 0
 
     # restart without a path: the registry in the state dir is the site
-    up, url, _ = _start(env)
+    up = start_up(env, *FREE_PORTS)
+    url = up.url
     try:
         with httpx.Client(
             base_url=url + "/api/v1", headers={"Authorization": f"Bearer {token}"}, timeout=30
@@ -129,5 +90,5 @@ def test_up_restart_keeps_statuses_alarms_and_tokens(tmp_path: Path) -> None:
             assert "fault" in [h["status"] for h in r.json()["items"]]
         assert "ops" in run("user", "list").stdout
     finally:
-        code = _stop(up)
+        code = up.stop()
     assert code == 0
