@@ -60,10 +60,17 @@ spec:
   type: sensor
   model: counter
   binding:
+{binding}"""
+
+SIM = """\
     sim:
       interval: {interval}
       points:
         n: {{wave: random_walk, min: 0, max: 1000}}
+"""
+HTTP = "    http: {}\n"
+MQTT = """\
+    mqtt: {{prefix: "{prefix}/{{device}}", qos: 1}}
 """
 
 SCENE = """\
@@ -81,31 +88,6 @@ spec:
 """
 
 
-HTTP_DEVICE = """\
----
-apiVersion: flux.iot/v1
-kind: Device
-metadata: {{name: {name}, site: cl}}
-spec:
-  type: sensor
-  model: counter
-  binding: {{http: {{}}}}
-"""
-
-
-MQTT_DEVICE = """\
----
-apiVersion: flux.iot/v1
-kind: Device
-metadata: {{name: {name}, site: cl}}
-spec:
-  type: sensor
-  model: counter
-  binding:
-    mqtt: {{prefix: "{prefix}/{{device}}", qos: 1}}
-"""
-
-
 def write_site(
     root: Path, devices: int, scenes: int, interval: str = "500ms", http: int = 0,
     mqtt: int = 0, prefix: str = "cl",
@@ -114,11 +96,11 @@ def write_site(
     site.mkdir(parents=True, exist_ok=True)
     text = SITE
     for i in range(devices):
-        text += DEVICE.format(name=f"dev{i:02d}", interval=interval)
+        text += DEVICE.format(name=f"dev{i:02d}", binding=SIM.format(interval=interval))
     for i in range(http):
-        text += HTTP_DEVICE.format(name=f"http{i:02d}")
+        text += DEVICE.format(name=f"http{i:02d}", binding=HTTP)
     for i in range(mqtt):
-        text += MQTT_DEVICE.format(name=f"mq{i:02d}", prefix=prefix)
+        text += DEVICE.format(name=f"mq{i:02d}", binding=MQTT.format(prefix=prefix))
     for i in range(scenes):
         text += SCENE.format(
             name=f"scene{i:02d}", device=f"dev{i:02d}", target=f"dev{(i + 1) % devices:02d}"
