@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,12 +73,7 @@ async def start_api(
     for name, (role, sites) in USERS.items():
         if reg.get_user(name) is None:
             reg.put_user(auth.make_user(name, PASSWORD, role, sites))
-    settings = settings or ApiSettings(
-        state_dir=state_dir,
-        rate_per_token=Rate(10_000, 10_000),
-        rate_per_client=Rate(10_000, 10_000),
-        rate_ingest_per_device=Rate(10_000, 10_000),
-    )
+    settings = settings or loose_settings(state_dir)
     engine = Engine(
         reg,
         fast_config(state_dir=state_dir),
@@ -99,14 +95,35 @@ async def start_api(
     return api
 
 
-@pytest.fixture
-async def api(tmp_path: Path) -> AsyncIterator[Api]:
+def loose_settings(state_dir: Path, **kw: Any) -> ApiSettings:
+    """API settings whose rate limits no test reaches by accident, then ``kw``."""
+    return ApiSettings(
+        state_dir=state_dir,
+        rate_per_token=Rate(10_000, 10_000),
+        rate_per_client=Rate(10_000, 10_000),
+        rate_ingest_per_device=Rate(10_000, 10_000),
+        **kw,
+    )
+
+
+@asynccontextmanager
+async def serving(
+    state_dir: Path, settings: ApiSettings | None = None, **kw: Any
+) -> AsyncIterator[Api]:
+    """:func:`start_api` (``kw``: its docs, services) for the block; then the engine stops
+    and the registry closes."""
     a: Api | None = None
     try:
         async with trio.open_nursery() as nursery:
-            a = await start_api(nursery, tmp_path / "state")
+            a = await start_api(nursery, state_dir, settings, **kw)
             yield a
             nursery.cancel_scope.cancel()
     finally:
         if a is not None:
             a.registry.close()
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[Api]:
+    async with serving(tmp_path / "state") as a:
+        yield a

@@ -16,10 +16,8 @@ from runtime.helpers import site
 from trio_websocket import open_websocket_url
 
 from twin.api.limits import Limits
-from twin.api.ratelimit import Rate
-from twin.api.state import ApiSettings
 
-from .conftest import PASSWORD, Api, start_api
+from .conftest import PASSWORD, Api, loose_settings, serving
 
 NAN_SITE = '{"documents": [{"apiVersion": "flux.iot/v1", "kind": "Site", "metadata": {"name": "nan-site"}, "spec": {"title": "x", "location": {"lat": %s, "lon": 1}}}]}'
 
@@ -35,22 +33,11 @@ def one_line_4xx(r: httpx.Response, status: int = 422) -> str:
 @pytest.fixture
 async def small(tmp_path: Path) -> AsyncIterator[Api]:
     """An API whose body limit is 64 KiB (apply 256 KiB), to show the setting is used."""
-    settings = ApiSettings(
-        state_dir=tmp_path / "state",
-        rate_per_token=Rate(10_000, 10_000),
-        rate_per_client=Rate(10_000, 10_000),
-        rate_ingest_per_device=Rate(10_000, 10_000),
-        body_limits=Limits(max_body=64 << 10, max_apply_body=256 << 10),
+    settings = loose_settings(
+        tmp_path / "state", body_limits=Limits(max_body=64 << 10, max_apply_body=256 << 10)
     )
-    a: Api | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            a = await start_api(nursery, tmp_path / "state", settings)
-            yield a
-            nursery.cancel_scope.cancel()
-    finally:
-        if a is not None:
-            a.registry.close()
+    async with serving(tmp_path / "state", settings) as a:
+        yield a
 
 
 async def test_a_20mb_login_body_is_refused_unread(api: Api) -> None:

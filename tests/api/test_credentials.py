@@ -15,10 +15,8 @@ import trio
 from runtime.helpers import eventually, sim_device
 
 from twin.api import auth
-from twin.api.app import ApiSettings
-from twin.api.ratelimit import Rate
 
-from .conftest import PASSWORD, Api, start_api
+from .conftest import PASSWORD, Api, loose_settings, serving
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -190,24 +188,14 @@ async def test_an_open_websocket_closes_when_its_token_is_revoked(api: Api) -> N
 # -- throttling --------------------------------------------------------------------------------
 @pytest.fixture
 async def strict_api(tmp_path: Path) -> AsyncIterator[Api]:
-    settings = ApiSettings(
-        state_dir=tmp_path / "state",
-        rate_per_token=Rate(10_000, 10_000),
-        rate_per_client=Rate(10_000, 10_000),
-        rate_ingest_per_device=Rate(10_000, 10_000),
+    settings = loose_settings(
+        tmp_path / "state",
         login_free_per_user=3,
         login_free_per_address=8,
         login_audit_window=3600.0,
     )
-    a: Api | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            a = await start_api(nursery, tmp_path / "state", settings)
-            yield a
-            nursery.cancel_scope.cancel()
-    finally:
-        if a is not None:
-            a.registry.close()
+    async with serving(tmp_path / "state", settings) as a:
+        yield a
 
 
 async def test_failed_logins_are_throttled_per_user(strict_api: Api) -> None:
