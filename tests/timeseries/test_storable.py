@@ -24,6 +24,9 @@ def test_storable_keeps_the_good_and_is_the_identity_in_the_common_cases() -> No
     assert storable(strings) is strings
     floats = [rec(float(i)) for i in range(100)]
     assert storable(floats) is floats
+    numbers = [rec(1.5), rec(7), rec(True), rec(2**60)]  # counters beside floats
+    assert storable(numbers) is numbers
+    assert storable([*numbers, rec(10**400), rec(math.inf)]) == numbers
     bad = [
         rec(10**400),
         rec(math.nan),

@@ -278,8 +278,11 @@ def storable(records: Sequence[Record]) -> Sequence[Record]:
         ok = False
     if ok:
         types = set(map(type, map(_VALUE_OF, records)))
-        if types == {float}:
-            values = np.fromiter(map(_VALUE_OF, records), dtype=np.float64, count=n)
+        if types <= _NUMERIC_TYPES:  # floats, ints (counters), bools: one C-level pass
+            try:
+                values = np.fromiter(map(_VALUE_OF, records), dtype=np.float64, count=n)
+            except OverflowError:  # an int beyond float64: the per-record pass says which
+                values = np.array([np.nan])
             if bool(np.all(np.isfinite(values))):
                 return records
         elif types <= _SAFE_TYPES and float not in types:
