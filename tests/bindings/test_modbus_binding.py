@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,21 @@ def stop(proc: subprocess.Popen[Any]) -> None:
         proc.wait()
 
 
-@pytest.fixture
-def peer() -> Iterator[int]:
+@contextmanager
+def peer_on_a_free_port(units: str) -> Iterator[int]:
+    """A modbus peer serving ``units`` (comma-separated ids) for the block: its port."""
     port = free_port()
-    proc = start_peer("--port", str(port), "--units", "1,3")
+    proc = start_peer("--port", str(port), "--units", units)
     try:
         yield port
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def peer() -> Iterator[int]:
+    with peer_on_a_free_port("1,3") as port:
+        yield port
 
 
 @pytest.fixture(autouse=True)

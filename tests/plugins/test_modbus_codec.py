@@ -13,7 +13,13 @@ from typing import Any
 import pytest
 import trio
 
-from tests.bindings.test_modbus_binding import by_point, free_port, start_peer, stop
+from tests.bindings.test_modbus_binding import (
+    by_point,
+    free_port,
+    peer_on_a_free_port,
+    start_peer,
+    stop,
+)
 from tests.plugins.modules import HOSTILE_WASM, acme_wasm, plugin, wat
 from twin.bindings import aio
 from twin.bindings.base import Message, Quality, Reading
@@ -38,12 +44,8 @@ def encode(commands, config):
 
 @pytest.fixture
 def peer() -> Iterator[int]:
-    port = free_port()
-    proc = start_peer("--port", str(port), "--units", "1")
-    try:
+    with peer_on_a_free_port("1") as port:
         yield port
-    finally:
-        stop(proc)
 
 
 @pytest.fixture(autouse=True)
