@@ -23,6 +23,29 @@ def acme_wasm() -> bytes:
     return wat(ACME_WAT.read_text())
 
 
+def write_acme_site(folder: Path, binding: str) -> None:
+    """acme.wasm and a site.yaml in ``folder``: the Plugin ``acme`` (a Wasm codec), then the
+    sensor th8 whose ``binding:`` is ``binding`` (its lines indented four spaces, the first
+    being line 12 of site.yaml; further documents may follow)."""
+    (folder / "acme.wasm").write_bytes(acme_wasm())
+    (folder / "site.yaml").write_text(
+        """\
+apiVersion: flux.iot/v1
+kind: Plugin
+metadata: {name: acme}
+spec: {wasm: acme.wasm, role: codec}
+---
+apiVersion: flux.iot/v1
+kind: Device
+metadata: {name: th8}
+spec:
+  type: sensor
+  binding:
+"""
+        + binding
+    )
+
+
 def plugin(name: str, data: bytes, role: str = "codec", *, starlark: bool = False,
            **spec: Any) -> dict[str, Any]:
     field = "starlark" if starlark else "wasm"

@@ -13,7 +13,14 @@ from typing import Any
 import pytest
 import trio
 
-from tests.plugins.modules import DERIVE_STAR, HOSTILE_WASM, acme_wasm, plugin, wat
+from tests.plugins.modules import (
+    DERIVE_STAR,
+    HOSTILE_WASM,
+    acme_wasm,
+    plugin,
+    wat,
+    write_acme_site,
+)
 from tests.runtime.helpers import apply, eventually, fast_config, running_engine, site
 from tests.runtime.test_coap_service import aiocoap_request, device_server, free_udp_port
 from twin.bindings import aio
@@ -159,21 +166,7 @@ async def test_client_modes_poll_observe_and_command_through_the_codec(device_se
 
 
 def test_validate_refuses_codec_with_format(tmp_path: Path) -> None:
-    (tmp_path / "acme.wasm").write_bytes(acme_wasm())
-    (tmp_path / "site.yaml").write_text("""\
-apiVersion: flux.iot/v1
-kind: Plugin
-metadata: {name: acme}
-spec: {wasm: acme.wasm, role: codec}
----
-apiVersion: flux.iot/v1
-kind: Device
-metadata: {name: th8}
-spec:
-  type: sensor
-  binding:
-    coap: {codec: acme, format: cbor}
-""")
+    write_acme_site(tmp_path, "    coap: {codec: acme, format: cbor}\n")
     with pytest.raises(SpecError) as err:
         load_site(tmp_path)
     text = "\n".join(str(p) for p in err.value.problems)

@@ -20,7 +20,7 @@ from tests.bindings.test_modbus_binding import (
     start_peer,
     stop,
 )
-from tests.plugins.modules import HOSTILE_WASM, acme_wasm, plugin, wat
+from tests.plugins.modules import HOSTILE_WASM, acme_wasm, plugin, wat, write_acme_site
 from twin.bindings import aio
 from twin.bindings.base import Message, Quality, Reading
 from twin.bindings.modbus import POOL, ModbusBinding
@@ -186,19 +186,7 @@ async def test_a_failing_codec_marks_readings_bad_and_the_schedule_goes_on(peer:
 
 
 def test_validate_locates_frame_problems(tmp_path: Path) -> None:
-    (tmp_path / "acme.wasm").write_bytes(acme_wasm())
-    (tmp_path / "site.yaml").write_text("""\
-apiVersion: flux.iot/v1
-kind: Plugin
-metadata: {name: acme}
-spec: {wasm: acme.wasm, role: codec}
----
-apiVersion: flux.iot/v1
-kind: Device
-metadata: {name: th8}
-spec:
-  type: sensor
-  binding:
+    write_acme_site(tmp_path, """\
     modbus:
       host: 127.0.0.1
       codec: acme
