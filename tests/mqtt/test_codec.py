@@ -327,3 +327,80 @@ def test_subscribe_options_reserved() -> None:
     pkt[-1] |= 0x04
     assert _err(bytes(pkt), 4) == ReasonCode.MALFORMED_PACKET
     assert _err(b"\x82\x03\x00\x01\x00") == ReasonCode.PROTOCOL_ERROR  # no subscriptions
+
+
+def _normalized(item: object) -> object:
+    """A ``next_batch`` fast item as the packet the general decoder gives."""
+    if type(item) is tuple:
+        topic, payload, qos, retain, pid = item
+        return c.Publish(topic, payload, qos, retain, False, pid or None)
+    if type(item) is int:
+        return c.Puback(item)
+    return item
+
+
+def _both_ways(wire: bytes, version: int, cut: int) -> None:
+    """``next_batch`` (fed in two pieces) == ``next_packet`` one by one: same packets, same
+    error after the same packets, same bytes left over."""
+    slow = c.Decoder(version, max_packet_size=4096)
+    slow.feed(wire)
+    want: list[object] = []
+    want_err = None
+    try:
+        while (p := slow.next_packet()) is not None:
+            want.append(p)
+    except ProtocolError as exc:
+        want_err = exc.reason_code
+    fast = c.Decoder(version, max_packet_size=4096)
+    got: list[object] = []
+    err = None
+    for piece in (wire[:cut], wire[cut:]):
+        fast.feed(piece)
+        items, exc = fast.next_batch()
+        got += [_normalized(x) for x in items]
+        if exc is not None:
+            err = exc.reason_code
+            break
+    assert got == want
+    assert err == want_err
+    if err is None:
+        assert fast.buffered == slow.buffered
+
+
+@pytest.mark.parametrize("version", [4, 5])
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_next_batch_matches_next_packet(version: int, data: st.DataObject) -> None:
+    hot = st.builds(
+        c.Publish,
+        st.sampled_from(["a/b", "x", "é/t", "bench/1"]),
+        st.binary(max_size=300),
+        st.sampled_from([0, 1]),
+        st.booleans(),
+        st.just(False),
+    ).map(lambda p: p if not p.qos else c.Publish(p.topic, p.payload, 1, p.retain, False, 7))
+    pkts = data.draw(
+        st.lists(
+            st.one_of(hot, packets(version), st.builds(c.Puback, st.integers(1, 0xFFFF))),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    wire = bytearray(b"".join(c.encode(x, version) for x in pkts))
+    if data.draw(st.booleans()):  # damage it: the same error after the same packets
+        i = data.draw(st.integers(0, len(wire) - 1))
+        wire[i] ^= 1 << data.draw(st.integers(0, 7))
+    _both_ways(bytes(wire), version, data.draw(st.integers(0, len(wire))))
+
+
+def test_next_batch_hot_packets() -> None:
+    wire = (
+        c.encode(c.Publish("t/1", b"x" * 200, 1, True, False, 5), 4)  # 2-byte remaining length
+        + c.encode(c.Puback(9), 4)
+        + b"\x30\x05\x00\x03t/+"  # wildcard topic: the general path's error
+    )
+    d = c.Decoder(4)
+    d.feed(wire)
+    items, err = d.next_batch()
+    assert items == [("t/1", b"x" * 200, 1, True, 5), 9]
+    assert err is not None and err.reason_code == ReasonCode.TOPIC_NAME_INVALID

@@ -141,6 +141,9 @@ class SharedGroup:
     rr: int = 0
 
 
+_Route = tuple[list[tuple[str, int, bool, tuple[int, ...]]], list[SharedGroup]]
+
+
 class _Close(Exception):
     """Internal: end this connection (after flushing what is queued)."""
 
@@ -166,6 +169,7 @@ class Broker:
         self.stats = Stats()
         self.sessions: dict[str, Session] = {}
         self.tree = SubscriptionTree()
+        self._routes: dict[str, _Route] = {}  # topic -> Broker._route (cleared on any change)
         self.retained: dict[str, Message] = {}
         self.addresses: list[tuple[str, int]] = []
         self.tls_addresses: list[tuple[str, int]] = []
@@ -313,6 +317,7 @@ class Broker:
                 self._tree_add(s.client_id, flt, opts)
 
     def _tree_add(self, cid: str, flt: str, opts: SubOptions) -> bool:
+        self._routes.clear()
         shared = parse_shared(flt)
         if shared is None:
             return self.tree.add(flt, cid, opts)
@@ -327,6 +332,7 @@ class Broker:
         return new
 
     def _tree_remove(self, cid: str, flt: str) -> bool:
+        self._routes.clear()
         shared = parse_shared(flt)
         if shared is None:
             return self.tree.remove(flt, cid)
@@ -347,14 +353,41 @@ class Broker:
         self.stats.messages_received += 1
         if msg.retain:
             self._set_retained(msg)
+        route = self._routes.get(msg.topic)
+        if route is None:
+            route = self._route(msg.topic, msg.sender)
+        targets, groups = route
+        n = 0
+        sessions = self.sessions
+        mq = msg.qos
+        retain = msg.retain
+        deliver = self._deliver
+        for cid, qos, rap, ids in targets:
+            s = sessions.get(cid)
+            if s is None:
+                continue
+            deliver(s, Outgoing(msg, qos if qos < mq else mq, retain and rap, ids))
+            n += 1
+        for grp in groups:
+            if self._deliver_shared(grp, msg):
+                n += 1
+        return n
+
+    def _route(self, topic: str, sender: str | None) -> _Route:
+        """Who gets a message on ``topic``: one entry per session (its subscriptions merged:
+        highest QoS, all subscription ids) and the shared groups. Cached per topic until the
+        subscriptions change, unless a no-local subscription makes it depend on the sender."""
         targets: dict[str, tuple[int, bool, list[int]]] = {}
         groups: list[SharedGroup] = []
-        for _flt, key, opts in self.tree.match(msg.topic):
+        local = False
+        for _flt, key, opts in self.tree.match(topic):
             if type(key) is tuple:
                 groups.append(opts)
                 continue
-            if opts.no_local and key == msg.sender:
-                continue
+            if opts.no_local:
+                local = True
+                if key == sender:
+                    continue
             key = str(key)
             prev = targets.get(key)
             ids = [opts.sub_id] if opts.sub_id else []
@@ -366,18 +399,12 @@ class Broker:
                     prev[1] or opts.retain_as_published,
                     prev[2] + ids,
                 )
-        n = 0
-        sessions = self.sessions
-        for cid, (qos, rap, ids) in targets.items():
-            s = sessions.get(cid)
-            if s is None:
-                continue
-            self._deliver(s, Outgoing(msg, min(qos, msg.qos), msg.retain and rap, tuple(ids)))
-            n += 1
-        for grp in groups:
-            if self._deliver_shared(grp, msg):
-                n += 1
-        return n
+        route = ([(cid, q, rap, tuple(ids)) for cid, (q, rap, ids) in targets.items()], groups)
+        if not local:
+            if len(self._routes) >= 10_000:
+                self._routes.clear()
+            self._routes[topic] = route
+        return route
 
     def _deliver_shared(self, grp: SharedGroup, msg: Message, exclude: str | None = None) -> bool:
         members = [m for m in grp.members if m != exclude]
@@ -911,8 +938,8 @@ class Connection:
             key = (v, out.retain)
             data = msg.encoded.get(key)
             if data is None:
-                data = c.encode(
-                    c.Publish(msg.topic, msg.payload, 0, out.retain, False, None, msg.properties), v
+                data = c.encode_publish(
+                    msg.topic, msg.payload, 0, out.retain, False, None, msg.properties, v
                 )
                 msg.encoded[key] = data
             return data if len(data) <= self.client_max_packet else None
@@ -937,7 +964,7 @@ class Connection:
                     changes["topic_alias"] = alias
             if changes:
                 props = replace(props, **changes)
-        data = c.encode(c.Publish(topic, msg.payload, out.qos, out.retain, dup, out.pid, props), v)
+        data = c.encode_publish(topic, msg.payload, out.qos, out.retain, dup, out.pid, props, v)
         if len(data) > self.client_max_packet:
             if props.topic_alias is not None and topic:  # alias never reached the client
                 self.out_aliases.pop(topic, None)
@@ -970,48 +997,42 @@ class Connection:
                 stats.bytes_received += len(data)
                 deadline = trio.current_time() + ka
                 decoder.feed(data)
-                if b.prefetch is not None:
-                    if await self._handle_read(b.prefetch):
-                        return True
-                else:
-                    n = 0
-                    while True:
-                        pkt = decoder.next_packet()
-                        if pkt is None:
-                            break
-                        if self._handle(pkt):
-                            return True
-                        n += 1
-                        if n % 32 == 0:  # let other connections (and their acks) run: fairness
-                            await trio.lowlevel.checkpoint()
+                if await self._handle_read(b.prefetch):
+                    return True
                 if len(self.control) > _MAX_CONTROL_BACKLOG:
                     self.drained = trio.Event()
                     await self.drained.wait()
         return False  # cancelled: taken over or writer failed
 
-    async def _handle_read(self, prefetch: Prefetch) -> bool:
-        """The packets of one read, with their QoS >= 1 publishes shown to ``prefetch`` first.
+    async def _handle_read(self, prefetch: Prefetch | None) -> bool:
+        """The packets of one read (decoded in one pass, the hot ones as tuples and ints: see
+        ``Decoder.next_batch``), with their QoS >= 1 publishes shown to ``prefetch`` first.
         A malformed packet still ends the connection, after the ones before it are handled."""
-        pkts: list[c.Packet] = []
-        error: BaseException | None = None
-        try:
-            while True:
-                pkt = self.decoder.next_packet()
-                if pkt is None:
-                    break
-                pkts.append(pkt)
-        except ProtocolError as exc:
-            error = exc
-        pubs = [p for p in pkts if isinstance(p, c.Publish) and p.qos and p.topic]
+        pkts, error = self.decoder.next_batch()
         done = None
-        if len(pubs) > 1:
-            try:
-                done = prefetch(self.principal, pubs)
-            except Exception:
-                log.exception("mqtt: prefetch hook failed (payloads are decoded one by one)")
+        if prefetch is not None:
+            pubs: list[c.Publish] = []
+            for p in pkts:
+                if type(p) is tuple:
+                    if p[2]:
+                        pubs.append(c.Publish(p[0], p[1], p[2], p[3], False, p[4]))
+                elif isinstance(p, c.Publish) and p.qos and p.topic:
+                    pubs.append(p)
+            if len(pubs) > 1:
+                try:
+                    done = prefetch(self.principal, pubs)
+                except Exception:
+                    log.exception("mqtt: prefetch hook failed (payloads are decoded one by one)")
         try:
+            publish = self._publish
+            on_ack = self._on_ack
             for n, pkt in enumerate(pkts, 1):
-                if self._handle(pkt):
+                kind = type(pkt)
+                if kind is tuple:
+                    publish(*pkt)
+                elif kind is int:
+                    on_ack(pkt, 1)
+                elif self._handle(pkt):
                     return True
                 if n % 32 == 0:  # let other connections (and their acks) run: fairness
                     await trio.lowlevel.checkpoint()
@@ -1051,12 +1072,9 @@ class Connection:
 
     def _on_publish(self, p: c.Publish) -> None:
         b = self.broker
-        s = self.session
-        assert s is not None
-        v5 = self.version >= MQTT_5
         topic = p.topic
         props = p.properties
-        if v5:
+        if self.version >= MQTT_5:
             alias = props.topic_alias
             if alias is not None:
                 if alias > b.config.topic_alias_maximum:
@@ -1074,27 +1092,44 @@ class Connection:
                 )
             if props.response_topic is not None and not _valid_name(props.response_topic):
                 raise ProtocolError("invalid response topic", ReasonCode.PROTOCOL_ERROR)
+        self._publish(topic, p.payload, p.qos, p.retain, p.packet_id or 0, props)
+
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        pid: int,
+        props: c.Properties = NO_PROPS,
+    ) -> None:
+        """One PUBLISH from this client (its topic alias resolved): authorise, route, ack."""
+        b = self.broker
+        s = self.session
+        assert s is not None
+        v5 = self.version >= MQTT_5
         if topic.startswith("$") and topic.startswith("$SYS"):
             rc = ReasonCode.NOT_AUTHORIZED
             allowed = False
         else:
-            allowed = bool(b.authorize(self.principal, "publish", topic))
+            allowed = b.authorize is allow_all_authorize or bool(
+                b.authorize(self.principal, "publish", topic)
+            )
             rc = ReasonCode.SUCCESS if allowed else ReasonCode.NOT_AUTHORIZED
         if not allowed:
             b.stats.authz_denied_publish += 1
         elif v5 and props.payload_format_indicator == 1:
             try:
-                p.payload.decode("utf-8")
+                payload.decode("utf-8")
             except UnicodeDecodeError:
-                if p.qos == 0:
+                if qos == 0:
                     raise ProtocolError(
                         "payload is not UTF-8", ReasonCode.PAYLOAD_FORMAT_INVALID
                     ) from None
                 rc = ReasonCode.PAYLOAD_FORMAT_INVALID
                 allowed = False
-        qos = p.qos
-        if qos == 2 and p.packet_id in s.in_qos2:
-            self._send(c.Pubrec(p.packet_id))  # duplicate: acknowledge, do not deliver again
+        if qos == 2 and pid in s.in_qos2:
+            self._send(c.Pubrec(pid))  # duplicate: acknowledge, do not deliver again
             return
         n = 1
         problem: str | None = None
@@ -1105,7 +1140,7 @@ class Connection:
             expires = None
             if v5 and props.message_expiry_interval is not None:
                 expires = time.time() + props.message_expiry_interval
-            msg = Message(topic, p.payload, qos, p.retain, props, s.client_id, expires)
+            msg = Message(topic, payload, qos, retain, props, s.client_id, expires)
             problem = (
                 b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
             )
@@ -1134,7 +1169,6 @@ class Connection:
             return
         if v5 and rc == 0 and n == 0:
             rc = ReasonCode.NO_MATCHING_SUBSCRIBERS
-        pid = p.packet_id or 0
         if not v5:
             rc = ReasonCode.SUCCESS
         ack_props = NO_PROPS

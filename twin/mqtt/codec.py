@@ -660,20 +660,37 @@ def _check_pid(pid: int | None) -> int:
     return pid
 
 
+def encode_publish(
+    topic: str,
+    payload: bytes,
+    qos: int = 0,
+    retain: bool = False,
+    dup: bool = False,
+    packet_id: int | None = None,
+    properties: Properties = NO_PROPS,
+    version: int = MQTT_311,
+) -> bytes:
+    """One PUBLISH, without building a :class:`Publish` first (the broker's per-message path)."""
+    if qos not in (0, 1, 2):
+        raise ValueError("qos must be 0, 1 or 2")
+    head = _enc_str(topic)
+    if qos:
+        head += _check_pid(packet_id).to_bytes(2, "big")
+    if version >= MQTT_5:
+        head += encode_properties(properties)
+    first = 0x30 | (dup << 3) | (qos << 1) | int(retain)
+    n = len(head) + len(payload)
+    size = bytes((first, n)) if n < 128 else bytes((first,)) + encode_varint(n)
+    return b"".join((size, head, payload))
+
+
 def encode(p: Packet, version: int = MQTT_311) -> bytes:
     """Encode a packet for the given protocol level (3, 4 or 5)."""
     v5 = version >= MQTT_5
     if isinstance(p, Publish):
-        if p.qos not in (0, 1, 2):
-            raise ValueError("qos must be 0, 1 or 2")
-        body = bytearray(_enc_str(p.topic))
-        if p.qos:
-            body += struct.pack("!H", _check_pid(p.packet_id))
-        if v5:
-            body += encode_properties(p.properties)
-        body += p.payload
-        first = 0x30 | (p.dup << 3) | (p.qos << 1) | int(p.retain)
-        return _fixed(first, body)
+        return encode_publish(
+            p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, p.properties, version
+        )
     if isinstance(p, Puback):
         return _fixed(
             0x40, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
@@ -1015,6 +1032,7 @@ class Decoder:
     version: int | None = None
     max_packet_size: int = MAX_REMAINING_LENGTH + 5
     _buf: bytearray = field(default_factory=bytearray)
+    _topics: dict[bytes, str] = field(default_factory=dict)  # raw topic -> validated name
 
     def feed(self, data: bytes | bytearray) -> None:
         self._buf += data
@@ -1071,6 +1089,99 @@ class Decoder:
         if isinstance(pkt, Connect) and self.version is None:
             self.version = pkt.protocol_level
         return pkt
+
+    def next_batch(self) -> tuple[list[Any], ProtocolError | None]:
+        """Every complete packet buffered, in order, and the error that stopped the batch
+        (the packets before a malformed one are still returned, so they can be handled).
+
+        The hot packets skip the dataclasses: a PUBLISH with QoS 0 or 1, no DUP flag, a
+        non-empty topic and (MQTT 5) no properties comes as a tuple ``(topic, payload, qos,
+        retain, packet_id)`` (packet_id 0 for QoS 0); a PUBACK without a reason code as its
+        packet identifier (an ``int``). Everything else, and anything these checks do not
+        accept, goes through :meth:`next_packet` (same validation, same errors). Topic names
+        are decoded and validated once per distinct name (a small cache)."""
+        out: list[Any] = []
+        buf = self._buf
+        version = self.version
+        if version is None:  # before CONNECT: the general path only
+            try:
+                while (pkt := self.next_packet()) is not None:
+                    out.append(pkt)
+            except ProtocolError as exc:
+                return out, exc
+            return out, None
+        append = out.append
+        topics = self._topics
+        v5 = version >= MQTT_5
+        limit = self.max_packet_size
+        pos = 0
+        n = len(buf)
+        err: ProtocolError | None = None
+        while n - pos >= 2:
+            first = buf[pos]
+            if 0x30 <= first <= 0x33:  # PUBLISH, QoS 0/1, no DUP
+                length = buf[pos + 1]
+                start = pos + 2
+                if length & 0x80:  # multi-byte remaining length
+                    length &= 0x7F
+                    shift = 7
+                    while True:
+                        if start >= n or start - pos > 4:
+                            length = -1
+                            break
+                        b = buf[start]
+                        start += 1
+                        length |= (b & 0x7F) << shift
+                        if not b & 0x80:
+                            break
+                        shift += 7
+                end = start + length
+                if length >= 2 and end <= n and end - pos <= limit:
+                    tl = (buf[start] << 8) | buf[start + 1]
+                    p = start + 2 + tl
+                    qos = (first >> 1) & 1
+                    head = p + (2 if qos else 0) + (1 if v5 else 0)
+                    if tl and head <= end and (not v5 or buf[head - 1] == 0):
+                        raw = bytes(buf[start + 2 : p])
+                        topic = topics.get(raw)
+                        if topic is None:
+                            try:
+                                topic = decode_utf8(raw)
+                            except ProtocolError:
+                                topic = None
+                            if topic is not None and ("+" in topic or "#" in topic):
+                                topic = None
+                            if topic is not None:
+                                if len(topics) >= 1024:
+                                    topics.clear()
+                                topics[raw] = topic
+                        pid = (buf[p] << 8) | buf[p + 1] if qos else 0
+                        if topic is not None and (pid or not qos):
+                            append((topic, bytes(buf[head:end]), qos, bool(first & 1), pid))
+                            pos = end
+                            continue
+            elif first == 0x40 and buf[pos + 1] == 2 and n - pos >= 4:  # PUBACK, no code
+                pid = (buf[pos + 2] << 8) | buf[pos + 3]
+                if pid:
+                    append(pid)
+                    pos += 4
+                    continue
+            # anything else: one packet the general way (or an incomplete one: stop)
+            if pos:
+                del buf[:pos]
+                pos = 0
+            try:
+                pkt = self.next_packet()
+            except ProtocolError as exc:
+                err = exc
+                break
+            if pkt is None:
+                break
+            append(pkt)
+            n = len(buf)
+        if pos:
+            del buf[:pos]
+        return out, err
 
     def packets(self) -> Iterator[Packet]:
         while True:
