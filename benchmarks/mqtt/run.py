@@ -85,11 +85,18 @@ def raise_fd_limit() -> None:
 
 
 class BrokerProc:
-    def __init__(self, name: str, argv: list[str], port: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=cwd
         )
         for _ in range(200):  # bounded wait for the port to accept
             try:
@@ -119,7 +126,8 @@ class BrokerProc:
             self.proc.wait()
 
 
-def start_ours() -> BrokerProc:
+def start_ours(root: Path = ROOT) -> BrokerProc:
+    """Our broker, from the tree at ``root`` (``--base`` runs another tree's for A/B)."""
     port = free_port()
     argv = [
         sys.executable,
@@ -132,7 +140,8 @@ def start_ours() -> BrokerProc:
         "--max-queued",
         "10000",
     ]
-    return BrokerProc("flux", argv, port)
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return BrokerProc("flux", argv, port, env=env, cwd=root)
 
 
 def start_mosquitto(tmp: Path) -> BrokerProc:
@@ -171,7 +180,9 @@ def publisher(
 ) -> None:
     """One publishing connection in its own process: QoS 0 writes ``batch`` pre-encoded
     messages per ``sendall`` (pipelined: one syscall per batch); QoS 1 keeps up to ``window``
-    un-acked messages in flight and tops the window up by a quarter at a time."""
+    un-acked messages in flight and tops the window up a quarter at a time, only once a whole
+    quarter is free (topping up whatever trickled back cost a syscall pair per few messages:
+    the generator, not the broker, was then the limit)."""
     s = connect(port, f"pub{idx}")
     # one encode, then patch the packet id in: 65,535 codec calls per process took seconds on a
     # busy 2-CPU machine and made publishers miss the whole measurement window
@@ -200,13 +211,18 @@ def publisher(
             s.sendall(blob0)
             sent += batch
             continue
-        n = min(step, window - (sent - acked))
-        if n > 0:
-            chunk = b"".join(pkts[(pid + i) % 65535] for i in range(n))
-            pid = (pid + n) % 65535
+        if window - (sent - acked) >= step:
+            if pid + step <= 65535:
+                chunk = b"".join(pkts[pid : pid + step])
+            else:
+                chunk = b"".join(pkts[(pid + i) % 65535] for i in range(step))
+            pid = (pid + step) % 65535
             s.sendall(chunk)
-            sent += n
-        data = s.recv(65536)
+            sent += step
+            continue
+        data = s.recv(1 << 20)
+        if not data:
+            break
         acked += len(data) // 4  # PUBACK is 4 bytes
     s.close()
     out.put((sent, _own_cpu() - cpu0))
@@ -219,7 +235,15 @@ def _own_cpu() -> float:
 
 
 def subscriber(
-    port: int, flt: str, qos: int, seconds: float, start: Any, pkt_len: int, out: Any, ready: Any
+    port: int,
+    flt: str,
+    qos: int,
+    seconds: float,
+    start: Any,
+    pkt_len: int,
+    out: Any,
+    ready: Any,
+    payload: int = 16,
 ) -> None:
     s = connect(port, f"sub-{flt}-{os.getpid()}")
     subscribe(s, flt, qos)
@@ -247,7 +271,7 @@ def subscriber(
             k = len(pending) // pkt_len
             if k:
                 # PUBACKs built by slicing (C speed), not a Python loop per message
-                off = pkt_len - PAYLOAD - 2
+                off = pkt_len - payload - 2
                 body = pending[: k * pkt_len]
                 acks = bytearray(4 * k)
                 acks[0::4] = b"\x40" * k
@@ -293,24 +317,30 @@ PAYLOAD = 16
 
 
 def run_fanin(
-    b: BrokerProc, qos: int, seconds: float, batch: int = 1000, window: int = 1000
+    b: BrokerProc,
+    qos: int,
+    seconds: float,
+    batch: int = 1000,
+    window: int = 1000,
+    payload: int = 64,
 ) -> dict[str, float]:
     qp: Any = mp.Queue()
     qs: Any = mp.Queue()
     ready: Any = mp.Queue()
     pkt_len = len(
-        c.encode(c.Publish("bench/0", b"x" * PAYLOAD, qos, packet_id=1 if qos else None), 4)
+        c.encode(c.Publish("bench/0", b"x" * payload, qos, packet_id=1 if qos else None), 4)
     )
     start: Any = mp.Value("d", 0.0)  # set once every worker is connected and ready
     sub = mp.Process(
-        target=subscriber, args=(b.port, "bench/#", qos, seconds, start, pkt_len, qs, ready)
+        target=subscriber,
+        args=(b.port, "bench/#", qos, seconds, start, pkt_len, qs, ready, payload),
     )
     sub.start()
     ready.get(timeout=60)
     pubs = [
         mp.Process(
             target=publisher,
-            args=(b.port, i, qos, seconds, start, PAYLOAD, qp, ready, batch, window),
+            args=(b.port, i, qos, seconds, start, payload, qp, ready, batch, window),
         )
         for i in range(10)
     ]
@@ -331,8 +361,16 @@ def run_fanin(
         p.join(10)
     # the generator's CPU in the window (publishers + subscriber) says whether the broker
     # or the generator was the limit
-    gen = (sum(cp for _, cp in pub_results) + sub_cpu) / seconds
-    return {"msgs": got / seconds, "sent": sent / seconds, "cpu": cpu, "gen_cpu": gen}
+    pub_cpu = sum(cp for _, cp in pub_results) / seconds
+    return {
+        "msgs": got / seconds,
+        "sent": sent / seconds,
+        "cpu": cpu,
+        "gen_cpu": pub_cpu + sub_cpu / seconds,
+        "pub_cpu": pub_cpu,
+        "sub_cpu": sub_cpu / seconds,
+        "us_per_msg": cpu * 1e6 / (got / seconds) if got else float("nan"),
+    }
 
 
 def run_fanout(b: BrokerProc, seconds: float, nsubs: int = 100) -> dict[str, float]:
@@ -500,6 +538,47 @@ def run_drain(b: BrokerProc, version: str, n: int = 1000, reps: int = 5) -> dict
 # ---------------------------------------------------------------------------- main
 
 
+def _median(rs: list[dict[str, float]]) -> dict[str, float]:
+    """Per key, the median over rounds (the spread on a shared machine is wide)."""
+    if not rs:
+        return {}
+    out: dict[str, float] = {}
+    for k in rs[0]:
+        vals = sorted(r[k] for r in rs if k in r)
+        out[k] = vals[len(vals) // 2]
+    return out
+
+
+def _fmt(r: dict[str, float]) -> str:
+    if not r:
+        return "-"
+    if "p50" in r:
+        return f"p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms cpu {r['cpu']:.2f}"
+    if "rss" in r:
+        return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
+    if "median" in r:
+        return f"{r['median']:.3f} s (best {r['best']:.3f}, {int(r['got'])} got)"
+    gen = f" gen {r['gen_cpu']:.2f}" if "gen_cpu" in r else ""
+    per = f" {r['us_per_msg']:.1f}us/msg" if "us_per_msg" in r else ""
+    return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}{per}{gen}"
+
+
+def _ratio(f: dict[str, float], m: dict[str, float]) -> str:
+    if "msgs" in f and "msgs" in m and m["msgs"]:
+        return f"{f['msgs'] / m['msgs']:.2f}x"
+    if "p99" in f and "p99" in m and f["p99"]:
+        return f"{m['p99'] / f['p99']:.2f}x"
+    if "rss" in f and "rss" in m and f["rss"]:
+        return f"{m['rss'] / f['rss']:.2f}x"
+    if "median" in f and "median" in m and f["median"]:
+        return f"{m['median'] / f['median']:.2f}x"
+    return "-"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=3.0)
@@ -508,14 +587,29 @@ def main() -> int:
     ap.add_argument("--scenario", help="run only the scenarios whose name contains this text")
     ap.add_argument("--batch", type=int, default=1000, help="fan-in QoS 0: messages per write")
     ap.add_argument("--window", type=int, default=1000, help="fan-in QoS 1: un-acked per publisher")
+    ap.add_argument("--payload", type=int, default=64, help="fan-in payload bytes")
+    ap.add_argument(
+        "--base",
+        type=Path,
+        help="also run our broker from this tree (e.g. /work/main) as 'base': A/B in one run",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="repeat, alternating the brokers' order; medians"
+    )
     args = ap.parse_args()
     raise_fd_limit()
     if shutil.which("mosquitto") is None and args.only != "flux":
         print("mosquitto not found on PATH", file=sys.stderr)
         return 1
     scenarios: list[tuple[str, Callable[[BrokerProc], dict[str, float]]]] = [
-        ("qos0 fan-in 10->1", lambda b: run_fanin(b, 0, args.seconds, batch=args.batch)),
-        ("qos1 fan-in 10->1", lambda b: run_fanin(b, 1, args.seconds, window=args.window)),
+        (
+            "qos0 fan-in 10->1",
+            lambda b: run_fanin(b, 0, args.seconds, batch=args.batch, payload=args.payload),
+        ),
+        (
+            "qos1 fan-in 10->1",
+            lambda b: run_fanin(b, 1, args.seconds, window=args.window, payload=args.payload),
+        ),
         ("fan-out 1->100", lambda b: run_fanout(b, args.seconds)),
         ("latency @5k/s", lambda b: run_latency(b)),
         (f"idle x{args.idle}", lambda b: run_idle(b, args.idle)),
@@ -524,52 +618,43 @@ def main() -> int:
     ]
     if args.scenario:
         scenarios = [(sc, fn) for sc, fn in scenarios if args.scenario in sc]
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    print(f"load average at start: {_load()}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, starter in [
-            ("flux", start_ours),
-            ("mosquitto", lambda: start_mosquitto(Path(tmp))),
-        ]:
-            if args.only and name != args.only:
-                continue
+        starters: list[tuple[str, Callable[[], BrokerProc]]] = []
+        if args.base is not None:
+            base = args.base.resolve()
+            starters.append(("base", lambda: start_ours(base)))
+        starters += [("flux", start_ours), ("mosquitto", lambda: start_mosquitto(Path(tmp)))]
+        starters = [(n, st) for n, st in starters if not args.only or n in (args.only, "base")]
+        for rnd in range(args.rounds):
             for sc, fn in scenarios:
-                b = starter()  # a fresh broker per scenario
-                try:
-                    results.setdefault(sc, {})[name] = fn(b)
-                finally:
-                    b.stop()
-                print(f"  {name:9} {sc:20} {results[sc][name]}", file=sys.stderr, flush=True)
+                order = starters if rnd % 2 == 0 else starters[::-1]
+                for name, starter in order:
+                    b = starter()  # a fresh broker per scenario
+                    try:
+                        r = fn(b)
+                    finally:
+                        b.stop()
+                    results.setdefault(sc, {}).setdefault(name, []).append(r)
+                    print(f"  {name:9} {sc:20} {r} (load {_load()})", file=sys.stderr, flush=True)
+    names = [n for n, _ in starters]
     print()
-    print(f"{'scenario':22} {'flux':>28} {'mosquitto':>28} {'ratio':>7}")
+    print(f"medians of {args.rounds} round(s); load average at the end: {_load()}")
+    print(f"{'scenario':22}" + "".join(f" {n:>44}" for n in names) + "   ratios")
     for sc, by in results.items():
-        f, m = by.get("flux", {}), by.get("mosquitto", {})
-
-        def fmt(r: dict[str, float]) -> str:
-            if not r:
-                return "-"
-            if "p50" in r:
-                return f"p50 {r['p50']:.2f} p99 {r['p99']:.2f} ms cpu {r['cpu']:.2f}"
-            if "rss" in r:
-                return f"{int(r['conns'])} conns {r['rss']:.0f} MB"
-            if "median" in r:
-                return f"{r['median']:.3f} s (best {r['best']:.3f}, {int(r['got'])} got)"
-            gen = f" gen {r['gen_cpu']:.2f}" if "gen_cpu" in r else ""
-            return f"{r['msgs']:,.0f} msg/s cpu {r['cpu']:.2f}{gen}"
-
-        if "msgs" in f and "msgs" in m and m["msgs"]:
-            ratio = f"{f['msgs'] / m['msgs']:.2f}x"
-        elif "p99" in f and "p99" in m and f["p99"]:
-            ratio = f"{m['p99'] / f['p99']:.2f}x"
-        elif "rss" in f and "rss" in m and f["rss"]:
-            ratio = f"{m['rss'] / f['rss']:.2f}x"
-        elif "median" in f and "median" in m and f["median"]:
-            ratio = f"{m['median'] / f['median']:.2f}x"
-        else:
-            ratio = "-"
-        print(f"{sc:22} {fmt(f):>28} {fmt(m):>28} {ratio:>7}")
+        med = {n: _median(by.get(n, [])) for n in names}
+        ratios = []
+        if med.get("flux") and med.get("mosquitto"):
+            ratios.append(f"flux/mosq {_ratio(med['flux'], med['mosquitto'])}")
+        if med.get("base") and med.get("mosquitto"):
+            ratios.append(f"base/mosq {_ratio(med['base'], med['mosquitto'])}")
+        if med.get("flux") and med.get("base") and "msgs" in med["base"]:
+            ratios.append(f"flux/base {med['flux']['msgs'] / med['base']['msgs']:.2f}x")
+        print(f"{sc:22}" + "".join(f" {_fmt(med[n]):>44}" for n in names) + "   " + ", ".join(ratios))
     print(
         "\nratio = flux/mosquitto for msg/s; mosquitto/flux for latency, memory and drain time"
-        " (drain: medians of 5 runs; higher is better)"
+        " (drain: medians of 5 runs; higher is better); us/msg = broker CPU per delivered message"
     )
     return 0
 
