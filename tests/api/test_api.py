@@ -294,3 +294,16 @@ async def test_device_list_unfiltered_pages_by_name(api: Api) -> None:
                 body = r.json()
                 assert [d["name"] for d in body["items"]] == expect[offset : offset + limit]
                 assert body["total"] == len(names)
+
+
+async def test_the_client_to_other_engines_is_closed_with_the_api(tmp_path: Any) -> None:
+    from .conftest import start_api
+
+    async with trio.open_nursery() as nursery:
+        a = await start_api(nursery, tmp_path / "state")
+        st = a.engine.service_info["api"]["app"].state
+        peers = st.peers()
+        assert st.peers() is peers and not peers.is_closed  # one client, kept
+        nursery.cancel_scope.cancel()
+    a.registry.close()
+    assert peers.is_closed

@@ -193,6 +193,11 @@ def test_any_engine_serves_any_device(tmp_path: Path) -> None:
                 f"the twin of {dev} through engine a",
             )
             assert twin.headers["x-twin-engine"] == names[b.proc.pid]
+            # runtime desired values: the owner judges them (the counter has none writable)
+            r = api.patch(f"/api/v1/devices/{dev}/twin/desired", json={"n": 5})
+            assert r.status_code == 422, r.text
+            assert r.headers["x-twin-engine"] == names[b.proc.pid]
+            assert "n" in r.json()["detail"]
             r = api.post(f"/api/v1/devices/{dev}/commands?wait=20", json={"type": "ping"})
             assert r.status_code == 201, r.text
             assert r.json()["status"] == "success", r.json()

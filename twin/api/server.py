@@ -156,6 +156,7 @@ class ApiService:
         tolerate_h2_data_after_close()
         settings = self.settings or ApiSettings(state_dir=engine.config.state_dir)
         app = create_app(engine, settings)
+        st = cast("ApiState", app.state)  # create_app's Gatekeeper: its ApiState
         config = Config()
         config.accesslog = None
         config.errorlog = logging.getLogger("hypercorn.error")
@@ -173,7 +174,7 @@ class ApiService:
                 wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi"),
                 config,
                 sock,
-                cast("ApiState", app.state),  # create_app's Gatekeeper: its ApiState
+                st,
                 # HTTPS: hypercorn alone (TLS handshake, ALPN, HTTP/2 are its own)
                 front_door=settings.front_door and not self.certfile,
                 tls=bool(self.certfile),
@@ -182,14 +183,13 @@ class ApiService:
         # a restart (the engine's supervisor) binds the same port again: the socket handed in
         # is closed with this run
         self.sock, self.port = None, actual
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            state = getattr(app, "state", None)
-            if state is not None and hasattr(state, "sweep_keys"):
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve)
                 nursery.start_soon(
                     partial(
                         supervise,
-                        state.sweep_keys,
+                        st.sweep_keys,
                         kind="api",
                         name="sweep_keys",
                         supervision=engine.supervision,
@@ -197,14 +197,17 @@ class ApiService:
                         restart_on_return=True,
                     )
                 )
-            info = {
-                "url": url,
-                "openapi": f"{url}/openapi.json",
-                "ws": url.replace("http", "ws", 1) + "/api/v1/ws",
-                "metrics": f"{url}/metrics",
-                "host": self.host,
-                "port": actual,
-                "app": app,
-            }
-            log.info("api: listening on %s", url)
-            task_status.started(info)
+                info = {
+                    "url": url,
+                    "openapi": f"{url}/openapi.json",
+                    "ws": url.replace("http", "ws", 1) + "/api/v1/ws",
+                    "metrics": f"{url}/metrics",
+                    "host": self.host,
+                    "port": actual,
+                    "app": app,
+                }
+                log.info("api: listening on %s", url)
+                task_status.started(info)
+        finally:
+            with trio.CancelScope(shield=True):
+                await st.aclose()  # connections to the cluster's other engines

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from twin.api import auth
@@ -25,6 +26,9 @@ from twin.registry.base import User
 from twin.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
+
+PEER_TIMEOUT = 10.0
+"""Seconds a forwarded request may take at the owner engine (then 503)."""
 
 
 @dataclass
@@ -79,6 +83,20 @@ class ApiState:
         self.login_audit = LoginAudit(settings.login_audit_window)
         auth.dummy_hash()  # made now, so the first unknown-user login costs what the others do
         self._list_cache: tuple[int, list[tuple[str, dict[str, Any]]]] = (-1, [])
+        self._peers: httpx.AsyncClient | None = None
+
+    def peers(self) -> httpx.AsyncClient:
+        """The HTTP client for requests to the other engines of the cluster (twin/api/owner.py):
+        one per API, its connections to each engine kept; closed by :meth:`aclose`."""
+        if self._peers is None:
+            self._peers = httpx.AsyncClient(timeout=PEER_TIMEOUT)
+        return self._peers
+
+    async def aclose(self) -> None:
+        """At the API's shutdown: close the connections to the other engines."""
+        peers, self._peers = self._peers, None
+        if peers is not None:
+            await peers.aclose()
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         return await self.engine.rio.call(fn, *args, **kw)

@@ -28,7 +28,7 @@ from twin.api.deps import (
     change,
     metadata_name,
 )
-from twin.api.owner import to_owner
+from twin.api.owner import ToOwner
 from twin.api.routes.timeseries import device_series
 from twin.api.specio import Specs
 from twin.api.state import ApiState
@@ -383,9 +383,9 @@ async def device_metrics(
 
 
 @router.get("/devices/{device}/twin", tags=["twin"], response_model=dict[str, Any])
-async def device_twin(request: Request, st: State, p: Viewer, device: str) -> Any:
+async def device_twin(st: State, p: Viewer, device: str, owner: ToOwner) -> Any:
     authorize(p, policy.READ, device_or_404(st, device))
-    forwarded = await to_owner(st, request, device)  # scale-out: the owner has the live twin
+    forwarded = await owner(device)  # scale-out: the owner has the live twin
     if forwarded is not None:
         return forwarded
     twin = st.engine.twin(device)
@@ -396,11 +396,11 @@ async def device_twin(request: Request, st: State, p: Viewer, device: str) -> An
 
 @router.patch("/devices/{device}/twin/desired", tags=["twin"], response_model=dict[str, Any])
 async def patch_desired(
-    request: Request,
     st: State,
     p: Operator,
     device: str,
     patch: Annotated[dict[str, Any], Body()],
+    owner: ToOwner,
 ) -> Any:
     """An operator's runtime desired values: ``{property: value}`` (``null`` removes the
     override, so the spec value applies again). Each value is checked like a ``set`` command (a
@@ -410,7 +410,7 @@ async def patch_desired(
     authorize(p, policy.OPERATE, device_or_404(st, device))
     if not patch:
         raise HTTPException(422, "the body must map at least one property to a value (or null)")
-    forwarded = await to_owner(st, request, device)  # scale-out: its owner reconciles it
+    forwarded = await owner(device)  # scale-out: its owner reconciles it
     if forwarded is not None:
         return forwarded
     catalog = Catalog(st.engine.specs)
