@@ -8,7 +8,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,3 +58,23 @@ def stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextmanager
+def dashboard(site: Path, api: str, env: Mapping[str, str]) -> Iterator[str]:
+    """``twin dashboard SITE --server API`` on a free port for the block: its URL, once its
+    health check answers."""
+    import httpx
+
+    from tests.dashboards.browser import until
+
+    dash = subprocess.Popen(
+        [TWIN, "dashboard", str(site), "--server", api, "--port", "0"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        url = wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
+        until(lambda: httpx.get(f"{url}/_stcore/health").status_code == 200)
+        yield url
+    finally:
+        stop(dash)

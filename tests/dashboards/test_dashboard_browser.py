@@ -9,7 +9,6 @@ unless ``TWIN_REQUIRE_CHROMIUM=1`` (CI), which makes their absence an error.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import os
 import re
@@ -22,31 +21,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.dashboards.procs import ROOT, TWIN, stop, twin_up, wait_line
+from tests.dashboards.browser import ARGS, CHROMIUM, MARKS, MISSING, sign_in, until
+from tests.dashboards.procs import ROOT, TWIN, dashboard, stop, twin_up
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "artifacts" / "dashboards"
-ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
-
-_MISSING = [
-    what
-    for what, ok in (
-        ("Debian's chromium at /usr/bin/chromium", Path(CHROMIUM).exists()),
-        ("the playwright package", importlib.util.find_spec("playwright") is not None),
-    )
-    if not ok
-]
-if _MISSING and os.environ.get("TWIN_REQUIRE_CHROMIUM") == "1":  # CI: never skip silently
-    raise RuntimeError(f"TWIN_REQUIRE_CHROMIUM=1 but missing: {', '.join(_MISSING)}")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_MISSING), reason=f"needs {' and '.join(_MISSING)}"),
-]
-if not _MISSING:
+pytestmark = MARKS
+if not MISSING:
     import playwright.sync_api as playwright
 
 
@@ -104,36 +84,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
     engine, api = twin_up(site, env)
     try:
-        dash = subprocess.Popen(
-            [TWIN, "dashboard", str(site), "--server", api, "--port", "0"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            url = wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
-            _until(lambda: httpx.get(f"{url}/_stcore/health").status_code == 200)
+        with dashboard(site, api, env) as url:
             token = httpx.post(
                 f"{api}/api/v1/auth/login", json={"username": "operator", "password": "secret123"}
             ).json()["access_token"]
             headers = {"Authorization": f"Bearer {token}"}
             alarms = f"{api}/api/v1/alarms"
-            _until(lambda: httpx.get(alarms, headers=headers).json()["items"], limit=60)
+            until(lambda: httpx.get(alarms, headers=headers).json()["items"], limit=60)
             yield {"api": api, "url": url, "token": token}
-        finally:
-            stop(dash)
     finally:
         stop(engine)
-
-
-def _until(check: object, limit: float = 30) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        try:
-            if check():  # type: ignore[operator]
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +106,7 @@ def browser() -> Iterator[object]:
 
 def _login(browser: object, url: str, user: str) -> object:
     page = browser.new_page(viewport={"width": 1280, "height": 800}, accept_downloads=True)  # type: ignore[attr-defined]
-    page.goto(url)
-    page.get_by_label("User name").fill(user)
-    page.get_by_label("Password", exact=True).fill("secret123")
-    page.get_by_role("button", name="Sign in").click()
-    page.get_by_text("Devices by status").wait_for(timeout=30_000)
+    sign_in(page, url, user)
     return page
 
 
@@ -182,7 +138,7 @@ def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: ob
     api = httpx.Client(base_url=stack["api"], headers={"Authorization": f"Bearer {stack['token']}"})
     devices = {d["name"]: d["status"] for d in api.get("/api/v1/devices").json()["items"]}
     grid = page.locator("[data-testid=stDataFrame] [role=gridcell]")  # type: ignore[attr-defined]
-    _until(lambda: len(grid.all_inner_texts()) >= 5 * len(devices))
+    until(lambda: len(grid.all_inner_texts()) >= 5 * len(devices))
     cells = grid.all_inner_texts()
     shown = {cells[i]: cells[i + 3] for i in range(0, len(cells) - 4, 5) if cells[i] in devices}
     assert set(shown) == set(devices)  # every demo device, with its status
@@ -192,14 +148,14 @@ def test_overview_devices_chart_and_alarm_ack(stack: dict[str, str], browser: ob
     chart.scroll_into_view_if_needed()
     # lines and points were drawn: the live chart fills in as readings arrive and the fragment
     # refreshes, so wait for it (bounded) rather than judging the first frame
-    _until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=60)
+    until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=60)
     # live panels read the engine's WebSocket (the dashboard's feed is a client of /ws)
-    _until(lambda: _ws_clients(api) >= 1)
+    until(lambda: _ws_clients(api) >= 1)
     page.get_by_text("Live updates: WebSocket").wait_for(timeout=30_000)  # type: ignore[attr-defined]
     _shot(page, "overview")
     alarm = api.get("/api/v1/alarms", params={"state": "active"}).json()["items"][0]
     page.locator(f".st-key-ack-{alarm['id']} button").click()  # type: ignore[attr-defined]
-    _until(lambda: api.get("/api/v1/alarms").json()["items"][0]["state"] != "active")
+    until(lambda: api.get("/api/v1/alarms").json()["items"][0]["state"] != "active")
     state = next(a for a in api.get("/api/v1/alarms").json()["items"] if a["id"] == alarm["id"])
     assert state["state"] == "acknowledged" and state["acked_by"] == "operator"
     page.locator(f".st-key-clear-{alarm['id']}").wait_for(timeout=15_000)  # type: ignore[attr-defined]
@@ -236,9 +192,9 @@ def test_history_export_downloads_the_shown_rows(stack: dict[str, str], browser:
     page.get_by_text(re.compile(r"compared with \S+ earlier")).wait_for(timeout=30_000)  # type: ignore[attr-defined]
     page.get_by_text("Trend line", exact=True).click()  # type: ignore[attr-defined]
     frames = page.locator("[data-testid=stDataFrame]")  # type: ignore[attr-defined]
-    _until(lambda: frames.count() >= 2)  # the slopes, then the rows
+    until(lambda: frames.count() >= 2)  # the slopes, then the rows
     chart = page.locator("[data-testid=stVegaLiteChart]").first  # type: ignore[attr-defined]
-    _until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=30)
+    until(lambda: _colored_pixels(chart.screenshot()) > 200, limit=30)
     _shot(page, "history-compare-trend")
     page.close()  # type: ignore[attr-defined]
 
@@ -285,7 +241,7 @@ def test_admin_scene_toggles_show_whole_names(stack: dict[str, str], browser: ob
     assert heading.inner_text().strip() == "Plant A — overview"
     page.get_by_text("Control", exact=True).first.click()  # type: ignore[attr-defined]
     switches = page.get_by_role("switch")  # type: ignore[attr-defined]
-    _until(lambda: switches.count() == len(names))
+    until(lambda: switches.count() == len(names))
     page.wait_for_timeout(1000)  # type: ignore[attr-defined]
     _shot(page, "control-admin")
     for name in names:
@@ -310,12 +266,12 @@ def test_edges_page_shows_each_edge_link(stack: dict[str, str], browser: object)
     r = httpx.post(f"{api}/api/v1/apply", json={"documents": [doc]}, headers=headers)
     assert r.status_code == 200, r.text
     edges = f"{api}/api/v1/edges"
-    _until(lambda: [e["name"] for e in httpx.get(edges, headers=headers).json()["items"]] == ["gw-x"])
+    until(lambda: [e["name"] for e in httpx.get(edges, headers=headers).json()["items"]] == ["gw-x"])
     page = _login(browser, stack["url"], "viewer")
     page.get_by_text("Edges", exact=True).first.click()  # type: ignore[attr-defined]
     page.get_by_text(re.compile(r"offline: gw-x")).wait_for(timeout=30_000)  # type: ignore[attr-defined]
     grid = page.locator("[data-testid=stDataFrame] [role=gridcell]")  # type: ignore[attr-defined]
-    _until(lambda: "gw-x" in grid.all_inner_texts())
+    until(lambda: "gw-x" in grid.all_inner_texts())
     cells = grid.all_inner_texts()
     assert "offline" in cells and "never" in cells, cells
     _shot(page, "edges")

@@ -15,16 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.dashboards.procs import ROOT, TWIN, stop, twin_up, wait_line
-from tests.dashboards.test_dashboard_browser import _MISSING, ARGS, CHROMIUM, _until
+from tests.dashboards.browser import ARGS, CHROMIUM, MARKS, sign_in
+from tests.dashboards.procs import ROOT, TWIN, dashboard, stop, twin_up
 
-if _MISSING and os.environ.get("TWIN_REQUIRE_CHROMIUM") == "1":
-    raise RuntimeError(f"TWIN_REQUIRE_CHROMIUM=1 but missing: {', '.join(_MISSING)}")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(bool(_MISSING), reason=f"needs {' and '.join(_MISSING)}"),
-]
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +33,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     subprocess.run([TWIN, "user", "add", "operator", "--role", "operator"], env=env, check=True)
     engine, api = twin_up(site, env)
     try:
-        dash = subprocess.Popen(
-            [TWIN, "dashboard", str(site), "--server", api, "--port", "0"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            url = wait_line(dash, r"dashboard\s+(http://[0-9.:]+)")
-            _until(lambda: httpx.get(f"{url}/_stcore/health").status_code == 200)
+        with dashboard(site, api, env) as url:
             yield {"api": api, "url": url}
-        finally:
-            stop(dash)
     finally:
         stop(engine)
 
@@ -74,11 +60,7 @@ def test_cameras_play_live_in_the_dashboard(stack: dict[str, str]) -> None:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(stack["url"])
-            page.get_by_label("User name").fill("operator")
-            page.get_by_label("Password", exact=True).fill("secret123")
-            page.get_by_role("button", name="Sign in").click()
-            page.get_by_text("Devices by status").wait_for(timeout=60_000)
+            sign_in(page, stack["url"], "operator", timeout=60_000)
             page.get_by_text("Cameras", exact=True).first.click()
             deadline = time.monotonic() + 90
             first: dict[str, float] = {}
