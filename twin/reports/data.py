@@ -320,6 +320,19 @@ class Gatherer:
         s.table = Table(["device", "type", "group", "model", "status"], [TEXT] * 5, rows)
 
 
+_SECTIONS: dict[str, Callable[[Gatherer, SectionData], None]] = {
+    "stat": Gatherer.stat,
+    "timeseries": Gatherer.timeseries,
+    "table": Gatherer.aggregate_table,
+    "readings": Gatherer.readings,
+    "alarms": Gatherer.alarms,
+    "commands": Gatherer.commands,
+    "scenes": Gatherer.scenes,
+    "devices": Gatherer.devices_table,
+}
+"""The Gatherer method that fills each section type (markdown has none: its text is its own)."""
+
+
 def gather(
     doc: Mapping[str, Any],
     specs: Mapping[Key, Mapping[str, Any]],
@@ -342,22 +355,9 @@ def gather(
         s = SectionData(i, stype, title, dict(sec))
         if stype not in ("markdown",):
             s.devices = selected(specs, sec.get("select"), site)
-        if stype == "stat":
-            g.stat(s)
-        elif stype == "timeseries":
-            g.timeseries(s)
-        elif stype == "table":
-            g.aggregate_table(s)
-        elif stype == "readings":
-            g.readings(s)
-        elif stype == "alarms":
-            g.alarms(s)
-        elif stype == "commands":
-            g.commands(s)
-        elif stype == "scenes":
-            g.scenes(s)
-        elif stype == "devices":
-            g.devices_table(s)
+        section = _SECTIONS.get(stype)
+        if section is not None:
+            section(g, s)
         elif stype == "markdown":
             s.text = str(sec.get("text") or "")
         sections.append(s)
