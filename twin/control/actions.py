@@ -42,6 +42,7 @@ from twin.control.conditions import (
     Condition,
     SceneDefinitionError,
     build_conditions,
+    build_typed,
     check_all,
     plugin_input,
 )
@@ -493,11 +494,7 @@ ACTIONS: dict[str, Callable[[Mapping[str, Any]], Action]] = {
 
 
 def build_action(spec: Mapping[str, Any]) -> Action:
-    kind = spec.get("type")
-    factory = ACTIONS.get(str(kind))
-    if factory is None:
-        raise SceneDefinitionError(f"unknown action type {kind!r}")
-    return factory(spec)
+    return build_typed(ACTIONS, spec, "action")
 
 
 def build_actions(specs: Any) -> tuple[Action, ...]:

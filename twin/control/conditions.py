@@ -24,7 +24,7 @@ import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from twin.errors import TwinError
 from twin.plugins import registry as plugins
@@ -32,6 +32,22 @@ from twin.plugins import registry as plugins
 
 class SceneDefinitionError(TwinError):
     """A scene is malformed (the schema normally catches this first)."""
+
+
+_Built = TypeVar("_Built")
+
+
+def build_typed(
+    factories: Mapping[str, Callable[[Mapping[str, Any]], _Built]],
+    spec: Mapping[str, Any],
+    what: str,
+) -> _Built:
+    """Build ``spec`` (a condition or action) with the factory its ``type`` names."""
+    kind = spec.get("type")
+    factory = factories.get(str(kind))
+    if factory is None:
+        raise SceneDefinitionError(f"unknown {what} type {kind!r}")
+    return factory(spec)
 
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
@@ -316,11 +332,7 @@ CONDITIONS: dict[str, Callable[[Mapping[str, Any]], Condition]] = {
 
 
 def build_condition(spec: Mapping[str, Any]) -> Condition:
-    kind = spec.get("type")
-    factory = CONDITIONS.get(str(kind))
-    if factory is None:
-        raise SceneDefinitionError(f"unknown condition type {kind!r}")
-    return factory(spec)
+    return build_typed(CONDITIONS, spec, "condition")
 
 
 def build_conditions(specs: Any) -> tuple[Condition, ...]:
