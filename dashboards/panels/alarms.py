@@ -11,6 +11,7 @@ import streamlit as st
 from dashboards.client import ApiError
 from dashboards.core import Ctx, ago
 from dashboards.live import cached
+from dashboards.panels.common import headed
 
 SEVERITY = {
     "critical": ":red[■]",
@@ -51,11 +52,8 @@ def _alarms(ctx: Ctx, states: list[str]) -> list[dict[str, Any]]:
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
-    st.subheader(panel.get("title") or "Alarms")
-    try:
-        alarms = visible(ctx, panel)
-    except ApiError as exc:
-        st.error(str(exc))
+    alarms = headed(panel, "Alarms", lambda: visible(ctx, panel))
+    if alarms is None:
         return
     if not alarms:
         st.success("No alarms.")

@@ -8,8 +8,8 @@ from typing import Any
 
 import streamlit as st
 
-from dashboards.client import ApiError
 from dashboards.core import Ctx
+from dashboards.panels.common import headed
 
 
 def rows(doc: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
@@ -36,11 +36,8 @@ def rows(doc: dict[str, Any], now: float | None = None) -> list[dict[str, Any]]:
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
-    st.subheader(panel.get("title") or "Cluster")
-    try:
-        doc = ctx.client.cluster()
-    except ApiError as exc:
-        st.error(str(exc))
+    doc = headed(panel, "Cluster", ctx.client.cluster)
+    if doc is None:
         return
     if not doc.get("cluster"):
         st.caption("One engine (not part of a cluster): it runs every device and scene.")

@@ -9,8 +9,8 @@ from typing import Any
 
 import streamlit as st
 
-from dashboards.client import ApiError
 from dashboards.core import Ctx
+from dashboards.panels.common import headed
 
 
 def _age(seconds: float | None) -> str:
@@ -57,11 +57,8 @@ def summary(table: list[dict[str, Any]]) -> str:
 
 
 def render(ctx: Ctx, panel: dict[str, Any]) -> None:
-    st.subheader(panel.get("title") or "Edges")
-    try:
-        items = ctx.client.edges()
-    except ApiError as exc:
-        st.error(str(exc))
+    items = headed(panel, "Edges", ctx.client.edges)
+    if items is None:
         return
     if not items:
         st.caption("No edge nodes: this engine has no EdgeNode in its running revision.")
