@@ -297,13 +297,10 @@ async def test_device_list_unfiltered_pages_by_name(api: Api) -> None:
 
 
 async def test_the_client_to_other_engines_is_closed_with_the_api(tmp_path: Any) -> None:
-    from .conftest import start_api
+    from .conftest import serving
 
-    async with trio.open_nursery() as nursery:
-        a = await start_api(nursery, tmp_path / "state")
+    async with serving(tmp_path / "state") as a:
         st = a.engine.service_info["api"]["app"].state
         peers = st.peers()
         assert st.peers() is peers and not peers.is_closed  # one client, kept
-        nursery.cancel_scope.cancel()
-    a.registry.close()
     assert peers.is_closed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,9 @@ from runtime.helpers import eventually, sim_device
 from twin.api.frontdoor import parse_head
 from twin.api.gatekeeper import MAX_INGEST_BODY
 from twin.api.ratelimit import Rate
-from twin.api.state import ApiSettings
 from twin.runtime.timeseries_service import TimeSeriesService
 
-from .conftest import Api, demo_docs, start_api
+from .conftest import Api, demo_docs, loose_settings, serving
 
 HEALTH = b"GET /api/v1/health HTTP/1.1\r\nHost: t\r\n\r\n"
 Response = tuple[int, dict[str, str], bytes]
@@ -43,12 +43,9 @@ async def door(tmp_path: Path) -> AsyncIterator[Door]:
 
 @asynccontextmanager
 async def open_door(tmp_path: Path, **settings_kw: Any) -> AsyncIterator[Door]:
-    settings = ApiSettings(
-        state_dir=tmp_path / "state",
-        rate_per_token=Rate(10_000, 10_000),
-        rate_per_client=Rate(10_000, 10_000),
+    settings = replace(
+        loose_settings(tmp_path / "state", **settings_kw),
         rate_ingest_per_device=Rate(0.01, 40),  # 40 requests per device, then 429
-        **settings_kw,
     )
     docs = [
         *demo_docs(),
@@ -56,23 +53,16 @@ async def open_door(tmp_path: Path, **settings_kw: Any) -> AsyncIterator[Door]:
         sim_device("limited", binding={"http": {}}),
     ]
     ts = TimeSeriesService()
-    a: Api | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            a = await start_api(nursery, tmp_path / "state", settings, docs, services=[ts])
-            keys = {}
-            async with a.client("admin") as c:
-                for device in ("push1", "push_b", "limited"):
-                    r = await c.post(f"/api/v1/devices/{device}/keys")
-                    assert r.status_code == 201, r.text
-                    keys[device] = r.json()["key"]
-            engine = a.engine
-            await eventually(lambda: all(engine.hub.running(d) for d in keys))
-            yield a, keys, ts
-            nursery.cancel_scope.cancel()
-    finally:
-        if a is not None:
-            a.registry.close()
+    async with serving(tmp_path / "state", settings, docs=docs, services=[ts]) as a:
+        keys = {}
+        async with a.client("admin") as c:
+            for device in ("push1", "push_b", "limited"):
+                r = await c.post(f"/api/v1/devices/{device}/keys")
+                assert r.status_code == 201, r.text
+                keys[device] = r.json()["key"]
+        engine = a.engine
+        await eventually(lambda: all(engine.hub.running(d) for d in keys))
+        yield a, keys, ts
 
 
 def request(device: str, body: bytes, *headers: str, length: int | None = None) -> bytes:
