@@ -28,23 +28,18 @@ back the very partial rows encoded (bit-exact floats, nulls where they were).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 import pyarrow as pa
 
 from twin.timeseries import codec
 from twin.timeseries.base import PARTIAL_SCHEMA, SERIES_COLUMNS, TS_TYPE
+from twin.timeseries.chunks import WINDOW_FIELDS, _i64, _strings, nan_stats, series_ids
 
 PCHUNK_SCHEMA = pa.schema(
     [
-        pa.field("ts", TS_TYPE, nullable=False),  # window start
-        pa.field("device", pa.string(), nullable=False),
-        pa.field("site", pa.string(), nullable=False),
-        pa.field("grp", pa.string(), nullable=False),
-        pa.field("tags", pa.string(), nullable=False),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("t_min", TS_TYPE, nullable=False),
-        pa.field("t_max", TS_TYPE, nullable=False),
-        pa.field("n", pa.int64(), nullable=False),
+        *WINDOW_FIELDS,
         pa.field("count", pa.int64(), nullable=False),
         pa.field("res", pa.int64(), nullable=False),  # the tier's resolution, us
         pa.field("cid", pa.int64(), nullable=False),
@@ -80,13 +75,6 @@ def _unpack(b: bytes) -> list[bytes]:
     return out
 
 
-def _i64(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    col = col.cast(pa.int64())
-    if col.null_count:  # (fill_null costs ~25 ns/value even without nulls)
-        col = col.fill_null(0)
-    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def _valid(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
 
@@ -98,12 +86,37 @@ def _f64(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def _strings(col: pa.ChunkedArray | pa.Array) -> pa.Array:
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    if pa.types.is_dictionary(col.type):
-        col = col.cast(col.type.value_type)
-    return col.cast(pa.string())
+def _assemble(
+    window_start: float,
+    t_min: np.ndarray,
+    t_max: np.ndarray,
+    n: np.ndarray,
+    count: np.ndarray,
+    res_us: int,
+    first_cid: int,
+    blobs: Mapping[str, Sequence[bytes | None]],
+    series: pa.Table,
+    take: pa.Array,
+) -> pa.Table:
+    """PCHUNK_SCHEMA rows from their columns; blob columns not in ``blobs`` are null; the
+    series columns are ``series``' rows ``take``."""
+    r = len(t_min)
+    cols: dict[str, pa.Array] = {
+        "ts": pa.array(np.full(r, round(window_start * 1_000_000), dtype=np.int64), TS_TYPE),
+        "t_min": pa.array(np.asarray(t_min, dtype=np.int64), TS_TYPE),
+        "t_max": pa.array(np.asarray(t_max, dtype=np.int64), TS_TYPE),
+        "n": pa.array(np.asarray(n, dtype=np.int64), pa.int64()),
+        "count": pa.array(np.asarray(count, dtype=np.int64), pa.int64()),
+        "res": pa.array(np.full(r, res_us, dtype=np.int64), pa.int64()),
+        "cid": pa.array(np.arange(first_cid, first_cid + r), pa.int64()),
+    }
+    for name in PBLOB_COLUMNS:
+        cols[name] = (
+            pa.array(blobs[name], pa.binary()) if name in blobs else pa.nulls(r, pa.binary())
+        )
+    for name in SERIES_COLUMNS:
+        cols[name] = _strings(series.column(name).take(take))
+    return pa.Table.from_arrays([cols[c] for c in PCHUNK_SCHEMA.names], schema=PCHUNK_SCHEMA)
 
 
 def build_partial_chunks(
@@ -185,28 +198,21 @@ def build_partial_chunks(
         else:
             s_b.append(None)
 
-    take = pa.array(starts)
-    cols: dict[str, pa.Array] = {
-        "ts": pa.array(np.full(len(starts), round(window_start * 1_000_000)), pa.int64()).cast(
-            TS_TYPE
-        ),
-        "t_min": pa.array(ts[starts], TS_TYPE),
-        "t_max": pa.array(ts[ends - 1], TS_TYPE),
-        "n": pa.array(ends - starts, pa.int64()),
-        "count": pa.array(np.add.reduceat(count, starts), pa.int64()),
-        "res": pa.array(np.full(len(starts), res_us), pa.int64()),
-        "cid": pa.array(np.arange(first_cid, first_cid + len(starts)), pa.int64()),
-        "t_blob": pa.array(t_b, pa.binary()),
-        "n_blob": pa.array(n_b, pa.binary()),
-        "ft_blob": pa.array(ft_b, pa.binary()),
-        "f_blob": pa.array(f_b, pa.binary()),
-        "x_blob": pa.array(x_b, pa.binary()),
-        "m_blob": pa.array(m_b, pa.binary()),
-        "s_blob": pa.array(s_b, pa.binary()),
-    }
-    for name in SERIES_COLUMNS:
-        cols[name] = _strings(table.column(name).take(take))
-    return pa.Table.from_arrays([cols[c] for c in PCHUNK_SCHEMA.names], schema=PCHUNK_SCHEMA)
+    blobs: dict[str, Sequence[bytes | None]] = dict(
+        t_blob=t_b, n_blob=n_b, ft_blob=ft_b, f_blob=f_b, x_blob=x_b, m_blob=m_b, s_blob=s_b
+    )
+    return _assemble(
+        window_start,
+        ts[starts],
+        ts[ends - 1],
+        ends - starts,
+        np.add.reduceat(count, starts),
+        res_us,
+        first_cid,
+        blobs,
+        table,
+        pa.array(starts),
+    )
 
 
 def decode_partial_chunks(
@@ -315,8 +321,6 @@ def from_raw_chunks(
         return PCHUNK_SCHEMA.empty_table()
     if rows.column("s_blob").null_count < m:
         return None
-    from twin.timeseries.chunks import nan_stats, series_ids
-
     sid = series_ids(rows)
     bounds = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1], True])
     b = max(1, round(res * 1_000_000))
@@ -408,24 +412,17 @@ def from_raw_chunks(
         meta_max.append(int(bidx[-1]) * b)
         meta_n.append(k)
         meta_count.append(int(t.size))
-    r = len(firsts)
-    take = pa.array(np.asarray(firsts, dtype=np.int64))
-    cols: dict[str, pa.Array] = {
-        "ts": pa.array(np.full(r, round(window_start * 1_000_000)), TS_TYPE),
-        "t_min": pa.array(np.asarray(meta_min, dtype=np.int64), TS_TYPE),
-        "t_max": pa.array(np.asarray(meta_max, dtype=np.int64), TS_TYPE),
-        "n": pa.array(meta_n, pa.int64()),
-        "count": pa.array(meta_count, pa.int64()),
-        "res": pa.array(np.full(r, b), pa.int64()),
-        "cid": pa.array(np.arange(first_cid, first_cid + r), pa.int64()),
-        "t_blob": pa.array(t_b, pa.binary()),
-        "n_blob": pa.array(n_b, pa.binary()),
-        "ft_blob": pa.array(ft_b, pa.binary()),
-        "f_blob": pa.array(f_b, pa.binary()),
-        "x_blob": pa.array(x_b, pa.binary()),
-        "m_blob": pa.array(m_b, pa.binary()),
-        "s_blob": pa.nulls(r, pa.binary()),
-    }
-    for name in SERIES_COLUMNS:
-        cols[name] = _strings(rows.column(name).take(take))
-    return pa.Table.from_arrays([cols[c] for c in PCHUNK_SCHEMA.names], schema=PCHUNK_SCHEMA)
+    blobs: dict[str, Sequence[bytes | None]]
+    blobs = dict(t_blob=t_b, n_blob=n_b, ft_blob=ft_b, f_blob=f_b, x_blob=x_b, m_blob=m_b)
+    return _assemble(
+        window_start,
+        np.asarray(meta_min, dtype=np.int64),
+        np.asarray(meta_max, dtype=np.int64),
+        np.asarray(meta_n, dtype=np.int64),
+        np.asarray(meta_count, dtype=np.int64),
+        b,
+        first_cid,
+        blobs,
+        rows,
+        pa.array(np.asarray(firsts, dtype=np.int64)),
+    )

@@ -19,26 +19,9 @@ import numpy as np
 import pyarrow as pa
 
 from twin.timeseries.base import RAW_SCHEMA, TS_TYPE
-from twin.timeseries.chunks import BLOB_COLUMNS, CHUNK_SCHEMA
+from twin.timeseries.chunks import BLOB_COLUMNS, CHUNK_SCHEMA, STAT_COLUMNS
 
-META = (
-    "cid",
-    "series_id",
-    "ts",
-    "t_min",
-    "t_max",
-    "n",
-    "count",
-    "sum",
-    "min",
-    "max",
-    "first",
-    "last",
-    "first_str",
-    "last_str",
-    "first_ts",
-    "last_ts",
-)
+META = ("cid", "series_id", "ts", "t_min", "t_max", "n", *STAT_COLUMNS)
 _TS_COLS = ("ts", "t_min", "t_max", "first_ts", "last_ts")
 _COPY_HEADER_LEN = 19
 
@@ -143,24 +126,7 @@ def write(cur: Any, table: str, rows: pa.Table) -> None:
     """COPY chunk rows (from ``build_chunks`` over series-id tables) into ``table``."""
     if rows.num_rows == 0:
         return
-    names = [
-        "series_id",
-        "ts",
-        "t_min",
-        "t_max",
-        "n",
-        "count",
-        "sum",
-        "min",
-        "max",
-        "first",
-        "last",
-        "first_str",
-        "last_str",
-        "first_ts",
-        "last_ts",
-        *BLOB_COLUMNS,
-    ]
+    names = [*META[1:], *BLOB_COLUMNS]  # cid: the table's own sequence
     cols: dict[str, list[Any]] = {}
     for name in names:
         if name == "series_id":
