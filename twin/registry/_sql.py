@@ -334,6 +334,16 @@ class SQLRegistry:
     def _one(self, conn: Any, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._exec(conn, sql, params).fetchone()
 
+    def _fetch_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """The first row of one query in a read transaction (None: no row)."""
+        with self._tx(write=False) as conn:
+            return self._one(conn, sql, params)
+
+    def _fetch_all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Every row of one query in a read transaction."""
+        with self._tx(write=False) as conn:
+            return self._all(conn, sql, params)
+
     def _select(
         self,
         select: str,
@@ -347,10 +357,7 @@ class SQLRegistry:
         """The rows of ``select`` filtered and ordered as ``_filtered`` says, in a read
         transaction (no rows when ``any_of`` lists no values)."""
         query = _filtered(select, order, equal or {}, any_of, since, limit)
-        if query is None:
-            return []
-        with self._tx(write=False) as conn:
-            return self._all(conn, *query)
+        return [] if query is None else self._fetch_all(*query)
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Any]:
@@ -378,10 +385,9 @@ class SQLRegistry:
 
     # -- desired state and revisions ---------------------------------------------------------
     def head(self) -> Revision | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT 1"
-            )
+        row = self._fetch_one(
+            f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT 1"
+        )
         return None if row is None else _revision(row)
 
     def specs(self, revision: int | None = None) -> dict[Key, dict[str, Any]]:
@@ -588,28 +594,21 @@ class SQLRegistry:
         )
 
     def history(self, limit: int = 50) -> list[Revision]:
-        with self._tx(write=False) as conn:
-            rows = self._all(
-                conn,
-                f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT ?",
-                (limit,),
-            )
+        rows = self._fetch_all(
+            f"SELECT {_REVISION_COLS} FROM revisions ORDER BY number DESC LIMIT ?", (limit,)
+        )
         return [_revision(r) for r in rows]
 
     def revision(self, number: int) -> Revision:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_REVISION_COLS} FROM revisions WHERE number = ?", (number,)
-            )
+        row = self._fetch_one(f"SELECT {_REVISION_COLS} FROM revisions WHERE number = ?", (number,))
         if row is None:
             raise NotFoundError(f"no revision {number}", hint="`twin history` lists the revisions")
         return _revision(row)
 
     def last_changed(self, kind: str, name: str) -> int | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, "SELECT updated_rev FROM objects WHERE kind = ? AND name = ?", (kind, name)
-            )
+        row = self._fetch_one(
+            "SELECT updated_rev FROM objects WHERE kind = ? AND name = ?", (kind, name)
+        )
         return None if row is None else int(row[0])
 
     # -- runtime state -----------------------------------------------------------------------
@@ -831,13 +830,11 @@ class SQLRegistry:
         )
 
     def get_user(self, name: str) -> User | None:
-        with self._tx(write=False) as conn:
-            row = self._one(conn, f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
+        row = self._fetch_one(f"SELECT {_USER_COLS} FROM users WHERE name = ?", (name,))
         return None if row is None else self._user(row)
 
     def users(self) -> list[User]:
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, f"SELECT {_USER_COLS} FROM users ORDER BY name")
+        rows = self._fetch_all(f"SELECT {_USER_COLS} FROM users ORDER BY name")
         return [self._user(r) for r in rows]
 
     def delete_user(self, name: str) -> None:
@@ -896,10 +893,7 @@ class SQLRegistry:
             )
 
     def get_session(self, session_id: str) -> Session | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,)
-            )
+        row = self._fetch_one(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,))
         return None if row is None else _session(row)
 
     def revoke_session(self, session_id: str, timestamp: float) -> None:
@@ -928,10 +922,7 @@ class SQLRegistry:
             )
 
     def get_api_token(self, token_id: str) -> ApiToken | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_TOKEN_COLS} FROM api_tokens WHERE id = ?", (token_id,)
-            )
+        row = self._fetch_one(f"SELECT {_TOKEN_COLS} FROM api_tokens WHERE id = ?", (token_id,))
         return None if row is None else _api_token(row)
 
     def api_tokens(self, user: str | None = None) -> list[ApiToken]:
@@ -959,24 +950,20 @@ class SQLRegistry:
             )
 
     def device_keys(self, device: str) -> list[DeviceKey]:
-        with self._tx(write=False) as conn:
-            rows = self._all(
-                conn,
-                f"SELECT {_KEY_COLS} FROM device_keys WHERE device = ? ORDER BY created_at, id",
-                (device,),
-            )
+        rows = self._fetch_all(
+            f"SELECT {_KEY_COLS} FROM device_keys WHERE device = ? ORDER BY created_at, id",
+            (device,),
+        )
         return [
             DeviceKey(i, d, h, float(c), None if r is None else float(r)) for i, d, h, c, r in rows
         ]
 
     def revoked_device_keys(self, since: float) -> list[str]:
-        with self._tx(write=False) as conn:
-            rows = self._all(
-                conn,
-                "SELECT id FROM device_keys WHERE revoked_at IS NOT NULL AND revoked_at >= ? "
-                "ORDER BY id",
-                (since,),
-            )
+        rows = self._fetch_all(
+            "SELECT id FROM device_keys WHERE revoked_at IS NOT NULL AND revoked_at >= ? "
+            "ORDER BY id",
+            (since,),
+        )
         return [str(r[0]) for r in rows]
 
     def revoke_device_key(self, key_id: str, timestamp: float) -> None:
@@ -1092,10 +1079,7 @@ class SQLRegistry:
             )
 
     def get_command(self, command_id: str) -> CommandRecord | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_COMMAND_COLS} FROM commands WHERE id = ?", (command_id,)
-            )
+        row = self._fetch_one(f"SELECT {_COMMAND_COLS} FROM commands WHERE id = ?", (command_id,))
         return None if row is None else self._command(row)
 
     def commands(
@@ -1120,13 +1104,11 @@ class SQLRegistry:
         if terminal:
             sql += f" WHERE status NOT IN ({', '.join('?' * len(terminal))})"
         sql += " ORDER BY seq"
-        with self._tx(write=False) as conn:
-            rows = self._all(conn, sql, list(terminal))
+        rows = self._fetch_all(sql, list(terminal))
         return [self._command(r) for r in rows]
 
     def max_command_seq(self) -> int:
-        with self._tx(write=False) as conn:
-            row = self._one(conn, "SELECT MAX(seq) FROM commands")
+        row = self._fetch_one("SELECT MAX(seq) FROM commands")
         return int(row[0] or 0) if row else 0
 
     def save_scene_trace(self, trace: SceneTrace) -> None:
@@ -1158,10 +1140,7 @@ class SQLRegistry:
         return [self._trace(r) for r in rows]
 
     def scene_trace(self, run_id: str) -> SceneTrace | None:
-        with self._tx(write=False) as conn:
-            row = self._one(
-                conn, f"SELECT {_TRACE_COLS} FROM scene_traces WHERE run_id = ?", (run_id,)
-            )
+        row = self._fetch_one(f"SELECT {_TRACE_COLS} FROM scene_traces WHERE run_id = ?", (run_id,))
         return None if row is None else self._trace(row)
 
 
@@ -1235,16 +1214,14 @@ class SQLRegistry:
         return [_report_run(r) for r in rows]
 
     def report_run(self, run_id: str) -> ReportRun | None:
-        with self._tx(write=False) as conn:
-            row = self._one(conn, f"SELECT {self._RUN_COLS} FROM report_runs WHERE id = ?",
-                            (run_id,))
+        row = self._fetch_one(f"SELECT {self._RUN_COLS} FROM report_runs WHERE id = ?", (run_id,))
         return None if row is None else _report_run(row)
 
     def last_scheduled_run(self, report: str) -> float | None:
         """The newest ``scheduled_for`` of a report's runs (None: never ran on schedule)."""
-        with self._tx(write=False) as conn:
-            row = self._one(conn, "SELECT MAX(scheduled_for) FROM report_runs WHERE report = ?",
-                            (report,))
+        row = self._fetch_one(
+            "SELECT MAX(scheduled_for) FROM report_runs WHERE report = ?", (report,)
+        )
         return None if row is None or row[0] is None else float(row[0])
 
 
