@@ -43,7 +43,7 @@ import trio
 from jsonschema import Draft202012Validator
 
 from twin.errors import BindingConnectError, BindingError, CommandError, NotFoundError
-from twin.registry.base import CommandRecord
+from twin.registry.base import CommandRecord, CommandStore
 from twin.spec.refs import value_problem
 from twin.spec.select import matches, parse_selector
 from twin.spec.units import parse_duration
@@ -417,25 +417,8 @@ class Transport(Protocol):
         ...
 
 
-class Store(Protocol):
-    def insert_command(self, command: CommandRecord) -> tuple[CommandRecord, bool]: ...
-
-    def save_commands(self, commands: Sequence[CommandRecord]) -> None: ...
-
-    def get_command(self, command_id: str) -> CommandRecord | None: ...
-
-    def commands(
-        self,
-        *,
-        device: str | None = None,
-        statuses: Sequence[str] | None = None,
-        batch: str | None = None,
-        limit: int = 100,
-    ) -> list[CommandRecord]: ...
-
-    def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]: ...
-
-    def max_command_seq(self) -> int: ...
+Store = CommandStore
+"""What the ledger keeps its commands in (twin/registry/base.py says what it offers)."""
 
 
 class MemoryStore:

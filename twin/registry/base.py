@@ -184,8 +184,37 @@ class SceneTrace:
     trace: Mapping[str, Any] = field(default_factory=dict)
 
 
+class CommandStore(Protocol):
+    """Where the command ledger (twin/control/ledger.py) keeps its commands: the registry, or
+    the ledger's MemoryStore."""
+
+    def insert_command(self, command: CommandRecord) -> tuple[CommandRecord, bool]:
+        """Insert a new command. If (device, idempotency_key) exists, return that one, False."""
+
+    def save_commands(self, commands: Sequence[CommandRecord]) -> None:
+        """Insert or update (by id) every field of each command, in one transaction."""
+
+    def get_command(self, command_id: str) -> CommandRecord | None: ...
+
+    def commands(
+        self,
+        *,
+        device: str | None = None,
+        statuses: Sequence[str] | None = None,
+        batch: str | None = None,
+        limit: int = 100,
+    ) -> list[CommandRecord]:
+        """Newest first (by seq)."""
+
+    def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]:
+        """Every command whose status is not in ``terminal``, oldest first (by seq)."""
+
+    def max_command_seq(self) -> int:
+        """The highest seq used so far (0 for none)."""
+
+
 @runtime_checkable
-class Registry(Protocol):
+class Registry(CommandStore, Protocol):
     url: str
 
     def close(self) -> None: ...
@@ -333,31 +362,7 @@ class Registry(Protocol):
     def audit_log(self, *, actor: str | None = None, limit: int = 100) -> list[AuditEntry]:
         """Newest first."""
 
-    # -- command ledger and scene traces (twin/control) ----------------------------------------
-    def insert_command(self, command: CommandRecord) -> tuple[CommandRecord, bool]:
-        """Insert a new command. If (device, idempotency_key) exists, return that one, False."""
-
-    def save_commands(self, commands: Sequence[CommandRecord]) -> None:
-        """Insert or update (by id) every field of each command, in one transaction."""
-
-    def get_command(self, command_id: str) -> CommandRecord | None: ...
-
-    def commands(
-        self,
-        *,
-        device: str | None = None,
-        statuses: Sequence[str] | None = None,
-        batch: str | None = None,
-        limit: int = 100,
-    ) -> list[CommandRecord]:
-        """Newest first (by seq)."""
-
-    def open_commands(self, terminal: Sequence[str]) -> list[CommandRecord]:
-        """Every command whose status is not in ``terminal``, oldest first (by seq)."""
-
-    def max_command_seq(self) -> int:
-        """The highest seq used so far (0 for none)."""
-
+    # -- command ledger (CommandStore, above) and scene traces (twin/control) -------------------
     def save_scene_trace(self, trace: SceneTrace) -> None:
         """Insert or replace (by run_id) a scene run's trace."""
 
