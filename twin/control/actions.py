@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import trio
 
@@ -338,13 +338,22 @@ class Choose(Action):
 
 
 @dataclass(eq=False)
-class Parallel(Action):
-    type: ClassVar[str] = "parallel"
+class _Block(Action):
+    """An action made of the list of actions under its ``actions:``."""
+
     actions: tuple[Action, ...]
 
     @classmethod
-    def build(cls, spec: Mapping[str, Any]) -> Parallel:
+    def build(cls, spec: Mapping[str, Any]) -> Self:
         return cls(build_actions(spec["actions"]), **_common(spec))
+
+    def children(self) -> list[Action]:
+        return list(self.actions)
+
+
+@dataclass(eq=False)
+class Parallel(_Block):
+    type: ClassVar[str] = "parallel"
 
     async def run(self, ctx: RunContext, path: str) -> dict[str, Any]:
         errors: list[str] = []
@@ -362,25 +371,14 @@ class Parallel(Action):
             raise StepError("; ".join(errors))
         return {"branches": len(self.actions)}
 
-    def children(self) -> list[Action]:
-        return list(self.actions)
-
 
 @dataclass(eq=False)
-class Sequence(Action):
+class Sequence(_Block):
     type: ClassVar[str] = "sequence"
-    actions: tuple[Action, ...]
-
-    @classmethod
-    def build(cls, spec: Mapping[str, Any]) -> Sequence:
-        return cls(build_actions(spec["actions"]), **_common(spec))
 
     async def run(self, ctx: RunContext, path: str) -> dict[str, Any]:
         await run_sequence(ctx, self.actions, f"{path}/actions")
         return {}
-
-    def children(self) -> list[Action]:
-        return list(self.actions)
 
 
 @dataclass(eq=False)
