@@ -872,25 +872,25 @@ class SQLRegistry:
             row = self._one(conn, "SELECT generation FROM users WHERE name = ?", (name,))
         return int(row[0])
 
+    def _insert_for_user(
+        self, user: str, table: str, cols: str, values: Sequence[Any]
+    ) -> None:
+        """Insert a credential row (``cols``: its columns) of ``user``, who must exist."""
+        with self._tx(write=True) as conn:
+            if self._one(conn, "SELECT 1 FROM users WHERE name = ?", (user,)) is None:
+                raise NotFoundError(f"no user {user!r}")
+            marks = ", ".join("?" * len(values))
+            self._exec(conn, f"INSERT INTO {table} ({cols}) VALUES ({marks})", values)
+
     def create_session(self, session: Session) -> None:
         s = session
-        with self._tx(write=True) as conn:
-            if self._one(conn, "SELECT 1 FROM users WHERE name = ?", (s.user,)) is None:
-                raise NotFoundError(f"no user {s.user!r}")
-            self._exec(
-                conn,
-                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    s.id,
-                    s.user,
-                    s.token_hash,
-                    s.created_at,
-                    s.expires_at,
-                    s.revoked_at,
-                    s.client,
-                    s.user_id,
-                ),
-            )
+        self._insert_for_user(
+            s.user,
+            "sessions",
+            _SESSION_COLS,
+            (s.id, s.user, s.token_hash, s.created_at, s.expires_at, s.revoked_at, s.client,
+             s.user_id),
+        )  # fmt: skip
 
     def get_session(self, session_id: str) -> Session | None:
         row = self._fetch_one(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,))
@@ -912,14 +912,12 @@ class SQLRegistry:
 
     def add_api_token(self, token: ApiToken) -> None:
         t = token
-        with self._tx(write=True) as conn:
-            if self._one(conn, "SELECT 1 FROM users WHERE name = ?", (t.user,)) is None:
-                raise NotFoundError(f"no user {t.user!r}")
-            self._exec(
-                conn,
-                f"INSERT INTO api_tokens ({_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (t.id, t.user, t.user_id, t.created_at, t.expires_at, t.revoked_at, t.note),
-            )
+        self._insert_for_user(
+            t.user,
+            "api_tokens",
+            _TOKEN_COLS,
+            (t.id, t.user, t.user_id, t.created_at, t.expires_at, t.revoked_at, t.note),
+        )
 
     def get_api_token(self, token_id: str) -> ApiToken | None:
         row = self._fetch_one(f"SELECT {_TOKEN_COLS} FROM api_tokens WHERE id = ?", (token_id,))
