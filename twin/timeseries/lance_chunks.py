@@ -53,6 +53,10 @@ class ChunkTable:
         self._frag = np.zeros(0, dtype=np.int64)
         self._local = np.zeros(0, dtype=np.int64)
         self._fragments: dict[int, Any] = {}
+        # per nullable blob column: which catalogue rows hold one (a one-row read takes
+        # only those it needs: each column taken costs ~0.05 ms of a ~0.35 ms take)
+        self.optional_blobs = [f.name for f in schema if f.name in self.blob_columns and f.nullable]
+        self._has: dict[str, np.ndarray] = {}
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -85,6 +89,16 @@ class ChunkTable:
             self._frag = frag
             self._local = pos - np.maximum.accumulate(np.where(first, pos, 0))
             self._fragments = {f.fragment_id: f for f in self._ds.get_fragments()}
+            self._has = {}
+            order = np.argsort(addr)
+            for name in self.optional_blobs:
+                set_at = self._ds.to_table(
+                    columns=[], filter=f"{name} IS NOT NULL", with_row_address=True
+                )
+                at = np.asarray(set_at.column("_rowaddr").to_numpy(), dtype=np.uint64)
+                has = np.zeros(len(addr), dtype=bool)
+                has[order[np.searchsorted(addr, at, sorter=order)]] = True
+                self._has[name] = has
         self._lo = np.array(self._catalog.column("t_min").cast(pa.int64()), dtype=np.int64)
         self._hi = np.array(self._catalog.column("t_max").cast(pa.int64()), dtype=np.int64)
 
@@ -126,7 +140,8 @@ class ChunkTable:
         if cat.num_rows == 0:
             return self.schema.empty_table() if blobs else cat
         idx = self.offsets(cat, selector, start, end)
-        rows = cat.take(pa.array(idx))
+        # (one row: a zero-copy slice, ~10x cheaper than a take)
+        rows = cat.slice(int(idx[0]), 1) if len(idx) == 1 else cat.take(pa.array(idx))
         if not blobs:
             return rows
         return self.blobs(ds, rows, idx, cat)
@@ -182,14 +197,16 @@ class ChunkTable:
         for a dataset ``take``, measured)."""
         with self._lock:
             current = cat is not None and cat is self._catalog and ds is self._ds
-            frag, local, fragments = self._frag, self._local, self._fragments
+            frag, local, fragments, has = self._frag, self._local, self._fragments, self._has
         if not current or len(idx) == 0:
             return self.with_blobs(ds, rows, idx, self.schema)
         if len(idx) == 1:  # the common one-series read: one row, no bookkeeping
             i = int(idx[0])
-            b = fragments[int(frag[i])].take([int(local[i])], columns=self.blob_columns)
+            names = [c for c in self.blob_columns if c not in has or has[c][i]]
+            b = fragments[int(frag[i])].take([int(local[i])], columns=names)
             for name in self.blob_columns:
-                rows = rows.append_column(name, b.column(name))
+                col = b.column(name) if name in names else pa.nulls(1, pa.binary())
+                rows = rows.append_column(name, col)
             return rows
         fids = frag[idx]
         if bool((fids != fids[0]).any()):
