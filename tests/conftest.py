@@ -7,8 +7,13 @@ In CI, ``TWIN_REQUIRE_POSTGRES=1`` / ``TWIN_REQUIRE_MOSQUITTO=1`` turn a skipped
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from twin.registry import open_registry
+from twin.registry.base import Registry
 
 _REQUIRED = {"postgres": "TWIN_REQUIRE_POSTGRES", "mosquitto": "TWIN_REQUIRE_MOSQUITTO"}
 
@@ -24,3 +29,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
             report.outcome = "failed"
             reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
             report.longrepr = f"{env}=1 but this {marker} test was skipped: {reason}"
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A fresh SQLite registry in the test's state dir (tests/registry's own fixture runs each
+    of its tests on every backend)."""
+    reg = open_registry(None, tmp_path / "state")
+    try:
+        yield reg
+    finally:
+        reg.close()

@@ -8,7 +8,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from twin.api.auth import create_device_key, make_user
 from twin.bindings.mqtt import MqttBinding, device_topics
 from twin.errors import CommandError, PortInUseError
 from twin.mqtt.hub import InMessage
-from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.runtime.engine import Engine
 from twin.runtime.mqtt_service import MqttService, MqttServiceConfig, bind_listener
@@ -40,15 +39,6 @@ def mqtt_device(name: str, site_: str = "plant-a", **opts: Any) -> dict[str, Any
             "heartbeat": {"interval": "60s", "timeout": "300s"},  # only the will can be fast
         },
     }
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = open_registry(None, tmp_path / "state")
-    try:
-        yield reg
-    finally:
-        reg.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ from tests.runtime.helpers import apply, eventually, fast_config, model, site
 from twin.bindings.mqtt import MqttBinding
 from twin.mqtt.hub import InMessage, MqttHub
 from twin.mqtt.paho_trio import PahoTransport
-from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.runtime.engine import Engine
 from twin.runtime.mqtt_service import MqttService, MqttServiceConfig
@@ -44,15 +42,6 @@ pytestmark = [
 
 def _mosq_client(cid: str, **kw: Any) -> Client:
     return Client(MOSQUITTO[1], cid, **kw)
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = open_registry(None, tmp_path / "state")
-    try:
-        yield reg
-    finally:
-        reg.close()
 
 
 async def test_engine_against_mosquitto(

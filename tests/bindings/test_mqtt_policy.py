@@ -4,7 +4,7 @@ devices (it could subscribe to `#` and publish anywhere before); an unscoped adm
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +15,11 @@ from tests.mqtt.conftest import Client, run_sync
 from tests.runtime.helpers import apply, fast_config, model, site
 from twin.api.auth import create_device_key, make_user
 from twin.bindings.mqtt import device_topics
-from twin.registry import open_registry
 from twin.registry.base import Registry
 from twin.runtime.engine import Engine
 from twin.runtime.mqtt_service import MqttService, MqttServiceConfig
 
 PASSWORD = "password123"
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = open_registry(None, tmp_path / "state")
-    try:
-        yield reg
-    finally:
-        reg.close()
 
 
 @pytest.fixture
