@@ -35,6 +35,17 @@ def fan_model(*, speed: bool = False, sets: bool = False, **commands: Any) -> di
     )
 
 
+def fan_on() -> dict[str, Any]:
+    """The scene action that commands fan_01 on (``set_state``) and waits for the device."""
+    return {
+        "type": "command",
+        "device": "fan_01",
+        "command": "set_state",
+        "params": {"state": True},
+        "wait": True,
+    }
+
+
 def fan_on_when_hot(*more_actions: dict[str, Any]) -> dict[str, Any]:
     """The Scene that turns fan_01 on (``set_state``, waiting for the device) when
     temp_sensor_01 reads above 30, then runs ``more_actions``."""
@@ -52,16 +63,7 @@ def fan_on_when_hot(*more_actions: dict[str, Any]) -> dict[str, Any]:
                     "value": 30,
                 }
             ],
-            "actions": [
-                {
-                    "type": "command",
-                    "device": "fan_01",
-                    "command": "set_state",
-                    "params": {"state": True},
-                    "wait": True,
-                },
-                *more_actions,
-            ],
+            "actions": [fan_on(), *more_actions],
         },
     }
 
@@ -162,4 +164,4 @@ def make_ledger(
     return ledger, store, transport
 
 
-__all__ = ["SENT", "FakeTransport", "docs", "fan_model", "fan_on_when_hot", "make_ledger"]
+__all__ = ["SENT", "FakeTransport", "docs", "fan_model", "fan_on", "fan_on_when_hot", "make_ledger"]

@@ -22,7 +22,7 @@ from twin.control.service import ControlService
 from twin.registry import open_registry
 from twin.runtime.engine import Engine
 
-from .helpers import fan_model
+from .helpers import fan_model, fan_on
 
 USERS = {"admin": "admin", "oper": "operator", "viewer": "viewer"}
 
@@ -226,16 +226,7 @@ SCENE = {
         "mode": "single",
         "triggers": [{"type": "manual"}],
         "conditions": [{"type": "state", "device": "fan_01", "status": "online"}],
-        "actions": [
-            {
-                "type": "command",
-                "device": "fan_01",
-                "command": "set_state",
-                "params": {"state": True},
-                "wait": True,
-            },
-            {"type": "delay", "duration": "100ms"},
-        ],
+        "actions": [fan_on(), {"type": "delay", "duration": "100ms"}],
     },
 }
 
