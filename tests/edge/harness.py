@@ -7,6 +7,7 @@ cloud's store.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import os
@@ -16,7 +17,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -244,6 +245,20 @@ async def wait_http(url: str, limit: float = 60.0, proc: Proc | None = None) -> 
                 raise RuntimeError(f"{proc.args} exited:\n{proc.tail()}")
             await trio.sleep(0.2)
     raise TimeoutError(f"{url} did not answer in {limit}s\n{proc.tail() if proc else ''}")
+
+
+async def until(pred: Callable[[], Any], what: str, limit: float = 30.0) -> None:
+    """Poll ``pred`` (plain or async) every 0.1 s until it is true; after ``limit`` seconds an
+    AssertionError says what did not happen."""
+    with trio.move_on_after(limit):
+        while True:
+            ok = pred()
+            if inspect.isawaitable(ok):
+                ok = await ok
+            if ok:
+                return
+            await trio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 @dataclass

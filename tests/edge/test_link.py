@@ -24,7 +24,7 @@ from twin.spec import load_site
 from twin.spec.apply import apply_specs
 from twin.timeseries.base import Selector
 
-from .harness import Proxy
+from .harness import Proxy, until
 from .tinymodel import build
 
 pytest.importorskip("onnxruntime")
@@ -114,15 +114,6 @@ spec:
 """
 
 
-async def _until(pred, what: str, limit: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    with trio.move_on_after(limit):
-        while True:
-            if await pred():
-                return
-            await trio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path) -> None:
     folder = tmp_path / "site"
     folder.mkdir()
@@ -156,7 +147,7 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
                 rows = await edge.rio.call(ereg.alarms, device="cam")
                 return any(a.type == "light_on" for a in rows)
 
-            await _until(local_alarm, "the local scene's alarm (uplink down)")
+            await until(local_alarm, "the local scene's alarm (uplink down)")
             assert agent.uplink is not None and not agent.uplink.online
             assert agent.outbox is not None and len(agent.outbox) > 0
             assert agent.pipelines["cam"].detections >= 1
@@ -179,19 +170,19 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
                 assert box is not None
                 return agent.uplink.online and len(box) == 0 and cloud_edge.link("gw-t").online  # type: ignore[union-attr]
 
-            await _until(drained, "the outbox drained")
+            await until(drained, "the outbox drained")
 
             async def cloud_alarm() -> bool:
                 rows = await cloud.rio.call(creg.alarms, device="cam")
                 return any(a.type == "light_on" for a in rows)
 
-            await _until(cloud_alarm, "the alarm forwarded to the cloud")
+            await until(cloud_alarm, "the alarm forwarded to the cloud")
 
             async def command_done() -> bool:
                 row = await cloud.rio.call(creg.get_command, cmd.id)
                 return row is not None and row.status == "success"
 
-            await _until(command_done, "the queued command run by the edge, its result up")
+            await until(command_done, "the queued command run by the edge, its result up")
             await cloud_edge.expire_commands()
             old = await cloud.rio.call(creg.get_command, stale.id)
             assert old is not None and old.status == "timeout"  # expired as declared
@@ -228,7 +219,7 @@ async def test_offline_scene_on_detection_then_drain_exactly_once(tmp_path: Path
                 cloud_ts = t.column("ts").to_pylist()
                 return len(cloud_ts) == len(set(cloud_ts)) and len(cloud_ts) >= le.num_rows - 50
 
-            await _until(stored_all, "the cloud to have the edge's readings")
+            await until(stored_all, "the cloud to have the edge's readings")
             del box
             n.cancel_scope.cancel()
     finally:

@@ -32,6 +32,7 @@ from twin.runtime.timeseries_service import TimeSeriesService
 from twin.spec import load_site
 from twin.spec.apply import apply_specs
 
+from .harness import until
 from .tinymodel import build
 
 pytest.importorskip("onnx")
@@ -143,15 +144,6 @@ def pki(tmp_path: Path) -> dict[str, Path]:
     return {"ca": ca_path, "other": other, "cert": cert, "key": key, "stray": stray}
 
 
-async def _until(pred: Any, what: str, limit: float = 30.0) -> None:
-    with trio.move_on_after(limit):
-        while True:
-            if pred():
-                return
-            await trio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
     folder = tmp_path / "site"
     folder.mkdir()
@@ -197,7 +189,7 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
                         up = agent.uplink
                         return up is not None and up.failures > 0 and up.last_error is not None
 
-                    await _until(failed, "the uplink to fail")
+                    await until(failed, "the uplink to fail")
                     assert agent.uplink is not None and not agent.uplink.online
                     error = agent.uplink.last_error or ""
                     if agent is wrong_ca:
@@ -219,8 +211,8 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
                 def stored() -> bool:
                     return cloud_edge.link("gw-s").received.get("telemetry", 0) >= 5
 
-                await _until(stored, "readings over TLS")
-                await _until(lambda: cloud_edge.link("gw-s").revision == 1, "the spec sync")
+                await until(stored, "readings over TLS")
+                await until(lambda: cloud_edge.link("gw-s").revision == 1, "the spec sync")
                 cmd = await cloud_control.ledger.submit("fan", "set_state", {"state": True},
                                                         command_timeout=60)  # fmt: skip
                 done: list[str] = []
@@ -233,7 +225,7 @@ async def _scenario(tmp_path: Path, pki: dict[str, Path], mqtt: bool) -> None:
 
                 async with trio.open_nursery() as pn:
                     pn.start_soon(poll)
-                    await _until(lambda: done == ["success"], "the command down and its result up")
+                    await until(lambda: done == ["success"], "the command down and its result up")
                     pn.cancel_scope.cancel()
                 # a Model's file comes down the same link (base64 in the MQTT reply)
                 assert agent.transport is not None
