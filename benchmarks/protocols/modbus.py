@@ -104,8 +104,19 @@ def make_client(port: int) -> Any:
 
 
 # -- 1. requests/s -------------------------------------------------------------------------------
-def measure(port: int, conns: int, slices: int, slice_s: float) -> list[list[Round]]:
-    """The three modes set up once (their own connections each), then interleaved slices."""
+def load_aio(path: str) -> Any:
+    """Another tree's ``twin/bindings/aio.py`` as a module of its own (A/B in one run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aio_other", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = None) -> list[list[Round]]:
+    """The modes set up once (their own connections each), then interleaved slices."""
     plain_loop = PlainLoop()
 
     async def main() -> list[list[Round]]:
@@ -125,6 +136,27 @@ def measure(port: int, conns: int, slices: int, slice_s: float) -> list[list[Rou
         for line in lines:
             async with line.lock:
                 await line._ensure()
+
+        oclients = []
+        if other is not None:
+            oclients = [await other.run(lambda: make_client(port)) for _ in range(conns)]
+            for c in oclients:
+                await other.run(c.connect)
+
+        async def other_slice(secs: float) -> Round:
+            async def worker(c: Any, stop: float) -> None:
+                while (t := time.perf_counter()) < stop:
+                    await other.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
+                    r.count(t)
+
+            r = Round()
+            r.start()
+            stop = time.perf_counter() + secs
+            async with trio.open_nursery() as n:
+                for c in oclients:
+                    n.start_soon(worker, c, stop)
+            r.stop()
+            return r
 
         async def plain_slice(secs: float) -> Round:
             async def worker(c: Any, stop: float, r: Round) -> None:
@@ -173,12 +205,16 @@ def measure(port: int, conns: int, slices: int, slice_s: float) -> list[list[Rou
             return r
 
         modes = [bridge_slice, binding_slice, plain_slice]
+        if other is not None:
+            modes.insert(2, other_slice)
         await interleave(modes, 3, slice_s)  # warm-up
         rounds = await interleave(modes, slices, slice_s)
         for line in lines:
             await line._drop()
         for c in bclients:
             await aio.run(c.close)
+        for c in oclients:
+            await other.run(c.close)
 
         async def p_close() -> None:
             for c in pclients:
@@ -191,6 +227,8 @@ def measure(port: int, conns: int, slices: int, slice_s: float) -> list[list[Rou
         return trio.run(main)
     finally:
         aio.shutdown()
+        if other is not None:
+            other.shutdown()
         plain_loop.close()
 
 
@@ -261,6 +299,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=500)
     ap.add_argument("--poll-seconds", type=float, default=20.0)
     ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--ab", metavar="AIO_PY", help="also run another tree's twin/bindings/aio.py "
+                    "(e.g. main's) as a mode of its own, interleaved: A/B in one run")
     args = ap.parse_args()
     if args.serve:
         serve([int(p) for p in args.serve.split(",")], args.units)
@@ -272,11 +312,14 @@ def main() -> None:
     (port,) = free_ports(1)
     server = start_server([port], 1, 1 if two_cores else None)
     try:
+        other = load_aio(args.ab) if args.ab else None
+        names = ["bridge (aio.run)", "binding (Line.call)", "plain asyncio"]
+        if other is not None:
+            names.insert(2, "bridge (--ab aio.run)")
         for conns in (1, 10):
-            rounds = measure(port, conns, args.slices, args.slice)
+            rounds = measure(port, conns, args.slices, args.slice, other)
             report(f"pymodbus read_holding_registers(0, count=10), {conns} connection(s), "
-                   f"{args.slice * 1000:g} ms slices",
-                   ("bridge (aio.run)", "binding (Line.call)", "plain asyncio"), rounds)
+                   f"{args.slice * 1000:g} ms slices", names, rounds)
     finally:
         server.terminate()
         server.wait()

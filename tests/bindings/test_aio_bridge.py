@@ -160,3 +160,65 @@ async def test_lifetime_stops_the_loop_and_a_later_run_restarts_it(bridge: aio.A
     assert ended.is_set()  # the loop's leftover tasks were cancelled at stop
     assert await aio.run(lambda: 5, bridge=bridge) == 5
     assert bridge.running
+
+
+async def test_one_failing_call_among_concurrent_ones_fails_alone(bridge: aio.AioLoop) -> None:
+    """Calls handed over in one batch: one raising (in the factory or in its task) leaves the
+    others' results alone."""
+    results: dict[int, object] = {}
+
+    async def work(i: int) -> int:
+        await asyncio.sleep(0)
+        if i == 3:
+            raise KeyError(i)
+        return i
+
+    def factory(i: int) -> object:
+        if i == 5:
+            raise ValueError(i)
+        return work(i)
+
+    async def one(i: int) -> None:
+        try:
+            results[i] = await aio.run(lambda: factory(i), bridge=bridge)
+        except (KeyError, ValueError) as exc:
+            results[i] = type(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(one, i)
+    assert results == {i: KeyError if i == 3 else ValueError if i == 5 else i for i in range(10)}
+
+
+async def test_the_loop_thread_dying_fails_its_calls_and_the_next_call_restarts_it(
+    bridge: aio.AioLoop,
+) -> None:
+    """SystemExit raised in an asyncio task escapes run_forever and ends the thread: every
+    call in flight fails with AioLoopDied (none hangs), and the next call gets a new loop."""
+    started = threading.Event()
+    outcome: list[BaseException] = []
+
+    async def hang() -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def in_flight() -> None:
+        try:
+            await aio.run(hang, bridge=bridge)
+        except aio.AioLoopDied as exc:
+            outcome.append(exc)
+
+    async def die() -> None:
+        await asyncio.sleep(0)
+        raise SystemExit("a library gave up")
+
+    first = bridge.loop()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(in_flight)
+        await trio.to_thread.run_sync(started.wait)
+        with pytest.raises(aio.AioLoopDied, match="a library gave up"):
+            await aio.run(die, bridge=bridge)
+    assert len(outcome) == 1
+    assert bridge.restarts == 1
+    assert await aio.run(lambda: threading.current_thread().name, bridge=bridge) == "test-asyncio"
+    assert bridge.loop() is not first

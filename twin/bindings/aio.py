@@ -39,9 +39,21 @@ Lifecycle
     A later ``run`` starts a fresh loop. ``aio.shutdown()`` stops it explicitly (tests,
     atexit).
 
-Overhead (``python benchmarks/protocols/bridge.py``, 2-core VM): one sequential caller ~85 µs
-per round trip (two thread wake-ups; ``trio.to_thread.run_sync`` costs the same here), 10
-concurrent callers ~25 µs per call amortised; plain asyncio awaits the same coroutine in 1-2 µs.
+Hand-offs (batched: one wake-up per tick each way, however many calls)
+    Trio→asyncio: ``run`` queues the call in its Trio run; an instrument's ``before_io_wait``
+    (the end of the Trio tick, just before Trio sleeps) hands the tick's calls over in one
+    ``call_soon_threadsafe``. asyncio→Trio: results (and ``push`` items sent on the bridge
+    thread) are queued per Trio run and posted by the loop's selector just before the loop
+    sleeps, one ``TrioToken.run_sync_soon`` per Trio run; the Trio caller is rescheduled
+    directly (no Event). Each wake-up is posted as the poster goes idle, so the woken thread
+    does not fight it for the GIL.
+Supervision
+    If an exception escapes the loop (``SystemExit`` in a task), the thread ends: every call in
+    flight fails with :class:`AioLoopDied` and the next call starts a new loop
+    (``AioLoop.restarts``).
+
+Overhead: ``python benchmarks/protocols/bridge.py`` and ``benchmarks/protocols/modbus.py``
+(figures in benchmarks/README.md, "Session 6: asyncio bridge").
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import atexit
 import contextlib
 import inspect
 import logging
+import selectors
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar, overload
@@ -73,69 +86,208 @@ class AioCancelled(RuntimeError):
     """The asyncio task was cancelled on the asyncio side (not by the Trio caller)."""
 
 
-class AioLoop:
-    """One asyncio loop in one daemon thread. Thread-safe start/stop."""
+class AioLoopDied(RuntimeError):
+    """The asyncio thread ended (an exception escaped its loop) while this call was in it."""
 
-    def __init__(self, name: str = "twin-asyncio") -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self.users = 0
-        self.calls = 0  # run() calls submitted (for /metrics and benchmarks)
 
-    @property
-    def running(self) -> bool:
-        return self._loop is not None
+_here = threading.local()  # .runner on a bridge thread: the _Runner that thread runs
 
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The running loop, started if needed."""
-        loop = self._loop
-        if loop is not None:
-            return loop
-        with self._lock:
-            if self._loop is None:
-                ready = threading.Event()
-                new = asyncio.new_event_loop()
-                thread = threading.Thread(
-                    target=self._main, args=(new, ready), name=self.name, daemon=True
-                )
-                thread.start()
-                ready.wait()
-                self._loop, self._thread = new, thread
-            return self._loop
 
-    @staticmethod
-    def _main(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
-        asyncio.set_event_loop(loop)
-        loop.call_soon(ready.set)
+def _deliver(items: list[tuple[Callable[[Any], object], Any]]) -> None:  # Trio thread
+    for fn, arg in items:
+        fn(arg)
+
+
+def _post_direct(token: trio.lowlevel.TrioToken, fn: Callable[[Any], object], arg: Any) -> None:
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(fn, arg)
+
+
+class _Selector(selectors.DefaultSelector):
+    """The loop's selector: before the loop sleeps (or polls), what its last iteration
+    produced for Trio is posted, one ``run_sync_soon`` per Trio run."""
+
+    def __init__(self, runner: _Runner) -> None:
+        super().__init__()
+        self._runner = runner
+
+    def select(self, timeout: float | None = None) -> Any:
+        if self._runner.out:
+            self._runner.flush()
+        return super().select(timeout)
+
+
+class _Runner:
+    """The asyncio side of one start of an :class:`AioLoop`: its loop, its thread, the calls
+    in flight and the outbox to Trio. ``out`` and ``inflight`` are touched only on its
+    thread."""
+
+    def __init__(self, bridge: AioLoop) -> None:
+        self.bridge = bridge
+        self.loop = asyncio.SelectorEventLoop(_Selector(self))
+        self.out: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[Any], object], Any]]] = {}
+        self.inflight: set[_Call] = set()
+        self.batches = 0  # start_batch() runs: Trio→asyncio hand-offs (benchmarks)
+        self.flushes = 0  # run_sync_soon posts: asyncio→Trio hand-offs (benchmarks)
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=bridge.name, daemon=True)
+
+    # -- asyncio thread ----------------------------------------------------------------------
+    def post(self, token: trio.lowlevel.TrioToken, fn: Callable[[Any], object], arg: Any) -> None:
+        """Queue ``fn(arg)`` for the Trio run of ``token``; sent when the loop next selects."""
+        box = self.out.get(token)
+        if box is None:
+            self.out[token] = [(fn, arg)]
+        else:
+            box.append((fn, arg))
+
+    def flush(self) -> None:
+        out, self.out = self.out, {}
+        for token, items in out.items():
+            self.flushes += 1
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(_deliver, items)
+
+    def finish(self, call: _Call) -> None:
+        if call.finished:  # failed when the thread died; its task ended later
+            return
+        self.inflight.discard(call)
+        call.finished = True
+        self.post(call.token, _Call.wake, call)
+
+    def start_batch(self, calls: list[_Call]) -> None:
+        self.batches += 1
+        for call in calls:
+            self.start(call)
+
+    def start(self, call: _Call) -> None:
+        if call.cancel_requested:  # cancelled before it started
+            call.error = AioCancelled("cancelled before start")
+            self.finish(call)
+            return
         try:
-            loop.run_forever()
+            res = call.factory()
+            if not inspect.isawaitable(res):
+                call.ok, call.value = True, res
+                self.finish(call)
+                return
+            task = asyncio.ensure_future(res, loop=self.loop)
+        except Exception as exc:  # handed to the Trio caller
+            call.error = exc
+            self.finish(call)
+            return
+        call.task = task
+        self.inflight.add(call)
+        task.add_done_callback(call.on_done)
+
+    def cancel(self, call: _Call) -> None:  # after start() (FIFO), or start() sees the flag
+        task = call.task
+        if task is None or task.done():
+            return
+        task.cancel()
+        self.loop.call_later(RECANCEL, self.cancel, call)  # until it has really ended
+
+    def _main(self) -> None:
+        loop = self.loop
+        _here.runner = self
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self.ready.set)
+        try:
+            try:
+                loop.run_forever()
+            except BaseException as exc:  # escaped the loop (SystemExit in a task...): dying
+                log.error("aio: the asyncio thread died: %r; the next call starts a new one", exc)
+                self.bridge._died(self)
+                for call in list(self.inflight):
+                    task = call.task
+                    if task is not None and task.done() and not task.cancelled():
+                        task.exception()  # retrieved: it is the cause reported here
+                    call.error = AioLoopDied(f"the asyncio thread died: {exc!r}")
+                    self.finish(call)
             # stopped: end what is left, bounded
             tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
             for t in tasks:
                 t.cancel()
             if tasks:
                 gathered = asyncio.gather(*tasks, return_exceptions=True)
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(BaseException):
                     loop.run_until_complete(asyncio.wait_for(gathered, STOP_TIMEOUT))
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
-            loop.close()
+            self.flush()
+            with contextlib.suppress(Exception):
+                loop.close()
+
+
+class AioLoop:
+    """One asyncio loop in one daemon thread. Thread-safe start/stop; if the thread dies
+    (an exception escaped the loop), its calls in flight fail with :class:`AioLoopDied` and
+    the next call starts a new loop (``restarts`` counts them)."""
+
+    def __init__(self, name: str = "twin-asyncio") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._runner: _Runner | None = None
+        self.users = 0
+        self.calls = 0  # run() calls submitted (for /metrics and benchmarks)
+        self.restarts = 0  # new loops after the thread died
+
+    @property
+    def running(self) -> bool:
+        return self._runner is not None
+
+    def runner(self) -> _Runner:
+        """The running loop's runner, started if needed."""
+        runner = self._runner
+        if runner is not None:
+            return runner
+        with self._lock:
+            if self._runner is None:
+                runner = _Runner(self)
+                runner.thread.start()
+                runner.ready.wait()
+                self._runner = runner
+            return self._runner
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, started if needed."""
+        return self.runner().loop
+
+    def _died(self, runner: _Runner) -> None:  # the dying runner's thread
+        with self._lock:
+            if self._runner is runner:
+                self._runner = None
+                self.restarts += 1
+
+    def _submit(self, calls: list[_Call]) -> None:
+        """Trio thread: hand a batch of calls to the asyncio thread (one wake-up)."""
+        for _ in range(2):
+            runner = self.runner()
+            for call in calls:
+                call.runner = runner
+            try:
+                runner.loop.call_soon_threadsafe(runner.start_batch, calls)
+            except RuntimeError:  # that loop closed meanwhile: a fresh one, once
+                self._died(runner)
+                continue
+            return
+        for call in calls:
+            call.error = AioLoopDied("the asyncio loop is closed")
+            call.finished = True
+            call.wake()
 
     def shutdown(self, timeout: float = STOP_TIMEOUT + 1) -> None:
         """Stop the loop (cancelling its tasks) and join the thread. Idempotent."""
         with self._lock:
-            loop, thread = self._loop, self._thread
-            self._loop = self._thread = None
-        if loop is None or thread is None:
+            runner, self._runner = self._runner, None
+        if runner is None:
             return
         with contextlib.suppress(RuntimeError):  # already closed
-            loop.call_soon_threadsafe(loop.stop)
-        if thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
+            runner.loop.call_soon_threadsafe(runner.loop.stop)
+        if runner.thread is not threading.current_thread():
+            runner.thread.join(timeout)
+            if runner.thread.is_alive():
                 log.warning("aio: the asyncio thread did not stop within %.1f s", timeout)
 
 
@@ -163,18 +315,81 @@ async def lifetime(bridge: AioLoop = DEFAULT) -> AsyncIterator[AioLoop]:
 
 
 class _Call:
-    """The state of one run(): touched on the asyncio thread until ``done`` is set (which
-    happens on the Trio thread, after the asyncio side has written ``outcome``)."""
+    """The state of one run(). Written on the asyncio thread until ``finished`` is set there;
+    the Trio caller reads it after ``wake`` (posted after ``finished``) set ``done``."""
 
-    __slots__ = ("cancel_requested", "error", "finished", "ok", "task", "value")
+    __slots__ = ("cancel_requested", "delivered", "done", "error", "factory", "finished", "ok",
+                 "runner", "task", "token", "value", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, factory: Callable[[], Any], token: trio.lowlevel.TrioToken) -> None:
+        self.factory = factory
+        self.token = token
+        self.waiter: trio.lowlevel.Task | None = None  # the Trio caller, parked
+        self.done: trio.Event | None = None  # after its cancel: the shielded wait for the end
+        self.delivered = False
+        self.runner: _Runner | None = None  # set when handed to the asyncio thread
         self.task: asyncio.Future[Any] | None = None
         self.ok = False
         self.value: Any = None
         self.error: BaseException | None = None
         self.finished = False
         self.cancel_requested = False
+
+    def on_done(self, fut: asyncio.Future[Any]) -> None:  # asyncio thread
+        if self.finished:  # failed when the thread died
+            return
+        if fut.cancelled():
+            self.error = AioCancelled("the asyncio task was cancelled")
+        else:
+            exc = fut.exception()
+            if exc is None:
+                self.ok, self.value = True, fut.result()
+            else:
+                self.error = exc
+        assert self.runner is not None
+        self.runner.finish(self)
+
+    def wake(self) -> None:  # Trio thread
+        self.delivered = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            trio.lowlevel.reschedule(waiter)
+        elif self.done is not None:
+            self.done.set()
+
+
+class _Outgoing(trio.abc.Instrument):
+    """One Trio run's calls not yet handed over, by bridge: sent in one batch per bridge when
+    the run is about to wait for I/O (the end of its tick), so the tasks that called in one
+    tick cost the asyncio thread one wake-up."""
+
+    def __init__(self) -> None:
+        self.pending: dict[AioLoop, list[_Call]] = {}
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, {}
+            for bridge, calls in pending.items():
+                try:
+                    bridge._submit(calls)
+                except Exception as exc:  # never disable the instrument
+                    log.exception("aio: handing calls to the asyncio thread failed")
+                    for call in calls:
+                        call.error, call.finished = exc, True
+                        call.wake()
+
+
+_OUTGOING: trio.lowlevel.RunVar[_Outgoing] = trio.lowlevel.RunVar("twin_aio_outgoing")
+
+
+def _outgoing() -> _Outgoing:
+    try:
+        return _OUTGOING.get()
+    except LookupError:
+        out = _Outgoing()
+        _OUTGOING.set(out)
+        trio.lowlevel.add_instrument(out)
+        return out
 
 
 @overload
@@ -186,65 +401,38 @@ async def run(factory: Callable[[], T], *, bridge: AioLoop = ...) -> T: ...
 async def run(factory: Callable[[], Any], *, bridge: AioLoop = DEFAULT) -> Any:
     """Run ``factory()`` on the asyncio thread and return its (awaited) result. See the
     module docstring for the contract."""
-    loop = bridge.loop()
-    token = trio.lowlevel.current_trio_token()
-    done = trio.Event()
-    call = _Call()
+    bridge.runner()  # started now (not inside the Trio run loop's hand-off)
+    call = _Call(factory, trio.lowlevel.current_trio_token())
     bridge.calls += 1
+    out = _outgoing()
+    batch = out.pending.get(bridge)
+    if batch is None:
+        out.pending[bridge] = [call]
+    else:
+        batch.append(call)
+    call.waiter = trio.lowlevel.current_task()
 
-    def wake() -> None:  # asyncio thread
-        call.finished = True
-        with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(done.set)
+    def abort(_: Any) -> trio.lowlevel.Abort:
+        call.waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
-    def on_done(fut: asyncio.Future[Any]) -> None:  # asyncio thread
-        if fut.cancelled():
-            call.error = AioCancelled("the asyncio task was cancelled")
-        else:
-            exc = fut.exception()
-            if exc is None:
-                call.ok, call.value = True, fut.result()
-            else:
-                call.error = exc
-        wake()
-
-    def start() -> None:  # asyncio thread
-        if call.cancel_requested:  # cancelled before it started
-            call.error = AioCancelled("cancelled before start")
-            wake()
-            return
-        try:
-            res = factory()
-            if inspect.isawaitable(res):
-                task = asyncio.ensure_future(res)
-            else:
-                call.ok, call.value = True, res
-                wake()
-                return
-        except Exception as exc:  # handed to the Trio caller
-            call.error = exc
-            wake()
-            return
-        call.task = task
-        task.add_done_callback(on_done)
-
-    def cancel() -> None:  # asyncio thread, after start() (FIFO)
-        task = call.task
-        if task is None or task.done():
-            return
-        task.cancel()
-        loop.call_later(RECANCEL, cancel)  # until it has really ended
-
-    loop.call_soon_threadsafe(start)
     try:
-        await done.wait()
+        await trio.lowlevel.wait_task_rescheduled(abort)
     except trio.Cancelled:
         call.cancel_requested = True
+        runner = call.runner
+        if runner is None:  # not handed over yet: it never runs
+            batch = out.pending.get(bridge)
+            if batch is not None and call in batch:
+                batch.remove(call)
+            raise
         with contextlib.suppress(RuntimeError):  # loop closed meanwhile
-            loop.call_soon_threadsafe(cancel)
-        with trio.move_on_after(CANCEL_GRACE) as scope:
-            scope.shield = True
-            await done.wait()
+            runner.loop.call_soon_threadsafe(runner.cancel, call)
+        if not call.delivered:
+            call.done = trio.Event()
+            with trio.move_on_after(CANCEL_GRACE) as scope:
+                scope.shield = True
+                await call.done.wait()
         if not call.finished:
             log.warning("aio: an asyncio task did not end within %.1f s of its cancel", CANCEL_GRACE)
         raise
@@ -255,7 +443,8 @@ async def run(factory: Callable[[], Any], *, bridge: AioLoop = DEFAULT) -> Any:
 
 
 class Push(Generic[T]):
-    """The asyncio side of :func:`channel`: ``push(item)`` from any thread, never blocks."""
+    """The asyncio side of :func:`channel`: ``push(item)`` from any thread, never blocks.
+    On a bridge thread the items go out with that loop iteration's batch (in order)."""
 
     def __init__(self, send: trio.MemorySendChannel[T], token: trio.lowlevel.TrioToken) -> None:
         self._send = send
@@ -273,19 +462,24 @@ class Push(Generic[T]):
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed = True
 
+    def _post(self, fn: Callable[[Any], object], arg: Any) -> None:
+        runner = getattr(_here, "runner", None)
+        if runner is not None:
+            runner.post(self._token, fn, arg)
+        else:
+            _post_direct(self._token, fn, arg)
+
     def __call__(self, item: T) -> None:
         if self.closed:
             return
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._deliver, item)
+        self._post(self._deliver, item)
 
-    def _close(self) -> None:  # Trio thread
+    def _close(self, _: object = None) -> None:  # Trio thread
         self.closed = True
         self._send.close()
 
     def close(self) -> None:
-        with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._close)
+        self._post(self._close, None)
 
 
 def channel(max_buffer: int = 256) -> tuple[Push[Any], trio.MemoryReceiveChannel[Any]]:
