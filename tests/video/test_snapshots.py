@@ -110,3 +110,74 @@ async def test_the_cameras_snapshot_url_comes_first(tmp_path: Path, rtsp_url: st
                 shot = await snapshots.take(bad, 10)
             assert shot.source == "session"
             nursery.cancel_scope.cancel()
+
+
+async def test_warm_always_keeps_a_copy_only_session_and_decodes_when_asked(
+        tmp_path: Path, rtsp_url: str) -> None:
+    p = _pipeline(tmp_path, rtsp_url, "always")
+    assert p.opts.snapshot_warm == float("inf")
+    keyframe = tmp_path / "snapshots" / "keyframe.bin"
+    failures: list[str] = []
+
+    async def supervised() -> None:
+        while True:
+            try:
+                await p.run()
+            except PipelineError as exc:
+                failures.append(str(exc))
+            await trio.sleep(0.25)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervised)
+        # nobody asked: the session starts by itself, copies keyframes, decodes nothing
+        await eventually(lambda: keyframe.exists(), within=30)
+        assert p.process is not None and p._mode == "snapshot"
+        assert "copy" in p.argv and "mjpeg" not in p.argv and "flv" not in p.argv
+        assert any("drop=not(key)" in a for a in p.argv)
+        assert not any("spool" in a or "hls" in a for a in p.argv)
+        assert p.snapshot is None
+        raw = keyframe.read_bytes()
+        assert raw.startswith((b"\x00\x00\x00\x01", b"\x00\x00\x01"))  # H.264 Annex B
+        first = await snapshots.take(p, 10)
+        assert first.source == "session" and first.image[:2] == b"\xff\xd8"
+        assert first.image.endswith(b"\xff\xd9")
+        # the same keyframe asked again: the JPEG decoded before, not a second decode
+        if keyframe.stat().st_mtime == first.ts:
+            again = await snapshots.take(p, 10)
+            assert again.image is first.image
+        # the session never expires: still the same ffmpeg after a quiet spell
+        pid = p.process.pid
+        await trio.sleep(2)
+        assert p.process is not None and p.process.pid == pid
+        later = await snapshots.take(p, 10)
+        assert later.ts > first.ts  # a newer keyframe (GOP 1 s)
+        # the stream turned on takes over; turned off again, the session comes back
+        p.set_streaming(True)
+        await eventually(lambda: p.health.state == "live", within=30)
+        assert (await snapshots.take(p, 10)).source == "rolling"
+        p.set_streaming(False)
+        await eventually(lambda: p._mode == "snapshot", within=30)
+        assert (await snapshots.take(p, 10)).source == "session"
+        assert failures == []
+        nursery.cancel_scope.cancel()
+
+
+async def test_warm_always_on_a_refusing_camera_fails_clearly_and_retries(tmp_path: Path) -> None:
+    p = _pipeline(tmp_path, f"rtsp://127.0.0.1:{free_port()}/cam", "always")
+    # the supervisor's part: an always-on session that fails raises (restarted with backoff)
+    with pytest.raises(PipelineError, match="snapshot session: .*Connection refused"):
+        await p.run()
+    runs = p.session.runs
+
+    async def supervised() -> None:
+        while True:
+            with contextlib.suppress(PipelineError):
+                await p.run()
+            await trio.sleep(0.25)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(supervised)
+        with pytest.raises(PipelineError, match="Connection refused"):
+            await snapshots.take(p, 10)
+        await eventually(lambda: p.session.runs > runs + 1, within=30)  # tried again
+        nursery.cancel_scope.cancel()

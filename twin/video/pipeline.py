@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -120,6 +121,21 @@ class Child:
             await self.wait()
 
 
+QUICK_OPEN = {"analyzeduration": "1", "probesize": "32"}
+"""Input options of the snapshot paths (one-shot grab, warm session): stop probing at the first
+packet — the SDP tells the codec, the decoder takes the picture size from the keyframe. The
+0.1 s / 32 KiB probe used before went on ~0.1 s past the keyframe (frames for a rate estimate);
+``analyzeduration 0`` means ffmpeg's default, 5 s. Measured in benchmarks/README.md
+("Session 6: video")."""
+
+KEYFRAME_FILE = "keyframe.bin"
+"""``snapshot.warm: always``: the session's newest keyframe, as the camera sent it (copy, with
+its parameter sets), replaced atomically in ``<camera dir>/snapshots/``."""
+
+KEYFRAMES_ONLY = "noise=drop=not(key),dump_extra=freq=keyframe"
+"""Bitstream filters of the always-warm session: drop every packet but keyframes, and put the
+codec's parameter sets (SPS/PPS, VPS for H.265) in front of each so one file decodes alone."""
+
 KEEP_EVERY = 0.5
 """Seconds between two passes of the spool keeper (a segment is linked within this of its
 start; what ffmpeg wrote before the link is in it all the same)."""
@@ -141,6 +157,10 @@ def _seconds(value: Any, default: float) -> float:
     return float(parse_duration(str(value)))
 
 
+def _warm(value: Any) -> float:
+    return math.inf if value == "always" else _seconds(value, 60.0)
+
+
 def _size_bytes(gb: Any) -> int | None:
     return None if gb is None else int(float(gb) * 1024**3)
 
@@ -152,7 +172,9 @@ class VideoOptions:
     hls_time: float = 1.0
     hls_window: int = 6
     snapshot: bool = True
-    snapshot_warm: float = 60.0  # stream off: an on-demand snapshot keeps a session this long
+    # stream off: an on-demand snapshot keeps a session this long; inf ("always"): a copy-only
+    # session keeps the newest keyframe on disk all the time, decoded when asked
+    snapshot_warm: float = 60.0
     audio: bool = True  # copy the camera's audio stream (if any) to FLV, HLS and recordings
     record: bool = False
     segment: float = 10.0  # spool/recording segment length (cut at the next keyframe)
@@ -180,8 +202,7 @@ class VideoOptions:
             hls_time=_seconds(hls.get("segment"), 1.0),
             hls_window=int(hls.get("window", 6)),
             snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
-            snapshot_warm=_seconds(snap.get("warm") if isinstance(snap, Mapping) else None,
-                                   60.0),
+            snapshot_warm=_warm(snap.get("warm") if isinstance(snap, Mapping) else None),
             audio=bool(options.get("audio", True)),
             record=bool(rec.get("enabled", False)),
             segment=_seconds(rec.get("segment"), 10.0),
@@ -222,16 +243,21 @@ def build_command(
     jpeg_fd: int | None = None,
     progress_fd: int | None = None,
     snapshot_only: bool = False,
+    keyframe_file: Path | None = None,
     flv_with_audio: bool = True,
 ) -> list[str]:
     """The camera's ffmpeg argv (see the module docstring for the outputs); ``snapshot_only``:
-    the keyframe JPEGs alone (the warm snapshot session of a camera whose stream is off)."""
-    in_opts: dict[str, Any] = dict(source.options)
+    the keyframe JPEGs alone (the warm snapshot session of a camera whose stream is off), or
+    with ``keyframe_file`` no decoding at all: the newest keyframe copied to that file
+    (``snapshot.warm: always``)."""
+    in_opts: dict[str, Any] = {**QUICK_OPEN, **source.options} if snapshot_only else dict(
+        source.options)
     if snapshot_only:
         opts = replace(opts, snapshot=True, transcode=None, substream=None)
-        # the SDP / first keyframe tell all a JPEG needs: no 5 s of default probing
-        in_opts.setdefault("analyzeduration", "100000")
-        in_opts.setdefault("probesize", "32768")
+    if keyframe_file is not None:  # copy: no decoder, no encoder, one file write per GOP
+        return _argv([ffmpeg.input(source.url, **in_opts)["v:0"].output(
+            str(keyframe_file), format="image2", update=1, atomic_writing=1,
+            **{"c:v": "copy", "bsf:v": KEYFRAMES_ONLY})], progress_fd)
     decode_all = opts.transcode is not None or opts.substream is not None
     if opts.snapshot and not decode_all:
         in_opts["skip_frame"] = "nokey"  # decode keyframes only: the snapshots are nearly free
@@ -294,6 +320,10 @@ def build_command(
             segment_time=f"{opts.segment:g}", segment_format="mpegts", strftime=1,
             reset_timestamps=1, **{"c:v": "copy"}, **copy_audio,
         ))
+    return _argv(outputs, progress_fd)
+
+
+def _argv(outputs: list[Any], progress_fd: int | None) -> list[str]:
     argv = ffmpeg.merge_outputs(*outputs).compile(cmd=FFMPEG)
     head = [argv[0], "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error", "-y"]
     if progress_fd is not None:
@@ -378,6 +408,12 @@ class CameraPipeline:
         self._session_error: tuple[float, str] | None = None  # (time.time(), why it failed)
         self._mode: str | None = None  # "stream" | "snapshot" while ffmpeg runs
         self._waiting = 0  # requests waiting for the session's first keyframe
+        # snapshot.warm: always — the session runs whenever the stream is off, copy only
+        self.always_warm = math.isinf(opts.snapshot_warm)
+        if self.always_warm:
+            self._warm_until = math.inf
+        self._decoded: tuple[float, int] | None = None  # the keyframe file decoded last
+        self._decoding = trio.Lock()
         self._h = self.health  # the health the running ffmpeg updates
         # FLV takes AAC (and G.711, or MP3 at its rates) only: a camera whose audio FLV refuses
         # streams FLV without it (HLS and recordings keep it), decided by ffmpeg's own refusal
@@ -473,8 +509,10 @@ class CameraPipeline:
         h._window.clear()
         h.state = "starting"
         h.started_at = trio.current_time()
+        keyframe = self.out_dir / "snapshots" / KEYFRAME_FILE
         if snapshot_only:
             self._session_wall = time.time()
+            keyframe.unlink(missing_ok=True)  # the file there is this session's keyframe
         else:
             self.hub.restart()
         self.stderr.clear()
@@ -482,7 +520,9 @@ class CameraPipeline:
         prog_r, prog_w = os.pipe()
         self.argv = build_command(self.source, self.opts, self.out_dir, flv_fd=1,
                                   jpeg_fd=jpeg_w, progress_fd=prog_w,
-                                  snapshot_only=snapshot_only, flv_with_audio=self.flv_audio)
+                                  snapshot_only=snapshot_only, flv_with_audio=self.flv_audio,
+                                  keyframe_file=(keyframe if snapshot_only and self.always_warm
+                                                 else None))
         env = {**os.environ, "TZ": "UTC"}
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -522,7 +562,7 @@ class CameraPipeline:
                     deliberate = True
                     nursery.cancel_scope.cancel()
 
-                if snapshot_only:
+                if snapshot_only and not self.always_warm:
                     nursery.start_soon(expire)
 
                 async def changed() -> None:
@@ -575,8 +615,10 @@ class CameraPipeline:
         h.state = "dark"
         if snapshot_only:  # the requester hears it; no retry until someone asks again
             self._session_error = (time.time(), reason)
-            self._warm_until = 0.0
             self._wake_snapshot()
+            if self.always_warm:  # always on: restarted with backoff like a stream
+                raise PipelineError(f"camera {self.name}: snapshot session: {reason}")
+            self._warm_until = 0.0
             return
         raise PipelineError(f"camera {self.name}: {reason}")
 
@@ -673,6 +715,8 @@ class CameraPipeline:
         newest one at once while the session runs; otherwise the session is started (ffmpeg,
         connect, the first keyframe: what a one-shot grab costs) and kept
         ``snapshot_warm`` s after this request, so the next snapshots are instant."""
+        if self.always_warm:
+            return await self._keyframe_snapshot(wait)
         self._warm_until = max(self._warm_until, trio.current_time() + self.opts.snapshot_warm)
         # a keyframe of the running session (not a stalled one: its watchdog ends it then)
         if (self._mode == "snapshot" and self.snapshot is not None
@@ -698,6 +742,33 @@ class CameraPipeline:
                         return self.snapshot
         finally:
             self._waiting -= 1
+        raise PipelineError(f"no frame from {self.source.display} within {wait:g}s")
+
+    async def _keyframe_snapshot(self, wait: float) -> bytes:
+        """``snapshot.warm: always``: the always-on session's newest keyframe (at most one GOP
+        old), decoded now (a short ffmpeg, ~0.1 s) or, for the same keyframe, the JPEG decoded
+        before. Before the session's first keyframe: waits for it."""
+        asked = time.time()
+        path = self.out_dir / "snapshots" / KEYFRAME_FILE
+        with trio.move_on_after(wait):
+            while True:
+                if self._session_error is not None and self._session_error[0] >= asked:
+                    raise PipelineError(f"snapshot from {self.source.display} failed: "
+                                        f"{self._session_error[1]}")
+                try:
+                    st = path.stat() if self._mode == "snapshot" else None
+                except FileNotFoundError:
+                    st = None
+                # not a stalled session's (its watchdog ends it after stall_timeout)
+                if st is not None and time.time() - st.st_mtime < self.opts.stall_timeout:
+                    async with self._decoding:  # one decode for requests that come together
+                        if self._decoded != (st.st_mtime, st.st_ino) or self.snapshot is None:
+                            data = await trio.to_thread.run_sync(path.read_bytes)
+                            self.snapshot = await decode_keyframe(data, self.source, wait)
+                            self.snapshot_wall = st.st_mtime
+                            self._decoded = (st.st_mtime, st.st_ino)
+                        return self.snapshot
+                await trio.sleep(0.05)
         raise PipelineError(f"no frame from {self.source.display} within {wait:g}s")
 
     async def wait_snapshot(self, wait: float) -> bytes | None:
@@ -730,15 +801,26 @@ class CameraPipeline:
 async def grab_frame(source: StreamSource, wait: float = 5.0) -> bytes:
     """One JPEG straight from the source (a camera whose pipeline is not running): ffmpeg
     opens the input, decodes the first keyframe and exits."""
-    opts = {"analyzeduration": "100000", "probesize": "32768", "skip_frame": "nokey",
-            **dict(source.options)}  # the SDP / first keyframe tell all a snapshot needs
-    argv = (ffmpeg.input(source.url, **opts)
+    opts = {**QUICK_OPEN, "skip_frame": "nokey", "threads": "1", **dict(source.options)}
+    return await _to_jpeg(source.url, opts, source, wait)
+
+
+async def decode_keyframe(data: bytes, source: StreamSource, wait: float = 5.0) -> bytes:
+    """A JPEG of one keyframe as the camera sent it (``KEYFRAME_FILE``: raw H.264/H.265 with
+    its parameter sets, or a JPEG), piped to a short-lived ffmpeg."""
+    return await _to_jpeg("pipe:0", {"threads": "1"}, source, wait, stdin=data)
+
+
+async def _to_jpeg(url: str, in_opts: dict[str, Any], source: StreamSource, wait: float,
+                   stdin: bytes | None = None) -> bytes:
+    argv = (ffmpeg.input(url, **in_opts)
             .output("pipe:1", format="image2pipe", vframes=1, **{"c:v": "mjpeg", "q:v": 5})
             .compile(cmd=FFMPEG))
     argv = [argv[0], "-hide_banner", "-nostdin", "-loglevel", "error", *argv[1:]]
     with trio.move_on_after(wait) as scope:
-        result = await trio.run_process(argv, capture_stdout=True, capture_stderr=True,
-                                        check=False, stdin=subprocess.DEVNULL)
+        result = await trio.run_process(
+            argv, capture_stdout=True, capture_stderr=True, check=False,
+            stdin=subprocess.DEVNULL if stdin is None else stdin)
     if scope.cancelled_caught:
         raise PipelineError(f"no frame from {source.display} within {wait:g}s")
     if result.returncode != 0 or not result.stdout.startswith(b"\xff\xd8"):
@@ -771,4 +853,4 @@ async def run_pusher(name: str, argv: tuple[str, ...]) -> None:
 
 
 __all__ = ["CameraPipeline", "PipelineError", "StreamHealth", "VideoOptions", "build_command",
-           "explain", "grab_frame", "run_pusher"]
+           "decode_keyframe", "explain", "grab_frame", "run_pusher"]
