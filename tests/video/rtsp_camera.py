@@ -6,6 +6,7 @@ Run with the *system* Python (Debian's python3-gi + gir1.2-gst-rtsp-server-1.0),
 Prints "ready" when it listens.
 """
 
+import os
 import sys
 
 import gi
@@ -16,10 +17,50 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 PIPELINE = (
-    "( videotestsrc is-live=true pattern=ball ! video/x-raw,width=320,height=180,framerate=10/1"
-    " ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=10 bitrate=300"
+    "( videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},framerate=10/1"
+    " ! x264enc name=enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps}"
     " ! rtph264pay name=pay0 pt=96 config-interval=1 )"
 )
+"""320x180, GOP 1 s (10 frames), 300 kbit/s unless the environment says otherwise
+(RTSP_CAMERA_SIZE=1280x720, RTSP_CAMERA_GOP=40 frames, RTSP_CAMERA_KBPS=2000: benchmarks).
+
+A client's PLAY flushes GStreamer's shared media, encoder included, so a new session gets a
+keyframe ~0.25 s after PLAY whatever the GOP; many cameras do not restart their encoder per
+client. RTSP_CAMERA_STRICT_GOP=1 runs the encoder outside the media (``StrictGop``): a new
+session waits for the encoder's next scheduled keyframe, up to one GOP (the worst case)."""
+
+
+class StrictGop:
+    """The encoder runs outside the RTSP media (its own pipeline, frames handed over through an
+    appsrc): a client's PLAY flushes the media, not the encoder, so a new session joins in the
+    middle of a GOP and waits for the next scheduled keyframe."""
+
+    def __init__(self, w: str, h: str, gop: str, kbps: str) -> None:
+        self.sources: list[Gst.Element] = []
+        self.encoder = Gst.parse_launch(
+            f"videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},"
+            f"framerate=10/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop}"
+            f" bitrate={kbps} ! video/x-h264,stream-format=byte-stream,alignment=au"
+            " ! appsink name=out emit-signals=true sync=false")
+        self.encoder.get_by_name("out").connect("new-sample", self.on_sample)
+        self.encoder.set_state(Gst.State.PLAYING)
+
+    launch = ("( appsrc name=src is-live=true format=time do-timestamp=true"
+              " caps=video/x-h264,stream-format=byte-stream,alignment=au"
+              " ! h264parse ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+
+    def on_sample(self, sink: Gst.Element) -> Gst.FlowReturn:
+        buf = sink.emit("pull-sample").get_buffer()
+        for src in list(self.sources):
+            copy = buf.copy()
+            copy.pts = copy.dts = Gst.CLOCK_TIME_NONE
+            src.emit("push-buffer", copy)
+        return Gst.FlowReturn.OK
+
+    def configure(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
+        src = media.get_element().get_by_name("src")
+        self.sources.append(src)
+        media.connect("unprepared", lambda _m: self.sources.remove(src))
 
 
 def main() -> None:
@@ -31,7 +72,14 @@ def main() -> None:
     server.set_address("127.0.0.1")
     server.set_service(port)
     factory = GstRtspServer.RTSPMediaFactory()
-    factory.set_launch(PIPELINE)
+    w, h = os.environ.get("RTSP_CAMERA_SIZE", "320x180").split("x")
+    gop, kbps = os.environ.get("RTSP_CAMERA_GOP", "10"), os.environ.get("RTSP_CAMERA_KBPS", "300")
+    if os.environ.get("RTSP_CAMERA_STRICT_GOP") == "1":
+        strict = StrictGop(w, h, gop, kbps)
+        factory.set_launch(strict.launch)
+        factory.connect("media-configure", strict.configure)
+    else:
+        factory.set_launch(PIPELINE.format(w=w, h=h, gop=gop, kbps=kbps))
     factory.set_shared(True)
     if user:
         auth = GstRtspServer.RTSPAuth()

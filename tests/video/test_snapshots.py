@@ -165,7 +165,7 @@ async def test_warm_always_keeps_a_copy_only_session_and_decodes_when_asked(
 async def test_warm_always_on_a_refusing_camera_fails_clearly_and_retries(tmp_path: Path) -> None:
     p = _pipeline(tmp_path, f"rtsp://127.0.0.1:{free_port()}/cam", "always")
     # the supervisor's part: an always-on session that fails raises (restarted with backoff)
-    with pytest.raises(PipelineError, match="snapshot session: .*Connection refused"):
+    with pytest.raises(PipelineError, match=r"snapshot session: .*Connection refused"):
         await p.run()
     runs = p.session.runs
 
