@@ -115,3 +115,47 @@ async def _run(registry: Registry, tmp_path: Path) -> None:
                for a in alarms(registry, "cam_refused"))
     assert not alarms(registry, "cam_ok")
     await trio.lowlevel.checkpoint()
+
+
+async def test_commanded_recording_and_stopped_stream_outlive_an_engine_restart(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """start_recording / stop_stream through the ledger, the engine stops, a new engine on the
+    same registry and state dir: the recording goes on (new segments are kept) and the stopped
+    stream stays stopped, though the YAML says neither."""
+    apply(registry, site(), camera_model(), sim_camera("cam_rec"), sim_camera("cam_off"))
+    config = fast_config(state_dir=tmp_path / "state")
+    control = ControlService(reconcile_interval=0.5)
+    async with running_engine(registry, config, services=[control]) as engine:
+        await eventually(lambda: all(
+            (p := engine.video.get(c)) is not None and p.health.state == "live"
+            for c in ("cam_rec", "cam_off")), within=30)
+        for device, name in (("cam_rec", "start_recording"), ("cam_off", "stop_stream")):
+            cmd = await control.ledger.submit(device, name, {})
+            done = await control.ledger.wait(cmd.id)
+            assert str(done.status) == "success", done.error
+        await control.ledger.flushed()
+    rec = engine.video.camera_dir("cam_rec") / "rec"
+    before = {s.name for s in rec.glob("*.ts")}
+    assert before  # the segment being written was linked by the command
+
+    control = ControlService(reconcile_interval=0.5)
+    async with running_engine(registry, config, services=[control]) as engine:
+        await eventually(lambda: (p := engine.video.get("cam_rec")) is not None
+                         and p.health.state == "live", within=30)
+        cam_rec, cam_off = engine.video.get("cam_rec"), engine.video.get("cam_off")
+        assert cam_rec is not None and cam_off is not None
+        assert cam_rec.recording and not cam_rec.opts.record  # the command, not the YAML
+        # this engine's ffmpeg writes new spool segments, and they are kept in rec/
+        await eventually(lambda: {s.name for s in rec.glob("*.ts")} - before != set(),
+                         within=30)
+        assert not cam_off.streaming
+        await eventually(lambda: cam_off.health.state == "stopped", within=10)
+        twin = engine.twin("cam_rec")
+        assert twin is not None
+        await eventually(lambda: twin.reported.get("recording") is not None
+                         and twin.reported["recording"].value is True, within=10)
+        # stop_recording after the restart is the newest command: it wins from now on
+        cmd = await control.ledger.submit("cam_rec", "stop_recording", {})
+        assert str((await control.ledger.wait(cmd.id)).status) == "success"
+        assert not cam_rec.recording

@@ -12,7 +12,7 @@ Bindings are registered by protocol name in :data:`BINDINGS` (a dict, never foun
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -146,6 +146,9 @@ class BindingContext:
     # (device, points, since) -> {point: timestamp of its newest stored value since `since`}
     # from the time-series store (history backfill after an engine restart)
     last_stored: Callable[[str, list[str], float], Awaitable[dict[str, float]]] | None = None
+    # (device, command types) -> the type of the newest successful one in the command ledger
+    # (a camera resumes a command-started recording / a stopped stream after a restart)
+    last_command: Callable[[str, Sequence[str]], Awaitable[str | None]] | None = None
     video: Any = None  # twin.video.service.VideoService: camera bindings' pipelines and outputs
     # device -> binding options learnt at run time, over the declared ones: a site simulator
     # whose declared port was taken serves on a free one (twin/runtime/simulators.py)

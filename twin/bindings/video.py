@@ -48,7 +48,7 @@ from twin.bindings.base import (
     register_binding,
 )
 from twin.bindings.values import check_reading
-from twin.errors import BindingError, CommandError
+from twin.errors import BindingError, CommandError, RegistryError, StorageError
 from twin.video import recordings, snapshots, sources
 from twin.video.pipeline import CameraPipeline, VideoOptions, run_pusher
 from twin.video.service import VideoService
@@ -74,6 +74,7 @@ class CameraBinding:
         self._dark = False
         self.extra: dict[str, Any] = {}  # reported properties the camera only echoes
         self._streaming = True
+        self._recording: bool | None = None  # None: as the YAML says (record.enabled)
         # a simulated camera may simulate data points too (motion, ...): twin/bindings/sim.py
         self.points: Any = None
         if protocol == "sim" and options.get("points"):
@@ -96,11 +97,35 @@ class CameraBinding:
         if self.points is not None:
             await self.points.connect()
         source = await sources.resolve_source(self.doc, self.protocol, video.secrets)
+        if self.pipeline is None:  # what the operator commanded last outlives a restart
+            await self._resume_commands()
         if self.pipeline is None or self.pipeline.source != source:
+            recording = self.pipeline.recording if self.pipeline else self._recording
             self.pipeline = CameraPipeline(self.device, source, self.opts,
                                            video.camera_dir(self.device), site=self.site,
                                            streaming=self._streaming)
+            if recording is not None:
+                self.pipeline.set_recording(recording)
         video.cameras[self.device] = self.pipeline
+
+    async def _resume_commands(self) -> None:
+        """The newest successful start/stop_recording and start/stop_stream commands in the
+        ledger win over the YAML's defaults: an engine restart (or a rebuilt binding) resumes
+        a command-started recording and keeps a stopped stream stopped."""
+        last = self.context.last_command
+        if last is None:
+            return
+        try:
+            rec = await last(self.device, ("start_recording", "stop_recording"))
+            stream = await last(self.device, ("start_stream", "stop_stream"))
+        except (RegistryError, StorageError, OSError) as exc:  # start as declared
+            log.warning("camera %s (site %s): the command ledger could not be read (%s): "
+                        "recording and streaming as declared", self.device, self.site, exc)
+            return
+        if rec is not None:
+            self._recording = rec == "start_recording"
+        if stream is not None:
+            self._streaming = stream == "start_stream"
 
     # -- readings -----------------------------------------------------------------------
     def _readings(self) -> list[Reading]:

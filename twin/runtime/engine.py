@@ -127,6 +127,7 @@ class Engine:
                 reported=self._reported_value,
                 last_ts=self._reported_ts,
                 last_stored=self._last_stored,
+                last_command=self._last_command,
                 video=self.video,
             ),
             backoff=self.config.backoff,
@@ -208,6 +209,13 @@ class Engine:
         twin = self.twins.get(device)
         rv = twin.reported.get(point) if twin is not None else None
         return None if rv is None else rv.ts
+
+    async def _last_command(self, device: str, types: Sequence[str]) -> str | None:
+        """The type of the newest successful command of ``types`` to ``device`` in the command
+        ledger (what a camera resumes after a restart: recording, streaming), or None."""
+        rows = await self.rio.call(self.registry.commands, device=device, statuses=["success"],
+                                   limit=1000)
+        return next((r.type for r in rows if r.type in types), None)
 
     async def _last_stored(self, device: str, points: list[str], since: float) -> dict[str, float]:
         """Per point, the timestamp of its newest value in the time-series store since
