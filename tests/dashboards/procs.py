@@ -3,7 +3,9 @@ output, and stopped (terminate, then kill)."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -32,6 +34,21 @@ def wait_line(proc: subprocess.Popen[str], pattern: str, limit: float = 60) -> s
         if m:
             return m.group(1)
     raise AssertionError(f"no {pattern!r} in output:\n{''.join(seen)}")
+
+
+def demo_copy(tmp: Path, users: Mapping[str, str]) -> tuple[Path, Path, dict[str, str]]:
+    """A copy of sites/demo (``tmp/site``), an empty state dir (``tmp/state``), the environment
+    of a ``twin`` on that state (password secret123, no FLUX_TOKEN of the caller's), and
+    ``users`` (name: role) added."""
+    site = tmp / "site"
+    shutil.copytree(ROOT / "sites" / "demo", site)
+    state = tmp / "state"
+    state.mkdir()
+    env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
+    env.pop("FLUX_TOKEN", None)
+    for user, role in users.items():
+        subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
+    return site, state, env
 
 
 def twin_up(site: Path, env: Mapping[str, str]) -> tuple[subprocess.Popen[str], str]:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +19,7 @@ import httpx
 import pytest
 
 from tests.dashboards.browser import ARGS, CHROMIUM, MARKS, MISSING, sign_in, until
-from tests.dashboards.procs import ROOT, TWIN, dashboard, stop, twin_up
+from tests.dashboards.procs import ROOT, dashboard, demo_copy, stop, twin_up
 
 ARTIFACTS = ROOT / "artifacts" / "dashboards"
 pytestmark = MARKS
@@ -65,9 +62,10 @@ def _seed_history(site: Path, state: Path, hours: int = 6) -> None:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("dash")
-    site = tmp / "site"
-    shutil.copytree(ROOT / "sites" / "demo", site)
+    site, state, env = demo_copy(
+        tmp_path_factory.mktemp("dash"),
+        {"operator": "operator", "viewer": "viewer", "admin": "admin"},
+    )
     devices = site / "devices.yaml"
     # the HTTP door sensor never reports here: a short heartbeat gives an alarm within seconds
     devices.write_text(
@@ -75,13 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
             "heartbeat: {interval: 30s, timeout: 90s}", "heartbeat: {interval: 1s, timeout: 2s}"
         )
     )
-    state = tmp / "state"
-    state.mkdir()
     _seed_history(site, state)
-    env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
-    env.pop("FLUX_TOKEN", None)
-    for user, role in (("operator", "operator"), ("viewer", "viewer"), ("admin", "admin")):
-        subprocess.run([TWIN, "user", "add", user, "--role", role], env=env, check=True)
     engine, api = twin_up(site, env)
     try:
         with dashboard(site, api, env) as url:

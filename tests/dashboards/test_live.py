@@ -3,9 +3,6 @@ against a real engine (`twin up` on the demo site)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +12,7 @@ import pytest
 
 from dashboards.client import FluxClient
 from dashboards.live import Cursor, LiveFeed, LiveSeries, cached, refresh_series, ws_url
-from tests.dashboards.procs import ROOT, TWIN, stop, twin_up
+from tests.dashboards.procs import demo_copy, stop, twin_up
 
 
 def reading(device: str, point: str, ts: float, value: Any, quality: str = "good") -> dict:
@@ -153,12 +150,7 @@ def test_an_unread_feed_stops_itself() -> None:
 # -- against a real engine ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("live")
-    site = tmp / "site"
-    shutil.copytree(ROOT / "sites" / "demo", site)
-    state = tmp / "state"
-    env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
-    subprocess.run([TWIN, "user", "add", "viewer", "--role", "viewer"], env=env, check=True)
+    site, _, env = demo_copy(tmp_path_factory.mktemp("live"), {"viewer": "viewer"})
     proc, api = twin_up(site, env)
     try:
         token = FluxClient(api).login("viewer", "secret123").token

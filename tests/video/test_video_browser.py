@@ -4,9 +4,6 @@ signed HLS link) advances its currentTime — live video, end to end."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,21 +13,14 @@ import httpx
 import pytest
 
 from tests.dashboards.browser import ARGS, CHROMIUM, MARKS, sign_in
-from tests.dashboards.procs import ROOT, TWIN, dashboard, stop, twin_up
+from tests.dashboards.procs import ROOT, dashboard, demo_copy, stop, twin_up
 
 pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    tmp = tmp_path_factory.mktemp("video")
-    site = tmp / "site"
-    shutil.copytree(ROOT / "sites" / "demo", site)
-    state = tmp / "state"
-    state.mkdir()
-    env = {**os.environ, "TWIN_STATE_DIR": str(state), "TWIN_PASSWORD": "secret123"}
-    env.pop("FLUX_TOKEN", None)
-    subprocess.run([TWIN, "user", "add", "operator", "--role", "operator"], env=env, check=True)
+    site, _, env = demo_copy(tmp_path_factory.mktemp("video"), {"operator": "operator"})
     engine, api = twin_up(site, env)
     try:
         with dashboard(site, api, env) as url:
