@@ -163,6 +163,53 @@ def test_late_points_merge_into_closed_chunks(tmp_path: Path) -> None:
     assert _all(store) == want
 
 
+def _rows_per_series_day(store: LanceStore, before: float) -> list[int]:
+    cat = store._chunks.snapshot()[1]
+    days: dict[tuple[object, ...], int] = {}
+    for d, m, ts in zip(
+        *(cat.column(c).to_pylist() for c in ("device", "metric", "ts")), strict=True
+    ):
+        if ts.timestamp() < before:
+            k = (d, m, ts.timestamp() // 86400)
+            days[k] = days.get(k, 0) + 1
+    return sorted(set(days.values()))
+
+
+def test_closed_days_merge_into_one_row_per_series(tmp_path: Path) -> None:
+    store = _open(tmp_path / "ts")
+    recs = _records(hours=30)
+    _write(store, recs)
+    before = _all(store)
+    aggs = {b: _aggs(store, b) for b in ("1h", "1d")}
+    store.maintain(force=True)
+    # day 0 has closed (data runs to 30 h): one row per series; day 1 keeps its windows
+    assert _rows_per_series_day(store, T0 + 24 * H) == [1]
+    assert _all(store) == before
+    for b, want in aggs.items():
+        got = _aggs(store, b)
+        for col in got.column_names:
+            g, w = got.column(col).to_pylist(), want.column(col).to_pylist()
+            if col in ("avg", "sum"):
+                assert np.allclose(
+                    np.array(g, float), np.array(w, float), rtol=1e-12, equal_nan=True
+                )
+            else:
+                assert g == w, (b, col)
+    sel = Selector.of(devices="d1", metrics="temp")
+    got = _canon(store.read_raw(sel, T0 + 5 * H, T0 + 7 * H))
+    assert got == [
+        r for r in before if r[:2] == ("d1", "temp") and 5 * H <= r[2].timestamp() - T0 < 7 * H
+    ]
+    # a late point into the merged day: exact at once, one row per series-day again after
+    late: Record = ("d1", "temp", 1.25, T0 + 13 * H + 0.5, 0, "s", "g", ",a,")
+    store.write_records([late])
+    want = _canon(store.read_raw(Selector(), 0, 4e9))
+    assert len(want) == len(before) + 1
+    store.maintain(force=True)
+    assert _all(store) == want
+    assert _rows_per_series_day(store, T0 + 24 * H) == [1]
+
+
 def test_retention_and_rollups_on_chunks(tmp_path: Path) -> None:
     store = _open(tmp_path / "ts")
     recs = _records(hours=30)

@@ -1408,6 +1408,67 @@ class LanceStore:
                 break
         return moved
 
+    day_seconds = 86_400.0
+    """Once a day has closed, its chunk rows of one series (four 6-hour windows) merge
+    into one (``merge_days``): a day row of ~1,000 points instead of four of ~240 holds
+    the per-row cost (catalogue columns, Lance row, pcodec headers: ~80 B) once, ~0.4 B/pt
+    less on the realistic data, and a one-day read takes one row. The open day keeps its
+    6-hour windows, so recent data leaves the row layout as soon as before."""
+
+    def merge_days(self, now: float | None = None) -> int:
+        """Merge each series' chunk rows in every closed day into one row, in passes of at
+        most ``compact_rows`` points (whole series-days; bounded memory); returns the rows
+        merged away. A late point into a merged day becomes a row of its own (``_to_merge``
+        may split the day back into windows) and is merged on the next call."""
+        if self.chunk_seconds is None or self.chunk_seconds >= self.day_seconds:
+            return 0
+        from twin.timeseries.chunks import series_ids
+
+        day_us = round(self.day_seconds * 1_000_000)
+        merged = 0
+        for _attempt in range(64):
+            with self._lock:
+                cds, cat = self._chunks.snapshot()
+                _lo, hi = self._raw_bounds() if self._table(RAW) is not None else (None, None)
+            if cat.num_rows < 2:
+                break
+            t_max = np.asarray(cat.column("t_max").cast(pa.int64()).to_numpy(), dtype=np.int64)
+            newest = int(t_max.max()) if hi is None else max(int(t_max.max()), hi)
+            clock = round((time.time() if now is None else now) * 1_000_000)
+            edge = min(clock, newest) - round(self.chunk_grace * 1_000_000)
+            ts = np.asarray(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
+            day = ts // day_us
+            closed = (day + 1) * day_us <= (edge // day_us) * day_us
+            if not closed.any():
+                break
+            key = series_ids(cat) * (int(day.max() - day.min()) + 1) + (day - day.min())
+            keys, counts = np.unique(key[closed], return_counts=True)
+            multi = closed & np.isin(key, keys[counts > 1])
+            if not multi.any():
+                break
+            idx = np.flatnonzero(multi)
+            idx = idx[np.argsort(key[idx], kind="stable")]
+            n = np.asarray(cat.column("n").to_numpy(), dtype=np.int64)[idx]
+            k = key[idx]
+            last = np.r_[k[1:] != k[:-1], True]  # a series-day ends here
+            fits = np.flatnonzero(last & (np.cumsum(n) <= self.compact_rows))
+            idx = idx[: (int(fits[-1]) + 1 if fits.size else int(np.flatnonzero(last)[0]) + 1)]
+            old = ChunkTable.with_blobs(cds, cat.take(pa.array(idx)), idx)
+            old_cids = [int(c) for c in old.column("cid").to_pylist()]
+            rows = build_chunks(decode_chunks(old), self.day_seconds, self._chunks.next_cid())
+            with self._lock:
+                if self._chunks.snapshot()[1] is not cat:
+                    continue  # compaction or retention committed meanwhile: look again
+                self._check_space(self.path)
+                self._commit_chunks(rows, old_cids, None, None)
+            merged += len(old_cids) - rows.num_rows
+            log.info(
+                "timeseries: %d chunk rows of closed days merged into %d",
+                len(old_cids),
+                rows.num_rows,
+            )
+        return merged
+
     def _delete_chunks_before(self, selector: Selector, before: float) -> int:
         """Retention on the chunk table (the caller holds ``_lock``): chunk rows wholly
         before ``before`` are deleted, rows that straddle it are rewritten without the
@@ -1583,6 +1644,7 @@ class LanceStore:
         with self._maint_lock:
             try:
                 self.compact_chunks(force=force)
+                self.merge_days()
             except Exception as exc:  # maintenance never breaks the write path
                 log.warning("timeseries: chunk compaction failed: %s", exc)
             with self._lock:
