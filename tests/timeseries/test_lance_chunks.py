@@ -89,6 +89,36 @@ def _aggs(store: LanceStore, bucket: str) -> pa.Table:
     return t.sort_by([(c, "ascending") for c in t.column_names if c in ("ts", "device", "metric")])
 
 
+def same_aggs(store: object, aggs: dict[str, pa.Table]) -> None:
+    """``store``'s aggregates (``_aggs``) equal ``aggs`` taken before: exact but for
+    avg/sum (summed in another order)."""
+    for b, want in aggs.items():
+        got = _aggs(store, b)  # type: ignore[arg-type]
+        assert got.column_names == want.column_names
+        for col in got.column_names:
+            g, w = got.column(col).to_pylist(), want.column(col).to_pylist()
+            if col in ("avg", "sum"):
+                assert np.allclose(
+                    np.array(g, dtype=float), np.array(w, dtype=float), rtol=1e-12, equal_nan=True
+                )
+            else:
+                assert g == w, (b, col)
+
+
+def one_minute_policy() -> RetentionPolicy:
+    """Raw kept, a 1-minute tier kept: what the rollup tests downsample with."""
+    return RetentionPolicy.from_doc(
+        {
+            "apiVersion": "flux.iot/v1",
+            "kind": "RetentionPolicy",
+            "metadata": {"name": "p"},
+            "spec": {
+                "tiers": [{"resolution": "raw", "keep": "inf"}, {"resolution": "1m", "keep": "inf"}]
+            },
+        }
+    )
+
+
 def test_closed_windows_become_chunks_and_read_back_identical(tmp_path: Path) -> None:
     store = _open(tmp_path / "ts")
     recs = _records()
@@ -102,17 +132,7 @@ def test_closed_windows_become_chunks_and_read_back_identical(tmp_path: Path) ->
     assert 0 < raw_rows < len(recs) / 4
     assert store.stats().points == len(recs)
     assert _all(store) == before
-    for b, want in aggs.items():
-        got = _aggs(store, b)
-        assert got.column_names == want.column_names
-        for col in got.column_names:
-            g, w = got.column(col).to_pylist(), want.column(col).to_pylist()
-            if col in ("avg", "sum"):
-                assert np.allclose(
-                    np.array(g, dtype=float), np.array(w, dtype=float), rtol=1e-12, equal_nan=True
-                )
-            else:
-                assert g == w, (b, col)
+    same_aggs(store, aggs)
     # one series over one hour, inside a closed window and across the live edge
     # (every metric: codes or strings in some chunk rows, none in others — a one-row read
     # takes only the blob columns its row holds)
@@ -185,16 +205,7 @@ def test_closed_days_merge_into_one_row_per_series(tmp_path: Path) -> None:
     # day 0 has closed (data runs to 30 h): one row per series; day 1 keeps its windows
     assert _rows_per_series_day(store, T0 + 24 * H) == [1]
     assert _all(store) == before
-    for b, want in aggs.items():
-        got = _aggs(store, b)
-        for col in got.column_names:
-            g, w = got.column(col).to_pylist(), want.column(col).to_pylist()
-            if col in ("avg", "sum"):
-                assert np.allclose(
-                    np.array(g, float), np.array(w, float), rtol=1e-12, equal_nan=True
-                )
-            else:
-                assert g == w, (b, col)
+    same_aggs(store, aggs)
     sel = Selector.of(devices="d1", metrics="temp")
     got = _canon(store.read_raw(sel, T0 + 5 * H, T0 + 7 * H))
     assert got == [
@@ -215,17 +226,7 @@ def test_retention_and_rollups_on_chunks(tmp_path: Path) -> None:
     recs = _records(hours=30)
     _write(store, recs)
     store.maintain(force=True)
-    pol = RetentionPolicy.from_doc(
-        {
-            "apiVersion": "flux.iot/v1",
-            "kind": "RetentionPolicy",
-            "metadata": {"name": "p"},
-            "spec": {
-                "tiers": [{"resolution": "raw", "keep": "inf"}, {"resolution": "1m", "keep": "inf"}]
-            },
-        }
-    )
-    rolled = RetentionManager(store, [pol]).downsample(now=T0 + 24 * H)
+    rolled = RetentionManager(store, [one_minute_policy()]).downsample(now=T0 + 24 * H)
     assert sum(rolled.values()) > 0
     want = store.aggregate("raw", Selector(), T0, T0 + 24 * H, 60.0)
     got = store.aggregate("agg_60s", Selector(), T0, T0 + 24 * H, 60.0)

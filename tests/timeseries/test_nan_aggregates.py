@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tests.timeseries.test_lance_chunks import T0, H, _open
+from tests.timeseries.test_lance_chunks import T0, H, _open, one_minute_policy
 from tests.timeseries.test_postgres_chunks import _store, prefix  # noqa: F401 (fixture)
 from twin.timeseries.base import RAW_SCHEMA, TS_TYPE, Selector, TimeSeriesQuery
-from twin.timeseries.retention import RetentionManager, RetentionPolicy
+from twin.timeseries.retention import RetentionManager
 
 AGGS = ("avg", "min", "max", "count", "first", "last", "sum")
 
@@ -90,17 +90,8 @@ def _check(store: Any) -> None:
 
 
 def _rollup_matches(store: Any) -> None:
-    pol = RetentionPolicy.from_doc(
-        {
-            "apiVersion": "flux.iot/v1",
-            "kind": "RetentionPolicy",
-            "metadata": {"name": "p"},
-            "spec": {
-                "tiers": [{"resolution": "raw", "keep": "inf"}, {"resolution": "1m", "keep": "inf"}]
-            },
-        }
-    )
-    assert sum(RetentionManager(store, [pol]).downsample(now=T0 + 24 * H).values()) > 0
+    rolled = RetentionManager(store, [one_minute_policy()]).downsample(now=T0 + 24 * H)
+    assert sum(rolled.values()) > 0
     for bucket in (60.0, 3600.0):
         want = store.aggregate("raw", Selector(), T0, T0 + 24 * H, bucket)
         got = store.aggregate("agg_60s", Selector(), T0, T0 + 24 * H, bucket)

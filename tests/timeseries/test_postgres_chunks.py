@@ -8,11 +8,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytest
 
 from tests.timeseries.conftest import PG_URL, pg_reason
-from tests.timeseries.test_lance_chunks import T0, H, _aggs, _canon, _records
+from tests.timeseries.test_lance_chunks import T0, H, _aggs, _canon, _records, same_aggs
 from twin.timeseries.base import Record, Selector
 
 pytestmark = pytest.mark.postgres
@@ -58,16 +57,7 @@ def test_closed_partitions_become_chunks_with_identical_data(prefix: str) -> Non
         raw = next(t for t in s.stats().tiers if t.tier == "raw")
         assert raw.points == len(recs)
         assert _all(s) == before
-        for b, want in aggs.items():
-            got = _aggs(s, b)
-            for col in got.column_names:
-                g, w = got.column(col).to_pylist(), want.column(col).to_pylist()
-                if col in ("avg", "sum"):
-                    assert np.allclose(
-                        np.array(g, float), np.array(w, float), rtol=1e-12, equal_nan=True
-                    )
-                else:
-                    assert g == w, (b, col)
+        same_aggs(s, aggs)
         sel = Selector.of(devices="d1", metrics="temp")
         got = _canon(s.read_raw(sel, T0 + 2 * H, T0 + 3 * H))
         assert got == [

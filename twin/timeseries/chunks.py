@@ -217,15 +217,10 @@ def decode_chunks(
             if sb is not None
             else pa.nulls(len(t), pa.string())
         )
-        if lo is not None or hi is not None:
-            keep = np.ones(len(t), dtype=bool)
-            if lo is not None:
-                keep &= t >= lo
-            if hi is not None:
-                keep &= t < hi
-            if not keep.all():
-                t, v, c = t[keep], v[keep], c[keep]
-                s = s.filter(pa.array(keep)) if any_str else pa.nulls(len(t), pa.string())
+        keep = _keep(t, lo, hi)
+        if keep is not None:
+            t, v, c = t[keep], v[keep], c[keep]
+            s = s.filter(pa.array(keep)) if any_str else pa.nulls(len(t), pa.string())
         counts[i] = len(t)
         ts_parts.append(t)
         v_parts.append(v)
@@ -254,6 +249,18 @@ def decode_chunks(
     return pa.Table.from_arrays([cols[n] for n in RAW_SCHEMA.names], schema=RAW_SCHEMA)
 
 
+def _keep(t: np.ndarray, lo: int | None, hi: int | None) -> np.ndarray | None:
+    """Which of ``t`` lie in ``[lo, hi)`` (either bound may be None); None when all do."""
+    if lo is None and hi is None:
+        return None
+    keep = np.ones(len(t), dtype=bool)
+    if lo is not None:
+        keep &= t >= lo
+    if hi is not None:
+        keep &= t < hi
+    return None if keep.all() else keep
+
+
 def _decode_one(chunk: pa.Table, lo: int | None, hi: int | None) -> pa.Table:
     """``decode_chunks`` of one chunk row without strings (a dashboard's one-series read,
     the commonest query): the same table with a third of the Arrow calls (~100 -> ~40 us)."""
@@ -261,15 +268,10 @@ def _decode_one(chunk: pa.Table, lo: int | None, hi: int | None) -> pa.Table:
     v = codec.decode_values(chunk.column("v_blob")[0].as_py())
     cb = chunk.column("c_blob")[0].as_py()
     c = codec.decode_codes(cb) if cb is not None else None
-    if lo is not None or hi is not None:
-        keep = np.ones(len(t), dtype=bool)
-        if lo is not None:
-            keep &= t >= lo
-        if hi is not None:
-            keep &= t < hi
-        if not keep.all():
-            t, v = t[keep], v[keep]
-            c = c[keep] if c is not None else None
+    keep = _keep(t, lo, hi)
+    if keep is not None:
+        t, v = t[keep], v[keep]
+        c = c[keep] if c is not None else None
     n = len(t)
     if c is None:
         value = pa.array(v, pa.float64())
