@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from twin.errors import TwinError
 
@@ -319,34 +319,33 @@ class Publish:
 
 
 @dataclass(frozen=True, slots=True)
-class Puback:
+class _Ack:
+    """The four publish acknowledgements share one shape (equality still needs the same
+    class: ``Puback(1) != Pubrec(1)``)."""
+
     packet_id: int
     reason_code: int = 0
     properties: Properties = NO_PROPS
+    type: ClassVar[PacketType]
+
+
+class Puback(_Ack):
+    __slots__ = ()
     type = PacketType.PUBACK
 
 
-@dataclass(frozen=True, slots=True)
-class Pubrec:
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = NO_PROPS
+class Pubrec(_Ack):
+    __slots__ = ()
     type = PacketType.PUBREC
 
 
-@dataclass(frozen=True, slots=True)
-class Pubrel:
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = NO_PROPS
+class Pubrel(_Ack):
+    __slots__ = ()
     type = PacketType.PUBREL
 
 
-@dataclass(frozen=True, slots=True)
-class Pubcomp:
-    packet_id: int
-    reason_code: int = 0
-    properties: Properties = NO_PROPS
+class Pubcomp(_Ack):
+    __slots__ = ()
     type = PacketType.PUBCOMP
 
 
@@ -691,21 +690,10 @@ def encode(p: Packet, version: int = MQTT_311) -> bytes:
         return encode_publish(
             p.topic, p.payload, p.qos, p.retain, p.dup, p.packet_id, p.properties, version
         )
-    if isinstance(p, Puback):
+    if isinstance(p, _Ack):  # PUBREL's fixed header flags are 0b0010
+        first = (p.type << 4) | (2 if p.type == PacketType.PUBREL else 0)
         return _fixed(
-            0x40, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
-        )
-    if isinstance(p, Pubrec):
-        return _fixed(
-            0x50, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
-        )
-    if isinstance(p, Pubrel):
-        return _fixed(
-            0x62, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
-        )
-    if isinstance(p, Pubcomp):
-        return _fixed(
-            0x70, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
+            first, _ack_body(_check_pid(p.packet_id), p.reason_code, p.properties, version)
         )
     if isinstance(p, Pingreq):
         return b"\xc0\x00"
