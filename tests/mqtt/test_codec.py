@@ -329,11 +329,17 @@ def test_subscribe_options_reserved() -> None:
     assert _err(b"\x82\x03\x00\x01\x00") == ReasonCode.PROTOCOL_ERROR  # no subscriptions
 
 
+_version = 4
+
+
 def _normalized(item: object) -> object:
     """A ``next_batch`` fast item as the packet the general decoder gives."""
     if type(item) is tuple:
-        topic, payload, qos, retain, pid = item
-        return c.Publish(topic, payload, qos, retain, False, pid or None)
+        topic, payload, qos, retain, pid, frame = item
+        p = c.Publish(topic, payload, qos, retain, False, pid or None)
+        # the frame, when there is one, is that packet (as this decoder's version encodes it)
+        assert frame is None or frame == c.encode(p, _version)
+        return p
     if type(item) is int:
         return c.Puback(item)
     return item
@@ -351,6 +357,8 @@ def _both_ways(wire: bytes, version: int, cut: int) -> None:
             want.append(p)
     except ProtocolError as exc:
         want_err = exc.reason_code
+    global _version
+    _version = version
     fast = c.Decoder(version, max_packet_size=4096)
     got: list[object] = []
     err = None
@@ -402,5 +410,8 @@ def test_next_batch_hot_packets() -> None:
     d = c.Decoder(4)
     d.feed(wire)
     items, err = d.next_batch()
-    assert items == [("t/1", b"x" * 200, 1, True, 5), 9]
+    assert items == [("t/1", b"x" * 200, 1, True, 5, None), 9]
+    d = c.Decoder(4)
+    d.feed(c.encode(c.Publish("t/2", b"abc"), 4))
+    assert d.next_batch() == ([("t/2", b"abc", 0, False, 0, b"\x30\x08\x00\x03t/2abc")], None)
     assert err is not None and err.reason_code == ReasonCode.TOPIC_NAME_INVALID

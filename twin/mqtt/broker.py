@@ -1092,7 +1092,7 @@ class Connection:
                 )
             if props.response_topic is not None and not _valid_name(props.response_topic):
                 raise ProtocolError("invalid response topic", ReasonCode.PROTOCOL_ERROR)
-        self._publish(topic, p.payload, p.qos, p.retain, p.packet_id or 0, props)
+        self._publish(topic, p.payload, p.qos, p.retain, p.packet_id or 0, None, props)
 
     def _publish(
         self,
@@ -1101,9 +1101,12 @@ class Connection:
         qos: int,
         retain: bool,
         pid: int,
+        frame: bytes | None = None,
         props: c.Properties = NO_PROPS,
     ) -> None:
-        """One PUBLISH from this client (its topic alias resolved): authorise, route, ack."""
+        """One PUBLISH from this client (its topic alias resolved): authorise, route, ack.
+        ``frame``: the packet as received, when it is exactly what a subscriber with this
+        client's protocol version gets at QoS 0 (see ``Decoder.next_batch``)."""
         b = self.broker
         s = self.session
         assert s is not None
@@ -1141,6 +1144,8 @@ class Connection:
             if v5 and props.message_expiry_interval is not None:
                 expires = time.time() + props.message_expiry_interval
             msg = Message(topic, payload, qos, retain, props, s.client_id, expires)
+            if frame is not None:
+                msg.encoded[(self.version, False)] = frame
             problem = (
                 b.payload_check(self.principal, msg) if v5 and qos and b.payload_check else None
             )

@@ -1084,7 +1084,9 @@ class Decoder:
 
         The hot packets skip the dataclasses: a PUBLISH with QoS 0 or 1, no DUP flag, a
         non-empty topic and (MQTT 5) no properties comes as a tuple ``(topic, payload, qos,
-        retain, packet_id)`` (packet_id 0 for QoS 0); a PUBACK without a reason code as its
+        retain, packet_id, frame)`` (packet_id 0 for QoS 0; ``frame``, for QoS 0 without
+        retain, is the whole packet: what a subscriber of the same version gets at QoS 0, so
+        the broker need not encode it again; else None); a PUBACK without a reason code as its
         packet identifier (an ``int``). Everything else, and anything these checks do not
         accept, goes through :meth:`next_packet` (same validation, same errors). Topic names
         are decoded and validated once per distinct name (a small cache)."""
@@ -1145,7 +1147,9 @@ class Decoder:
                                 topics[raw] = topic
                         pid = (buf[p] << 8) | buf[p + 1] if qos else 0
                         if topic is not None and (pid or not qos):
-                            append((topic, bytes(buf[head:end]), qos, bool(first & 1), pid))
+                            payload = bytes(buf[head:end])
+                            frame = bytes(buf[pos:end]) if first == 0x30 else None
+                            append((topic, payload, qos, bool(first & 1), pid, frame))
                             pos = end
                             continue
             elif first == 0x40 and buf[pos + 1] == 2 and n - pos >= 4:  # PUBACK, no code
