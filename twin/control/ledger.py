@@ -44,7 +44,7 @@ from jsonschema import Draft202012Validator
 
 from twin.errors import BindingConnectError, BindingError, CommandError, NotFoundError
 from twin.registry.base import CommandRecord, CommandStore
-from twin.spec.refs import value_problem
+from twin.spec.properties import value_problem
 from twin.spec.select import matches, parse_selector
 from twin.spec.units import parse_duration
 

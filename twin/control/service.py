@@ -47,7 +47,7 @@ from twin.errors import BindingConnectError, TwinError
 from twin.policy import doc_site
 from twin.registry.base import Alarm, Registry, SceneTrace
 from twin.spec.commands import command_sets
-from twin.spec.refs import value_problem
+from twin.spec.properties import value_problem
 
 if TYPE_CHECKING:
     from twin.runtime.engine import Engine

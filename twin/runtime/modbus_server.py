@@ -40,7 +40,7 @@ from twin.bindings import aio
 from twin.bindings.modbus_codec import EncodeError, decode
 from twin.bindings.modbus_server import RegisterServer
 from twin.spec.modbus import Point, parse_point
-from twin.spec.refs import value_problem
+from twin.spec.properties import value_problem
 from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twin.errors import ConflictError
+from twin.spec.documents import LoadedSpecs
 from twin.spec.gcpause import gc_paused
-from twin.spec.load import LoadedSpecs
 from twin.spec.plan import Plan, make_plan
 
 if TYPE_CHECKING:  # the spec layer only needs the registry's shape, never its code

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from twin.errors import Problem
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
 from twin.spec.units import parse_duration
 
 Path = tuple[str | int, ...]

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from twin.errors import Problem
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
 
 RECORD_KINDS = ("telemetry", "status", "command_result", "alarm", "scene_trace")
 DEFAULT_DROP = ("telemetry", "scene_trace", "status")

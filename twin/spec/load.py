@@ -14,63 +14,20 @@ import hashlib
 import marshal
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from twin.errors import Location, Problem, SpecError
+from twin.spec.documents import Document, LoadedSpecs
 from twin.spec.gcpause import gc_paused
 from twin.spec.inputlimits import value_problems
+from twin.spec.plugins import embed_modules
+from twin.spec.refs import reference_problems, split_follow_ons
 from twin.spec.schema import known_kinds, schema_problems
 from twin.spec.yamlload import YamlDocument, load_documents
 
 API_VERSION = "flux.iot/v1"
-
-Key = tuple[str, str]
-
-
-@dataclass
-class Document:
-    """One validated document with its source, for located errors and `describe`."""
-
-    kind: str
-    name: str
-    body: dict[str, Any]
-    source: YamlDocument
-
-    @property
-    def key(self) -> Key:
-        return (self.kind, self.name)
-
-    @property
-    def location(self) -> Location | None:
-        return self.source.where(())
-
-    def where(self, *path: str | int) -> Location | None:
-        return self.source.where(path)
-
-    def problem(self, path: Sequence[str | int], message: str, hint: str | None = None) -> Problem:
-        from twin.spec.paths import format_path
-
-        return Problem(self.source.where(tuple(path)), message, self.kind, self.name,
-                       format_path(path) or None, hint)
-
-
-@dataclass
-class LoadedSpecs:
-    documents: dict[Key, Document] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-    invalid: set[Key] = field(default_factory=set)
-    """Documents that failed their schema: they exist for references, but are not checked deeper."""
-
-    @property
-    def specs(self) -> dict[Key, dict[str, Any]]:
-        return {key: doc.body for key, doc in sorted(self.documents.items())}
-
-    def of_kind(self, kind: str) -> dict[str, Document]:
-        return {name: d for (k, name), d in self.documents.items() if k == kind}
-
 
 def find_files(paths: Iterable[str | Path]) -> tuple[list[Path], list[Problem]]:
     files: list[Path] = []
@@ -211,8 +168,6 @@ def _load_site(
     strict: bool,
     cache: ParseCache | None,
 ) -> LoadedSpecs:
-    from twin.spec.refs import reference_problems, split_follow_ons
-
     files, problems = find_files(paths)
     loaded = LoadedSpecs(files=[str(f) for f in files])
     kinds = known_kinds()
@@ -243,8 +198,6 @@ def _load_site(
                 cache.put(key, [(d.index, d.data) for d in docs])
         if progress is not None:
             progress(i + 1, len(files))
-    from twin.spec.plugins import embed_modules
-
     problems.extend(embed_modules(loaded))  # module files of Plugin documents, read and hashed
     follow_ons, suppressed = split_follow_ons(reference_problems(loaded), broken)
     problems.extend(follow_ons)
@@ -276,8 +229,6 @@ def validate_specs(documents: Iterable[Mapping[str, Any]], *, strict: bool = Tru
         for i, body in enumerate(documents):
             doc = YamlDocument(copy.deepcopy(dict(body)), "", i, in_memory=True)
             _take(doc, kinds, loaded, problems)
-        from twin.spec.refs import reference_problems
-
         problems.extend(reference_problems(loaded))
     if problems and strict:
         raise SpecError(problems)

@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from twin.errors import Problem
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
 
 MAX_MODULE_BYTES = 16 * 1024 * 1024
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import zoneinfo
 from typing import Any
@@ -12,8 +11,15 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from twin.errors import Problem
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.dashboards import dashboard_problems
+from twin.spec.documents import Document, LoadedSpecs
+from twin.spec.edge_check import edge_problems
+from twin.spec.modbus import modbus_problems
 from twin.spec.plugins import plugin_problems
+from twin.spec.properties import value_problem
+from twin.spec.reports import report_problems
+from twin.spec.retention_check import retention_problems
+from twin.spec.scenes import scene_problems
 from twin.spec.units import parse_duration
 
 
@@ -41,30 +47,6 @@ def _ref(doc: Document, path: tuple[str | int, ...], target_kind: str, name: Any
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
-
-
-def value_problem(value: Any, decl: dict[str, Any]) -> str | None:
-    """Why ``value`` does not fit a property declaration (type, enum, range), or None."""
-    t = decl.get("type")
-    ok = {
-        "number": isinstance(value, int | float) and not isinstance(value, bool),
-        "integer": isinstance(value, int) and not isinstance(value, bool),
-        "boolean": isinstance(value, bool),
-        "string": isinstance(value, str),
-    }.get(str(t), True)
-    if not ok:
-        return f"{value!r} is not of type {t}"
-    if "enum" in decl and value not in decl["enum"]:
-        return f"{value!r} is not one of {', '.join(map(repr, decl['enum']))}"
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        lo, hi = decl.get("min"), decl.get("max")
-        if lo is not None and value < lo:
-            return f"{value!r} is below the minimum {lo}"
-        if hi is not None and value > hi:
-            return f"{value!r} is above the maximum {hi}"
-        if isinstance(value, float) and math.isnan(value):
-            return "NaN is not a value"
-    return None
 
 
 _QUOTED = re.compile(r"'([^']+)'")
@@ -151,23 +133,11 @@ def reference_problems(loaded: LoadedSpecs) -> list[Problem]:
         if model_ok and model is not None:
             _check_desired(doc, model, desired, problems)
             _check_points(doc, model, _mapping(spec.get("binding")), problems)
-    from twin.spec.scenes import scene_problems
-
     problems.extend(scene_problems(loaded))
-    from twin.spec.dashboards import dashboard_problems
-
     problems.extend(dashboard_problems(loaded))
-    from twin.spec.reports import report_problems
-
     problems.extend(report_problems(loaded))
-    from twin.spec.modbus import modbus_problems
-
     problems.extend(modbus_problems(loaded))
-    from twin.spec.retention_check import retention_problems
-
     problems.extend(retention_problems(loaded))
-    from twin.spec.edge_check import edge_problems
-
     problems.extend(edge_problems(loaded))
     return problems
 

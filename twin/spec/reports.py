@@ -21,7 +21,7 @@ from typing import Any
 
 from twin.errors import Location, Problem
 from twin.spec.dashboards import SELECT_KEYS, _check_panel, as_list
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
 from twin.spec.units import parse_duration
 
 SECTION_AS_PANEL = {"table": "timeseries", "readings": "timeseries"}

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twin.errors import Problem
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
 from twin.spec.units import format_duration, parse_duration
 
 FIELDS = ("site", "group", "device", "metric")

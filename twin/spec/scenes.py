@@ -13,7 +13,8 @@ from typing import Any
 
 from twin.errors import Problem
 from twin.policy import doc_site, scene_may_act, scene_reach
-from twin.spec.load import Document, LoadedSpecs
+from twin.spec.documents import Document, LoadedSpecs
+from twin.spec.properties import value_problem
 
 Path = tuple[str | int, ...]
 
@@ -236,8 +237,6 @@ class _Checker:
                 self.add((*path, "params", *err.path), f"{name}: {err.message}")
 
     def set_desired(self, path: Path, a: dict[str, Any]) -> None:
-        from twin.spec.refs import value_problem
-
         model = self.model(path, a.get("device"))
         prop = a.get("property")
         if not model or not isinstance(prop, str):
