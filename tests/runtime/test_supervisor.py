@@ -270,7 +270,7 @@ async def test_a_device_that_keeps_failing_is_quarantined_others_keep_running(
                 return BuggyBinding(cfg.name)
             if cfg.name == "worse":
                 raise KeyError("factory bug")  # not a BindingError: a bug
-            from twin.bindings.base import create_binding
+            from twin.bindings.factory import create_binding
 
             return real(cfg, ctx) if real else create_binding(cfg.doc, ctx)
 

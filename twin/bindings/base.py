@@ -5,8 +5,8 @@ heartbeats, faults and free events) into a bounded channel owned by the device t
 task updates twin state and fans out to subscribers. Commands flow back through
 :meth:`Binding.write` and :meth:`Binding.send_command`.
 
-Bindings are registered by protocol name in :data:`BINDINGS` (a dict, never found by
-``getattr``); :func:`create_binding` builds one from a Device document.
+Bindings are registered by protocol name in twin/bindings/registry.py (a dict, never found by
+``getattr``); ``create_binding`` in twin/bindings/factory.py builds one from a Device document.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import enum
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-from twin.errors import BindingError
 
 if TYPE_CHECKING:
     import trio
@@ -153,53 +151,3 @@ class BindingContext:
     # device -> binding options learnt at run time, over the declared ones: a site simulator
     # whose declared port was taken serves on a free one (twin/runtime/simulators.py)
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-BindingFactory = Callable[[str, Mapping[str, Any], Mapping[str, Any], BindingContext], Binding]
-"""``factory(device_name, options, device_doc, context) -> Binding``"""
-
-BINDINGS: dict[str, BindingFactory] = {}
-
-
-def register_binding(protocol: str, factory: BindingFactory) -> None:
-    BINDINGS[protocol] = factory
-
-
-def binding_protocol(device_doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
-    """``(protocol, options)`` of a Device document's single ``spec.binding`` key."""
-    binding = (device_doc.get("spec") or {}).get("binding") or {}
-    if not isinstance(binding, Mapping) or len(binding) != 1:
-        raise BindingError(
-            f"device {device_doc.get('metadata', {}).get('name')!r}: spec.binding must have "
-            "exactly one protocol key"
-        )
-    ((protocol, options),) = binding.items()
-    return str(protocol), options or {}
-
-
-def create_binding(device_doc: Mapping[str, Any], context: BindingContext | None = None) -> Binding:
-    """Build the binding of a Device document. Raises BindingError for unknown protocols."""
-    _load_builtin()
-    name = str(device_doc["metadata"]["name"])
-    protocol, options = binding_protocol(device_doc)
-    if context is not None and name in context.endpoints:
-        options = {**options, **context.endpoints[name]}
-    factory = BINDINGS.get(protocol)
-    if factory is None:
-        raise BindingError(
-            f"device {name!r}: no runtime binding for protocol {protocol!r}",
-            hint=f"available: {', '.join(sorted(BINDINGS))}",
-        )
-    return factory(name, options, device_doc, context or BindingContext())
-
-
-_loaded = False
-
-
-def _load_builtin() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    # Importing registers them (each module calls register_binding at import).
-    from twin.bindings import coap, http, modbus, mqtt, opcua, sim, video  # noqa: F401

@@ -89,10 +89,10 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
 from twin.bindings.http import IngestError, IngestHub, parse_ingest
 from twin.bindings.payload import extract as _extract
+from twin.bindings.registry import register_binding
 from twin.bindings.values import ValueRefused, check_data, check_shape, check_value
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.bindings import binding_schema

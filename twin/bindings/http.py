@@ -42,9 +42,9 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
 from twin.bindings.payload import extract as _extract
+from twin.bindings.registry import register_binding
 from twin.bindings.values import (
     ValueRefused,
     check_data,

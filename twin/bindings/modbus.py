@@ -69,9 +69,10 @@ import trio
 
 from twin.bindings import aio
 from twin.bindings import plugins as plugin_edge
-from twin.bindings.base import BindingContext, Message, Quality, Reading, register_binding
+from twin.bindings.base import BindingContext, Message, Quality, Reading
 from twin.bindings.modbus_codec import Block, EncodeError, decode, encode, plan
 from twin.bindings.protostats import stats
+from twin.bindings.registry import register_binding
 from twin.bindings.values import ValueRefused, check_reading
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.commands import command_sets

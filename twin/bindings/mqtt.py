@@ -71,9 +71,9 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
 from twin.bindings.payload import extract as _extract
+from twin.bindings.registry import register_binding
 from twin.bindings.values import (
     INT64_MAX,
     INT64_MIN,

@@ -83,8 +83,8 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
+from twin.bindings.registry import register_binding
 from twin.bindings.values import ValueRefused, check_value
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.bindings import binding_schema

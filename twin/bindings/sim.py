@@ -51,8 +51,8 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
+from twin.bindings.registry import BindingFactory, register_binding
 from twin.errors import BindingConnectError, CommandError
 from twin.sim.effects import Effect, Response, make_effects, make_response
 from twin.sim.generators import PointGenerator, make_generator
@@ -208,13 +208,22 @@ class SimBinding:
         await trio.lowlevel.checkpoint()
 
 
+# option -> factory of a simulated device that is more than data points, registered by the
+# module that builds it, which imports this one (so this one does not import it back):
+# ``video`` -> a simulated camera (twin/bindings/video.py)
+SIM_VARIANTS: dict[str, BindingFactory] = {}
+
+
+def register_sim_variant(option: str, factory: BindingFactory) -> None:
+    SIM_VARIANTS[option] = factory
+
+
 def _factory(
     device: str, options: Mapping[str, Any], doc: Mapping[str, Any], context: BindingContext
 ) -> Any:
-    if options.get("video") is not None:  # a simulated camera: twin/bindings/video.py
-        from twin.bindings.video import camera_binding
-
-        return camera_binding(device, options, doc, context)
+    for option, variant in SIM_VARIANTS.items():
+        if options.get(option) is not None:
+            return variant(device, options, doc, context)
     return SimBinding(device, options, context)
 
 

@@ -45,8 +45,9 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    register_binding,
 )
+from twin.bindings.registry import register_binding
+from twin.bindings.sim import SimBinding, register_sim_variant
 from twin.bindings.values import check_reading
 from twin.errors import BindingError, CommandError, RegistryError, StorageError
 from twin.video import recordings, snapshots, sources
@@ -78,8 +79,6 @@ class CameraBinding:
         # a simulated camera may simulate data points too (motion, ...): twin/bindings/sim.py
         self.points: Any = None
         if protocol == "sim" and options.get("points"):
-            from twin.bindings.sim import SimBinding
-
             self.points = SimBinding(device, {k: options[k] for k in ("interval", "seed",
                                                                      "points") if k in options},
                                      context)
@@ -315,3 +314,4 @@ def camera_binding(device: str, options: Mapping[str, Any], doc: Mapping[str, An
 
 for _protocol in sources.CAMERA_PROTOCOLS:
     register_binding(_protocol, _factory(_protocol))
+register_sim_variant("video", camera_binding)

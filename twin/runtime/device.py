@@ -32,8 +32,8 @@ from twin.bindings.base import (
     Message,
     Quality,
     Reading,
-    create_binding,
 )
+from twin.bindings.factory import create_binding
 from twin.bindings.plugins import transform_of
 from twin.bindings.values import TS_MAX, TS_MIN, ValueRefused, check_ts, is_safe
 from twin.errors import BindingError
