@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from twin.edge.connect import open_transport
 from twin.edge.outbox import Outbox, OutboxError
-from twin.edge.transport import LinkDown, Transport, open_transport
+from twin.edge.transport import LinkDown, Transport
 from twin.edge.uplink import Uplink
 from twin.runtime.bus import Filter
 from twin.runtime.gc_freeze import keep_frozen

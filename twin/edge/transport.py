@@ -139,16 +139,4 @@ def client_tls(verify: Any) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(verify))
 
 
-def open_transport(url: str, edge: str, key: str, *, verify: Any = True,
-                   backoff: tuple[float, float] = (0.5, 30.0)) -> Transport:  # fmt: skip
-    """The transport for the cloud ``url``: ``mqtt://``/``mqtts://`` → MQTT, else HTTP(S).
-    ``verify``: True (system CAs), False, or a CA bundle path."""
-    if url.startswith(("mqtt://", "mqtts://")):
-        from twin.edge.mqtt_link import MqttTransport
-
-        return MqttTransport(url, edge, key, verify=verify, backoff=backoff)
-    return HttpTransport(url, edge, key, verify=verify)
-
-
-__all__ = ["HttpTransport", "LinkDown", "Reply", "Transport", "client_tls", "describe",
-           "open_transport"]
+__all__ = ["HttpTransport", "LinkDown", "Reply", "Transport", "client_tls", "describe"]

@@ -33,9 +33,10 @@ from typing import Any
 
 import trio
 
+from twin.edge.connect import open_transport
 from twin.edge.outbox import Outbox
 from twin.edge.protocol import Covered
-from twin.edge.transport import LinkDown, Transport, open_transport
+from twin.edge.transport import LinkDown, Transport
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Uplink:
     backoff_max: float = 30.0
     verify: Any = True
     transport: Transport | None = None
-    """Default: :func:`~twin.edge.transport.open_transport` of ``url`` (HTTP(S) or MQTT)."""
+    """Default: :func:`~twin.edge.connect.open_transport` of ``url`` (HTTP(S) or MQTT)."""
     revision: Callable[[], int | None] = lambda: None
     extra_stats: Callable[[], dict[str, Any]] = dict
     online: bool = False
