@@ -56,11 +56,13 @@ def load() -> str:
     return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
-def camera(gop_frames: int, strict: bool = True
+def camera(gop_frames: int, strict: bool = True, size: str = "1280x720", kbps: int = 2000
            ) -> tuple[subprocess.Popen[str], subprocess.Popen[bytes], str]:
+    """A GStreamer RTSP camera and one viewer that keeps its encoder running: (server, viewer,
+    URL)."""
     port = free_port()
-    env = {**os.environ, "RTSP_CAMERA_SIZE": "1280x720", "RTSP_CAMERA_GOP": str(gop_frames),
-           "RTSP_CAMERA_KBPS": "2000", "RTSP_CAMERA_STRICT_GOP": "1" if strict else "0"}
+    env = {**os.environ, "RTSP_CAMERA_SIZE": size, "RTSP_CAMERA_GOP": str(gop_frames),
+           "RTSP_CAMERA_KBPS": str(kbps), "RTSP_CAMERA_STRICT_GOP": "1" if strict else "0"}
     gst = subprocess.Popen(["/usr/bin/python3", str(ROOT / "tests/video/rtsp_camera.py"),
                             str(port)], stdout=subprocess.PIPE, text=True, env=env)
     assert gst.stdout is not None and gst.stdout.readline().strip() == "ready"

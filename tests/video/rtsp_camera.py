@@ -17,7 +17,7 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 PIPELINE = (
-    "( videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},framerate=10/1"
+    "( videotestsrc is-live=true pattern=ball ! video/x-raw,format=I420,width={w},height={h},framerate=10/1"
     " ! x264enc name=enc tune=zerolatency speed-preset=ultrafast key-int-max={gop} bitrate={kbps}"
     " ! rtph264pay name=pay0 pt=96 config-interval=1 )"
 )
@@ -38,7 +38,7 @@ class StrictGop:
     def __init__(self, w: str, h: str, gop: str, kbps: str) -> None:
         self.sources: list[Gst.Element] = []
         self.encoder = Gst.parse_launch(
-            f"videotestsrc is-live=true pattern=ball ! video/x-raw,width={w},height={h},"
+            f"videotestsrc is-live=true pattern=ball ! video/x-raw,format=I420,width={w},height={h},"
             f"framerate=10/1 ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={gop}"
             f" bitrate={kbps} ! video/x-h264,stream-format=byte-stream,alignment=au"
             " ! appsink name=out emit-signals=true sync=false")
