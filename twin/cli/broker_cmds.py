@@ -83,7 +83,7 @@ def broker(
     """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C or SIGTERM."""
     import trio
 
-    from twin.cli.main import state
+    from twin.cli.state import state
     from twin.mqtt.broker import Broker, BrokerConfig
     from twin.runtime.mqtt_service import bind_listener, parse_hostport
 

@@ -34,7 +34,7 @@ JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 
 def _state() -> Any:
-    from twin.cli.main import state
+    from twin.cli.state import state
 
     return state
 
@@ -405,7 +405,7 @@ def simulate_cmd(
 ) -> None:
     """Run the scenes of PATH over a scenario on a virtual clock: which fire, what they check,
     what they would send; conflicts and trigger loops. No device is touched."""
-    from twin.cli.main import load
+    from twin.cli.state import load
     from twin.control.ledger import Catalog
     from twin.control.simulate import format_report, load_scenario, simulate
 

@@ -5,24 +5,20 @@ Errors are one readable line plus a hint; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
-import getpass
 import logging
 import os
-import socket
 import sys
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from twin.cli import output as out
+from twin.cli.state import author, load, open_timeseries, spinner, state
 from twin.errors import NotFoundError, SpecError, TwinError
 
 
@@ -66,52 +62,6 @@ class TableFormat(StrEnum):
     table = "table"
     yaml = "yaml"
     json = "json"
-
-
-class State:
-    registry_url: str | None = None
-    state_dir: Path = Path(".twin")
-    debug: bool = False
-    _registry: Any = None
-
-    def registry(self) -> Any:
-        if self._registry is None:
-            from twin.registry import open_registry
-
-            with spinner("opening registry"):
-                self._registry = open_registry(self.registry_url, self.state_dir)
-        return self._registry
-
-
-state = State()
-
-
-def author() -> str:
-    return os.environ.get("TWIN_AUTHOR") or f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-@contextmanager
-def spinner(what: str) -> Iterator[None]:
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=out.err_console, transient=True,
-                  disable=not out.err_console.is_terminal) as progress:
-        progress.add_task(what, total=None)
-        yield
-
-
-def load(paths: list[Path]) -> Any:
-    from twin.spec import load_site
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} files"), TimeElapsedColumn(),
-                  console=out.err_console, transient=True,
-                  disable=not out.err_console.is_terminal) as progress:
-        task = progress.add_task("reading and validating specs", total=None)
-
-        def tick(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        return load_site(paths, progress=tick, cache_dir=state.state_dir / "cache")
 
 
 @app.callback()
@@ -245,7 +195,6 @@ def _replay(p: Any, reg: Any, window: str, timeseries: str | None) -> Any:
     """Replay the plan's created/changed scenes over the last ``window`` of stored data."""
     import time
 
-    from twin.cli.timeseries_cmds import _open_store
     from twin.control.replay import replay
     from twin.spec.plan import Action
     from twin.spec.units import parse_duration
@@ -260,7 +209,7 @@ def _replay(p: Any, reg: Any, window: str, timeseries: str | None) -> Any:
         if c.kind == "Scene" and c.action in (Action.CREATE, Action.UPDATE)
     ]
     current = reg.specs()
-    store = _open_store(timeseries)
+    store = open_timeseries(timeseries)
     try:
         end = time.time()
         with spinner(f"replaying {len(changes)} scene(s) over {window} of stored data"):

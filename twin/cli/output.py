@@ -6,9 +6,11 @@ import json
 import math
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -216,3 +218,24 @@ def rows_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
     for row in rows:
         t.add_row(*("-" if v is None or v == "" else str(v) for v in row))
     return t
+
+
+@contextmanager
+def progress(description: str) -> Any:
+    """A rich progress display on stderr (hidden when stderr is not a terminal)."""
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as progress:
+        task = progress.add_task(description, total=None)
+
+        def step(text: str, done: int | None = None, total: int | None = None) -> None:
+            progress.update(task, description=text, completed=done or 0, total=total)
+
+        yield step

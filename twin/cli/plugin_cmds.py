@@ -31,7 +31,7 @@ plugin_app = typer.Typer(help="Sandboxed plugins (Wasm, Starlark): test and buil
 
 
 def _spec_of(name: str, path: Path | None) -> dict[str, Any]:
-    from twin.cli.main import load, state
+    from twin.cli.state import load, state
 
     if path is not None:
         loaded = load([path])

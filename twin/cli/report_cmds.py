@@ -21,14 +21,14 @@ report_app = typer.Typer(help="Reports: run now, list, past runs.", no_args_is_h
 
 
 def _state() -> Any:
-    from twin.cli.main import state
+    from twin.cli.state import state
 
     return state
 
 
 def _specs(site: list[Path] | None) -> dict[Any, Any]:
     if site:
-        from twin.cli.main import load
+        from twin.cli.state import load
 
         return load(site).specs
     reg = _state().registry()
@@ -54,10 +54,10 @@ def _report(specs: dict[Any, Any], name: str) -> dict[str, Any]:
 
 
 def _store(timeseries: str | None) -> Any:
-    from twin.cli.timeseries_cmds import _open_store
+    from twin.cli.state import open_timeseries
 
     try:
-        return _open_store(timeseries)
+        return open_timeseries(timeseries)
     except TwinError as exc:
         from twin.cli import output as out
 

@@ -20,7 +20,7 @@ from twin.errors import TwinError
 
 
 def _state() -> Any:
-    from twin.cli.main import state
+    from twin.cli.state import state
 
     return state
 
@@ -321,7 +321,7 @@ def up(
 
         private_dir(st.state_dir)  # 0700 whatever the registry (PostgreSQL: jwt.secret, mqtt/ ...)
         if path is not None:
-            from twin.cli.main import author, load
+            from twin.cli.state import author, load
             from twin.spec.apply import apply_specs
 
             loaded = load([path])

@@ -11,9 +11,7 @@ documents (or through ``--server``).
 from __future__ import annotations
 
 import json
-import os
 import sys
-from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -22,6 +20,9 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from twin.cli.output import progress
+from twin.cli.remote import remote
+from twin.cli.state import open_timeseries, state
 from twin.errors import TwinError
 
 
@@ -36,93 +37,10 @@ class Output(StrEnum):
 BINARY = (Output.parquet, Output.xlsx)
 
 
-def _state() -> Any:
-    from twin.cli.main import state
-
-    return state
-
-
 def _out() -> Any:
     from twin.cli import output
 
     return output
-
-
-@contextmanager
-def _progress(description: str) -> Any:
-    """A rich progress display on stderr (hidden when stderr is not a terminal)."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        console=_out().err_console,
-        transient=True,
-        disable=not _out().err_console.is_terminal,
-    ) as progress:
-        task = progress.add_task(description, total=None)
-
-        def step(text: str, done: int | None = None, total: int | None = None) -> None:
-            progress.update(task, description=text, completed=done or 0, total=total)
-
-        yield step
-
-
-def _open_store(timeseries: str | None) -> Any:
-    from twin.errors import StorageError
-    from twin.timeseries.factory import lance_path, open_store, store_url
-
-    url = store_url(timeseries)
-    st = _state()
-    if not (url and url.startswith(("postgres://", "postgresql://"))):
-        path = lance_path(url, st.state_dir)
-        if not path.exists():
-            raise TwinError(
-                f"no time-series store at {path}",
-                hint="run `twin up` (it stores readings there), or pass --state-dir / "
-                "--timeseries / --server",
-            )
-    try:
-        return open_store(url, st.state_dir)
-    except StorageError as exc:
-        raise TwinError(str(exc), hint=exc.hint) from exc
-
-
-def _token() -> str:
-    token = os.environ.get("TWIN_TOKEN")
-    if not token:
-        raise TwinError(
-            "--server needs an access token",
-            hint="set TWIN_TOKEN (create one with `twin token create USER`)",
-        )
-    return token
-
-
-def _remote(method: str, server: str, path: str, **kw: Any) -> Any:
-    import httpx
-
-    try:
-        resp = httpx.request(
-            method,
-            server.rstrip("/") + path,
-            headers={"Authorization": f"Bearer {_token()}"},
-            timeout=300,
-            **kw,
-        )
-    except httpx.HTTPError as exc:
-        raise TwinError(
-            f"cannot reach {server}: {exc}", hint="is `twin up` running there? check --server"
-        ) from exc
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        raise TwinError(f"{server}: HTTP {resp.status_code}: {detail}")
-    return resp
 
 
 def _cell(column: str, v: Any) -> Any:
@@ -235,7 +153,7 @@ def query(
 
     fmt = "json" if output is Output.table else str(output)
     data: bytes
-    with _progress("querying") as step:
+    with progress("querying") as step:
         if server:
             params: list[tuple[str, Any]] = [("from", str(start)), ("fill", fill)]
             params += [("group_by", group_by), ("format", fmt)]
@@ -256,10 +174,10 @@ def query(
             if limit is not None:
                 params.append(("limit", limit))
             step(f"querying {server}")
-            data = _remote("GET", server, "/api/v1/timeseries/query", params=params).content
+            data = remote("GET", server, "/api/v1/timeseries/query", params=params).content
             table_doc = json.loads(data) if fmt == "json" else None
         else:
-            store = _open_store(timeseries)
+            store = open_timeseries(timeseries)
             try:
                 table = req.run(store)
             finally:
@@ -326,18 +244,18 @@ def storage(
     if ctx.invoked_subcommand is not None:
         return
     if server:
-        report = _remote("GET", server, "/api/v1/timeseries/storage").json()
+        report = remote("GET", server, "/api/v1/timeseries/storage").json()
     else:
         from twin.timeseries.factory import describe
         from twin.timeseries.retention import RetentionPolicy, StorageMonitor, stored_lags
 
-        store = _open_store(timeseries)
+        store = open_timeseries(timeseries)
         try:
             report = StorageMonitor(store).report()
-            report["store"] = describe(timeseries, _state().state_dir)
+            report["store"] = describe(timeseries, state.state_dir)
             docs = [
                 d
-                for (k, _n), d in sorted(_state().registry().specs().items())
+                for (k, _n), d in sorted(state.registry().specs().items())
                 if k == "RetentionPolicy"
             ]
             policies = [RetentionPolicy.from_doc(d) for d in docs]
@@ -400,20 +318,20 @@ def retention(ctx: typer.Context) -> None:
     opts = ctx.obj or {}
     o = _out()
     if opts.get("server"):
-        result = _remote("POST", opts["server"], "/api/v1/timeseries/retention/run").json()
+        result = remote("POST", opts["server"], "/api/v1/timeseries/retention/run").json()
         report = result.get("report")
     else:
         from twin.timeseries.retention import RetentionManager, RetentionPolicy
 
-        reg = _state().registry()
+        reg = state.registry()
         docs = [d for (k, _n), d in sorted(reg.specs().items()) if k == "RetentionPolicy"]
         if not docs:
             o.console.print("no RetentionPolicy in the registry: nothing to do")
             return
-        store = _open_store(opts.get("timeseries"))
+        store = open_timeseries(opts.get("timeseries"))
         try:
             mgr = RetentionManager(store, [RetentionPolicy.from_doc(d) for d in docs])
-            with _progress(f"retention pass over {len(docs)} policies"):
+            with progress(f"retention pass over {len(docs)} policies"):
                 r = mgr.run_once()
             report = {
                 "rolled_up": r.rolled_up,

@@ -15,6 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
+from twin.cli.output import progress
+from twin.cli.remote import remote
+from twin.cli.state import state
 from twin.errors import TwinError
 
 video_app = typer.Typer(help="Camera recordings: list by time range, export a clip.",
@@ -36,8 +39,6 @@ def _when(text: str) -> float:
 
 
 def _rec_dir(camera: str) -> Path:
-    from twin.cli.main import state
-
     return Path(state.state_dir) / "video" / camera / "rec"
 
 
@@ -53,12 +54,11 @@ def recordings(
     import json
 
     from twin.cli import output
-    from twin.cli.timeseries_cmds import _remote
     from twin.video import recordings as rec
 
     t0, t1 = _when(start), _when(end)
     if server:
-        items: list[dict[str, Any]] = _remote(
+        items: list[dict[str, Any]] = remote(
             "GET", server, f"/api/v1/video/cameras/{camera}/recordings",
             params={"start": t0, "end": t1}).json()["items"]
     else:
@@ -91,19 +91,18 @@ def clip(
 ) -> None:
     """Cut [--from, --to] out of a camera's recordings (stream copy, no re-encoding)."""
     from twin.cli import output
-    from twin.cli.timeseries_cmds import _progress, _remote
     from twin.video import recordings as rec
 
     t0, t1 = _when(start), _when(end)
     if t1 <= t0:
         raise TwinError("--to must be after --from")
     fmt = "ts" if out.suffix == ".ts" else "mp4"
-    with _progress(f"cutting {camera} {output.fmt_time(t0)} … {output.fmt_time(t1)}") as step:
+    with progress(f"cutting {camera} {output.fmt_time(t0)} … {output.fmt_time(t1)}") as step:
         if server:
-            info = _remote("POST", server, f"/api/v1/video/cameras/{camera}/clips",
+            info = remote("POST", server, f"/api/v1/video/cameras/{camera}/clips",
                            json={"start": t0, "end": t1, "format": fmt}).json()
             step("downloading")
-            data = _remote("GET", server, info["url"]).content
+            data = remote("GET", server, info["url"]).content
             out.write_bytes(data)
         else:
             if not rec.in_range(_rec_dir(camera), t0, t1):
@@ -119,7 +118,6 @@ def clip(
 def _local_runs(t0: float, t1: float, cameras: list[str] | None,
                 sites: list[str] | None) -> list[dict[str, Any]]:
     """Recordings (merged runs) in the local state dir, sites from the local registry."""
-    from twin.cli.main import state
     from twin.video import recordings as rec
 
     root = Path(state.state_dir) / "video"
@@ -156,14 +154,13 @@ def query_recordings(start: str, end: str | None, cameras: list[str] | None,
     import json
 
     from twin.cli import output
-    from twin.cli.timeseries_cmds import _remote
 
     t0, t1 = _when(start), _when(end or "now")
     if server:
         params: list[tuple[str, Any]] = [("start", t0), ("end", t1)]
         params += [("camera", c) for c in cameras or ()]
         params += [("site", s) for s in sites or ()]
-        items: list[dict[str, Any]] = _remote("GET", server, "/api/v1/video/recordings",
+        items: list[dict[str, Any]] = remote("GET", server, "/api/v1/video/recordings",
                                               params=params).json()["items"]
     else:
         items = _local_runs(t0, t1, cameras, sites)
