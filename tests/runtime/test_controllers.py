@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from twin.runtime.controllers import Heartbeat, device_configs, diff_devices
+from twin.runtime.device_config import Heartbeat, device_configs, diff_devices
 
 from .helpers import group, model, sim_device, spec_set
 

@@ -19,8 +19,8 @@ from twin.bindings.base import (
 from twin.errors import BindingConnectError
 from twin.registry.base import Registry
 from twin.runtime.bus import Bus
-from twin.runtime.controllers import DeviceConfig, device_configs
 from twin.runtime.device import Backoff, DeviceRuntime, DeviceTask
+from twin.runtime.device_config import DeviceConfig, device_configs
 from twin.runtime.monitor import Monitor
 from twin.runtime.regio import RegistryIO, RegistryWriter
 from twin.runtime.state import Status, TwinStore

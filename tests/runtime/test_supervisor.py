@@ -26,7 +26,7 @@ from tests.runtime.helpers import (
 )
 from twin.bindings.base import BindingContext, Reading
 from twin.registry.base import Registry
-from twin.runtime.controllers import DeviceConfig
+from twin.runtime.device_config import DeviceConfig
 from twin.runtime.engine import Engine, EngineCoreError
 from twin.runtime.metrics import EngineMetrics
 from twin.runtime.state import Status, TwinStore

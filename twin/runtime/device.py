@@ -39,7 +39,7 @@ from twin.bindings.values import TS_MAX, TS_MIN, ValueRefused, check_ts, is_safe
 from twin.errors import BindingError
 from twin.plugins import registry as plugin_registry
 from twin.runtime.bus import Bus
-from twin.runtime.controllers import DeviceConfig, Heartbeat
+from twin.runtime.device_config import DeviceConfig, Heartbeat
 from twin.runtime.monitor import Monitor
 from twin.runtime.state import DeviceTwin, ReportedValue, Status, TwinStore
 from twin.runtime.supervisor import RestartPolicy, Supervision, supervise

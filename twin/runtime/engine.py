@@ -44,8 +44,9 @@ from twin.plugins.host import PluginCollector
 from twin.registry.base import Key, Registry, Revision
 from twin.runtime.bus import Bus
 from twin.runtime.cluster import EVERYTHING, Ownership
-from twin.runtime.controllers import Changes, DeviceController, Heartbeat
+from twin.runtime.controllers import DeviceController
 from twin.runtime.device import Backoff, DeviceRuntime
+from twin.runtime.device_config import Changes, Heartbeat
 from twin.runtime.metrics import EngineMetrics
 from twin.runtime.monitor import Monitor
 from twin.runtime.overrides import Overrides
