@@ -412,6 +412,15 @@ async def test_connections_above_the_cap_get_503(guarded: Door) -> None:
             "detail": "too many open connections (limit 4); try again"
         }
         assert fd.refused == 1
+        # a flood: while max_refusing refusals linger, the next are closed unanswered
+        fd.max_refusing = 0
+        async with await trio.open_tcp_stream("127.0.0.1", port) as s:
+            with trio.fail_after(30):  # a bound on a hang
+                try:
+                    assert await s.receive_some(100) == b""
+                except trio.BrokenResourceError:
+                    pass  # reset
+        assert fd.refused == 2 and fd.refusing == 0
         # the held connections still work
         for h in held[1:]:
             await h.send_all(good)

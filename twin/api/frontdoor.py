@@ -23,7 +23,9 @@ head (ApiSettings): otherwise the door answers ``408`` with ``Connection: close`
 sends half a request — slowloris — holds its connection no longer than that; an idle keep-alive
 connection is closed after hypercorn's ``keep_alive_timeout``). Above ``max_connections``
 open connections (the door's and those it handed to hypercorn) a new connection is answered
-``503`` with ``Retry-After`` and closed before anything of it is read. After such an answer the
+``503`` with ``Retry-After`` and closed before anything of it is read (while a flood keeps an
+eighth of ``max_connections`` of them lingering, the next ones are closed unanswered: the
+descriptors stay bounded). After such an answer the
 door stops writing, reads what the client still sends for up to :data:`LINGER` seconds (so
 closing does not reset the connection before the client read the answer) and closes it.
 
@@ -162,7 +164,9 @@ class FrontDoor:
         self.served = 0  # requests answered here (tests, benchmarks)
         self.handed = 0  # connections handed to hypercorn
         self.connections = 0  # open now (the door's and the handed ones)
-        self.refused = 0  # connections answered 503: max_connections were open
+        self.refused = 0  # connections refused: max_connections were open
+        self.refusing = 0  # refused connections being answered 503 now (each up to LINGER s)
+        self.max_refusing = max(16, self.max_connections // 8)  # more: closed unanswered
         self.timed_out = 0  # requests answered 408: head or body too slow
 
     def _date_server(self) -> bytes:
@@ -200,16 +204,24 @@ class FrontDoor:
     async def __call__(self, stream: trio.SocketStream) -> None:
         if self.connections >= self.max_connections:
             self.refused += 1
-            await self._last_word(
-                stream,
-                self._error(
-                    503,
-                    f"too many open connections (limit {self.max_connections}); try again",
-                    (b"retry-after", b"1"),
-                ),
-            )
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            try:
+                if self.refusing < self.max_refusing:  # a flood: close the rest at once
+                    self.refusing += 1
+                    try:
+                        await self._last_word(
+                            stream,
+                            self._error(
+                                503,
+                                f"too many open connections (limit {self.max_connections}); "
+                                "try again",
+                                (b"retry-after", b"1"),
+                            ),
+                        )
+                    finally:
+                        self.refusing -= 1
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
             return
         self.connections += 1
         handed = False
