@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.text import Text
 
+from twin.cli.remote import remote
 from twin.errors import TwinError
 
 command_app = typer.Typer(
@@ -52,37 +52,12 @@ def _console() -> Any:
 
 
 def _api(server: str | None, method: str, path: str, body: Any = None) -> Any:
-    import httpx
-
     if not server:
         raise TwinError(
             "this needs a running engine", hint="pass --server URL (or set TWIN_SERVER)"
         )
-    token = os.environ.get("TWIN_TOKEN")
-    if not token:
-        raise TwinError(
-            "--server needs an access token",
-            hint="set TWIN_TOKEN (create one with `twin token create USER`)",
-        )
-    try:
-        resp = httpx.request(
-            method,
-            server.rstrip("/") + "/api/v1" + path,
-            json=body,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=60,
-        )
-    except httpx.HTTPError as exc:
-        raise TwinError(
-            f"cannot reach {server}: {exc}", hint="is `twin up` running there?"
-        ) from exc
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail")
-        except ValueError:
-            detail = resp.text[:200]
-        raise TwinError(f"{method} {path}: HTTP {resp.status_code}: {detail}")
-    return resp.json()
+    return remote(method, server, "/api/v1" + path, json=body, timeout=60,
+                  what=f"{method} {path}").json()
 
 
 def _params(param: list[str] | None, params_json: str | None) -> dict[str, Any]:

@@ -19,7 +19,10 @@ def _token() -> str:
     return token
 
 
-def remote(method: str, server: str, path: str, **kw: Any) -> Any:
+def remote(method: str, server: str, path: str, *, timeout: float = 300, what: str | None = None,
+           **kw: Any) -> Any:
+    """``method server+path`` (httpx keywords in ``kw``): the response, or a TwinError naming
+    ``what`` (default: the server) with the API's ``detail``."""
     import httpx
 
     try:
@@ -27,7 +30,7 @@ def remote(method: str, server: str, path: str, **kw: Any) -> Any:
             method,
             server.rstrip("/") + path,
             headers={"Authorization": f"Bearer {_token()}"},
-            timeout=300,
+            timeout=timeout,
             **kw,
         )
     except httpx.HTTPError as exc:
@@ -39,5 +42,5 @@ def remote(method: str, server: str, path: str, **kw: Any) -> Any:
             detail = resp.json().get("detail", resp.text)
         except ValueError:
             detail = resp.text
-        raise TwinError(f"{server}: HTTP {resp.status_code}: {detail}")
+        raise TwinError(f"{what or server}: HTTP {resp.status_code}: {detail}")
     return resp
