@@ -219,6 +219,12 @@ def test_closed_days_merge_into_one_row_per_series(tmp_path: Path) -> None:
     store.maintain(force=True)
     assert _all(store) == want
     assert _rows_per_series_day(store, T0 + 24 * H) == [1]
+    # retention cutting into a merged day: exact, and what is kept stays one day row
+    cut = T0 + 7.5 * H + 17
+    dropped = store.delete_before("raw", Selector(), cut)
+    assert dropped == sum(1 for r in want if r[2].timestamp() < cut)
+    assert _all(store) == [r for r in want if r[2].timestamp() >= cut]
+    assert _rows_per_series_day(store, T0 + 24 * H) == [1]
 
 
 def test_retention_and_rollups_on_chunks(tmp_path: Path) -> None:

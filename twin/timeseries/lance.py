@@ -1415,6 +1415,18 @@ class LanceStore:
     less on the realistic data, and a one-day read takes one row. The open day keeps its
     6-hour windows, so recent data leaves the row layout as soon as before."""
 
+    def _closed_day_us(self, cat: pa.Table, raw_hi: int | None, now: float | None) -> int:
+        """Days before this (us) have closed: the clock and the newest point (chunks and
+        raw rows), less ``chunk_grace``, floored to a day."""
+        day_us = round(self.day_seconds * 1_000_000)
+        t_max = np.asarray(cat.column("t_max").cast(pa.int64()).to_numpy(), dtype=np.int64)
+        newest = int(t_max.max()) if t_max.size else (raw_hi or 0)
+        if raw_hi is not None:
+            newest = max(newest, raw_hi)
+        clock = round((time.time() if now is None else now) * 1_000_000)
+        edge = min(clock, newest) - round(self.chunk_grace * 1_000_000)
+        return (edge // day_us) * day_us
+
     def merge_days(self, now: float | None = None) -> int:
         """Merge each series' chunk rows in every closed day into one row, in passes of at
         most ``compact_rows`` points (whole series-days; bounded memory); returns the rows
@@ -1432,13 +1444,9 @@ class LanceStore:
                 _lo, hi = self._raw_bounds() if self._table(RAW) is not None else (None, None)
             if cat.num_rows < 2:
                 break
-            t_max = np.asarray(cat.column("t_max").cast(pa.int64()).to_numpy(), dtype=np.int64)
-            newest = int(t_max.max()) if hi is None else max(int(t_max.max()), hi)
-            clock = round((time.time() if now is None else now) * 1_000_000)
-            edge = min(clock, newest) - round(self.chunk_grace * 1_000_000)
             ts = np.asarray(cat.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
             day = ts // day_us
-            closed = (day + 1) * day_us <= (edge // day_us) * day_us
+            closed = (day + 1) * day_us <= self._closed_day_us(cat, hi, now)
             if not closed.any():
                 break
             key = series_ids(cat) * (int(day.max() - day.min()) + 1) + (day - day.min())
@@ -1490,7 +1498,15 @@ class LanceStore:
             old = ChunkTable.with_blobs(ds, sub.select(META_COLUMNS), offsets)
             kept = decode_chunks(old, before, None)
             removed += int(n[straddle].sum()) - kept.num_rows
-            rows = build_chunks(kept, self.chunk_seconds or 86400.0, self._chunks.next_cid())
+            chunk_s = self.chunk_seconds or self.day_seconds
+            if chunk_s < self.day_seconds:
+                # rows of closed days stay day rows (``merge_days`` would merge them again)
+                day_us = round(self.day_seconds * 1_000_000)
+                w = np.asarray(sub.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
+                _lo, hi = self._raw_bounds() if self._table(RAW) is not None else (None, None)
+                if bool(((w // day_us + 1) * day_us <= self._closed_day_us(cat, hi, None)).all()):
+                    chunk_s = self.day_seconds
+            rows = build_chunks(kept, chunk_s, self._chunks.next_cid())
         self._commit_chunks(rows, cids, None, None)
         return removed
 
