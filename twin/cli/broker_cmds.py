@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from twin.cli.state import state
 from twin.errors import TwinError
 
 
@@ -83,7 +84,6 @@ def broker(
     """Run the MQTT 3.1.1/5.0 broker alone until Ctrl-C or SIGTERM."""
     import trio
 
-    from twin.cli.state import state
     from twin.mqtt.broker import Broker, BrokerConfig
     from twin.runtime.mqtt_service import bind_listener, parse_hostport
 

@@ -17,6 +17,7 @@ import typer
 from rich.text import Text
 
 from twin.cli.remote import remote
+from twin.cli.state import load, state
 from twin.errors import TwinError
 
 command_app = typer.Typer(
@@ -31,12 +32,6 @@ Server = Annotated[
     typer.Option("--server", envvar="TWIN_SERVER", help="API base URL of a running engine."),
 ]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _state() -> Any:
-    from twin.cli.state import state
-
-    return state
 
 
 def _out() -> Any:
@@ -173,7 +168,7 @@ def command_list(
         if status:
             rows = [r for r in rows if r["status"] in status.split(",")]
     else:
-        reg = _state().registry()
+        reg = state.registry()
         recs = reg.commands(
             device=device, statuses=status.split(",") if status else None, limit=limit
         )
@@ -194,7 +189,7 @@ def command_get(
     if server:
         cmd = _api(server, "GET", f"/commands/{command_id}")
     else:
-        rec = _state().registry().get_command(command_id)
+        rec = state.registry().get_command(command_id)
         if rec is None:
             from twin.errors import NotFoundError
 
@@ -240,7 +235,7 @@ def scene_list(server: Server = None, as_json: JsonOut = False) -> None:
     if server:
         rows = _api(server, "GET", "/scenes")["scenes"]
     else:
-        specs = _state().registry().specs()
+        specs = state.registry().specs()
         rows = []
         for (kind, name), doc in sorted(specs.items()):
             if kind != "Scene":
@@ -323,7 +318,7 @@ def scene_trace(
     if server:
         traces = _api(server, "GET", f"/scenes/{name}/traces?limit={limit}")["traces"]
     else:
-        traces = [dict(t.trace) for t in _state().registry().scene_traces(name, limit=limit)]
+        traces = [dict(t.trace) for t in state.registry().scene_traces(name, limit=limit)]
     if not traces:  # a deleted scene keeps its traces; a name never applied is a mistake
         _known_scene(name, server)
     if as_json:
@@ -338,7 +333,7 @@ def scene_trace(
 def _scene_names(server: str | None) -> list[str]:
     if server:
         return [r["name"] for r in _api(server, "GET", "/scenes")["scenes"]]
-    return sorted(n for (kind, n) in _state().registry().specs() if kind == "Scene")
+    return sorted(n for (kind, n) in state.registry().specs() if kind == "Scene")
 
 
 def _known_scene(name: str, server: str | None) -> None:
@@ -380,7 +375,6 @@ def simulate_cmd(
 ) -> None:
     """Run the scenes of PATH over a scenario on a virtual clock: which fire, what they check,
     what they would send; conflicts and trigger loops. No device is touched."""
-    from twin.cli.state import load
     from twin.control.ledger import Catalog
     from twin.control.simulate import format_report, load_scenario, simulate
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from twin.cli.state import author, load, state
 from twin.errors import TwinError
 
 
@@ -40,7 +41,6 @@ def edge(
 ) -> None:
     """Run the engine in edge mode: local registry, store, scenes and commands; a durable
     outbox drained to the cloud; specs from the cloud as local revisions."""
-    from twin.cli.state import author, load, state
     from twin.spec.edge_check import owned_devices
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
@@ -144,7 +144,6 @@ def edge(
 
 def edge_key(name: Annotated[str, typer.Argument(help="EdgeNode name.")]) -> None:
     """Create an uplink key for edge NAME (on the cloud's registry); it is shown once."""
-    from twin.cli.state import state
     from twin.edge.cloud import link_device
     from twin.registry.credentials import create_device_key
 

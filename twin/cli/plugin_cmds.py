@@ -24,6 +24,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from twin.cli.state import load, state
 from twin.errors import NotFoundError, TwinError
 
 plugin_app = typer.Typer(help="Sandboxed plugins (Wasm, Starlark): test and build.",
@@ -31,8 +32,6 @@ plugin_app = typer.Typer(help="Sandboxed plugins (Wasm, Starlark): test and buil
 
 
 def _spec_of(name: str, path: Path | None) -> dict[str, Any]:
-    from twin.cli.state import load, state
-
     if path is not None:
         loaded = load([path])
         doc = loaded.specs.get(("Plugin", name))

@@ -15,23 +15,16 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
+from twin.cli.state import load, open_timeseries, state
 from twin.errors import TwinError
 
 report_app = typer.Typer(help="Reports: run now, list, past runs.", no_args_is_help=True)
 
 
-def _state() -> Any:
-    from twin.cli.state import state
-
-    return state
-
-
 def _specs(site: list[Path] | None) -> dict[Any, Any]:
     if site:
-        from twin.cli.state import load
-
         return load(site).specs
-    reg = _state().registry()
+    reg = state.registry()
     specs: dict[Any, Any] = reg.specs()
     if not specs:
         raise TwinError("nothing applied yet", hint="run `twin apply PATH`, or pass --site PATH")
@@ -54,8 +47,6 @@ def _report(specs: dict[Any, Any], name: str) -> dict[str, Any]:
 
 
 def _store(timeseries: str | None) -> Any:
-    from twin.cli.state import open_timeseries
-
     try:
         return open_timeseries(timeseries)
     except TwinError as exc:
@@ -104,7 +95,7 @@ def run(
     store = _store(timeseries)
     registry = None
     try:
-        registry = _state().registry()
+        registry = state.registry()
     except TwinError:
         registry = None
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -124,7 +115,7 @@ def run(
             from twin.reports.runner import ReportRunner
 
             step("delivering")
-            runner = ReportRunner(registry=registry, state_dir=_state().state_dir)
+            runner = ReportRunner(registry=registry, state_dir=state.state_dir)
             record = trio.run(runner.deliver_and_record, doc, data, artifacts, "cli")
             if record.status != "success":
                 out.err_console.print(Text(f"delivery failed: {record.error}", style="bold red"))
@@ -186,7 +177,7 @@ def runs(
 
     from twin.cli import output as out
 
-    reg = _state().registry()
+    reg = state.registry()
     table = Table("id", "report", "started", "period", "status", "trigger", "files", "error")
     for r in reg.report_runs(name, limit=limit):
         table.add_row(r.id, r.report, out.fmt_time(r.started_at), r.period.get("label", ""),

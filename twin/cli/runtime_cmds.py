@@ -16,17 +16,12 @@ from typing import Annotated, Any
 
 import typer
 
+from twin.cli.state import author, load, state
 from twin.errors import TwinError
 
 
-def _state() -> Any:
-    from twin.cli.state import state
-
-    return state
-
-
 def _registry(registry_url: str | None = None, state_dir: Path | None = None) -> Any:
-    st = _state()
+    st = state
     if registry_url is not None:
         st.registry_url = registry_url
     if state_dir is not None:
@@ -306,7 +301,7 @@ def up(
             raise
     # 2. then the registry and the apply
     reg = _registry(registry, state_dir)
-    st = _state()
+    st = state
     if cluster is not None and getattr(reg, "dialect", "") != "postgresql":
         reg.close()
         listeners.close()
@@ -321,7 +316,6 @@ def up(
 
         private_dir(st.state_dir)  # 0700 whatever the registry (PostgreSQL: jwt.secret, mqtt/ ...)
         if path is not None:
-            from twin.cli.state import author, load
             from twin.spec.apply import apply_specs
 
             loaded = load([path])
@@ -750,7 +744,7 @@ def token_create(
     if u is None:
         raise TwinError(f"no user {user!r}", hint=f"twin user add {user} --role viewer")
     rec, token = create_api_token(
-        reg, load_secret(_state().state_dir), u, ttl=parse_duration(ttl), note=note
+        reg, load_secret(state.state_dir), u, ttl=parse_duration(ttl), note=note
     )
     typer.echo(f"token {rec.id} for {user}, expires {_fmt_time(rec.expires_at)}", err=True)
     typer.echo(token)
