@@ -3,6 +3,7 @@ can use (HLS, HTTP-FLV, snapshot), per-site authorization, expired/forged links 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import trio
@@ -15,7 +16,9 @@ from .helpers import camera_model, sim_camera
 
 
 async def test_signed_links_serve_hls_flv_and_snapshot(tmp_path: Path) -> None:
-    docs = [site(), site("plant-b"), camera_model(), sim_camera("cam1")]
+    # warm: always matters once the stream is off (at the end)
+    docs = [site(), site("plant-b"), camera_model(),
+            sim_camera("cam1", snapshot={"warm": "always"})]
     api = None
     try:
         async with trio.open_nursery() as nursery:
@@ -81,6 +84,18 @@ async def test_signed_links_serve_hls_flv_and_snapshot(tmp_path: Path) -> None:
                 stale = links["hls"].replace(token, f"{int(exp) - 10_000}.{mac}")
                 assert (await c.get(stale)).status_code == 401
                 assert (await c.get("/api/v1/video/cameras")).status_code == 401
+                # the stream off, warm: always: a copy-only session; the snapshot route
+                # decodes its newest keyframe (a picture taken after the stream stopped)
+                assert pipeline is not None
+                pipeline.set_streaming(False)
+                stopped = time.time()
+                keyframe = api.engine.video.camera_dir("cam1") / "snapshots" / "keyframe.bin"
+                await eventually(lambda: pipeline is not None and pipeline._mode == "snapshot"
+                                 and keyframe.exists(), within=30)
+                r = await c.get(links["snapshot"])
+                assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+                assert float(r.headers["X-Frame-Time"]) >= stopped
+                assert "mjpeg" not in pipeline.argv  # nothing decoded but on request
             nursery.cancel_scope.cancel()
     finally:
         if api is not None:

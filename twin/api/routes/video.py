@@ -38,7 +38,7 @@ from twin import policy
 from twin.api.deps import PREFIX, SIGNED_PREFIX, Operator, State, Viewer, authorize
 from twin.api.state import ApiState
 from twin.video import recordings
-from twin.video.pipeline import CameraPipeline
+from twin.video.pipeline import CameraPipeline, PipelineError
 from twin.video.service import VideoService
 
 router = APIRouter(prefix=PREFIX, tags=["video"])
@@ -235,14 +235,25 @@ async def camera_links(st: State, p: Viewer, camera: str) -> Links:
     return links(st, camera, _video(st).get(camera))
 
 
+SNAPSHOT_WAIT = 2.0
+"""How long a snapshot request waits for an always-warm session's first keyframe."""
+
+
 @router.get("/video/cameras/{camera}/snapshot", response_class=Response, responses=JPEG)
 async def camera_snapshot(st: State, p: Viewer, camera: str) -> Response:
-    """The newest keyframe (kept in memory; 404 until the camera delivered one)."""
+    """The newest keyframe (kept in memory; 404 until the camera delivered one). A camera whose
+    stream is off with ``snapshot.warm: always``: its session's newest keyframe, decoded now."""
     _readable(st, p, camera)
-    return _snapshot_response(_pipeline(st, camera))
+    return await _snapshot_response(_pipeline(st, camera))
 
 
-def _snapshot_response(pipeline: CameraPipeline) -> Response:
+async def _snapshot_response(pipeline: CameraPipeline) -> Response:
+    if pipeline.always_warm and not pipeline.streaming:
+        try:  # ~0.1 s; a session that has no keyframe yet leaves the last picture (or 404)
+            await pipeline.session_snapshot(SNAPSHOT_WAIT)
+        except PipelineError as exc:
+            if pipeline.snapshot is None:
+                raise HTTPException(404, f"camera {pipeline.name!r}: {exc}") from exc
     image = pipeline.snapshot
     if image is None:
         raise HTTPException(404, f"camera {pipeline.name!r} has no picture yet")
@@ -360,7 +371,7 @@ def _hls(st: ApiState, token: str, camera: str, folder: str, file: str) -> Respo
 @router.get("/video/s/{token}/{camera}/snapshot.jpg", response_class=Response, responses=JPEG)
 async def signed_snapshot(st: State, token: str, camera: str) -> Response:
     _signed(st, token, camera)
-    response = _snapshot_response(_pipeline(st, camera))
+    response = await _snapshot_response(_pipeline(st, camera))
     response.headers.update(CORS)
     return response
 
