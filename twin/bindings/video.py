@@ -50,7 +50,9 @@ from twin.bindings.registry import register_binding
 from twin.bindings.sim import SimBinding, register_sim_variant
 from twin.bindings.values import check_reading
 from twin.errors import BindingError, CommandError, RegistryError, StorageError
+from twin.video import onvif as _onvif  # noqa: F401  (registers the onvif source)
 from twin.video import recordings, snapshots, sources
+from twin.video.gb28181 import source as _gb28181  # noqa: F401  (registers the gb28181 source)
 from twin.video.pipeline import CameraPipeline, VideoOptions, run_pusher
 from twin.video.service import VideoService
 

@@ -21,13 +21,12 @@ To add a source (ONVIF, GB28181)::
 
     SOURCES["onvif"] = OnvifSource()
 
-and add the module to :func:`load_sources` (imported once, on first use). The camera binding
-(``twin/bindings/video.py``) is registered for every name in :data:`CAMERA_PROTOCOLS`.
+and import the module in the camera binding (``twin/bindings/video.py``), which is registered
+for every name in :data:`CAMERA_PROTOCOLS`: this module never imports a source module back.
 """
 
 from __future__ import annotations
 
-import importlib
 import shlex
 import socket
 from collections.abc import Mapping
@@ -313,23 +312,9 @@ register_source("srt", SrtSource())
 register_source("hls", HlsSource())
 register_source("sim", SimCameraSource())
 
-_EXTRA_SOURCES: tuple[str, ...] = ("twin.video.onvif", "twin.video.gb28181.source")
-"""Modules that register more sources when imported (ONVIF, GB28181 add theirs here)."""
-_loaded = False
-
-
-def load_sources() -> dict[str, SourceResolver]:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _EXTRA_SOURCES:
-            importlib.import_module(module)
-    return SOURCES
-
-
 async def resolve_source(device: Mapping[str, Any], protocol: str,
                          secrets: SecretLookup) -> StreamSource:
-    resolver = load_sources().get(protocol)
+    resolver = SOURCES.get(protocol)
     if resolver is None:
         raise BindingError(f"camera {device_name(device)!r}: no video source {protocol!r}",
                            hint=f"available: {', '.join(sorted(SOURCES))}")
@@ -339,7 +324,7 @@ async def resolve_source(device: Mapping[str, Any], protocol: str,
 async def ptz(device: Mapping[str, Any], protocol: str, action: str,
               args: Mapping[str, Any]) -> dict[str, Any]:
     """Dispatch a ``ptz`` command to the camera's resolver (CommandError "camera has no PTZ")."""
-    resolver = load_sources().get(protocol)
+    resolver = SOURCES.get(protocol)
     if not isinstance(resolver, PtzResolver):
         raise CommandError(f"camera {device_name(device)!r}: camera has no PTZ "
                            f"({protocol} source)")
@@ -355,7 +340,6 @@ __all__ = [
     "StreamSource",
     "binding_options",
     "device_name",
-    "load_sources",
     "ptz",
     "redact",
     "register_source",
