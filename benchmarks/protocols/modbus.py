@@ -6,7 +6,9 @@ polling at scale.
 1. Requests/s: ``read_holding_registers(0, count=10)`` in a loop on 1 and on 10 connections,
    (a) plain asyncio (``asyncio.run``, the pymodbus client awaited directly), (b) the same
    client driven from Trio through ``twin.bindings.aio.run`` (one call per request), (c) the
-   binding's own request path (``Line.call``: fair lock, Trio timeout, metrics). The server is
+   binding's own request path (``Line.call``: one request per bridge call, asyncio-side fair
+   lock and timeout, metrics), (d) the binding's poll path (``Line.exchange``: a device's
+   cycle of two requests in one bridge call, as ``ModbusBinding.poll`` reads). The server is
    a plain pymodbus server in another process (pinned to the other core when there are two).
    Each mode is set up once (its own connections), then they take turns in short slices
    (bridge, binding, plain, bridge, ...; ``rounds.py``): pooled rates, their ratio to plain,
@@ -101,6 +103,11 @@ def make_client(port: int) -> Any:
     from pymodbus.client import AsyncModbusTcpClient
 
     return AsyncModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0, reconnect_delay=0)
+
+
+CYCLE = 2
+"""Requests per poll cycle in the "binding cycle" mode: the scale test's devices (30 points)
+coalesce into two requests, read in one bridge call (``Line.exchange``)."""
 
 
 # -- 1. requests/s -------------------------------------------------------------------------------
@@ -204,9 +211,28 @@ def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = Non
             r.stop()
             return r
 
-        modes = [bridge_slice, binding_slice, plain_slice]
+        cycle = [lambda c: c.read_holding_registers(0, count=10, device_id=1)] * CYCLE
+
+        async def cycle_slice(secs: float) -> Round:
+            """The binding's poll path: a device's cycle of CYCLE requests in one bridge call."""
+            async def worker(line: Line, stop: float) -> None:
+                while (t := time.perf_counter()) < stop:
+                    for res in await line.exchange("bench", cycle, 5.0, 0):
+                        assert not isinstance(res, Exception), res
+                        r.count(t)
+
+            r = Round()
+            r.start()
+            stop = time.perf_counter() + secs
+            async with trio.open_nursery() as n:
+                for line in lines:
+                    n.start_soon(worker, line, stop)
+            r.stop()
+            return r
+
+        modes = [bridge_slice, binding_slice, cycle_slice, plain_slice]
         if other is not None:
-            modes.insert(2, other_slice)
+            modes.insert(3, other_slice)
         await interleave(modes, 3, slice_s)  # warm-up
         rounds = await interleave(modes, slices, slice_s)
         for line in lines:
@@ -313,9 +339,9 @@ def main() -> None:
     server = start_server([port], 1, 1 if two_cores else None)
     try:
         other = load_aio(args.ab) if args.ab else None
-        names = ["bridge (aio.run)", "binding (Line.call)", "plain asyncio"]
+        names = ["bridge (aio.run)", "binding (Line.call)", f"binding cycle ({CYCLE} req)", "plain asyncio"]
         if other is not None:
-            names.insert(2, "bridge (--ab aio.run)")
+            names.insert(3, "bridge (--ab aio.run)")
         for conns in (1, 10):
             rounds = measure(port, conns, args.slices, args.slice, other)
             report(f"pymodbus read_holding_registers(0, count=10), {conns} connection(s), "

@@ -41,10 +41,11 @@ Lifecycle
 
 Hand-offs (batched: one wake-up per tick each way, however many calls)
     Trio→asyncio: ``run`` queues the call in its Trio run; an instrument's ``before_io_wait``
-    (the end of the Trio tick, just before Trio sleeps) hands the tick's calls over in one
-    ``call_soon_threadsafe``. asyncio→Trio: results (and ``push`` items sent on the bridge
-    thread) are queued per Trio run and posted by the loop's selector just before the loop
-    sleeps, one ``TrioToken.run_sync_soon`` per Trio run; the Trio caller is rescheduled
+    (the end of a Trio tick) hands the queued calls over in one ``call_soon_threadsafe`` when
+    Trio is about to sleep (or after ``HOLD`` busy ticks). asyncio→Trio: results (and
+    ``push`` items sent on the bridge thread) are queued per Trio run and posted by the
+    loop's selector when the loop is about to sleep (or after ``HOLD`` busy iterations), one
+    ``TrioToken.run_sync_soon`` per Trio run; the Trio caller is rescheduled
     directly (no Event). Each wake-up is posted as the poster goes idle, so the woken thread
     does not fight it for the GIL.
 Supervision
@@ -78,6 +79,9 @@ RECANCEL = 0.05
 """Seconds between repeated cancels of an asyncio task whose Trio caller was cancelled."""
 CANCEL_GRACE = 2.0
 """How long a cancelled Trio caller waits (shielded) for its asyncio task to end."""
+HOLD = 8
+"""Busy iterations (asyncio loop) or ticks (Trio) a hand-off may wait for more to carry;
+it goes at once when its side is about to sleep."""
 STOP_TIMEOUT = 5.0
 """How long shutdown waits for the loop's remaining tasks to end."""
 
@@ -112,8 +116,14 @@ class _Selector(selectors.DefaultSelector):
         self._runner = runner
 
     def select(self, timeout: float | None = None) -> Any:
-        if self._runner.out:
-            self._runner.flush()
+        runner = self._runner
+        if runner.out:
+            # only when the loop is about to sleep (more comes back in one wake-up), or after
+            # HOLD busy iterations
+            if timeout != 0 or runner.held >= HOLD:
+                runner.flush()
+            else:
+                runner.held += 1
         return super().select(timeout)
 
 
@@ -127,6 +137,7 @@ class _Runner:
         self.loop = asyncio.SelectorEventLoop(_Selector(self))
         self.out: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[Any], object], Any]]] = {}
         self.inflight: set[_Call] = set()
+        self.held = 0  # loop iterations the outbox was held (busy loop)
         self.batches = 0  # start_batch() runs: Trio→asyncio hand-offs (benchmarks)
         self.flushes = 0  # run_sync_soon posts: asyncio→Trio hand-offs (benchmarks)
         self.ready = threading.Event()
@@ -142,6 +153,7 @@ class _Runner:
             box.append((fn, arg))
 
     def flush(self) -> None:
+        self.held = 0
         out, self.out = self.out, {}
         for token, items in out.items():
             self.flushes += 1
@@ -365,9 +377,14 @@ class _Outgoing(trio.abc.Instrument):
 
     def __init__(self) -> None:
         self.pending: dict[AioLoop, list[_Call]] = {}
+        self.held = 0
 
     def before_io_wait(self, timeout: float) -> None:
         if self.pending:
+            if timeout == 0 and self.held < HOLD:  # more runnable tasks: they may call too
+                self.held += 1
+                return
+            self.held = 0
             pending, self.pending = self.pending, {}
             for bridge, calls in pending.items():
                 try:

@@ -26,11 +26,15 @@ Point maps are parsed and checked by :mod:`twin.spec.modbus` (the same code ``tw
 runs); values are encoded by :mod:`twin.bindings.modbus_codec`.
 
 How it runs
-  * pymodbus lives on the engine's asyncio thread (:mod:`twin.bindings.aio`); every request
-    is one ``aio.run`` bounded by a Trio timeout (per unit: ``timeout``, ``retries``).
+  * pymodbus lives on the engine's asyncio thread (:mod:`twin.bindings.aio`); a device's poll
+    cycle (all its coalesced requests) is **one** ``aio.run`` (:meth:`Line.exchange`): the
+    requests run one after the other on the asyncio thread, each bounded by the unit's
+    ``timeout`` (``asyncio.timeout``) and retried ``retries`` times.
   * Devices reached through the same gateway (host:port:framing) or serial port share **one**
-    connection (:class:`Line`, reference-counted); its requests are serialised by a fair
-    Trio lock, with the serial inter-frame delay between them.
+    connection (:class:`Line`, reference-counted); their cycles are serialised by a fair
+    (FIFO) asyncio lock on the asyncio thread, with the serial inter-frame delay after each
+    request, so the line goes from one device's requests to the next without waiting for a
+    round trip through Trio.
   * Each poll group runs on its own fixed-rate schedule; its points are coalesced into as few
     requests as possible. A request that fails is retried; a unit that does not answer skips
     the rest of its cycle (its points are reported ``stale``: the last good value
@@ -58,6 +62,7 @@ How it runs
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -122,7 +127,8 @@ class Line:
         self.users = 0
         self.client: Any = None  # pymodbus client, touched only on the asyncio thread
         self.connected = False
-        self.lock = trio.Lock()  # FIFO-fair: devices take turns
+        self.lock = trio.Lock()  # (re)connecting: one device at a time
+        self.alock: asyncio.Lock | None = None  # requests, FIFO-fair: on the asyncio thread
         serial = options.get("serial") or {}
         baud = int(serial.get("baud", 19200)) if serial else 0
         delay = serial.get("inter_frame_delay") if serial else None
@@ -221,53 +227,109 @@ class Line:
             except Exception as exc:
                 log.debug("modbus %s: close failed: %s", self.describe(), exc)
 
+    async def _exchange(
+        self, device: str, makes: Sequence[Callable[[Any], Awaitable[Any]]], timeout: float, retries: int  # noqa: ASYNC109
+    ) -> list[Attempt]:  # asyncio thread
+        """The requests of one device's cycle, in order, each with the unit's timeout and
+        retries, under the line's FIFO lock (with the inter-frame delay after each). Stops
+        after a request that got no answer (the unit is silent: do not wait for it again) or
+        lost the connection. Runs as one coroutine on the asyncio thread: the line goes on to
+        the next device's requests without waiting for Trio."""
+        if self.alock is None:
+            self.alock = asyncio.Lock()
+        out: list[Attempt] = []
+        async with self.alock:
+            self.current_device = device
+            for make in makes:
+                a = Attempt()
+                out.append(a)
+                for _ in range(retries + 1):
+                    a.tries += 1
+                    t0 = time.perf_counter()
+                    try:
+                        async with asyncio.timeout(timeout):
+                            response = await make(self.client)
+                    except TimeoutError:
+                        a.timeouts += 1
+                        continue
+                    except Exception as exc:
+                        a.error, a.errors = exc, a.errors + 1
+                        if _is_connection_error(exc):
+                            return out
+                        continue
+                    finally:
+                        if self.inter_frame:
+                            await asyncio.sleep(self.inter_frame)
+                    a.response, a.latency, a.error = response, time.perf_counter() - t0, None
+                    break
+                if a.response is None:
+                    break
+        return out
+
+    async def exchange(
+        self, device: str, makes: Sequence[Callable[[Any], Awaitable[Any]]], timeout: float, retries: int  # noqa: ASYNC109
+    ) -> list[Any]:
+        """One device's cycle of requests (``make(client)`` each, on the asyncio thread) in
+        **one** bridge call. Returns, per request in order: the pymodbus response, or the
+        ModbusError / ModbusTimeout it ended with; requests after a silent one are not sent
+        (their entries are ModbusTimeout too). Raises BindingConnectError (connection lost or
+        unreachable)."""
+        async with self.lock:
+            await self._ensure()
+        attempts = await aio.run(lambda: self._exchange(device, makes, timeout, retries))
+        out: list[Any] = []
+        for a in attempts:
+            STATS.requests += a.tries
+            self.requests += a.tries
+            STATS.errors += a.timeouts + a.errors
+            STATS.timeouts += a.timeouts
+            response = a.response
+            if response is not None:
+                STATS.observe(a.latency)
+                if response.isError():
+                    STATS.errors += 1
+                    code = getattr(response, "exception_code", 0)
+                    response = ModbusError(
+                        f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+                    )
+            elif a.error is not None and _is_connection_error(a.error):
+                await self._drop()
+                raise BindingConnectError(
+                    f"modbus {self.describe()}: connection lost: {a.error}"
+                ) from a.error
+            elif a.error is not None:
+                response = ModbusTimeout(f"device {device}: {a.error}")
+            else:
+                response = ModbusTimeout(
+                    f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
+                )
+            out.append(response)
+        silent = ModbusTimeout(f"device {device}: not asked (the unit is silent this cycle)")
+        out.extend(silent for _ in range(len(makes) - len(out)))
+        return out
+
     async def call(
         self, device: str, make: Callable[[Any], Awaitable[Any]], timeout: float, retries: int  # noqa: ASYNC109
     ) -> Any:
         """Run one request (``make(client)`` on the asyncio thread) with this unit's timeout
         and retries. Returns the pymodbus response; raises ModbusTimeout, ModbusError,
         BindingConnectError."""
-        async with self.lock:
-            await self._ensure()
-            try:
-                for attempt in range(retries + 1):
-                    STATS.requests += 1
-                    self.requests += 1
-                    t0 = time.perf_counter()
-                    self.current_device = device
-                    response = None
-                    try:
-                        with trio.move_on_after(timeout):
-                            response = await aio.run(lambda: make(self.client))
-                    except Exception as exc:
-                        STATS.errors += 1
-                        if _is_connection_error(exc):
-                            await self._drop()
-                            raise BindingConnectError(
-                                f"modbus {self.describe()}: connection lost: {exc}"
-                            ) from exc
-                        if attempt < retries:
-                            continue
-                        raise ModbusTimeout(f"device {device}: {exc}") from exc
-                    if response is None:  # timed out
-                        STATS.errors += 1
-                        STATS.timeouts += 1
-                        continue
-                    STATS.observe(time.perf_counter() - t0)
-                    if response.isError():
-                        STATS.errors += 1
-                        code = getattr(response, "exception_code", 0)
-                        raise ModbusError(
-                            f"device {device}: exception {code} "
-                            f"({EXCEPTION_NAMES.get(code, 'unknown')})"
-                        )
-                    return response
-                raise ModbusTimeout(
-                    f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
-                )
-            finally:
-                if self.inter_frame:
-                    await trio.sleep(self.inter_frame)
+        (result,) = await self.exchange(device, [make], timeout, retries)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+class Attempt:
+    """What one request of an exchange came to (written on the asyncio thread)."""
+
+    __slots__ = ("error", "errors", "latency", "response", "timeouts", "tries")
+
+    def __init__(self) -> None:
+        self.response: Any = None
+        self.error: BaseException | None = None
+        self.tries = self.timeouts = self.errors = 0
+        self.latency = 0.0
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -401,6 +463,9 @@ class ModbusBinding:
     async def _read_block(self, block: Block) -> list[int] | list[bool]:
         assert self.line is not None
         response = await self.line.call(self.device, _request(block, self.unit), self.timeout, self.retries)
+        return self._values(block, response)
+
+    def _values(self, block: Block, response: Any) -> list[int] | list[bool]:
         values = list(response.bits if block.fc in (1, 2) else response.registers)
         # registers: exactly what was asked; bits come padded to whole bytes. Anything else is
         # not the answer to this request (e.g. a late reply to an earlier, timed-out one)
@@ -445,13 +510,21 @@ class ModbusBinding:
         answered = False
         if frame and self.frame:
             silent, answered = await self._poll_frame(out)
-        for block in blocks:
+        results: list[Any] = []
+        if blocks and not silent:  # the cycle's requests: one bridge call
+            assert self.line is not None
+            results = await self.line.exchange(
+                self.device, [_request(b, self.unit) for b in blocks], self.timeout, self.retries
+            )
+        for block, result in zip(blocks, results or [None] * len(blocks), strict=True):
             ts = self._clock()
             if silent:
                 out.extend(self._stale(block, ts))
                 continue
             try:
-                values = await self._read_block(block)
+                if isinstance(result, Exception):
+                    raise result
+                values = self._values(block, result)
             except ModbusTimeout as exc:
                 log.info("device %s: %s", self.device, exc)
                 silent = True  # the unit does not answer: do not wait for it again this cycle
