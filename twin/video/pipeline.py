@@ -158,7 +158,7 @@ def _seconds(value: Any, default: float) -> float:
 
 
 def _warm(value: Any) -> float:
-    return math.inf if value == "always" else _seconds(value, 60.0)
+    return math.inf if value in (None, "always") else _seconds(value, 60.0)
 
 
 def _size_bytes(gb: Any) -> int | None:
@@ -172,9 +172,10 @@ class VideoOptions:
     hls_time: float = 1.0
     hls_window: int = 6
     snapshot: bool = True
-    # stream off: an on-demand snapshot keeps a session this long; inf ("always"): a copy-only
-    # session keeps the newest keyframe on disk all the time, decoded when asked
-    snapshot_warm: float = 60.0
+    # stream off: inf ("always", the default): a copy-only session keeps the newest keyframe on
+    # disk all the time, decoded when asked; a duration: an on-demand snapshot keeps a session
+    # this long (0: a one-shot grab each time)
+    snapshot_warm: float = math.inf
     audio: bool = True  # copy the camera's audio stream (if any) to FLV, HLS and recordings
     record: bool = False
     segment: float = 10.0  # spool/recording segment length (cut at the next keyframe)
