@@ -144,12 +144,13 @@ def start_ours(root: Path = ROOT) -> BrokerProc:
     return BrokerProc("flux", argv, port, env=env, cwd=root)
 
 
-def start_mosquitto(tmp: Path) -> BrokerProc:
+def start_mosquitto(tmp: Path, inflight: int = 100) -> BrokerProc:
+    """A private Mosquitto; ``inflight``: its ``max_inflight_messages`` (0: unlimited)."""
     port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(
         f"listener {port} {HOST}\nallow_anonymous true\nmax_queued_messages 10000\n"
-        "max_inflight_messages 100\npersistence false\nlog_dest none\n"
+        f"max_inflight_messages {inflight}\npersistence false\nlog_dest none\n"
     )
     return BrokerProc("mosquitto", ["mosquitto", "-c", str(conf)], port)
 
@@ -603,6 +604,12 @@ def main() -> int:
         help="also run our broker from this tree (e.g. /work/main) as 'base': A/B in one run",
     )
     ap.add_argument(
+        "--mosquitto-inflight",
+        type=int,
+        default=100,
+        help="Mosquitto's max_inflight_messages (0: unlimited, like our 3.1.1 default)",
+    )
+    ap.add_argument(
         "--rounds", type=int, default=1, help="repeat, alternating the brokers' order; medians"
     )
     args = ap.parse_args()
@@ -634,7 +641,7 @@ def main() -> int:
         if args.base is not None:
             base = args.base.resolve()
             starters.append(("base", lambda: start_ours(base)))
-        starters += [("flux", start_ours), ("mosquitto", lambda: start_mosquitto(Path(tmp)))]
+        starters += [("flux", start_ours), ("mosquitto", lambda: start_mosquitto(Path(tmp), args.mosquitto_inflight))]
         starters = [(n, st) for n, st in starters if not args.only or n in (args.only, "base")]
         for rnd in range(args.rounds):
             for sc, fn in scenarios:

@@ -1026,14 +1026,20 @@ class Connection:
         try:
             publish = self._publish
             on_ack = self._on_ack
-            for n, pkt in enumerate(pkts, 1):
+            n = 0
+            for pkt in pkts:
                 kind = type(pkt)
+                if kind is int:
+                    # A PUBACK costs a dict deletion and frees room in the window: it does
+                    # not count towards the turn (a subscriber's acks read in one receive are
+                    # handled in one turn, so its window refills at the publishers' pace)
+                    on_ack(pkt, 1)
+                    continue
                 if kind is tuple:
                     publish(*pkt)
-                elif kind is int:
-                    on_ack(pkt, 1)
                 elif self._handle(pkt):
                     return True
+                n += 1
                 if n % 32 == 0:  # let other connections (and their acks) run: fairness
                     await trio.lowlevel.checkpoint()
         finally:
