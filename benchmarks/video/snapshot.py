@@ -12,8 +12,8 @@ For each camera, in alternating rounds:
 - one-shot grab (``snapshot.warm: 0``, ``grab_frame``): *before* = the options of the code
   before session 6 (probe 0.1 s / 32 KiB, decoder threads auto), *after* = this code
   (probe stops at the first packet, one decoder thread);
-- the first request of a default warm session (``warm: 60s``; a 1 s session here, so each
-  request starts a fresh one): before / after as above;
+- the first request of a timed warm session (``warm: 60s``, the default before session 6; a
+  1 s session here, so each request starts a fresh one): before / after as above;
 - ``warm: always``: the copy-only session runs; requests at random times decode its newest
   keyframe.
 

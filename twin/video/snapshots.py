@@ -6,13 +6,13 @@ In order:
 2. the camera has a snapshot URL (ONVIF ``GetSnapshotUri``, or ``snapshot_url`` in the binding):
    its own JPEG over HTTP, Digest (or Basic) auth from the URL's credentials;
 3. the stream is off and ``snapshot.warm`` is not 0: the camera's **warm snapshot session**
-   (:meth:`CameraPipeline.session_snapshot`): an ffmpeg that decodes only keyframes, started
-   by the first request and kept ``warm`` seconds (default 60) after the last one. The first
-   request pays ffmpeg start + RTSP setup + the wait for the next keyframe (on average half a
-   GOP, up to a whole one: 0.5-0.6 s median with a 1 s GOP, ~2 s with a 4 s GOP); the next
-   ones get the newest keyframe at once. With ``warm: always`` the session runs whenever the
-   stream is off, copy only (no decoding: each keyframe is written to a file as the camera sent
-   it), and a request decodes the newest keyframe (~0.1 s, whatever the GOP);
+   (:meth:`CameraPipeline.session_snapshot`). With ``warm: always`` (the default) it runs
+   whenever the stream is off, copy only (no decoding: each keyframe is written to a file as the
+   camera sent it), and a request decodes the newest keyframe (~0.1 s, whatever the GOP). With
+   a duration it is an ffmpeg that decodes only keyframes, started by the first request and
+   kept that long after the last one: the first request pays ffmpeg start + RTSP setup + the
+   wait for the next keyframe (on average half a GOP, up to a whole one: 0.5-0.6 s median with
+   a 1 s GOP, ~2 s with a 4 s GOP); the next ones get the newest keyframe at once;
 4. otherwise (the stream should run but is dark or starting, or ``warm: 0``): a one-shot ffmpeg
    (:func:`grab_frame`) that decodes the first keyframe and exits.
 
