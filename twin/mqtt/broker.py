@@ -94,7 +94,10 @@ class BrokerConfig:
     ssl_context: ssl.SSLContext | None = None
     max_packet_size: int = 1024 * 1024 * 16
     max_queued: int = 1000  # per session
-    max_inflight: int = 100  # towards MQTT 3.1.1 clients (5.0 clients say their own)
+    # QoS 1/2 messages un-acknowledged towards an MQTT 3.1.1 client (5.0 clients say their
+    # own receive maximum). 100 held a fan-in subscriber to ~30k msg/s: each refill waits for
+    # its PUBACKs to come back through a scheduling pass (benchmarks/README.md, Session 6).
+    max_inflight: int = 1000
     receive_maximum: int = 1024  # QoS 2 messages a client may have un-released with us
     topic_alias_maximum: int = 100  # aliases a client may use towards us (client → server)
     server_topic_aliases: bool = False
