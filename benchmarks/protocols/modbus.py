@@ -150,20 +150,25 @@ def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = Non
             for c in oclients:
                 await other.run(c.connect)
 
-        async def other_slice(secs: float) -> Round:
+        async def bridged_slice(run: Any, clients: list[Any], secs: float) -> Round:
+            """Each client reads in a loop through ``run`` (a bridge's ``run``) for ``secs``."""
             async def worker(c: Any, stop: float) -> None:
                 while (t := time.perf_counter()) < stop:
-                    await other.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
+                    await run(lambda: c.read_holding_registers(0, count=10, device_id=1))
                     r.count(t)
 
             r = Round()
             r.start()
             stop = time.perf_counter() + secs
             async with trio.open_nursery() as n:
-                for c in oclients:
+                for c in clients:
                     n.start_soon(worker, c, stop)
             r.stop()
             return r
+
+        async def other_slice(secs: float) -> Round:
+            assert other is not None
+            return await bridged_slice(other.run, oclients, secs)
 
         async def plain_slice(secs: float) -> Round:
             async def worker(c: Any, stop: float, r: Round) -> None:
@@ -182,19 +187,7 @@ def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = Non
             return await plain_loop.run(go)  # type: ignore[no-any-return]
 
         async def bridge_slice(secs: float) -> Round:
-            async def worker(c: Any, stop: float) -> None:
-                while (t := time.perf_counter()) < stop:
-                    await aio.run(lambda: c.read_holding_registers(0, count=10, device_id=1))
-                    r.count(t)
-
-            r = Round()
-            r.start()
-            stop = time.perf_counter() + secs
-            async with trio.open_nursery() as n:
-                for c in bclients:
-                    n.start_soon(worker, c, stop)
-            r.stop()
-            return r
+            return await bridged_slice(aio.run, bclients, secs)
 
         async def binding_slice(secs: float) -> Round:
             async def worker(line: Line, stop: float) -> None:

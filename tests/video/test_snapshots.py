@@ -45,17 +45,19 @@ def _pipeline(tmp_path: Path, url: str, warm: str, snapshot_url: str | None = No
     return CameraPipeline("c1", src, opts, tmp_path, streaming=False)
 
 
+async def _supervised(p: CameraPipeline) -> None:
+    """Run the pipeline, restarted after a failure as the engine's supervisor does."""
+    while True:
+        with contextlib.suppress(PipelineError):
+            await p.run()
+        await trio.sleep(0.25)
+
+
 async def test_stream_off_a_warm_session_answers_then_ends(tmp_path: Path, rtsp_url: str) -> None:
     p = _pipeline(tmp_path, rtsp_url, "3s")
 
-    async def supervised() -> None:  # restarted as the engine's supervisor does
-        while True:
-            with contextlib.suppress(PipelineError):
-                await p.run()
-            await trio.sleep(0.25)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(supervised)
+        nursery.start_soon(_supervised, p)
         first = await snapshots.take(p, 10)
         assert first.source == "session" and first.image[:2] == b"\xff\xd8"
         # a keyframe-only ffmpeg: no FLV, HLS or spool output while the stream is off
@@ -169,14 +171,8 @@ async def test_warm_always_on_a_refusing_camera_fails_clearly_and_retries(tmp_pa
         await p.run()
     runs = p.session.runs
 
-    async def supervised() -> None:
-        while True:
-            with contextlib.suppress(PipelineError):
-                await p.run()
-            await trio.sleep(0.25)
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(supervised)
+        nursery.start_soon(_supervised, p)
         with pytest.raises(PipelineError, match="Connection refused"):
             await snapshots.take(p, 10)
         await eventually(lambda: p.session.runs > runs + 1, within=30)  # tried again
