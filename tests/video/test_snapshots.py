@@ -177,3 +177,16 @@ async def test_warm_always_on_a_refusing_camera_fails_clearly_and_retries(tmp_pa
             await snapshots.take(p, 10)
         await eventually(lambda: p.session.runs > runs + 1, within=30)  # tried again
         nursery.cancel_scope.cancel()
+
+
+def test_warm_defaults_to_always_unless_snapshots_are_off() -> None:
+    inf = float("inf")
+    assert VideoOptions.parse({}).snapshot_warm == inf
+    assert VideoOptions.parse({"snapshot": {"enabled": True}}).snapshot_warm == inf
+    # snapshots off: no copy-only session reading the camera for them while the stream is off
+    assert VideoOptions.parse({"snapshot": False}).snapshot_warm == 60.0
+    assert VideoOptions.parse({"snapshot": {"enabled": False}}).snapshot_warm == 60.0
+    # what the YAML says wins either way
+    assert VideoOptions.parse({"snapshot": {"enabled": False, "warm": "always"}}).snapshot_warm == inf
+    assert VideoOptions.parse({"snapshot": {"warm": "0"}}).snapshot_warm == 0.0
+    assert VideoOptions.parse({"snapshot": {"warm": "90s"}}).snapshot_warm == 90.0

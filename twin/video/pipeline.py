@@ -157,8 +157,13 @@ def _seconds(value: Any, default: float) -> float:
     return float(parse_duration(str(value)))
 
 
-def _warm(value: Any) -> float:
-    return math.inf if value in (None, "always") else _seconds(value, 60.0)
+def _warm(value: Any, snapshots: bool) -> float:
+    """``snapshot.warm``: ``always`` (inf) by default — unless the camera's snapshots are off,
+    where a copy-only session kept for them would read the camera for nothing: 60 s then (a
+    session only when a snapshot is asked for)."""
+    if value is None:
+        return math.inf if snapshots else 60.0
+    return math.inf if value == "always" else _seconds(value, 60.0)
 
 
 def _size_bytes(gb: Any) -> int | None:
@@ -198,12 +203,13 @@ class VideoOptions:
         rec = options.get("record") or {}
         retention = rec.get("retention") or {}
         snap = options.get("snapshot", True)
+        snapshots = bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap)
         transcode = options.get("transcode")
         return cls(
             hls_time=_seconds(hls.get("segment"), 1.0),
             hls_window=int(hls.get("window", 6)),
-            snapshot=bool(snap.get("enabled", True) if isinstance(snap, Mapping) else snap),
-            snapshot_warm=_warm(snap.get("warm") if isinstance(snap, Mapping) else None),
+            snapshot=snapshots,
+            snapshot_warm=_warm(snap.get("warm") if isinstance(snap, Mapping) else None, snapshots),
             audio=bool(options.get("audio", True)),
             record=bool(rec.get("enabled", False)),
             segment=_seconds(rec.get("segment"), 10.0),
