@@ -222,3 +222,28 @@ async def test_the_loop_thread_dying_fails_its_calls_and_the_next_call_restarts_
     assert bridge.restarts == 1
     assert await aio.run(lambda: threading.current_thread().name, bridge=bridge) == "test-asyncio"
     assert bridge.loop() is not first
+
+
+async def test_a_library_callback_error_is_one_warning_line_and_the_loop_goes_on(
+    bridge: aio.AioLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A timer a library left behind raising after its transport closed (aiocoap's empty-ACK
+    timeout at shutdown did this): one warning line naming the error, no traceback unless
+    debug logging is on, and the loop keeps serving calls."""
+
+    def leftover_timer() -> None:
+        raise AttributeError("'NoneType' object has no attribute 'sendmsg'")
+
+    caplog.set_level("INFO", logger="twin.bindings.aio")
+    await aio.run(lambda: bridge.loop().call_soon(leftover_timer) and None, bridge=bridge)
+    assert await aio.run(lambda: 7, bridge=bridge) == 7
+    [record] = [r for r in caplog.records if "sendmsg" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    assert "Exception in callback" in record.getMessage()
+    assert "AttributeError" in record.getMessage()
+    assert record.exc_info is None  # the traceback only under debug logging
+
+    caplog.set_level("DEBUG", logger="twin.bindings.aio")
+    await aio.run(lambda: bridge.loop().call_soon(leftover_timer) and None, bridge=bridge)
+    assert await aio.run(lambda: 8, bridge=bridge) == 8
+    assert [r for r in caplog.records if "sendmsg" in r.getMessage()][-1].exc_info is not None

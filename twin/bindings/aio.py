@@ -127,6 +127,18 @@ class _Selector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
+def _library_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler: an error in a library's own callback (a timer aiocoap
+    left behind after its transport closed, an unretrieved task exception) is one warning
+    line; the traceback only with debug logging. asyncio's default prints a traceback to
+    stderr, which reads like the engine crashed; the loop and every other call go on."""
+    exc = context.get("exception")
+    what = context.get("message") or "error in an asyncio callback"
+    detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+    debug = log.isEnabledFor(logging.DEBUG)
+    log.warning("aio: %s%s (dropped; the loop goes on)", what, detail, exc_info=exc if debug else None)
+
+
 class _Runner:
     """The asyncio side of one start of an :class:`AioLoop`: its loop, its thread, the calls
     in flight and the outbox to Trio. ``out`` and ``inflight`` are touched only on its
@@ -135,6 +147,7 @@ class _Runner:
     def __init__(self, bridge: AioLoop) -> None:
         self.bridge = bridge
         self.loop = asyncio.SelectorEventLoop(_Selector(self))
+        self.loop.set_exception_handler(_library_error)
         self.out: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[Any], object], Any]]] = {}
         self.inflight: set[_Call] = set()
         self.held = 0  # loop iterations the outbox was held (busy loop)
