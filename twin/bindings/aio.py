@@ -136,7 +136,9 @@ def _library_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> 
     what = context.get("message") or "error in an asyncio callback"
     detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
     debug = log.isEnabledFor(logging.DEBUG)
-    log.warning("aio: %s%s (dropped; the loop goes on)", what, detail, exc_info=exc if debug else None)
+    log.warning(
+        "aio: %s%s (dropped; the loop goes on)", what, detail, exc_info=exc if debug else None
+    )
 
 
 class _Runner:
