@@ -1,14 +1,16 @@
-"""Modbus through the asyncio↔Trio bridge, against plain asyncio pymodbus, in one run; and
-polling at scale.
+"""The modbus binding's Trio-native Modbus TCP path and the asyncio↔Trio bridge, against
+plain asyncio pymodbus, in one run; and polling at scale.
 
     python benchmarks/protocols/modbus.py [--slices 100] [--slice 0.1] [--devices 500] [--poll-seconds 20]
 
 1. Requests/s: ``read_holding_registers(0, count=10)`` in a loop on 1 and on 10 connections,
    (a) plain asyncio (``asyncio.run``, the pymodbus client awaited directly), (b) the same
-   client driven from Trio through ``twin.bindings.aio.run`` (one call per request), (c) the
-   binding's own request path (``Line.call``: one request per bridge call, asyncio-side fair
-   lock and timeout, metrics), (d) the binding's poll path (``Line.exchange``: a device's
-   cycle of two requests in one bridge call, as ``ModbusBinding.poll`` reads). The server is
+   client driven from Trio through ``twin.bindings.aio.run`` (one call per request: the
+   bridge OPC UA, CoAP and serial Modbus use), (c) the binding's request path (``Line.call``:
+   one request PDU through the line's fair lock, timeout and metrics, over the Trio-native
+   transport, ``twin/bindings/modbus_transport.py``), (d) the binding's poll path
+   (``Line.exchange``: a device's cycle of two requests, as ``ModbusBinding.poll`` reads).
+   The binding's modes build a fresh request PDU per request, as the binding does. The server is
    a plain pymodbus server in another process (pinned to the other core when there are two).
    Each mode is set up once (its own connections), then they take turns in short slices
    (bridge, binding, plain, bridge, ...; ``rounds.py``): pooled rates, their ratio to plain,
@@ -42,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rounds import PlainLoop, Round, interleave, report  # noqa: E402
 
 from twin.bindings import aio  # noqa: E402
-from twin.bindings.modbus import Line, ModbusBinding  # noqa: E402
+from twin.bindings.modbus import Line, ModbusBinding, _request  # noqa: E402
+from twin.bindings.modbus_codec import Block  # noqa: E402
 
 
 # -- the peer (another process) ----------------------------------------------------------------
@@ -107,7 +110,9 @@ def make_client(port: int) -> Any:
 
 CYCLE = 2
 """Requests per poll cycle in the "binding cycle" mode: the scale test's devices (30 points)
-coalesce into two requests, read in one bridge call (``Line.exchange``)."""
+coalesce into two requests, read in one ``Line.exchange``."""
+BLOCK = Block(3, 0, 10, [])
+"""What every mode reads: holding registers 0-9 of unit 1."""
 
 
 # -- 1. requests/s -------------------------------------------------------------------------------
@@ -192,7 +197,7 @@ def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = Non
         async def binding_slice(secs: float) -> Round:
             async def worker(line: Line, stop: float) -> None:
                 while (t := time.perf_counter()) < stop:
-                    await line.call("bench", lambda c: c.read_holding_registers(0, count=10, device_id=1), 5.0, 0)
+                    await line.call("bench", _request(BLOCK, 1), 5.0, 0)
                     r.count(t)
 
             r = Round()
@@ -204,12 +209,11 @@ def measure(port: int, conns: int, slices: int, slice_s: float, other: Any = Non
             r.stop()
             return r
 
-        cycle = [lambda c: c.read_holding_registers(0, count=10, device_id=1)] * CYCLE
-
         async def cycle_slice(secs: float) -> Round:
-            """The binding's poll path: a device's cycle of CYCLE requests in one bridge call."""
+            """The binding's poll path: a device's cycle of CYCLE requests (``Line.exchange``)."""
             async def worker(line: Line, stop: float) -> None:
                 while (t := time.perf_counter()) < stop:
+                    cycle = [_request(BLOCK, 1) for _ in range(CYCLE)]
                     for res in await line.exchange("bench", cycle, 5.0, 0):
                         assert not isinstance(res, Exception), res
                         r.count(t)

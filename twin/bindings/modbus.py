@@ -26,15 +26,23 @@ Point maps are parsed and checked by :mod:`twin.spec.modbus` (the same code ``tw
 runs); values are encoded by :mod:`twin.bindings.modbus_codec`.
 
 How it runs
-  * pymodbus lives on the engine's asyncio thread (:mod:`twin.bindings.aio`); a device's poll
-    cycle (all its coalesced requests) is **one** ``aio.run`` (:meth:`Line.exchange`): the
-    requests run one after the other on the asyncio thread, each bounded by the unit's
-    ``timeout`` (``asyncio.timeout``) and retried ``retries`` times.
+  * Modbus TCP and RTU over TCP are **Trio-native** (:class:`~twin.bindings.modbus_transport.TcpTransport`):
+    a ``trio.SocketStream`` and pymodbus' sans-IO parts only — its framers build each frame
+    from a request PDU (``ReadHoldingRegistersRequest``…) and split the reply bytes, its
+    ``DecodePDU`` decodes them; no thread hop per request. RTU on a serial port keeps
+    pymodbus' asyncio serial client on the engine's asyncio thread (:mod:`twin.bindings.aio`,
+    one bridge call per request). Both take the same request PDUs, and everything above the
+    transport (:class:`Line`) is one code path.
   * Devices reached through the same gateway (host:port:framing) or serial port share **one**
-    connection (:class:`Line`, reference-counted); their cycles are serialised by a fair
-    (FIFO) asyncio lock on the asyncio thread, with the serial inter-frame delay after each
-    request, so the line goes from one device's requests to the next without waiting for a
-    round trip through Trio.
+    connection (:class:`Line`, reference-counted): one request in flight at a time, devices
+    served in FIFO order (a fair ``trio.Lock``); a device's poll cycle (its coalesced
+    requests, :meth:`Line.exchange`) holds the line for its requests, each bounded by the
+    unit's ``timeout`` and retried ``retries`` times, with the serial inter-frame delay after
+    each request.
+  * Transaction ids (Modbus TCP) are matched: a late reply to a request that timed out is
+    discarded, never taken as the next reply. RTU has none: bytes left from an earlier request
+    are discarded before a request is sent, and a frame from another unit or for another
+    function code is ignored.
   * Each poll group runs on its own fixed-rate schedule; its points are coalesced into as few
     requests as possible. A request that fails is retried; a unit that does not answer skips
     the rest of its cycle (its points are reported ``stale``: the last good value
@@ -42,10 +50,15 @@ How it runs
     reconnects it with backoff while the other units on the line keep their schedule (a dead
     unit costs the line at most ``timeout * (retries+1)`` per backoff period). A Modbus
     exception reply (illegal address…) marks that request's points ``bad`` (no value).
-  * A connection that fails is reopened at the next request, no sooner than its own backoff
-    (0.5 s doubling to 30 s), so a dead gateway is not hammered.
-  * Malformed replies (wrong register count, undecodable value) are logged with the device,
-    counted (``twin_protocol_malformed{binding="modbus"}``) and dropped.
+  * A connection that fails (the peer closed it, a socket error, a peer that vanished
+    mid-request) is reopened at the next request, no sooner than its own backoff (0.5 s
+    doubling to 30 s, after a failed connect), so a dead gateway is not hammered.
+  * Malformed replies (a frame that does not decode, a wrong CRC, a reply from another unit
+    under the request's transaction id, a wrong register count, an undecodable value) are
+    logged with the device, counted (``twin_protocol_malformed{binding="modbus"}``) and
+    dropped: the points are ``bad`` (after the retries). Bytes that cannot be a Modbus TCP
+    header (a garbage stream, or an RTU gateway read with ``framing: socket``) close that one
+    connection (it is reopened after the backoff); a malformed frame never stops the engine.
   * Writes (the ledger's desired-state and command deliveries) encode the value, write it
     with the point's write function code (5/6/15/16; a bit field is read-modify-written), and
     read it back: a different read-back fails the command. A command writes what its model's
@@ -62,20 +75,25 @@ How it runs
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from twin.bindings import aio
 from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import BindingContext, Message, Quality, Reading
 from twin.bindings.modbus_codec import Block, EncodeError, decode, encode, plan
+from twin.bindings.modbus_transport import (
+    ConnectionLost,
+    MalformedFrame,
+    SerialTransport,
+    TcpTransport,
+    Transport,
+)
 from twin.bindings.protostats import stats
 from twin.bindings.registry import register_binding
 from twin.bindings.values import ValueRefused, check_reading
@@ -119,16 +137,17 @@ EXCEPTION_NAMES = {
 
 # -- the shared connection ------------------------------------------------------------------
 class Line:
-    """One pymodbus client to a gateway or serial port, shared by every device on it."""
+    """One connection to a gateway or serial port, shared by every device on it: its requests
+    go one at a time, devices in FIFO order (``trio.Lock`` is fair). The transport
+    (:mod:`twin.bindings.modbus_transport`) is Trio-native for TCP and RTU over TCP, the
+    asyncio bridge for a serial port; everything here is the same for both."""
 
     def __init__(self, key: tuple[str, ...], options: Mapping[str, Any]) -> None:
         self.key = key
         self.options = dict(options)
         self.users = 0
-        self.client: Any = None  # pymodbus client, touched only on the asyncio thread
         self.connected = False
-        self.lock = trio.Lock()  # (re)connecting: one device at a time
-        self.alock: asyncio.Lock | None = None  # requests, FIFO-fair: on the asyncio thread
+        self.lock = trio.Lock()  # connecting and requests, FIFO-fair
         serial = options.get("serial") or {}
         baud = int(serial.get("baud", 19200)) if serial else 0
         delay = serial.get("inter_frame_delay") if serial else None
@@ -137,7 +156,12 @@ class Line:
         default = (3.5 * 11 / baud if baud <= 19200 else 0.00175) if baud else 0.0
         self.inter_frame = parse_duration(delay) if delay is not None else default
         self.connect_timeout = max(parse_duration(options.get("timeout", "1s")), 1.0)
-        self.failures = 0
+        self.transport: Transport = (
+            SerialTransport(serial) if serial else
+            TcpTransport(str(options["host"]), int(options.get("port", 502)),
+                         rtu=options.get("framing") == "rtu")
+        )
+        self.failures = 0  # failed connects (and garbage streams) since the last good reply
         self.next_connect = 0.0
         self.requests = 0
         self.current_device = ""  # whose request is in flight (one at a time per line)
@@ -146,48 +170,9 @@ class Line:
     def describe(self) -> str:
         return ":".join(self.key[1:3]) if self.key[0] == "tcp" else self.key[1]
 
-    def _make_client(self) -> Any:  # asyncio thread
-        from pymodbus import FramerType
-        from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-
-        o = self.options
-        serial = o.get("serial")
-        if serial:
-            return AsyncModbusSerialClient(
-                str(serial["device"]),
-                framer=FramerType.RTU,
-                baudrate=int(serial.get("baud", 19200)),
-                parity=str(serial.get("parity", "N")),
-                stopbits=int(serial.get("stop_bits", 1)),
-                bytesize=int(serial.get("data_bits", 8)),
-                timeout=3600,  # per-request timeouts are Trio's (bounded by cancel scopes)
-                retries=0,
-                reconnect_delay=0,  # we reconnect, with our own backoff
-            )
-        framer = FramerType.RTU if o.get("framing") == "rtu" else FramerType.SOCKET
-        return AsyncModbusTcpClient(
-            str(o["host"]),
-            port=int(o.get("port", 502)),
-            framer=framer,
-            timeout=self.connect_timeout,
-            retries=0,
-            reconnect_delay=0,
-            trace_packet=self._trace if framer == FramerType.SOCKET else None,
-        )
-
-    def _trace(self, sending: bool, data: bytes) -> bytes:  # asyncio thread, every packet
-        """Log (with the device) and count what cannot be a Modbus TCP frame; pymodbus' framer
-        then drops it. A frame starts with the MBAP header: protocol id 0, a length that is
-        at least the unit id and a function code."""
-        if not sending and len(data) >= 6 and (data[2:4] != b"\0\0" or int.from_bytes(data[4:6], "big") < 2):
-            self.malformed += 1
-            STATS.malformed += 1
-            if self.malformed == 1 or self.malformed % 100 == 0:
-                log.warning(
-                    "device %s: malformed modbus frame from %s dropped (%d so far): %s",
-                    self.current_device or "?", self.describe(), self.malformed, data[:24].hex(" "),
-                )
-        return data
+    def _backoff(self) -> None:
+        self.failures += 1
+        self.next_connect = trio.current_time() + min(30.0, 0.5 * 2 ** min(self.failures - 1, 6))
 
     async def _ensure(self) -> None:
         """Connected, or BindingConnectError (under the lock)."""
@@ -198,144 +183,117 @@ class Line:
             raise BindingConnectError(
                 f"modbus {self.describe()}: unreachable, next attempt in {self.next_connect - now:.1f} s"
             )
-
-        def open_() -> Awaitable[bool]:
-            if self.client is None:
-                self.client = self._make_client()
-            return self.client.connect()
-
         ok = False
         try:
             with trio.move_on_after(self.connect_timeout + 1):
-                ok = bool(await aio.run(open_))
-        except Exception as exc:  # pymodbus / OS errors: the line is unreachable
+                await self.transport.open()
+                ok = True
+        except Exception as exc:  # OS / pymodbus errors: the line is unreachable
             log.debug("modbus %s: connect failed: %s", self.describe(), exc)
         if not ok:
-            self.failures += 1
-            self.next_connect = now + min(30.0, 0.5 * 2 ** min(self.failures - 1, 6))
+            self._backoff()
+            with contextlib.suppress(Exception):
+                await self.transport.close()
             raise BindingConnectError(f"modbus {self.describe()}: cannot connect")
-        self.failures = 0
         self.connected = True
         log.info("modbus %s: connected", self.describe())
 
     async def _drop(self) -> None:
         self.connected = False
-        client = self.client
-        if client is not None:
+        with trio.CancelScope(shield=True):
             try:
-                await aio.run(client.close)
+                await self.transport.close()
             except Exception as exc:
                 log.debug("modbus %s: close failed: %s", self.describe(), exc)
 
-    async def _exchange(
-        self, device: str, makes: Sequence[Callable[[Any], Awaitable[Any]]], timeout: float, retries: int  # noqa: ASYNC109
-    ) -> list[Attempt]:  # asyncio thread
-        """The requests of one device's cycle, in order, each with the unit's timeout and
-        retries, under the line's FIFO lock (with the inter-frame delay after each). Stops
-        after a request that got no answer (the unit is silent: do not wait for it again) or
-        lost the connection. Runs as one coroutine on the asyncio thread: the line goes on to
-        the next device's requests without waiting for Trio."""
-        if self.alock is None:
-            self.alock = asyncio.Lock()
-        out: list[Attempt] = []
-        async with self.alock:
-            self.current_device = device
-            for make in makes:
-                a = Attempt()
-                out.append(a)
-                for _ in range(retries + 1):
-                    a.tries += 1
-                    t0 = time.perf_counter()
-                    try:
-                        async with asyncio.timeout(timeout):
-                            response = await make(self.client)
-                    except TimeoutError:
-                        a.timeouts += 1
-                        continue
-                    except Exception as exc:
-                        a.error, a.errors = exc, a.errors + 1
-                        if _is_connection_error(exc):
-                            return out
-                        continue
-                    finally:
-                        if self.inter_frame:
-                            await asyncio.sleep(self.inter_frame)
-                    a.response, a.latency, a.error = response, time.perf_counter() - t0, None
-                    break
-                if a.response is None:
-                    break
-        return out
+    def _malformed(self, device: str, exc: MalformedFrame) -> None:
+        self.malformed += 1
+        STATS.malformed += 1
+        if self.malformed == 1 or self.malformed % 100 == 0:
+            hint = " (closing the connection; is `framing` right: socket or rtu?)" if exc.fatal else ""
+            log.warning(
+                "device %s: malformed modbus frame from %s dropped (%d so far): %s: %s%s",
+                device, self.describe(), self.malformed, exc.what, exc.data.hex(" "), hint,
+            )
 
-    async def exchange(
-        self, device: str, makes: Sequence[Callable[[Any], Awaitable[Any]]], timeout: float, retries: int  # noqa: ASYNC109
-    ) -> list[Any]:
-        """One device's cycle of requests (``make(client)`` each, on the asyncio thread) in
-        **one** bridge call. Returns, per request in order: the pymodbus response, or the
-        ModbusError / ModbusTimeout it ended with; requests after a silent one are not sent
-        (their entries are ModbusTimeout too). Raises BindingConnectError (connection lost or
-        unreachable)."""
-        async with self.lock:
-            await self._ensure()
-        attempts = await aio.run(lambda: self._exchange(device, makes, timeout, retries))
-        out: list[Any] = []
-        for a in attempts:
-            STATS.requests += a.tries
-            self.requests += a.tries
-            STATS.errors += a.timeouts + a.errors
-            STATS.timeouts += a.timeouts
-            response = a.response
-            if response is not None:
-                STATS.observe(a.latency)
-                if response.isError():
-                    STATS.errors += 1
-                    code = getattr(response, "exception_code", 0)
-                    response = ModbusError(
-                        f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
-                    )
-            elif a.error is not None and _is_connection_error(a.error):
+    async def _attempts(self, device: str, pdu: Any, timeout: float, retries: int) -> Any:  # noqa: ASYNC109
+        """One request with the unit's timeout and retries: the response PDU, or the
+        ModbusTimeout / ModbusError it ended with. Raises BindingConnectError (the connection
+        is closed)."""
+        failure: Exception | None = None
+        for _ in range(retries + 1):
+            STATS.requests += 1
+            self.requests += 1
+            t0 = time.perf_counter()
+            response = None
+            try:
+                with trio.move_on_after(timeout):
+                    response = await self.transport.request(pdu)
+            except MalformedFrame as exc:
+                STATS.errors += 1
+                self._malformed(device, exc)
+                if exc.fatal:
+                    self._backoff()  # a peer that talks garbage is not reconnected at once
+                    await self._drop()
+                    raise BindingConnectError(
+                        f"modbus {self.describe()}: connection closed: not a Modbus stream ({exc.what})"
+                    ) from None
+                failure = ModbusError(f"device {device}: malformed reply ({exc.what})")
+                continue
+            except (ConnectionLost, OSError) as exc:
+                STATS.errors += 1
                 await self._drop()
-                raise BindingConnectError(
-                    f"modbus {self.describe()}: connection lost: {a.error}"
-                ) from a.error
-            elif a.error is not None:
-                response = ModbusTimeout(f"device {device}: {a.error}")
-            else:
-                response = ModbusTimeout(
+                raise BindingConnectError(f"modbus {self.describe()}: connection lost: {exc}") from exc
+            finally:
+                if self.inter_frame:
+                    await trio.sleep(self.inter_frame)
+            if response is None:
+                STATS.errors += 1
+                STATS.timeouts += 1
+                if self.transport.broken:  # cancelled mid-send: the stream is out of step
+                    await self._drop()
+                    raise BindingConnectError(f"modbus {self.describe()}: request cut off mid-send")
+                failure = ModbusTimeout(
                     f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
                 )
-            out.append(response)
+                continue
+            STATS.observe(time.perf_counter() - t0)
+            self.failures = 0
+            if response.isError():
+                STATS.errors += 1
+                code = getattr(response, "exception_code", 0)
+                return ModbusError(f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+            return response
+        return failure
+
+    async def exchange(self, device: str, pdus: Sequence[Any], timeout: float, retries: int) -> list[Any]:  # noqa: ASYNC109
+        """One device's cycle of requests (pymodbus request PDUs), in order, under the line's
+        FIFO lock, each with the unit's ``timeout`` and ``retries`` (and the serial
+        inter-frame delay after each). Returns, per request: the response PDU, or the
+        ModbusError / ModbusTimeout it ended with; after a request that got no answer the
+        unit is silent: the rest are not sent (ModbusTimeout too). Raises
+        BindingConnectError (unreachable, or the connection was lost: it is closed and
+        reopened at a later request)."""
+        out: list[Any] = []
+        async with self.lock:
+            await self._ensure()
+            self.current_device = device
+            for pdu in pdus:
+                result = await self._attempts(device, pdu, timeout, retries)
+                out.append(result)
+                if isinstance(result, ModbusTimeout):
+                    break
         silent = ModbusTimeout(f"device {device}: not asked (the unit is silent this cycle)")
-        out.extend(silent for _ in range(len(makes) - len(out)))
+        out.extend(silent for _ in range(len(pdus) - len(out)))
         return out
 
-    async def call(
-        self, device: str, make: Callable[[Any], Awaitable[Any]], timeout: float, retries: int  # noqa: ASYNC109
-    ) -> Any:
-        """Run one request (``make(client)`` on the asyncio thread) with this unit's timeout
-        and retries. Returns the pymodbus response; raises ModbusTimeout, ModbusError,
-        BindingConnectError."""
-        (result,) = await self.exchange(device, [make], timeout, retries)
+    async def call(self, device: str, pdu: Any, timeout: float, retries: int) -> Any:  # noqa: ASYNC109
+        """One request (a pymodbus request PDU) with this unit's timeout and retries. Returns
+        the response PDU; raises ModbusTimeout, ModbusError, BindingConnectError."""
+        (result,) = await self.exchange(device, [pdu], timeout, retries)
         if isinstance(result, Exception):
             raise result
         return result
-
-
-class Attempt:
-    """What one request of an exchange came to (written on the asyncio thread)."""
-
-    __slots__ = ("error", "errors", "latency", "response", "timeouts", "tries")
-
-    def __init__(self) -> None:
-        self.response: Any = None
-        self.error: BaseException | None = None
-        self.tries = self.timeouts = self.errors = 0
-        self.latency = 0.0
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    from pymodbus.exceptions import ConnectionException
-
-    return isinstance(exc, ConnectionException | ConnectionError | OSError)
 
 
 class LinePool:
@@ -374,15 +332,29 @@ class Group:
     frame: bool = False  # this group also reads the codec's frame
 
 
-def _request(block: Block, unit: int) -> Callable[[Any], Awaitable[Any]]:
-    fc, start, count = block.fc, block.start, block.count
-    if fc == 1:
-        return lambda c: c.read_coils(start, count=count, device_id=unit)
-    if fc == 2:
-        return lambda c: c.read_discrete_inputs(start, count=count, device_id=unit)
-    if fc == 3:
-        return lambda c: c.read_holding_registers(start, count=count, device_id=unit)
-    return lambda c: c.read_input_registers(start, count=count, device_id=unit)
+def _request(block: Block, unit: int) -> Any:
+    """The pymodbus request PDU that reads ``block`` from ``unit`` (a fresh one: a transport
+    sets its transaction id)."""
+    from pymodbus.pdu import bit_message as bits
+    from pymodbus.pdu import register_message as regs
+
+    cls = {1: bits.ReadCoilsRequest, 2: bits.ReadDiscreteInputsRequest,
+           3: regs.ReadHoldingRegistersRequest}.get(block.fc, regs.ReadInputRegistersRequest)
+    return cls(address=block.start, count=block.count, dev_id=unit)
+
+
+def _write_request(fc: int, address: int, unit: int, values: Sequence[Any]) -> Any:
+    """The pymodbus request PDU that writes ``values`` (bits for 5/15, registers for 6/16)."""
+    from pymodbus.pdu import bit_message as bits
+    from pymodbus.pdu import register_message as regs
+
+    if fc == 5:
+        return bits.WriteSingleCoilRequest(address=address, bits=[bool(values[0])], dev_id=unit)
+    if fc == 15:
+        return bits.WriteMultipleCoilsRequest(address=address, bits=[bool(v) for v in values], dev_id=unit)
+    if fc == 6:
+        return regs.WriteSingleRegisterRequest(address=address, registers=[int(values[0])], dev_id=unit)
+    return regs.WriteMultipleRegistersRequest(address=address, registers=[int(v) for v in values], dev_id=unit)
 
 
 class ModbusBinding:
@@ -511,7 +483,7 @@ class ModbusBinding:
         if frame and self.frame:
             silent, answered = await self._poll_frame(out)
         results: list[Any] = []
-        if blocks and not silent:  # the cycle's requests: one bridge call
+        if blocks and not silent:  # the cycle's requests, one after the other under the line's lock
             assert self.line is not None
             results = await self.line.exchange(
                 self.device, [_request(b, self.unit) for b in blocks], self.timeout, self.retries
@@ -631,23 +603,14 @@ class ModbusBinding:
         except EncodeError as exc:
             raise CommandError(str(exc)) from exc
         assert self.line is not None
-        unit, addr = self.unit, p.address
-        if p.fc == 1:
-            bit = bool(regs[0])
-            if p.write_fc == 5:
-                await self.line.call(self.device, lambda c: c.write_coil(addr, bit, device_id=unit), self.timeout, self.retries)
-            else:
-                await self.line.call(self.device, lambda c: c.write_coils(addr, [bit], device_id=unit), self.timeout, self.retries)
-        else:
-            if p.bit is not None:  # read-modify-write of one bit of a register
-                current = (await self._read_block(Block(3, addr, 1, [p])))[0]
-                mask = 1 << p.bit
-                regs = [(int(current) & ~mask) | (mask if regs[0] else 0)]
-            if p.write_fc == 6:
-                word = regs[0]
-                await self.line.call(self.device, lambda c: c.write_register(addr, word, device_id=unit), self.timeout, self.retries)
-            else:
-                await self.line.call(self.device, lambda c: c.write_registers(addr, regs, device_id=unit), self.timeout, self.retries)
+        addr = p.address
+        if p.fc != 1 and p.bit is not None:  # read-modify-write of one bit of a register
+            current = (await self._read_block(Block(3, addr, 1, [p])))[0]
+            mask = 1 << p.bit
+            regs = [(int(current) & ~mask) | (mask if regs[0] else 0)]
+        write_fc = p.write_fc or (15 if p.fc == 1 else 16)
+        await self.line.call(self.device, _write_request(write_fc, addr, self.unit, regs[:1] if p.fc == 1 else regs),
+                             self.timeout, self.retries)
         # read back to confirm
         block = Block(p.fc, p.address, p.count, [p])
         readings = self._readings(block, await self._read_block(block), self._clock())
@@ -688,10 +651,9 @@ class ModbusBinding:
         regs = [int.from_bytes(frame[i:i + 2], "big") for i in range(0, len(frame), 2)]
         if self.line is None:
             raise BindingConnectError(f"device {self.device}: not connected")
-        unit, addr = self.unit, self.command_address
-        await self.line.call(self.device, lambda c: c.write_registers(addr, regs, device_id=unit),
+        await self.line.call(self.device, _write_request(16, self.command_address, self.unit, regs),
                              self.timeout, self.retries)
-        return {"ok": True, "registers": len(regs), "address": addr}
+        return {"ok": True, "registers": len(regs), "address": self.command_address}
 
 
 def _same(got: Any, want: Any, p: Point) -> bool:

@@ -1,0 +1,228 @@
+"""How a Modbus line's requests reach the wire: one request in flight, a pymodbus PDU in, the
+reply's PDU out. :class:`twin.bindings.modbus.Line` (timeouts, retries, fairness, metrics) is
+the same above both.
+
+:class:`TcpTransport` — Modbus TCP (``framing: socket``) and RTU over TCP (``framing: rtu``),
+**Trio-native**: a ``trio.SocketStream`` and pymodbus' sans-IO parts only (the framer builds a
+frame from the request PDU and splits the incoming bytes into frames; ``DecodePDU`` turns a
+frame into a response PDU). No thread hop per request.
+
+* Modbus TCP: each request gets the next transaction id (1-65000 per connection); a frame with
+  another id is a late reply to an earlier request the caller gave up on (a timeout): it is
+  discarded (``late``) and the wait goes on. A frame with the request's id but another unit or
+  function code, or a PDU that does not decode, is :class:`MalformedFrame` (the frame is
+  dropped; the connection stays). A header that cannot start a frame (protocol id not 0, a
+  length outside 2-254) means the stream is lost: :class:`MalformedFrame` with ``fatal`` set,
+  and the caller closes the connection.
+* RTU over TCP has no transaction id: bytes left over from an earlier request are discarded
+  before a request is sent, and a frame from another unit or for another function code is a
+  late reply (discarded). A frame whose CRC fails is :class:`MalformedFrame` (dropped; the
+  framer resynchronises on the next frame); 512 bytes without a frame is ``fatal``.
+* A peer that closes the connection, or any socket error: :class:`ConnectionLost`.
+* Cancelling ``request`` (the caller's timeout) while it waits for the reply leaves the stream
+  usable (the reply, if it comes, is discarded as late); a cancel while the request was being
+  sent sets ``broken`` (part of a frame may be on the wire): the caller closes the connection.
+
+:class:`SerialTransport` — RTU on a serial port: pymodbus' ``AsyncModbusSerialClient``
+(pyserial) on the engine's asyncio thread (:mod:`twin.bindings.aio`), one bridge call per
+request (``client.execute(False, pdu)``); a Trio cancel cancels the asyncio request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+
+from twin.bindings import aio
+
+if TYPE_CHECKING:  # pymodbus is imported when a line opens (~90 ms)
+    from pymodbus.pdu import ModbusPDU
+
+RTU_HUNT_LIMIT = 512
+"""Bytes of an RTU stream without a frame in them after which the stream is given up."""
+
+
+class ConnectionLost(ConnectionError):
+    """The peer closed the connection, or the socket failed."""
+
+
+class MalformedFrame(Exception):
+    """Bytes from the peer that are no answer to the request. ``fatal``: the stream cannot be
+    followed any more (the connection must be closed)."""
+
+    def __init__(self, what: str, data: bytes, *, fatal: bool = False) -> None:
+        super().__init__(what)
+        self.what = what
+        self.data = bytes(data[:24])
+        self.fatal = fatal
+
+
+class Transport(Protocol):
+    broken: bool
+    late: int
+
+    async def open(self) -> None: ...
+    async def request(self, pdu: ModbusPDU) -> ModbusPDU: ...
+    async def close(self) -> None: ...
+
+
+class TcpTransport:
+    """One TCP connection to a gateway (see the module docstring). ``open`` raises OSError."""
+
+    def __init__(self, host: str, port: int, *, rtu: bool = False) -> None:
+        from pymodbus.framer import FramerRTU, FramerSocket
+        from pymodbus.pdu import DecodePDU
+
+        self.host, self.port, self.rtu = host, port, rtu
+        decoder = DecodePDU(False)
+        self.decoder = decoder
+        self.framer = FramerRTU(decoder) if rtu else FramerSocket(decoder)
+        self.stream: trio.SocketStream | None = None
+        self.buf = b""
+        self.tid = 0
+        self.broken = False
+        self.late = 0  # replies discarded as late (a request given up on)
+
+    async def open(self) -> None:
+        self.stream = await trio.open_tcp_stream(self.host, self.port)
+        self.buf, self.tid, self.broken = b"", 0, False
+
+    async def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def request(self, pdu: ModbusPDU) -> ModbusPDU:
+        stream = self.stream
+        if stream is None or self.broken:
+            raise ConnectionLost("not connected")
+        if self.rtu:
+            self.buf = b""  # what an earlier request left: no transaction id to tell it apart
+            pdu.transaction_id = 0
+        else:
+            self.tid = self.tid + 1 if self.tid < 65000 else 1
+            pdu.transaction_id = self.tid
+        frame = self.framer.buildFrame(pdu)
+        try:
+            await stream.send_all(frame)
+        except trio.Cancelled:
+            self.broken = True  # maybe part of the frame went out
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise ConnectionLost(f"send failed: {exc}") from exc
+        parse = self._rtu_reply if self.rtu else self._tcp_reply
+        while True:
+            reply = parse(pdu)
+            if reply is not None:
+                return reply
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise ConnectionLost(f"receive failed: {exc}") from exc
+            if not data:
+                raise ConnectionLost("closed by the peer")
+            self.buf += data
+
+    def _tcp_reply(self, request: ModbusPDU) -> ModbusPDU | None:
+        """The reply to ``request`` if ``buf`` holds it (late frames discarded), else None."""
+        while len(self.buf) >= 6:
+            buf = self.buf
+            length = int.from_bytes(buf[4:6], "big")
+            if buf[2:4] != b"\0\0" or not 2 <= length <= 254:
+                self.buf = b""
+                raise MalformedFrame("no Modbus TCP header", buf, fatal=True)
+            used, dev_id, tid, data = self.framer.decode(buf)
+            if not used:
+                return None  # the rest of the frame is still on its way
+            self.buf = buf[used:]
+            if tid != request.transaction_id:
+                self.late += 1
+                continue
+            return self._decode(request, dev_id, data, buf[:used])
+        return None
+
+    def _rtu_reply(self, request: ModbusPDU) -> ModbusPDU | None:
+        while self.buf:
+            buf = self.buf
+            used, dev_id, _, data = self.framer.decode(buf)
+            if not used:
+                if len(buf) > RTU_HUNT_LIMIT:
+                    self.buf = b""
+                    raise MalformedFrame(f"no RTU frame in {len(buf)} bytes", buf, fatal=True)
+                return None
+            self.buf = buf[used:]
+            if not data:
+                raise MalformedFrame("RTU frame with a wrong CRC", buf)
+            if dev_id != request.dev_id or data[0] & 0x7F != request.function_code:
+                self.late += 1  # no transaction id: another request's reply
+                continue
+            return self._decode(request, dev_id, data, buf[:used])
+        return None
+
+    def _decode(self, request: ModbusPDU, dev_id: int, data: bytes, frame: bytes) -> ModbusPDU:
+        pdu = self.decoder.decode(data)
+        if pdu is None:
+            raise MalformedFrame("undecodable PDU", frame)
+        if dev_id != request.dev_id:
+            raise MalformedFrame(f"reply from unit {dev_id} to a request for unit {request.dev_id}", frame)
+        if pdu.function_code & 0x7F != request.function_code:
+            raise MalformedFrame(
+                f"function code {pdu.function_code} in reply to {request.function_code}", frame
+            )
+        pdu.dev_id, pdu.transaction_id = dev_id, request.transaction_id
+        return pdu
+
+
+class SerialTransport:
+    """RTU on a serial port through pymodbus' asyncio serial client (see the module
+    docstring). ``open`` raises OSError."""
+
+    def __init__(self, serial: Mapping[str, Any]) -> None:
+        self.serial = dict(serial)
+        self.client: Any = None  # touched only on the asyncio thread
+        self.broken = False
+        self.late = 0
+
+    def _make_client(self) -> Any:  # asyncio thread
+        from pymodbus import FramerType
+        from pymodbus.client import AsyncModbusSerialClient
+
+        s = self.serial
+        return AsyncModbusSerialClient(
+            str(s["device"]),
+            framer=FramerType.RTU,
+            baudrate=int(s.get("baud", 19200)),
+            parity=str(s.get("parity", "N")),
+            stopbits=int(s.get("stop_bits", 1)),
+            bytesize=int(s.get("data_bits", 8)),
+            timeout=3600,  # per-request timeouts are the Line's (Trio cancel scopes)
+            retries=0,
+            reconnect_delay=0,  # the Line reconnects, with its own backoff
+        )
+
+    async def open(self) -> None:
+        def open_() -> Any:
+            if self.client is None:
+                self.client = self._make_client()
+            return self.client.connect()
+
+        if not await aio.run(open_):
+            raise OSError(f"cannot open {self.serial['device']}")
+        self.broken = False
+
+    async def request(self, pdu: ModbusPDU) -> ModbusPDU:
+        from pymodbus.exceptions import ConnectionException
+
+        client = self.client
+        make: Callable[[], Any] = lambda: client.execute(False, pdu)  # noqa: E731
+        try:
+            return await aio.run(make)
+        except (ConnectionException, OSError) as exc:
+            raise ConnectionLost(str(exc)) from exc
+
+    async def close(self) -> None:
+        client = self.client
+        if client is not None:
+            await aio.run(client.close)
