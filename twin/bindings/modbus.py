@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -216,55 +217,77 @@ class Line:
                 device, self.describe(), self.malformed, exc.what, exc.data.hex(" "), hint,
             )
 
-    async def _attempts(self, device: str, pdu: Any, timeout: float, retries: int) -> Any:  # noqa: ASYNC109
-        """One request with the unit's timeout and retries: the response PDU, or the
-        ModbusTimeout / ModbusError it ended with. Raises BindingConnectError (the connection
-        is closed)."""
+    def _reply(self, device: str, response: Any, t0: float) -> Any:
+        """A response PDU as the caller gets it: itself, or ModbusError for an exception reply."""
+        STATS.observe(time.perf_counter() - t0)
+        self.failures = 0
+        if not response.isError():
+            return response
+        STATS.errors += 1
+        code = getattr(response, "exception_code", 0)
+        return ModbusError(f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+
+    async def _lost(self, exc: BaseException) -> BindingConnectError:
+        STATS.errors += 1
+        if isinstance(exc, MalformedFrame):  # fatal: a peer that talks garbage
+            self._backoff()  # is not reconnected at once
+            await self._drop()
+            return BindingConnectError(
+                f"modbus {self.describe()}: connection closed: not a Modbus stream ({exc.what})"
+            )
+        await self._drop()
+        return BindingConnectError(f"modbus {self.describe()}: connection lost: {exc}")
+
+    async def _requests(self, device: str, pdus: Sequence[Any], timeout: float, retries: int,  # noqa: ASYNC109
+                        out: list[Any]) -> None:
+        """Send ``pdus`` in order, appending each one's result to ``out``; stop after one that
+        got no answer (its ModbusTimeout appended). Under the lock, connected."""
+        tries = 0  # attempts of pdus[len(out)] so far
         failure: Exception | None = None
-        for _ in range(retries + 1):
-            STATS.requests += 1
-            self.requests += 1
-            t0 = time.perf_counter()
-            response = None
-            try:
-                with trio.move_on_after(timeout):
-                    response = await self.transport.request(pdu)
-            except MalformedFrame as exc:
-                STATS.errors += 1
-                self._malformed(device, exc)
-                if exc.fatal:
-                    self._backoff()  # a peer that talks garbage is not reconnected at once
-                    await self._drop()
-                    raise BindingConnectError(
-                        f"modbus {self.describe()}: connection closed: not a Modbus stream ({exc.what})"
-                    ) from None
-                failure = ModbusError(f"device {device}: malformed reply ({exc.what})")
-                continue
-            except (ConnectionLost, OSError) as exc:
-                STATS.errors += 1
-                await self._drop()
-                raise BindingConnectError(f"modbus {self.describe()}: connection lost: {exc}") from exc
-            finally:
-                if self.inter_frame:
-                    await trio.sleep(self.inter_frame)
-            if response is None:
+        while len(out) < len(pdus):
+            # one cancel scope for as many requests as go without a timeout, its deadline
+            # moved for each: a scope per request costs as much CPU as the request's own I/O
+            with trio.CancelScope() as scope:
+                while len(out) < len(pdus) and not scope.cancel_called:
+                    pdu = pdus[len(out)]
+                    tries += 1
+                    STATS.requests += 1
+                    self.requests += 1
+                    t0 = time.perf_counter()
+                    scope.deadline = trio.current_time() + timeout
+                    try:
+                        response = await self.transport.request(pdu)
+                    except MalformedFrame as exc:
+                        self._malformed(device, exc)
+                        if exc.fatal:
+                            raise await self._lost(exc) from None
+                        STATS.errors += 1
+                        response = None
+                        failure = ModbusError(f"device {device}: malformed reply ({exc.what})")
+                    except (ConnectionLost, OSError) as exc:
+                        raise await self._lost(exc) from exc
+                    if self.inter_frame:
+                        scope.deadline = math.inf
+                        await trio.sleep(self.inter_frame)
+                    if response is not None:
+                        out.append(self._reply(device, response, t0))
+                        tries = 0
+                    elif tries > retries:  # malformed every time
+                        out.append(failure)
+                        tries = 0
+            if scope.cancelled_caught:  # pdus[len(out)] got no answer in time
                 STATS.errors += 1
                 STATS.timeouts += 1
                 if self.transport.broken:  # cancelled mid-send: the stream is out of step
                     await self._drop()
                     raise BindingConnectError(f"modbus {self.describe()}: request cut off mid-send")
-                failure = ModbusTimeout(
-                    f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
-                )
-                continue
-            STATS.observe(time.perf_counter() - t0)
-            self.failures = 0
-            if response.isError():
-                STATS.errors += 1
-                code = getattr(response, "exception_code", 0)
-                return ModbusError(f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
-            return response
-        return failure
+                if self.inter_frame:
+                    await trio.sleep(self.inter_frame)
+                if tries > retries:
+                    out.append(ModbusTimeout(
+                        f"device {device}: no answer within {timeout:g} s ({retries + 1} attempts)"
+                    ))
+                    return  # the unit is silent: do not wait for it again this cycle
 
     async def exchange(self, device: str, pdus: Sequence[Any], timeout: float, retries: int) -> list[Any]:  # noqa: ASYNC109
         """One device's cycle of requests (pymodbus request PDUs), in order, under the line's
@@ -275,14 +298,16 @@ class Line:
         BindingConnectError (unreachable, or the connection was lost: it is closed and
         reopened at a later request)."""
         out: list[Any] = []
-        async with self.lock:
+        try:
+            self.lock.acquire_nowait()  # free: nobody waits (a release hands it to the next)
+        except trio.WouldBlock:
+            await self.lock.acquire()
+        try:
             await self._ensure()
             self.current_device = device
-            for pdu in pdus:
-                result = await self._attempts(device, pdu, timeout, retries)
-                out.append(result)
-                if isinstance(result, ModbusTimeout):
-                    break
+            await self._requests(device, pdus, timeout, retries, out)
+        finally:
+            self.lock.release()
         silent = ModbusTimeout(f"device {device}: not asked (the unit is silent this cycle)")
         out.extend(silent for _ in range(len(pdus) - len(out)))
         return out

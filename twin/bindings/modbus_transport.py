@@ -3,9 +3,12 @@ reply's PDU out. :class:`twin.bindings.modbus.Line` (timeouts, retries, fairness
 the same above both.
 
 :class:`TcpTransport` — Modbus TCP (``framing: socket``) and RTU over TCP (``framing: rtu``),
-**Trio-native**: a ``trio.SocketStream`` and pymodbus' sans-IO parts only (the framer builds a
-frame from the request PDU and splits the incoming bytes into frames; ``DecodePDU`` turns a
-frame into a response PDU). No thread hop per request.
+**Trio-native**: a non-blocking socket driven by Trio (``trio.lowlevel.wait_readable``) and
+pymodbus' sans-IO parts only (the framer builds a frame from the request PDU and splits the
+incoming bytes into frames; ``DecodePDU`` turns a frame into a response PDU). No thread hop per
+request. The socket is opened with ``trio.open_tcp_stream`` and then used directly: a
+``SocketStream``'s ``send_all`` and ``receive_some`` each add a pass of the scheduler, which
+made a request cost about twice the CPU (262 vs 136 µs per request, measured interleaved).
 
 * Modbus TCP: each request gets the next transaction id (1-65000 per connection); a frame with
   another id is a late reply to an earlier request the caller gave up on (a timeout): it is
@@ -30,6 +33,7 @@ request (``client.execute(False, pdu)``); a Trio cancel cancels the asyncio requ
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -79,24 +83,29 @@ class TcpTransport:
         decoder = DecodePDU(False)
         self.decoder = decoder
         self.framer = FramerRTU(decoder) if rtu else FramerSocket(decoder)
-        self.stream: trio.SocketStream | None = None
+        self.sock: socket.socket | None = None
         self.buf = b""
         self.tid = 0
         self.broken = False
         self.late = 0  # replies discarded as late (a request given up on)
 
     async def open(self) -> None:
-        self.stream = await trio.open_tcp_stream(self.host, self.port)
+        stream = await trio.open_tcp_stream(self.host, self.port)  # DNS, happy eyeballs, TCP_NODELAY
+        sock = stream.socket
+        self.sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.sock.setblocking(False)
         self.buf, self.tid, self.broken = b"", 0, False
 
     async def close(self) -> None:
-        stream, self.stream = self.stream, None
-        if stream is not None:
-            await stream.aclose()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+        await trio.lowlevel.checkpoint()
 
     async def request(self, pdu: ModbusPDU) -> ModbusPDU:
-        stream = self.stream
-        if stream is None or self.broken:
+        sock = self.sock
+        if sock is None or self.broken:
             raise ConnectionLost("not connected")
         if self.rtu:
             self.buf = b""  # what an earlier request left: no transaction id to tell it apart
@@ -104,26 +113,40 @@ class TcpTransport:
         else:
             self.tid = self.tid + 1 if self.tid < 65000 else 1
             pdu.transaction_id = self.tid
-        frame = self.framer.buildFrame(pdu)
-        try:
-            await stream.send_all(frame)
-        except trio.Cancelled:
-            self.broken = True  # maybe part of the frame went out
-            raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise ConnectionLost(f"send failed: {exc}") from exc
+        await self._send(sock, self.framer.buildFrame(pdu))
         parse = self._rtu_reply if self.rtu else self._tcp_reply
         while True:
             reply = parse(pdu)
             if reply is not None:
                 return reply
+            await trio.lowlevel.wait_readable(sock)  # a cancel here consumes nothing
             try:
-                data = await stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as exc:
                 raise ConnectionLost(f"receive failed: {exc}") from exc
             if not data:
                 raise ConnectionLost("closed by the peer")
             self.buf += data
+
+    async def _send(self, sock: socket.socket, frame: bytes) -> None:
+        """All of ``frame``; at once when the socket takes it (a request always fits, unless
+        the peer stopped reading)."""
+        view = memoryview(frame)
+        while view:
+            try:
+                view = view[sock.send(view):]
+                continue
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                raise ConnectionLost(f"send failed: {exc}") from exc
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except trio.Cancelled:
+                self.broken = len(view) < len(frame)  # part of the frame went out
+                raise
 
     def _tcp_reply(self, request: ModbusPDU) -> ModbusPDU | None:
         """The reply to ``request`` if ``buf`` holds it (late frames discarded), else None."""
