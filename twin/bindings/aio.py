@@ -1,5 +1,7 @@
 """The asyncio↔Trio bridge: one asyncio event loop in one worker thread for every asyncio
-library the engine uses (pymodbus, asyncua, aiocoap), driven from Trio.
+library the engine uses (asyncua, aiocoap; pymodbus' serial client, its servers and the Modbus
+simulators — Modbus TCP polling is Trio-native, twin/bindings/modbus_transport.py), driven
+from Trio.
 
 Contract (what a binding author relies on)
 ------------------------------------------

@@ -236,7 +236,7 @@ class SerialTransport:
         self.broken = False
 
     async def request(self, pdu: ModbusPDU) -> ModbusPDU:
-        from pymodbus.exceptions import ConnectionException
+        from pymodbus.exceptions import ConnectionException, ModbusException
 
         client = self.client
         make: Callable[[], Any] = lambda: client.execute(False, pdu)  # noqa: E731
@@ -244,6 +244,8 @@ class SerialTransport:
             return await aio.run(make)
         except (ConnectionException, OSError) as exc:
             raise ConnectionLost(str(exc)) from exc
+        except ModbusException as exc:  # a reply pymodbus could not take (another unit...)
+            raise MalformedFrame(str(exc), b"") from exc
 
     async def close(self) -> None:
         client = self.client

@@ -7,7 +7,8 @@ engine
 ├─ overrides         runtime desired values (scenes, commands, operators) over spec.desired
 ├─ reload watcher    polls registry.head() and reconciles a new revision within a second
 ├─ metrics flusher   per-device metrics to device_metrics every ``metrics_interval``
-├─ asyncio bridge    one asyncio loop thread for pymodbus/asyncua/aiocoap (twin.bindings.aio),
+├─ asyncio bridge    one asyncio loop thread for asyncua, aiocoap and pymodbus' serial client
+                     and servers (twin.bindings.aio; Modbus TCP polling is Trio-native),
                      started lazily, stopped when the engine stops
 └─ services          handed in by the caller (the API server from twin.api), each
                      ``async def service(engine, *, task_status)``
@@ -389,7 +390,7 @@ class Engine:
         self._token = trio.lowlevel.current_trio_token()
         self.plugins.acquire()
         try:
-            # the asyncio loop (pymodbus, asyncua, aiocoap) starts lazily and stops with us
+            # the asyncio loop (asyncua, aiocoap, pymodbus serial/servers) starts lazily and stops with us
             async with aio.lifetime(), trio.open_nursery() as nursery:
                 # the core: a failure here ends the engine (with one clear line)
                 await nursery.start(_core, "registry writer", self.writer.run)
