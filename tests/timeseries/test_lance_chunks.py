@@ -401,3 +401,39 @@ def test_blobs_taken_by_fragment_match_a_dataset_take(tmp_path: Path) -> None:
         fast = table.blobs(ds, rows, idx, cat)
         plain = lance_chunks.ChunkTable.with_blobs(ds, rows, idx)
         assert fast.equals(plain)
+
+
+@pytest.mark.parametrize("cache", [128 << 20, 4096, 0])
+def test_one_series_reads_match_the_whole_store(tmp_path: Path, cache: int) -> None:
+    """The dashboard's read (one device, one metric: blobs from the cache or one take,
+    ``chunks.decode_series``) gives exactly the store's points of that series and range:
+    over merged day rows, 6-hour rows, late points not merged yet (overlapping rows), the
+    row layout of the open window, a string series, a reopened store (cold cache), with a
+    cache that evicts and with none."""
+    store = _open(tmp_path / "ts", chunk_cache_bytes=cache)
+    _write(store, _records(hours=40, devices=3))
+    store.maintain(force=True)
+    late: list[Record] = [
+        ("d0", "temp", -0.0, T0 + 1 * H + 0.25, 0, "s", "g", ",a,"),
+        ("d0", "temp", float("nan"), T0 + 1 * H + 0.25, 2, "s", "g", ",a,"),
+        ("d1", "count", 7, T0 + 30 * H + 1, 0, "s", "g", ",a,"),
+    ]
+    store.write_records(late)
+    rng = np.random.default_rng(5)
+
+    def check(s: LanceStore) -> None:
+        everything = _all(s)
+        for _ in range(40):
+            d, m = f"d{rng.integers(0, 3)}", ["temp", "count", "on", "state"][rng.integers(0, 4)]
+            a = T0 + float(rng.uniform(-2, 42)) * H
+            b = a + float(rng.choice([0.5, 1, 7, 30])) * H
+            got = s.read_raw(Selector.of(devices=d, metrics=m), a, b)
+            ts = got.column("ts").cast(pa.int64()).to_numpy()
+            assert bool(np.all(ts[1:] >= ts[:-1]))  # by time
+            assert _canon(got) == [
+                r for r in everything if r[:2] == (d, m) and a <= r[2].timestamp() < b
+            ]
+
+    check(store)
+    assert store._chunks.cached_bytes() <= cache
+    check(_open(tmp_path / "ts", chunk_cache_bytes=cache))

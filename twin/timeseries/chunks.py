@@ -293,6 +293,69 @@ def _decode_one(chunk: pa.Table, lo: int | None, hi: int | None) -> pa.Table:
     return pa.Table.from_arrays([cols[x] for x in RAW_SCHEMA.names], schema=RAW_SCHEMA)
 
 
+def _buf(dtype: pa.DataType, a: np.ndarray) -> pa.Array:
+    """A contiguous numpy array as an Arrow array without nulls, zero-copy (~2 us where
+    ``pa.array(a, TS_TYPE)`` takes ~13 us)."""
+    return pa.Array.from_buffers(dtype, len(a), [None, pa.py_buffer(np.ascontiguousarray(a))])
+
+
+def decode_series(
+    names: tuple[str, ...],
+    blobs: list[tuple[bytes | None, ...]],
+    lo: int | None,
+    hi: int | None,
+) -> pa.Table:
+    """RAW_SCHEMA rows in ``[lo, hi)`` (us) of chunk rows of one series (``names``, in
+    ``SERIES_COLUMNS`` order) without strings, from their blobs ``(t, v, c, ...)`` as
+    bytes: rows in the given order, each row's points by time. A dashboard's one-series
+    read: no Arrow table of the blobs, no per-point masks (a row's timestamps are sorted,
+    so ``[lo, hi)`` is a slice of it), zero-copy Arrow columns."""
+    ts, vs, cs = [], [], []
+    any_codes = False
+    for b in blobs:
+        t = codec.decode_ts(b[0])  # type: ignore[arg-type]
+        a = 0 if lo is None else int(np.searchsorted(t, lo, side="left"))
+        e = len(t) if hi is None else int(np.searchsorted(t, hi, side="left"))
+        if e <= a:
+            continue
+        v = codec.decode_values(b[1])  # type: ignore[arg-type]
+        c = codec.decode_codes(b[2]) if b[2] is not None else None
+        any_codes |= c is not None
+        ts.append(t[a:e])
+        vs.append(v[a:e])
+        cs.append(c[a:e] if c is not None else None)
+    n = sum(len(t) for t in ts)
+    if n == 0:
+        t = np.zeros(0, dtype=np.int64)
+        v = np.zeros(0, dtype=np.float64)
+    else:
+        t = ts[0] if len(ts) == 1 else np.concatenate(ts)
+        v = vs[0] if len(vs) == 1 else np.concatenate(vs)
+    if not any_codes:
+        zeros = _buf(pa.uint8(), np.zeros(n, dtype=np.uint8))
+        value, kind, quality = _buf(pa.float64(), v), zeros, zeros
+    else:
+        c = np.concatenate(
+            [
+                x if x is not None else np.zeros(len(y), np.uint8)
+                for x, y in zip(cs, ts, strict=True)
+            ]
+        )
+        k = (c >> 2).astype(np.uint8)
+        value = pa.array(v, pa.float64(), mask=k == 2)
+        kind, quality = _buf(pa.uint8(), k), _buf(pa.uint8(), (c & 3).astype(np.uint8))
+    cols = {
+        "ts": _buf(TS_TYPE, t),
+        "value": value,
+        "value_str": pa.nulls(n, pa.string()),
+        "kind": kind,
+        "quality": quality,
+    }
+    for name, x in zip(SERIES_COLUMNS, names, strict=True):
+        cols[name] = pa.repeat(pa.scalar(x, pa.string()), n)
+    return pa.Table.from_arrays([cols[x] for x in RAW_SCHEMA.names], schema=RAW_SCHEMA)
+
+
 def whole_in_bucket(chunks: pa.Table, start: float, end: float, bucket: float) -> np.ndarray:
     """Per chunk row: True when all its points lie in ``[start, end)`` and in one bucket of
     ``bucket`` seconds (then its stored partial is that bucket's, no decoding needed)."""
