@@ -26,24 +26,10 @@ from typing import Any
 
 import trio
 
-from twin.runtime.simulators import SIMULATORS_DIR, port_for
+from twin.runtime.simulators import load_section, port_for
 from twin.runtime.supervisor import supervise
-from twin.spec.yamlload import load_data
 
 log = logging.getLogger(__name__)
-
-
-def load_modbus_simulators(site: Path) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    folder = site / SIMULATORS_DIR
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob("*.y*ml")):
-        doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
-        if isinstance(doc, dict):
-            for device, opts in (doc.get("modbus") or {}).items():
-                out[str(device)] = dict(opts or {})
-    return out
 
 
 @dataclass(repr=False, eq=False)
@@ -57,7 +43,7 @@ class ModbusSimulatorService:
     ) -> None:
         from twin.sim.modbus_device import ModbusSim, sim_unit
 
-        declared = await trio.to_thread.run_sync(load_modbus_simulators, self.site)
+        declared = await trio.to_thread.run_sync(load_section, self.site, "modbus")
         gateways: dict[tuple[str, int], list[Any]] = {}
         for device, opts in sorted(declared.items()):
             doc = engine.device_doc(device) or {}

@@ -45,6 +45,13 @@ SIMULATORS_DIR = "simulators"
 
 def load_simulators(site: Path) -> dict[str, dict[str, Any]]:
     """``{device: options}`` of the MQTT devices declared in ``site/simulators/*.yaml``."""
+    return load_section(site, "mqtt", strict=True)
+
+
+def load_section(site: Path, section: str, *, strict: bool = False) -> dict[str, dict[str, Any]]:
+    """``{device: options}`` of ``section`` (``mqtt``, ``coap``, ``opcua``, ``modbus``) in
+    ``site/simulators/*.yaml``. A file that is not a mapping is skipped, or with ``strict`` an
+    error."""
     out: dict[str, dict[str, Any]] = {}
     folder = site / SIMULATORS_DIR
     if not folder.is_dir():
@@ -52,23 +59,11 @@ def load_simulators(site: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(folder.glob("*.y*ml")):
         doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(doc, dict):
-            raise ValueError(f"{path}: expected a mapping with an 'mqtt' key")
-        for device, opts in (doc.get("mqtt") or {}).items():
+            if strict:
+                raise ValueError(f"{path}: expected a mapping with an {section!r} key")
+            continue
+        for device, opts in (doc.get(section) or {}).items():
             out[str(device)] = dict(opts or {})
-    return out
-
-
-def load_section(site: Path, section: str) -> dict[str, dict[str, Any]]:
-    """``{device: options}`` of ``section`` (``coap``, ``opcua``) in ``site/simulators/*.yaml``."""
-    out: dict[str, dict[str, Any]] = {}
-    folder = site / SIMULATORS_DIR
-    if not folder.is_dir():
-        return out
-    for path in sorted(folder.glob("*.y*ml")):
-        doc = load_data(path.read_text(encoding="utf-8"), str(path)) or {}
-        if isinstance(doc, dict):
-            for device, opts in (doc.get(section) or {}).items():
-                out[str(device)] = dict(opts or {})
     return out
 
 
@@ -101,6 +96,13 @@ def device_key(registry: Any, device: str, key_dir: Path) -> tuple[str, bool]:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(key + "\n")
     return key, True
+
+
+async def _key(engine: Any, device: str, key_dir: Path) -> str:
+    key, created = await engine.rio.call(device_key, engine.registry, device, key_dir)
+    if created:
+        log.info("simulators: device key for %s created (%s)", device, key_dir / f"{device}.key")
+    return str(key)
 
 
 def _connect_host(host: str) -> str:
@@ -142,10 +144,7 @@ class SimulatorService:
                     continue
                 spec = (doc or {}).get("spec") or {}
                 model = (engine.specs.get(("DeviceModel", str(spec.get("model", "")))) or {})
-                key, created = await engine.rio.call(device_key, engine.registry, device, key_dir)
-                if created:
-                    log.info("simulators: device key for %s created (%s)", device,
-                             key_dir / f"{device}.key")
+                key = await _key(engine, device, key_dir)
                 site = str((doc or {}).get("metadata", {}).get("site") or "")
                 sim = MqttDeviceSim(
                     device,
@@ -159,19 +158,7 @@ class SimulatorService:
                     protocol=self.protocol,
                 )
                 self.sims[device] = sim
-                # under the engine's supervisor like every other child: logged, counted,
-                # alarmed on the device, restarted with backoff, quarantined if it keeps failing
-                nursery.start_soon(
-                    partial(
-                        supervise,
-                        sim.run,
-                        kind="simulator",
-                        name=device,
-                        site=site,
-                        supervision=engine.supervision,
-                        restart_on_return=True,
-                    )
-                )
+                self._start(engine, nursery, device, sim.run)
             task_status.started({"devices": sorted(self.sims), "keys": str(key_dir)})
 
     async def _industrial(self, engine: Any, nursery: trio.Nursery, key_dir: Path) -> None:
@@ -212,10 +199,7 @@ class SimulatorService:
                 log.warning("simulators: %s is not a Device with a coap binding; skipped", device)
                 continue
             model = engine.specs.get(("DeviceModel", str(spec.get("model", "")))) or {}
-            key, created = await engine.rio.call(device_key, engine.registry, device, key_dir)
-            if created:
-                log.info("simulators: device key for %s created (%s)", device,
-                         key_dir / f"{device}.key")
+            key = await _key(engine, device, key_dir)
             assert coap_url is not None
             chost, _, cport = coap_url.removeprefix("coap://").rpartition(":")
             sim = CoapDeviceSim(device, key, _connect_host(chost.strip("[]")), int(cport), opts,
@@ -224,6 +208,8 @@ class SimulatorService:
             self._start(engine, nursery, device, sim.run)
 
     def _start(self, engine: Any, nursery: trio.Nursery, device: str, run: Any) -> None:
+        """Under the engine's supervisor like every other child: logged, counted, alarmed on
+        the device, restarted with backoff, quarantined if it keeps failing."""
         site = str(((engine.device_doc(device) or {}).get("metadata") or {}).get("site") or "")
         self.sims.setdefault(device, run)
         nursery.start_soon(
