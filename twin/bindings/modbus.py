@@ -247,14 +247,17 @@ class Line:
         while len(out) < len(pdus):
             # one cancel scope for as many requests as go without a timeout, its deadline
             # moved for each: a scope per request costs as much CPU as the request's own I/O
-            with trio.CancelScope() as scope:
+            fresh = True
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
                 while len(out) < len(pdus) and not scope.cancel_called:
                     pdu = pdus[len(out)]
                     tries += 1
                     STATS.requests += 1
                     self.requests += 1
                     t0 = time.perf_counter()
-                    scope.deadline = trio.current_time() + timeout
+                    if not fresh:
+                        scope.deadline = trio.current_time() + timeout
+                    fresh = False
                     try:
                         response = await self.transport.request(pdu)
                     except MalformedFrame as exc:
@@ -303,13 +306,15 @@ class Line:
         except trio.WouldBlock:
             await self.lock.acquire()
         try:
-            await self._ensure()
+            if not self.connected:
+                await self._ensure()
             self.current_device = device
             await self._requests(device, pdus, timeout, retries, out)
         finally:
             self.lock.release()
-        silent = ModbusTimeout(f"device {device}: not asked (the unit is silent this cycle)")
-        out.extend(silent for _ in range(len(pdus) - len(out)))
+        if len(out) < len(pdus):
+            silent = ModbusTimeout(f"device {device}: not asked (the unit is silent this cycle)")
+            out.extend(silent for _ in range(len(pdus) - len(out)))
         return out
 
     async def call(self, device: str, pdu: Any, timeout: float, retries: int) -> Any:  # noqa: ASYNC109
@@ -357,29 +362,39 @@ class Group:
     frame: bool = False  # this group also reads the codec's frame
 
 
+_PDU: dict[int, Any] = {}
+"""Request PDU classes by function code (pymodbus is imported when the first is built)."""
+
+
+def _pdu_class(fc: int) -> Any:
+    cls = _PDU.get(fc)
+    if cls is None:
+        from pymodbus.pdu import bit_message as bits
+        from pymodbus.pdu import register_message as regs
+
+        _PDU.update({
+            1: bits.ReadCoilsRequest, 2: bits.ReadDiscreteInputsRequest,
+            3: regs.ReadHoldingRegistersRequest, 4: regs.ReadInputRegistersRequest,
+            5: bits.WriteSingleCoilRequest, 15: bits.WriteMultipleCoilsRequest,
+            6: regs.WriteSingleRegisterRequest, 16: regs.WriteMultipleRegistersRequest,
+        })
+        cls = _PDU[fc]
+    return cls
+
+
 def _request(block: Block, unit: int) -> Any:
     """The pymodbus request PDU that reads ``block`` from ``unit`` (a fresh one: a transport
     sets its transaction id)."""
-    from pymodbus.pdu import bit_message as bits
-    from pymodbus.pdu import register_message as regs
-
-    cls = {1: bits.ReadCoilsRequest, 2: bits.ReadDiscreteInputsRequest,
-           3: regs.ReadHoldingRegistersRequest}.get(block.fc, regs.ReadInputRegistersRequest)
-    return cls(address=block.start, count=block.count, dev_id=unit)
+    return _pdu_class(block.fc)(address=block.start, count=block.count, dev_id=unit)
 
 
 def _write_request(fc: int, address: int, unit: int, values: Sequence[Any]) -> Any:
     """The pymodbus request PDU that writes ``values`` (bits for 5/15, registers for 6/16)."""
-    from pymodbus.pdu import bit_message as bits
-    from pymodbus.pdu import register_message as regs
-
-    if fc == 5:
-        return bits.WriteSingleCoilRequest(address=address, bits=[bool(values[0])], dev_id=unit)
-    if fc == 15:
-        return bits.WriteMultipleCoilsRequest(address=address, bits=[bool(v) for v in values], dev_id=unit)
-    if fc == 6:
-        return regs.WriteSingleRegisterRequest(address=address, registers=[int(values[0])], dev_id=unit)
-    return regs.WriteMultipleRegistersRequest(address=address, registers=[int(v) for v in values], dev_id=unit)
+    if fc in (5, 15):
+        bits = [bool(v) for v in values[:1]] if fc == 5 else [bool(v) for v in values]
+        return _pdu_class(fc)(address=address, bits=bits, dev_id=unit)
+    regs = [int(v) for v in values[:1]] if fc == 6 else [int(v) for v in values]
+    return _pdu_class(16 if fc != 6 else 6)(address=address, registers=regs, dev_id=unit)
 
 
 class ModbusBinding:

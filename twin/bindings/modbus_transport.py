@@ -34,6 +34,7 @@ request (``client.execute(False, pdu)``); a Trio cancel cancels the asyncio requ
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -76,6 +77,7 @@ class TcpTransport:
     """One TCP connection to a gateway (see the module docstring). ``open`` raises OSError."""
 
     def __init__(self, host: str, port: int, *, rtu: bool = False) -> None:
+        from pymodbus.exceptions import ModbusException
         from pymodbus.framer import FramerRTU, FramerSocket
         from pymodbus.pdu import DecodePDU
 
@@ -83,6 +85,11 @@ class TcpTransport:
         decoder = DecodePDU(False)
         self.decoder = decoder
         self.framer = FramerRTU(decoder) if rtu else FramerSocket(decoder)
+        self.modbus_exception = ModbusException
+        # the responses to the requests the binding sends (no sub-function codes)
+        self.response_classes: dict[int, type[ModbusPDU]] = {
+            fc: decoder.pdu_table[fc][1] for fc in (1, 2, 3, 4, 5, 6, 15, 16)
+        }
         self.sock: socket.socket | None = None
         self.buf = b""
         self.tid = 0
@@ -185,7 +192,7 @@ class TcpTransport:
         return None
 
     def _decode(self, request: ModbusPDU, dev_id: int, data: bytes, frame: bytes) -> ModbusPDU:
-        pdu = self.decoder.decode(data)
+        pdu = self._pdu(data)
         if pdu is None:
             raise MalformedFrame("undecodable PDU", frame)
         if dev_id != request.dev_id:
@@ -195,6 +202,21 @@ class TcpTransport:
                 f"function code {pdu.function_code} in reply to {request.function_code}", frame
             )
         pdu.dev_id, pdu.transaction_id = dev_id, request.transaction_id
+        return pdu
+
+
+    def _pdu(self, data: bytes) -> ModbusPDU | None:
+        """``DecodePDU.decode`` for the replies a poll gets, without its debug line (it formats
+        every PDU as text whether debug is on or not); anything else goes through it."""
+        fc = data[0]
+        cls = self.response_classes.get(fc)
+        if cls is None:
+            return self.decoder.decode(data)
+        pdu = cls()
+        try:
+            pdu.decode(data[1:])
+        except (self.modbus_exception, ValueError, IndexError, struct.error):
+            return None
         return pdu
 
 
