@@ -84,14 +84,13 @@ from twin.bindings import plugins as plugin_edge
 from twin.bindings.base import (
     STALE_AFTER,
     BindingContext,
-    DeviceEvent,
-    EventType,
     Message,
     Quality,
     Reading,
 )
 from twin.bindings.http import IngestError, IngestHub, parse_ingest
 from twin.bindings.payload import extract as _extract
+from twin.bindings.polling import PollOptions, poll_forever
 from twin.bindings.registry import register_binding
 from twin.bindings.values import ValueRefused, check_data, check_shape, check_value
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
@@ -368,18 +367,13 @@ class CoapBinding:
         self.device = device
         self.options = options
         self.context = context or BindingContext()
-        self.mode = str(options.get("mode", "push"))
-        self.url = options.get("url")
-        self.write_url = options.get("write_url")
-        self.command_url = options.get("command_url")
-        self.interval = parse_duration(options.get("interval", "10s")) or 10.0
-        self.timeout = parse_duration(options.get("timeout", "5s")) or 5.0
+        o = PollOptions.parse(options, zero_interval=10.0)
+        self.mode, self.url, self.write_url, self.command_url = (
+            o.mode, o.url, o.write_url, o.command_url)  # fmt: skip
+        self.interval, self.timeout, self.points = o.interval, o.timeout, o.points
         self.command_timeout = parse_duration(options.get("command_timeout", "30s")) or 30.0
         self.format = CT_CBOR if options.get("format") == "cbor" else CT_JSON
         self.codec: str | None = options.get("codec")  # a Plugin (role codec) decodes payloads
-        self.points = {
-            str(k): str((v or {}).get("path", k)) for k, v in (options.get("points") or {}).items()
-        }
         self._clock: Callable[[], float] = self.context.clock or time.time
         self._ctx: Any = None  # aiocoap client context (asyncio thread)
         self.refused = 0
@@ -439,18 +433,8 @@ class CoapBinding:
                 hub.detach(self.device, send)
         if self.mode == "observe":
             await self._observe(send)
-        while True:
-            try:
-                readings = await self.read()
-            except BindingError:
-                for r in self._stale():  # then the device task reconnects with backoff
-                    await send.send(r)
-                raise
-            for r in readings:
-                await send.send(r)
-            if not readings:
-                await send.send(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
-            await trio.sleep(self.interval)
+        await poll_forever(self.device, self.read, send, self.interval, self._clock,
+                           on_error=self._stale)  # fmt: skip
 
     async def write(self, point: str, value: Any) -> None:
         if self.mode == "push":

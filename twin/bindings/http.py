@@ -44,6 +44,7 @@ from twin.bindings.base import (
     Reading,
 )
 from twin.bindings.payload import extract as _extract
+from twin.bindings.polling import PollOptions, poll_forever
 from twin.bindings.registry import register_binding
 from twin.bindings.values import (
     ValueRefused,
@@ -54,7 +55,6 @@ from twin.bindings.values import (
 )
 from twin.errors import BindingConnectError, BindingError, BindingTimeout, CommandError
 from twin.spec.bindings import binding_schema
-from twin.spec.units import parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -251,16 +251,11 @@ class HttpBinding:
 
     def __init__(self, device: str, options: Mapping[str, Any], context: BindingContext) -> None:
         self.device = device
-        self.mode = str(options.get("mode", "push"))
-        self.url = options.get("url")
-        self.write_url = options.get("write_url")
-        self.command_url = options.get("command_url")
-        self.interval = parse_duration(options.get("interval", "10s")) or 1.0
-        self.timeout = parse_duration(options.get("timeout", "5s")) or 5.0
+        o = PollOptions.parse(options, zero_interval=1.0)
+        self.mode, self.url, self.write_url, self.command_url = (
+            o.mode, o.url, o.write_url, o.command_url)  # fmt: skip
+        self.interval, self.timeout, self.points = o.interval, o.timeout, o.points
         self.headers = dict(options.get("headers") or {})
-        self.points = {
-            k: (v or {}).get("path", k) for k, v in (options.get("points") or {}).items()
-        }
         self.hub: IngestHub | None = context.ingest
         self._clock = context.clock or time.time
         self._client: httpx.AsyncClient | None = None
@@ -326,13 +321,7 @@ class HttpBinding:
                 await trio.sleep_forever()
             finally:
                 self.hub.detach(self.device, send)
-        while True:
-            readings = await self.read()
-            for r in readings:
-                await send.send(r)
-            if not readings:
-                await send.send(DeviceEvent(self.device, EventType.HEARTBEAT, self._clock()))
-            await trio.sleep(self.interval)
+        await poll_forever(self.device, self.read, send, self.interval, self._clock)
 
     async def write(self, point: str, value: Any) -> None:
         if self.mode == "push":
