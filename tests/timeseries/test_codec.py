@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from twin.timeseries import codec
 from twin.timeseries.base import RAW_SCHEMA, TS_TYPE
-from twin.timeseries.chunks import build_chunks, chunk_partials, decode_chunks
+from twin.timeseries.chunks import build_chunks, chunk_partials, decode_chunks, trim_chunks
 from twin.timeseries.partials import combine, raw_partials
 
 _SPECIAL = [0.0, -0.0, 5e-324, -5e-324, 2.2250738585072014e-308, float("inf"), float("-inf")]
@@ -138,6 +138,24 @@ def test_chunks_round_trip_every_point(
     chunks = build_chunks(raw, chunk_s, first_cid=1)
     assert int(pa.compute.sum(chunks.column("n")).as_py() or 0) == len(rows)
     assert _canon(decode_chunks(chunks)) == _canon(raw)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(points, max_size=80), st.sampled_from([3600.0, 86400.0]), st.integers(-1, 40))
+def test_trimmed_chunks_equal_chunks_of_the_kept_points(
+    rows: list[tuple[str, str, int, object, int]], chunk_s: float, at: int
+) -> None:
+    """A retention cut (``trim_chunks``) gives the very rows ``build_chunks`` makes of the
+    points it keeps: blobs, stats and windows (all but the ids)."""
+    raw = _raw(rows)
+    cut = sorted(r[2] for r in rows)[at] if rows and 0 <= at < len(rows) else (at * 7_000_000)
+    chunks = build_chunks(raw, chunk_s, first_cid=1)
+    got, dropped = trim_chunks(chunks, cut, first_cid=100)
+    kept = raw.filter(pa.compute.greater_equal(raw.column("ts").cast(pa.int64()), cut))
+    want = build_chunks(kept, chunk_s, first_cid=100)
+    assert dropped == len(rows) - kept.num_rows
+    keys = [("device", "ascending"), ("metric", "ascending"), ("ts", "ascending")]
+    assert got.drop_columns(["cid"]).sort_by(keys).equals(want.drop_columns(["cid"]).sort_by(keys))
 
 
 @settings(max_examples=100, deadline=None)

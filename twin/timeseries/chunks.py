@@ -98,9 +98,11 @@ def _group_key(table: pa.Table, window: np.ndarray) -> np.ndarray:
     )
 
 
-def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
+def build_chunks(
+    table: pa.Table, chunk_s: float, first_cid: int, level: int = codec.LEVEL
+) -> pa.Table:
     """RAW_SCHEMA rows (decoded values, any order) -> CHUNK_SCHEMA rows, one per
-    (series, window); ``cid`` numbered from ``first_cid``."""
+    (series, window); ``cid`` numbered from ``first_cid``; blobs at pcodec ``level``."""
     n = table.num_rows
     if n == 0:
         return CHUNK_SCHEMA.empty_table()
@@ -111,17 +113,50 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
     order = np.lexsort((ts, key))  # stable: duplicate timestamps keep their order
     ks = key[order]
     starts = np.flatnonzero(np.r_[True, ks[1:] != ks[:-1]])
-    ends = np.r_[starts[1:], n]
-    t = ts[order]
     vcol = table.column("value")
     v = np.asarray(vcol.to_numpy(zero_copy_only=False), dtype=np.float64)[order]
     v_valid = np.asarray(vcol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)[order]
-    v = np.where(v_valid, v, 0.0)  # nulls (string points) store 0; c_blob says what they are
     kind = np.asarray(table.column("kind").cast(pa.uint8()).to_numpy(), dtype=np.int64)[order]
     quality = np.asarray(table.column("quality").cast(pa.uint8()).to_numpy(), dtype=np.int64)[order]
-    codes = kind * 4 + quality
     scol = _strings(table.column("value_str")).take(pa.array(order))
+    rows = pa.array(order[starts])
+    series = {name: _strings(table.column(name)).take(rows) for name in SERIES_COLUMNS}
+    return _chunk_rows(
+        ts[order],
+        v,
+        v_valid,
+        kind * 4 + quality,
+        scol,
+        starts,
+        window[order[starts]] * chunk_us,
+        series,
+        first_cid,
+        level,
+    )
+
+
+def _chunk_rows(
+    t: np.ndarray,
+    v: np.ndarray,
+    v_valid: np.ndarray,
+    codes: np.ndarray,
+    scol: pa.Array | None,
+    starts: np.ndarray,
+    window_us: np.ndarray,
+    series: dict[str, pa.Array],
+    first_cid: int,
+    level: int,
+) -> pa.Table:
+    """CHUNK_SCHEMA rows from points already grouped: chunk ``i`` holds the points
+    ``starts[i]:starts[i + 1]`` (sorted by time), its window starts at ``window_us[i]``
+    and its series is ``series[name][i]``; ``scol``: the points' strings (None: none)."""
+    n = len(t)
+    ends = np.r_[starts[1:], n]
+    v = np.where(v_valid, v, 0.0)  # nulls (string points) store 0; c_blob says what they are
+    if scol is None:
+        scol = pa.nulls(n, pa.string())
     has_str = np.asarray(scol.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    quality = codes & 3
 
     # the partial over good points per chunk (what ``partials.raw_partials`` computes:
     # a NaN value counts as a point but, like a string, not as a number)
@@ -146,17 +181,16 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
     c_blobs: list[bytes | None] = []
     s_blobs: list[bytes | None] = []
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        t_blobs.append(codec.encode_ts(t[a:b]))
-        v_blobs.append(codec.encode_values(v[a:b]))
+        t_blobs.append(codec.encode_ts(t[a:b], level))
+        v_blobs.append(codec.encode_values(v[a:b], level))
         c = codes[a:b]
         c_blobs.append(codec.encode_codes(c) if c.any() else None)
         s_blobs.append(
             codec.encode_strings(scol.slice(a, b - a).to_pylist()) if has_str[a:b].any() else None
         )
 
-    rows = order[starts]
     cols: dict[str, pa.Array] = {
-        "ts": pa.array(window[rows] * chunk_us, TS_TYPE),
+        "ts": pa.array(window_us, TS_TYPE),
         "t_min": pa.array(t[starts], TS_TYPE),
         "t_max": pa.array(t[ends - 1], TS_TYPE),
         "n": pa.array(ends - starts, pa.int64()),
@@ -175,11 +209,76 @@ def build_chunks(table: pa.Table, chunk_s: float, first_cid: int) -> pa.Table:
         "v_blob": pa.array(v_blobs, pa.binary()),
         "c_blob": pa.array(c_blobs, pa.binary()),
         "s_blob": pa.array(s_blobs, pa.binary()),
+        **series,
     }
-    take = pa.array(rows)
-    for name in SERIES_COLUMNS:
-        cols[name] = _strings(table.column(name)).take(take)
     return pa.Table.from_arrays([cols[c] for c in CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA)
+
+
+def trim_chunks(
+    chunks: pa.Table, before_us: int, first_cid: int, level: int = codec.LEVEL
+) -> tuple[pa.Table, int]:
+    """CHUNK_SCHEMA rows (with blobs) without their points before ``before_us``, each
+    row staying one row of the same window and series (a retention cut): (the rows that
+    keep points, numbered from ``first_cid``; the points dropped). Each row's blobs are
+    decoded and its kept points (a suffix: a row's points are sorted) re-encoded, with
+    no per-point sort, string or dictionary work (``build_chunks`` of the decoded rows
+    did all three: twice the time)."""
+    m = chunks.num_rows
+    if m == 0:
+        return CHUNK_SCHEMA.empty_table(), 0
+    t_parts, v_parts, c_parts = [], [], []
+    s_parts: list[pa.Array] = []
+    kept = np.zeros(m, dtype=np.int64)
+    any_str = chunks.column("s_blob").null_count < m
+    dropped = 0
+    for i, (tb, vb, cb, sb) in enumerate(
+        zip(
+            chunks.column("t_blob").to_pylist(),
+            chunks.column("v_blob").to_pylist(),
+            chunks.column("c_blob").to_pylist(),
+            chunks.column("s_blob").to_pylist(),
+            strict=True,
+        )
+    ):
+        t = codec.decode_ts(tb)
+        a = int(np.searchsorted(t, before_us, side="left"))
+        dropped += a
+        if a == len(t):
+            continue
+        kept[i] = len(t) - a
+        t_parts.append(t[a:])
+        v_parts.append(codec.decode_values(vb)[a:])
+        c = codec.decode_codes(cb)[a:] if cb is not None else np.zeros(len(t) - a, np.uint8)
+        c_parts.append(c)
+        if any_str:
+            s = (
+                pa.array(codec.decode_strings(sb, len(t))[a:], pa.string())
+                if sb is not None
+                else pa.nulls(len(t) - a, pa.string())
+            )
+            s_parts.append(s)
+    live = np.flatnonzero(kept)
+    if live.size == 0:
+        return CHUNK_SCHEMA.empty_table(), dropped
+    t = np.concatenate(t_parts)
+    c = np.concatenate(c_parts).astype(np.int64)
+    kind = c >> 2
+    starts = np.r_[0, np.cumsum(kept[live])[:-1]]
+    rows = pa.array(live)
+    series = {name: _strings(chunks.column(name)).take(rows) for name in SERIES_COLUMNS}
+    table = _chunk_rows(
+        t,
+        np.concatenate(v_parts),
+        kind != 2,
+        c,
+        pa.concat_arrays(s_parts) if any_str else None,
+        starts,
+        _i64(chunks.column("ts"))[live],
+        series,
+        first_cid,
+        level,
+    )
+    return table, dropped
 
 
 def decode_chunks(

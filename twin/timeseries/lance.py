@@ -125,6 +125,7 @@ from twin.timeseries.chunks import (
     build_chunks,
     decode_chunks,
     decode_series,
+    trim_chunks,
 )
 from twin.timeseries.lance_chunks import CHUNKS, ChunkTable
 from twin.timeseries.partial_chunks import (
@@ -1542,20 +1543,14 @@ class LanceStore:
         straddle = np.flatnonzero(~whole)
         rows = CHUNK_SCHEMA.empty_table()
         if straddle.size:
+            # each row keeps its window (a day row stays one): only its points before the
+            # cut go, its kept points re-encoded (``trim_chunks``); rows wholly before it
+            # are only deleted
             sub = meta.take(pa.array(straddle))
             offsets = self._catalog_offsets(cat, sub)
             old = self._chunks.blobs(ds, sub.select(META_COLUMNS), offsets, cat)
-            kept = decode_chunks(old, before, None)
-            removed += int(n[straddle].sum()) - kept.num_rows
-            chunk_s = self.chunk_seconds or self.day_seconds
-            if chunk_s < self.day_seconds:
-                # rows of closed days stay day rows (``merge_days`` would merge them again)
-                day_us = round(self.day_seconds * 1_000_000)
-                w = np.asarray(sub.column("ts").cast(pa.int64()).to_numpy(), dtype=np.int64)
-                _lo, hi = self._raw_bounds() if self._table(RAW) is not None else (None, None)
-                if bool(((w // day_us + 1) * day_us <= self._closed_day_us(cat, hi, None)).all()):
-                    chunk_s = self.day_seconds
-            rows = build_chunks(kept, chunk_s, self._chunks.next_cid())
+            rows, cut = trim_chunks(old, round(before * 1e6), self._chunks.next_cid())
+            removed += cut
         self._commit_chunks(rows, cids, None, None)
         return removed
 
