@@ -399,13 +399,13 @@ def _buf(dtype: pa.DataType, a: np.ndarray) -> pa.Array:
 
 
 def decode_series(
-    names: tuple[str, ...],
+    names: tuple[pa.Scalar, ...],
     blobs: list[tuple[bytes | None, ...]],
     lo: int | None,
     hi: int | None,
 ) -> pa.Table:
-    """RAW_SCHEMA rows in ``[lo, hi)`` (us) of chunk rows of one series (``names``, in
-    ``SERIES_COLUMNS`` order) without strings, from their blobs ``(t, v, c, ...)`` as
+    """RAW_SCHEMA rows in ``[lo, hi)`` (us) of chunk rows of one series (``names``: string
+    scalars in ``SERIES_COLUMNS`` order) without strings, from their blobs ``(t, v, c, ...)`` as
     bytes: rows in the given order, each row's points by time. A dashboard's one-series
     read: no Arrow table of the blobs, no per-point masks (a row's timestamps are sorted,
     so ``[lo, hi)`` is a slice of it), zero-copy Arrow columns."""
@@ -451,7 +451,7 @@ def decode_series(
         "quality": quality,
     }
     for name, x in zip(SERIES_COLUMNS, names, strict=True):
-        cols[name] = pa.repeat(pa.scalar(x, pa.string()), n)
+        cols[name] = pa.repeat(x, n)
     return pa.Table.from_arrays([cols[x] for x in RAW_SCHEMA.names], schema=RAW_SCHEMA)
 
 

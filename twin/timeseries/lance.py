@@ -837,8 +837,8 @@ class LanceStore:
             return RAW_SCHEMA.empty_table(), True
         if len(idx) > 16 or ct.has_strings(cat, idx):
             return None
-        rows = [tuple(cat.column(c)[int(i)].as_py() for c in SERIES_COLUMNS) for i in idx]
-        if any(r != rows[0] for r in rows[1:]):
+        rows = ct.series_of(cat, idx)
+        if rows is None or any(r != rows[0] for r in rows[1:]):
             return None
         blobs = ct.blob_tuples(ds, cat, idx)
         if blobs is None:

@@ -30,10 +30,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twin.timeseries.base import Selector
+from twin.timeseries.base import SERIES_COLUMNS, Selector
 from twin.timeseries.chunks import CHUNK_SCHEMA, selector_mask
 
 CHUNKS = "raw_chunks"
+
+
+def _string_scalar(x: pa.Scalar) -> pa.Scalar:
+    if isinstance(x, pa.DictionaryScalar):
+        x = x.value
+    return x if x.type == pa.string() else x.cast(pa.string())
 
 
 class ChunkTable:
@@ -61,6 +67,7 @@ class ChunkTable:
         self._lo = np.zeros(0, dtype=np.int64)
         self._hi = np.zeros(0, dtype=np.int64)
         self._by_series: dict[tuple[str, str], np.ndarray] | None = None
+        self._names: dict[int, tuple[pa.Scalar, ...]] = {}  # catalogue row -> series
         # per catalogue row: its fragment and its offset among that fragment's live rows
         # (``blobs`` takes from the fragment: half the cost of a dataset ``take``)
         self._frag = np.zeros(0, dtype=np.int64)
@@ -93,6 +100,7 @@ class ChunkTable:
         import lance
 
         self._by_series = None
+        self._names = {}
         if not self.exists():
             self._ds = None
             self._catalog = self.schema.empty_table().select(self.meta_columns)
@@ -280,6 +288,24 @@ class ChunkTable:
                 return True
             has = self._has.get("s_blob")
             return has is None or bool(has[idx].any())
+
+    def series_of(self, cat: pa.Table, idx: np.ndarray) -> list[tuple[pa.Scalar, ...]] | None:
+        """The series (``SERIES_COLUMNS`` as string scalars) of catalogue rows ``idx``,
+        memoised per row read (reading them out of the catalogue costs ~1 us a scalar);
+        None when ``cat`` is not the current catalogue."""
+        with self._lock:
+            current = cat is self._catalog
+            names = self._names
+        if not current:
+            return None
+        out = []
+        for i in idx.tolist():
+            got = names.get(i)
+            if got is None:
+                got = tuple(_string_scalar(cat.column(c)[i]) for c in SERIES_COLUMNS)
+                names[i] = got
+            out.append(got)
+        return out
 
     def bounds(self, cat: pa.Table, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(t_min, t_max) in us of catalogue rows ``idx``."""
