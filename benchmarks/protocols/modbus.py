@@ -336,7 +336,7 @@ def main() -> None:
     server = start_server([port], 1, 1 if two_cores else None)
     try:
         other = load_aio(args.ab) if args.ab else None
-        names = ["bridge (aio.run)", "binding (Line.call)", f"binding cycle ({CYCLE} req)", "plain asyncio"]
+        names = ["bridge (aio.run)", "binding Trio (Line.call)", f"binding Trio cycle ({CYCLE} req)", "plain asyncio"]
         if other is not None:
             names.insert(3, "bridge (--ab aio.run)")
         for conns in (1, 10):
