@@ -23,7 +23,15 @@ from tests.bindings.test_modbus_binding import (
 )
 from twin.bindings import aio
 from twin.bindings.base import Quality
-from twin.bindings.modbus import POOL, STATS, LinePool, ModbusTimeout, _request
+from twin.bindings.modbus import (
+    POOL,
+    STATS,
+    LinePool,
+    ModbusError,
+    ModbusTimeout,
+    _request,
+    _write_request,
+)
 from twin.bindings.modbus_codec import Block
 from twin.bindings.modbus_transport import TcpTransport
 from twin.errors import BindingConnectError
@@ -115,6 +123,10 @@ async def test_a_late_reply_after_a_timeout_is_not_taken_as_the_next_reply() -> 
                 assert line.transport.late == 1
                 reply = await line.call("plc1", _request(Block(3, 0, 1, []), 1), 2.0, 0)
                 assert list(reply.registers) == [1]  # the line goes on in step
+                with pytest.raises(ModbusError, match="request not sent"):  # pymodbus refuses to encode it
+                    await line.call("plc1", _write_request(16, 70000, 1, [1]), 2.0, 0)
+                reply = await line.call("plc1", _request(Block(3, 0, 1, []), 1), 2.0, 0)
+                assert list(reply.registers) == [1]
             finally:
                 await pool.release(line)
                 n.cancel_scope.cancel()

@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -269,6 +270,11 @@ class Line:
                         failure = ModbusError(f"device {device}: malformed reply ({exc.what})")
                     except (ConnectionLost, OSError) as exc:
                         raise await self._lost(exc) from exc
+                    except (ValueError, struct.error) as exc:  # pymodbus could not encode it (address, count)
+                        STATS.errors += 1
+                        out.append(ModbusError(f"device {device}: request not sent: {exc}"))
+                        tries = 0
+                        continue
                     if self.inter_frame:
                         scope.deadline = math.inf
                         await trio.sleep(self.inter_frame)
