@@ -20,6 +20,9 @@ TWIN = Path(__file__).resolve().parents[1] / "twin"
 FORBIDDEN: dict[str, set[str]] = {
     "files": {"plugins", "errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime",
               "control", "api", "edge", "cli"},
+    # segment files of append-only logs (the WAL, the edge outbox): beside files, below all
+    "storage": {"plugins", "policy", "errors", "spec", "registry", "timeseries", "mqtt", "bindings", "sim",
+                "runtime", "control", "api", "edge", "cli"},
     # the authorization policy: pure, below everything that asks it
     "policy": {"plugins", "spec", "registry", "timeseries", "mqtt", "bindings", "sim", "runtime", "control",
                "api", "edge", "cli"},

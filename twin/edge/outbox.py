@@ -46,7 +46,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -57,7 +56,8 @@ from typing import Any
 import trio
 
 from twin.files import private_dir
-from twin.timeseries.wal import _LSN, HEADER, MAX_RECORD, WalError, WalFull, _fsync_dir
+from twin.storage.segments import HEADER, frame, frames, fsync_dir, write_number
+from twin.timeseries.wal import WalError, WalFull
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,7 @@ class _Batch:
 
 
 def encode(seq: int, kind: str, ts: float, body: Any) -> bytes:
-    payload = json.dumps([kind, ts, body], separators=(",", ":"), default=str).encode()
-    seq_b = _LSN.pack(seq)
-    crc = zlib.crc32(payload, zlib.crc32(seq_b))
-    return HEADER.pack(len(payload), crc, seq) + payload
+    return frame(seq, json.dumps([kind, ts, body], separators=(",", ":"), default=str).encode())
 
 
 def scan(data: bytes) -> tuple[list[tuple[int, int, int, str, float]], str | None]:
@@ -114,24 +111,15 @@ def scan(data: bytes) -> tuple[list[tuple[int, int, int, str, float]], str | Non
     out: list[tuple[int, int, int, str, float]] = []
     if not data.startswith(MAGIC):
         return out, "no segment header" if data else None
-    pos, end, last = len(MAGIC), len(data), 0
-    while pos < end:
-        if end - pos < HEADER.size:
-            return out, f"torn record header at offset {pos}"
-        size, crc, seq = HEADER.unpack_from(data, pos)
-        body = pos + HEADER.size
-        if size > MAX_RECORD or body + size > end:
-            return out, f"torn record at offset {pos}"
-        payload = data[body : body + size]
-        if zlib.crc32(payload, zlib.crc32(_LSN.pack(seq))) != crc or seq <= last:
-            return out, f"bad record at offset {pos} (CRC or seq {seq} out of order)"
+    for f in frames(data, len(MAGIC)):
+        if isinstance(f, str):
+            return out, f
+        seq, offset, size, payload = f
         try:
             kind, ts, _ = json.loads(payload)
         except (ValueError, TypeError) as exc:
-            return out, f"undecodable record at offset {pos}: {exc}"
-        out.append((seq, pos, HEADER.size + size, str(kind), float(ts)))
-        last = seq
-        pos = body + size
+            return out, f"undecodable record at offset {offset}: {exc}"
+        out.append((seq, offset, size, str(kind), float(ts)))
     return out, None
 
 
@@ -459,7 +447,7 @@ class Outbox:
         try:
             os.write(fd, MAGIC)
             os.fsync(fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -580,15 +568,7 @@ class Outbox:
         await trio.to_thread.run_sync(self._acked_sync, upto)
 
     def _acked_sync(self, upto: int) -> None:
-        tmp = self.directory / (ACKED + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{upto}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / ACKED)
-        _fsync_dir(self.directory)
+        write_number(self.directory, ACKED, upto)
         kept = [r for r in self._read_dropped() if r[1] > upto]
         tmp = self.directory / (DROPPED + ".tmp")
         tmp.write_text("".join(f"{lo} {hi}\n" for lo, hi in kept))

@@ -66,10 +66,8 @@ import json
 import logging
 import marshal
 import os
-import struct
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -80,6 +78,8 @@ import trio
 
 from twin.errors import StorageError
 from twin.files import private_dir
+from twin.storage.segments import HEADER as HEADER  # the record header (tests read it)
+from twin.storage.segments import frame, frames, fsync_dir, write_number
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,6 @@ MAGIC = b"FLUXWAL\x02"
 MAGIC_V1 = b"FLUXWAL\x01"
 """Format 1 (JSON payloads): read, no longer written."""
 MARSHAL_VERSION = 4
-HEADER = struct.Struct("<IIQ")
-"""payload length, CRC-32 of (lsn bytes + payload), lsn"""
-_LSN = struct.Struct("<Q")
-MAX_RECORD = 64 << 20
 SUFFIX = ".wal"
 CHECKPOINT = "checkpoint"
 
@@ -162,10 +158,7 @@ def decode_payload(payload: bytes, fmt: int) -> list[WalReading]:
 
 
 def encode(lsn: int, readings: Sequence[WalReading]) -> bytes:
-    payload = encode_payload(readings)
-    lsn_b = _LSN.pack(lsn)
-    crc = zlib.crc32(payload, zlib.crc32(lsn_b))
-    return HEADER.pack(len(payload), crc, lsn) + payload
+    return frame(lsn, encode_payload(readings))
 
 
 def read_segment(path: Path, after: int = 0) -> tuple[list[Entry], int, str | None]:
@@ -178,19 +171,12 @@ def read_segment(path: Path, after: int = 0) -> tuple[list[Entry], int, str | No
         fmt = 1
     else:
         return [], 0, "no segment header" if data else None
-    pos, end = len(MAGIC), len(data)
     out: list[Entry] = []
     last = 0
-    while pos < end:
-        if end - pos < HEADER.size:
-            return out, last, f"torn record header at offset {pos} ({end - pos} bytes)"
-        size, crc, lsn = HEADER.unpack_from(data, pos)
-        body = pos + HEADER.size
-        if size > MAX_RECORD or body + size > end:
-            return out, last, f"torn record at offset {pos} (length {size}, {end - body} left)"
-        payload = data[body : body + size]
-        if zlib.crc32(payload, zlib.crc32(_LSN.pack(lsn))) != crc or lsn <= last:
-            return out, last, f"bad record at offset {pos} (CRC or LSN {lsn} out of order)"
+    for f in frames(data, len(MAGIC), seq_name="LSN"):
+        if isinstance(f, str):
+            return out, last, f
+        lsn, pos, _, payload = f
         last = lsn
         if lsn > after:
             try:
@@ -198,16 +184,7 @@ def read_segment(path: Path, after: int = 0) -> tuple[list[Entry], int, str | No
             except ValueError as exc:
                 return out, last, f"undecodable record at offset {pos}: {exc}"
             out.append((lsn, readings))
-        pos = body + size
     return out, last, None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WriteAheadLog:
@@ -450,7 +427,7 @@ class WriteAheadLog:
         try:
             os.write(fd, MAGIC)
             os.fsync(fd)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -482,15 +459,7 @@ class WriteAheadLog:
             self.backlog -= self._unstored.popleft()[1]
 
     def _checkpoint_sync(self, lsn: int) -> None:
-        tmp = self.directory / (CHECKPOINT + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, f"{lsn}\n".encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / CHECKPOINT)
-        _fsync_dir(self.directory)
+        write_number(self.directory, CHECKPOINT, lsn)
         with self._seg_lock:
             done = [s for s in self._segments if s[1] <= lsn]
             self._segments = [s for s in self._segments if s[1] > lsn]
