@@ -21,6 +21,7 @@ import trio
 from twin.bindings import aio
 from twin.bindings.base import Quality, Reading
 from twin.bindings.modbus import POOL, ModbusBinding
+from twin.errors import BindingConnectError
 
 PEER = Path(__file__).with_name("pymodbustcp_peer.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,3 +245,163 @@ async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> Non
             assert twin.desired["sampling_rate"] == 42
     finally:
         reg.close()
+
+
+# -- a byte-level adversary: a quirky PLC or gateway -------------------------------------------
+GOOD, WRONG = 42, 999
+"""The register's value; what a reply that must not be taken says instead."""
+
+
+def reply(req: bytes, value: int, *, tid: int | None = None, unit: int | None = None,
+          fc: int | None = None, length_delta: int = 0) -> bytes:
+    """The Modbus TCP reply to ``req`` (FC 3, one register) — or a quirky variant of it."""
+    pdu = bytes([fc if fc is not None else req[7], 2]) + value.to_bytes(2, "big")
+    head = (tid if tid is not None else int.from_bytes(req[0:2], "big")).to_bytes(2, "big") + b"\0\0"
+    return head + (len(pdu) + 1 + length_delta).to_bytes(2, "big") + bytes(
+        [unit if unit is not None else req[6]]) + pdu
+
+
+def tid_of(req: bytes) -> int:
+    return int.from_bytes(req[0:2], "big")
+
+
+async def _answer(quirk: str, stream: trio.SocketStream, req: bytes, n: int, held: list[bytes]) -> None:
+    """How the adversary answers the ``n``-th request it got (0-based, over all connections).
+    Every quirk plays on the first request only (``silent``: from the second on); the rest get
+    good replies."""
+    if quirk == "split":  # every reply in 1-byte segments, 20 ms apart
+        for b in reply(req, GOOD):
+            await stream.send_all(bytes([b]))
+            await trio.sleep(0.02)
+        return
+    if quirk == "silent":  # accepts, answers once, then never again
+        if n == 0:
+            await stream.send_all(reply(req, GOOD))
+        return
+    if n > 0:
+        if quirk == "coalesced" and n == 1:  # the retry: the first reply (late) and its own, in one segment
+            await stream.send_all(reply(held[0], WRONG) + reply(req, GOOD))
+        else:
+            await stream.send_all(reply(req, GOOD))
+        return
+    held.append(req)
+    frame = {
+        "coalesced": b"",  # nothing yet: the caller times out and retries
+        "wrong_tid": reply(req, WRONG, tid=tid_of(req) + 1),
+        "wrong_unit": reply(req, WRONG, unit=req[6] + 1),
+        "unit_0": reply(req, WRONG, unit=0),
+        "unit_255": reply(req, WRONG, unit=255),
+        "wrong_fc": reply(req, WRONG, fc=4),
+        "mbap_long": reply(req, WRONG, length_delta=2),
+        "mbap_short": reply(req, WRONG, length_delta=-1),
+        "closed_mid_reply": reply(req, WRONG)[:8],
+    }[quirk]
+    if frame:
+        await stream.send_all(frame)
+    if quirk == "closed_mid_reply":
+        await trio.sleep(0.05)
+        await stream.aclose()
+
+
+async def _adversary(listeners: list[trio.SocketListener], quirk: str, connections: list[int]) -> None:
+    count = [0]
+    held: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buf = b""
+        try:
+            async for data in stream:
+                buf += data
+                while len(buf) >= 6 and len(buf) >= 6 + int.from_bytes(buf[4:6], "big"):
+                    size = 6 + int.from_bytes(buf[4:6], "big")
+                    req, buf = buf[:size], buf[size:]
+                    n, count[0] = count[0], count[0] + 1
+                    await _answer(quirk, stream, req, n, held)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    await trio.serve_listeners(handle, listeners)
+
+
+# quirk -> (what the first read ends as, retries)
+QUIRKS = {
+    "split": ("good", 0),
+    "coalesced": ("good", 1),
+    "wrong_tid": ("timeout", 0),
+    "wrong_unit": ("bad", 0),
+    "unit_0": ("bad", 0),
+    "unit_255": ("bad", 0),
+    "wrong_fc": ("bad", 0),
+    "mbap_long": ("timeout", 0),
+    "mbap_short": ("bad", 0),
+    "closed_mid_reply": ("lost", 0),
+    "silent": ("good", 0),
+}
+
+
+@pytest.mark.parametrize("quirk", list(QUIRKS))
+async def test_a_quirky_peer_costs_one_request_never_a_wrong_value(quirk: str, pmt_peer: int) -> None:
+    """The adversary plays ``quirk`` on the first request (see _answer). The read ends as a
+    good value, a timeout, a bad reading or a lost connection — never a wrong value, never
+    another exception — and the device reads good values afterwards (reconnecting if its
+    connection was closed). Meanwhile a device on another line (the pyModbusTCP peer) polls
+    every 50 ms, undisturbed."""
+    first, retries = QUIRKS[quirk]
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    connections: list[int] = []
+    timeout = "1s" if quirk == "split" else "200ms"
+    bad = ModbusBinding("quirky", {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": timeout,
+                                   "retries": retries, "points": {"a": {"register": 40001}}})
+    other = binding(pmt_peer, {"plain": {"register": 40001, "type": "uint16"}})
+    other_reads: list[Reading] = []
+    seen: list[Reading] = []
+    outcomes: list[str] = []
+
+    async def poll_other() -> None:
+        while True:
+            other_reads.extend(await other.read())
+            await trio.sleep(0.05)
+
+    async def read_bad() -> str:
+        try:
+            got = await bad.read()
+        except BindingConnectError as exc:
+            return "lost" if "connection" in str(exc) else "backoff"
+        seen.extend(got)
+        if not got:
+            return "timeout"
+        (r,) = got
+        return {Quality.GOOD: "good", Quality.BAD: "bad", Quality.STALE: "stale"}[r.quality]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(_adversary, listeners, quirk, connections)
+        try:
+            await other.connect()
+            n.start_soon(poll_other)
+            await bad.connect()
+            line = bad.line
+            assert line is not None
+            outcomes.append(await read_bad())
+            with trio.fail_after(10):
+                while len(outcomes) < 4 if quirk == "silent" else "good" not in outcomes[1:]:
+                    outcomes.append(await read_bad())
+                    await trio.sleep(0.05)
+            await trio.sleep(0.1)
+        finally:
+            n.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await bad.close()
+                await other.close()
+    assert outcomes[0] == first, outcomes
+    assert all(r.value == GOOD for r in seen if r.quality is not Quality.BAD), seen
+    assert all(r.value is None for r in seen if r.quality is Quality.BAD), seen
+    if quirk == "silent":
+        assert outcomes[1:] == ["stale"] * 3, outcomes
+    if quirk in ("wrong_tid", "coalesced"):
+        assert line.transport.late >= 1
+    assert len(other_reads) >= 3
+    assert {(r.value, r.quality) for r in other_reads} == {(1234, Quality.GOOD)}
+
+
