@@ -405,3 +405,68 @@ async def test_a_quirky_peer_costs_one_request_never_a_wrong_value(quirk: str, p
     assert {(r.value, r.quality) for r in other_reads} == {(1234, Quality.GOOD)}
 
 
+
+def crc16(data: bytes) -> bytes:
+    """Modbus RTU CRC (poly 0xA001, init 0xFFFF), low byte first."""
+    crc = 0xFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc.to_bytes(2, "little")
+
+
+async def _slow_then_wrong(listeners: list[trio.SocketListener], rtu: bool) -> None:
+    """FC 3 of one register: address 0 is answered after 300 ms (the caller gave up after
+    200) — in Modbus TCP under the *next* transaction id — with WRONG; any other address at
+    once with GOOD."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            async for data in stream:
+                buf += data
+                size = 8 if rtu else 12
+                while len(buf) >= size:
+                    req, buf = buf[:size], buf[size:]
+                    address = int.from_bytes(req[2:4] if rtu else req[8:10], "big")
+                    value = WRONG if address == 0 else GOOD
+                    if rtu:
+                        frame = req[:2] + bytes([2]) + value.to_bytes(2, "big")
+                        frame += crc16(frame)
+                    else:
+                        frame = reply(req, value, tid=tid_of(req) + 1 if address == 0 else None)
+                    if address == 0:
+                        await trio.sleep(0.3)
+                    await stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    await trio.serve_listeners(handle, listeners)
+
+
+@pytest.mark.parametrize("framing", ["socket", "rtu"])
+async def test_bytes_that_came_before_a_request_are_not_its_reply(framing: str) -> None:
+    """A reply that comes after its request was given up on, and before the next request is
+    sent, can be no answer to that next request: in RTU over TCP (no transaction id) a late
+    reply of the same unit and function code and length, in Modbus TCP a frame that carries
+    the next transaction id. The next request must get its own reply."""
+    from twin.bindings.modbus import LinePool, ModbusTimeout, _request
+    from twin.bindings.modbus_codec import Block
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    pool = LinePool()
+    async with trio.open_nursery() as n:
+        n.start_soon(_slow_then_wrong, listeners, framing == "rtu")
+        line = pool.acquire({"host": "127.0.0.1", "port": port, "framing": framing})
+        try:
+            with pytest.raises(ModbusTimeout):
+                await line.call("plc1", _request(Block(3, 0, 1, []), 1), 0.2, 0)
+            await trio.sleep(0.3)  # the late reply is in the socket's buffer now
+            reply_ = await line.call("plc1", _request(Block(3, 10, 1, []), 1), 1.0, 0)
+            assert list(reply_.registers) == [GOOD]
+            assert line.transport.late == 1
+        finally:
+            await pool.release(line)
+            n.cancel_scope.cancel()

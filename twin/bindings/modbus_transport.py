@@ -12,13 +12,14 @@ made a request cost about twice the CPU (262 vs 136 µs per request, measured in
 
 * Modbus TCP: each request gets the next transaction id (1-65000 per connection); a frame with
   another id is a late reply to an earlier request the caller gave up on (a timeout): it is
-  discarded (``late``) and the wait goes on. A frame with the request's id but another unit or
+  discarded (``late``) and the wait goes on. After a request given up on, the whole frames
+  that came before the next request is sent are discarded too (whatever their id). A frame with the request's id but another unit or
   function code, or a PDU that does not decode, is :class:`MalformedFrame` (the frame is
   dropped; the connection stays). A header that cannot start a frame (protocol id not 0, a
   length outside 2-254) means the stream is lost: :class:`MalformedFrame` with ``fatal`` set,
   and the caller closes the connection.
-* RTU over TCP has no transaction id: bytes left over from an earlier request are discarded
-  before a request is sent, and a frame from another unit or for another function code is a
+* RTU over TCP has no transaction id: bytes left over from an earlier request (in the buffer
+  or already in the socket) are discarded before a request is sent, and a frame from another unit or for another function code is a
   late reply (discarded). A frame whose CRC fails is :class:`MalformedFrame` (dropped; the
   framer resynchronises on the next frame); 512 bytes without a frame is ``fatal``.
 * A peer that closes the connection, or any socket error: :class:`ConnectionLost`.
@@ -94,6 +95,7 @@ class TcpTransport:
         self.buf = b""
         self.tid = 0
         self.broken = False
+        self.waiting = False  # a request was sent and its reply not taken (it was given up on)
         self.late = 0  # replies discarded as late (a request given up on)
 
     async def open(self) -> None:
@@ -101,7 +103,7 @@ class TcpTransport:
         sock = stream.socket
         self.sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self.sock.setblocking(False)
-        self.buf, self.tid, self.broken = b"", 0, False
+        self.buf, self.tid, self.broken, self.waiting = b"", 0, False, False
 
     async def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -114,6 +116,8 @@ class TcpTransport:
         sock = self.sock
         if sock is None or self.broken:
             raise ConnectionLost("not connected")
+        if self.waiting:  # the last request was given up on: what came since is no reply to this one
+            self._drain(sock)
         if self.rtu:
             self.buf = b""  # what an earlier request left: no transaction id to tell it apart
             pdu.transaction_id = 0
@@ -121,10 +125,12 @@ class TcpTransport:
             self.tid = self.tid + 1 if self.tid < 65000 else 1
             pdu.transaction_id = self.tid
         await self._send(sock, self.framer.buildFrame(pdu))
+        self.waiting = True
         parse = self._rtu_reply if self.rtu else self._tcp_reply
         while True:
             reply = parse(pdu)
             if reply is not None:
+                self.waiting = False
                 return reply
             await trio.lowlevel.wait_readable(sock)  # a cancel here consumes nothing
             try:
@@ -136,6 +142,33 @@ class TcpTransport:
             if not data:
                 raise ConnectionLost("closed by the peer")
             self.buf += data
+
+    def _drain(self, sock: socket.socket) -> None:
+        """Take what the socket holds, without waiting: replies to a request given up on that
+        came before the next request was sent. Whole Modbus TCP frames are dropped as late (a
+        frame under the next transaction id is no reply to a request not yet sent); in RTU
+        over TCP the request drops all of ``buf``. A closed or failed socket is left to the
+        request's own receive to report."""
+        got = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:  # BlockingIOError: nothing more
+                break
+            if not data:
+                break
+            got += data
+        if not got:
+            return
+        self.buf += got
+        if self.rtu:
+            self.late += 1
+            return
+        buf = self.buf
+        while len(buf) >= 6 and buf[2:4] == b"\0\0" and len(buf) >= 6 + int.from_bytes(buf[4:6], "big"):
+            buf = buf[6 + int.from_bytes(buf[4:6], "big"):]
+            self.late += 1
+        self.buf = buf
 
     async def _send(self, sock: socket.socket, frame: bytes) -> None:
         """All of ``frame``; at once when the socket takes it (a request always fits, unless
