@@ -138,6 +138,30 @@ async def test_binding_writes_fc6_fc16_fc5_and_a_bit_field_to_pymodbustcp(pmt_pe
         await b.close()
 
 
+async def test_full_size_requests_and_fc15_against_pymodbustcp(pmt_peer: int) -> None:
+    """125 registers (the most one read may ask) and 100 bits in one request each; a coil
+    written with FC 15."""
+    b = binding(pmt_peer, {
+        "first": {"register": 40001, "type": "uint16"}, "last": {"register": 40125, "type": "uint16"},
+        "c0": {"register": 1}, "c99": {"register": 100}, "d1": {"register": 10002}, "d99": {"register": 10100},
+        "relay": {"register": 8, "access": "readwrite", "write_fc": 15},
+    }, max_gap=200)
+    await b.connect()
+    try:
+        assert b.line is not None
+        before = b.line.requests
+        got = by_point(await b.read())
+        assert b.line.requests - before == 3  # FC 3 0-124, FC 1 0-99, FC 2 1-99
+        assert {k: r.quality for k, r in got.items()} == {k: Quality.GOOD for k in got}
+        assert (got["first"].value, got["last"].value) == (1234, 0xBEEF)
+        assert (got["c0"].value, got["c99"].value, got["d1"].value, got["d99"].value) == (True, True, True, True)
+        assert got["relay"].value is False
+        await b.write("relay", True)
+        assert by_point(await b.read(["relay", "c99"])) ["relay"].value is True
+    finally:
+        await b.close()
+
+
 def _block(fc: int, start: int, count: int) -> Any:
     from twin.bindings.modbus_codec import Block
 
@@ -167,6 +191,7 @@ SERVED = {
     "sampling_rate": {"register": 40001, "type": "uint16", "access": "readwrite"},
     "gain": {"register": 40003, "type": "float32", "access": "readwrite"},
     "label": {"register": 40010, "type": "int16"},
+    "enabled": {"register": 1, "access": "readwrite"},
 }
 
 
@@ -181,7 +206,9 @@ def pmt_scada(port: int, calls: list[tuple[str, int, Any]]) -> list[Any]:
     try:
         for fn, address, arg in calls:
             call = {"ir": client.read_input_registers, "hr": client.read_holding_registers,
-                    "w6": client.write_single_register, "w16": client.write_multiple_registers}[fn]
+                    "w6": client.write_single_register, "w16": client.write_multiple_registers,
+                    "coils": client.read_coils, "w5": client.write_single_coil,
+                    "w15": client.write_multiple_coils}[fn]
             result = call(address, arg)
             out.append(result if result not in (None, False) else ("exc", client.last_except))
     finally:
@@ -190,6 +217,7 @@ def pmt_scada(port: int, calls: list[tuple[str, int, Any]]) -> list[Any]:
 
 
 async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> None:
+    """Registers (FC 3/4/6/16) and coils (FC 1/5/15), with the exceptions a SCADA expects."""
     from runtime.helpers import (
         apply,
         eventually,
@@ -207,12 +235,13 @@ async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> Non
     port = free_port()
     th = model("th", properties={
         "sampling_rate": {"type": "integer", "access": "readwrite", "min": 1, "max": 3600},
-        "gain": {"type": "number", "access": "readwrite"}},
+        "gain": {"type": "number", "access": "readwrite"},
+        "enabled": {"type": "boolean", "access": "readwrite"}},
         telemetry={"temperature": {"type": "number"}, "label": {"type": "integer"}})
     dev = sim_device("t_a", model_="th", interval="100ms",
                      points={"temperature": {"wave": "constant", "value": -21.5},
                              "label": {"wave": "constant", "value": -7}})
-    dev["spec"]["desired"] = {"sampling_rate": 5, "gain": 1.5}
+    dev["spec"]["desired"] = {"sampling_rate": 5, "gain": 1.5, "enabled": False}
     doc = site("plant-a")
     doc["spec"]["modbus_server"] = {"listen": f"127.0.0.1:{port}", "role": "operator", "refresh": "100ms",
                                     "units": [{"unit": 1, "device": "t_a", "points": SERVED}]}
@@ -225,8 +254,9 @@ async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> Non
             assert twin is not None
             await eventually(lambda: "temperature" in twin.reported and "label" in twin.reported)
             await trio.sleep(0.3)  # an image refresh
-            ir, hr, label = await trio.to_thread.run_sync(
-                pmt_scada, port, [("ir", 0, 2), ("hr", 0, 5), ("hr", 9, 1)])
+            ir, hr, label, coils = await trio.to_thread.run_sync(
+                pmt_scada, port, [("ir", 0, 2), ("hr", 0, 5), ("hr", 9, 1), ("coils", 0, 8)])
+            assert coils == [False] * 8
             assert struct.unpack(">f", struct.pack(">HH", ir[1], ir[0]))[0] == -21.5  # CDAB
             assert hr[0] == 5 and struct.unpack(">f", struct.pack(">HH", hr[2], hr[3]))[0] == 1.5
             assert struct.unpack(">h", struct.pack(">H", label[0]))[0] == -7
@@ -243,6 +273,18 @@ async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> Non
             bad = await trio.to_thread.run_sync(pmt_scada, port, [("w6", 9, 1), ("w6", 0, 5000)])
             assert bad == [("exc", 2), ("exc", 3)]
             assert twin.desired["sampling_rate"] == 42
+            # coils: FC 5 and FC 15
+            (w5,) = await trio.to_thread.run_sync(pmt_scada, port, [("w5", 0, True)])
+            assert w5 is True
+            await eventually(lambda: twin.desired.get("enabled") is True)
+            await trio.sleep(0.3)
+            (coils,) = await trio.to_thread.run_sync(pmt_scada, port, [("coils", 0, 1)])
+            assert coils == [True]
+            (w15,) = await trio.to_thread.run_sync(pmt_scada, port, [("w15", 0, [False])])
+            assert w15 is True
+            await eventually(lambda: twin.desired.get("enabled") is False)
+            bad = await trio.to_thread.run_sync(pmt_scada, port, [("w5", 1, True)])
+            assert bad == [("exc", 2)]  # no point there
     finally:
         reg.close()
 
