@@ -512,3 +512,114 @@ async def test_bytes_that_came_before_a_request_are_not_its_reply(framing: str) 
         finally:
             await pool.release(line)
             n.cancel_scope.cancel()
+
+
+def rtu_reply(req: bytes, value: int, *, unit: int | None = None, fc: int | None = None) -> bytes:
+    """The RTU reply to ``req`` (FC 3, one register), CRC included."""
+    frame = bytes([unit if unit is not None else req[0], fc if fc is not None else req[1], 2])
+    frame += value.to_bytes(2, "big")
+    return frame + crc16(frame)
+
+
+async def _rtu_adversary(listeners: list[trio.SocketListener], quirk: str, connections: list[int]) -> None:
+    """RTU over TCP: ``quirk`` on the first request (``split``: on every one; ``silent``: from
+    the second on), good replies to the rest."""
+    count = [0]
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buf = b""
+        try:
+            async for data in stream:
+                buf += data
+                while len(buf) >= 8:
+                    req, buf = buf[:8], buf[8:]
+                    n, count[0] = count[0], count[0] + 1
+                    good = rtu_reply(req, GOOD)
+                    if quirk == "split":
+                        for b in good:
+                            await stream.send_all(bytes([b]))
+                            await trio.sleep(0.02)
+                        continue
+                    if quirk == "silent":
+                        if n == 0:
+                            await stream.send_all(good)
+                        continue
+                    if n > 0:
+                        await stream.send_all(good)
+                        continue
+                    wrong = rtu_reply(req, WRONG)
+                    frame = {
+                        "bad_crc": wrong[:-1] + bytes([wrong[-1] ^ 0xFF]),
+                        "noise_first": b"\x00\xff\x13" + good,
+                        "late_other_unit_first": rtu_reply(req, WRONG, unit=req[0] + 1) + good,
+                        "wrong_unit": rtu_reply(req, WRONG, unit=req[0] + 1),
+                        "wrong_fc": rtu_reply(req, WRONG, fc=4),
+                        "exception": (lambda f: f + crc16(f))(bytes([req[0], 0x83, 2])),
+                        "closed_mid_reply": wrong[:3],
+                    }[quirk]
+                    await stream.send_all(frame)
+                    if quirk == "closed_mid_reply":
+                        await trio.sleep(0.05)
+                        await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    await trio.serve_listeners(handle, listeners)
+
+
+RTU_QUIRKS = {
+    "split": "good",
+    "bad_crc": "bad",
+    "noise_first": "good",
+    "late_other_unit_first": "good",
+    "wrong_unit": "timeout",
+    "wrong_fc": "timeout",
+    "exception": "bad",
+    "closed_mid_reply": "lost",
+    "silent": "good",
+}
+
+
+@pytest.mark.parametrize("quirk", list(RTU_QUIRKS))
+async def test_a_quirky_rtu_over_tcp_gateway_costs_one_request_never_a_wrong_value(quirk: str) -> None:
+    """As test_a_quirky_peer_costs_one_request_never_a_wrong_value, for RTU over TCP (no
+    transaction id, a CRC): the read ends good, timed out, bad or lost, never with a wrong
+    value, and the device reads good values afterwards."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    connections: list[int] = []
+    b = ModbusBinding("quirky", {"host": "127.0.0.1", "port": port, "unit": 1, "framing": "rtu",
+                                 "timeout": "1s" if quirk == "split" else "200ms", "retries": 0,
+                                 "points": {"a": {"register": 40001}}})
+    seen: list[Reading] = []
+    outcomes: list[str] = []
+
+    async def read() -> str:
+        try:
+            got = await b.read()
+        except BindingConnectError as exc:
+            return "lost" if "connection" in str(exc) else "backoff"
+        seen.extend(got)
+        if not got:
+            return "timeout"
+        return {Quality.GOOD: "good", Quality.BAD: "bad", Quality.STALE: "stale"}[got[0].quality]
+
+    async with trio.open_nursery() as n:
+        n.start_soon(_rtu_adversary, listeners, quirk, connections)
+        try:
+            await b.connect()
+            outcomes.append(await read())
+            with trio.fail_after(10):
+                while len(outcomes) < 4 if quirk == "silent" else "good" not in outcomes[1:]:
+                    outcomes.append(await read())
+                    await trio.sleep(0.05)
+        finally:
+            n.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await b.close()
+    assert outcomes[0] == RTU_QUIRKS[quirk], outcomes
+    assert all(r.value == GOOD for r in seen if r.quality is not Quality.BAD), seen
+    assert all(r.value is None for r in seen if r.quality is Quality.BAD), seen
+    if quirk == "silent":
+        assert outcomes[1:] == ["stale"] * 3, outcomes

@@ -20,8 +20,10 @@ made a request cost about twice the CPU (262 vs 136 µs per request, measured in
   and the caller closes the connection.
 * RTU over TCP has no transaction id: bytes left over from an earlier request (in the buffer
   or already in the socket) are discarded before a request is sent, and a frame from another unit or for another function code is a
-  late reply (discarded). A frame whose CRC fails is :class:`MalformedFrame` (dropped; the
-  framer resynchronises on the next frame); 512 bytes without a frame is ``fatal``.
+  late reply (discarded). Frames are cut out of the stream here (pymodbus' framer gives the
+  size and the CRC check): bytes before a frame whose CRC holds are skipped (line noise), a
+  frame whose CRC fails with none good behind it is :class:`MalformedFrame` (dropped); 512
+  bytes without a frame is ``fatal``.
 * A peer that closes the connection, or any socket error: :class:`ConnectionLost`.
 * Cancelling ``request`` (the caller's timeout) while it waits for the reply leaves the stream
   usable (the reply, if it comes, is discarded as late); a cancel while the request was being
@@ -86,6 +88,7 @@ class TcpTransport:
         decoder = DecodePDU(False)
         self.decoder = decoder
         self.framer = FramerRTU(decoder) if rtu else FramerSocket(decoder)
+        self.check_crc = FramerRTU.check_CRC
         self.modbus_exception = ModbusException
         # the responses to the requests the binding sends (no sub-function codes)
         self.response_classes: dict[int, type[ModbusPDU]] = {
@@ -208,20 +211,49 @@ class TcpTransport:
 
     def _rtu_reply(self, request: ModbusPDU) -> ModbusPDU | None:
         while self.buf:
-            buf = self.buf
-            used, dev_id, _, data = self.framer.decode(buf)
-            if not used:
-                if len(buf) > RTU_HUNT_LIMIT:
-                    self.buf = b""
-                    raise MalformedFrame(f"no RTU frame in {len(buf)} bytes", buf, fatal=True)
+            found = self._rtu_frame()
+            if found is None:
                 return None
-            self.buf = buf[used:]
-            if not data:
-                raise MalformedFrame("RTU frame with a wrong CRC", buf)
+            dev_id, data, frame = found
             if dev_id != request.dev_id or data[0] & 0x7F != request.function_code:
                 self.late += 1  # no transaction id: another request's reply
                 continue
-            return self._decode(request, dev_id, data, buf[:used])
+            return self._decode(request, dev_id, data, frame)
+        return None
+
+    def _rtu_frame(self) -> tuple[int, bytes, bytes] | None:
+        """The first frame in ``buf`` whose CRC holds, taken out of it with the bytes before
+        it (unit, PDU, frame); None: wait for more. pymodbus' ``FramerRTU.decode`` would take
+        the whole buffer with a frame, so a reply behind a late one, or behind line noise (a
+        candidate frame whose CRC fails), was lost. A frame whose CRC fails with no good one
+        behind it is :class:`MalformedFrame`; a candidate not complete yet, before any CRC
+        failure, is waited for."""
+        buf = self.buf
+        lookup = self.decoder.lookupPduClass
+        bad = False
+        for i in range(len(buf) - 3):  # a frame: unit, function code, ..., CRC (4 bytes at least)
+            try:
+                cls = lookup(buf[i:])
+                size = cls.calculateRtuFrameSize(buf[i:]) if cls is not None else -1
+            except Exception:  # a PDU class pymodbus cannot size: not a reply the binding asks for
+                size = -1
+            if size < 0:
+                continue
+            if not size or len(buf) < i + size:
+                if bad:
+                    continue
+                break
+            crc = buf[i + size - 2 : i + size]
+            if self.check_crc(buf[i : i + size - 2], crc[0] << 8 | crc[1]):
+                self.buf = buf[i + size :]
+                return buf[i], buf[i + 1 : i + size - 2], buf[i : i + size]
+            bad = True
+        if bad:
+            self.buf = b""
+            raise MalformedFrame("RTU frame with a wrong CRC", buf)
+        if len(buf) > RTU_HUNT_LIMIT:
+            self.buf = b""
+            raise MalformedFrame(f"no RTU frame in {len(buf)} bytes", buf, fatal=True)
         return None
 
     def _decode(self, request: ModbusPDU, dev_id: int, data: bytes, frame: bytes) -> ModbusPDU:
