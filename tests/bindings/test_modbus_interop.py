@@ -623,3 +623,53 @@ async def test_a_quirky_rtu_over_tcp_gateway_costs_one_request_never_a_wrong_val
     assert all(r.value is None for r in seen if r.quality is Quality.BAD), seen
     if quirk == "silent":
         assert outcomes[1:] == ["stale"] * 3, outcomes
+
+
+async def _closes_when_idle(listeners: list[trio.SocketListener], connections: list[int]) -> None:
+    """A gateway that closes a connection idle for 100 ms (many do, after some seconds)."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        connections.append(1)
+        buf = b""
+        try:
+            while True:
+                with trio.move_on_after(0.1):
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    buf += data
+                    while len(buf) >= 12:
+                        req, buf = buf[:12], buf[12:]
+                        await stream.send_all(reply(req, GOOD))
+                    continue
+                await stream.aclose()
+                return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    await trio.serve_listeners(handle, listeners)
+
+
+async def test_a_gateway_that_closes_idle_connections_costs_no_poll() -> None:
+    """Polled every 300 ms, a gateway that closes connections idle for 100 ms: every poll finds
+    the connection closed by the peer. It is reopened before the request goes out, so each
+    poll reads a good value (it used to fail with "connection lost" every time)."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    connections: list[int] = []
+    b = ModbusBinding("idle", {"host": "127.0.0.1", "port": port, "unit": 1, "timeout": "500ms",
+                               "retries": 0, "points": {"a": {"register": 40001}}})
+    got: list[Reading] = []
+    async with trio.open_nursery() as n:
+        n.start_soon(_closes_when_idle, listeners, connections)
+        try:
+            await b.connect()
+            for _ in range(4):
+                await trio.sleep(0.3)
+                got.extend(await b.read())
+        finally:
+            n.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await b.close()
+    assert [(r.value, r.quality) for r in got] == [(GOOD, Quality.GOOD)] * 4
+    assert len(connections) == 5

@@ -24,7 +24,9 @@ made a request cost about twice the CPU (262 vs 136 µs per request, measured in
   size and the CRC check): bytes before a frame whose CRC holds are skipped (line noise), a
   frame whose CRC fails with none good behind it is :class:`MalformedFrame` (dropped); 512
   bytes without a frame is ``fatal``.
-* A peer that closes the connection, or any socket error: :class:`ConnectionLost`.
+* A peer that closes the connection, or any socket error: :class:`ConnectionLost`; but a
+  connection found closed by the peer before a request is sent, after ``IDLE_PROBE`` without
+  a request (gateways close idle connections), is reopened for the request (``reopened``).
 * Cancelling ``request`` (the caller's timeout) while it waits for the reply leaves the stream
   usable (the reply, if it comes, is discarded as late); a cancel while the request was being
   sent sets ``broken`` (part of a frame may be on the wire): the caller closes the connection.
@@ -50,6 +52,8 @@ if TYPE_CHECKING:  # pymodbus is imported when a line opens (~90 ms)
 
 RTU_HUNT_LIMIT = 512
 """Bytes of an RTU stream without a frame in them after which the stream is given up."""
+IDLE_PROBE = 0.25
+"""A connection idle this long (s) is checked for a close by the peer before a request."""
 
 
 class ConnectionLost(ConnectionError):
@@ -99,6 +103,8 @@ class TcpTransport:
         self.tid = 0
         self.broken = False
         self.waiting = False  # a request was sent and its reply not taken (it was given up on)
+        self.last_reply = 0.0  # trio.current_time() of the last reply
+        self.reopened = 0  # connections found closed by the peer while idle, and reopened
         self.late = 0  # replies discarded as late (a request given up on)
 
     async def open(self) -> None:
@@ -107,6 +113,7 @@ class TcpTransport:
         self.sock = socket.socket(sock.family, sock.type, sock.proto, fileno=sock.detach())
         self.sock.setblocking(False)
         self.buf, self.tid, self.broken, self.waiting = b"", 0, False, False
+        self.last_reply = trio.current_time()
 
     async def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -119,6 +126,8 @@ class TcpTransport:
         sock = self.sock
         if sock is None or self.broken:
             raise ConnectionLost("not connected")
+        if trio.current_time() - self.last_reply > IDLE_PROBE:
+            sock = await self._reopen_if_closed(sock)
         if self.waiting:  # the last request was given up on: what came since is no reply to this one
             self._drain(sock)
         if self.rtu:
@@ -134,6 +143,7 @@ class TcpTransport:
             reply = parse(pdu)
             if reply is not None:
                 self.waiting = False
+                self.last_reply = trio.current_time()
                 return reply
             await trio.lowlevel.wait_readable(sock)  # a cancel here consumes nothing
             try:
@@ -145,6 +155,26 @@ class TcpTransport:
             if not data:
                 raise ConnectionLost("closed by the peer")
             self.buf += data
+
+    async def _reopen_if_closed(self, sock: socket.socket) -> socket.socket:
+        """The socket, or a new connection if the peer closed this one while it was idle
+        (gateways close idle connections after some seconds): a request on it would only
+        find the close."""
+        try:
+            if sock.recv(1, socket.MSG_PEEK):
+                return sock  # bytes are waiting (a late reply): open
+        except (BlockingIOError, InterruptedError):
+            return sock
+        except OSError:
+            pass  # reset
+        await self.close()
+        try:
+            await self.open()
+        except OSError as exc:
+            raise ConnectionLost(f"closed by the peer while idle; reconnecting failed: {exc}") from exc
+        self.reopened += 1
+        assert self.sock is not None
+        return self.sock
 
     def _drain(self, sock: socket.socket) -> None:
         """Take what the socket holds, without waiting: replies to a request given up on that
