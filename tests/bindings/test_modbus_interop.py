@@ -169,13 +169,19 @@ def _block(fc: int, start: int, count: int) -> Any:
 
 
 async def test_an_exception_reply_from_pymodbustcp_is_bad_and_the_rest_good(pmt_peer: int) -> None:
+    """Reads refused (exception 2) are bad; a write refused fails with the exception's name."""
+    from twin.bindings.modbus import ModbusError
+
     b = binding(pmt_peer, {"ok": {"register": 40001, "type": "uint16"},
+                           "far_sp": {"register": 40601, "access": "readwrite"},
                            "far": {"register": 40501}, "far_coil": {"register": 501},
                            "f": {"register": 30001, "type": "float32"}})
     await b.connect()
     try:
         got = by_point(await b.read())
         again = by_point(await b.read())  # the line stays in step after exception replies
+        with pytest.raises(ModbusError, match="exception 2 \\(illegal data address\\)"):
+            await b.write("far_sp", 5)
     finally:
         await b.close()
     for g in (got, again):
@@ -272,6 +278,10 @@ async def test_slave_mode_read_and_written_by_pymodbustcp(tmp_path: Path) -> Non
             # refused, with the exception a SCADA understands: read-only (2), out of range (3)
             bad = await trio.to_thread.run_sync(pmt_scada, port, [("w6", 9, 1), ("w6", 0, 5000)])
             assert bad == [("exc", 2), ("exc", 3)]
+            # FC 16 over a writable and a read-only register (2); reads past the map (2)
+            bad = await trio.to_thread.run_sync(pmt_scada, port, [("w16", 8, [1, 2, 3]), ("hr", 500, 2),
+                                                                   ("coils", 500, 1)])
+            assert bad == [("exc", 2)] * 3
             assert twin.desired["sampling_rate"] == 42
             # coils: FC 5 and FC 15
             (w5,) = await trio.to_thread.run_sync(pmt_scada, port, [("w5", 0, True)])
