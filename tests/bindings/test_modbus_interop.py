@@ -683,3 +683,64 @@ async def test_a_gateway_that_closes_idle_connections_costs_no_poll() -> None:
                 await b.close()
     assert [(r.value, r.quality) for r in got] == [(GOOD, Quality.GOOD)] * 4
     assert len(connections) == 5
+
+
+async def _gateway(listeners: list[trio.SocketListener], dead: dict[int, int]) -> None:
+    """A Modbus TCP gateway: units in ``dead`` get that exception (10: gateway path
+    unavailable, 11: gateway target device failed to respond), the others GOOD in every
+    register asked for."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = b""
+        try:
+            async for data in stream:
+                buf += data
+                while len(buf) >= 12:
+                    req, buf = buf[:12], buf[12:]
+                    code = dead.get(req[6])
+                    if code:
+                        pdu = bytes([req[7] | 0x80, code])
+                    else:
+                        count = int.from_bytes(req[10:12], "big")
+                        pdu = bytes([req[7], 2 * count]) + GOOD.to_bytes(2, "big") * count
+                    await stream.send_all(req[:4] + (len(pdu) + 1).to_bytes(2, "big") + req[6:7] + pdu)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    await trio.serve_listeners(handle, listeners)
+
+
+@pytest.mark.parametrize("code", [10, 11])
+async def test_a_gateway_saying_its_unit_did_not_answer_is_a_silent_unit(code: int) -> None:
+    """Gateways (Modbus TCP to RTU) answer exception 11 (target failed to respond) or 10 (no
+    path) for a dead serial unit, after their own timeout. That is the unit's silence, not a
+    bad value: its cycle stops at the first such reply (the gateway's timeout is paid once),
+    its points go stale, its silent cycles count (the session ends after MAX_FAILURES and
+    the twin goes offline, as for a unit that does not answer at all); the unit beside it
+    on the same gateway reads good values."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    points = {"a": {"register": 40001}, "b": {"register": 40101}}  # two requests a cycle
+    opts = {"host": "127.0.0.1", "port": port, "timeout": "500ms", "retries": 1, "points": points}
+    dead = ModbusBinding("dead", {**opts, "unit": 9})
+    live = ModbusBinding("live", {**opts, "unit": 1})
+    async with trio.open_nursery() as n:
+        n.start_soon(_gateway, listeners, {9: code})
+        try:
+            await live.connect()
+            await dead.connect()
+            assert dead.line is live.line is not None
+            before = dead.line.requests
+            got = await dead.read()
+            assert dead.line.requests - before == 1
+            assert got == [] and dead.silent_cycles == 1  # no value yet to repeat as stale
+            assert {(r.value, r.quality) for r in await live.read()} == {(GOOD, Quality.GOOD)}
+            dead.last = {"a": 7}
+            got = await dead.read()
+            assert [(r.point, r.value, r.quality) for r in got] == [("a", 7, Quality.STALE)]
+            assert dead.silent_cycles == 2
+        finally:
+            n.cancel_scope.cancel()
+            with trio.CancelScope(shield=True):
+                await dead.close()
+                await live.close()

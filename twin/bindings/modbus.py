@@ -46,7 +46,8 @@ How it runs
   * Each poll group runs on its own fixed-rate schedule; its points are coalesced into as few
     requests as possible. A request that fails is retried; a unit that does not answer skips
     the rest of its cycle (its points are reported ``stale``: the last good value
-    again), and after ``max_failures`` (3) silent cycles its session ends: the device task
+    again; a gateway's exception 10 or 11 — no path / the target did not respond — is the
+    same silence), and after ``max_failures`` (3) silent cycles its session ends: the device task
     reconnects it with backoff while the other units on the line keep their schedule (a dead
     unit costs the line at most ``timeout * (retries+1)`` per backoff period). A Modbus
     exception reply (illegal address…) marks that request's points ``bad`` (no value).
@@ -135,6 +136,9 @@ EXCEPTION_NAMES = {
     4: "server device failure", 5: "acknowledge", 6: "server device busy",
     10: "gateway path unavailable", 11: "gateway target failed to respond",
 }
+GATEWAY_SILENT = (10, 11)
+"""Exceptions a gateway answers for a unit behind it that did not answer: the unit is silent
+(ModbusTimeout: stale, its cycle stops, its silent cycles count), not a bad value."""
 
 
 # -- the shared connection ------------------------------------------------------------------
@@ -226,7 +230,11 @@ class Line:
             return response
         STATS.errors += 1
         code = getattr(response, "exception_code", 0)
-        return ModbusError(f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})")
+        what = f"device {device}: exception {code} ({EXCEPTION_NAMES.get(code, 'unknown')})"
+        if code in GATEWAY_SILENT:  # a gateway's word for a unit that did not answer it
+            STATS.timeouts += 1
+            return ModbusTimeout(what)
+        return ModbusError(what)
 
     async def _lost(self, exc: BaseException) -> BindingConnectError:
         STATS.errors += 1
@@ -279,8 +287,10 @@ class Line:
                         scope.deadline = math.inf
                         await trio.sleep(self.inter_frame)
                     if response is not None:
-                        out.append(self._reply(device, response, t0))
+                        out.append(result := self._reply(device, response, t0))
                         tries = 0
+                        if isinstance(result, ModbusTimeout):  # silent behind its gateway
+                            return
                     elif tries > retries:  # malformed every time
                         out.append(failure)
                         tries = 0
