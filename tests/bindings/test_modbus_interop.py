@@ -347,6 +347,7 @@ async def _answer(quirk: str, stream: trio.SocketStream, req: bytes, n: int, hel
         "mbap_long": reply(req, WRONG, length_delta=2),
         "mbap_short": reply(req, WRONG, length_delta=-1),
         "closed_mid_reply": reply(req, WRONG)[:8],
+        "trailing_junk": reply(req, GOOD) + b"\x00\x00",
     }[quirk]
     if frame:
         await stream.send_all(frame)
@@ -388,6 +389,7 @@ QUIRKS = {
     "mbap_long": ("timeout", 0),
     "mbap_short": ("bad", 0),
     "closed_mid_reply": ("lost", 0),
+    "trailing_junk": ("good", 0),  # then the next request finds no header: a reconnect
     "silent": ("good", 0),
 }
 
