@@ -341,8 +341,10 @@ async def _answer(quirk: str, stream: trio.SocketStream, req: bytes, n: int, hel
         "coalesced": b"",  # nothing yet: the caller times out and retries
         "wrong_tid": reply(req, WRONG, tid=tid_of(req) + 1),
         "wrong_unit": reply(req, WRONG, unit=req[6] + 1),
-        "unit_0": reply(req, WRONG, unit=0),
-        "unit_255": reply(req, WRONG, unit=255),
+        # the request's transaction id, so taken: a device reached by IP may answer with
+        # the "not significant" unit id (0xFF, or 0) instead of echoing the one asked
+        "unit_0": reply(req, GOOD, unit=0),
+        "unit_255": reply(req, GOOD, unit=255),
         "wrong_fc": reply(req, WRONG, fc=4),
         "mbap_long": reply(req, WRONG, length_delta=2),
         "mbap_short": reply(req, WRONG, length_delta=-1),
@@ -383,8 +385,8 @@ QUIRKS = {
     "coalesced": ("good", 1),
     "wrong_tid": ("timeout", 0),
     "wrong_unit": ("bad", 0),
-    "unit_0": ("bad", 0),
-    "unit_255": ("bad", 0),
+    "unit_0": ("good", 0),
+    "unit_255": ("good", 0),
     "wrong_fc": ("bad", 0),
     "mbap_long": ("timeout", 0),
     "mbap_short": ("bad", 0),

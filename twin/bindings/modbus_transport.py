@@ -13,8 +13,10 @@ made a request cost about twice the CPU (262 vs 136 µs per request, measured in
 * Modbus TCP: each request gets the next transaction id (1-65000 per connection); a frame with
   another id is a late reply to an earlier request the caller gave up on (a timeout): it is
   discarded (``late``) and the wait goes on. After a request given up on, the whole frames
-  that came before the next request is sent are discarded too (whatever their id). A frame with the request's id but another unit or
-  function code, or a PDU that does not decode, is :class:`MalformedFrame` (the frame is
+  that came before the next request is sent are discarded too (whatever their id). A frame
+  with the request's id from unit 0 or 255 is taken (``TCP_ANY_UNIT``: devices reached by IP
+  may answer with the "not significant" unit id). A frame with the request's id but another
+  unit or function code, or a PDU that does not decode, is :class:`MalformedFrame` (the frame is
   dropped; the connection stays). A header that cannot start a frame (protocol id not 0, a
   length outside 2-254) means the stream is lost: :class:`MalformedFrame` with ``fatal`` set,
   and the caller closes the connection.
@@ -55,6 +57,11 @@ RTU_HUNT_LIMIT = 512
 IDLE_PROBE = 0.25
 """A connection idle this long (s) is checked for a close by the peer before a request."""
 
+
+TCP_ANY_UNIT = (0, 255)
+"""Unit ids a Modbus TCP reply with the request's transaction id is taken from, whatever
+unit was asked: the TCP guide has a server reached by IP ignore the unit id (0xFF
+recommended), and some devices answer with 0xFF or 0 instead of echoing it."""
 
 class ConnectionLost(ConnectionError):
     """The peer closed the connection, or the socket failed."""
@@ -236,6 +243,11 @@ class TcpTransport:
             if tid != request.transaction_id:
                 self.late += 1
                 continue
+            if dev_id in TCP_ANY_UNIT:
+                # the transaction id matched: a device reached directly (not through a
+                # gateway) may answer with the unit id the Modbus TCP guide calls "not
+                # significant" (0xFF, or 0) whatever it was asked
+                dev_id = request.dev_id
             return self._decode(request, dev_id, data, buf[:used])
         return None
 
