@@ -127,7 +127,7 @@ from twin.timeseries.chunks import (
     decode_series,
     trim_chunks,
 )
-from twin.timeseries.lance_chunks import CHUNKS, ChunkTable
+from twin.timeseries.lance_chunks import CACHED_READ_ROWS, CHUNKS, ChunkTable
 from twin.timeseries.partial_chunks import (
     PCHUNK_SCHEMA,
     PMETA_COLUMNS,
@@ -835,7 +835,7 @@ class LanceStore:
         idx = ct.offsets(cat, selector, start, end)
         if len(idx) == 0:
             return RAW_SCHEMA.empty_table(), True
-        if len(idx) > 16 or ct.has_strings(cat, idx):
+        if len(idx) > CACHED_READ_ROWS or ct.has_strings(cat, idx):
             return None
         rows = ct.series_of(cat, idx)
         if rows is None or any(r != rows[0] for r in rows[1:]):
@@ -1730,6 +1730,11 @@ class LanceStore:
                     self._pchunks(tier).maintain(keep)
                 except Exception as exc:
                     log.warning("timeseries: maintenance of %s chunks failed: %s", tier, exc)
+
+    def resize_chunk_cache(self, cache_bytes: int) -> None:
+        """Change ``chunk_cache_bytes`` of an open store (0: no cache; entries beyond the new
+        size are dropped, least recently used first)."""
+        self._chunks.resize_cache(cache_bytes)
 
     def reclaim(self) -> None:
         """Compact and drop every old version now (after a retention pass)."""
