@@ -379,6 +379,20 @@ async def _adversary(listeners: list[trio.SocketListener], quirk: str, connectio
     await trio.serve_listeners(handle, listeners)
 
 
+async def _outcome(b: ModbusBinding, seen: list[Reading]) -> str:
+    """What one read of a one-point device came to: good, bad, stale, timeout (no reading),
+    lost (its connection) or backoff (not reconnected yet); its readings go to ``seen``."""
+    try:
+        got = await b.read()
+    except BindingConnectError as exc:
+        return "lost" if "connection" in str(exc) else "backoff"
+    seen.extend(got)
+    if not got:
+        return "timeout"
+    (r,) = got
+    return {Quality.GOOD: "good", Quality.BAD: "bad", Quality.STALE: "stale"}[r.quality]
+
+
 # quirk -> (what the first read ends as, retries)
 QUIRKS = {
     "split": ("good", 0),
@@ -421,15 +435,7 @@ async def test_a_quirky_peer_costs_one_request_never_a_wrong_value(quirk: str, p
             await trio.sleep(0.05)
 
     async def read_bad() -> str:
-        try:
-            got = await bad.read()
-        except BindingConnectError as exc:
-            return "lost" if "connection" in str(exc) else "backoff"
-        seen.extend(got)
-        if not got:
-            return "timeout"
-        (r,) = got
-        return {Quality.GOOD: "good", Quality.BAD: "bad", Quality.STALE: "stale"}[r.quality]
+        return await _outcome(bad, seen)
 
     async with trio.open_nursery() as n:
         n.start_soon(_adversary, listeners, quirk, connections)
@@ -610,14 +616,7 @@ async def test_a_quirky_rtu_over_tcp_gateway_costs_one_request_never_a_wrong_val
     outcomes: list[str] = []
 
     async def read() -> str:
-        try:
-            got = await b.read()
-        except BindingConnectError as exc:
-            return "lost" if "connection" in str(exc) else "backoff"
-        seen.extend(got)
-        if not got:
-            return "timeout"
-        return {Quality.GOOD: "good", Quality.BAD: "bad", Quality.STALE: "stale"}[got[0].quality]
+        return await _outcome(b, seen)
 
     async with trio.open_nursery() as n:
         n.start_soon(_rtu_adversary, listeners, quirk, connections)

@@ -24,6 +24,9 @@ back, and ``chunk_partials`` for aggregates.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -214,6 +217,17 @@ def _chunk_rows(
     return pa.Table.from_arrays([cols[c] for c in CHUNK_SCHEMA.names], schema=CHUNK_SCHEMA)
 
 
+def _blob_rows(chunks: pa.Table) -> Iterator[tuple[Any, Any, Any, Any]]:
+    """Each chunk row's (t_blob, v_blob, c_blob, s_blob), as Python bytes or None."""
+    return zip(
+        chunks.column("t_blob").to_pylist(),
+        chunks.column("v_blob").to_pylist(),
+        chunks.column("c_blob").to_pylist(),
+        chunks.column("s_blob").to_pylist(),
+        strict=True,
+    )
+
+
 def trim_chunks(
     chunks: pa.Table, before_us: int, first_cid: int, level: int = codec.LEVEL
 ) -> tuple[pa.Table, int]:
@@ -231,15 +245,7 @@ def trim_chunks(
     kept = np.zeros(m, dtype=np.int64)
     any_str = chunks.column("s_blob").null_count < m
     dropped = 0
-    for i, (tb, vb, cb, sb) in enumerate(
-        zip(
-            chunks.column("t_blob").to_pylist(),
-            chunks.column("v_blob").to_pylist(),
-            chunks.column("c_blob").to_pylist(),
-            chunks.column("s_blob").to_pylist(),
-            strict=True,
-        )
-    ):
+    for i, (tb, vb, cb, sb) in enumerate(_blob_rows(chunks)):
         t = codec.decode_ts(tb)
         a = int(np.searchsorted(t, before_us, side="left"))
         dropped += a
@@ -299,15 +305,7 @@ def decode_chunks(
     c_parts: list[np.ndarray] = []
     s_parts: list[pa.Array] = []
     counts = np.empty(m, dtype=np.int64)
-    for i, (tb, vb, cb, sb) in enumerate(
-        zip(
-            chunks.column("t_blob").to_pylist(),
-            chunks.column("v_blob").to_pylist(),
-            chunks.column("c_blob").to_pylist(),
-            chunks.column("s_blob").to_pylist(),
-            strict=True,
-        )
-    ):
+    for i, (tb, vb, cb, sb) in enumerate(_blob_rows(chunks)):
         t = codec.decode_ts(tb)
         v = codec.decode_values(vb)
         c = codec.decode_codes(cb) if cb is not None else np.zeros(len(t), dtype=np.uint8)
