@@ -63,6 +63,7 @@ TCP_ANY_UNIT = (0, 255)
 unit was asked: the TCP guide has a server reached by IP ignore the unit id (0xFF
 recommended), and some devices answer with 0xFF or 0 instead of echoing it."""
 
+
 class ConnectionLost(ConnectionError):
     """The peer closed the connection, or the socket failed."""
 
