@@ -65,6 +65,18 @@ def test_booleans_round_trip(flags: list[bool]) -> None:
     assert np.array_equal(_bits(codec.decode_values(codec.encode_values(v))), _bits(v))
 
 
+def test_chained_columns_decode_to_their_concatenation() -> None:
+    rng = np.random.default_rng(1)
+    t = [np.sort(rng.integers(0, 10**12, n)) for n in (0, 1, 40, 900)]
+    v = [rng.normal(size=n) for n in (0, 1, 40, 900)] + [np.full(5, 2.5), np.arange(9.0)]
+    got_t = codec.decode_ts(codec.chain([codec.encode_ts(x) for x in t]))
+    assert np.array_equal(got_t, np.concatenate(t))
+    got_v = codec.decode_values(codec.chain([codec.encode_values(x) for x in v]))
+    assert np.array_equal(_bits(got_v), _bits(np.concatenate(v)))
+    one = codec.encode_ts(t[2])
+    assert codec.chain([one]) == one  # a single column is stored as it is
+
+
 def test_codecs_chosen_per_chunk() -> None:
     n = 1000
     rng = np.random.default_rng(0)

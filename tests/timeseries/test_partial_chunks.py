@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.timeseries.test_codec import float_bits
+from twin.timeseries import codec
 from twin.timeseries.base import PARTIAL_SCHEMA, Selector, TimeSeriesQuery
 from twin.timeseries.lance import LanceStore
 from twin.timeseries.partial_chunks import build_partial_chunks, decode_partial_chunks
@@ -231,6 +232,9 @@ def test_rollup_from_raw_chunks_equals_the_general_path(tmp_path: Path) -> None:
     want = store.aggregate("raw", sel, T0, end, 60.0)
     built = store._rollup_raw_chunks(sel, T0, end, 60.0)
     assert built is not None and built.num_rows == 6  # the fast path, one row per series
+    # the 90 s counters: first_ts/first are their raw chunks' columns, chained verbatim
+    tags = [b[0] for b in built.column("ft_blob").to_pylist()]
+    assert tags.count(codec.CHAIN) == 2
     n = store.rollup("raw", "agg_60s", sel, T0, end, 60.0)
     got = store.aggregate("agg_60s", sel, T0, end, 60.0)
     assert n == want.num_rows

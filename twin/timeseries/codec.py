@@ -43,6 +43,11 @@ from pcodec import ChunkConfig, DeltaSpec
 from pcodec import standalone as pco
 
 CONST, RLE, DECIMAL, FLOAT, EMPTY = 0, 1, 2, 3, 4
+CHAIN = 6  # after GRID (5, timestamps only)
+"""``CHAIN`` (timestamps or values): encoded columns one after the other, each as its
+4-byte little-endian length then its bytes; decodes to their concatenation. What a
+downsampling tier stores where its column is a raw chunk's column verbatim
+(``partial_chunks.from_raw_chunks``: no encode at all)."""
 LEVEL = 8
 """pcodec's compression level for the raw chunks (its default): the smallest output.
 Downsampling tiers use ``FAST`` instead: on 1,440 float64s level 2 compresses ~8x faster
@@ -61,6 +66,22 @@ def _pco(x: np.ndarray, level: int = LEVEL) -> bytes:
 def _unpco(b: bytes | memoryview) -> np.ndarray:
     out = pco.simple_decompress(bytes(b))
     return np.asarray(out) if out is not None else np.zeros(0)
+
+
+def chain(parts: list[bytes]) -> bytes:
+    """``CHAIN`` of encoded columns (a single one is returned as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    return bytes([CHAIN]) + b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+
+
+def _links(b: bytes | memoryview) -> list[bytes | memoryview]:
+    out, i = [], 1
+    while i < len(b):
+        k = int.from_bytes(bytes(b[i : i + 4]), "little")
+        out.append(b[i + 4 : i + 4 + k])
+        i += 4 + k
+    return out
 
 
 # --- timestamps ---------------------------------------------------------------------------
@@ -152,6 +173,8 @@ def encode_ts(t: np.ndarray, level: int = LEVEL) -> bytes:
 def decode_ts(b: bytes | memoryview) -> np.ndarray:
     if b[0] == EMPTY:
         return np.zeros(0, dtype=np.int64)
+    if b[0] == CHAIN:
+        return np.concatenate([decode_ts(p) for p in _links(b)])
     if b[0] == GRID:
         t0, i = _read_zigzag(b, 1)
         g, i = _read_uvarint(b, i)
@@ -232,6 +255,8 @@ def decode_values(b: bytes | memoryview) -> np.ndarray:
         return np.asarray(_unpco(b[2:]), dtype=np.int64).astype(np.float64) / _POW10[e]
     if codec == FLOAT:
         return np.asarray(_unpco(b[1:]), dtype=np.float64)
+    if codec == CHAIN:
+        return np.concatenate([decode_values(p) for p in _links(b)])
     raise ValueError(f"unknown value codec {codec}")
 
 

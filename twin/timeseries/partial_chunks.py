@@ -343,6 +343,7 @@ def from_raw_chunks(
     meta_count: list[int] = []
     for g0, g1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         ts_parts, v_parts = [], []
+        whole = True  # every point of these chunks is kept
         for i in range(g0, g1):
             t = codec.decode_ts(tbs[i])
             v = codec.decode_values(vbs[i])
@@ -354,6 +355,7 @@ def from_raw_chunks(
                 keep = good if keep is None else keep & good
             if keep is not None and not keep.all():
                 t, v = t[keep], v[keep]
+                whole = False
             ts_parts.append(t)
             v_parts.append(v)
         t = ts_parts[0] if len(ts_parts) == 1 else np.concatenate(ts_parts)
@@ -363,6 +365,7 @@ def from_raw_chunks(
         if t.size > 1 and not bool((t[1:] >= t[:-1]).all()):  # overlapping rows (late points)
             order = np.argsort(t, kind="stable")
             t, v = t[order], v[order]
+            whole = False
         bidx = t // b
         starts = np.flatnonzero(np.r_[True, bidx[1:] != bidx[:-1]])
         ends = np.r_[starts[1:], t.size]
@@ -391,8 +394,15 @@ def from_raw_chunks(
             n_b.append(bytes([codec.CONST]) + k.to_bytes(4, "little") + c0)
         else:
             n_b.append(codec.encode_values(count.astype(np.float64), _L))
-        ft_b.append(codec.encode_ts(ft, _L))
-        f_b.append(codec.encode_values(first, _L))
+        if whole and k == t.size and mcode is None:
+            # one point per bucket (90 s data in 1-minute buckets: most series), every
+            # point of the chunks: first_ts and first are the chunks' columns verbatim
+            # (already encoded, at ``codec.LEVEL``: no encode here, and smaller)
+            ft_b.append(codec.chain(tbs[g0:g1]))
+            f_b.append(codec.chain(vbs[g0:g1]))
+        else:
+            ft_b.append(codec.encode_ts(ft, _L))
+            f_b.append(codec.encode_values(first, _L))
         m_b.append(None if mcode is None else codec.encode_codes(mcode))
         idx = multi
         if len(fl) > 1:
