@@ -343,7 +343,8 @@ def from_raw_chunks(
     meta_count: list[int] = []
     for g0, g1 in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
         ts_parts, v_parts = [], []
-        whole = True  # every point of these chunks is kept
+        verbatim: list[bool] = []  # per part: every point of its chunk is kept
+        sorted_parts = True
         for i in range(g0, g1):
             t = codec.decode_ts(tbs[i])
             v = codec.decode_values(vbs[i])
@@ -353,9 +354,10 @@ def from_raw_chunks(
             if cbs[i] is not None:
                 good = (codec.decode_codes(cbs[i]) & 3) < 2  # bad quality is skipped
                 keep = good if keep is None else keep & good
-            if keep is not None and not keep.all():
+            whole = keep is None or bool(keep.all())
+            if not whole:
                 t, v = t[keep], v[keep]
-                whole = False
+            verbatim.append(whole)
             ts_parts.append(t)
             v_parts.append(v)
         t = ts_parts[0] if len(ts_parts) == 1 else np.concatenate(ts_parts)
@@ -365,7 +367,7 @@ def from_raw_chunks(
         if t.size > 1 and not bool((t[1:] >= t[:-1]).all()):  # overlapping rows (late points)
             order = np.argsort(t, kind="stable")
             t, v = t[order], v[order]
-            whole = False
+            sorted_parts = False
         bidx = t // b
         starts = np.flatnonzero(np.r_[True, bidx[1:] != bidx[:-1]])
         ends = np.r_[starts[1:], t.size]
@@ -394,12 +396,23 @@ def from_raw_chunks(
             n_b.append(bytes([codec.CONST]) + k.to_bytes(4, "little") + c0)
         else:
             n_b.append(codec.encode_values(count.astype(np.float64), _L))
-        if whole and k == t.size and mcode is None:
-            # one point per bucket (90 s data in 1-minute buckets: most series), every
-            # point of the chunks: first_ts and first are the chunks' columns verbatim
-            # (already encoded, at ``codec.LEVEL``: no encode here, and smaller)
-            ft_b.append(codec.chain(tbs[g0:g1]))
-            f_b.append(codec.chain(vbs[g0:g1]))
+        if sorted_parts and k == t.size and mcode is None:
+            # one point per bucket (90 s data in 1-minute buckets: most series): first_ts
+            # and first are the chunks' columns, verbatim where every point of a chunk is
+            # kept (already encoded, at ``codec.LEVEL``: no encode here, and smaller), the
+            # kept points encoded where the window or bad quality cut a chunk
+            tp, vp = [], []
+            for i, whole, tc, vc in zip(
+                range(g0, g1), verbatim, ts_parts, v_parts, strict=True
+            ):
+                if whole:
+                    tp.append(tbs[i])
+                    vp.append(vbs[i])
+                elif tc.size:
+                    tp.append(codec.encode_ts(tc, _L))
+                    vp.append(codec.encode_values(vc, _L))
+            ft_b.append(codec.chain(tp))
+            f_b.append(codec.chain(vp))
         else:
             ft_b.append(codec.encode_ts(ft, _L))
             f_b.append(codec.encode_values(first, _L))
