@@ -13,7 +13,8 @@ sorted by bucket:
   tier's resolution (always, for partials with a point), else ``b"\\1"`` + ``encode_ts``;
 * ``n_blob``: ``count`` per bucket (``encode_values``: a constant 1 costs 13 bytes);
 * ``ft_blob`` / ``f_blob``: ``first_ts`` and ``first`` (``codec.encode_ts`` /
-  ``encode_values``, bit-exact);
+  ``encode_values``, bit-exact); from raw chunks, where every bucket holds one point, the
+  raw chunks' own ``t_blob``/``v_blob`` chained (``codec.CHAIN``: no re-encode, issue 19);
 * ``x_blob``: the buckets where ``last_ts``, ``last``, ``sum``, ``min`` or ``max`` differ
   from ``first_ts`` / ``first`` (bitwise), with those five columns there; null when none
   does (a bucket with one point: sum = min = max = first = last);
