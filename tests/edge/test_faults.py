@@ -23,8 +23,18 @@ pytestmark = pytest.mark.slow
 
 async def _finish(r: Rig, prod: Producer) -> dict[str, Any]:
     await r.drained()
+    # drained: the cloud acknowledged every upload, i.e. its write-ahead log holds it; a
+    # query reads the store, which takes a batch up to ~1 s later (the time-series writer's
+    # flush). So read until nothing is missing or the count has stood still for 3 s.
     stored = await r.stored()
     acc: dict[str, Any] = account(prod, stored)
+    still_since = trio.current_time()
+    while acc["missing"] and trio.current_time() - still_since < 3.0:
+        await trio.sleep(0.25)
+        again = await r.stored()
+        if len(again) != len(stored):
+            still_since = trio.current_time()
+        stored, acc = again, account(prod, again)
     print("accounting:", acc)
     acc["values"] = {int(v) for _, v in stored}
     return acc
